@@ -1,0 +1,257 @@
+"""VGG16 trunk with VGG-Face layer names, the full VGG-Face identity model, and the age/gender net.
+
+Layers are attributes named after the paper (``conv1_1`` ... ``conv5_3``, ``fc6`` ... ``fc8``), so
+weights map by name and inserting BatchNorm never shifts an index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (output channels, convs) per block of VGG16 at full width.
+VGG16_BLOCKS: tuple[tuple[int, int], ...] = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+VGG16_WIDTHS: tuple[int, ...] = tuple(w for w, _ in VGG16_BLOCKS)
+CONV_NAMES: tuple[str, ...] = tuple(
+    f"conv{b + 1}_{i + 1}" for b, (_, n) in enumerate(VGG16_BLOCKS) for i in range(n)
+)
+FC_NAMES: tuple[str, ...] = ("fc6", "fc7", "fc8")
+VGG_FACE_IDENTITIES = 2622
+VGG_FACE_FC = 4096
+AGE_HEADS = ("dex", "regression", "none")
+
+
+def conv_shapes(widths: tuple[int, ...] = VGG16_WIDTHS, in_ch: int = 3) -> dict[str, tuple[int, int]]:
+    """``{"conv1_1": (in, out), ...}`` for a VGG16 of the given block widths."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for b, (width, (_, n)) in enumerate(zip(widths, VGG16_BLOCKS)):
+        for i in range(n):
+            shapes[f"conv{b + 1}_{i + 1}"] = (in_ch, width)
+            in_ch = width
+    return shapes
+
+
+def vgg_face_shapes(widths: tuple[int, ...] = VGG16_WIDTHS, fc: int = VGG_FACE_FC,
+                    classes: int = VGG_FACE_IDENTITIES) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the canonical VGG-Face state dict and its PyTorch shape."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, (cin, cout) in conv_shapes(widths).items():
+        out[f"{name}.weight"] = (cout, cin, 3, 3)
+        out[f"{name}.bias"] = (cout,)
+    for name, (fin, fout) in zip(FC_NAMES, ((widths[-1] * 7 * 7, fc), (fc, fc), (fc, classes))):
+        out[f"{name}.weight"] = (fout, fin)
+        out[f"{name}.bias"] = (fout,)
+    return out
+
+
+class VGGTrunk(nn.Module):
+    """The 13 conv layers of VGG16 (3x3, stride 1, same padding, ReLU) and 5 max-pools.
+
+    ``block_bn`` adds a BatchNorm after the last ReLU of each block (the seed notebook's layout).
+    """
+
+    def __init__(self, widths: tuple[int, ...] = VGG16_WIDTHS, block_bn: bool = False) -> None:
+        super().__init__()
+        self.widths = tuple(widths)
+        self.blocks: list[list[str]] = []
+        for name, (cin, cout) in conv_shapes(self.widths).items():
+            self.add_module(name, nn.Conv2d(cin, cout, 3, padding=1))
+        for b, (_, n) in enumerate(VGG16_BLOCKS):
+            self.blocks.append([f"conv{b + 1}_{i + 1}" for i in range(n)])
+            if block_bn:
+                self.add_module(f"bn{b + 1}", nn.BatchNorm2d(self.widths[b]))
+        self.block_bn = block_bn
+
+    @property
+    def out_channels(self) -> int:
+        return self.widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b, names in enumerate(self.blocks):
+            for name in names:
+                x = F.relu(getattr(self, name)(x), inplace=True)
+            if self.block_bn:
+                x = getattr(self, f"bn{b + 1}")(x)
+            x = F.max_pool2d(x, 2, 2)
+        return x
+
+
+class VGGFace(nn.Module):
+    """The full VGG-Face network: 224x224 BGR-mean-subtracted input -> 2622 identity logits."""
+
+    def __init__(self, widths: tuple[int, ...] = VGG16_WIDTHS, fc: int = VGG_FACE_FC,
+                 classes: int = VGG_FACE_IDENTITIES) -> None:
+        super().__init__()
+        self.trunk = VGGTrunk(widths)
+        self.fc6 = nn.Linear(widths[-1] * 7 * 7, fc)
+        self.fc7 = nn.Linear(fc, fc)
+        self.fc8 = nn.Linear(fc, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.trunk(x)
+        if x.shape[-2:] != (7, 7):
+            # fc6 was trained on 7x7 maps; other input sizes are pooled to it as VGG ports do.
+            x = F.adaptive_avg_pool2d(x, (7, 7))
+        x = torch.flatten(x, 1)  # C, H, W order, as Torch7's nn.View
+        x = F.relu(self.fc6(x))
+        x = F.relu(self.fc7(x))
+        return self.fc8(x)
+
+    def load_canonical(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a canonical state dict (``conv1_1.weight`` ... ``fc8.bias``)."""
+        mapped = {(f"trunk.{k}" if k.startswith("conv") else k): v for k, v in state.items()}
+        self.load_state_dict(mapped, strict=True)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild an :class:`AgeGenderNet`; stored in every checkpoint."""
+
+    widths: tuple[int, ...] = VGG16_WIDTHS
+    image_size: int = 64
+    block_bn: bool = False
+    hidden: tuple[int, ...] = (4096, 4096)
+    dropout: tuple[float, ...] = (0.5, 0.5)
+    head_bn: bool = True
+    age_head: str = "dex"
+    age_min: int = 1
+    age_max: int = 70
+    freeze_trunk: bool = True
+
+    def __post_init__(self) -> None:
+        self.widths = tuple(int(w) for w in self.widths)
+        self.hidden = tuple(int(h) for h in self.hidden)
+        self.dropout = tuple(float(p) for p in self.dropout)
+        if len(self.widths) != len(VGG16_BLOCKS):
+            raise ValueError(f"widths needs {len(VGG16_BLOCKS)} block widths, got {self.widths}")
+        if self.image_size % 32 or self.image_size < 32:
+            raise ValueError(f"image_size must be a positive multiple of 32, got {self.image_size}")
+        if len(self.dropout) != len(self.hidden):
+            raise ValueError("dropout needs one probability per hidden layer")
+        if self.age_head not in AGE_HEADS:
+            raise ValueError(f"age_head must be one of {AGE_HEADS}, got {self.age_head!r}")
+
+    @property
+    def feature_dim(self) -> int:
+        return self.widths[-1] * (self.image_size // 32) ** 2
+
+    @property
+    def ages(self) -> int:
+        return self.age_max - self.age_min + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Outputs:
+    gender_logit: torch.Tensor  # (N,), sigmoid gives P(male)
+    age_logits: torch.Tensor | None = None  # (N, ages) for dex, (N, 1) for regression
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class AgeGenderNet(nn.Module):
+    """VGG16 trunk -> flatten -> FC stack -> gender logit and age head, in one forward pass.
+
+    ``forward_features`` is the (usually frozen) trunk; ``forward_head`` is everything trained on top,
+    so a feature cache can replace the first and feed the second.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.trunk = VGGTrunk(config.widths, config.block_bn)
+        layers: list[nn.Module] = []
+        dim = config.feature_dim
+        for i, (width, p) in enumerate(zip(config.hidden, config.dropout)):
+            layers.append(nn.Linear(dim, width, bias=not config.head_bn))
+            if config.head_bn:
+                layers.append(nn.BatchNorm1d(width))
+            layers.append(nn.ReLU(inplace=True))
+            if p > 0:
+                layers.append(nn.Dropout(p))
+            dim = width
+        self.fc = nn.Sequential(*layers)
+        self.gender = nn.Linear(dim, 1)
+        age_out = {"dex": config.ages, "regression": 1, "none": 0}[config.age_head]
+        self.age = nn.Linear(dim, age_out) if age_out else None
+        if config.freeze_trunk:
+            self.freeze_trunk()
+
+    # -- freezing ---------------------------------------------------------------------------
+    def freeze_trunk(self) -> None:
+        self.config.freeze_trunk = True
+        for p in self.trunk.parameters():
+            p.requires_grad_(False)
+        self.trunk.eval()
+
+    def unfreeze_trunk(self) -> None:
+        self.config.freeze_trunk = False
+        for p in self.trunk.parameters():
+            p.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> AgeGenderNet:
+        # A frozen trunk stays in eval mode so BatchNorm statistics never drift under model.train().
+        super().train(mode)
+        if self.config.freeze_trunk:
+            self.trunk.eval()
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.trunk(x), 1)
+
+    def forward_head(self, features: torch.Tensor) -> Outputs:
+        h = self.fc(features)
+        age = self.age(h) if self.age is not None else None
+        return Outputs(self.gender(h).squeeze(-1), age)
+
+    def forward(self, x: torch.Tensor) -> Outputs:
+        return self.forward_head(self.forward_features(x))
+
+    # -- decoding ---------------------------------------------------------------------------
+    def expected_age(self, age_logits: torch.Tensor) -> torch.Tensor:
+        """Age in years from the age head: softmax expectation (DEX) or the regressed value."""
+        return decode_age(self.config, age_logits)
+
+    def load_trunk(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``conv1_1`` ... ``conv5_3`` from a canonical VGG-Face state dict, shapes asserted."""
+        own = self.trunk.state_dict()
+        for name in CONV_NAMES:
+            for part in ("weight", "bias"):
+                key = f"{name}.{part}"
+                if key not in state:
+                    raise KeyError(f"weights lack {key}")
+                if tuple(state[key].shape) != tuple(own[key].shape):
+                    raise ValueError(f"{key}: weights have shape {tuple(state[key].shape)}, "
+                                     f"model expects {tuple(own[key].shape)}")
+        with torch.no_grad():
+            for name in CONV_NAMES:
+                conv = getattr(self.trunk, name)
+                conv.weight.copy_(state[f"{name}.weight"])
+                conv.bias.copy_(state[f"{name}.bias"])
+
+
+def decode_age(config: ModelConfig, age_logits: torch.Tensor) -> torch.Tensor:
+    if config.age_head == "dex":
+        ages = torch.arange(config.age_min, config.age_max + 1, dtype=age_logits.dtype,
+                            device=age_logits.device)
+        return torch.softmax(age_logits, -1) @ ages
+    if config.age_head == "regression":
+        # The regression head predicts age relative to the middle of the range, scaled to ~unit size.
+        mid, half = (config.age_min + config.age_max) / 2, (config.age_max - config.age_min) / 2
+        return age_logits.squeeze(-1) * half + mid
+    raise ValueError("this model has no age head")
