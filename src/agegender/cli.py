@@ -1,0 +1,221 @@
+"""The `agegender` command. The only module that configures logging or talks to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import AgeGenderError
+
+log = logging.getLogger("agegender")
+
+
+def _cmd_convert(a: argparse.Namespace) -> int:
+    from .convert import convert_weights
+
+    summary = convert_weights(a.src, a.output, trust_pickle=a.trust_pickle, fmt=a.format)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_identify(a: argparse.Namespace) -> int:
+    from .identify import identify
+
+    for rank, (index, name, prob) in enumerate(identify(a.image, a.weights, a.names, top=a.top), 1):
+        print(f"{rank}. {name} (class {index + 1}, p={prob:.4f})")
+    return 0
+
+
+def _cmd_fetch(a: argparse.Namespace) -> int:
+    from .fetch import default_cache_dir, fetch
+    from .weights import ARCHIVES
+
+    dest = Path(a.dest) if a.dest else default_cache_dir()
+    keys = list(ARCHIVES) if a.what == "all" else [a.what]
+    for key in keys:
+        path = fetch(ARCHIVES[key], dest, url=a.url, extract=not a.no_extract, progress=not a.quiet)
+        print(path)
+    return 0
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .train import TrainConfig, fit
+
+    cfg = TrainConfig.from_args(a)
+    run = fit(cfg)
+    print(f"checkpoint: {run.checkpoint}\nreport: {run.report_md}")
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate_command
+
+    report_md = evaluate_command(run=a.run, model=a.model, data=a.data, split=a.split, out=a.out,
+                                 batch_size=a.batch_size, workers=a.workers)
+    print(f"report: {report_md}")
+    return 0
+
+
+def _cmd_reproduce(a: argparse.Namespace) -> int:
+    from .pipeline import reproduce
+
+    print(f"report: {reproduce(a)}")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from .pipeline import demo
+
+    print(f"report: {demo(a)}")
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from .export import export
+
+    result = export(a.run, a.format, a.output)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from .predict import predict_command
+
+    return predict_command(a)
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(a.model, host=a.host, port=a.port, max_bytes=a.max_bytes)
+    return 0
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="converted VGG-Face .safetensors (or a .t7/.pt to convert on the fly)")
+    p.add_argument("--init", choices=("vgg-face", "scratch"), default=None,
+                   help="trunk initialisation (default: vgg-face when --weights is given, else an error)")
+    p.add_argument("--preset", choices=("default", "seed"), default="default")
+    p.add_argument("--split", choices=("identity", "folders", "seed"), default="identity",
+                   help="identity: no person in two splits (default); folders: test = valid/; "
+                        "seed: the seed notebook's 50/25/25 per folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--age-head", choices=("dex", "regression", "none"))
+    p.add_argument("--unfreeze", action="store_true", help="fine-tune the conv layers at a lower learning rate")
+    p.add_argument("--no-cache", action="store_true", help="recompute the trunk every epoch (for comparison)")
+    p.add_argument("--cache-dir", help="feature cache directory (default: <out>/../cache)")
+    p.add_argument("--bf16", action="store_true", help="extract trunk features under bf16 autocast")
+    p.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")
+    p.add_argument("--limit", type=int, default=0, help="use at most this many images (for quick runs)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    p.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agegender",
+        description="Gender and age from faces with the VGG-Face descriptor: convert, train, evaluate, export, predict, serve.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert VGG-Face weights (.t7/.pt/.mat/.h5) to canonical safetensors")
+    p.add_argument("src")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--format", choices=("auto", "t7", "pt", "mat", "h5"), default="auto")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling a whole-module .pt (runs code from the file: only for files you trust)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("identify", help="top VGG-Face identities for a face image (the weights' own check)")
+    p.add_argument("image")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--names", required=True, help="names.txt from vgg_face_torch.tar.gz")
+    p.add_argument("--top", type=int, default=5)
+    p.set_defaults(func=_cmd_identify)
+
+    p = sub.add_parser("fetch", help="download and verify the VGG-Face weights or the agegender_cleaned data")
+    p.add_argument("what", choices=("weights", "data", "all"))
+    p.add_argument("--dest", help="cache directory (default: $AGEGENDER_HOME or the user cache dir)")
+    p.add_argument("--url", help="download from this mirror instead")
+    p.add_argument("--no-extract", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_fetch)
+
+    p = sub.add_parser("train", help="train the gender/age heads (and optionally the trunk)")
+    p.add_argument("--data", required=True, help="agegender_cleaned tree, UTKFace folder or labels.csv folder")
+    p.add_argument("--out", default="runs/latest", help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _add_train_options(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="write report.json/report.md/PNGs for a run or model on a split or dataset")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory from `agegender train`")
+    src.add_argument("--model", help="checkpoint .safetensors")
+    p.add_argument("--data", help="dataset to evaluate on (default: the run's own test split)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
+    p.add_argument("--out", help="report directory (default: <run>/eval or beside the model)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("reproduce", help="the main job: fetch, convert, train, evaluate, export")
+    p.add_argument("--workdir", default="work")
+    p.add_argument("--data", help="use this dataset instead of fetching agegender_cleaned")
+    _add_train_options(p)
+    p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser("demo", help="the whole pipeline in ~2 minutes on generated data and weights (numbers mean nothing)")
+    p.add_argument("--workdir", default="demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("export", help="export a trained run to ONNX, Keras or torch.export")
+    p.add_argument("--run", required=True, help="run directory or checkpoint .safetensors")
+    p.add_argument("--format", choices=("onnx", "keras", "torch"), required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("predict", help="gender and age for every face in images, folders or globs")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--model", required=True, help="checkpoint .safetensors or .onnx export")
+    p.add_argument("--output-format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.add_argument("--annotate", help="write images with boxes and labels to this folder")
+    p.add_argument("--no-detect", action="store_true", help="inputs are already face crops")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("serve", help="HTTP API and web page over a model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-bytes", type=int, default=10 * 1024 * 1024, help="request size cap (413 above it)")
+    p.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except AgeGenderError as e:
+        print(f"agegender: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("agegender: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
