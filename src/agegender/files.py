@@ -28,6 +28,10 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
         raise AgeGenderError(f"{dest}: cannot write here ({e.strerror or e})") from None
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
         os.replace(tmp_path, dest)

@@ -1,0 +1,60 @@
+"""The VGG-Face weights' own check: which of the 2,622 training identities a face image looks like."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import AgeGenderError
+from .model import VGGFace
+from .weights import VGG_FACE_PREPROCESS
+
+
+def identify(image: str | os.PathLike[str], weights: str | os.PathLike[str], names: str | os.PathLike[str],
+             top: int = 5) -> list[tuple[int, str, float]]:
+    """Top-``top`` identities as ``(0-based class index, name, probability)``, most likely first.
+
+    ``weights`` is converted safetensors, or any format ``agegender convert`` reads (converted in memory).
+    """
+    from .convert import infer_widths, load_canonical, read_weights
+
+    if top < 1:
+        raise AgeGenderError(f"--top must be at least 1, not {top}")
+    state = load_canonical(weights)[0] if Path(weights).suffix == ".safetensors" else read_weights(weights)
+    classes = int(state["fc8.weight"].shape[0])
+    labels = read_names(names)
+    if len(labels) != classes:
+        raise AgeGenderError(f"{names}: {len(labels)} names, but the weights have {classes} identities")
+    model = VGGFace(infer_widths(state), fc=int(state["fc7.weight"].shape[0]), classes=classes)
+    model.load_canonical(state)
+    x = torch.from_numpy(VGG_FACE_PREPROCESS.normalize_numpy(load_face(image))[None])
+    with torch.inference_mode():
+        probs = torch.softmax(model.eval()(x), dim=1)[0]
+    values, indices = probs.topk(min(top, classes))
+    return [(int(i), labels[int(i)], float(p)) for p, i in zip(values, indices)]
+
+
+def read_names(path: str | os.PathLike[str]) -> list[str]:
+    """names.txt: one identity per line, in class order."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AgeGenderError(f"{path}: cannot read names ({getattr(e, 'strerror', None) or e})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
+def load_face(path: str | os.PathLike[str]) -> np.ndarray:
+    """The whole image, resized to the network input size, as uint8 RGB ``(H, W, 3)``."""
+    from PIL import Image, UnidentifiedImageError
+
+    size = VGG_FACE_PREPROCESS.size
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise AgeGenderError(f"{path}: cannot read image ({e.__class__.__name__})") from None

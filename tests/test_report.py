@@ -1,0 +1,159 @@
+"""Report building and writing on small synthetic predictions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from agegender.errors import AgeGenderError
+from agegender.report import (SEED_REPORTED, Predictions, build_report, plot_training_curves,
+                              write_report)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PROTOCOL = {"data_source": "toy", "kind": "folders", "split": "identity", "counts": {"train": 500, "test": 160},
+            "leaked_identities": 0, "skipped_images": {"count": 2, "first": ["bad1.jpg", "bad2.jpg"]}}
+HISTORY = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_accuracy": 0.7 + 0.05 * e,
+            "val_age_mae": 10 - e} for e in (1, 2, 3)]
+
+
+def _predictions(n: int = 160, seed: int = 0, age: bool = True) -> Predictions:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    race = rng.choice(["white", "black", "asian", ""], n).astype(object)  # as evaluate.py builds it
+    p = np.clip(0.5 + (y - 0.5) * rng.uniform(0.1, 0.9, n) + rng.normal(0, 0.15, n), 0, 1)
+    p[race == "black"] = 1 - p[race == "black"]  # one group the model gets mostly wrong
+    age_true = rng.uniform(1, 80, n)
+    age_true[:10] = np.nan
+    return Predictions(gender_true=y, p_male=p, paths=[f"f{i}.jpg" for i in range(n)],
+                       age_true=age_true if age else None,
+                       age_pred=np.nan_to_num(age_true, nan=30.0) + rng.normal(0, 6, n) if age else None,
+                       race=race)
+
+
+def test_build_report_sections_and_values():
+    pred = _predictions()
+    sources = np.where(np.arange(len(pred.paths)) % 2 == 0, "imdb", "wiki")
+    r = build_report(pred, PROTOCOL, sources=sources)
+    assert r["protocol"] == PROTOCOL
+    y_hat = (pred.p_male >= 0.5).astype(int)
+    g = r["gender"]
+    assert g["accuracy"] == pytest.approx(np.mean(y_hat == pred.gender_true))
+    male = pred.gender_true == 1
+    assert g["per_class"]["male"]["recall"] == pytest.approx(np.mean(y_hat[male] == 1))
+    lo, hi = g["accuracy_ci95"]
+    assert lo <= g["accuracy"] <= hi
+    assert 0 < g["auc"] < 1 and 0 <= g["ece"] <= 1
+    assert sum(b["count"] for b in g["calibration"]) == len(pred.paths)
+
+    known = np.isfinite(pred.age_true)
+    assert r["age"]["n"] == known.sum() == 150
+    assert r["age"]["mae"] == pytest.approx(np.mean(np.abs(pred.age_true - pred.age_pred)[known]))
+
+    s = r["slices"]
+    assert set(s["by"]) == {"age_group", "race", "source"}
+    assert s["by"]["source"]["imdb"]["n"] == 80
+    assert "" not in s["by"]["race"]
+    assert s["worst"]["slice"] == "race" and s["worst"]["value"] == "black"
+    assert s["worst"]["gap"] > 0.3
+
+    rows = {row["metric"]: row for row in r["seed_comparison"]["rows"]}
+    assert {k: row["seed"] for k, row in rows.items()} == SEED_REPORTED
+    assert rows["precision"]["ours"] == g["per_class"]["male"]["precision"]
+    assert rows["accuracy"]["ours"] == g["accuracy"]
+    assert r["seed_comparison"]["positive_class"] == "male"
+
+    assert build_report(pred, PROTOCOL, threshold=0.9)["gender"]["accuracy"] != g["accuracy"]
+    with pytest.raises(AgeGenderError):
+        build_report(pred, PROTOCOL, threshold=1.0)
+
+
+def test_write_report_files(tmp_path):
+    pred = _predictions()
+    r = build_report(pred, PROTOCOL)
+    md = write_report(r, pred, tmp_path / "eval", history=HISTORY)
+    out = tmp_path / "eval"
+    assert md == out / "report.md"
+    expected = {"report.json", "report.md", "confusion_matrix.png", "roc.png", "calibration.png",
+                "age_scatter.png", "training_curves.png"}
+    assert {p.name for p in out.iterdir()} == expected  # no temp files left
+    for name in expected - {"report.json", "report.md"}:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+
+    def no_nan(token):
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    loaded = json.loads((out / "report.json").read_text(), parse_constant=no_nan)
+    assert loaded["gender"]["accuracy"] == pytest.approx(r["gender"]["accuracy"])
+    assert loaded["protocol"]["skipped_images"]["first"] == ["bad1.jpg", "bad2.jpg"]
+
+    text = md.read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## Protocol" and headings[-1] == "## Comparison with the seed notebook"
+    assert text.rstrip().splitlines()[-1].startswith("| f1 (male) | 0.9250 |")
+    assert "Worst group: **race = black**" in text
+    assert "bad1.jpg" in text and "| female |" in text
+    assert "![roc](roc.png)" in text
+
+
+def test_report_without_age_or_both_classes(tmp_path):
+    pred = _predictions(age=False)
+    r = build_report(pred, {})
+    assert "age" not in r and "age_group" not in r["slices"]["by"]
+    write_report(r, pred, tmp_path)
+    assert not (tmp_path / "age_scatter.png").exists() and not (tmp_path / "training_curves.png").exists()
+
+    one = Predictions(gender_true=np.ones(20, int), p_male=np.linspace(0.2, 1, 20), paths=["x.jpg"] * 20)
+    r = build_report(one, {})
+    assert r["gender"]["auc"] is None
+    md = write_report(r, one, tmp_path / "one")
+    assert not (tmp_path / "one" / "roc.png").exists()
+    assert "AUC n/a" in md.read_text()
+    assert json.loads((tmp_path / "one" / "report.json").read_text())["gender"]["auc"] is None
+
+
+def test_predictions_npz_roundtrip(tmp_path):
+    pred = _predictions(n=30)
+    path = pred.save_npz(tmp_path / "pred.npz")
+    back = Predictions.load_npz(path)
+    assert back.paths == pred.paths
+    for name in ("gender_true", "p_male", "age_true", "age_pred", "race"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(pred, name))
+    assert [p.name for p in tmp_path.iterdir()] == ["pred.npz"]
+
+
+def test_predictions_validation(tmp_path):
+    with pytest.raises(AgeGenderError, match="paths"):
+        Predictions(gender_true=[0, 1], p_male=[0.1, 0.9], paths=["a.jpg"])
+    with pytest.raises(AgeGenderError, match="p_male"):
+        Predictions(gender_true=[0, 1], p_male=[0.1, 1.5], paths=["a", "b"])
+    with pytest.raises(AgeGenderError, match="gender_true"):
+        Predictions(gender_true=[0, 2], p_male=[0.1, 0.5], paths=["a", "b"])
+    with pytest.raises(AgeGenderError, match="race"):
+        Predictions(gender_true=[0, 1], p_male=[0.1, 0.5], paths=["a", "b"], race=["x"])
+    with pytest.raises(AgeGenderError, match="sources"):
+        build_report(Predictions(gender_true=[0, 1], p_male=[0.1, 0.5], paths=["a", "b"]), {}, sources=["x"])
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(AgeGenderError, match="bad.npz"):
+        Predictions.load_npz(bad)
+    truncated = tmp_path / "truncated.npz"
+    whole = _predictions(n=50).save_npz(tmp_path / "whole.npz").read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(AgeGenderError, match="truncated.npz"):
+        Predictions.load_npz(truncated)
+    partial = tmp_path / "partial.npz"
+    np.savez(partial, gender_true=np.array([0, 1]))
+    with pytest.raises(AgeGenderError, match="partial.npz: .*lacks p_male, paths"):
+        Predictions.load_npz(partial)
+
+
+def test_plot_training_curves(tmp_path):
+    path = plot_training_curves(HISTORY, tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(AgeGenderError):
+        plot_training_curves([], tmp_path / "empty.png")
+    with pytest.raises(AgeGenderError):
+        plot_training_curves([{"epoch": 1, "lr": 0.1}], tmp_path / "nothing.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
