@@ -46,7 +46,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from .train import TrainConfig, fit
 
     cfg = TrainConfig.from_args(a)
-    run = fit(cfg)
+    run = fit(cfg, resume=a.resume)
     print(f"checkpoint: {run.checkpoint}\nreport: {run.report_md}")
     return 0
 
@@ -109,6 +109,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--image-size", type=int)
     p.add_argument("--age-head", choices=("dex", "regression", "none"))
+    p.add_argument("--hidden", type=int, nargs="+", help="FC head widths (default: 4096 4096)")
+    p.add_argument("--widths", type=int, nargs=5, help="conv block widths for --init scratch (default: VGG16)")
     p.add_argument("--unfreeze", action="store_true", help="fine-tune the conv layers at a lower learning rate")
     p.add_argument("--no-cache", action="store_true", help="recompute the trunk every epoch (for comparison)")
     p.add_argument("--cache-dir", help="feature cache directory (default: <out>/../cache)")
@@ -161,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", help="run directory from `agegender train`")
     src.add_argument("--model", help="checkpoint .safetensors")
     p.add_argument("--data", help="dataset to evaluate on (default: the run's own test split)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
+    p.add_argument("--split", choices=("train", "val", "test", "all"),
+                   help="default: the run's test split, or all of --data")
     p.add_argument("--out", help="report directory (default: <run>/eval or beside the model)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)

@@ -118,6 +118,7 @@ class ModelConfig:
     hidden: tuple[int, ...] = (4096, 4096)
     dropout: tuple[float, ...] = (0.5, 0.5)
     head_bn: bool = True
+    feature_bn: bool = False  # BatchNorm on the trunk output: frozen VGG features have no fixed scale
     age_head: str = "dex"
     age_min: int = 1
     age_max: int = 70
@@ -171,7 +172,7 @@ class AgeGenderNet(nn.Module):
         super().__init__()
         self.config = config
         self.trunk = VGGTrunk(config.widths, config.block_bn)
-        layers: list[nn.Module] = []
+        layers: list[nn.Module] = [nn.BatchNorm1d(config.feature_dim)] if config.feature_bn else []
         dim = config.feature_dim
         for i, (width, p) in enumerate(zip(config.hidden, config.dropout)):
             layers.append(nn.Linear(dim, width, bias=not config.head_bn))
@@ -190,20 +191,25 @@ class AgeGenderNet(nn.Module):
 
     # -- freezing ---------------------------------------------------------------------------
     def freeze_trunk(self) -> None:
+        """Freeze the convs. BatchNorm inside the trunk (the seed's ``block_bn`` layout) stays trainable."""
         self.config.freeze_trunk = True
-        for p in self.trunk.parameters():
-            p.requires_grad_(False)
-        self.trunk.eval()
+        for name in CONV_NAMES:
+            getattr(self.trunk, name).requires_grad_(False)
+        self.train(self.training)
 
     def unfreeze_trunk(self) -> None:
         self.config.freeze_trunk = False
-        for p in self.trunk.parameters():
-            p.requires_grad_(True)
+        self.trunk.requires_grad_(True)
+
+    @property
+    def trunk_is_fixed(self) -> bool:
+        """True when nothing in the trunk trains, so its outputs can be cached."""
+        return not any(p.requires_grad for p in self.trunk.parameters())
 
     def train(self, mode: bool = True) -> AgeGenderNet:
-        # A frozen trunk stays in eval mode so BatchNorm statistics never drift under model.train().
+        # A fixed trunk stays in eval mode whatever model.train() says, so it behaves the same in every pass.
         super().train(mode)
-        if self.config.freeze_trunk:
+        if self.trunk_is_fixed:
             self.trunk.eval()
         return self
 

@@ -1,0 +1,486 @@
+"""Export a trained checkpoint to ONNX, Keras 3 or torch.export, each verified against PyTorch before it lands."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointMeta, load_checkpoint
+from .errors import AgeGenderError
+from .files import atomic_path, write_text_atomic
+from .model import AgeGenderNet, ModelConfig, decode_age
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger(__name__)
+
+RUN_CHECKPOINT = "model.safetensors"  # the best checkpoint inside a training run directory
+SUFFIXES = {"onnx": ".onnx", "keras": ".keras", "torch": ".pt2"}
+ONNX_OPSET = 18
+ONNX_TOLERANCE = 1e-4
+KERAS_TOLERANCE = 1e-4
+TORCH_TOLERANCE = 1e-5
+INPUT_NAME = "input"
+
+
+def output_names(config: ModelConfig) -> list[str]:
+    """The exported outputs in order: ``p_male``, then ``age`` unless there is no age head, then DEX ``age_probs``."""
+    names = ["p_male"]
+    if config.age_head != "none":
+        names.append("age")
+    if config.age_head == "dex":
+        names.append("age_probs")
+    return names
+
+
+class InferenceModel(nn.Module):
+    """The one contract every export shares: normalised float32 ``(N, 3, S, S)`` -> the tensors of ``output_names``.
+
+    Wrapping puts ``net`` in eval mode (BatchNorm on running statistics, dropout off).
+    """
+
+    def __init__(self, net: AgeGenderNet) -> None:
+        super().__init__()
+        self.net = net
+        self.output_names = output_names(net.config)
+        self.eval()
+
+    def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: A002 - the contract's name
+        out = self.net(input)
+        p_male = torch.sigmoid(out.gender_logit)
+        if out.age_logits is None:
+            return (p_male,)
+        age = decode_age(self.net.config, out.age_logits)
+        if self.net.config.age_head == "dex":
+            return p_male, age, torch.softmax(out.age_logits, -1)
+        return p_male, age
+
+
+# -- shared plumbing ----------------------------------------------------------------------------
+
+def resolve_checkpoint(run: str | os.PathLike[str]) -> Path:
+    """A run directory means its ``model.safetensors``; anything else is taken as the checkpoint file."""
+    path = Path(run)
+    if path.is_dir():
+        if not (path / RUN_CHECKPOINT).is_file():
+            raise AgeGenderError(f"{path}: run directory has no {RUN_CHECKPOINT} (has training finished?)")
+        return path / RUN_CHECKPOINT
+    if not path.exists():
+        raise AgeGenderError(f"{path}: no such run directory or checkpoint")
+    return path
+
+
+def verification_batch(meta: CheckpointMeta, n: int = 4, seed: int = 0) -> torch.Tensor:
+    """A deterministic batch of random uint8 images passed through the checkpoint's own preprocessing."""
+    size = meta.config.image_size
+    rgb = np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    return torch.from_numpy(meta.preprocess.normalize_numpy(rgb))
+
+
+def export_metadata(meta: CheckpointMeta, fmt: str, **details: Any) -> str:
+    """The checkpoint's metadata JSON plus an ``export`` section describing the exported contract.
+
+    ``CheckpointMeta.from_json`` still reads it (it ignores the extra key). ``age`` is null when the model
+    has no age head, so predictors know to report none.
+    """
+    cfg = meta.config
+    doc = json.loads(meta.to_json())
+    doc["export"] = {
+        "format": fmt,
+        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW",
+                  "shape": ["batch", 3, cfg.image_size, cfg.image_size], "normalised_by": "preprocess"},
+        "outputs": output_names(cfg),
+        "age": None if cfg.age_head == "none" else
+        {"head": cfg.age_head, "unit": "years", "min": cfg.age_min, "max": cfg.age_max},
+        "torch": torch.__version__,
+        **details,
+    }
+    return json.dumps(doc, sort_keys=True)
+
+
+def sidecar_path(output: str | os.PathLike[str]) -> Path:
+    return Path(f"{os.fspath(output)}.json")
+
+
+def _check_output(output: str | os.PathLike[str], fmt: str) -> Path:
+    path = Path(output)
+    if path.suffix != SUFFIXES[fmt]:
+        raise AgeGenderError(f"{path}: a {fmt} export must be named *{SUFFIXES[fmt]}")
+    if path.is_dir():
+        raise AgeGenderError(f"{path}: is a directory, not a file name")
+    return path
+
+
+def _check_inputs(x: torch.Tensor | None, meta: CheckpointMeta) -> torch.Tensor:
+    if x is None:
+        return verification_batch(meta)
+    size = meta.config.image_size
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.ndim != 4 \
+            or tuple(x.shape[1:]) != (3, size, size) or x.shape[0] < 1:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise AgeGenderError(f"verification inputs must be float32 (N, 3, {size}, {size}), got {got}")
+    return x.detach().cpu().contiguous()
+
+
+def _torch_outputs(model: InferenceModel, x: torch.Tensor) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [t.numpy() for t in model(x)]
+
+
+def _parity(expected: Sequence[np.ndarray], got: Sequence[Any], names: Sequence[str], tolerance: float,
+            where: Path, what: str) -> dict[str, float]:
+    """Per-output max abs diff; raises unless every ``|diff| <= tolerance * max(1, |reference|)``.
+
+    The scale matters only for ``age`` in years: float32 itself carries ~1e-6 relative error through
+    the trunk, which a fixed 1e-4 would reject for a regression head (34.5 years per logit unit).
+    Probabilities are <= 1, so for them this is the plain absolute tolerance.
+    """
+    got = [np.asarray(g) for g in got]
+    if len(got) != len(expected):
+        raise AgeGenderError(f"{where}: {what} gives {len(got)} outputs, expected {len(expected)} ({names})")
+    diffs, worst = {}, 0.0
+    for name, e, g in zip(names, expected, got):
+        if e.shape != g.shape:
+            raise AgeGenderError(f"{where}: {what} output {name} has shape {g.shape}, PyTorch gives {e.shape}")
+        d = np.abs(e.astype(np.float64) - g)
+        diffs[name] = float(d.max())
+        worst = max(worst, float((d / np.maximum(1.0, np.abs(e))).max()))
+    if not worst <= tolerance:  # also catches NaN
+        raise AgeGenderError(f"{where}: {what} differs from PyTorch by {worst:.3g} (> {tolerance:g}, "
+                             f"per output {diffs}); nothing written")
+    log.info("%s: %s matches PyTorch (max abs diff per output %s)", where, what, diffs)
+    return diffs
+
+
+@contextlib.contextmanager
+def _suffixed_temp(dest: Path) -> Iterator[Path]:
+    """Like ``atomic_path`` but the temp name keeps ``dest``'s suffix, for writers that insist on one."""
+    with atomic_path(dest) as tmp:
+        named = tmp.with_name(tmp.name + dest.suffix)
+        try:
+            yield named
+            os.replace(named, tmp)
+        finally:
+            named.unlink(missing_ok=True)
+
+
+def _write_sidecar(output: Path, meta_json: str) -> Path:
+    """Write ``<output>.json``; if that fails, take the model file back so neither half is left alone."""
+    side = sidecar_path(output)
+    try:
+        write_text_atomic(side, meta_json)
+    except BaseException:
+        output.unlink(missing_ok=True)
+        raise
+    return side
+
+
+def _result(fmt: str, output: Path, config: ModelConfig, diffs: dict[str, float], started: float,
+            **extra: Any) -> dict[str, Any]:
+    result: dict[str, Any] = {"format": fmt, "path": str(output), "outputs": output_names(config),
+                              "age": None if config.age_head == "none" else config.age_head,
+                              "max_abs_diff": max(diffs.values()), "diffs": diffs,
+                              "seconds": round(time.perf_counter() - started, 3), **extra}
+    if config.age_head == "none":
+        result["note"] = "model has no age head: exported p_male only; predictors report no age"
+    return result
+
+
+# -- ONNX ---------------------------------------------------------------------------------------
+
+def _pick_onnx_exporter(exporter: str) -> str:
+    if exporter == "auto":
+        # The torch.export-based exporter is torch's default and future; it needs onnxscript. The
+        # TorchScript one is deprecated but still complete in torch 2.13. Both pass the same parity gate.
+        return "dynamo" if importlib.util.find_spec("onnxscript") is not None else "torchscript"
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"exporter must be auto, dynamo or torchscript, not {exporter!r}")
+    return exporter
+
+
+def _torch_to_onnx(model: InferenceModel, example: torch.Tensor, path: Path, opset: int, exporter: str) -> None:
+    names = model.output_names
+    with warnings.catch_warnings():
+        # torch-internal deprecation chatter; the TorchScript exporter is chosen knowingly as the fallback.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        if exporter == "dynamo":
+            torch.onnx.export(model, (example,), str(path), dynamo=True, verbose=False, external_data=False,
+                              input_names=[INPUT_NAME], output_names=names, opset_version=opset,
+                              dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1)}})
+            return
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
+                          output_names=names, opset_version=opset,
+                          dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *names)})
+
+
+def export_onnx(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str],
+                verify_inputs: torch.Tensor | None = None, *, opset: int = ONNX_OPSET,
+                exporter: str = "auto") -> dict[str, Any]:
+    """Write ``output`` (.onnx) with the metadata in ``metadata_props``; ONNX checker, then onnxruntime parity."""
+    import onnx
+    import onnxruntime as ort
+
+    started = time.perf_counter()
+    output = _check_output(output, "onnx")
+    x = _check_inputs(verify_inputs, meta)
+    model = InferenceModel(net)
+    expected = _torch_outputs(model, x)
+    exporter = _pick_onnx_exporter(exporter)
+    meta_json = export_metadata(meta, "onnx", opset=opset, exporter=exporter)
+    size = meta.config.image_size
+    with atomic_path(output) as tmp:
+        # Trace with batch 2: exporters specialise a batch of 1 into a constant.
+        _torch_to_onnx(model, torch.zeros(2, 3, size, size), tmp, opset, exporter)
+        proto = onnx.load(str(tmp))
+        onnx.helper.set_model_props(proto, {"agegender": meta_json, "opset": str(opset)})
+        onnx.save(proto, str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise AgeGenderError(f"{output}: exported graph fails the ONNX checker ({first})") from None
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got = session.run(model.output_names, {INPUT_NAME: x.numpy()})
+        diffs = _parity(expected, got, model.output_names, ONNX_TOLERANCE, output, "onnxruntime")
+    return _result("onnx", output, meta.config, diffs, started, opset=opset, exporter=exporter)
+
+
+def load_onnx_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
+    """The checkpoint metadata stored in an exported .onnx (no inference session, no torch model)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise AgeGenderError(f"{path}: no such ONNX file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise AgeGenderError(f"{path}: not an ONNX model ({type(e).__name__})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if "agegender" not in props:
+        raise AgeGenderError(f"{path}: ONNX model without agegender metadata (not exported by agegender)")
+    try:
+        return CheckpointMeta.from_json(props["agegender"])
+    except (ValueError, KeyError) as e:
+        raise AgeGenderError(f"{path}: {e}") from None
+
+
+# -- Keras --------------------------------------------------------------------------------------
+
+def _import_keras() -> Any:
+    # Keras fixes its backend at first import. Defaulting to torch means exporting never needs TensorFlow;
+    # an explicit KERAS_BACKEND, or keras already imported with another backend, is respected as is,
+    # which is safe because the model below is built from backend-neutral layers and numpy weights.
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    try:
+        import keras
+    except ImportError as e:
+        raise AgeGenderError(f"keras export needs Keras 3 (pip install 'agegender[export]'): {e}") from None
+    if int(keras.__version__.split(".")[0]) < 3:
+        raise AgeGenderError(f"keras export needs Keras 3, found {keras.__version__}")
+    return keras
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.float32)
+
+
+def _bn_weights(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> list[np.ndarray]:
+    return [_np(bn.weight), _np(bn.bias), _np(bn.running_mean), _np(bn.running_var)]
+
+
+def build_keras_model(net: AgeGenderNet) -> keras.Model:
+    """The Keras 3 functional twin of ``InferenceModel(net)``: same NCHW input, same named outputs.
+
+    Inside, it runs channels-last (TensorFlow has no channels-first conv on CPU) and permutes back to
+    C,H,W before flattening, so the fc weights keep PyTorch's feature order. BatchNorm layers carry the
+    running statistics, which is what eval mode computes.
+    """
+    keras = _import_keras()
+    layers = keras.layers
+    cfg, trunk = net.config, net.trunk
+    weights: dict[str, list[np.ndarray]] = {}
+
+    inputs = keras.Input((3, cfg.image_size, cfg.image_size), name=INPUT_NAME)
+    x = layers.Permute((2, 3, 1), name="to_channels_last")(inputs)
+    for b, names in enumerate(trunk.blocks, 1):
+        for name in names:
+            conv = getattr(trunk, name)
+            x = layers.Conv2D(conv.out_channels, 3, padding="same", activation="relu", name=name)(x)
+            weights[name] = [_np(conv.weight.permute(2, 3, 1, 0)), _np(conv.bias)]  # OIHW -> HWIO
+        if trunk.block_bn:
+            bn = getattr(trunk, f"bn{b}")
+            x = layers.BatchNormalization(epsilon=bn.eps, name=f"bn{b}")(x)
+            weights[f"bn{b}"] = _bn_weights(bn)
+        x = layers.MaxPooling2D(2, name=f"pool{b}")(x)
+    x = layers.Permute((3, 1, 2), name="to_channels_first")(x)
+    x = layers.Flatten(name="flatten")(x)
+
+    fc = 0
+    for module in net.fc:
+        if isinstance(module, nn.Linear):
+            fc += 1
+            x = layers.Dense(module.out_features, use_bias=module.bias is not None, name=f"fc{fc}")(x)
+            weights[f"fc{fc}"] = [_np(p.T if p.ndim == 2 else p) for p in (module.weight, module.bias) if p is not None]
+        elif isinstance(module, nn.BatchNorm1d):
+            name = f"fc{fc}_bn" if fc else "features_bn"
+            x = layers.BatchNormalization(epsilon=module.eps, name=name)(x)
+            weights[name] = _bn_weights(module)
+        elif isinstance(module, nn.ReLU):
+            x = layers.Activation("relu", name=f"fc{fc}_relu")(x)
+        elif not isinstance(module, nn.Dropout):  # dropout is the identity at inference
+            raise TypeError(f"no Keras equivalent for head layer {type(module).__name__}")
+    features = x
+
+    gender = layers.Dense(1, activation="sigmoid", name="gender")(features)
+    weights["gender"] = [_np(net.gender.weight.T), _np(net.gender.bias)]
+    outputs = [layers.Reshape((), name="p_male")(gender)]
+    if cfg.age_head == "dex":
+        probs = layers.Dense(cfg.ages, activation="softmax", name="age_probs")(features)
+        weights["age_probs"] = [_np(net.age.weight.T), _np(net.age.bias)]
+        # DEX age is the expectation of the age distribution: one fixed dot product with the ages.
+        years = layers.Dense(1, use_bias=False, name="age_expectation")(probs)
+        weights["age_expectation"] = [np.arange(cfg.age_min, cfg.age_max + 1, dtype=np.float32)[:, None]]
+        outputs += [layers.Reshape((), name="age")(years), probs]
+    elif cfg.age_head == "regression":
+        # decode_age is affine for regression; read its scale and offset off it so the formula has one home.
+        offset, at_one = (float(decode_age(cfg, torch.tensor([[v]]))) for v in (0.0, 1.0))
+        years = layers.Dense(1, name="age_years")(features)
+        scale = at_one - offset
+        weights["age_years"] = [_np(net.age.weight.T) * scale, _np(net.age.bias) * scale + offset]
+        outputs.append(layers.Reshape((), name="age")(years))
+
+    model = keras.Model(inputs, outputs, name=f"agegender_{cfg.age_head}")
+    for name, arrays in weights.items():
+        model.get_layer(name).set_weights(arrays)
+    return model
+
+
+def _keras_outputs(model: Any, x: np.ndarray) -> list[np.ndarray]:
+    keras = _import_keras()
+    outs = model(x, training=False)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    return [keras.ops.convert_to_numpy(o) for o in outs]
+
+
+def export_keras(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str],
+                 verify_inputs: torch.Tensor | None = None) -> dict[str, Any]:
+    """Write ``output`` (.keras) and ``<output>.json``; parity is checked on the saved file, reloaded."""
+    started = time.perf_counter()
+    output = _check_output(output, "keras")
+    x = _check_inputs(verify_inputs, meta)
+    model = InferenceModel(net)
+    expected = _torch_outputs(model, x)
+    keras = _import_keras()
+    kmodel = build_keras_model(net)
+    backend = keras.backend.backend()
+    meta_json = export_metadata(meta, "keras", keras=keras.__version__, built_with_backend=backend,
+                                note="input is NCHW like the ONNX export; the model permutes to NHWC inside")
+    with _suffixed_temp(output) as tmp:
+        kmodel.save(str(tmp))
+        reloaded = keras.saving.load_model(str(tmp))
+        diffs = _parity(expected, _keras_outputs(reloaded, x.numpy()), model.output_names, KERAS_TOLERANCE,
+                        output, f"Keras ({backend} backend, reloaded)")
+    side = _write_sidecar(output, meta_json)
+    return _result("keras", output, meta.config, diffs, started, backend=backend, metadata=str(side))
+
+
+_TF_RUNNER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import keras
+    if keras.backend.backend() != "tensorflow":
+        sys.exit(f"keras backend is {keras.backend.backend()}, not tensorflow")
+    model = keras.saving.load_model(sys.argv[1])
+    with np.load(sys.argv[2]) as z:
+        outs = model(z["input"], training=False)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    np.savez(sys.argv[3], **{n: keras.ops.convert_to_numpy(o) for n, o in zip(model.output_names, outs)})
+""")
+
+
+def check_keras_in_tensorflow(path: str | os.PathLike[str], inputs: torch.Tensor | np.ndarray,
+                              timeout: float = 600) -> dict[str, np.ndarray]:
+    """Run a .keras export under TensorFlow's Keras in a fresh process; returns ``{output name: array}``.
+
+    A subprocess because Keras fixes its backend per process, and this one may already be on torch.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AgeGenderError(f"{path}: no such Keras file")
+    x = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs, np.float32)
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with tempfile.TemporaryDirectory(prefix="agegender-tf-") as tmp:
+        src, dst = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
+        np.savez(src, input=x)
+        proc = subprocess.run([sys.executable, "-c", _TF_RUNNER, str(path.resolve()), str(src), str(dst)],
+                              env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines() or ["no error output"]
+            raise AgeGenderError(f"{path}: TensorFlow Keras could not run the model ({lines[-1]})")
+        with np.load(dst) as z:
+            return {name: z[name] for name in z.files}
+
+
+# -- torch.export -------------------------------------------------------------------------------
+
+def export_torch(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str],
+                 verify_inputs: torch.Tensor | None = None) -> dict[str, Any]:
+    """Write ``output`` (.pt2) with the metadata as an extra file and in ``<output>.json``; parity on the reload."""
+    started = time.perf_counter()
+    output = _check_output(output, "torch")
+    x = _check_inputs(verify_inputs, meta)
+    model = InferenceModel(net)
+    expected = _torch_outputs(model, x)
+    meta_json = export_metadata(meta, "torch")
+    size = meta.config.image_size
+    # Trace with batch 2: torch.export specialises sizes 0 and 1, so a batch of 1 would not stay dynamic.
+    program = torch.export.export(model, (torch.zeros(2, 3, size, size),),
+                                  dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1)}})
+    with _suffixed_temp(output) as tmp:
+        torch.export.save(program, str(tmp), extra_files={"agegender.json": meta_json})
+        with torch.no_grad():
+            got = [t.numpy() for t in torch.export.load(str(tmp)).module()(x)]
+        diffs = _parity(expected, got, model.output_names, TORCH_TOLERANCE, output,
+                        "torch.export program (reloaded)")
+    side = _write_sidecar(output, meta_json)
+    return _result("torch", output, meta.config, diffs, started, metadata=str(side))
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+EXPORTERS = {"onnx": export_onnx, "keras": export_keras, "torch": export_torch}
+
+
+def export(run: str | os.PathLike[str], fmt: str, output: str | os.PathLike[str],
+           verify_inputs: torch.Tensor | None = None) -> dict[str, Any]:
+    """Export a run directory (its ``model.safetensors``) or a checkpoint file; see ``EXPORTERS``."""
+    if fmt not in EXPORTERS:
+        raise AgeGenderError(f"unknown export format {fmt!r} (choose from {', '.join(EXPORTERS)})")
+    _check_output(output, fmt)  # fail before the slow load
+    net, meta = load_checkpoint(resolve_checkpoint(run))
+    if meta.config.age_head == "none":
+        log.warning("%s: the model has no age head; exporting p_male only (\"age\": null in metadata)", run)
+    try:
+        return EXPORTERS[fmt](net, meta, output, verify_inputs)
+    except OSError as e:
+        raise AgeGenderError(f"{output}: cannot write the export ({e.strerror or e})") from None

@@ -1,0 +1,101 @@
+"""Frozen-trunk features computed once and cached on disk, keyed by everything that changes them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import FaceRecord, iter_batches
+from .files import atomic_path
+from .model import AgeGenderNet
+from .weights import Preprocess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureSet:
+    features: torch.Tensor  # (N, D) float32, rows of unreadable images are zero
+    ok: torch.Tensor  # (N,) bool, False where the image could not be decoded
+    seconds: float = 0.0
+    cached: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        return float(self.ok.sum()) / self.seconds if self.seconds else float("nan")
+
+
+def cache_key(model: AgeGenderNet, preprocess: Preprocess, records: Sequence[FaceRecord],
+              weights_sha256: str | None, bf16: bool) -> str:
+    """Hash of the trunk weights, its config, the preprocessing, the dtype and the file list (with sizes/mtimes)."""
+    h = hashlib.sha256()
+    cfg = model.config
+    h.update(json.dumps({"widths": cfg.widths, "block_bn": cfg.block_bn, "size": cfg.image_size,
+                         "pre": preprocess.to_dict(), "bf16": bf16, "weights": weights_sha256}).encode())
+    # The trunk's own bytes, so --init scratch or a different seed never reuses another trunk's cache.
+    for name, t in sorted(model.trunk.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for r in records:
+        try:
+            st = os.stat(r.path)
+            h.update(f"{r.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{r.path}\0missing\n".encode())
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def extract_features(model: AgeGenderNet, records: Sequence[FaceRecord], preprocess: Preprocess, *,
+                     batch_size: int = 128, workers: int = 2, bf16: bool = False,
+                     device: str | torch.device = "cpu", progress: bool = True) -> FeatureSet:
+    """Run the trunk once over every record; decoding of later batches overlaps the trunk's compute."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    n, dim = len(records), model.config.feature_dim
+    out = torch.zeros(n, dim, dtype=torch.float32)
+    ok = torch.zeros(n, dtype=torch.bool)
+    start = time.perf_counter()
+    bar = tqdm(total=n, desc="features", unit="img", disable=not progress, leave=False)
+    for idx, images in iter_batches(records, model.config.image_size, batch_size, workers):
+        x = preprocess.normalize(images).to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            f = model.forward_features(x)
+        index = torch.as_tensor(idx, dtype=torch.long)
+        out[index] = f.float().cpu()
+        ok[index] = True
+        bar.update(len(idx))
+    bar.close()
+    model.train(was_training)
+    return FeatureSet(out, ok, time.perf_counter() - start)
+
+
+def cached_features(model: AgeGenderNet, records: Sequence[FaceRecord], preprocess: Preprocess,
+                    cache_dir: str | os.PathLike[str], *, weights_sha256: str | None = None,
+                    bf16: bool = False, **kwargs: object) -> FeatureSet:
+    """Load features from ``cache_dir`` or compute and store them (atomically) under their key."""
+    from safetensors.torch import load_file, save_file
+
+    key = cache_key(model, preprocess, records, weights_sha256, bf16)
+    path = Path(cache_dir) / f"features-{key}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        if t["features"].shape == (len(records), model.config.feature_dim):
+            log.info("feature cache hit: %s", path)
+            return FeatureSet(t["features"], t["ok"].bool(), cached=True)
+        log.warning("ignoring feature cache with unexpected shape: %s", path)
+    fs = extract_features(model, records, preprocess, bf16=bf16, **kwargs)  # type: ignore[arg-type]
+    log.info("extracted %d features in %.1fs (%.1f img/s)", int(fs.ok.sum()), fs.seconds, fs.images_per_second)
+    with atomic_path(path) as tmp:
+        save_file({"features": fs.features, "ok": fs.ok.to(torch.uint8)}, str(tmp))
+    return fs

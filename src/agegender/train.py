@@ -1,0 +1,404 @@
+"""Training: presets, one epoch, validation, self-describing checkpoints, resume. Reads top to bottom."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointMeta, save_checkpoint
+from .data import FaceRecord, decode_batch, make_splits, scan
+from .data import augment as augment_batch
+from .errors import AgeGenderError
+from .features import FeatureSet, cached_features
+from .files import atomic_path, write_text_atomic
+from .model import VGG16_WIDTHS, AgeGenderNet, ModelConfig, Outputs
+from .weights import SEED_PREPROCESS, VGG_FACE_PREPROCESS, Preprocess
+
+log = logging.getLogger(__name__)
+
+# Presets are defined once here; CLI flags override individual fields.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Frozen VGG-Face trunk with no BatchNorm inside it (VGG-Face never had any, and BN between frozen convs
+    # shifts the activations each conv was trained on and forbids the feature cache); BN lives in the head.
+    "default": dict(epochs=25, batch_size=128, lr=1e-3, weight_decay=1e-4, head_bn=True, feature_bn=True, block_bn=False,
+                    dropout=(0.5, 0.5), age_head="regression", age_weight=1.0, pixels="vgg-face"),
+    # The seed notebook: /255 RGB pixels, BN after each conv block, dropout after fc1 only, one sigmoid, no age.
+    "seed": dict(epochs=25, batch_size=128, lr=1e-3, weight_decay=0.0, head_bn=False, feature_bn=False, block_bn=True,
+                 dropout=(0.5, 0.0), age_head="none", pixels="seed"),
+}
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str = "runs/latest"
+    weights: str | None = None
+    init: str = "vgg-face"  # or "scratch": no pretrained weights, the whole net trains
+    preset: str = "default"
+    split: str = "identity"
+    seed: int = 0
+    epochs: int = 25
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    image_size: int = 64
+    # Regression beat DEX (softmax expectation) on every small set we could measure (see README).
+    age_head: str = "regression"
+    age_weight: float = 1.0
+    head_bn: bool = True
+    feature_bn: bool = True
+    block_bn: bool = False
+    dropout: tuple[float, ...] = (0.5, 0.5)
+    hidden: tuple[int, ...] = (4096, 4096)
+    widths: tuple[int, ...] = VGG16_WIDTHS  # used with --init scratch; pretrained widths come from the file
+    pixels: str = "vgg-face"  # or "seed" (/255 RGB)
+    unfreeze: bool = False
+    trunk_lr_mult: float = 0.1
+    cache: bool = True
+    cache_dir: str | None = None
+    bf16: bool = False
+    patience: int = 0
+    limit: int = 0
+    workers: int = 2
+    device: str = "cpu"
+    progress: bool = True
+
+    @classmethod
+    def from_preset(cls, preset: str = "default", **overrides: Any) -> TrainConfig:
+        if preset not in PRESETS:
+            raise AgeGenderError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        if values.get("init") == "scratch":
+            # From scratch the trunk must learn, and a 13-conv stack trains far better with BN per block.
+            values.setdefault("unfreeze", True)
+            values["unfreeze"] = True
+            values["block_bn"] = True
+            values.setdefault("trunk_lr_mult", 1.0)
+        return cls(preset=preset, **values)
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> TrainConfig:
+        init = a.init or ("vgg-face" if a.weights else None)
+        if init is None:
+            raise AgeGenderError("no trunk weights: pass --weights VGG_FACE.safetensors (see `agegender fetch "
+                                 "weights` and `agegender convert`) or --init scratch")
+        names = {f.name for f in fields(cls)}
+        given = {k: v for k, v in vars(a).items() if k in names and k not in ("preset",)}
+        given.update(init=init, cache=not a.no_cache)
+        for key in ("hidden", "widths"):
+            if given.get(key):
+                given[key] = tuple(given[key])
+        if init == "scratch":
+            given["trunk_lr_mult"] = 1.0
+        if a.unfreeze:
+            given["unfreeze"] = True
+        else:
+            given.pop("unfreeze", None)
+        return cls.from_preset(a.preset, **given)
+
+    @property
+    def trunk_trains(self) -> bool:
+        return self.unfreeze or self.block_bn
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class RunResult:
+    out: Path
+    checkpoint: Path
+    report_md: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# -- building ---------------------------------------------------------------------------------
+def load_trunk_weights(path: str) -> tuple[dict[str, torch.Tensor], Preprocess, str | None]:
+    """Canonical weights, their preprocessing and source hash; .t7/.pt files are converted in memory."""
+    from .convert import load_canonical, read_weights
+
+    p = Path(path)
+    if not p.is_file():
+        raise AgeGenderError(f"{p}: no such weights file (get it with `agegender fetch weights`, then "
+                             f"`agegender convert .../VGG_FACE.t7 -o vgg_face.safetensors`)")
+    if p.suffix == ".safetensors":
+        state, meta = load_canonical(p)
+        pre = Preprocess.from_dict(json.loads(meta["preprocess"])) if "preprocess" in meta else VGG_FACE_PREPROCESS
+        return state, pre, meta.get("source_sha256")
+    from .files import sha256_file
+
+    return read_weights(p), VGG_FACE_PREPROCESS, sha256_file(p)
+
+
+def build_model(cfg: TrainConfig) -> tuple[AgeGenderNet, Preprocess, str | None]:
+    torch.manual_seed(cfg.seed)
+    state, pre, sha = None, VGG_FACE_PREPROCESS, None
+    widths = cfg.widths
+    if cfg.init == "vgg-face":
+        if not cfg.weights:
+            raise AgeGenderError("--init vgg-face needs --weights (run `agegender fetch weights` and "
+                                 "`agegender convert`), or use --init scratch")
+        state, pre, sha = load_trunk_weights(cfg.weights)
+        widths = tuple(int(state[f"conv{b}_1.weight"].shape[0]) for b in range(1, 6))
+    if cfg.pixels == "seed":
+        pre = SEED_PREPROCESS
+    mc = ModelConfig(widths=widths, image_size=cfg.image_size, block_bn=cfg.block_bn, hidden=cfg.hidden,
+                     dropout=cfg.dropout, head_bn=cfg.head_bn, feature_bn=cfg.feature_bn, age_head=cfg.age_head,
+                     freeze_trunk=not cfg.unfreeze)
+    model = AgeGenderNet(mc)
+    if state is not None:
+        model.load_trunk(state)
+    return model.to(cfg.device), pre.resized(cfg.image_size), sha
+
+
+def make_optimizer(model: AgeGenderNet, cfg: TrainConfig) -> torch.optim.Optimizer:
+    trunk = [p for p in model.trunk.parameters() if p.requires_grad]
+    head = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("trunk.")]
+    groups = [{"params": head, "lr": cfg.lr}]
+    if trunk:
+        groups.append({"params": trunk, "lr": cfg.lr * cfg.trunk_lr_mult})
+    return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+
+
+# -- batches ----------------------------------------------------------------------------------
+@dataclass
+class Labels:
+    gender: torch.Tensor  # (N,) float 0/1
+    age: torch.Tensor  # (N,) float, NaN where unknown
+
+    @classmethod
+    def of(cls, records: Sequence[FaceRecord]) -> Labels:
+        return cls(torch.tensor([r.gender for r in records], dtype=torch.float32),
+                   torch.tensor([math.nan if r.age is None else r.age for r in records], dtype=torch.float32))
+
+
+class Batches:
+    """Mini-batches of either cached trunk features or decoded images, with the model call that fits them."""
+
+    def __init__(self, records: Sequence[FaceRecord], preprocess: Preprocess, cfg: TrainConfig,
+                 features: FeatureSet | None) -> None:
+        self.records, self.pre, self.cfg, self.features = records, preprocess, cfg, features
+        self.valid = np.flatnonzero(features.ok.numpy()) if features is not None else np.arange(len(records))
+
+    def forward(self, model: AgeGenderNet, x: torch.Tensor) -> Outputs:
+        return model.forward_head(x) if self.features is not None else model(x)
+
+    def __call__(self, idx: np.ndarray, augment: torch.Generator | None = None
+                 ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        bs = self.cfg.batch_size
+        for start in range(0, len(idx), bs):
+            chunk = idx[start:start + bs]
+            if self.features is not None:
+                yield self.features.features[torch.as_tensor(chunk)].to(self.cfg.device), chunk
+                continue
+            images, ok = decode_batch([self.records[i].path for i in chunk], self.cfg.image_size, self.cfg.workers)
+            if not ok.any():
+                continue
+            x = torch.from_numpy(images[ok])
+            if augment is not None:
+                x = augment_batch(x, augment)
+            yield self.pre.normalize(x).to(self.cfg.device), chunk[ok]
+
+
+def loss_fn(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet, cfg: TrainConfig
+            ) -> tuple[torch.Tensor, dict[str, float]]:
+    i = torch.as_tensor(idx)
+    gender = labels.gender[i].to(out.gender_logit.device)
+    loss = F.binary_cross_entropy_with_logits(out.gender_logit, gender)
+    parts = {"gender_loss": loss.item()}
+    age = labels.age[i].to(out.gender_logit.device)
+    known = ~torch.isnan(age)
+    if out.age_logits is not None and known.any():
+        mc = model.config
+        a, logits = age[known], out.age_logits[known]
+        if mc.age_head == "dex":
+            target = (a.round().clamp(mc.age_min, mc.age_max) - mc.age_min).long()
+            age_loss = F.cross_entropy(logits, target)
+        else:
+            mid, half = (mc.age_min + mc.age_max) / 2, (mc.age_max - mc.age_min) / 2
+            age_loss = F.smooth_l1_loss(logits.squeeze(-1), (a - mid) / half)
+        loss = loss + cfg.age_weight * age_loss
+        parts["age_loss"] = age_loss.item()
+    return loss, parts
+
+
+# -- one epoch, evaluation --------------------------------------------------------------------
+def train_one_epoch(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labels: Labels,
+                    optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> float:
+    from tqdm import tqdm
+
+    model.train()
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    order = idx[torch.randperm(len(idx), generator=g).numpy()]
+    augment = g if (cfg.trunk_trains and batches.features is None) else None
+    total, count = 0.0, 0
+    bar = tqdm(total=len(order), desc=f"epoch {epoch}", unit="img", disable=not cfg.progress, leave=False)
+    for x, chunk in batches(order, augment):
+        if len(chunk) < 2 and model.config.head_bn:
+            continue  # BatchNorm cannot train on a single sample
+        loss, _ = loss_fn(batches.forward(model, x), labels, chunk, model, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(chunk)
+        count += len(chunk)
+        bar.update(len(chunk))
+        bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+    bar.close()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_batches(model: AgeGenderNet, batches: Batches, idx: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(indices actually predicted, P(male), predicted age or None)."""
+    model.eval()
+    done, p_male, ages = [], [], []
+    for x, chunk in batches(idx):
+        out = batches.forward(model, x)
+        done.append(chunk)
+        p_male.append(torch.sigmoid(out.gender_logit.float()).cpu().numpy())
+        if out.age_logits is not None:
+            ages.append(model.expected_age(out.age_logits.float()).cpu().numpy())
+    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0))
+    return cat(done).astype(int), cat(p_male), (cat(ages) if ages else None)
+
+
+def validate(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labels: Labels, cfg: TrainConfig
+             ) -> dict[str, float]:
+    done, p, age = predict_batches(model, batches, idx)
+    if len(done) == 0:
+        return {"val_accuracy": math.nan, "val_loss": math.nan}
+    y = labels.gender[done].numpy()
+    eps = 1e-7
+    bce = -np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps))
+    out = {"val_accuracy": float(np.mean((p >= 0.5) == y)), "val_loss": float(bce)}
+    if age is not None:
+        a = labels.age[done].numpy()
+        known = ~np.isnan(a)
+        if known.any():
+            out["val_age_mae"] = float(np.mean(np.abs(age[known] - a[known])))
+    return out
+
+
+# -- the run ----------------------------------------------------------------------------------
+def fit(cfg: TrainConfig, resume: bool = False) -> RunResult:
+    out = Path(cfg.out)
+    if resume:
+        cfg = replace(cfg, **_stored_config(out))
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+
+    dataset = scan(cfg.data)
+    splits = make_splits(dataset, cfg.split, cfg.seed, limit=cfg.limit)
+    records = splits.train + splits.val + splits.test
+    n_train, n_val = len(splits.train), len(splits.val)
+    idx_train = np.arange(n_train)
+    idx_val = np.arange(n_train, n_train + n_val)
+    idx_test = np.arange(n_train + n_val, len(records))
+    write_text_atomic(out / "splits.json", json.dumps({k: [str(r.path) for r in v] for k, v in splits.items()}))
+    log.info("data: %s (%s), split %s: %s", dataset.root, dataset.kind, cfg.split, splits.summary())
+
+    model, pre, weights_sha = build_model(cfg)
+    labels = Labels.of(records)
+    features = None
+    if cfg.cache and not cfg.trunk_trains:
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / "cache"
+        features = cached_features(model, records, pre, cache_dir, weights_sha256=weights_sha, bf16=cfg.bf16,
+                                   batch_size=max(cfg.batch_size, 64), workers=cfg.workers, device=cfg.device,
+                                   progress=cfg.progress)
+    batches = Batches(records, pre, cfg, features)
+    train_idx = np.intersect1d(idx_train, batches.valid)
+    optimizer = make_optimizer(model, cfg)
+    meta = CheckpointMeta(model.config, pre, weights_sha256=weights_sha,
+                          extra={"data": {"root": str(dataset.root), "kind": dataset.kind, "split": cfg.split,
+                                          "summary": splits.summary()}, "train": cfg.to_dict()})
+
+    history: list[dict[str, float]] = []
+    start_epoch, best = 1, (-math.inf, math.inf)
+    if resume and (out / "train_state.pt").is_file():
+        start_epoch, best, history = _restore(out, model, optimizer)
+        log.info("resuming at epoch %d", start_epoch)
+    stale = 0
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        train_loss = train_one_epoch(model, batches, train_idx, labels, optimizer, cfg, epoch)
+        row = {"epoch": epoch, "train_loss": train_loss, **validate(model, batches, idx_val, labels, cfg),
+               "seconds": time.perf_counter() - t0}
+        history.append(row)
+        log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        acc, vloss = row["val_accuracy"], row["val_loss"]
+        if math.isnan(acc) or acc > best[0] or (acc == best[0] and vloss < best[1]):
+            best = (row["val_accuracy"], row["val_loss"])
+            meta.extra["best_epoch"] = epoch
+            save_checkpoint(out / "model.safetensors", model, meta)
+            stale = 0
+        else:
+            stale += 1
+        _save_state(out, model, meta, optimizer, epoch, best, history)
+        if cfg.patience and stale >= cfg.patience:
+            log.info("early stop: no validation improvement in %d epochs", cfg.patience)
+            break
+
+    from .evaluate import evaluate_split
+    from .report import plot_training_curves
+
+    plot_training_curves(history, out / "training_curves.png")
+    report, report_md = evaluate_split(out / "model.safetensors", batches, records, idx_test, labels,
+                                       protocol=_protocol(dataset, splits, cfg, features, records),
+                                       out_dir=out / "report", history=history)
+    return RunResult(out, out / "model.safetensors", report_md, history, report)
+
+
+def _protocol(dataset: Any, splits: Any, cfg: TrainConfig, features: FeatureSet | None,
+              records: Sequence[FaceRecord]) -> dict[str, Any]:
+    skipped = list(getattr(dataset, "skipped", []))
+    if features is not None:
+        skipped += [(str(records[i].path), "could not decode") for i in np.flatnonzero(~features.ok.numpy())]
+    return {"data": str(dataset.root), "kind": dataset.kind, "split": cfg.split, "seed": cfg.seed,
+            "preset": cfg.preset, "init": cfg.init, "splits": splits.summary(),
+            "leaked_identities": splits.leaked_identities(),
+            "skipped": {"count": len(skipped), "first": [f"{p}: {why}" for p, why in skipped[:10]]}}
+
+
+def _stored_config(out: Path) -> dict[str, Any]:
+    path = out / "config.json"
+    if not path.is_file():
+        raise AgeGenderError(f"{out}: nothing to resume (no config.json); start a run with `agegender train`")
+    stored = json.loads(path.read_text())
+    names = {f.name for f in fields(TrainConfig)}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items()
+            if k in names and k not in ("epochs", "progress", "workers", "device")}
+
+
+def _save_state(out: Path, model: AgeGenderNet, meta: CheckpointMeta, optimizer: torch.optim.Optimizer,
+                epoch: int, best: tuple[float, float], history: list[dict[str, float]]) -> None:
+    save_checkpoint(out / "last.safetensors", model, meta)
+    state = {"epoch": epoch, "best": list(best), "optimizer": optimizer.state_dict(),
+             "torch_rng": torch.get_rng_state(), "history": json.dumps(history)}
+    with atomic_path(out / "train_state.pt") as tmp:
+        torch.save(state, tmp)
+    write_text_atomic(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+
+def _restore(out: Path, model: AgeGenderNet, optimizer: torch.optim.Optimizer
+             ) -> tuple[int, tuple[float, float], list[dict[str, float]]]:
+    from safetensors.torch import load_file
+
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    model.load_state_dict(load_file(str(out / "last.safetensors")))
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"]) + 1, (float(state["best"][0]), float(state["best"][1])), json.loads(state["history"])

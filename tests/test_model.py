@@ -1,0 +1,107 @@
+"""The VGG16 trunk, freezing rules, age decoding and self-describing checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agegender.checkpoint import CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
+from agegender.errors import AgeGenderError
+from agegender.model import CONV_NAMES, AgeGenderNet, ModelConfig, VGGFace, decode_age, vgg_face_shapes
+from agegender.synthetic import make_vgg_face_state
+from agegender.weights import VGG_FACE_PREPROCESS
+
+TINY = (4, 8, 8, 16, 16)
+
+
+def tiny(**kw: object) -> ModelConfig:
+    return ModelConfig(**{"widths": TINY, "hidden": (16, 16), "image_size": 32, **kw})  # type: ignore[arg-type]
+
+
+def test_full_vgg_face_has_the_published_parameter_count() -> None:
+    shapes = vgg_face_shapes()
+    assert sum(torch.Size(s).numel() for s in shapes.values()) == 145_002_878
+    conv = sum(torch.Size(s).numel() for k, s in shapes.items() if k.startswith("conv"))
+    assert conv == 14_714_688
+    assert len(CONV_NAMES) == 13 and CONV_NAMES[0] == "conv1_1" and CONV_NAMES[-1] == "conv5_3"
+
+
+def test_vgg_face_loads_canonical_state_by_name() -> None:
+    state = make_vgg_face_state(widths=TINY, fc=32, classes=7)
+    net = VGGFace(TINY, fc=32, classes=7)
+    net.load_canonical(state)
+    assert torch.equal(net.trunk.conv3_2.weight, state["conv3_2.weight"])
+    assert net(torch.randn(2, 3, 224, 224)).shape == (2, 7)
+
+
+def test_outputs_and_feature_dim() -> None:
+    m = AgeGenderNet(tiny(image_size=64)).eval()
+    f = m.forward_features(torch.randn(3, 3, 64, 64))
+    assert f.shape == (3, m.config.feature_dim) == (3, 16 * 2 * 2)
+    out = m.forward_head(f)
+    assert out.gender_logit.shape == (3,) and out.age_logits.shape == (3, 70)
+
+
+def test_frozen_trunk_stays_in_eval_mode_and_out_of_the_optimizer() -> None:
+    m = AgeGenderNet(tiny(block_bn=False))
+    m.train()
+    assert not m.trunk.training and m.fc.training
+    assert all(not p.requires_grad for p in m.trunk.parameters())
+    trainable = {id(p) for p in m.trainable_parameters()}
+    assert not trainable & {id(p) for p in m.trunk.parameters()}
+    m.unfreeze_trunk()
+    m.train()
+    assert m.trunk.training
+
+
+def test_trunk_batchnorm_of_the_seed_layout_trains_while_convs_stay_frozen() -> None:
+    m = AgeGenderNet(tiny(block_bn=True))
+    m.train()
+    assert m.trunk.training  # its BatchNorm layers must learn
+    assert not m.trunk.conv1_1.weight.requires_grad and m.trunk.bn1.weight.requires_grad
+
+
+def test_load_trunk_rejects_wrong_shapes() -> None:
+    m = AgeGenderNet(tiny())
+    state = make_vgg_face_state(widths=(4, 8, 8, 16, 32), fc=8, classes=2)
+    with pytest.raises(ValueError, match="conv5_1.weight"):
+        m.load_trunk(state)
+
+
+@pytest.mark.parametrize("head", ["dex", "regression"])
+def test_decode_age_stays_in_range(head: str) -> None:
+    cfg = tiny(age_head=head)
+    logits = torch.randn(5, cfg.ages if head == "dex" else 1)
+    age = decode_age(cfg, logits)
+    assert age.shape == (5,)
+    if head == "dex":
+        assert ((age >= 1) & (age <= 70)).all()
+        one_hot = torch.full((1, 70), -1e4)
+        one_hot[0, 33] = 0
+        assert decode_age(cfg, one_hot).item() == pytest.approx(34)
+
+
+def test_checkpoint_round_trip_rebuilds_the_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    m = AgeGenderNet(tiny(age_head="regression")).eval()
+    meta = CheckpointMeta(m.config, VGG_FACE_PREPROCESS.resized(32), extra={"note": "x"})
+    save_checkpoint(tmp_path / "m.safetensors", m, meta)
+    m2, meta2 = load_checkpoint(tmp_path / "m.safetensors")
+    assert meta2.config == m.config and meta2.preprocess.size == 32 and meta2.extra == {"note": "x"}
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(m(x).gender_logit, m2(x).gender_logit)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_bad_checkpoints_get_one_line_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(AgeGenderError, match="no such model file"):
+        read_meta(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(AgeGenderError, match="junk.safetensors: not a safetensors checkpoint"):
+        read_meta(junk)
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(plain))
+    with pytest.raises(AgeGenderError, match="without agegender metadata"):
+        load_checkpoint(plain)
