@@ -47,7 +47,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
     cfg = TrainConfig.from_args(a)
     run = fit(cfg, resume=a.resume)
-    print(f"checkpoint: {run.checkpoint}\nreport: {run.report_md}")
+    if run.report:  # only rank 0 of a torchrun job evaluates
+        print(f"checkpoint: {run.checkpoint}\nreport: {run.report_md}")
     return 0
 
 

@@ -38,7 +38,7 @@ def collect_predictions(model: Any, batches: Any, records: Sequence[FaceRecord],
 def evaluate_split(checkpoint: str | Path, batches: Any, records: Sequence[FaceRecord], idx: np.ndarray,
                    labels: Any, protocol: dict[str, Any], out_dir: str | Path,
                    history: list[dict[str, float]] | None = None) -> tuple[dict[str, Any], Path]:
-    model, meta = load_checkpoint(checkpoint, device=batches.cfg.device)
+    model, meta = load_checkpoint(checkpoint, device=batches.world.device)
     done, pred = collect_predictions(model, batches, records, idx)
     if not done:
         raise AgeGenderError(f"{protocol.get('data')}: no readable images in the evaluation split")

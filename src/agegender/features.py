@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .data import FaceRecord, iter_batches
+from .distributed import World
 from .files import atomic_path
 from .model import AgeGenderNet
 from .weights import Preprocess
@@ -82,8 +83,11 @@ def extract_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproc
 
 def cached_features(model: AgeGenderNet, records: Sequence[FaceRecord], preprocess: Preprocess,
                     cache_dir: str | os.PathLike[str], *, weights_sha256: str | None = None,
-                    bf16: bool = False, **kwargs: object) -> FeatureSet:
-    """Load features from ``cache_dir`` or compute and store them (atomically) under their key."""
+                    bf16: bool = False, world: World = World(), **kwargs: object) -> FeatureSet:
+    """Load features from ``cache_dir`` or compute and store them (atomically) under their key.
+
+    Under torchrun each rank extracts every ``world.size``-th record and all ranks gather the result.
+    """
     from safetensors.torch import load_file, save_file
 
     key = cache_key(model, preprocess, records, weights_sha256, bf16)
@@ -94,8 +98,13 @@ def cached_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproce
             log.info("feature cache hit: %s", path)
             return FeatureSet(t["features"], t["ok"].bool(), cached=True)
         log.warning("ignoring feature cache with unexpected shape: %s", path)
-    fs = extract_features(model, records, preprocess, bf16=bf16, **kwargs)  # type: ignore[arg-type]
+    fs = extract_features(model, records[world.rank::world.size], preprocess, bf16=bf16,
+                          **kwargs)  # type: ignore[arg-type]
     log.info("extracted %d features in %.1fs (%.1f img/s)", int(fs.ok.sum()), fs.seconds, fs.images_per_second)
-    with atomic_path(path) as tmp:
-        save_file({"features": fs.features, "ok": fs.ok.to(torch.uint8)}, str(tmp))
+    if world.active:
+        fs = FeatureSet(world.gather_rows(fs.features, len(records)),
+                        world.gather_rows(fs.ok.to(torch.uint8), len(records)).bool(), fs.seconds)
+    if world.is_main:
+        with atomic_path(path) as tmp:
+            save_file({"features": fs.features, "ok": fs.ok.to(torch.uint8)}, str(tmp))
     return fs

@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .checkpoint import CheckpointMeta, save_checkpoint
 from .data import FaceRecord, decode_batch, make_splits, scan
 from .data import augment as augment_batch
+from .distributed import World, close_world, init_world
 from .errors import AgeGenderError
 from .features import FeatureSet, cached_features
 from .files import atomic_path, write_text_atomic
@@ -185,23 +187,26 @@ class Labels:
 
 
 class Batches:
-    """Mini-batches of either cached trunk features or decoded images, with the model call that fits them."""
+    """Mini-batches of either cached trunk features or decoded images."""
 
     def __init__(self, records: Sequence[FaceRecord], preprocess: Preprocess, cfg: TrainConfig,
-                 features: FeatureSet | None) -> None:
-        self.records, self.pre, self.cfg, self.features = records, preprocess, cfg, features
+                 features: FeatureSet | None, world: World = World()) -> None:
+        self.records, self.pre, self.cfg, self.features, self.world = records, preprocess, cfg, features, world
         self.valid = np.flatnonzero(features.ok.numpy()) if features is not None else np.arange(len(records))
 
-    def forward(self, model: AgeGenderNet, x: torch.Tensor) -> Outputs:
-        return model.forward_head(x) if self.features is not None else model(x)
+    @property
+    def cached(self) -> bool:
+        return self.features is not None
 
-    def __call__(self, idx: np.ndarray, augment: torch.Generator | None = None
-                 ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        bs = self.cfg.batch_size
+    def __call__(self, idx: np.ndarray, augment: torch.Generator | None = None, shard: bool = False
+                 ) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
+        """Yield (input, record indices, global batch size); ``shard`` gives each rank its share of a batch."""
+        bs, device = self.cfg.batch_size, self.world.device
         for start in range(0, len(idx), bs):
-            chunk = idx[start:start + bs]
+            full = idx[start:start + bs]
+            chunk = self.world.shard(full) if shard else full
             if self.features is not None:
-                yield self.features.features[torch.as_tensor(chunk)].to(self.cfg.device), chunk
+                yield self.features.features[torch.as_tensor(chunk)].to(device), chunk, len(full)
                 continue
             images, ok = decode_batch([self.records[i].path for i in chunk], self.cfg.image_size, self.cfg.workers)
             if not ok.any():
@@ -209,7 +214,19 @@ class Batches:
             x = torch.from_numpy(images[ok])
             if augment is not None:
                 x = augment_batch(x, augment)
-            yield self.pre.normalize(x).to(self.cfg.device), chunk[ok]
+            yield self.pre.normalize(x).to(device), chunk[ok], len(full)
+
+
+class Step(nn.Module):
+    """The trained part of one forward pass, as a module so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: AgeGenderNet, cached: bool) -> None:
+        super().__init__()
+        self.model, self.cached = model, cached
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.model.forward_head(x) if self.cached else self.model(x)
+        return out.gender_logit, out.age_logits
 
 
 def loss_fn(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet, cfg: TrainConfig
@@ -235,8 +252,9 @@ def loss_fn(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet, 
 
 
 # -- one epoch, evaluation --------------------------------------------------------------------
-def train_one_epoch(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labels: Labels,
+def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx: np.ndarray, labels: Labels,
                     optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> float:
+    """One pass over ``idx`` in a seeded order; under torchrun each rank takes its share of every batch."""
     from tqdm import tqdm
 
     model.train()
@@ -244,11 +262,12 @@ def train_one_epoch(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labe
     order = idx[torch.randperm(len(idx), generator=g).numpy()]
     augment = g if (cfg.trunk_trains and batches.features is None) else None
     total, count = 0.0, 0
-    bar = tqdm(total=len(order), desc=f"epoch {epoch}", unit="img", disable=not cfg.progress, leave=False)
-    for x, chunk in batches(order, augment):
-        if len(chunk) < 2 and model.config.head_bn:
-            continue  # BatchNorm cannot train on a single sample
-        loss, _ = loss_fn(batches.forward(model, x), labels, chunk, model, cfg)
+    bar = tqdm(total=len(order), desc=f"epoch {epoch}", unit="img", leave=False,
+               disable=not (cfg.progress and batches.world.is_main))
+    for x, chunk, global_size in batches(order, augment, shard=True):
+        if global_size < 2 * batches.world.size:
+            continue  # BatchNorm cannot train on one sample; every rank skips the same batch
+        loss, _ = loss_fn(Outputs(*step(x)), labels, chunk, model, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -266,8 +285,8 @@ def predict_batches(model: AgeGenderNet, batches: Batches, idx: np.ndarray
     """(indices actually predicted, P(male), predicted age or None)."""
     model.eval()
     done, p_male, ages = [], [], []
-    for x, chunk in batches(idx):
-        out = batches.forward(model, x)
+    for x, chunk, _ in batches(idx):
+        out = model.forward_head(x) if batches.cached else model(x)
         done.append(chunk)
         p_male.append(torch.sigmoid(out.gender_logit.float()).cpu().numpy())
         if out.age_logits is not None:
@@ -295,63 +314,84 @@ def validate(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labels: Lab
 
 # -- the run ----------------------------------------------------------------------------------
 def fit(cfg: TrainConfig, resume: bool = False) -> RunResult:
+    """Train, keep the best checkpoint by validation accuracy, then evaluate it on the test split.
+
+    Under ``torchrun`` every rank runs this; features are extracted in shards and gathered, gradients are
+    averaged by DistributedDataParallel, and only rank 0 writes files.
+    """
     out = Path(cfg.out)
     if resume:
         cfg = replace(cfg, **_stored_config(out))
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    world = init_world(cfg.device)
+    try:
+        return _fit(cfg, resume, out, world)
+    finally:
+        close_world(world)
 
+
+def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
     dataset = scan(cfg.data)
     splits = make_splits(dataset, cfg.split, cfg.seed, limit=cfg.limit)
     records = splits.train + splits.val + splits.test
     n_train, n_val = len(splits.train), len(splits.val)
-    idx_train = np.arange(n_train)
     idx_val = np.arange(n_train, n_train + n_val)
     idx_test = np.arange(n_train + n_val, len(records))
-    write_text_atomic(out / "splits.json", json.dumps({k: [str(r.path) for r in v] for k, v in splits.items()}))
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        write_text_atomic(out / "splits.json", json.dumps({k: [str(r.path) for r in v] for k, v in splits.items()}))
     log.info("data: %s (%s), split %s: %s", dataset.root, dataset.kind, cfg.split, splits.summary())
 
-    model, pre, weights_sha = build_model(cfg)
+    model, pre, weights_sha = build_model(replace(cfg, device=world.device))
     labels = Labels.of(records)
     features = None
     if cfg.cache and not cfg.trunk_trains:
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / "cache"
         features = cached_features(model, records, pre, cache_dir, weights_sha256=weights_sha, bf16=cfg.bf16,
-                                   batch_size=max(cfg.batch_size, 64), workers=cfg.workers, device=cfg.device,
-                                   progress=cfg.progress)
-    batches = Batches(records, pre, cfg, features)
-    train_idx = np.intersect1d(idx_train, batches.valid)
+                                   world=world, batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
+                                   device=world.device, progress=cfg.progress and world.is_main)
+    batches = Batches(records, pre, cfg, features, world)
+    train_idx = np.intersect1d(np.arange(n_train), batches.valid)
+    step: nn.Module = Step(model, batches.cached)
+    if world.active:
+        step = nn.parallel.DistributedDataParallel(step)
     optimizer = make_optimizer(model, cfg)
     meta = CheckpointMeta(model.config, pre, weights_sha256=weights_sha,
                           extra={"data": {"root": str(dataset.root), "kind": dataset.kind, "split": cfg.split,
                                           "summary": splits.summary()}, "train": cfg.to_dict()})
 
     history: list[dict[str, float]] = []
-    start_epoch, best = 1, (-math.inf, math.inf)
+    start_epoch, best, stale = 1, (-math.inf, math.inf), 0
     if resume and (out / "train_state.pt").is_file():
         start_epoch, best, history = _restore(out, model, optimizer)
         log.info("resuming at epoch %d", start_epoch)
-    stale = 0
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        train_loss = train_one_epoch(model, batches, train_idx, labels, optimizer, cfg, epoch)
+        train_loss = train_one_epoch(model, step, batches, train_idx, labels, optimizer, cfg, epoch)
+        world.sync_buffers(model)
+        # Every rank validates on the whole val split, so early-stopping decisions agree without messages.
         row = {"epoch": epoch, "train_loss": train_loss, **validate(model, batches, idx_val, labels, cfg),
                "seconds": time.perf_counter() - t0}
         history.append(row)
         log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
         acc, vloss = row["val_accuracy"], row["val_loss"]
-        if math.isnan(acc) or acc > best[0] or (acc == best[0] and vloss < best[1]):
-            best = (row["val_accuracy"], row["val_loss"])
+        improved = math.isnan(acc) or acc > best[0] or (acc == best[0] and vloss < best[1])
+        if improved:
+            best, stale = (acc, vloss), 0
             meta.extra["best_epoch"] = epoch
-            save_checkpoint(out / "model.safetensors", model, meta)
-            stale = 0
         else:
             stale += 1
-        _save_state(out, model, meta, optimizer, epoch, best, history)
+        if world.is_main:
+            if improved:
+                save_checkpoint(out / "model.safetensors", model, meta)
+            _save_state(out, model, meta, optimizer, epoch, best, history)
         if cfg.patience and stale >= cfg.patience:
             log.info("early stop: no validation improvement in %d epochs", cfg.patience)
             break
 
+    world.barrier()
+    if not world.is_main:
+        return RunResult(out, out / "model.safetensors", out / "report" / "report.md", history)
     from .evaluate import evaluate_split
     from .report import plot_training_curves
 
