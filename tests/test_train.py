@@ -128,7 +128,7 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys) -> None:  # type: igno
 def test_scratch_training_on_real_photos_beats_chance(shared_faces: Path, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A small net trained from scratch on the shared WIKI photos beats chance on held-out people."""
     run = fit(TrainConfig.from_preset("default", data=str(shared_faces / "wiki"), out=str(tmp_path / "wiki"),
-                                      init="scratch", widths=(16, 32, 32, 64, 64), hidden=(64, 64), epochs=6,
+                                      init="scratch", widths=(8, 16, 16, 32, 32), hidden=(64, 64), epochs=6,
                                       batch_size=32, lr=3e-3, progress=False))
     test = run.report["protocol"]["splits"]["test"]["images"]
     assert test > 100

@@ -82,11 +82,9 @@ class TrainConfig:
             raise AgeGenderError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
         values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
         if values.get("init") == "scratch":
-            # From scratch the trunk must learn, and a 13-conv stack trains far better with BN per block.
-            values.setdefault("unfreeze", True)
-            values["unfreeze"] = True
-            values["block_bn"] = True
-            values.setdefault("trunk_lr_mult", 1.0)
+            # From scratch the whole trunk learns at the full rate, and a 13-conv stack trains far better
+            # with BatchNorm after each block.
+            values.update(unfreeze=True, block_bn=True, trunk_lr_mult=1.0)
         return cls(preset=preset, **values)
 
     @classmethod
@@ -97,16 +95,10 @@ class TrainConfig:
                                  "weights` and `agegender convert`) or --init scratch")
         names = {f.name for f in fields(cls)}
         given = {k: v for k, v in vars(a).items() if k in names and k not in ("preset",)}
-        given.update(init=init, cache=not a.no_cache)
+        given.update(init=init, cache=not a.no_cache, unfreeze=a.unfreeze or None)
         for key in ("hidden", "widths"):
             if given.get(key):
                 given[key] = tuple(given[key])
-        if init == "scratch":
-            given["trunk_lr_mult"] = 1.0
-        if a.unfreeze:
-            given["unfreeze"] = True
-        else:
-            given.pop("unfreeze", None)
         return cls.from_preset(a.preset, **given)
 
     @property
@@ -152,8 +144,10 @@ def build_model(cfg: TrainConfig) -> tuple[AgeGenderNet, Preprocess, str | None]
         if not cfg.weights:
             raise AgeGenderError("--init vgg-face needs --weights (run `agegender fetch weights` and "
                                  "`agegender convert`), or use --init scratch")
+        from .convert import infer_widths
+
         state, pre, sha = load_trunk_weights(cfg.weights)
-        widths = tuple(int(state[f"conv{b}_1.weight"].shape[0]) for b in range(1, 6))
+        widths = infer_widths(state)
     if cfg.pixels == "seed":
         pre = SEED_PREPROCESS
     mc = ModelConfig(widths=widths, image_size=cfg.image_size, block_bn=cfg.block_bn, hidden=cfg.hidden,
@@ -186,13 +180,24 @@ class Labels:
                    torch.tensor([math.nan if r.age is None else r.age for r in records], dtype=torch.float32))
 
 
+# Decoded uint8 images are kept in memory up to this size, so end-to-end epochs decode nothing.
+IMAGE_MEMORY_BYTES = 2 << 30
+
+
 class Batches:
-    """Mini-batches of either cached trunk features or decoded images."""
+    """Mini-batches of either cached trunk features or images (decoded once when they fit in memory)."""
 
     def __init__(self, records: Sequence[FaceRecord], preprocess: Preprocess, cfg: TrainConfig,
-                 features: FeatureSet | None, world: World = World()) -> None:
+                 features: FeatureSet | None, world: World = World(), keep_images: bool = False) -> None:
         self.records, self.pre, self.cfg, self.features, self.world = records, preprocess, cfg, features, world
-        self.valid = np.flatnonzero(features.ok.numpy()) if features is not None else np.arange(len(records))
+        self.images: torch.Tensor | None = None
+        if features is not None:
+            self.valid = np.flatnonzero(features.ok.numpy())
+        elif keep_images and len(records) * cfg.image_size ** 2 * 3 <= IMAGE_MEMORY_BYTES:
+            images, ok = decode_batch([r.path for r in records], cfg.image_size, cfg.workers)
+            self.images, self.image_ok, self.valid = torch.from_numpy(images), ok, np.flatnonzero(ok)
+        else:
+            self.valid = np.arange(len(records))
 
     @property
     def cached(self) -> bool:
@@ -208,13 +213,18 @@ class Batches:
             if self.features is not None:
                 yield self.features.features[torch.as_tensor(chunk)].to(device), chunk, len(full)
                 continue
-            images, ok = decode_batch([self.records[i].path for i in chunk], self.cfg.image_size, self.cfg.workers)
-            if not ok.any():
+            if self.images is not None:
+                chunk = chunk[self.image_ok[chunk]]
+                x = self.images[torch.as_tensor(chunk)]
+            else:
+                images, ok = decode_batch([self.records[i].path for i in chunk], self.cfg.image_size,
+                                          self.cfg.workers)
+                chunk, x = chunk[ok], torch.from_numpy(images[ok])
+            if not len(chunk):
                 continue
-            x = torch.from_numpy(images[ok])
             if augment is not None:
                 x = augment_batch(x, augment)
-            yield self.pre.normalize(x).to(device), chunk[ok], len(full)
+            yield self.pre.normalize(x).to(device), chunk, len(full)
 
 
 class Step(nn.Module):
@@ -350,7 +360,8 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
         features = cached_features(model, records, pre, cache_dir, weights_sha256=weights_sha, bf16=cfg.bf16,
                                    world=world, batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
                                    device=world.device, progress=cfg.progress and world.is_main)
-    batches = Batches(records, pre, cfg, features, world)
+    # The naive --no-cache path stays naive (decode every epoch); a trainable trunk keeps decoded images.
+    batches = Batches(records, pre, cfg, features, world, keep_images=cfg.trunk_trains)
     train_idx = np.intersect1d(np.arange(n_train), batches.valid)
     step: nn.Module = Step(model, batches.cached)
     if world.active:

@@ -1,0 +1,426 @@
+"""Gender and age for every face in images: detect, crop, classify with a checkpoint or an ONNX export."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import glob
+import io
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from .data import _FORMATS, ADIENCE_GROUP_NAMES, IMAGE_SUFFIXES, MAX_PIXELS, age_group, fit_square
+from .detect import Box, FaceDetector, HaarDetector, crop_face
+from .errors import AgeGenderError
+from .files import atomic_path
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .checkpoint import CheckpointMeta
+
+log = logging.getLogger(__name__)
+
+ImageInput = str | os.PathLike[str] | bytes | np.ndarray  # or a PIL image
+
+
+class ImageError(AgeGenderError):
+    """An input that cannot be used as an image; ``kind`` is ``unsupported``, ``corrupt`` or ``too_large``."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Face:
+    box: Box | None  # None when the whole image was classified (no detection)
+    gender: str
+    p_male: float
+    age: float | None  # None when the model has no age head
+    age_group: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"box": self.box.to_dict() if self.box else None, "gender": self.gender,
+                "p_male": round(self.p_male, 6), "age": None if self.age is None else round(self.age, 2),
+                "age_group": self.age_group}
+
+    def label(self) -> str:
+        """Short caption such as ``M 34``."""
+        return self.gender[:1].upper() + ("" if self.age is None else f" {round(self.age)}")
+
+
+@dataclass
+class ImageResult:
+    path: str
+    faces: list[Face] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "faces": [f.to_dict() for f in self.faces], "error": self.error}
+
+
+# -- decoding -----------------------------------------------------------------------------------
+
+def load_image(source: ImageInput | Image.Image, name: str | None = None) -> np.ndarray:
+    """Full-size RGB uint8 ``(H, W, 3)`` from a path, encoded bytes, an array or a PIL image.
+
+    Files are decoded with EXIF orientation applied, and refused before decoding when the header claims
+    more than ``MAX_PIXELS`` (decompression bombs). Raises :class:`ImageError` naming ``name`` or the path.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(source, np.ndarray):
+        return _as_rgb(source, name or "array")
+    if isinstance(source, Image.Image):
+        return np.asarray(ImageOps.exif_transpose(source).convert("RGB"))
+    name = name or (os.fspath(source) if not isinstance(source, bytes) else "upload")
+    if isinstance(source, bytes) and not source:
+        raise ImageError(f"{name}: empty file", "unsupported")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=_FORMATS) as image:
+            w, h = image.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"{name}: {w}x{h} pixels exceeds the {MAX_PIXELS:,} pixel limit", "too_large")
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file", "unsupported") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a folder, not an image", "unsupported") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image in a supported format ({', '.join(_FORMATS)})",
+                         "unsupported") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: {e}", "too_large") from None
+    except AgeGenderError:
+        raise
+    # Corrupt data makes Pillow raise many types (OSError, ValueError, SyntaxError, zlib.error).
+    except Exception as e:  # noqa: BLE001
+        raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})", "corrupt") from None
+
+
+def _as_rgb(array: np.ndarray, name: str) -> np.ndarray:
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageError(f"{name}: expected uint8 (H, W), (H, W, 3) or (H, W, 4), got {array.dtype} {array.shape}",
+                         "unsupported")
+    if array.ndim == 2:
+        return np.repeat(array[..., None], 3, axis=2)
+    return np.ascontiguousarray(array[..., :3])
+
+
+# -- backends -----------------------------------------------------------------------------------
+
+class Backend(Protocol):
+    meta: CheckpointMeta
+    name: str
+
+    def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 ``(N, S, S, 3)`` RGB crops -> (P(male) ``(N,)``, age in years ``(N,)`` or None)."""
+        ...
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, path: Path, device: str) -> None:
+        from .checkpoint import load_checkpoint
+
+        self.model, self.meta = load_checkpoint(path, device)
+        self.device = device
+        self._lock = threading.Lock()  # one forward at a time: requests share the model
+
+    def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        x = self.meta.preprocess.normalize(torch.from_numpy(crops)).to(self.device)
+        with self._lock, torch.inference_mode():
+            out = self.model(x)
+            p_male = torch.sigmoid(out.gender_logit).cpu().numpy()
+            age = None if out.age_logits is None else self.model.expected_age(out.age_logits).cpu().numpy()
+        return p_male.astype(np.float64), None if age is None else age.astype(np.float64)
+
+
+class OnnxBackend:
+    """onnxruntime only; sessions are thread-safe, and preprocessing is numpy."""
+
+    name = "onnx"
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        from .checkpoint import CheckpointMeta
+
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors for bad files
+            raise AgeGenderError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get("agegender")
+        if raw is None:
+            raise AgeGenderError(f"{path}: ONNX model without agegender metadata (not exported by agegender)")
+        try:
+            self.meta = CheckpointMeta.from_json(raw)
+        except (ValueError, KeyError) as e:
+            raise AgeGenderError(f"{path}: {e}") from None
+        outputs = {o.name for o in self.session.get_outputs()}
+        if "p_male" not in outputs:
+            raise AgeGenderError(f"{path}: ONNX model has no p_male output (outputs: {sorted(outputs)})")
+        self.outputs = ["p_male"] + (["age"] if "age" in outputs else [])
+
+    def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        got = self.session.run(self.outputs, {"input": self.meta.preprocess.normalize_numpy(crops)})
+        return got[0].astype(np.float64), got[1].astype(np.float64) if len(got) > 1 else None
+
+
+def load_backend(model: str | os.PathLike[str], device: str = "cpu") -> Backend:
+    path = Path(model)
+    if not path.is_file():
+        raise AgeGenderError(f"{path}: no such model file")
+    if path.suffix == ".onnx":
+        if device != "cpu":
+            log.warning("%s: ONNX models run on the CPU; ignoring device %s", path, device)
+        return OnnxBackend(path)
+    if path.suffix == ".safetensors":
+        return TorchBackend(path, device)
+    raise AgeGenderError(f"{path}: not a model file (expected a checkpoint .safetensors or an .onnx export)")
+
+
+# -- prediction ---------------------------------------------------------------------------------
+
+@dataclass
+class _Pending:
+    path: str
+    boxes: list[Box | None]
+    first: int  # index of this image's first crop in the batch buffer
+    error: str | None = None
+
+
+class Predictor:
+    """Faces -> gender and age. Thread-safe: detectors keep per-thread state and backends serialise or are safe."""
+
+    def __init__(self, backend: Backend, detector: FaceDetector | None = None, no_detect: bool = False,
+                 workers: int = 2) -> None:
+        self.backend = backend
+        self.meta = backend.meta
+        self.size = backend.meta.config.image_size
+        self.no_detect = no_detect
+        self.detector = None if no_detect else (detector or HaarDetector())
+        self.workers = max(1, workers)
+
+    @classmethod
+    def from_path(cls, model: str | os.PathLike[str], detector: FaceDetector | None = None, device: str = "cpu",
+                  no_detect: bool = False) -> Predictor:
+        return cls(load_backend(model, device), detector, no_detect)
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.meta.config
+        return {"backend": self.backend.name, "image_size": self.size, "age_head": cfg.age_head,
+                "genders": list(self.meta.genders),
+                "detector": "none" if self.detector is None else getattr(self.detector, "name", "custom")}
+
+    def crops(self, rgb: np.ndarray) -> tuple[list[Box | None], list[np.ndarray]]:
+        """The detected boxes and their crops at the model's input size (the whole image with ``no_detect``)."""
+        from PIL import Image
+
+        if self.detector is None:
+            return [None], [fit_square(Image.fromarray(rgb), self.size)]
+        boxes = self.detector.detect(rgb)
+        return list(boxes), [crop_face(rgb, b, self.size) for b in boxes]
+
+    def classify(self, crops: np.ndarray | list[np.ndarray], boxes: list[Box | None] | None = None) -> list[Face]:
+        """Faces for a batch of ``(S, S, 3)`` uint8 crops."""
+        if len(crops) == 0:
+            return []
+        p_male, age = self.backend.run(np.stack(crops))
+        boxes = boxes or [None] * len(p_male)
+        faces = []
+        for i, (box, p) in enumerate(zip(boxes, p_male)):
+            years = None if age is None else float(age[i])
+            group = None if years is None else ADIENCE_GROUP_NAMES[age_group(round(years))]
+            faces.append(Face(box, self.meta.genders[int(p >= 0.5)], float(p), years, group))
+        return faces
+
+    def predict(self, image: ImageInput | Image.Image) -> list[Face]:
+        """Every face in one image (a path, encoded bytes, an RGB array or a PIL image)."""
+        boxes, crops = self.crops(load_image(image))
+        return self.classify(crops, boxes)
+
+    def predict_many(self, paths: Iterable[str | os.PathLike[str]], batch_size: int = 32) -> Iterator[ImageResult]:
+        """One :class:`ImageResult` per path, in order; faces from several images share a batch.
+
+        Decoding and detection run ahead on ``workers`` threads. A bad image gives a result with ``error``
+        set and never stops the rest.
+        """
+        if batch_size < 1:
+            raise AgeGenderError(f"batch size must be at least 1, got {batch_size}")
+        pending: list[_Pending] = []
+        buffer: list[np.ndarray] = []
+        for path, found in _ordered_map(self._prepare, paths, self.workers):
+            if isinstance(found, AgeGenderError):
+                pending.append(_Pending(path, [], len(buffer), str(found)))
+            else:
+                pending.append(_Pending(path, found[0], len(buffer)))
+                buffer.extend(found[1])
+            if len(buffer) >= batch_size:
+                yield from self._flush(pending, buffer, batch_size)
+                pending, buffer = [], []
+        yield from self._flush(pending, buffer, batch_size)
+
+    def _prepare(self, path: str) -> tuple[list[Box | None], list[np.ndarray]] | AgeGenderError:
+        try:
+            return self.crops(load_image(path))
+        except AgeGenderError as e:
+            return e
+
+    def _flush(self, pending: list[_Pending], buffer: list[np.ndarray], batch_size: int) -> Iterator[ImageResult]:
+        boxes = [box for item in pending for box in item.boxes]
+        faces: list[Face] = []
+        for start in range(0, len(buffer), batch_size):
+            faces.extend(self.classify(buffer[start:start + batch_size], boxes[start:start + batch_size]))
+        for item in pending:
+            yield ImageResult(item.path, faces[item.first:item.first + len(item.boxes)], item.error)
+
+
+def _ordered_map(fn: Any, items: Iterable[Any], workers: int) -> Iterator[tuple[Any, Any]]:
+    """``(item, fn(item))`` in input order, at most ``2 * workers`` items in flight (bounded memory)."""
+    with ThreadPoolExecutor(workers) as pool:
+        window: collections.deque[tuple[Any, Future[Any]]] = collections.deque()
+        for item in items:
+            window.append((os.fspath(item), pool.submit(fn, os.fspath(item))))
+            if len(window) >= 2 * workers:
+                path, fut = window.popleft()
+                yield path, fut.result()
+        while window:
+            path, fut = window.popleft()
+            yield path, fut.result()
+
+
+# -- command line -------------------------------------------------------------------------------
+
+CSV_FIELDS = ("path", "face", "x", "y", "w", "h", "score", "gender", "p_male", "age", "age_group", "error")
+
+
+def expand_paths(specs: Iterable[str]) -> list[str]:
+    """Files as given, folders searched recursively for images, globs expanded; duplicates dropped."""
+    out: dict[str, None] = {}
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise AgeGenderError(f"{p}: folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        elif p.is_file():
+            found = [str(p)]
+        elif glob.has_magic(spec):
+            found = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+            if not found:
+                raise AgeGenderError(f"{spec}: no files match")
+        else:
+            raise AgeGenderError(f"{spec}: no such file or folder")
+        out.update(dict.fromkeys(found))
+    return list(out)
+
+
+def _csv_rows(result: ImageResult) -> Iterator[dict[str, Any]]:
+    if not result.faces:
+        yield {"path": result.path, "error": result.error or ""}
+    for i, face in enumerate(result.faces):
+        d = face.to_dict()
+        box = d.pop("box") or {}
+        yield {"path": result.path, "face": i, **box, **{k: "" if v is None else v for k, v in d.items()},
+               "error": ""}
+
+
+class _Writer:
+    def __init__(self, stream: IO[str], fmt: str) -> None:
+        self.stream = stream
+        self.csv = csv.DictWriter(stream, CSV_FIELDS, restval="") if fmt == "csv" else None
+        if self.csv:
+            self.csv.writeheader()
+
+    def write(self, result: ImageResult) -> None:
+        if self.csv:
+            self.csv.writerows(_csv_rows(result))
+        else:
+            self.stream.write(json.dumps(result.to_dict()) + "\n")
+
+
+def annotate(rgb: np.ndarray, faces: list[Face]) -> Image.Image:
+    """A copy of the image with each face's box and ``M 34``-style label drawn on it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    line = max(2, round(min(image.size) / 200))
+    font = ImageFont.load_default(size=max(12, round(min(image.size) / 25)))
+    for face in faces:
+        box = face.box or Box(0, 0, image.width, image.height)
+        colour = (40, 120, 255) if face.gender == "male" else (230, 50, 110)
+        draw.rectangle((box.x, box.y, box.x + box.w - 1, box.y + box.h - 1), outline=colour, width=line)
+        left, top, right, bottom = draw.textbbox((0, 0), face.label(), font=font)
+        height = bottom + 4
+        y = box.y - height if box.y >= height else box.y  # above the box when there is room
+        draw.rectangle((box.x, y, box.x + right + 4, y + height), fill=colour)
+        draw.text((box.x + 2, y + 2), face.label(), fill=(255, 255, 255), font=font)
+    return image
+
+
+def _annotated_name(path: str, used: set[str]) -> str:
+    p = Path(path)
+    suffix = p.suffix.lower() if p.suffix.lower() in (".jpg", ".jpeg", ".png") else ".png"
+    name, n = f"{p.stem}{suffix}", 1
+    while name in used:
+        name, n = f"{p.stem}-{n}{suffix}", n + 1
+    used.add(name)
+    return name
+
+
+def _write_annotation(result: ImageResult, folder: Path, used: set[str]) -> None:
+    if result.error:
+        return
+    dest = folder / _annotated_name(result.path, used)
+    image = annotate(load_image(result.path), result.faces)
+    with atomic_path(dest) as tmp:
+        image.save(tmp, format="PNG" if dest.suffix == ".png" else "JPEG", quality=92)
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """``agegender predict``: JSON Lines or CSV, one record per image (CSV: one row per face)."""
+    paths = expand_paths(args.paths)
+    predictor = Predictor.from_path(args.model, no_detect=args.no_detect)
+    folder = Path(args.annotate) if args.annotate else None
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AgeGenderError(f"{folder}: cannot create the annotation folder ({e.strerror or e})") from None
+    counts = collections.Counter()
+    used: set[str] = set()
+
+    def run(stream: IO[str]) -> None:
+        writer = _Writer(stream, args.output_format)
+        for result in predictor.predict_many(paths, args.batch_size):
+            writer.write(result)
+            counts["faces"] += len(result.faces)
+            counts["errors" if result.error else "no face" if not result.faces else "with faces"] += 1
+            if folder is not None:
+                _write_annotation(result, folder, used)
+
+    if args.output:
+        with atomic_path(args.output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            run(f)
+    else:
+        run(sys.stdout)
+    log.info("%d images: %d faces, %d images without a face, %d errors", len(paths), counts["faces"],
+             counts["no face"], counts["errors"])
+    return 0
