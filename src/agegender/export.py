@@ -291,6 +291,7 @@ def _import_keras() -> Any:
     # an explicit KERAS_BACKEND, or keras already imported with another backend, is respected as is,
     # which is safe because the model below is built from backend-neutral layers and numpy weights.
     os.environ.setdefault("KERAS_BACKEND", "torch")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # saving imports TensorFlow when present; keep it quiet
     try:
         import keras
     except ImportError as e:

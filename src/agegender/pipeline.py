@@ -25,15 +25,18 @@ def _convert_once(src: Path, out: Path) -> Path:
 
 
 def _export_all(run: Path, dest: Path) -> dict[str, Any]:
-    """Export ONNX (and Keras when it is installed); a failed optional export is logged, not fatal."""
+    """Export to every format whose packages are installed; say which were skipped."""
+    import importlib.util
+
     from .export import export
 
     results: dict[str, Any] = {}
-    for fmt, name in (("onnx", "model.onnx"), ("keras", "model.keras")):
-        try:
-            results[fmt] = export(run, fmt, dest / name)
-        except ImportError as e:
-            log.warning("skipping %s export: %s (pip install 'agegender[export]')", fmt, e)
+    for fmt, name, needs in (("onnx", "model.onnx", "onnxruntime"), ("keras", "model.keras", "keras"),
+                             ("torch", "model.pt2", "torch")):
+        if importlib.util.find_spec(needs) is None:
+            log.warning("skipping the %s export: %s is not installed (pip install 'agegender[export]')", fmt, needs)
+            continue
+        results[fmt] = export(run, fmt, dest / name)
     return results
 
 
