@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agegender.detect import CROP_SCALE, CROP_SHIFT_Y, Box, DnnDetector, HaarDetector, crop_box, crop_face
+from agegender.detect import (
+    CROP_SCALE,
+    CROP_SHIFT_Y,
+    Box,
+    DnnDetector,
+    HaarDetector,
+    crop_box,
+    crop_face,
+)
 from agegender.errors import AgeGenderError
 
 
@@ -38,19 +46,22 @@ def _hit_rate(files: list[Path]) -> float:
     return float(np.mean(hits))
 
 
+@pytest.mark.slow
 def test_lfw_hit_rate(shared_faces: Path) -> None:
-    # Full set measured at 99.6%; frontal, centred faces.
-    assert _hit_rate(_sample(shared_faces / "lfw", 150)) >= 0.95
+    # Full set measured at 99.7%; frontal, centred faces.
+    assert _hit_rate(_sample(shared_faces / "lfw", 100)) >= 0.95
 
 
+@pytest.mark.slow
 def test_fairface_hit_rate(shared_faces: Path) -> None:
     # Full set measured at ~83%: FairFace has many profile, tilted and blurred faces a Haar cascade misses.
-    assert _hit_rate(_sample(shared_faces / "fairface", 90)) >= 0.7
+    assert _hit_rate(_sample(shared_faces / "fairface", 60)) >= 0.7
 
 
+@pytest.mark.slow
 def test_crop_convention_reproduces_wiki_framing(shared_faces: Path) -> None:
     """Detect on WIKI crops and rebuild their framing: the convention's square should be the image itself."""
-    files = sorted((shared_faces / "wiki").rglob("*.jpg"))[::20]
+    files = sorted((shared_faces / "wiki").rglob("*.jpg"))[::25]
     if len(files) < 20:
         pytest.skip("too few WIKI images")
     detector, ious = HaarDetector(), []

@@ -4,6 +4,7 @@ peer package and peak memory, written to BENCHMARKS.md and bench.json. Run ``pyt
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -500,6 +501,9 @@ def phase_inference(ctx: dict[str, Any]) -> dict[str, Any]:
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
     model = InferenceModel(net.to(device))
+    # Autocast re-casts every fp32 weight on every call; a bf16 copy of the weights pays that once.
+    bf16_model = InferenceModel(copy.deepcopy(net).to(torch.bfloat16))
+    _memory_format(bf16_model, True)
 
     def torch_runner(bf16: bool, channels_last: bool) -> Callable[[np.ndarray], np.ndarray]:
         def run(x: np.ndarray) -> np.ndarray:
@@ -509,12 +513,17 @@ def phase_inference(ctx: dict[str, Any]) -> dict[str, Any]:
             return p.float().cpu().numpy()
         return run
 
+    def bf16_weights(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return bf16_model(torch.from_numpy(x).to(device, torch.bfloat16))[0].float().cpu().numpy()
+
     def ort_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda x: session.run(["p_male"], {INPUT_NAME: x})[0]
 
     backends = {"PyTorch fp32": torch_runner(False, False), "PyTorch bf16 autocast": torch_runner(True, False),
                 "PyTorch bf16 autocast, channels_last": torch_runner(True, True),
+                "PyTorch bf16 weights (model.to(torch.bfloat16)), channels_last": bf16_weights,
                 "ONNX Runtime fp32 (CPU)": ort_runner(fp32_onnx), "ONNX Runtime int8 static QDQ (CPU)": ort_runner(int8_onnx)}
     reference = backends["PyTorch fp32"](x_eval)
     x32 = np.resize(x_eval, (32, *x_eval.shape[1:]))
@@ -542,17 +551,34 @@ def phase_inference(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def phase_predict(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Figure 5, our side: `Predictor.predict_many` (detect + crop + classify) over the photo subset."""
-    from .predict import Predictor
+    """Figure 5, our side: `Predictor.predict_many` (decode + detect + crop + classify) over the photo subset,
+    with the checkpoint and with figure 4's ONNX exports; plus decode + detect + crop alone, to split the time."""
+    from .predict import Predictor, load_image
 
-    paths = ctx["predict_paths"]
-    predictor = Predictor.from_path(ctx["checkpoint"])
-    list(predictor.predict_many(paths[:4], batch_size=32))  # warm-up
+    paths, work = ctx["predict_paths"], Path(ctx["work"])
+    models = {"checkpoint, PyTorch fp32": Path(ctx["checkpoint"]), "ONNX fp32 export": work / "bench-fp32.onnx",
+              "ONNX int8 export": work / "bench-int8.onnx"}
+    rows: dict[str, Any] = {}
+    for label, model in models.items():
+        if not model.is_file():
+            rows[label] = {"error": f"{model.name} missing (figure 4 writes it)"}
+            continue
+        predictor = Predictor.from_path(model)
+        list(predictor.predict_many(paths[:4], batch_size=32))  # warm-up
+        start = time.perf_counter()
+        results = list(predictor.predict_many(paths, batch_size=32))
+        seconds = time.perf_counter() - start
+        rows[label] = {"images": len(results), "seconds": seconds, "images_per_second": len(results) / seconds,
+                       "faces": sum(len(r.faces) for r in results), "errors": sum(r.error is not None for r in results)}
+        log.info("predict with %s: %.1f img/s", label, rows[label]["images_per_second"])
+    predictor = Predictor.from_path(models["checkpoint, PyTorch fp32"])
+    sample = paths[:100]
     start = time.perf_counter()
-    results = list(predictor.predict_many(paths, batch_size=32))
-    seconds = time.perf_counter() - start
-    faces = sum(len(getattr(r, "faces", None) or ()) for r in results)
-    return {"images": len(results), "seconds": seconds, "images_per_second": len(results) / seconds, "faces": faces}
+    for p in sample:
+        predictor.crops(load_image(p))
+    detect_ms = 1000 * (time.perf_counter() - start) / len(sample)
+    return {**rows["checkpoint, PyTorch fp32"], "models": rows, "detect_crop_ms": detect_ms,
+            "workers": predictor.workers}
 
 
 # Phases that share state are run (or reused) together: the feature cache ties extract, train and steps; the
@@ -780,6 +806,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
         ["torch", f"{m['torch']}, {m['torch_threads']} intra-op threads by default, {m['cpu_capability']} kernels"],
         ["onnxruntime / Pillow / Python", f"{m['onnxruntime']} / {m['pillow']} / {m['python']}"],
         ["GPU", m["gpu"]], ["device for the torch figures", m["device"]]])
+    busy = [v for v in (m["load_average_start"] or [])[:1] + (m.get("load_average_end") or [])[:1] if v > m["usable_cores"]]
+    if busy:
+        out += [f"The machine was shared with other work during this run (1-minute load average up to {max(busy):.1f} "
+                f"on {m['usable_cores']} cores): absolute figures are depressed and noisy, and thread-count results "
+                "reflect that contention. Figures that are compared were measured in this run, interleaved where "
+                "possible.", ""]
     out += ["## Summary", ""] + _table(["figure", "value", "target", "status"], _summary_rows(s))
     out += [f"- `{k}` is null: {v}" for k, v in s["reasons"].items()] + ([""] if s["reasons"] else [])
     out += _missed(doc) + [""]
@@ -870,15 +902,23 @@ def render_markdown(doc: dict[str, Any]) -> str:
         out += [f"Not measured: {inf.get('error')}", ""]
 
     out += ["## 5. `predict` end to end (decode, detect, crop, classify) beside the peer", "",
-            f"{doc['predict_set']}: the same files for both, each after a 4-image warm-up, on the CPU.", ""]
-    out += _table(["tool", "images", "images/s", "faces found", "note"], [
-        ["agegender Predictor.predict_many (Haar cascade + VGG trunk)", pr.get("images", "-"),
-         _num(pr.get("images_per_second")), pr.get("faces", "-"), pr.get("error", "batch 32")],
-        [f"{PEER} {peer.get('version', '')} (dlib HOG + landmarks, ONNX Runtime)", peer.get("images", "-"),
-         _num(peer.get("images_per_second")), peer.get("faces", "-"),
-         peer.get("error", "its own venv; one image per call (its API)")],
-        ["ratio (`predict_ratio_vs_peer`)", "-", _num(s["predict_ratio_vs_peer"], ".2f"), "-",
-         s["reasons"].get("predict_ratio_vs_peer", "agegender / peer")]])
+            f"{doc['predict_set']}: the same files for every row, each after a 4-image warm-up, on the CPU. "
+            "Ratios are images/s over the peer's.", ""]
+    rows = [[f"agegender Predictor.predict_many, {label} (Haar cascade, batch 32)", x.get("images", "-"),
+             _num(x.get("images_per_second")), x.get("faces", "-"),
+             _num(_ratio(x, peer), ".2f") if "error" not in x else x["error"]]
+            for label, x in pr.get("models", {}).items()]
+    if not rows:
+        rows = [["agegender Predictor.predict_many", "-", "n/a", "-", pr.get("error", "not measured")]]
+    rows.append([f"{PEER} {peer.get('version', '')} (dlib HOG + 5 landmarks, ONNX Runtime; its own venv, one image "
+                 "per call)", peer.get("images", "-"), _num(peer.get("images_per_second")), peer.get("faces", "-"),
+                 peer.get("error", "1.00")])
+    out += _table(["tool", "images", "images/s", "faces found", "ratio vs peer"], rows)
+    if "detect_crop_ms" in pr:
+        out += [f"`predict_ratio_vs_peer` is the checkpoint row (what `agegender predict --model model.safetensors` "
+                f"runs). Where the time goes: decode + Haar detection + crop alone take {pr['detect_crop_ms']:.1f} "
+                f"ms/image on one thread (Predictor runs them on {pr['workers']} threads beside classification); "
+                "classification is the PyTorch fp32 trunk + head of figure 4.", ""]
 
     out += ["## 6. Peak memory (VmHWM of each phase's own process)", ""]
     out += _table(["phase", "peak RSS (GiB)", "load average at its start"], [
@@ -888,6 +928,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
             ("train/naive step timing", st), ("inference backends", inf), ("`predict`", pr),
             ("figures 1-2 grid and sweep", tp))])
     return "\n".join(out).rstrip() + "\n"
+
+
+def _ratio(x: dict[str, Any], peer: dict[str, Any]) -> float | None:
+    return x["images_per_second"] / peer["images_per_second"] if "images_per_second" in peer else None
 
 
 def _load(values: Sequence[float] | None) -> str:
@@ -1001,8 +1045,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--faces", help="real photos (default: $AGEGENDER_FACES; else synthetic faces)")
     p.add_argument("--no-peer", action="store_true", help=f"skip the {PEER} comparison")
-    p.add_argument("--reuse", action="store_true",
-                   help="keep the phases that succeeded in --out's bench.json (same mode); rerun the rest")
+    p.add_argument("--reuse", nargs="*", metavar="PHASE", choices=[*PHASES, "peer"],
+                   help="keep these phases (none named: all) from --out's bench.json where they succeeded in the "
+                        "same mode, and run the rest; phases that share state are kept or rerun together")
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -1065,10 +1110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx["checkpoint"] = checkpoint
         return run_phase(name, ctx)
 
-    previous = _previous_run(out / "bench.json", a.mode) if a.reuse else {}
+    previous = _previous_run(out / "bench.json", a.mode) if a.reuse is not None else {}
+    wanted = set(a.reuse or [*PHASES, "peer"])
     chain_reused = False
     for i, group in enumerate(GROUPS):
-        reuse = all(name in previous and "error" not in previous[name] for name in group)
+        reuse = all(name in wanted and name in previous and "error" not in previous[name] for name in group)
         if i == 1:
             reuse = chain_reused = reuse and Path(previous["train"].get("checkpoint", "")).is_file()
         elif i > 1:

@@ -398,7 +398,7 @@ def make_splits(dataset: Dataset, protocol: str = "identity", seed: int = 0, lim
 
 MAX_PIXELS = 50_000_000  # header size cap, checked before any pixel is decoded
 # Decoders allowed for untrusted files; "JPEG" also opens MPO, the format of many phone cameras' JPEGs.
-_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF", "PPM")
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF", "PPM")
 
 
 @dataclass
@@ -449,7 +449,7 @@ def load_rgb(path: str | os.PathLike[str], size: int | None,
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path, formats=_FORMATS) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             w, h = image.size
             if w * h > MAX_PIXELS:
                 raise ValueError(f"{w}x{h} pixels exceeds the {MAX_PIXELS:,} pixel limit")

@@ -67,7 +67,8 @@ def extract_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproc
     out = torch.zeros(n, dim, dtype=torch.float32)
     ok = torch.zeros(n, dtype=torch.bool)
     start = time.perf_counter()
-    bar = tqdm(total=n, desc="features", unit="img", disable=not progress, leave=False)
+    # disable=None: bars on a terminal only, so logs redirected to files stay readable.
+    bar = tqdm(total=n, desc="features", unit="img", disable=None if progress else True, leave=False)
     for idx, images in iter_batches(records, model.config.image_size, batch_size, workers):
         x = preprocess.normalize(images).to(device)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):

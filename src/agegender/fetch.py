@@ -216,7 +216,7 @@ def _stream(url: str, part: Path, size: int | None, *, progress: bool, timeout: 
         try:
             with open(part, "ab" if offset else "wb") as f, tqdm(
                     total=expected, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=part.name.removesuffix(".part"), disable=not progress) as bar:
+                    desc=part.name.removesuffix(".part"), disable=None if progress else True) as bar:
                 while True:
                     try:
                         chunk = read(_CHUNK)

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,14 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .data import _FORMATS, ADIENCE_GROUP_NAMES, IMAGE_SUFFIXES, MAX_PIXELS, age_group, fit_square
+from .data import (
+    IMAGE_FORMATS,
+    ADIENCE_GROUP_NAMES,
+    IMAGE_SUFFIXES,
+    MAX_PIXELS,
+    age_group,
+    fit_square,
+)
 from .detect import Box, FaceDetector, HaarDetector, crop_face
 from .errors import AgeGenderError
 from .files import atomic_path
@@ -86,10 +93,11 @@ def load_image(source: ImageInput | Image.Image, name: str | None = None) -> np.
     if isinstance(source, Image.Image):
         return np.asarray(ImageOps.exif_transpose(source).convert("RGB"))
     name = name or (os.fspath(source) if not isinstance(source, bytes) else "upload")
-    if isinstance(source, bytes) and not source:
+    empty = not source if isinstance(source, bytes) else os.path.isfile(source) and os.path.getsize(source) == 0
+    if empty:
         raise ImageError(f"{name}: empty file", "unsupported")
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=_FORMATS) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS) as image:
             w, h = image.size
             if w * h > MAX_PIXELS:
                 raise ImageError(f"{name}: {w}x{h} pixels exceeds the {MAX_PIXELS:,} pixel limit", "too_large")
@@ -99,7 +107,7 @@ def load_image(source: ImageInput | Image.Image, name: str | None = None) -> np.
     except IsADirectoryError:
         raise ImageError(f"{name}: is a folder, not an image", "unsupported") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image in a supported format ({', '.join(_FORMATS)})",
+        raise ImageError(f"{name}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})",
                          "unsupported") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: {e}", "too_large") from None
@@ -213,7 +221,6 @@ class Predictor:
         self.backend = backend
         self.meta = backend.meta
         self.size = backend.meta.config.image_size
-        self.no_detect = no_detect
         self.detector = None if no_detect else (detector or HaarDetector())
         self.workers = max(1, workers)
 
@@ -281,6 +288,9 @@ class Predictor:
             return self.crops(load_image(path))
         except AgeGenderError as e:
             return e
+        except Exception as e:  # one bad image must not abort a batch; the trace goes to the log
+            log.exception("%s: unexpected failure", path)
+            return AgeGenderError(f"{path}: {type(e).__name__}: {e}")
 
     def _flush(self, pending: list[_Pending], buffer: list[np.ndarray], batch_size: int) -> Iterator[ImageResult]:
         boxes = [box for item in pending for box in item.boxes]
@@ -291,7 +301,8 @@ class Predictor:
             yield ImageResult(item.path, faces[item.first:item.first + len(item.boxes)], item.error)
 
 
-def _ordered_map(fn: Any, items: Iterable[Any], workers: int) -> Iterator[tuple[Any, Any]]:
+def _ordered_map(fn: Callable[[str], Any], items: Iterable[str | os.PathLike[str]], workers: int
+                 ) -> Iterator[tuple[str, Any]]:
     """``(item, fn(item))`` in input order, at most ``2 * workers`` items in flight (bounded memory)."""
     with ThreadPoolExecutor(workers) as pool:
         window: collections.deque[tuple[Any, Future[Any]]] = collections.deque()
@@ -367,7 +378,7 @@ def annotate(rgb: np.ndarray, faces: list[Face]) -> Image.Image:
         box = face.box or Box(0, 0, image.width, image.height)
         colour = (40, 120, 255) if face.gender == "male" else (230, 50, 110)
         draw.rectangle((box.x, box.y, box.x + box.w - 1, box.y + box.h - 1), outline=colour, width=line)
-        left, top, right, bottom = draw.textbbox((0, 0), face.label(), font=font)
+        _, _, right, bottom = draw.textbbox((0, 0), face.label(), font=font)
         height = bottom + 4
         y = box.y - height if box.y >= height else box.y  # above the box when there is room
         draw.rectangle((box.x, y, box.x + right + 4, y + height), fill=colour)

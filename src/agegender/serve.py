@@ -1,6 +1,6 @@
 """HTTP API and web page over a :class:`~agegender.predict.Predictor` (FastAPI, served by uvicorn)."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI reads the endpoint annotations, whose types are imported lazily.
 
 import ipaddress
 import json
@@ -72,7 +72,7 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_name: str | None = None) -> FastAPI:
+def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_name: str | None = None) -> "FastAPI":
     """The API over one loaded ``predictor``: ``GET /``, ``GET /health``, ``POST /predict`` (multipart ``file``)."""
     from fastapi import FastAPI, File, UploadFile
     from fastapi.concurrency import run_in_threadpool

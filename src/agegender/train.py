@@ -273,7 +273,7 @@ def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx:
     augment = g if (cfg.trunk_trains and batches.features is None) else None
     total, count = 0.0, 0
     bar = tqdm(total=len(order), desc=f"epoch {epoch}", unit="img", leave=False,
-               disable=not (cfg.progress and batches.world.is_main))
+               disable=None if (cfg.progress and batches.world.is_main) else True)
     for x, chunk, global_size in batches(order, augment, shard=True):
         if global_size < 2 * batches.world.size:
             continue  # BatchNorm cannot train on one sample; every rank skips the same batch
