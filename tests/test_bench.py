@@ -108,3 +108,9 @@ def test_tiny_run_writes_both_reports(tmp_path: Path, monkeypatch: pytest.Monkey
     if doc["machine"]["gpu"] == "no GPU available":
         assert "no GPU available" in md
     assert not list(out.glob(".*part"))  # atomic writes leave no temp files
+
+    # --reuse keeps every phase group that succeeded (here all but predict + peer), with who measured it.
+    assert bench.main(["--tiny", "--no-peer", "--reuse", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    again = json.loads((out / "bench.json").read_text())
+    assert again["raw"]["train"] == doc["raw"]["train"] and again["extraction_ratio"] == doc["extraction_ratio"]
+    assert doc["raw"]["train"]["measured"]["command"] in (out / "BENCHMARKS.md").read_text()

@@ -93,8 +93,8 @@ def build_tree(dest: Path, n: int, photos: Sequence[Any] = (), seed: int = 0) ->
 
     Photos are centre-cropped with a per-copy jitter and mirrored on odd repeats, so repeats are not
     byte-identical; without photos, ``synthetic.render_face`` draws them. Ages cycle 1-70 and genders come
-    from the photo labels (alternate without photos), so every ``NN_G`` folder fills once ``n`` is large. IMDB-style names make each
-    source photo one identity, which keeps its repeats in one split.
+    from the photo labels (alternate without photos), so every ``NN_G`` folder fills once ``n`` is large.
+    IMDB-style names make each source photo one identity, which keeps its repeats in one split.
     """
     import numpy as np
     from PIL import Image, ImageOps
@@ -600,7 +600,7 @@ def _previous_run(path: Path, mode: str) -> dict[str, Any]:
     if doc.get("mode") != mode:
         log.warning("%s is a %s run, not %s: nothing reused", path, doc.get("mode"), mode)
         return {}
-    return {**doc["raw"], "date": doc["date"]}
+    return doc["raw"]
 
 
 def run_phase(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -791,27 +791,32 @@ def render_markdown(doc: dict[str, Any]) -> str:
     inf, pr, peer = r.get("inference", {}), r.get("predict", {}), r.get("peer", {})
     epochs, gpu = doc["epochs"], _gpu_cell(m)
     shapes = "VGG-Face conv shapes" if sz["widths"] is None else f"the VGG16 layout with tiny widths {sz['widths']}"
-    out = [f"# Benchmarks ({doc['mode']})", "", f"Command: `{doc['command']}`", "",
-           f"Run {doc['date']}, {doc['wall_minutes']:.1f} min. Data: {doc['data']}. Weights: generated "
+    out = [f"# Benchmarks ({doc['mode']})", "", f"Command that wrote this report: `{doc['command']}`", "",
+           f"Written {doc['date']}; this invocation ran {doc['wall_minutes']:.1f} min. Data: {doc['data']}. Weights: generated "
            f"(synthetic.make_vgg_face_state) at {shapes}; image size {doc['image_size']}; head {doc['hidden']}. "
-           "Every ratio compares figures measured in this run.", ""]
-    reused = {k: v["reused_from"] for k, v in r.items() if isinstance(v, dict) and "reused_from" in v}
-    if reused:
-        out += [f"Reused (`--reuse`) from the run of {', '.join(sorted(set(reused.values())))}: phases "
-                f"{', '.join(reused)}; everything else was measured in this run.", ""]
+           "Figures that are compared with each other are always measured by the same invocation "
+           "(`--reuse` keeps or reruns such phases together).", ""]
+    by_run: dict[tuple[str, str], list[str]] = {}
+    for name, x in r.items():
+        if "measured" in x:
+            by_run.setdefault((x["measured"]["date"], x["measured"]["command"]), []).append(name)
+    out += [f"- phases {', '.join(names)}: measured {date} by `{cmd}`" for (date, cmd), names in by_run.items()]
+    out += [""]
     out += ["## Machine", ""]
     out += _table(["item", "value"], [
         ["CPU", m["cpu"]], ["cores (logical / usable)", f"{m['logical_cores']} / {m['usable_cores']}"],
-        ["load average (1/5/15 min) at start / end", f"{_load(m['load_average_start'])} / {_load(m.get('load_average_end'))}"],
+        ["load average (1/5/15 min), start / end of this invocation (each phase's: section 6)",
+         f"{_load(m['load_average_start'])} / {_load(m.get('load_average_end'))}"],
         ["torch", f"{m['torch']}, {m['torch_threads']} intra-op threads by default, {m['cpu_capability']} kernels"],
         ["onnxruntime / Pillow / Python", f"{m['onnxruntime']} / {m['pillow']} / {m['python']}"],
         ["GPU", m["gpu"]], ["device for the torch figures", m["device"]]])
-    busy = [v for v in (m["load_average_start"] or [])[:1] + (m.get("load_average_end") or [])[:1] if v > m["usable_cores"]]
+    loads = [m["load_average_start"], m.get("load_average_end")] + [x.get("load_average_start") for x in r.values()]
+    busy = [v[0] for v in loads if v and v[0] > m["usable_cores"]]
     if busy:
-        out += [f"The machine was shared with other work during this run (1-minute load average up to {max(busy):.1f} "
-                f"on {m['usable_cores']} cores): absolute figures are depressed and noisy, and thread-count results "
-                "reflect that contention. Figures that are compared were measured in this run, interleaved where "
-                "possible.", ""]
+        out += [f"The machine was shared with other work during these measurements (1-minute load average up to "
+                f"{max(busy):.1f} on {m['usable_cores']} cores): absolute figures are depressed and noisy, and the "
+                "thread-count results reflect that contention. Compared figures come from one invocation, "
+                "interleaved where possible.", ""]
     out += ["## Summary", ""] + _table(["figure", "value", "target", "status"], _summary_rows(s))
     out += [f"- `{k}` is null: {v}" for k, v in s["reasons"].items()] + ([""] if s["reasons"] else [])
     out += _missed(doc) + [""]
@@ -864,7 +869,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
                  f"measured: one full epoch, {tr['train_images']:,} train + {tr['val_images']:,} val images"],
                 ["naive epoch (`--no-cache`: decode + trunk every epoch)", f"{s['naive_epoch_seconds']:.1f} s",
                  f"extrapolated from {st['timed_images']} images of train steps and of validation (below)"],
-                ["speedup (`train_speedup_vs_naive`)", f"{_num(s['train_speedup_vs_naive'])}x", "naive estimate / cached measured"],
+                ["speedup (`train_speedup_vs_naive`)", f"{_num(s['train_speedup_vs_naive'])}x",
+                 "naive estimate / cached measured"],
                 ["train steps, cached / naive", f"{_num(st['cached']['train_images_per_second'])} / "
                  f"{_num(st['naive']['train_images_per_second'])} img/s", f"train_one_epoch, batch {st['batch']}"],
                 ["validation, cached / naive", f"{_num(st['cached']['val_images_per_second'])} / "
@@ -915,10 +921,13 @@ def render_markdown(doc: dict[str, Any]) -> str:
                  peer.get("error", "1.00")])
     out += _table(["tool", "images", "images/s", "faces found", "ratio vs peer"], rows)
     if "detect_crop_ms" in pr:
+        cap = pr["workers"] * 1000 / pr["detect_crop_ms"]
+        peer_ms = f"; the peer's whole pipeline takes {1000 / peer['images_per_second']:.1f} ms/image" \
+            if "images_per_second" in peer else ""
         out += [f"`predict_ratio_vs_peer` is the checkpoint row (what `agegender predict --model model.safetensors` "
                 f"runs). Where the time goes: decode + Haar detection + crop alone take {pr['detect_crop_ms']:.1f} "
-                f"ms/image on one thread (Predictor runs them on {pr['workers']} threads beside classification); "
-                "classification is the PyTorch fp32 trunk + head of figure 4.", ""]
+                f"ms/image on one thread{peer_ms}. Predictor runs them on {pr['workers']} threads, which caps it at "
+                f"about {cap:.0f} images/s before any classification (figure 4 gives the classifier's cost).", ""]
 
     out += ["## 6. Peak memory (VmHWM of each phase's own process)", ""]
     out += _table(["phase", "peak RSS (GiB)", "load average at its start"], [
@@ -1034,10 +1043,11 @@ def _missed(doc: dict[str, Any]) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agegender.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m agegender.bench",
+                                description="Measure every benchmark figure; write BENCHMARKS.md and bench.json.")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
-                      help="a reduced version of every figure (about a minute)")
+                      help="a reduced version of every figure (1-3 minutes)")
     mode.add_argument("--tiny", action="store_const", dest="mode", const="tiny",
                       help="smallest run, tiny channel widths: checks the machinery only (tests)")
     p.add_argument("--out", default=".", help="where BENCHMARKS.md and bench.json go")
@@ -1110,20 +1120,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx["checkpoint"] = checkpoint
         return run_phase(name, ctx)
 
+    command = "python -m agegender.bench " + shlex.join(argv) + (
+        " (faces from $AGEGENDER_FACES)" if faces and not a.faces else "")
+    stamp = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": command}
     previous = _previous_run(out / "bench.json", a.mode) if a.reuse is not None else {}
     wanted = set(a.reuse or [*PHASES, "peer"])
     chain_reused = False
     for i, group in enumerate(GROUPS):
-        reuse = all(name in wanted and name in previous and "error" not in previous[name] for name in group)
+        reuse = all(name in wanted and "measured" in previous.get(name, {}) and "error" not in previous[name]
+                    for name in group)
         if i == 1:
             reuse = chain_reused = reuse and Path(previous["train"].get("checkpoint", "")).is_file()
         elif i > 1:
             reuse = reuse and chain_reused
         for name in group:
             if reuse:
-                log.info("phase %s: reusing the result of %s", name, previous["date"])
-            raw[name] = ({**previous[name], "reused_from": previous[name].get("reused_from", previous["date"])}
-                         if reuse else run_one(name))
+                log.info("phase %s: reusing the result of %s", name, previous[name]["measured"]["date"])
+            raw[name] = previous[name] if reuse else {**run_one(name), "measured": stamp}
     shutil.rmtree(ctx["cache_dir"], ignore_errors=True)
 
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -1132,9 +1145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = f"{len(photos):,} labelled photos from the faces folder" if photos else "synthetic.render_face images"
     doc = {**{k: summary[k] for k in TARGETS}, "predict_ratio_vs_peer": summary["predict_ratio_vs_peer"],
            "summary": summary, "targets": TARGETS, "mode": a.mode, "epochs": epochs,
-           "command": "python -m agegender.bench " + shlex.join(argv)
-           + (" (faces from $AGEGENDER_FACES)" if faces and not a.faces else ""),
-           "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine, "sizes": sizes_doc,
+           "command": command, "date": stamp["date"], "machine": machine, "sizes": sizes_doc,
            "hidden": sizes_doc["hidden"], "image_size": TrainConfig.image_size,
            "data": f"an agegender_cleaned-layout tree of {sizes.images:,} {TREE_SIDE}x{TREE_SIDE} JPEGs made from {source}",
            "predict_set": f"{len(predict_paths)} " + ("LFW photos (evenly spaced through the sorted folder)" if lfw else
