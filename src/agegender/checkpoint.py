@@ -16,6 +16,7 @@ from .model import AgeGenderNet, ModelConfig
 from .weights import GENDERS, Preprocess
 
 FORMAT = "agegender.checkpoint/1"
+RUN_CHECKPOINT = "model.safetensors"  # the best checkpoint inside a training run directory
 
 
 @dataclass

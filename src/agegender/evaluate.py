@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import load_checkpoint
+from .checkpoint import RUN_CHECKPOINT, load_checkpoint
 from .data import FaceRecord, make_splits, scan
 from .errors import AgeGenderError
 from .report import Predictions, build_report, write_report
@@ -52,14 +52,13 @@ def evaluate_command(run: str | None, model: str | None, data: str | None, split
     """`agegender evaluate`: a run's own test split by default, or any dataset with --data."""
     from .train import Batches, Labels, TrainConfig
 
-    ckpt = Path(run) / "model.safetensors" if run else Path(model or "")
+    ckpt = Path(run) / RUN_CHECKPOINT if run else Path(model or "")
     if not ckpt.is_file():
         raise AgeGenderError(f"{ckpt}: no trained model here (train one with `agegender train`)")
     stored = json.loads((Path(run) / "config.json").read_text()) if run else {}
-    cfg = TrainConfig(data=data or stored.get("data", ""), batch_size=batch_size, workers=workers,
-                      image_size=int(stored.get("image_size", 64)), cache=False)
     _, meta = load_checkpoint(ckpt)
-    cfg.image_size = meta.config.image_size
+    cfg = TrainConfig(data=data or stored.get("data", ""), batch_size=batch_size, workers=workers,
+                      image_size=meta.config.image_size, cache=False)
     if data is None and not run:
         raise AgeGenderError("--model needs --data (which images to evaluate on)")
     dataset = scan(cfg.data)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointMeta, load_checkpoint
+from .checkpoint import RUN_CHECKPOINT, CheckpointMeta, load_checkpoint
 from .errors import AgeGenderError
 from .files import atomic_path, write_text_atomic
 from .model import AgeGenderNet, ModelConfig, decode_age
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RUN_CHECKPOINT = "model.safetensors"  # the best checkpoint inside a training run directory
 SUFFIXES = {"onnx": ".onnx", "keras": ".keras", "torch": ".pt2"}
 ONNX_OPSET = 18
 ONNX_TOLERANCE = 1e-4
@@ -239,10 +238,7 @@ def export_onnx(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLi
     import onnxruntime as ort
 
     started = time.perf_counter()
-    output = _check_output(output, "onnx")
-    x = _check_inputs(verify_inputs, meta)
-    model = InferenceModel(net)
-    expected = _torch_outputs(model, x)
+    output, x, model, expected = _prepare(net, meta, output, "onnx", verify_inputs)
     exporter = _pick_onnx_exporter(exporter)
     meta_json = export_metadata(meta, "onnx", opset=opset, exporter=exporter)
     size = meta.config.image_size
@@ -383,14 +379,20 @@ def _keras_outputs(model: Any, x: np.ndarray) -> list[np.ndarray]:
     return [keras.ops.convert_to_numpy(o) for o in outs]
 
 
+def _prepare(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str], fmt: str,
+             verify_inputs: torch.Tensor | None) -> tuple[Path, torch.Tensor, InferenceModel, list[np.ndarray]]:
+    """The checked output path, the verification batch, the wrapped model and its PyTorch reference outputs."""
+    out = _check_output(output, fmt)
+    x = _check_inputs(verify_inputs, meta)
+    model = InferenceModel(net)
+    return out, x, model, _torch_outputs(model, x)
+
+
 def export_keras(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str],
                  verify_inputs: torch.Tensor | None = None) -> dict[str, Any]:
     """Write ``output`` (.keras) and ``<output>.json``; parity is checked on the saved file, reloaded."""
     started = time.perf_counter()
-    output = _check_output(output, "keras")
-    x = _check_inputs(verify_inputs, meta)
-    model = InferenceModel(net)
-    expected = _torch_outputs(model, x)
+    output, x, model, expected = _prepare(net, meta, output, "keras", verify_inputs)
     keras = _import_keras()
     kmodel = build_keras_model(net)
     backend = keras.backend.backend()
@@ -448,10 +450,7 @@ def export_torch(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathL
                  verify_inputs: torch.Tensor | None = None) -> dict[str, Any]:
     """Write ``output`` (.pt2) with the metadata as an extra file and in ``<output>.json``; parity on the reload."""
     started = time.perf_counter()
-    output = _check_output(output, "torch")
-    x = _check_inputs(verify_inputs, meta)
-    model = InferenceModel(net)
-    expected = _torch_outputs(model, x)
+    output, x, model, expected = _prepare(net, meta, output, "torch", verify_inputs)
     meta_json = export_metadata(meta, "torch")
     size = meta.config.image_size
     # Trace with batch 2: torch.export specialises sizes 0 and 1, so a batch of 1 would not stay dynamic.

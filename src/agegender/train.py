@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointMeta, save_checkpoint
+from .checkpoint import RUN_CHECKPOINT, CheckpointMeta, save_checkpoint
 from .data import FaceRecord, decode_batch, make_splits, scan
 from .data import augment as augment_batch
 from .distributed import World, close_world, init_world
@@ -395,7 +395,7 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
             stale += 1
         if world.is_main:
             if improved:
-                save_checkpoint(out / "model.safetensors", model, meta)
+                save_checkpoint(out / RUN_CHECKPOINT, model, meta)
             _save_state(out, model, meta, optimizer, epoch, best, history)
         if cfg.patience and stale >= cfg.patience:
             log.info("early stop: no validation improvement in %d epochs", cfg.patience)
@@ -403,15 +403,15 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
 
     world.barrier()
     if not world.is_main:
-        return RunResult(out, out / "model.safetensors", out / "report" / "report.md", history)
+        return RunResult(out, out / RUN_CHECKPOINT, out / "report" / "report.md", history)
     from .evaluate import evaluate_split
     from .report import plot_training_curves
 
     plot_training_curves(history, out / "training_curves.png")
-    report, report_md = evaluate_split(out / "model.safetensors", batches, records, idx_test, labels,
+    report, report_md = evaluate_split(out / RUN_CHECKPOINT, batches, records, idx_test, labels,
                                        protocol=_protocol(dataset, splits, cfg, features, records),
                                        out_dir=out / "report", history=history)
-    return RunResult(out, out / "model.safetensors", report_md, history, report)
+    return RunResult(out, out / RUN_CHECKPOINT, report_md, history, report)
 
 
 def _protocol(dataset: Any, splits: Any, cfg: TrainConfig, features: FeatureSet | None,
