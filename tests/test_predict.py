@@ -86,7 +86,7 @@ def photo_folder(shared_faces: Path, tmp_path: Path) -> Path:
 
 def _args(paths: list[str], model: Path, **kw: object) -> argparse.Namespace:
     base = {"paths": paths, "model": str(model), "output_format": "jsonl", "output": None, "annotate": None,
-            "no_detect": False, "batch_size": 4}
+            "no_detect": False, "batch_size": 4, "precision": "auto", "min_face": 40}
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -138,7 +138,9 @@ def test_load_image_rejects_truncated_and_huge(tmp_path: Path) -> None:
 
 def test_backends_agree(models: dict[str, Path]) -> None:
     crops = np.stack([_noise(s, (SIZE, SIZE)) for s in range(6)])
-    torch_faces = Predictor.from_path(models["checkpoint"]).classify(crops)
+    fp32 = Predictor.from_path(models["checkpoint"], precision="fp32")
+    assert fp32.info()["precision"] == "fp32"
+    torch_faces = fp32.classify(crops)
     onnx_faces = Predictor.from_path(models["onnx"]).classify(crops)
     assert len(torch_faces) == len(onnx_faces) == 6
     for a, b in zip(torch_faces, onnx_faces):
@@ -146,6 +148,21 @@ def test_backends_agree(models: dict[str, Path]) -> None:
         assert abs(a.age - b.age) < 1e-3
         assert a.gender == b.gender
     assert np.ptp([f.p_male for f in torch_faces]) > 0  # the model does look at its input
+
+
+def test_bf16_trunk_stays_close_to_fp32(models: dict[str, Path]) -> None:
+    crops = np.stack([_noise(s, (SIZE, SIZE)) for s in range(6)])
+    bf16 = Predictor.from_path(models["checkpoint"], precision="bf16")
+    assert bf16.info()["precision"] == "bf16"
+    assert bf16.backend.model.trunk.conv1_1.weight.dtype == torch.bfloat16
+    assert bf16.backend.model.fc[0].weight.dtype == torch.float32  # the head stays fp32
+    got = bf16.classify(crops)
+    want = Predictor.from_path(models["checkpoint"], precision="fp32").classify(crops)
+    p_got, p_want = np.array([f.p_male for f in got]), np.array([f.p_male for f in want])
+    assert 0 < np.abs(p_got - p_want).max() < 0.02  # rounded, but only just
+    assert max(abs(a.age - b.age) for a, b in zip(got, want)) < 1.0
+    with pytest.raises(AgeGenderError, match="precision must be one of"):
+        Predictor.from_path(models["checkpoint"], precision="fp16")
 
 
 def test_onnx_backend_calls_no_torch(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

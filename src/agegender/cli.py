@@ -92,7 +92,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 def _cmd_serve(a: argparse.Namespace) -> int:
     from .serve import serve
 
-    serve(a.model, host=a.host, port=a.port, max_bytes=a.max_bytes)
+    serve(a.model, host=a.host, port=a.port, max_bytes=a.max_bytes, precision=a.precision, min_face=a.min_face)
     return 0
 
 
@@ -195,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.add_argument("--annotate", help="write images with boxes and labels to this folder")
     p.add_argument("--no-detect", action="store_true", help="inputs are already face crops")
+    p.add_argument("--min-face", type=int, default=40, metavar="PX",
+                   help="ignore faces smaller than this (also under 8%% of the shorter side); larger is faster")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="checkpoint trunk precision (auto: bf16 where the CPU or GPU has bf16 units)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("serve", help="HTTP API and web page over a model")
@@ -203,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-bytes", type=int, default=10 * 1024 * 1024, help="request size cap (413 above it)")
+    p.add_argument("--min-face", type=int, default=40, metavar="PX",
+                   help="ignore faces smaller than this (also under 8%% of the shorter side); larger is faster")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="checkpoint trunk precision (auto: bf16 where the CPU or GPU has bf16 units)")
     p.set_defaults(func=_cmd_serve)
     return parser
 

@@ -33,6 +33,7 @@ from .errors import AgeGenderError
 from .files import atomic_path
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
     from .checkpoint import CheckpointMeta
@@ -132,37 +133,72 @@ def _as_rgb(array: np.ndarray, name: str) -> np.ndarray:
 class Backend(Protocol):
     meta: CheckpointMeta
     name: str
+    precision: str
 
     def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 ``(N, S, S, 3)`` RGB crops -> (P(male) ``(N,)``, age in years ``(N,)`` or None)."""
         ...
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` does bf16 matrix maths in hardware (CPU: AVX512-BF16 or AMX; CUDA: Ampere or later)."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return kind == "cpu" and any(probe is not None and probe() for probe in probes)
+
+
 class TorchBackend:
+    """A checkpoint in PyTorch. The trunk runs channels_last, in bf16 when ``precision`` asks for it (``auto``:
+    where the hardware has bf16 units); the head always runs in fp32, so bf16 only rounds the trunk's input
+    and activations (gender decisions agreed with fp32 on every shared photo in BENCHMARKS.md figure 4)."""
+
     name = "torch"
 
-    def __init__(self, path: Path, device: str) -> None:
+    def __init__(self, path: Path, device: str, precision: str = "auto") -> None:
+        import torch
+
         from .checkpoint import load_checkpoint
 
+        if precision not in PRECISIONS:
+            raise AgeGenderError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.model, self.meta = load_checkpoint(path, device)
         self.device = device
+        bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
+        self.precision = "bf16" if bf16 else "fp32"
+        self.trunk_dtype = torch.bfloat16 if bf16 else torch.float32
+        # oneDNN's convolutions want NHWC: 1.5x (fp32) to 1.8x (bf16) on the CPU in BENCHMARKS.md figure 1.
+        self.model.trunk.to(dtype=self.trunk_dtype, memory_format=torch.channels_last)
         self._lock = threading.Lock()  # one forward at a time: requests share the model
 
     def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
-        x = self.meta.preprocess.normalize(torch.from_numpy(crops)).to(self.device)
+        p_male, age = self.run_normalized(self.meta.preprocess.normalize(torch.from_numpy(crops)))
+        return p_male.astype(np.float64), None if age is None else age.astype(np.float64)
+
+    def run_normalized(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Normalised ``(N, 3, S, S)`` input -> float32 P(male) and age (None without an age head)."""
+        import torch
+
         with self._lock, torch.inference_mode():
-            out = self.model(x)
+            out = self.model.forward_head(self.model.forward_features(x.to(self.device, self.trunk_dtype)).float())
             p_male = torch.sigmoid(out.gender_logit).cpu().numpy()
             age = None if out.age_logits is None else self.model.expected_age(out.age_logits).cpu().numpy()
-        return p_male.astype(np.float64), None if age is None else age.astype(np.float64)
+        return p_male, age
 
 
 class OnnxBackend:
     """onnxruntime only; sessions are thread-safe, and preprocessing is numpy."""
 
     name = "onnx"
+    precision = "as exported"
 
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
@@ -190,7 +226,7 @@ class OnnxBackend:
         return got[0].astype(np.float64), got[1].astype(np.float64) if len(got) > 1 else None
 
 
-def load_backend(model: str | os.PathLike[str], device: str = "cpu") -> Backend:
+def load_backend(model: str | os.PathLike[str], device: str = "cpu", precision: str = "auto") -> Backend:
     path = Path(model)
     if not path.is_file():
         raise AgeGenderError(f"{path}: no such model file")
@@ -199,7 +235,7 @@ def load_backend(model: str | os.PathLike[str], device: str = "cpu") -> Backend:
             log.warning("%s: ONNX models run on the CPU; ignoring device %s", path, device)
         return OnnxBackend(path)
     if path.suffix == ".safetensors":
-        return TorchBackend(path, device)
+        return TorchBackend(path, device, precision)
     raise AgeGenderError(f"{path}: not a model file (expected a checkpoint .safetensors or an .onnx export)")
 
 
@@ -217,23 +253,24 @@ class Predictor:
     """Faces -> gender and age. Thread-safe: detectors keep per-thread state and backends serialise or are safe."""
 
     def __init__(self, backend: Backend, detector: FaceDetector | None = None, no_detect: bool = False,
-                 workers: int = 2) -> None:
+                 workers: int | None = None) -> None:
         self.backend = backend
         self.meta = backend.meta
         self.size = backend.meta.config.image_size
         self.detector = None if no_detect else (detector or HaarDetector())
-        self.workers = max(1, workers)
+        self.workers = max(1, workers or usable_cores())
 
     @classmethod
     def from_path(cls, model: str | os.PathLike[str], detector: FaceDetector | None = None, device: str = "cpu",
-                  no_detect: bool = False) -> Predictor:
-        return cls(load_backend(model, device), detector, no_detect)
+                  no_detect: bool = False, precision: str = "auto") -> Predictor:
+        return cls(load_backend(model, device, precision), detector, no_detect)
 
     def info(self) -> dict[str, Any]:
         cfg = self.meta.config
-        return {"backend": self.backend.name, "image_size": self.size, "age_head": cfg.age_head,
+        return {"backend": self.backend.name, "precision": self.backend.precision, "image_size": self.size, "age_head": cfg.age_head,
                 "genders": list(self.meta.genders),
-                "detector": "none" if self.detector is None else getattr(self.detector, "name", "custom")}
+                "detector": "none" if self.detector is None else getattr(self.detector, "name", "custom"),
+                "min_face_px": getattr(self.detector, "min_face_px", None)}
 
     def crops(self, rgb: np.ndarray) -> tuple[list[Box | None], list[np.ndarray]]:
         """The detected boxes and their crops at the model's input size (the whole image with ``no_detect``)."""
@@ -272,7 +309,9 @@ class Predictor:
             raise AgeGenderError(f"batch size must be at least 1, got {batch_size}")
         pending: list[_Pending] = []
         buffer: list[np.ndarray] = []
-        for path, found in _ordered_map(self._prepare, paths, self.workers):
+        # Workers run a batch ahead, so detection goes on while the batch before is classified. Only
+        # ``workers`` images are decoded at a time; finished ones wait as crops, so memory stays small.
+        for path, found in _ordered_map(self._prepare, paths, self.workers, max(2 * self.workers, batch_size)):
             if isinstance(found, AgeGenderError):
                 pending.append(_Pending(path, [], len(buffer), str(found)))
             else:
@@ -301,14 +340,37 @@ class Predictor:
             yield ImageResult(item.path, faces[item.first:item.first + len(item.boxes)], item.error)
 
 
-def _ordered_map(fn: Callable[[str], Any], items: Iterable[str | os.PathLike[str]], workers: int
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def share_cores_for_batches(predictor: Predictor) -> None:
+    """Size the process-wide OpenCV and PyTorch thread pools for :meth:`Predictor.predict_many` (the CLI does).
+
+    Its workers already keep every core busy detecting, one image each, and OpenCV's and PyTorch's own pools
+    on top of them only oversubscribe the cores: one OpenCV thread, and half the cores for the classifier,
+    took predict from 40 to 46-60 images/s on 2 cores. Without detection the classifier is the work, and
+    keeps every core.
+    """
+    if predictor.detector is None:
+        return
+    import cv2
+
+    cv2.setNumThreads(1)
+    if isinstance(predictor.backend, TorchBackend):
+        import torch
+
+        torch.set_num_threads(max(1, usable_cores() // 2))
+
+
+def _ordered_map(fn: Callable[[str], Any], items: Iterable[str | os.PathLike[str]], workers: int, ahead: int
                  ) -> Iterator[tuple[str, Any]]:
-    """``(item, fn(item))`` in input order, at most ``2 * workers`` items in flight (bounded memory)."""
+    """``(item, fn(item))`` in input order, with at most ``ahead`` items submitted but not yet consumed."""
     with ThreadPoolExecutor(workers) as pool:
         window: collections.deque[tuple[Any, Future[Any]]] = collections.deque()
         for item in items:
             window.append((os.fspath(item), pool.submit(fn, os.fspath(item))))
-            if len(window) >= 2 * workers:
+            if len(window) >= ahead:
                 path, fut = window.popleft()
                 yield path, fut.result()
         while window:
@@ -408,7 +470,9 @@ def _write_annotation(result: ImageResult, folder: Path, used: set[str]) -> None
 def predict_command(args: argparse.Namespace) -> int:
     """``agegender predict``: JSON Lines or CSV, one record per image (CSV: one row per face)."""
     paths = expand_paths(args.paths)
-    predictor = Predictor.from_path(args.model, no_detect=args.no_detect)
+    predictor = Predictor.from_path(args.model, HaarDetector(min_face_px=args.min_face), no_detect=args.no_detect,
+                                    precision=args.precision)
+    share_cores_for_batches(predictor)
     folder = Path(args.annotate) if args.annotate else None
     if folder is not None:
         try:

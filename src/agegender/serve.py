@@ -9,6 +9,7 @@ import os
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from .detect import HaarDetector
 from .errors import AgeGenderError
 from .predict import ImageError, Predictor, load_image
 
@@ -121,13 +122,13 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(model: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000,
-          max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+          max_bytes: int = DEFAULT_MAX_BYTES, precision: str = "auto", min_face: int = 40) -> None:
     """Load ``model`` once and serve the API and page with uvicorn until interrupted."""
     import uvicorn
 
     if max_bytes < 1:
         raise AgeGenderError(f"--max-bytes must be positive, got {max_bytes}")
-    predictor = Predictor.from_path(model)
+    predictor = Predictor.from_path(model, HaarDetector(min_face_px=min_face), precision=precision)
     if not _is_loopback(host):
         log.warning("binding %s: the API is reachable from other machines and has no authentication", host)
     app = create_app(predictor, max_bytes, model_name=os.path.basename(os.fspath(model)))
