@@ -276,3 +276,24 @@ def test_bad_images_do_not_stop_the_batch(models: dict[str, Path], tmp_path: Pat
     assert all(len(r.faces) == 1 for r in results if r.error is None)
     with pytest.raises(AgeGenderError, match="batch size"):
         next(Predictor.from_path(models["checkpoint"]).predict_many(paths, batch_size=0))
+
+
+def test_batch_thread_pools(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import cv2
+
+    from agegender.predict import share_cores_for_batches, usable_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        share_cores_for_batches(Predictor.from_path(models["checkpoint"], no_detect=True))
+        assert (torch.get_num_threads(), cv2.getNumThreads()) == before  # no detection: the classifier keeps all
+        share_cores_for_batches(Predictor.from_path(models["checkpoint"]))
+        assert torch.get_num_threads() == max(1, usable_cores() // 2) and cv2.getNumThreads() == 1
+        torch.set_num_threads(before[0])
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        share_cores_for_batches(Predictor.from_path(models["checkpoint"]))
+        assert torch.get_num_threads() == before[0]  # the user's setting wins
+    finally:
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])

@@ -350,14 +350,14 @@ def share_cores_for_batches(predictor: Predictor) -> None:
     Its workers already keep every core busy detecting, one image each, and OpenCV's and PyTorch's own pools
     on top of them only oversubscribe the cores: one OpenCV thread, and half the cores for the classifier,
     took predict from 40 to 46-60 images/s on 2 cores. Without detection the classifier is the work, and
-    keeps every core.
+    keeps every core. A thread count set with ``OMP_NUM_THREADS`` is left alone.
     """
     if predictor.detector is None:
         return
     import cv2
 
     cv2.setNumThreads(1)
-    if isinstance(predictor.backend, TorchBackend):
+    if isinstance(predictor.backend, TorchBackend) and "OMP_NUM_THREADS" not in os.environ:
         import torch
 
         torch.set_num_threads(max(1, usable_cores() // 2))
