@@ -297,3 +297,17 @@ def test_batch_thread_pools(models: dict[str, Path], monkeypatch: pytest.MonkeyP
     finally:
         torch.set_num_threads(before[0])
         cv2.setNumThreads(before[1])
+
+
+def test_onnx_predict_never_imports_torch(models: dict[str, Path]) -> None:
+    """ONNX serving needs no torch: a fresh interpreter predicts and torch stays unloaded."""
+    import subprocess
+    import sys
+
+    script = ("import sys, numpy as np; from agegender.predict import Predictor; "
+              f"faces = Predictor.from_path({str(models['onnx'])!r}, no_detect=True).predict("
+              "np.zeros((64, 64, 3), np.uint8)); "
+              f"Predictor.from_path({str(models['onnx'])!r}).predict(np.zeros((99, 99, 3), np.uint8)); "
+              "assert len(faces) == 1, faces; assert 'torch' not in sys.modules, 'torch was imported'")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,49 +1,21 @@
-"""Self-describing model files: safetensors weights plus the config, preprocessing and labels to rebuild them."""
+"""Self-describing model files: safetensors weights plus the config, preprocessing and labels to rebuild them.
+
+:class:`CheckpointMeta` is defined in :mod:`agegender.meta`, which does not import torch.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .errors import AgeGenderError
 from .files import atomic_path
-from .model import AgeGenderNet, ModelConfig
-from .weights import GENDERS, Preprocess
+from .meta import CheckpointMeta
+from .model import AgeGenderNet
 
-FORMAT = "agegender.checkpoint/1"
 RUN_CHECKPOINT = "model.safetensors"  # the best checkpoint inside a training run directory
-
-
-@dataclass
-class CheckpointMeta:
-    config: ModelConfig
-    preprocess: Preprocess
-    genders: tuple[str, ...] = GENDERS
-    weights_sha256: str | None = None  # the VGG-Face file the trunk came from
-    extra: dict[str, Any] = field(default_factory=dict)  # data summary, headline metrics, epoch ...
-
-    def to_json(self) -> str:
-        return json.dumps({
-            "format": FORMAT,
-            "config": self.config.to_dict(),
-            "preprocess": self.preprocess.to_dict(),
-            "genders": list(self.genders),
-            "weights_sha256": self.weights_sha256,
-            "extra": self.extra,
-        }, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> CheckpointMeta:
-        d = json.loads(text)
-        if d.get("format") != FORMAT:
-            raise ValueError(f"not an agegender checkpoint (format {d.get('format')!r})")
-        return cls(ModelConfig.from_dict(d["config"]), Preprocess.from_dict(d["preprocess"]),
-                   tuple(d["genders"]), d.get("weights_sha256"), d.get("extra", {}))
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: AgeGenderNet, meta: CheckpointMeta) -> None:

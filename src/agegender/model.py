@@ -7,23 +7,24 @@ weights map by name and inserting BatchNorm never shifts an index.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (output channels, convs) per block of VGG16 at full width.
-VGG16_BLOCKS: tuple[tuple[int, int], ...] = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
-VGG16_WIDTHS: tuple[int, ...] = tuple(w for w, _ in VGG16_BLOCKS)
+from .config import (  # torch-free, so ONNX inference can read configs
+    VGG16_BLOCKS,
+    VGG16_WIDTHS,
+    ModelConfig,
+)
+
 CONV_NAMES: tuple[str, ...] = tuple(
     f"conv{b + 1}_{i + 1}" for b, (_, n) in enumerate(VGG16_BLOCKS) for i in range(n)
 )
 FC_NAMES: tuple[str, ...] = ("fc6", "fc7", "fc8")
 VGG_FACE_IDENTITIES = 2622
 VGG_FACE_FC = 4096
-AGE_HEADS = ("dex", "regression", "none")
 
 
 def conv_shapes(widths: tuple[int, ...] = VGG16_WIDTHS, in_ch: int = 3) -> dict[str, tuple[int, int]]:
@@ -106,52 +107,6 @@ class VGGFace(nn.Module):
         """Load a canonical state dict (``conv1_1.weight`` ... ``fc8.bias``)."""
         mapped = {(f"trunk.{k}" if k.startswith("conv") else k): v for k, v in state.items()}
         self.load_state_dict(mapped, strict=True)
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild an :class:`AgeGenderNet`; stored in every checkpoint."""
-
-    widths: tuple[int, ...] = VGG16_WIDTHS
-    image_size: int = 64
-    block_bn: bool = False
-    hidden: tuple[int, ...] = (4096, 4096)
-    dropout: tuple[float, ...] = (0.5, 0.5)
-    head_bn: bool = True
-    feature_bn: bool = False  # BatchNorm on the trunk output: frozen VGG features have no fixed scale
-    age_head: str = "dex"
-    age_min: int = 1
-    age_max: int = 70
-    freeze_trunk: bool = True
-
-    def __post_init__(self) -> None:
-        self.widths = tuple(int(w) for w in self.widths)
-        self.hidden = tuple(int(h) for h in self.hidden)
-        self.dropout = tuple(float(p) for p in self.dropout)
-        if len(self.widths) != len(VGG16_BLOCKS):
-            raise ValueError(f"widths needs {len(VGG16_BLOCKS)} block widths, got {self.widths}")
-        if self.image_size % 32 or self.image_size < 32:
-            raise ValueError(f"image_size must be a positive multiple of 32, got {self.image_size}")
-        if len(self.dropout) != len(self.hidden):
-            raise ValueError("dropout needs one probability per hidden layer")
-        if self.age_head not in AGE_HEADS:
-            raise ValueError(f"age_head must be one of {AGE_HEADS}, got {self.age_head!r}")
-
-    @property
-    def feature_dim(self) -> int:
-        return self.widths[-1] * (self.image_size // 32) ** 2
-
-    @property
-    def ages(self) -> int:
-        return self.age_max - self.age_min + 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass

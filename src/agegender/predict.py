@@ -21,8 +21,8 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .data import (
-    IMAGE_FORMATS,
     ADIENCE_GROUP_NAMES,
+    IMAGE_FORMATS,
     IMAGE_SUFFIXES,
     MAX_PIXELS,
     age_group,
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from .checkpoint import CheckpointMeta
+    from .meta import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class OnnxBackend:
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
 
-        from .checkpoint import CheckpointMeta
+        from .meta import CheckpointMeta
 
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
