@@ -24,6 +24,7 @@ from typing import Any
 
 from .errors import AgeGenderError
 from .files import write_text_atomic
+from .report import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -446,7 +447,7 @@ def phase_steps(ctx: dict[str, Any]) -> dict[str, Any]:
             if i == 1:
                 _sync(cfg.device)
                 t0 = time.perf_counter()
-            loss, _ = loss_fn(model.forward_head(x_all[chunk].to(cfg.device)), labels, chunk, model, vcfg)
+            loss = loss_fn(model.forward_head(x_all[chunk].to(cfg.device)), labels, chunk, model, vcfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -461,12 +462,10 @@ def phase_steps(ctx: dict[str, Any]) -> dict[str, Any]:
 
 def _photo_batch(paths: Sequence[str], pre: Any, size: int) -> tuple[Any, list[str]]:
     """Normalised photos and the paths that decoded."""
-    import numpy as np
+    from .data import decode_batch
 
-    from .data import load_rgb
-
-    loaded = [(p, img) for p, img in ((p, load_rgb(p, size)) for p in paths) if img is not None]
-    return pre.normalize_numpy(np.stack([img for _, img in loaded])), [p for p, _ in loaded]
+    images, ok = decode_batch(paths, size)
+    return pre.normalize_numpy(images[ok]), [p for p, good in zip(paths, ok) if good]
 
 
 def phase_inference(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -568,13 +567,13 @@ def phase_inference(ctx: dict[str, Any]) -> dict[str, Any]:
 def phase_predict(ctx: dict[str, Any]) -> dict[str, Any]:
     """Figure 5, our side: `Predictor.predict_many` (decode + detect + crop + classify) over the photo subset,
     with the checkpoint and with figure 4's ONNX exports; plus decode + detect + crop alone, to split the time."""
-    from .detect import HaarDetector
+    from .detect import MIN_FACE_PX, HaarDetector
     from .predict import Predictor, load_image, share_cores_for_batches
 
     paths, work = ctx["predict_paths"], Path(ctx["work"])
     # (model, --precision, --min-face): the first is what `agegender predict --model model.safetensors` runs;
     # the last searches only faces the peer's detector can find (dlib's HOG window is 80 px).
-    ckpt, default_px = Path(ctx["checkpoint"]), HaarDetector().min_face_px
+    ckpt, default_px = Path(ctx["checkpoint"]), MIN_FACE_PX
     variants = [(ckpt, "auto", default_px), (ckpt, "fp32", default_px), (work / "bench-fp32.onnx", "auto", default_px),
                 (work / "bench-int8.onnx", "auto", default_px), (ckpt, "auto", 80)]
     rows: dict[str, Any] = {}
@@ -646,7 +645,7 @@ def run_phase(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
 
 def _child(phase: str, spec: str, result: str) -> int:
     ctx = json.loads(Path(spec).read_text())
-    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    load = _loadavg()
     out = PHASES[phase](ctx)
     out["load_average_start"] = load
     out["peak_rss_gib"] = peak_rss_gib()
@@ -728,6 +727,8 @@ def machine_info(device: str) -> dict[str, Any]:
     import PIL
     import torch
 
+    from .predict import usable_cores
+
     cpu = platform.processor() or platform.machine()
     try:
         names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -742,8 +743,8 @@ def machine_info(device: str) -> dict[str, Any]:
         ort_version = "not installed"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU available"
     return {"cpu": cpu, "logical_cores": os.cpu_count(),
-            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "usable_cores": usable_cores(),
+            "load_average_start": _loadavg(),
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "onnxruntime": ort_version,
             "pillow": PIL.__version__, "gpu": gpu, "device": device, "platform": platform.platform()}
@@ -810,9 +811,8 @@ def summarise(r: dict[str, Any], epochs: int) -> dict[str, Any]:
     return s
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
+def _loadavg() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def _gpu_cell(machine: dict[str, Any]) -> str:
@@ -840,7 +840,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
     out += [f"- phases {', '.join(names)}: measured {date} by `{cmd}`" for (date, cmd), names in by_run.items()]
     out += [""]
     out += ["## Machine", ""]
-    out += _table(["item", "value"], [
+    out += markdown_table(["item", "value"], [
         ["CPU", m["cpu"]], ["cores (logical / usable)", f"{m['logical_cores']} / {m['usable_cores']}"],
         ["load average (1/5/15 min), start / end of this invocation (each phase's: section 6)",
          f"{_load(m['load_average_start'])} / {_load(m.get('load_average_end'))}"],
@@ -854,7 +854,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 f"{max(busy):.1f} on {m['usable_cores']} cores): absolute figures are depressed and noisy, and the "
                 "thread-count results reflect that contention. Compared figures come from one invocation, "
                 "interleaved where possible.", ""]
-    out += ["## Summary", ""] + _table(["figure", "value", "target", "status"], _summary_rows(s))
+    out += ["## Summary", ""] + markdown_table(["figure", "value", "target", "status"], _summary_rows(s))
     out += [f"- `{k}` is null: {v}" for k, v in s["reasons"].items()] + ([""] if s["reasons"] else [])
     out += _missed(doc) + [""]
 
@@ -862,7 +862,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
     if "grid" in tp:
         out += [f"Batch {tp['batch']}, {sz['raw_batches']} timed batches after one warm-up batch; median of {sz['reps']} "
                 "repetitions interleaved with figure 2.", ""]
-        out += _table(["dtype", "memory format", "torch threads", "images/s"],
+        out += markdown_table(["dtype", "memory format", "torch threads", "images/s"],
                       [[g["dtype"], g["format"], g["threads"], _num(g["raw"])] for g in tp["grid"]]
                       + [["GPU", "-", "-", gpu]])
     else:
@@ -885,15 +885,15 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 "`extraction_ratio` = extract_features bf16 as train.fit runs it / the best raw bf16 figure of "
                 "figure 1 (the hardware limit). extract_features converts the trunk to channels_last itself, so "
                 "there are no NCHW rows.", ""]
-        out += _table(["path", "images/s", "fraction of best raw (same dtype)", "fraction of raw (same settings)"], rows)
+        out += markdown_table(["path", "images/s", "fraction of best raw (same dtype)", "fraction of raw (same settings)"], rows)
         sw = tp["sweep"]
         out += [f"Decode workers and prefetch depth ({sw['dtype']}, trunk {sw['format']}, {sw['images']} images; "
                 "extract_features' own steps with the prefetch depth exposed):", ""]
-        out += _table(["torch threads", "decode workers", "prefetch batches", "images/s"],
+        out += markdown_table(["torch threads", "decode workers", "prefetch batches", "images/s"],
                       [[x["torch_threads"], x["decode_workers"], x["prefetch"], _num(x["images_per_second"])]
                        for x in sw["rows"]])
         per_image = 1000 / max(g["raw"] for g in tp["grid"])
-        out += _table(["decoding a 128x128 JPEG to 64x64, 1 thread", "ms/image", "vs one image of the fastest raw trunk"],
+        out += markdown_table(["decoding a 128x128 JPEG to 64x64, 1 thread", "ms/image", "vs one image of the fastest raw trunk"],
                       [[label, _num(tp["decode_ms"][k], ".2f"), _num(tp["decode_ms"][k] / per_image, ".1%")]
                        for k, label in (("draft", "data.load_rgb (Image.draft DCT scaling)"),
                                         ("no_draft", "full decode, then resize"))])
@@ -924,7 +924,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
                  ["GPU", gpu, gpu]]
         if not tr["cache_hit"]:
             rows.append(["warning", "train.fit missed the cache", "its wall time includes a second extraction"])
-        out += _table(["measure", "value", "how"], rows)
+        out += markdown_table(["measure", "value", "how"], rows)
     else:
         out += [f"Not measured: {tr.get('error') or st.get('error')}", ""]
 
@@ -937,7 +937,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 f"spread. int8: onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights, calibrated on "
                 f"{inf['calibration_images']} other photos. ONNX files: fp32 {inf['onnx_mb']['fp32']:.0f} MB, "
                 f"int8 {inf['onnx_mb']['int8']:.0f} MB.", ""]
-        out += _table(["backend", "batch 1 latency (ms)", "batch 32 latency (ms)", "batch 32 images/s",
+        out += markdown_table(["backend", "batch 1 latency (ms)", "batch 32 latency (ms)", "batch 32 images/s",
                        "agreement vs fp32", "max abs dp", "gender accuracy (labels)"],
                       [[k, _num(x["batch1_latency_ms"]), _num(x["batch32_latency_ms"]),
                         _num(x["batch32_images_per_second"]), _num(x["agreement_vs_fp32"], ".3f"),
@@ -970,7 +970,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
                  f"per call{f'; mean of a run before ours and one after: {runs}' if runs else ''})",
                  peer.get("images", "-"), _num(peer.get("images_per_second")), peer.get("faces", "-"),
                  peer.get("error", "1.00")])
-    out += _table(["tool", "images", "images/s", "faces found", "ratio vs peer"], rows)
+    out += markdown_table(["tool", "images", "images/s", "faces found", "ratio vs peer"], rows)
     if "detect_crop_ms" in pr:
         cap = pr["workers"] * 1000 / pr["detect_crop_ms"]
         peer_ms = f"; the peer's whole pipeline takes {1000 / peer['images_per_second']:.1f} ms/image" \
@@ -983,7 +983,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 "`--min-face 80` row searches the same sizes.", ""]
 
     out += ["## 6. Peak memory (VmHWM of each phase's own process)", ""]
-    out += _table(["phase", "peak RSS (GiB)", "load average at its start"], [
+    out += markdown_table(["phase", "peak RSS (GiB)", "load average at its start"], [
         [label, _num(x.get("peak_rss_gib"), ".2f"), _load(x.get("load_average_start"))] for label, x in (
             ("feature extraction, full tree (counts for `peak_rss_gib`)", ex),
             ("training: train.fit, 1 epoch on the cache (counts for `peak_rss_gib`)", tr),
@@ -1215,7 +1215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raw[name] = previous[name] if reuse else {**run_one(name), "measured": stamp}
     shutil.rmtree(ctx["cache_dir"], ignore_errors=True)
 
-    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    machine["load_average_end"] = _loadavg()
     epochs = int(PRESETS["default"]["epochs"])
     summary = summarise(raw, epochs)
     source = f"{len(photos):,} labelled photos from the faces folder" if photos else "synthetic.render_face images"

@@ -122,7 +122,20 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    """The detector and precision options shared by ``predict`` and ``serve``."""
+    from .detect import MIN_FACE_PX
+    from .predict import PRECISIONS
+
+    p.add_argument("--min-face", type=int, default=MIN_FACE_PX, metavar="PX",
+                   help="ignore faces smaller than this (also under 8%% of the shorter side); larger is faster")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="checkpoint trunk precision (auto: bf16 where the CPU or GPU has bf16 units)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .serve import DEFAULT_MAX_BYTES
+
     parser = argparse.ArgumentParser(
         prog="agegender",
         description="Gender and age from faces with the VGG-Face descriptor: convert, train, evaluate, export, predict, serve.")
@@ -195,22 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.add_argument("--annotate", help="write images with boxes and labels to this folder")
     p.add_argument("--no-detect", action="store_true", help="inputs are already face crops")
-    p.add_argument("--min-face", type=int, default=40, metavar="PX",
-                   help="ignore faces smaller than this (also under 8%% of the shorter side); larger is faster")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="checkpoint trunk precision (auto: bf16 where the CPU or GPU has bf16 units)")
+    _add_inference_options(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("serve", help="HTTP API and web page over a model")
     p.add_argument("--model", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-bytes", type=int, default=10 * 1024 * 1024, help="request size cap (413 above it)")
-    p.add_argument("--min-face", type=int, default=40, metavar="PX",
-                   help="ignore faces smaller than this (also under 8%% of the shorter side); larger is faster")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="checkpoint trunk precision (auto: bf16 where the CPU or GPU has bf16 units)")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="request size cap (413 above it)")
+    _add_inference_options(p)
     p.set_defaults(func=_cmd_serve)
     return parser
 

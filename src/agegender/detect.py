@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import AgeGenderError
 
+MIN_FACE_PX = 40  # faces smaller than this are ignored by default (see HaarDetector)
 CROP_SCALE = 1.83  # crop side / detected box side
 CROP_SHIFT_Y = 0.074  # crop centre below the box centre, in box heights
 
@@ -72,7 +73,7 @@ class HaarDetector:
     window = 24  # the default cascade's training window, in pixels
 
     def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 2, min_face: float = 0.08,
-                 min_face_px: int = 40, fallback: bool = True) -> None:
+                 min_face_px: int = MIN_FACE_PX, fallback: bool = True) -> None:
         if min_face_px < 8:
             raise AgeGenderError(f"the smallest face must be at least 8 px, got {min_face_px}")
         self.scale_factor = scale_factor

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import RUN_CHECKPOINT, load_checkpoint
+from .checkpoint import RUN_CHECKPOINT, load_checkpoint, read_meta
 from .data import FaceRecord, make_splits, scan
 from .errors import AgeGenderError
 from .report import Predictions, build_report, write_report
@@ -36,7 +36,7 @@ def collect_predictions(model: Any, batches: Any, records: Sequence[FaceRecord],
 
 
 def evaluate_split(checkpoint: str | Path, batches: Any, records: Sequence[FaceRecord], idx: np.ndarray,
-                   labels: Any, protocol: dict[str, Any], out_dir: str | Path,
+                   protocol: dict[str, Any], out_dir: str | Path,
                    history: list[dict[str, float]] | None = None) -> tuple[dict[str, Any], Path]:
     model, meta = load_checkpoint(checkpoint, device=batches.world.device)
     done, pred = collect_predictions(model, batches, records, idx)
@@ -50,17 +50,17 @@ def evaluate_split(checkpoint: str | Path, batches: Any, records: Sequence[FaceR
 def evaluate_command(run: str | None, model: str | None, data: str | None, split: str | None,
                      out: str | None, batch_size: int = 64, workers: int = 2) -> Path:
     """`agegender evaluate`: a run's own test split by default, or any dataset with --data."""
-    from .train import Batches, Labels, TrainConfig
+    from .train import Batches, TrainConfig
 
     ckpt = Path(run) / RUN_CHECKPOINT if run else Path(model or "")
     if not ckpt.is_file():
         raise AgeGenderError(f"{ckpt}: no trained model here (train one with `agegender train`)")
-    stored = json.loads((Path(run) / "config.json").read_text()) if run else {}
-    _, meta = load_checkpoint(ckpt)
-    cfg = TrainConfig(data=data or stored.get("data", ""), batch_size=batch_size, workers=workers,
-                      image_size=meta.config.image_size, cache=False)
     if data is None and not run:
         raise AgeGenderError("--model needs --data (which images to evaluate on)")
+    stored = json.loads((Path(run) / "config.json").read_text()) if run else {}
+    meta = read_meta(ckpt)
+    cfg = TrainConfig(data=data or stored.get("data", ""), batch_size=batch_size, workers=workers,
+                      image_size=meta.config.image_size, cache=False)
     dataset = scan(cfg.data)
     protocol_name = stored.get("split", "identity")
     if data is not None and split is None:
@@ -72,9 +72,9 @@ def evaluate_command(run: str | None, model: str | None, data: str | None, split
         splits = make_splits(dataset, protocol_name, int(stored.get("seed", 0)), limit=int(stored.get("limit", 0)))
         chosen, summary, leaked = getattr(splits, split), splits.summary(), splits.leaked_identities()
     batches = Batches(chosen, meta.preprocess, cfg, None)
-    out_dir = Path(out) if out else (Path(run) / f"eval-{split}" if run else ckpt.parent / f"eval-{split}")
+    out_dir = Path(out) if out else ckpt.parent / f"eval-{split}"
     protocol = {"data": str(dataset.root), "kind": dataset.kind, "split": f"{protocol_name}:{split}",
                 "splits": summary, "leaked_identities": leaked,
                 "skipped": {"count": len(getattr(dataset, "skipped", [])), "first": []}}
-    _, md = evaluate_split(ckpt, batches, chosen, np.arange(len(chosen)), Labels.of(chosen), protocol, out_dir)
+    _, md = evaluate_split(ckpt, batches, chosen, np.arange(len(chosen)), protocol, out_dir)
     return md

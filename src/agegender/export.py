@@ -138,7 +138,7 @@ def _check_inputs(x: torch.Tensor | None, meta: CheckpointMeta) -> torch.Tensor:
     return x.detach().cpu().contiguous()
 
 
-def _torch_outputs(model: InferenceModel, x: torch.Tensor) -> list[np.ndarray]:
+def _torch_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[np.ndarray]:
     with torch.no_grad():
         return [t.numpy() for t in model(x)]
 
@@ -458,8 +458,7 @@ def export_torch(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathL
                                   dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1)}})
     with _suffixed_temp(output) as tmp:
         torch.export.save(program, str(tmp), extra_files={"agegender.json": meta_json})
-        with torch.no_grad():
-            got = [t.numpy() for t in torch.export.load(str(tmp)).module()(x)]
+        got = _torch_outputs(torch.export.load(str(tmp)).module(), x)
         diffs = _parity(expected, got, model.output_names, TORCH_TOLERANCE, output,
                         "torch.export program (reloaded)")
     side = _write_sidecar(output, meta_json)

@@ -72,7 +72,7 @@ def extract_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproc
     # disable=None: bars on a terminal only, so logs redirected to files stay readable.
     bar = tqdm(total=n, desc="features", unit="img", disable=None if progress else True, leave=False)
     for idx, images in iter_batches(records, model.config.image_size, batch_size, workers, prefetch=prefetch):
-        x = preprocess.normalize(images).to(device).contiguous(memory_format=torch.channels_last)
+        x = preprocess.normalize(images, torch.channels_last).to(device)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             f = model.forward_features(x)
         index = torch.as_tensor(idx, dtype=torch.long)
@@ -102,7 +102,7 @@ def cached_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproce
             log.info("feature cache hit: %s", path)
             return FeatureSet(t["features"], t["ok"].bool(), cached=True)
         log.warning("ignoring feature cache with unexpected shape: %s", path)
-    fs = extract_features(model, records[world.rank::world.size], preprocess, bf16=bf16,
+    fs = extract_features(model, world.shard(records), preprocess, bf16=bf16,
                           **kwargs)  # type: ignore[arg-type]
     log.info("extracted %d features in %.1fs (%.1f img/s)", int(fs.ok.sum()), fs.seconds, fs.images_per_second)
     if world.active:

@@ -267,8 +267,8 @@ class Predictor:
 
     def info(self) -> dict[str, Any]:
         cfg = self.meta.config
-        return {"backend": self.backend.name, "precision": self.backend.precision, "image_size": self.size, "age_head": cfg.age_head,
-                "genders": list(self.meta.genders),
+        return {"backend": self.backend.name, "precision": self.backend.precision, "image_size": self.size,
+                "age_head": cfg.age_head, "genders": list(self.meta.genders),
                 "detector": "none" if self.detector is None else getattr(self.detector, "name", "custom"),
                 "min_face_px": getattr(self.detector, "min_face_px", None)}
 

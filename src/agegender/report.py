@@ -176,7 +176,7 @@ def _value(v: Any, limit: int = 10) -> str:
     return str(v)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(str(c) for c in r) + " |" for r in rows), ""]
 
@@ -199,20 +199,20 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
     rows = [[c, _f(m["precision"]), _f(m["recall"]), _f(m["f1"]), m["support"]] for c, m in g["per_class"].items()]
     rows += [[name, _f(g[key]["precision"]), _f(g[key]["recall"]), _f(g[key]["f1"]), g[key]["support"]]
              for name, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg"))]
-    lines += ["", "## Gender", "", *_table(["class", "precision", "recall", "F1", "support"], rows)]
+    lines += ["", "## Gender", "", *markdown_table(["class", "precision", "recall", "F1", "support"], rows)]
     lines += ["Confusion matrix (rows true, columns predicted):", "",
-              *_table(["true \\ predicted", *labels], [[c, *r] for c, r in zip(labels, g["confusion_matrix"])])]
+              *markdown_table(["true \\ predicted", *labels], [[c, *r] for c, r in zip(labels, g["confusion_matrix"])])]
 
     if "age" in report:
         a = report["age"]
-        lines += ["## Age", "", *_table(["metric", "value"], [
+        lines += ["## Age", "", *markdown_table(["metric", "value"], [
             ["faces with age", a["n"]], ["MAE (years)", f"{a['mae']:.2f}"], ["CS@5", _f(a["cs5"])],
             ["Adience group exact", _f(a["group_exact"])], ["Adience group one-off", _f(a["group_one_off"])]])]
 
     s = report["slices"]
     lines += ["## Slices", "", f"Gender accuracy per group (overall {_f(g['accuracy'])}).", ""]
     for name, groups in s["by"].items():
-        lines += [f"### {name}", "", *_table([name, "n", "accuracy"],
+        lines += [f"### {name}", "", *markdown_table([name, "n", "accuracy"],
                                               [[v, d["n"], _f(d["accuracy"])] for v, d in groups.items()])]
     w = s["worst"]
     lines.append(f"Worst group: **{w['slice']} = {w['value']}** (n={w['n']}), accuracy {_f(w['accuracy'])}, "
@@ -223,7 +223,7 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
 
     c = report["seed_comparison"]
     lines += ["", "## Comparison with the seed notebook", "", c["note"], "",
-              *_table(["metric", "seed", "ours", "ours - seed"],
+              *markdown_table(["metric", "seed", "ours", "ours - seed"],
                       [[r["metric"] + (f" ({c['positive_class']})" if r["metric"] != "accuracy" else ""),
                         _f(r["seed"]), _f(r["ours"]), f"{r['difference']:+.4f}"] for r in c["rows"]])]
     return "\n".join(lines)

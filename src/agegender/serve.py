@@ -9,7 +9,7 @@ import os
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from .detect import HaarDetector
+from .detect import MIN_FACE_PX, HaarDetector
 from .errors import AgeGenderError
 from .predict import ImageError, Predictor, load_image
 
@@ -122,7 +122,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(model: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000,
-          max_bytes: int = DEFAULT_MAX_BYTES, precision: str = "auto", min_face: int = 40) -> None:
+          max_bytes: int = DEFAULT_MAX_BYTES, precision: str = "auto", min_face: int = MIN_FACE_PX) -> None:
     """Load ``model`` once and serve the API and page with uvicorn until interrupted."""
     import uvicorn
 

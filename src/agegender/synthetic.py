@@ -204,7 +204,9 @@ def save_vgg_face(path: str | os.PathLike[str], state: dict[str, torch.Tensor]) 
     for key in sorted(state):
         digest.update(key.encode())
         digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
-    widths = [int(state[f"conv{b + 1}_1.weight"].shape[0]) for b in range(len(VGG16_BLOCKS))]
+    from .convert import infer_widths
+
+    widths = list(infer_widths(state))
     metadata = {"source_sha256": digest.hexdigest(), "source_format": "synthetic",
                 "preprocess": VGG_FACE_PREPROCESS.to_json(), "widths": json.dumps(widths)}
     path = Path(path)

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -24,6 +25,7 @@ from .distributed import World, close_world, init_world
 from .errors import AgeGenderError
 from .features import FeatureSet, cached_features
 from .files import atomic_path, write_text_atomic
+from .metrics import mae
 from .model import VGG16_WIDTHS, AgeGenderNet, ModelConfig, Outputs
 from .weights import SEED_PREPROCESS, VGG_FACE_PREPROCESS, Preprocess
 
@@ -192,13 +194,18 @@ class Batches:
                  features: FeatureSet | None, world: World = World(), keep_images: bool = False) -> None:
         self.records, self.pre, self.cfg, self.features, self.world = records, preprocess, cfg, features, world
         self.images: torch.Tensor | None = None
+        # Which records decoded; None until known (decoded batch by batch, unreadable ones dropped there).
+        self.ok: np.ndarray | None = None
         if features is not None:
-            self.valid = np.flatnonzero(features.ok.numpy())
+            self.ok = features.ok.numpy()
         elif keep_images and len(records) * cfg.image_size ** 2 * 3 <= IMAGE_MEMORY_BYTES:
-            images, ok = decode_batch([r.path for r in records], cfg.image_size, cfg.workers)
-            self.images, self.image_ok, self.valid = torch.from_numpy(images), ok, np.flatnonzero(ok)
-        else:
-            self.valid = np.arange(len(records))
+            images, self.ok = decode_batch([r.path for r in records], cfg.image_size, cfg.workers)
+            self.images = torch.from_numpy(images)
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Indices of the records known to decode (all of them until decoding says otherwise)."""
+        return np.arange(len(self.records)) if self.ok is None else np.flatnonzero(self.ok)
 
     @property
     def cached(self) -> bool:
@@ -211,11 +218,13 @@ class Batches:
         for start in range(0, len(idx), bs):
             full = idx[start:start + bs]
             chunk = self.world.shard(full) if shard else full
+            if self.ok is not None:
+                chunk = chunk[self.ok[chunk]]
             if self.features is not None:
-                yield self.features.features[torch.as_tensor(chunk)].to(device), chunk, len(full)
+                if len(chunk):
+                    yield self.features.features[torch.as_tensor(chunk)].to(device), chunk, len(full)
                 continue
             if self.images is not None:
-                chunk = chunk[self.image_ok[chunk]]
                 x = self.images[torch.as_tensor(chunk)]
             else:
                 images, ok = decode_batch([self.records[i].path for i in chunk], self.cfg.image_size,
@@ -240,12 +249,10 @@ class Step(nn.Module):
         return out.gender_logit, out.age_logits
 
 
-def loss_fn(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet, cfg: TrainConfig
-            ) -> tuple[torch.Tensor, dict[str, float]]:
+def loss_fn(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet, cfg: TrainConfig) -> torch.Tensor:
     i = torch.as_tensor(idx)
     gender = labels.gender[i].to(out.gender_logit.device)
     loss = F.binary_cross_entropy_with_logits(out.gender_logit, gender)
-    parts = {"gender_loss": loss.item()}
     age = labels.age[i].to(out.gender_logit.device)
     known = ~torch.isnan(age)
     if out.age_logits is not None and known.any():
@@ -258,8 +265,7 @@ def loss_fn(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet, 
             mid, half = (mc.age_min + mc.age_max) / 2, (mc.age_max - mc.age_min) / 2
             age_loss = F.smooth_l1_loss(logits.squeeze(-1), (a - mid) / half)
         loss = loss + cfg.age_weight * age_loss
-        parts["age_loss"] = age_loss.item()
-    return loss, parts
+    return loss
 
 
 # -- one epoch, evaluation --------------------------------------------------------------------
@@ -278,7 +284,7 @@ def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx:
     for x, chunk, global_size in batches(order, augment, shard=True):
         if global_size < 2 * batches.world.size:
             continue  # BatchNorm cannot train on one sample; every rank skips the same batch
-        loss, _ = loss_fn(Outputs(*step(x)), labels, chunk, model, cfg)
+        loss = loss_fn(Outputs(*step(x)), labels, chunk, model, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -319,7 +325,7 @@ def validate(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labels: Lab
         a = labels.age[done].numpy()
         known = ~np.isnan(a)
         if known.any():
-            out["val_age_mae"] = float(np.mean(np.abs(age[known] - a[known])))
+            out["val_age_mae"] = mae(a[known], age[known])
     return out
 
 
@@ -394,9 +400,10 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
         else:
             stale += 1
         if world.is_main:
-            if improved:
-                save_checkpoint(out / RUN_CHECKPOINT, model, meta)
             _save_state(out, model, meta, optimizer, epoch, best, history)
+            if improved:  # the checkpoint just written as last.safetensors, not serialised again
+                with atomic_path(out / RUN_CHECKPOINT) as tmp:
+                    shutil.copyfile(out / "last.safetensors", tmp)
         if cfg.patience and stale >= cfg.patience:
             log.info("early stop: no validation improvement in %d epochs", cfg.patience)
             break
@@ -408,7 +415,7 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
     from .report import plot_training_curves
 
     plot_training_curves(history, out / "training_curves.png")
-    report, report_md = evaluate_split(out / RUN_CHECKPOINT, batches, records, idx_test, labels,
+    report, report_md = evaluate_split(out / RUN_CHECKPOINT, batches, records, idx_test,
                                        protocol=_protocol(dataset, splits, cfg, features, records),
                                        out_dir=out / "report", history=history)
     return RunResult(out, out / RUN_CHECKPOINT, report_md, history, report)

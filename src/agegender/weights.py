@@ -62,15 +62,16 @@ class Preprocess:
             x = x[..., ::-1]
         return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
-    def normalize(self, rgb: torch.Tensor) -> torch.Tensor:
-        """``(N, H, W, 3)`` uint8 RGB tensor -> float32 ``(N, 3, H, W)`` network input."""
+    def normalize(self, rgb: torch.Tensor, memory_format: torch.memory_format | None = None) -> torch.Tensor:
+        """``(N, H, W, 3)`` uint8 RGB tensor -> float32 ``(N, 3, H, W)`` network input, contiguous in
+        ``memory_format`` (default NCHW; ``torch.channels_last`` keeps the pixels where they are, no copy)."""
         import torch
 
         mean = torch.tensor(self.mean_rgb, dtype=torch.float32)
         x = (rgb.to(torch.float32) - mean) * self.scale
         if self.channel_order == "BGR":
             x = x.flip(-1)
-        return x.permute(0, 3, 1, 2).contiguous()
+        return x.permute(0, 3, 1, 2).contiguous(memory_format=memory_format or torch.contiguous_format)
 
 
 VGG_FACE_PREPROCESS = Preprocess()
