@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from agegender import bench
-from agegender.data import FaceRecord, scan
+from agegender.data.records import FaceRecord, scan
 from agegender.errors import AgeGenderError
 
 

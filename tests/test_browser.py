@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import faces_dir
 from PIL import Image
-from test_predict import make_checkpoint
 
-from agegender.predict import Predictor
+from agegender.infer.predict import Predictor
+from conftest import faces_dir
+from test_predict import make_checkpoint
 
 pytestmark = pytest.mark.browser
 
@@ -34,7 +34,7 @@ def _chromium() -> str:
 def server(tmp_path: Path) -> Iterator[tuple[str, Predictor, Path]]:
     """uvicorn on a free loopback port in a thread, with a photo to upload and the predictor behind it."""
     uvicorn = pytest.importorskip("uvicorn")
-    from agegender.serve import create_app
+    from agegender.infer.serve import create_app
 
     checkpoint = make_checkpoint(tmp_path / "tiny.safetensors")
     shared = faces_dir()

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from t7_writer import Obj, torch7_forward, vgg_face_model, vgg_face_params, write_t7, write_vgg_face_t7
 from torch import nn
 
 from agegender.cli import main
-from agegender.convert import canonical_key, load_canonical, read_weights
-from agegender.model import CONV_NAMES, FC_NAMES, VGG16_WIDTHS, VGGFace
-from agegender.weights import VGG_FACE_PREPROCESS
+from agegender.model.config import VGG16_WIDTHS, VGG_FACE_PREPROCESS
+from agegender.model.vgg import CONV_NAMES, FC_NAMES, VGGFace
+from agegender.weights.convert import canonical_key, load_canonical, read_weights
+from t7_writer import Obj, torch7_forward, vgg_face_model, vgg_face_params, write_t7, write_vgg_face_t7
 
 WIDTHS, FC, CLASSES = (4, 8, 8, 16, 16), 32, 10
 BLOCK_CONVS = (2, 2, 3, 3, 3)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agegender.synthetic import make_agegender_tree, make_vgg_face_state, save_vgg_face
+from agegender.data.synthetic import make_agegender_tree, make_vgg_face_state, save_vgg_face
 
 pytestmark = pytest.mark.ddp
 

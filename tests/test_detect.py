@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agegender.detect import (
+from agegender.errors import AgeGenderError
+from agegender.infer.detect import (
     CROP_SCALE,
     CROP_SHIFT_Y,
     Box,
@@ -17,7 +18,6 @@ from agegender.detect import (
     crop_box,
     crop_face,
 )
-from agegender.errors import AgeGenderError
 
 
 def _rgb(path: Path) -> np.ndarray:

@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from agegender import cli, export as ex
-from agegender.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from agegender import cli
 from agegender.errors import AgeGenderError
-from agegender.model import AgeGenderNet, ModelConfig
-from agegender.weights import VGG_FACE_PREPROCESS
+from agegender.infer import export as ex
+from agegender.model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from agegender.model.config import VGG_FACE_PREPROCESS, ModelConfig
+from agegender.model.net import AgeGenderNet
 
 TINY = {"widths": (4, 8, 8, 16, 16), "hidden": (32, 32)}
 EXTRA = {"data": {"train": 120, "val": 30, "source": "synthetic"}, "metrics": {"gender_accuracy": 0.5, "age_mae": 9.0}}
@@ -230,8 +231,8 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[Path, Path, str]]:
     blocker.write_text("x")
     out = tmp_path / "out" / "m.onnx"
     return {
-        "missing run": (tmp_path / "nope", out, "no such run directory"),
-        "run without checkpoint": (empty, out, "has no model.safetensors"),
+        "missing run": (tmp_path / "nope", out, "no trained model here"),
+        "run without checkpoint": (empty, out, "a run directory without model.safetensors"),
         "not a checkpoint": (junk, out, "not a safetensors checkpoint"),
         "checkpoint file directly": (junk / "model.safetensors", out, "not a safetensors checkpoint"),
         "unwritable output": (run, blocker / "m.onnx", "cannot write here"),

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from agegender import weights
 from agegender.cli import main
 from agegender.errors import AgeGenderError
-from agegender.fetch import default_cache_dir, fetch, locate, safe_extract
-from agegender.weights import AGEGENDER_CLEANED, VGG_FACE, Archive
+from agegender.weights import archives
+from agegender.weights.archives import AGEGENDER_CLEANED, VGG_FACE, Archive
+from agegender.weights.fetch import default_cache_dir, fetch, locate, safe_extract
 
 PAYLOAD = random.Random(0).randbytes(200_000)  # incompressible, so the archive is ~200 kB
 
@@ -39,7 +39,7 @@ class Server:
 
 
 class Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         srv: Server = self.server.state  # type: ignore[attr-defined]
         srv.requests.append(self.headers.get("Range"))
         body = srv.files.get(self.path.lstrip("/"))
@@ -315,7 +315,7 @@ def test_locate_names_the_command(server, monkeypatch, tmp_path):
 def test_cli_fetch_data(server, monkeypatch, tmp_path, capsys):
     data = tar_gz([member("combined/aligned/01_F/a.jpg", b"jpeg")])
     server.files["agegender_cleaned.tar.gz"] = data
-    monkeypatch.setitem(weights.ARCHIVES, "data", replace(AGEGENDER_CLEANED, url="http://unused.invalid/",
+    monkeypatch.setitem(archives.ARCHIVES, "data", replace(AGEGENDER_CLEANED, url="http://unused.invalid/",
                                                           size=len(data)))
     dest = tmp_path / "d"
     assert main(["fetch", "data", "--dest", str(dest), "--url", server.base + "agegender_cleaned.tar.gz",

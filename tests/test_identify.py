@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from t7_writer import torch7_forward, vgg_face_model, vgg_face_params, write_t7
 
 from agegender.cli import main
-from agegender.convert import convert_weights
 from agegender.errors import AgeGenderError
-from agegender.identify import identify
-from agegender.weights import VGG_FACE_PREPROCESS
+from agegender.infer.identify import identify
+from agegender.model.config import VGG_FACE_PREPROCESS
+from agegender.weights.convert import convert_weights
+from t7_writer import torch7_forward, vgg_face_model, vgg_face_params, write_t7
 
 CLASSES = 10
 

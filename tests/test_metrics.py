@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agegender import metrics as m
 from agegender.errors import AgeGenderError
+from agegender.train import metrics as m
 
 # 9 faces, male = 1: tp=3, fn=2 (males called female), fp=1 (female called male), tn=3.
 Y_TRUE = [1, 1, 1, 1, 1, 0, 0, 0, 0]

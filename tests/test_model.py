@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agegender.checkpoint import CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
+from agegender.data.synthetic import make_vgg_face_state
 from agegender.errors import AgeGenderError
-from agegender.model import CONV_NAMES, AgeGenderNet, ModelConfig, VGGFace, decode_age, vgg_face_shapes
-from agegender.synthetic import make_vgg_face_state
-from agegender.weights import VGG_FACE_PREPROCESS
+from agegender.model.checkpoint import CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
+from agegender.model.config import VGG_FACE_PREPROCESS, ModelConfig
+from agegender.model.net import AgeGenderNet, decode_age
+from agegender.model.vgg import CONV_NAMES, VGGFace, vgg_face_shapes
 
 TINY = (4, 8, 8, 16, 16)
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from agegender.cli import main
-from agegender.synthetic import make_agegender_tree
-
+from agegender.data.synthetic import make_agegender_tree
 from t7_writer import write_vgg_face_t7
 
 

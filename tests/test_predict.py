@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -14,19 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from agegender.checkpoint import CheckpointMeta, save_checkpoint
 from agegender.cli import main
-from agegender.data import ADIENCE_GROUP_NAMES, age_group
 from agegender.errors import AgeGenderError
-from agegender.model import AgeGenderNet, ModelConfig
-from agegender.predict import (
-    ImageError,
-    Predictor,
-    expand_paths,
-    load_image,
-    predict_command,
-)
-from agegender.weights import VGG_FACE_PREPROCESS
+from agegender.images import ImageError, load_image
+from agegender.infer.predict import Predictor, expand_paths
+from agegender.labels import ADIENCE_GROUP_NAMES, age_group
+from agegender.model.checkpoint import CheckpointMeta, save_checkpoint
+from agegender.model.config import VGG_FACE_PREPROCESS, ModelConfig
+from agegender.model.net import AgeGenderNet
 
 SIZE = 64
 
@@ -45,8 +39,8 @@ def make_checkpoint(path: Path, age_head: str = "dex", seed: int = 0) -> Path:
 
 
 def make_onnx(checkpoint: Path, path: Path) -> Path:
-    from agegender.checkpoint import load_checkpoint
-    from agegender.export import export_onnx
+    from agegender.infer.export import export_onnx
+    from agegender.model.checkpoint import load_checkpoint
 
     net, meta = load_checkpoint(checkpoint)
     export_onnx(net, meta, path)
@@ -84,10 +78,8 @@ def photo_folder(shared_faces: Path, tmp_path: Path) -> Path:
     return folder
 
 
-def _args(paths: list[str], model: Path, **kw: object) -> argparse.Namespace:
-    base = {"paths": paths, "model": str(model), "output_format": "jsonl", "output": None, "annotate": None,
-            "no_detect": False, "batch_size": 4, "precision": "auto", "min_face": 40}
-    return argparse.Namespace(**{**base, **kw})
+def _predict(paths: list[str], model: Path, *options: str) -> int:
+    return main(["predict", *paths, "--model", str(model), "--batch-size", "4", *options])
 
 
 # -- decoding -----------------------------------------------------------------------------------
@@ -206,8 +198,7 @@ def test_batching_across_images_matches_one_by_one(models: dict[str, Path], phot
 
 def test_predict_folder_end_to_end(models: dict[str, Path], photo_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out" / "preds.jsonl"
-    assert predict_command(_args([str(photo_folder)], models["onnx"], output=str(out),
-                                 annotate=str(tmp_path / "ann"))) == 0
+    assert _predict([str(photo_folder)], models["onnx"], "-o", str(out), "--annotate", str(tmp_path / "ann")) == 0
     records = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
     images = {"blank.png", "corrupt.jpg", "empty.jpg", *(p.name for p in photo_folder.rglob("*.jpg"))}
     assert set(records) == images  # one record per image, the text file skipped
@@ -225,8 +216,8 @@ def test_predict_folder_end_to_end(models: dict[str, Path], photo_folder: Path, 
 
 
 def test_predict_csv_and_globs(models: dict[str, Path], photo_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert predict_command(_args([str(photo_folder / "*.png"), str(photo_folder / "blank.png")], models["checkpoint"],
-                                 output_format="csv", no_detect=True)) == 0
+    assert _predict([str(photo_folder / "*.png"), str(photo_folder / "blank.png")], models["checkpoint"],
+                    "--output-format", "csv", "--no-detect") == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 1 and rows[0]["path"].endswith("blank.png")  # deduplicated
     assert rows[0]["face"] == "0" and rows[0]["x"] == "" and rows[0]["gender"] in ("female", "male")
@@ -281,7 +272,7 @@ def test_bad_images_do_not_stop_the_batch(models: dict[str, Path], tmp_path: Pat
 def test_batch_thread_pools(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     import cv2
 
-    from agegender.predict import share_cores_for_batches, usable_cores
+    from agegender.infer.predict import share_cores_for_batches, usable_cores
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads(), cv2.getNumThreads()
@@ -304,7 +295,7 @@ def test_onnx_predict_never_imports_torch(models: dict[str, Path]) -> None:
     import subprocess
     import sys
 
-    script = ("import sys, numpy as np; from agegender.predict import Predictor; "
+    script = ("import sys, numpy as np; from agegender.infer.predict import Predictor; "
               f"faces = Predictor.from_path({str(models['onnx'])!r}, no_detect=True).predict("
               "np.zeros((64, 64, 3), np.uint8)); "
               f"Predictor.from_path({str(models['onnx'])!r}).predict(np.zeros((99, 99, 3), np.uint8)); "

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from agegender.errors import AgeGenderError
-from agegender.report import (SEED_REPORTED, Predictions, build_report, plot_training_curves,
-                              write_report)
+from agegender.train.report import (
+    SEED_REPORTED,
+    Predictions,
+    build_report,
+    plot_training_curves,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PROTOCOL = {"data_source": "toy", "kind": "folders", "split": "identity", "counts": {"train": 500, "test": 160},

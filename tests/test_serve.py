@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_predict import make_checkpoint
 
-from agegender.predict import Predictor
+from agegender.infer.predict import Predictor
+from test_predict import make_checkpoint
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient
 
-from agegender import serve as serve_module
-from agegender.serve import create_app
+from agegender.infer import serve as serve_module
+from agegender.infer.serve import create_app
 
 MAX_BYTES = 200_000
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from agegender.data import FaceRecord, decode_batch, folder_split, identity_split, parse_identity, scan
-from agegender.errors import AgeGenderError
-from agegender.model import VGG16_WIDTHS, VGGFace, VGGTrunk, vgg_face_shapes
-from agegender.synthetic import (
+from agegender.data.batches import decode_batch
+from agegender.data.records import FaceRecord, parse_identity, scan
+from agegender.data.splits import folder_split, identity_split
+from agegender.data.synthetic import (
     ADIENCE_FOLDER_AGES,
     make_agegender_tree,
     make_csv_folder,
@@ -23,7 +23,9 @@ from agegender.synthetic import (
     make_vgg_face_state,
     save_vgg_face,
 )
-from agegender.weights import VGG_FACE_PREPROCESS, Preprocess
+from agegender.errors import AgeGenderError
+from agegender.model.config import VGG16_WIDTHS, VGG_FACE_PREPROCESS, Preprocess
+from agegender.model.vgg import VGGFace, VGGTrunk, vgg_face_shapes
 
 TINY = (4, 8, 8, 16, 16)
 

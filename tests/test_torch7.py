@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from t7_writer import Obj, Storage, Tensor, empty, vgg_face_model, vgg_face_params, write_t7
 
 from agegender.errors import AgeGenderError
-from agegender.torch7 import T7Object, read_t7
+from agegender.weights.torch7 import T7Object, read_t7
+from t7_writer import Obj, Storage, Tensor, empty, vgg_face_model, vgg_face_params, write_t7
 
 
 def sample() -> Obj:
@@ -135,12 +135,12 @@ def test_every_truncation_is_reported(tmp_path: Path) -> None:
 def test_random_bytes_raise_clean_errors(tmp_path: Path) -> None:
     path = tmp_path / "noise.t7"
     rng = np.random.default_rng(0)
-    for n in range(300):
+    for _ in range(300):
         path.write_bytes(rng.bytes(int(rng.integers(1, 400))))
         with pytest.raises(AgeGenderError, match="noise.t7: "):
             read_t7(path)
     # Plausible tags followed by noise reach the deeper checks too.
-    for n in range(300):
+    for _ in range(300):
         path.write_bytes(struct.pack("<ii", int(rng.integers(0, 6)), 1) + rng.bytes(int(rng.integers(0, 200))))
         try:
             read_t7(path)

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from agegender.cli import main
-from agegender.synthetic import make_agegender_tree, make_vgg_face_state, save_vgg_face
-from agegender.train import TrainConfig, fit
+from agegender.data.synthetic import make_agegender_tree, make_vgg_face_state, save_vgg_face
+from agegender.train.config import TrainConfig
+from agegender.train.loop import fit
 
 TINY = (16, 32, 32, 64, 64)
 
@@ -60,13 +61,13 @@ def test_trunk_weights_never_change_when_frozen(world, tmp_path) -> None:  # typ
 
 
 def test_cached_and_uncached_training_give_the_same_head(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    cached = fit(config(world, tmp_path / "cached", epochs=2))
-    naive = fit(config(world, tmp_path / "naive", epochs=2, cache=False))
+    cached = fit(config(world, tmp_path / "cached", epochs=2, precision="fp32"))
+    naive = fit(config(world, tmp_path / "naive", epochs=2, cache=False, precision="fp32"))
     # The two trunk paths differ only by float rounding (channels_last vs plain convs), so the heads trained
     # on them must agree in what they output, not bit for bit in every weight.
-    from agegender.checkpoint import load_checkpoint
-    from agegender.data import decode_batch
-    from agegender.weights import VGG_FACE_PREPROCESS
+    from agegender.data.batches import decode_batch
+    from agegender.model.checkpoint import load_checkpoint
+    from agegender.model.config import VGG_FACE_PREPROCESS
 
     paths = _split(cached.out, "test")
     images, ok = decode_batch(paths, 64)

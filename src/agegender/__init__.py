@@ -11,25 +11,30 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AgeGenderError": ("agegender.errors", "AgeGenderError"),
-    "Preprocess": ("agegender.weights", "Preprocess"),
-    "VGG_FACE": ("agegender.weights", "VGG_FACE"),
-    "ModelConfig": ("agegender.model", "ModelConfig"),
-    "AgeGenderNet": ("agegender.model", "AgeGenderNet"),
-    "VGGFace": ("agegender.model", "VGGFace"),
-    "convert_weights": ("agegender.convert", "convert_weights"),
-    "load_checkpoint": ("agegender.checkpoint", "load_checkpoint"),
-    "Predictor": ("agegender.predict", "Predictor"),
+    "Preprocess": ("agegender.model.config", "Preprocess"),
+    "VGG_FACE": ("agegender.weights.archives", "VGG_FACE"),
+    "ModelConfig": ("agegender.model.config", "ModelConfig"),
+    "AgeGenderNet": ("agegender.model.net", "AgeGenderNet"),
+    "VGGFace": ("agegender.model.vgg", "VGGFace"),
+    "convert_weights": ("agegender.weights.convert", "convert_weights"),
+    "load_checkpoint": ("agegender.model.checkpoint", "load_checkpoint"),
+    "Predictor": ("agegender.infer.predict", "Predictor"),
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [  # noqa: RUF022 - the lazy names, in _LAZY's order
+    "AgeGenderError", "AgeGenderNet", "ModelConfig", "Predictor", "Preprocess", "VGGFace", "VGG_FACE",
+    "__version__", "convert_weights", "load_checkpoint",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint import load_checkpoint
-    from .convert import convert_weights
     from .errors import AgeGenderError
-    from .model import AgeGenderNet, ModelConfig, VGGFace
-    from .predict import Predictor
-    from .weights import VGG_FACE, Preprocess
+    from .infer.predict import Predictor
+    from .model.checkpoint import load_checkpoint
+    from .model.config import ModelConfig, Preprocess
+    from .model.net import AgeGenderNet
+    from .model.vgg import VGGFace
+    from .weights.archives import VGG_FACE
+    from .weights.convert import convert_weights
 
 
 def __getattr__(name: str) -> Any:

@@ -8,22 +8,26 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import AgeGenderError
+
+if TYPE_CHECKING:
+    from .train.config import TrainConfig
 
 log = logging.getLogger("agegender")
 
 
 def _cmd_convert(a: argparse.Namespace) -> int:
-    from .convert import convert_weights
+    from .weights.convert import convert_weights
 
-    summary = convert_weights(a.src, a.output, trust_pickle=a.trust_pickle, fmt=a.format)
+    summary = convert_weights(a.src, a.output, trust_pickle=a.trust_pickle, fmt=a.input_format)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _cmd_identify(a: argparse.Namespace) -> int:
-    from .identify import identify
+    from .infer.identify import identify
 
     for rank, (index, name, prob) in enumerate(identify(a.image, a.weights, a.names, top=a.top), 1):
         print(f"{rank}. {name} (class {index + 1}, p={prob:.4f})")
@@ -31,8 +35,8 @@ def _cmd_identify(a: argparse.Namespace) -> int:
 
 
 def _cmd_fetch(a: argparse.Namespace) -> int:
-    from .fetch import default_cache_dir, fetch
-    from .weights import ARCHIVES
+    from .weights.archives import ARCHIVES
+    from .weights.fetch import default_cache_dir, fetch
 
     dest = Path(a.dest) if a.dest else default_cache_dir()
     keys = list(ARCHIVES) if a.what == "all" else [a.what]
@@ -43,20 +47,19 @@ def _cmd_fetch(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from .train import TrainConfig, fit
+    from .train.loop import fit
 
-    cfg = TrainConfig.from_args(a)
-    run = fit(cfg, resume=a.resume)
+    run = fit(_train_config(a, a.data, a.out), resume=a.resume)
     if run.report:  # only rank 0 of a torchrun job evaluates
         print(f"checkpoint: {run.checkpoint}\nreport: {run.report_md}")
     return 0
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_command
+    from .train.evaluate import evaluate_model
 
-    report_md = evaluate_command(run=a.run, model=a.model, data=a.data, split=a.split, out=a.out,
-                                 batch_size=a.batch_size, workers=a.workers)
+    report_md = evaluate_model(a.model, data=a.data, subset=a.subset, out=a.out, batch_size=a.batch_size,
+                               workers=a.workers)
     print(f"report: {report_md}")
     return 0
 
@@ -64,36 +67,71 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_reproduce(a: argparse.Namespace) -> int:
     from .pipeline import reproduce
 
-    print(f"report: {reproduce(a)}")
+    print(f"report: {reproduce(_train_config(a, a.data or '', str(Path(a.out) / 'run')), Path(a.out))}")
     return 0
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .pipeline import demo
 
-    print(f"report: {demo(a)}")
+    print(f"report: {demo(Path(a.out), seed=a.seed)}")
     return 0
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from .export import export
+    from .infer.export import export
 
-    result = export(a.run, a.format, a.output)
+    result = export(a.model, a.format, a.output)
     print(json.dumps(result, indent=2))
     return 0
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from .predict import predict_command
+    from .infer.detect import HaarDetector
+    from .infer.predict import Predictor, expand_paths, predict_files, share_cores_for_batches
 
-    return predict_command(a)
+    paths = expand_paths(a.paths)
+    predictor = Predictor.from_path(a.model, HaarDetector(min_face_px=a.min_face), device=a.device,
+                                    no_detect=a.no_detect, precision=a.precision)
+    share_cores_for_batches(predictor)
+    counts = predict_files(predictor, paths, output=a.output, output_format=a.output_format,
+                           batch_size=a.batch_size, annotate=a.annotate)
+    log.info("%d images: %d faces, %d images without a face, %d errors", len(paths), counts["faces"],
+             counts["no face"], counts["errors"])
+    return 0 if counts["errors"] < len(paths) else 1
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
-    from .serve import serve
+    from .infer.serve import serve
 
-    serve(a.model, host=a.host, port=a.port, max_bytes=a.max_bytes, precision=a.precision, min_face=a.min_face)
+    serve(a.model, host=a.host, port=a.port, max_bytes=a.max_bytes, precision=a.precision, min_face=a.min_face,
+          device=a.device)
     return 0
+
+
+def _train_config(a: argparse.Namespace, data: str, out: str) -> TrainConfig:
+    """The typed training config from the parsed options; flags left unset keep the preset's values."""
+    from .train.config import TrainConfig
+
+    init = a.init or ("vgg-face" if a.weights else None)
+    if init is None:
+        raise AgeGenderError("no trunk weights: pass --weights VGG_FACE.safetensors (see `agegender fetch "
+                             "weights` and `agegender convert`) or --init scratch")
+    given = dict(data=data, out=out, weights=a.weights, init=init, split=a.split, seed=a.seed, epochs=a.epochs,
+                 batch_size=a.batch_size, lr=a.lr, image_size=a.image_size, age_head=a.age_head,
+                 hidden=tuple(a.hidden) if a.hidden else None, widths=tuple(a.widths) if a.widths else None,
+                 unfreeze=a.unfreeze or None, cache=not a.no_cache, cache_dir=a.cache_dir,
+                 precision=a.precision, patience=a.patience, limit=a.limit, workers=a.workers, device=a.device)
+    return TrainConfig.from_preset(a.preset, **given)
+
+
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    """``--precision`` and ``--device``, the same on every subcommand that runs a network."""
+    from .devices import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="trunk precision (auto: bf16 where the CPU or GPU has bf16 units)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -115,26 +153,32 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unfreeze", action="store_true", help="fine-tune the conv layers at a lower learning rate")
     p.add_argument("--no-cache", action="store_true", help="recompute the trunk every epoch (for comparison)")
     p.add_argument("--cache-dir", help="feature cache directory (default: <out>/../cache)")
-    p.add_argument("--bf16", action="store_true", help="extract trunk features under bf16 autocast")
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help=argparse.SUPPRESS)
     p.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")
     p.add_argument("--limit", type=int, default=0, help="use at most this many images (for quick runs)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads")
-    p.add_argument("--device", default="cpu")
+    _add_device_options(p)
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     """The detector and precision options shared by ``predict`` and ``serve``."""
-    from .detect import MIN_FACE_PX
-    from .predict import PRECISIONS
+    from .infer.detect import MIN_FACE_PX
 
     p.add_argument("--min-face", type=int, default=MIN_FACE_PX, metavar="PX",
                    help="ignore faces smaller than this (also under 8%% of the shorter side); larger is faster")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="checkpoint trunk precision (auto: bf16 where the CPU or GPU has bf16 units)")
+    _add_device_options(p)
+
+
+def _add_model_option(p: argparse.ArgumentParser, help: str) -> None:
+    # --run is the old name on export and evaluate; it still works, unlisted.
+    p.add_argument("--model", "--run", dest="model", required=True, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .serve import DEFAULT_MAX_BYTES
+    from .infer.export import SUFFIXES
+    from .infer.serve import DEFAULT_MAX_BYTES
+    from .train.evaluate import SUBSETS
+    from .weights.convert import FORMATS as INPUT_FORMATS
 
     parser = argparse.ArgumentParser(
         prog="agegender",
@@ -145,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert VGG-Face weights (.t7/.pt/.mat/.h5) to canonical safetensors")
     p.add_argument("src")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--format", choices=("auto", "t7", "pt", "mat", "h5"), default="auto")
+    p.add_argument("--input-format", "--format", dest="input_format", choices=("auto", *INPUT_FORMATS),
+                   default="auto", help="the source's format (default: from its suffix and magic bytes)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a whole-module .pt (runs code from the file: only for files you trust)")
     p.set_defaults(func=_cmd_convert)
@@ -173,37 +218,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="write report.json/report.md/PNGs for a run or model on a split or dataset")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run directory from `agegender train`")
-    src.add_argument("--model", help="checkpoint .safetensors")
+    _add_model_option(p, "run directory from `agegender train`, or its checkpoint .safetensors")
     p.add_argument("--data", help="dataset to evaluate on (default: the run's own test split)")
-    p.add_argument("--split", choices=("train", "val", "test", "all"),
-                   help="default: the run's test split, or all of --data")
+    p.add_argument("--subset", choices=SUBSETS, help="default: the run's test split, or all of --data")
     p.add_argument("--out", help="report directory (default: <run>/eval or beside the model)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("reproduce", help="the main job: fetch, convert, train, evaluate, export")
-    p.add_argument("--workdir", default="work")
+    p.add_argument("--out", "--workdir", dest="out", default="work", help="work directory (run, exports)")
     p.add_argument("--data", help="use this dataset instead of fetching agegender_cleaned")
     _add_train_options(p)
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("demo", help="the whole pipeline in ~2 minutes on generated data and weights (numbers mean nothing)")
-    p.add_argument("--workdir", default="demo")
+    p.add_argument("--out", "--workdir", dest="out", default="demo", help="work directory")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("export", help="export a trained run to ONNX, Keras or torch.export")
-    p.add_argument("--run", required=True, help="run directory or checkpoint .safetensors")
-    p.add_argument("--format", choices=("onnx", "keras", "torch"), required=True)
+    _add_model_option(p, "run directory or checkpoint .safetensors")
+    p.add_argument("--format", choices=tuple(SUFFIXES), required=True, help="the output format")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("predict", help="gender and age for every face in images, folders or globs")
     p.add_argument("paths", nargs="+")
-    p.add_argument("--model", required=True, help="checkpoint .safetensors or .onnx export")
+    _add_model_option(p, "run directory, checkpoint .safetensors or .onnx export")
     p.add_argument("--output-format", choices=("jsonl", "csv"), default="jsonl")
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.add_argument("--annotate", help="write images with boxes and labels to this folder")
@@ -213,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("serve", help="HTTP API and web page over a model")
-    p.add_argument("--model", required=True)
+    _add_model_option(p, "run directory, checkpoint .safetensors or .onnx export")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="request size cap (413 above it)")
@@ -234,6 +276,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("agegender: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not the user's input: one line, the traceback only with -v
+        if args.verbose:
+            raise
+        print(f"agegender {args.command}: internal error: {type(e).__name__}: {e} (run with -v for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
+ShardT = TypeVar("ShardT", np.ndarray, Sequence[Any])
 
 @dataclass(frozen=True)
 class World:
@@ -26,7 +29,7 @@ class World:
     def active(self) -> bool:
         return self.size > 1
 
-    def shard(self, idx: np.ndarray) -> np.ndarray:
+    def shard(self, idx: ShardT) -> ShardT:
         """This rank's share of a global batch (or index list): every size-th element from rank."""
         return idx[self.rank::self.size]
 

@@ -1,13 +1,13 @@
-"""What the published weights expect, and where the published archives live.
+"""The model's configuration and its input contract, without torch: ONNX inference reads them from an export's metadata.
 
-This module is the single home of the VGG-Face preprocessing constants. Everything else
-(conversion metadata, data transforms, export metadata, prediction) reads them from here.
+This module is the single home of the preprocessing constants. Everything else (conversion metadata, data
+transforms, export metadata, prediction) reads them from here.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,11 +15,62 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+# (output channels, convs) per block of VGG16 at full width.
+VGG16_BLOCKS: tuple[tuple[int, int], ...] = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+VGG16_WIDTHS: tuple[int, ...] = tuple(w for w, _ in VGG16_BLOCKS)
+AGE_HEADS = ("dex", "regression", "none")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild an :class:`AgeGenderNet`; stored in every checkpoint."""
+
+    widths: tuple[int, ...] = VGG16_WIDTHS
+    image_size: int = 64
+    block_bn: bool = False
+    hidden: tuple[int, ...] = (4096, 4096)
+    dropout: tuple[float, ...] = (0.5, 0.5)
+    head_bn: bool = True
+    feature_bn: bool = False  # BatchNorm on the trunk output: frozen VGG features have no fixed scale
+    age_head: str = "dex"
+    age_min: int = 1
+    age_max: int = 70
+    freeze_trunk: bool = True
+
+    def __post_init__(self) -> None:
+        self.widths = tuple(int(w) for w in self.widths)
+        self.hidden = tuple(int(h) for h in self.hidden)
+        self.dropout = tuple(float(p) for p in self.dropout)
+        if len(self.widths) != len(VGG16_BLOCKS):
+            raise ValueError(f"widths needs {len(VGG16_BLOCKS)} block widths, got {self.widths}")
+        if self.image_size % 32 or self.image_size < 32:
+            raise ValueError(f"image_size must be a positive multiple of 32, got {self.image_size}")
+        if len(self.dropout) != len(self.hidden):
+            raise ValueError("dropout needs one probability per hidden layer")
+        if self.age_head not in AGE_HEADS:
+            raise ValueError(f"age_head must be one of {AGE_HEADS}, got {self.age_head!r}")
+
+    @property
+    def feature_dim(self) -> int:
+        return self.widths[-1] * (self.image_size // 32) ** 2
+
+    @property
+    def ages(self) -> int:
+        return self.age_max - self.age_min + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
 # VGG-Face (Parkhi et al., 2015) was trained on 224x224 crops, 0-255 pixels minus this per-channel
 # mean, fed to conv1_1 in BGR order. The official demo.lua subtracts the R mean from the B channel;
 # we use the per-channel mean as published with the model, which is the correct reading.
 VGG_FACE_MEAN_RGB: tuple[float, float, float] = (129.1863, 104.7624, 93.5940)
-GENDERS: tuple[str, str] = ("female", "male")  # the sigmoid output is P(male)
 
 
 @dataclass(frozen=True)
@@ -77,39 +128,3 @@ class Preprocess:
 VGG_FACE_PREPROCESS = Preprocess()
 # The seed notebook fed /255 pixels in RGB order to the VGG-Face convs; kept for `--preset seed`.
 SEED_PREPROCESS = Preprocess(size=64, mean_rgb=(0.0, 0.0, 0.0), scale=1.0 / 255.0, channel_order="RGB")
-
-
-@dataclass(frozen=True)
-class Archive:
-    """A published file that `agegender fetch` downloads and verifies."""
-
-    key: str
-    filename: str
-    url: str
-    size: int | None  # bytes, when published
-    sha256: str | None  # when unknown, recorded on first download and verified afterwards
-    licence: str
-    extracted: str  # a path inside the extraction directory that proves it is unpacked
-
-
-VGG_FACE = Archive(
-    key="weights",
-    filename="vgg_face_torch.tar.gz",
-    url="https://www.robots.ox.ac.uk/~vgg/software/vgg_face/src/vgg_face_torch.tar.gz",
-    size=None,
-    sha256=None,
-    licence="VGG-Face: non-commercial research purposes only (Parkhi, Vedaldi, Zisserman, BMVC 2015)",
-    extracted="vgg_face_torch/VGG_FACE.t7",
-)
-
-AGEGENDER_CLEANED = Archive(
-    key="data",
-    filename="agegender_cleaned.tar.gz",
-    url="https://s3.amazonaws.com/matroid-web/datasets/agegender_cleaned.tar.gz",
-    size=252_630_873,
-    sha256=None,
-    licence="Adience and IMDB-WIKI images: non-commercial research terms of the source datasets",
-    extracted="combined",
-)
-
-ARCHIVES: dict[str, Archive] = {a.key: a for a in (VGG_FACE, AGEGENDER_CLEANED)}

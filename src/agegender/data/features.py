@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .data import FaceRecord, iter_batches
-from .distributed import World
-from .files import atomic_path
-from .model import AgeGenderNet
-from .weights import Preprocess
+from ..distributed import World
+from ..files import atomic_path
+from ..model.config import Preprocess
+from ..model.net import AgeGenderNet
+from .batches import iter_batches
+from .records import FaceRecord
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def extract_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproc
     was_training = model.training
     model.eval()
     # channels_last doubles CPU conv throughput (bf16: 38 -> 80 img/s in BENCHMARKS.md); same numbers.
-    model.trunk.to(memory_format=torch.channels_last)
+    model.trunk.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     n, dim = len(records), model.config.feature_dim
     out = torch.zeros(n, dim, dtype=torch.float32)
     ok = torch.zeros(n, dtype=torch.bool)
@@ -80,7 +81,7 @@ def extract_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproc
         ok[index] = True
         bar.update(len(idx))
     bar.close()
-    model.trunk.to(memory_format=torch.contiguous_format)
+    model.trunk.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     model.train(was_training)
     return FeatureSet(out, ok, time.perf_counter() - start)
 

@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ModelConfig
-from .weights import GENDERS, Preprocess
+from ..labels import GENDERS
+from .config import ModelConfig, Preprocess
 
 FORMAT = "agegender.checkpoint/1"
 

@@ -9,9 +9,10 @@ import os
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from ..errors import AgeGenderError
+from ..images import ImageError, load_image
 from .detect import MIN_FACE_PX, HaarDetector
-from .errors import AgeGenderError
-from .predict import ImageError, Predictor, load_image
+from .predict import Predictor
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -79,7 +80,7 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_n
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse
 
-    page = resources.files("agegender").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = resources.files("agegender.infer").joinpath("static/index.html").read_text(encoding="utf-8")
     app = FastAPI(title="agegender", docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
 
@@ -98,7 +99,7 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_n
         return {"status": "ok", "model": model_name, **predictor.info(), "max_bytes": max_bytes}
 
     @app.post("/predict")
-    async def predict(file: UploadFile = File(...)) -> Any:  # noqa: B008 - FastAPI's declaration style
+    async def predict(file: UploadFile = File(...)) -> Any:
         data = await file.read()
         name = os.path.basename(file.filename or "upload")
         try:
@@ -122,13 +123,14 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(model: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000,
-          max_bytes: int = DEFAULT_MAX_BYTES, precision: str = "auto", min_face: int = MIN_FACE_PX) -> None:
+          max_bytes: int = DEFAULT_MAX_BYTES, precision: str = "auto", min_face: int = MIN_FACE_PX,
+          device: str = "cpu") -> None:
     """Load ``model`` once and serve the API and page with uvicorn until interrupted."""
     import uvicorn
 
     if max_bytes < 1:
         raise AgeGenderError(f"--max-bytes must be positive, got {max_bytes}")
-    predictor = Predictor.from_path(model, HaarDetector(min_face_px=min_face), precision=precision)
+    predictor = Predictor.from_path(model, HaarDetector(min_face_px=min_face), device=device, precision=precision)
     if not _is_loopback(host):
         log.warning("binding %s: the API is reachable from other machines and has no authentication", host)
     app = create_app(predictor, max_bytes, model_name=os.path.basename(os.fspath(model)))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,97 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import RUN_CHECKPOINT, CheckpointMeta, save_checkpoint
-from .data import FaceRecord, decode_batch, make_splits, scan
-from .data import augment as augment_batch
-from .distributed import World, close_world, init_world
-from .errors import AgeGenderError
-from .features import FeatureSet, cached_features
-from .files import atomic_path, write_text_atomic
+from ..data.batches import Batches, Labels
+from ..data.features import FeatureSet, cached_features
+from ..data.records import FaceRecord, scan
+from ..data.splits import make_splits
+from ..distributed import World, close_world, init_world
+from ..errors import AgeGenderError
+from ..files import atomic_path, write_text_atomic
+from ..model.checkpoint import RUN_CHECKPOINT, CheckpointMeta, save_checkpoint
+from ..model.config import SEED_PREPROCESS, VGG_FACE_PREPROCESS, ModelConfig, Preprocess
+from ..model.net import AgeGenderNet, Outputs
+from .config import TrainConfig
+from .evaluate import predict_batches
 from .metrics import mae
-from .model import VGG16_WIDTHS, AgeGenderNet, ModelConfig, Outputs
-from .weights import SEED_PREPROCESS, VGG_FACE_PREPROCESS, Preprocess
 
 log = logging.getLogger(__name__)
-
-# Presets are defined once here; CLI flags override individual fields.
-PRESETS: dict[str, dict[str, Any]] = {
-    # Frozen VGG-Face trunk with no BatchNorm inside it (VGG-Face never had any, and BN between frozen convs
-    # shifts the activations each conv was trained on and forbids the feature cache); BN lives in the head.
-    "default": dict(epochs=25, batch_size=128, lr=1e-3, weight_decay=1e-4, head_bn=True, feature_bn=True, block_bn=False,
-                    dropout=(0.5, 0.5), age_head="regression", age_weight=1.0, pixels="vgg-face"),
-    # The seed notebook: /255 RGB pixels, BN after each conv block, dropout after fc1 only, one sigmoid, no age.
-    "seed": dict(epochs=25, batch_size=128, lr=1e-3, weight_decay=0.0, head_bn=False, feature_bn=False, block_bn=True,
-                 dropout=(0.5, 0.0), age_head="none", pixels="seed"),
-}
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    out: str = "runs/latest"
-    weights: str | None = None
-    init: str = "vgg-face"  # or "scratch": no pretrained weights, the whole net trains
-    preset: str = "default"
-    split: str = "identity"
-    seed: int = 0
-    epochs: int = 25
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    image_size: int = 64
-    # Regression beat DEX (softmax expectation) on every small set we could measure (see README).
-    age_head: str = "regression"
-    age_weight: float = 1.0
-    head_bn: bool = True
-    feature_bn: bool = True
-    block_bn: bool = False
-    dropout: tuple[float, ...] = (0.5, 0.5)
-    hidden: tuple[int, ...] = (4096, 4096)
-    widths: tuple[int, ...] = VGG16_WIDTHS  # used with --init scratch; pretrained widths come from the file
-    pixels: str = "vgg-face"  # or "seed" (/255 RGB)
-    unfreeze: bool = False
-    trunk_lr_mult: float = 0.1
-    cache: bool = True
-    cache_dir: str | None = None
-    bf16: bool = False
-    patience: int = 0
-    limit: int = 0
-    workers: int = 2
-    device: str = "cpu"
-    progress: bool = True
-
-    @classmethod
-    def from_preset(cls, preset: str = "default", **overrides: Any) -> TrainConfig:
-        if preset not in PRESETS:
-            raise AgeGenderError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-        if values.get("init") == "scratch":
-            # From scratch the whole trunk learns at the full rate, and a 13-conv stack trains far better
-            # with BatchNorm after each block.
-            values.update(unfreeze=True, block_bn=True, trunk_lr_mult=1.0)
-        return cls(preset=preset, **values)
-
-    @classmethod
-    def from_args(cls, a: argparse.Namespace) -> TrainConfig:
-        init = a.init or ("vgg-face" if a.weights else None)
-        if init is None:
-            raise AgeGenderError("no trunk weights: pass --weights VGG_FACE.safetensors (see `agegender fetch "
-                                 "weights` and `agegender convert`) or --init scratch")
-        names = {f.name for f in fields(cls)}
-        given = {k: v for k, v in vars(a).items() if k in names and k not in ("preset",)}
-        given.update(init=init, cache=not a.no_cache, unfreeze=a.unfreeze or None)
-        for key in ("hidden", "widths"):
-            if given.get(key):
-                given[key] = tuple(given[key])
-        return cls.from_preset(a.preset, **given)
-
-    @property
-    def trunk_trains(self) -> bool:
-        return self.unfreeze or self.block_bn
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -123,7 +46,7 @@ class RunResult:
 # -- building ---------------------------------------------------------------------------------
 def load_trunk_weights(path: str) -> tuple[dict[str, torch.Tensor], Preprocess, str | None]:
     """Canonical weights, their preprocessing and source hash; .t7/.pt files are converted in memory."""
-    from .convert import load_canonical, read_weights
+    from ..weights.convert import load_canonical, read_weights
 
     p = Path(path)
     if not p.is_file():
@@ -133,7 +56,7 @@ def load_trunk_weights(path: str) -> tuple[dict[str, torch.Tensor], Preprocess, 
         state, meta = load_canonical(p)
         pre = Preprocess.from_dict(json.loads(meta["preprocess"])) if "preprocess" in meta else VGG_FACE_PREPROCESS
         return state, pre, meta.get("source_sha256")
-    from .files import sha256_file
+    from ..files import sha256_file
 
     return read_weights(p), VGG_FACE_PREPROCESS, sha256_file(p)
 
@@ -146,7 +69,7 @@ def build_model(cfg: TrainConfig) -> tuple[AgeGenderNet, Preprocess, str | None]
         if not cfg.weights:
             raise AgeGenderError("--init vgg-face needs --weights (run `agegender fetch weights` and "
                                  "`agegender convert`), or use --init scratch")
-        from .convert import infer_widths
+        from ..weights.convert import infer_widths
 
         state, pre, sha = load_trunk_weights(cfg.weights)
         widths = infer_widths(state)
@@ -169,72 +92,6 @@ def make_optimizer(model: AgeGenderNet, cfg: TrainConfig) -> torch.optim.Optimiz
         groups.append({"params": trunk, "lr": cfg.lr * cfg.trunk_lr_mult})
     # The fused kernel is the same Adam in one pass over the weights: 2x the cached head step on CPU (BENCHMARKS.md).
     return torch.optim.Adam(groups, weight_decay=cfg.weight_decay, fused=True)
-
-
-# -- batches ----------------------------------------------------------------------------------
-@dataclass
-class Labels:
-    gender: torch.Tensor  # (N,) float 0/1
-    age: torch.Tensor  # (N,) float, NaN where unknown
-
-    @classmethod
-    def of(cls, records: Sequence[FaceRecord]) -> Labels:
-        return cls(torch.tensor([r.gender for r in records], dtype=torch.float32),
-                   torch.tensor([math.nan if r.age is None else r.age for r in records], dtype=torch.float32))
-
-
-# Decoded uint8 images are kept in memory up to this size, so end-to-end epochs decode nothing.
-IMAGE_MEMORY_BYTES = 2 << 30
-
-
-class Batches:
-    """Mini-batches of either cached trunk features or images (decoded once when they fit in memory)."""
-
-    def __init__(self, records: Sequence[FaceRecord], preprocess: Preprocess, cfg: TrainConfig,
-                 features: FeatureSet | None, world: World = World(), keep_images: bool = False) -> None:
-        self.records, self.pre, self.cfg, self.features, self.world = records, preprocess, cfg, features, world
-        self.images: torch.Tensor | None = None
-        # Which records decoded; None until known (decoded batch by batch, unreadable ones dropped there).
-        self.ok: np.ndarray | None = None
-        if features is not None:
-            self.ok = features.ok.numpy()
-        elif keep_images and len(records) * cfg.image_size ** 2 * 3 <= IMAGE_MEMORY_BYTES:
-            images, self.ok = decode_batch([r.path for r in records], cfg.image_size, cfg.workers)
-            self.images = torch.from_numpy(images)
-
-    @property
-    def valid(self) -> np.ndarray:
-        """Indices of the records known to decode (all of them until decoding says otherwise)."""
-        return np.arange(len(self.records)) if self.ok is None else np.flatnonzero(self.ok)
-
-    @property
-    def cached(self) -> bool:
-        return self.features is not None
-
-    def __call__(self, idx: np.ndarray, augment: torch.Generator | None = None, shard: bool = False
-                 ) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
-        """Yield (input, record indices, global batch size); ``shard`` gives each rank its share of a batch."""
-        bs, device = self.cfg.batch_size, self.world.device
-        for start in range(0, len(idx), bs):
-            full = idx[start:start + bs]
-            chunk = self.world.shard(full) if shard else full
-            if self.ok is not None:
-                chunk = chunk[self.ok[chunk]]
-            if self.features is not None:
-                if len(chunk):
-                    yield self.features.features[torch.as_tensor(chunk)].to(device), chunk, len(full)
-                continue
-            if self.images is not None:
-                x = self.images[torch.as_tensor(chunk)]
-            else:
-                images, ok = decode_batch([self.records[i].path for i in chunk], self.cfg.image_size,
-                                          self.cfg.workers)
-                chunk, x = chunk[ok], torch.from_numpy(images[ok])
-            if not len(chunk):
-                continue
-            if augment is not None:
-                x = augment_batch(x, augment)
-            yield self.pre.normalize(x).to(device), chunk, len(full)
 
 
 class Step(nn.Module):
@@ -296,22 +153,6 @@ def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx:
     return total / max(count, 1)
 
 
-@torch.no_grad()
-def predict_batches(model: AgeGenderNet, batches: Batches, idx: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(indices actually predicted, P(male), predicted age or None)."""
-    model.eval()
-    done, p_male, ages = [], [], []
-    for x, chunk, _ in batches(idx):
-        out = model.forward_head(x) if batches.cached else model(x)
-        done.append(chunk)
-        p_male.append(torch.sigmoid(out.gender_logit.float()).cpu().numpy())
-        if out.age_logits is not None:
-            ages.append(model.expected_age(out.age_logits.float()).cpu().numpy())
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0))
-    return cat(done).astype(int), cat(p_male), (cat(ages) if ages else None)
-
-
 def validate(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labels: Labels, cfg: TrainConfig
              ) -> dict[str, float]:
     done, p, age = predict_batches(model, batches, idx)
@@ -368,7 +209,7 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
                                    world=world, batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
                                    device=world.device, progress=cfg.progress and world.is_main)
     # The naive --no-cache path stays naive (decode every epoch); a trainable trunk keeps decoded images.
-    batches = Batches(records, pre, cfg, features, world, keep_images=cfg.trunk_trains)
+    batches = Batches(records, pre, cfg.batch_size, cfg.workers, features, world, keep_images=cfg.trunk_trains)
     train_idx = np.intersect1d(np.arange(n_train), batches.valid)
     step: nn.Module = Step(model, batches.cached)
     if world.active:
@@ -423,9 +264,9 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
 
 def _protocol(dataset: Any, splits: Any, cfg: TrainConfig, features: FeatureSet | None,
               records: Sequence[FaceRecord]) -> dict[str, Any]:
-    skipped = list(getattr(dataset, "skipped", []))
+    skipped = [(str(p), why) for p, why in dataset.skipped.items]
     if features is not None:
-        skipped += [(str(records[i].path), "could not decode") for i in np.flatnonzero(~features.ok.numpy())]
+        skipped += [(str(records[int(i)].path), "could not decode") for i in np.flatnonzero(~features.ok.numpy())]
     return {"data": str(dataset.root), "kind": dataset.kind, "split": cfg.split, "seed": cfg.seed,
             "preset": cfg.preset, "init": cfg.init, "splits": splits.summary(),
             "leaked_identities": splits.leaked_identities(),

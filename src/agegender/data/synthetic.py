@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import AgeGenderError
-from .files import atomic_path, write_text_atomic
-from .model import VGG16_BLOCKS, VGG16_WIDTHS, VGG_FACE_FC, VGG_FACE_IDENTITIES, vgg_face_shapes
-from .weights import VGG_FACE_PREPROCESS
+from ..errors import AgeGenderError
+from ..files import atomic_path, write_text_atomic
+from ..model.config import VGG16_WIDTHS, VGG_FACE_PREPROCESS
+from ..model.vgg import VGG_FACE_FC, VGG_FACE_IDENTITIES, vgg_face_shapes
 
 # Adience brackets land in these agegender_cleaned age folders (FORMATS: Adience files appear only there).
 ADIENCE_FOLDER_AGES = frozenset({*range(1, 14), 18, 28, 40, 51, 56})
@@ -204,7 +204,7 @@ def save_vgg_face(path: str | os.PathLike[str], state: dict[str, torch.Tensor]) 
     for key in sorted(state):
         digest.update(key.encode())
         digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
-    from .convert import infer_widths
+    from ..weights.convert import infer_widths
 
     widths = list(infer_widths(state))
     metadata = {"source_sha256": digest.hexdigest(), "source_format": "synthetic",

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import collections
 import csv
 import glob
-import io
 import json
 import logging
 import os
@@ -20,35 +18,23 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .data import (
-    ADIENCE_GROUP_NAMES,
-    IMAGE_FORMATS,
-    IMAGE_SUFFIXES,
-    MAX_PIXELS,
-    age_group,
-    fit_square,
-)
+from ..devices import PRECISIONS, usable_cores, use_bf16
+from ..errors import AgeGenderError
+from ..files import atomic_path
+from ..images import IMAGE_SUFFIXES, ImageInput, fit_square, load_image
+from ..labels import ADIENCE_GROUP_NAMES, age_group
 from .detect import Box, FaceDetector, HaarDetector, crop_face
-from .errors import AgeGenderError
-from .files import atomic_path
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from .meta import CheckpointMeta
+    from ..model.meta import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
-ImageInput = str | os.PathLike[str] | bytes | np.ndarray  # or a PIL image
 
 
-class ImageError(AgeGenderError):
-    """An input that cannot be used as an image; ``kind`` is ``unsupported``, ``corrupt`` or ``too_large``."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass
@@ -79,54 +65,6 @@ class ImageResult:
         return {"path": self.path, "faces": [f.to_dict() for f in self.faces], "error": self.error}
 
 
-# -- decoding -----------------------------------------------------------------------------------
-
-def load_image(source: ImageInput | Image.Image, name: str | None = None) -> np.ndarray:
-    """Full-size RGB uint8 ``(H, W, 3)`` from a path, encoded bytes, an array or a PIL image.
-
-    Files are decoded with EXIF orientation applied, and refused before decoding when the header claims
-    more than ``MAX_PIXELS`` (decompression bombs). Raises :class:`ImageError` naming ``name`` or the path.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if isinstance(source, np.ndarray):
-        return _as_rgb(source, name or "array")
-    if isinstance(source, Image.Image):
-        return np.asarray(ImageOps.exif_transpose(source).convert("RGB"))
-    name = name or (os.fspath(source) if not isinstance(source, bytes) else "upload")
-    empty = not source if isinstance(source, bytes) else os.path.isfile(source) and os.path.getsize(source) == 0
-    if empty:
-        raise ImageError(f"{name}: empty file", "unsupported")
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS) as image:
-            w, h = image.size
-            if w * h > MAX_PIXELS:
-                raise ImageError(f"{name}: {w}x{h} pixels exceeds the {MAX_PIXELS:,} pixel limit", "too_large")
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except FileNotFoundError:
-        raise ImageError(f"{name}: no such file", "unsupported") from None
-    except IsADirectoryError:
-        raise ImageError(f"{name}: is a folder, not an image", "unsupported") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})",
-                         "unsupported") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: {e}", "too_large") from None
-    except AgeGenderError:
-        raise
-    # Corrupt data makes Pillow raise many types (OSError, ValueError, SyntaxError, zlib.error).
-    except Exception as e:  # noqa: BLE001
-        raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})", "corrupt") from None
-
-
-def _as_rgb(array: np.ndarray, name: str) -> np.ndarray:
-    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise ImageError(f"{name}: expected uint8 (H, W), (H, W, 3) or (H, W, 4), got {array.dtype} {array.shape}",
-                         "unsupported")
-    if array.ndim == 2:
-        return np.repeat(array[..., None], 3, axis=2)
-    return np.ascontiguousarray(array[..., :3])
-
 
 # -- backends -----------------------------------------------------------------------------------
 
@@ -140,20 +78,6 @@ class Backend(Protocol):
         ...
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def native_bf16(device: str) -> bool:
-    """Whether ``device`` does bf16 matrix maths in hardware (CPU: AVX512-BF16 or AMX; CUDA: Ampere or later)."""
-    import torch
-
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return torch.cuda.is_bf16_supported()
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return kind == "cpu" and any(probe is not None and probe() for probe in probes)
-
-
 class TorchBackend:
     """A checkpoint in PyTorch. The trunk runs channels_last, in bf16 when ``precision`` asks for it (``auto``:
     where the hardware has bf16 units); the head always runs in fp32, so bf16 only rounds the trunk's input
@@ -164,17 +88,18 @@ class TorchBackend:
     def __init__(self, path: Path, device: str, precision: str = "auto") -> None:
         import torch
 
-        from .checkpoint import load_checkpoint
+        from ..model.checkpoint import load_checkpoint
 
         if precision not in PRECISIONS:
             raise AgeGenderError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        # auto: bf16 exactly where the hardware has bf16 units
         self.model, self.meta = load_checkpoint(path, device)
         self.device = device
-        bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
+        bf16 = use_bf16(precision, device)
         self.precision = "bf16" if bf16 else "fp32"
         self.trunk_dtype = torch.bfloat16 if bf16 else torch.float32
         # oneDNN's convolutions want NHWC: 1.5x (fp32) to 1.8x (bf16) on the CPU in BENCHMARKS.md figure 1.
-        self.model.trunk.to(dtype=self.trunk_dtype, memory_format=torch.channels_last)
+        self.model.trunk.to(dtype=self.trunk_dtype, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._lock = threading.Lock()  # one forward at a time: requests share the model
 
     def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -203,11 +128,11 @@ class OnnxBackend:
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
 
-        from .meta import CheckpointMeta
+        from ..model.meta import CheckpointMeta
 
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors for bad files
+        except Exception as e:
             raise AgeGenderError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
         raw = self.session.get_modelmeta().custom_metadata_map.get("agegender")
         if raw is None:
@@ -274,10 +199,9 @@ class Predictor:
 
     def crops(self, rgb: np.ndarray) -> tuple[list[Box | None], list[np.ndarray]]:
         """The detected boxes and their crops at the model's input size (the whole image with ``no_detect``)."""
-        from PIL import Image
 
         if self.detector is None:
-            return [None], [fit_square(Image.fromarray(rgb), self.size)]
+            return [None], [fit_square(rgb, self.size)]
         boxes = self.detector.detect(rgb)
         return list(boxes), [crop_face(rgb, b, self.size) for b in boxes]
 
@@ -285,7 +209,7 @@ class Predictor:
         """Faces for a batch of ``(S, S, 3)`` uint8 crops."""
         if len(crops) == 0:
             return []
-        p_male, age = self.backend.run(np.stack(crops))
+        p_male, age = self.backend.run(np.stack(list(crops)))
         boxes = boxes or [None] * len(p_male)
         faces = []
         for i, (box, p) in enumerate(zip(boxes, p_male)):
@@ -340,8 +264,6 @@ class Predictor:
             yield ImageResult(item.path, faces[item.first:item.first + len(item.boxes)], item.error)
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def share_cores_for_batches(predictor: Predictor) -> None:
@@ -467,35 +389,33 @@ def _write_annotation(result: ImageResult, folder: Path, used: set[str]) -> None
         image.save(tmp, format="PNG" if dest.suffix == ".png" else "JPEG", quality=92)
 
 
-def predict_command(args: argparse.Namespace) -> int:
-    """``agegender predict``: JSON Lines or CSV, one record per image (CSV: one row per face)."""
-    paths = expand_paths(args.paths)
-    predictor = Predictor.from_path(args.model, HaarDetector(min_face_px=args.min_face), no_detect=args.no_detect,
-                                    precision=args.precision)
-    share_cores_for_batches(predictor)
-    folder = Path(args.annotate) if args.annotate else None
+def predict_files(predictor: Predictor, paths: list[str], output: str | None = None, output_format: str = "jsonl",
+                  batch_size: int = 32, annotate: str | None = None) -> collections.Counter[str]:
+    """``agegender predict``: JSON Lines or CSV to ``output`` (stdout when None), one record per image (CSV: one
+    row per face); annotated copies into the folder ``annotate``. Returns counts of faces and image outcomes."""
+    if output_format not in ("jsonl", "csv"):
+        raise AgeGenderError(f"unknown output format {output_format!r}; choose jsonl or csv")
+    folder = Path(annotate) if annotate else None
     if folder is not None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise AgeGenderError(f"{folder}: cannot create the annotation folder ({e.strerror or e})") from None
-    counts = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
     used: set[str] = set()
 
     def run(stream: IO[str]) -> None:
-        writer = _Writer(stream, args.output_format)
-        for result in predictor.predict_many(paths, args.batch_size):
+        writer = _Writer(stream, output_format)
+        for result in predictor.predict_many(paths, batch_size):
             writer.write(result)
             counts["faces"] += len(result.faces)
             counts["errors" if result.error else "no face" if not result.faces else "with faces"] += 1
             if folder is not None:
                 _write_annotation(result, folder, used)
 
-    if args.output:
-        with atomic_path(args.output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    if output:
+        with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             run(f)
     else:
         run(sys.stdout)
-    log.info("%d images: %d faces, %d images without a face, %d errors", len(paths), counts["faces"],
-             counts["no face"], counts["errors"])
-    return 0
+    return counts

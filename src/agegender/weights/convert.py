@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import AgeGenderError
-from .files import atomic_path, sha256_file
-from .model import CONV_NAMES, FC_NAMES, VGG16_BLOCKS, vgg_face_shapes
-from .weights import VGG_FACE_PREPROCESS
+from ..errors import AgeGenderError
+from ..files import atomic_path, sha256_file
+from ..model.config import VGG16_BLOCKS, VGG_FACE_PREPROCESS
+from ..model.vgg import CONV_NAMES, FC_NAMES, vgg_face_shapes
 
 log = logging.getLogger(__name__)
 
@@ -285,16 +285,17 @@ def _read_mat(path: Path, trust_pickle: bool) -> Params:
     root: Any = mat.get("net", mat)
     get = root.get if isinstance(root, dict) else lambda k: getattr(root, k, None)
     found: dict[str, tuple[Any, Any]] = {}
-    if get("layers") is not None:
-        for layer in np.atleast_1d(get("layers")):
+    layers, dag_params = get("layers"), get("params")
+    if layers is not None:
+        for layer in np.atleast_1d(layers):
             name = getattr(layer, "name", None)
             wb = getattr(layer, "weights", None)
             if wb is None:
                 wb = (getattr(layer, "filters", None), getattr(layer, "biases", None))
             if name in LAYERS and len(wb) == 2:
                 found[name] = (wb[0], wb[1])
-    elif get("params") is not None:
-        values = {p.name: p.value for p in np.atleast_1d(get("params"))}
+    elif dag_params is not None:
+        values = {p.name: p.value for p in np.atleast_1d(dag_params)}
         found = {n: (values[f"{n}f"], values.get(f"{n}b")) for n in LAYERS if f"{n}f" in values}
     else:
         found = {n: (getattr(mat[n], "W", None), getattr(mat[n], "b", None)) for n in LAYERS if n in mat}
@@ -339,7 +340,7 @@ def _read_h5(path: Path, trust_pickle: bool) -> Params:
             if name not in roots[0]:
                 continue
             arrays: list[np.ndarray] = []
-            roots[0][name].visititems(lambda _, d: arrays.append(d[()]) if isinstance(d, h5py.Dataset) else None)
+            roots[0][name].visititems(lambda _, d, found=arrays: found.append(d[()]) if isinstance(d, h5py.Dataset) else None)
             kernels = [a for a in arrays if a.ndim >= 2]
             biases = [a for a in arrays if a.ndim == 1]
             if len(kernels) != 1 or len(biases) != 1:

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import AgeGenderError
-from .model import VGGFace
-from .weights import VGG_FACE_PREPROCESS
+from ..errors import AgeGenderError
+from ..images import load_image
+from ..model.config import VGG_FACE_PREPROCESS
+from ..model.vgg import VGGFace
 
 
 def identify(image: str | os.PathLike[str], weights: str | os.PathLike[str], names: str | os.PathLike[str],
@@ -19,7 +20,7 @@ def identify(image: str | os.PathLike[str], weights: str | os.PathLike[str], nam
 
     ``weights`` is converted safetensors, or any format ``agegender convert`` reads (converted in memory).
     """
-    from .convert import infer_widths, load_canonical, read_weights
+    from ..weights.convert import infer_widths, load_canonical, read_weights
 
     if top < 1:
         raise AgeGenderError(f"--top must be at least 1, not {top}")
@@ -50,11 +51,8 @@ def read_names(path: str | os.PathLike[str]) -> list[str]:
 
 def load_face(path: str | os.PathLike[str]) -> np.ndarray:
     """The whole image, resized to the network input size, as uint8 RGB ``(H, W, 3)``."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     size = VGG_FACE_PREPROCESS.size
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise AgeGenderError(f"{path}: cannot read image ({e.__class__.__name__})") from None
+    rgb = Image.fromarray(load_image(path, draft=size))
+    return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR))

@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ..errors import AgeGenderError
+
 # The Adience brackets and the scalar age_group rule live with the data; re-exported for metric users.
-from .data import ADIENCE_GROUP_NAMES as ADIENCE_GROUP_NAMES
-from .data import ADIENCE_GROUPS as ADIENCE_GROUPS
-from .data import age_group as age_group
-from .errors import AgeGenderError
+from ..labels import ADIENCE_GROUP_NAMES as ADIENCE_GROUP_NAMES
+from ..labels import ADIENCE_GROUPS as ADIENCE_GROUPS
+from ..labels import age_group as age_group
 
 
 def _labels(name: str, y: ArrayLike, n_classes: int) -> np.ndarray:

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import RUN_CHECKPOINT, CheckpointMeta, load_checkpoint
-from .errors import AgeGenderError
-from .files import atomic_path, write_text_atomic
-from .model import AgeGenderNet, ModelConfig, decode_age
+from ..errors import AgeGenderError
+from ..files import atomic_path, write_text_atomic
+from ..model.checkpoint import CheckpointMeta, load_checkpoint, resolve_model
+from ..model.config import ModelConfig
+from ..model.net import AgeGenderNet, decode_age
 
 if TYPE_CHECKING:
     import keras
@@ -61,7 +62,7 @@ class InferenceModel(nn.Module):
         self.output_names = output_names(net.config)
         self.eval()
 
-    def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: A002 - the contract's name
+    def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.net(input)
         p_male = torch.sigmoid(out.gender_logit)
         if out.age_logits is None:
@@ -73,18 +74,6 @@ class InferenceModel(nn.Module):
 
 
 # -- shared plumbing ----------------------------------------------------------------------------
-
-def resolve_checkpoint(run: str | os.PathLike[str]) -> Path:
-    """A run directory means its ``model.safetensors``; anything else is taken as the checkpoint file."""
-    path = Path(run)
-    if path.is_dir():
-        if not (path / RUN_CHECKPOINT).is_file():
-            raise AgeGenderError(f"{path}: run directory has no {RUN_CHECKPOINT} (has training finished?)")
-        return path / RUN_CHECKPOINT
-    if not path.exists():
-        raise AgeGenderError(f"{path}: no such run directory or checkpoint")
-    return path
-
 
 def verification_batch(meta: CheckpointMeta, n: int = 4, seed: int = 0) -> torch.Tensor:
     """A deterministic batch of random uint8 images passed through the checkpoint's own preprocessing."""
@@ -302,6 +291,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def _bn_weights(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> list[np.ndarray]:
+    assert bn.running_mean is not None and bn.running_var is not None
     return [_np(bn.weight), _np(bn.bias), _np(bn.running_mean), _np(bn.running_var)]
 
 
@@ -350,10 +340,11 @@ def build_keras_model(net: AgeGenderNet) -> keras.Model:
 
     gender = layers.Dense(1, activation="sigmoid", name="gender")(features)
     weights["gender"] = [_np(net.gender.weight.T), _np(net.gender.bias)]
+    assert net.age is not None or cfg.age_head == "none"
     outputs = [layers.Reshape((), name="p_male")(gender)]
     if cfg.age_head == "dex":
         probs = layers.Dense(cfg.ages, activation="softmax", name="age_probs")(features)
-        weights["age_probs"] = [_np(net.age.weight.T), _np(net.age.bias)]
+        weights["age_probs"] = [_np(net.age.weight.T), _np(net.age.bias)]  # type: ignore[union-attr]
         # DEX age is the expectation of the age distribution: one fixed dot product with the ages.
         years = layers.Dense(1, use_bias=False, name="age_expectation")(probs)
         weights["age_expectation"] = [np.arange(cfg.age_min, cfg.age_max + 1, dtype=np.float32)[:, None]]
@@ -363,7 +354,7 @@ def build_keras_model(net: AgeGenderNet) -> keras.Model:
         offset, at_one = (float(decode_age(cfg, torch.tensor([[v]]))) for v in (0.0, 1.0))
         years = layers.Dense(1, name="age_years")(features)
         scale = at_one - offset
-        weights["age_years"] = [_np(net.age.weight.T) * scale, _np(net.age.bias) * scale + offset]
+        weights["age_years"] = [_np(net.age.weight.T) * scale, _np(net.age.bias) * scale + offset]  # type: ignore[union-attr]
         outputs.append(layers.Reshape((), name="age")(years))
 
     model = keras.Model(inputs, outputs, name=f"agegender_{cfg.age_head}")
@@ -476,7 +467,7 @@ def export(run: str | os.PathLike[str], fmt: str, output: str | os.PathLike[str]
     if fmt not in EXPORTERS:
         raise AgeGenderError(f"unknown export format {fmt!r} (choose from {', '.join(EXPORTERS)})")
     _check_output(output, fmt)  # fail before the slow load
-    net, meta = load_checkpoint(resolve_checkpoint(run))
+    net, meta = load_checkpoint(resolve_model(run))
     if meta.config.age_head == "none":
         log.warning("%s: the model has no age head; exporting p_male only (\"age\": null in metadata)", run)
     try:

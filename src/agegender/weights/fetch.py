@@ -16,9 +16,9 @@ import urllib.request
 import zlib
 from pathlib import Path, PurePosixPath
 
-from .errors import AgeGenderError
-from .files import sha256_file, write_text_atomic
-from .weights import Archive
+from ..errors import AgeGenderError
+from ..files import sha256_file, write_text_atomic
+from .archives import Archive
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,6 @@ def safe_extract(tar_path: str | os.PathLike[str], dest: str | os.PathLike[str])
     tar_path, dest = Path(tar_path), Path(dest)
     root = os.path.realpath(dest)
     # tarfile's "data" filter re-checks every path against the real filesystem at write time.
-    filter_kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     try:
         with tarfile.open(tar_path, "r:*") as tar:
             members = tar.getmembers()
@@ -93,7 +92,10 @@ def safe_extract(tar_path: str | os.PathLike[str], dest: str | os.PathLike[str])
             for m in members:
                 if problem := _unsafe_member(m, root, symlinks):
                     raise AgeGenderError(f"{tar_path}: refusing member {m.name!r}: {problem}")
-            tar.extractall(dest, members=members, **filter_kw)
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, members=members, filter="data")
+            else:  # Python before 3.11.4; the checks above still ran
+                tar.extractall(dest, members=members)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise AgeGenderError(f"{tar_path}: cannot unpack ({e})") from None
 

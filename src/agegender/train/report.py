@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import AgeGenderError
+from ..files import atomic_path, write_text_atomic
+from ..labels import GENDERS
 from . import metrics
-from .errors import AgeGenderError
-from .files import atomic_path, write_text_atomic
-from .weights import GENDERS
 
 # Figures reported by the seed notebook; its positive class was male (one sigmoid over the F/M folders).
 SEED_REPORTED: dict[str, float] = {"accuracy": 0.9241, "precision": 0.903, "recall": 0.949, "f1": 0.925}
@@ -25,7 +25,7 @@ MIN_SLICE_N = 10
 
 
 def _column(name: str, values: Any, n: int, dtype: type) -> np.ndarray:
-    a = np.asarray(values).astype(dtype)
+    a: np.ndarray = np.asarray(values).astype(dtype)
     if a.shape != (n,):
         raise AgeGenderError(f"predictions: {name} has shape {a.shape}, expected ({n},)")
     return a

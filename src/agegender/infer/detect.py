@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import AgeGenderError
+from ..errors import AgeGenderError
 
 MIN_FACE_PX = 40  # faces smaller than this are ignored by default (see HaarDetector)
 CROP_SCALE = 1.83  # crop side / detected box side
@@ -83,7 +83,8 @@ class HaarDetector:
         # Resolved here, in the constructing thread: cv2's lazy submodules break when first imported by threads.
         import cv2
 
-        self.cascades = [Path(cv2.data.haarcascades) / n for n in (HAAR_CASCADES if fallback else HAAR_CASCADES[:1])]
+        folder = Path(cv2.data.haarcascades)  # type: ignore[attr-defined]
+        self.cascades = [folder / n for n in (HAAR_CASCADES if fallback else HAAR_CASCADES[:1])]
         self._local = threading.local()
 
     def _classifiers(self) -> list[Any]:

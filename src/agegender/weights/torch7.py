@@ -12,7 +12,7 @@ from typing import Any, BinaryIO, NoReturn
 
 import numpy as np
 
-from .errors import AgeGenderError
+from ..errors import AgeGenderError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class _Reader:
         self.pos += n
         return data
 
-    def int(self, what: str) -> int:
+    def int32(self, what: str) -> int:
         return struct.unpack("<i", self.take(4, what))[0]
 
     def longs(self, n: int, what: str) -> list[int]:
@@ -90,13 +90,13 @@ class _Reader:
 
     def string(self, what: str = "string") -> str:
         at = self.pos
-        n = self.int(f"{what} length")
+        n = self.int32(f"{what} length")
         self.need(n, what, at)
         return self.take(n, what).decode("utf-8", "surrogateescape")
 
     def obj(self) -> Any:
         at = self.pos
-        tag = self.int("type tag")
+        tag = self.int32("type tag")
         if tag == NIL:
             return None
         if tag == NUMBER:
@@ -105,9 +105,9 @@ class _Reader:
         if tag == STRING:
             return self.string()
         if tag == BOOLEAN:
-            return self.int("boolean") == 1
+            return self.int32("boolean") == 1
         if tag in (TABLE, TORCH):
-            index = self.int("object index")
+            index = self.int32("object index")
             if index in self.memo:
                 return self.memo[index]
             return self.table(index) if tag == TABLE else self.torch_object(index, at)
@@ -117,7 +117,7 @@ class _Reader:
         table: dict[Any, Any] = {}
         self.memo[index] = table  # registered first: a table may contain itself
         at = self.pos
-        n = self.int("table size")
+        n = self.int32("table size")
         self.need(8 * n, "table", at)  # each key and value takes at least a 4-byte tag
         for _ in range(n):
             key_at = self.pos
@@ -142,14 +142,14 @@ class _Reader:
         elif class_name.startswith("torch.") and class_name.endswith(("Tensor", "Storage")):
             self.fail(f"unsupported tensor class {class_name} at byte {at}")
         else:
-            obj = T7Object(class_name)
+            obj = T7Object(class_name)  # type: ignore[assignment]
             self.memo[index] = obj  # before the fields, which may refer back to the object
             fields = self.obj()
             if isinstance(fields, list):
                 fields = dict(enumerate(fields, 1))
             if not isinstance(fields, dict):
                 self.fail(f"{class_name} at byte {at} has no table of fields")
-            obj.fields = fields
+            obj.fields = fields  # type: ignore[attr-defined]
         self.memo[index] = obj
         return obj
 
@@ -159,14 +159,14 @@ class _Reader:
         self.need(n * dtype.itemsize, "storage data", at)
         # Read straight into the array that we return: the weights are in memory once, never copied.
         data = np.empty(n, dtype)
-        got = self.f.readinto(memoryview(data.view(np.uint8)))
+        got = self.f.readinto(memoryview(data.view(np.uint8)))  # type: ignore[attr-defined,arg-type]
         if got != data.nbytes:
             self.fail(f"truncated at byte {self.pos + (got or 0)}")
         self.pos += data.nbytes
         return data
 
     def tensor(self, class_name: str, dtype: np.dtype, at: int) -> np.ndarray:
-        ndim = self.int("tensor dimension count")
+        ndim = self.int32("tensor dimension count")
         if not 0 <= ndim <= MAX_DIMS:
             self.fail(f"absurd dimension count {ndim} for {class_name} at byte {at}")
         size = self.longs(ndim, "tensor sizes")

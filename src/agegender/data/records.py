@@ -1,0 +1,192 @@
+"""Labelled face records from folder trees, file names or manifests, with the identity of each person."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import AgeGenderError
+from ..images import IMAGE_SUFFIXES, Skipped
+from ..labels import _GENDER_WORDS, UTKFACE_RACES, parse_age, parse_gender
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class FaceRecord:
+    """One labelled face image. ``gender`` indexes ``weights.GENDERS`` (0 female, 1 male)."""
+
+    path: Path
+    gender: int
+    age: int | None
+    identity: str  # namespaced by source, e.g. "imdb:nm0000001"; never shared across sources
+    group: str = ""  # "aligned" / "valid" in agegender trees, else ""
+    race: str | None = None
+    source: str = "unknown"  # adience, imdb, wiki, utkface, csv (a manifest) or unknown
+
+
+# A trailing "-<n>" before the extension marks a duplicate name in the source data.
+_DUP = r"(?:-\d+)?\.(?:jpe?g|png)$"
+_IDENTITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("imdb", re.compile(r"^(nm\d+)_rm\d+_\d+-\d+-\d+_\d+" + _DUP, re.I)),
+    # WIKI birth dates are sometimes malformed ("1994-11-18.", "1989-08-019"); the id still names the person.
+    ("wiki", re.compile(r"^(\d+)_\d{3,4}-[\d.-]+_\d{4}" + _DUP, re.I)),
+    ("adience", re.compile(r"^landmark_aligned_face\.(\d+)\..+_o" + _DUP, re.I)),
+)
+
+
+def parse_identity(filename: str | os.PathLike[str]) -> tuple[str, str]:
+    """``(source, identity)`` from an IMDB, WIKI or Adience file name, e.g. ``("imdb", "imdb:nm0000001")``.
+
+    Only the last path component is parsed. When no pattern matches, the source is ``"unknown"`` and the
+    identity is ``filename`` exactly as given, so every such image is its own person.
+    """
+    name = Path(filename).name
+    for source, pattern in _IDENTITY_PATTERNS:
+        m = pattern.match(name)
+        if m:
+            return source, f"{source}:{m.group(1)}"
+    return "unknown", str(filename)
+
+
+def _identity(path: Path, root: Path) -> tuple[str, str]:
+    source, identity = parse_identity(path.name)
+    if source == "unknown":  # the relative path keeps equal names in different folders apart
+        identity = path.relative_to(root).as_posix()
+    return source, identity
+
+
+@dataclass
+class Dataset:
+    """Records scanned from one place; ``kind`` says which layout was detected."""
+
+    records: list[FaceRecord]
+    kind: str  # "agegender", "utkface", "csv" or "json"
+    root: Path  # the folder scanned (a manifest's folder)
+    skipped: Skipped = field(default_factory=Skipped)  # files seen but not usable, with the reason
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+_EXPECTED = ("an agegender_cleaned tree ([combined/]{aligned,valid}/NN_G/*.jpg), UTKFace names "
+             "(<age>_<gender>_<race>_*.jpg), labels.csv (path or filename, gender[, age, identity, race]) "
+             "or ground_truth.json")
+_AGEGENDER_FOLDER = re.compile(r"^(\d{2})_([FM])$")
+_UTKFACE_NAME = re.compile(r"^(\d{1,3})_([01])_(?:([0-4])_)?\d")
+
+
+def scan(root: str | os.PathLike[str]) -> Dataset:
+    """Find labelled faces under ``root`` (a folder, or a ``.csv``/``.json`` manifest), auto-detecting the layout.
+
+    Tried in order: agegender_cleaned tree, ``labels.csv``, ``ground_truth.json``, UTKFace file names.
+    """
+    root = Path(root)
+    if root.is_file():
+        return _finish(_scan_manifest(root), root)
+    if not root.is_dir():
+        raise AgeGenderError(f"{root}: no such file or directory")
+    base = next((b for b in (root / "combined", root)
+                 if (b / "aligned").is_dir() or (b / "valid").is_dir()), None)
+    if base is not None:
+        return _finish(Dataset(_scan_agegender(base), "agegender", root), root)
+    for manifest in ("labels.csv", "ground_truth.json"):
+        if (root / manifest).is_file():
+            return _finish(_scan_manifest(root / manifest), root)
+    return _finish(Dataset(_scan_utkface(root), "utkface", root), root)
+
+
+def _finish(ds: Dataset, root: Path) -> Dataset:
+    if not ds.records:
+        raise AgeGenderError(f"{root}: no labelled face images found; expected {_EXPECTED}")
+    counts = collections.Counter(r.gender for r in ds.records)
+    log.info("%s: detected %s layout, %d images (%d female, %d male), %d identities", root, ds.kind,
+             len(ds.records), counts[0], counts[1], len({r.identity for r in ds.records}))
+    return ds
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _scan_agegender(base: Path) -> list[FaceRecord]:
+    records = []
+    for group in ("aligned", "valid"):
+        if not (base / group).is_dir():
+            continue
+        for folder in sorted(p for p in (base / group).iterdir() if p.is_dir()):
+            m = _AGEGENDER_FOLDER.match(folder.name)
+            if not m:
+                log.warning("%s: not an NN_G label folder; ignored", folder)
+                continue
+            age, gender = int(m.group(1)), _GENDER_WORDS[m.group(2).lower()]
+            for path in _images(folder):
+                source, identity = _identity(path, base)
+                records.append(FaceRecord(path, gender, age, identity, group, None, source))
+    return records
+
+
+def _scan_utkface(root: Path) -> list[FaceRecord]:
+    records, ignored = [], 0
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        m = _UTKFACE_NAME.match(path.name)
+        if not m:
+            ignored += 1
+            continue
+        race = UTKFACE_RACES[int(m.group(3))] if m.group(3) else None
+        # UTKFace codes gender 0 = male, 1 = female: the reverse of ours.
+        records.append(FaceRecord(path, 1 - int(m.group(2)), int(m.group(1)),
+                                  f"utkface:{path.relative_to(root).as_posix()}", "", race, "utkface"))
+    if records and ignored:
+        log.warning("%s: %d images without UTKFace labels in their names ignored", root, ignored)
+    return records
+
+
+def _scan_manifest(path: Path) -> Dataset:
+    root = path.parent
+    try:
+        if path.suffix.lower() == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise AgeGenderError(f"{path}: expected a JSON list of objects")
+            kind, first_line = "json", 1
+        elif path.suffix.lower() == ".csv":
+            with path.open(newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.DictReader(f))
+            kind, first_line = "csv", 2
+        else:
+            raise AgeGenderError(f"{path}: not a .csv or .json label manifest")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise AgeGenderError(f"{path}: cannot read label manifest ({e})") from None
+    records, missing = [], []
+    for line, raw in enumerate(rows, first_line):
+        row = {str(k).strip().lower(): ("" if v is None else str(v)) for k, v in raw.items()}
+        name = row.get("path") or row.get("filename")
+        if name is None or "gender" not in row:
+            raise AgeGenderError(f"{path}: needs a 'path' or 'filename' column and a 'gender' column "
+                                 f"(has {', '.join(row) or 'none'})")
+        gender = parse_gender(row["gender"])
+        if gender is None:
+            raise AgeGenderError(f"{path}:{line}: gender {row['gender']!r} is not M/F/male/female")
+        try:
+            age = parse_age(row.get("age", ""))
+        except ValueError:
+            raise AgeGenderError(f"{path}:{line}: age {row['age']!r} is not a number or range") from None
+        image = root / name.strip()
+        if not image.is_file():
+            missing.append(name)
+            continue
+        source, identity = _identity(image, root) if image.is_relative_to(root) else parse_identity(image)
+        if row.get("identity", "").strip():
+            # Namespaced like parsed ids, so a listed id and a parsed one for the same person agree.
+            identity = f"{source if source != 'unknown' else 'csv'}:{row['identity'].strip()}"
+        records.append(FaceRecord(image, gender, age, identity, "", row.get("race", "").strip() or None,
+                                  source if source != "unknown" else "csv"))
+    if missing:
+        log.warning("%s: %d listed images are missing (first: %s)", path, len(missing), ", ".join(missing[:3]))
+    return Dataset(records, kind, root)

@@ -1,0 +1,30 @@
+"""The machine a network runs on: precision and cores. Torch-free at import, so ONNX inference can use it."""
+
+from __future__ import annotations
+
+import os
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` does bf16 matrix maths in hardware (CPU: AVX512-BF16 or AMX; CUDA: Ampere or later)."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return kind == "cpu" and any(probe is not None and probe() for probe in probes)
+
+
+def use_bf16(precision: str, device: str) -> bool:
+    """``precision`` resolved for ``device``: auto means bf16 exactly where the hardware has bf16 units."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
