@@ -9,15 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmarks.__main__ import main
+from benchmarks.inputs import build_tree, faces_dir
+from benchmarks.summary import summarise
 from PIL import Image
 
-from agegender import bench
 from agegender.data.records import FaceRecord, scan
 from agegender.errors import AgeGenderError
 
 
 def test_tree_has_the_agegender_layout_and_fills_every_folder(tmp_path: Path) -> None:
-    root = bench.build_tree(tmp_path / "tree", 280)
+    root = build_tree(tmp_path / "tree", 280)
     ds = scan(root)
     assert ds.kind == "agegender" and len(ds) == 280
     aligned = {p.name for p in (root / "combined" / "aligned").iterdir()}
@@ -27,7 +29,7 @@ def test_tree_has_the_agegender_layout_and_fills_every_folder(tmp_path: Path) ->
         assert im.size == (128, 128) and im.format == "JPEG" and im.info.get("progressive")
     # Built once: a second call reuses the tree untouched.
     mtime = ds.records[0].path.stat().st_mtime_ns
-    bench.build_tree(tmp_path / "tree", 280)
+    build_tree(tmp_path / "tree", 280)
     assert ds.records[0].path.stat().st_mtime_ns == mtime
 
 
@@ -37,7 +39,7 @@ def test_tree_repeats_photos_as_one_identity_with_their_gender(tmp_path: Path) -
         path = tmp_path / f"photo{i}.jpg"
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(path)
         photos.append(FaceRecord(path, gender, None, f"csv:{i}"))
-    ds = scan(bench.build_tree(tmp_path / "tree", 12, photos))
+    ds = scan(build_tree(tmp_path / "tree", 12, photos))
     by_identity: dict[str, list[FaceRecord]] = {}
     for r in ds.records:
         by_identity.setdefault(r.identity, []).append(r)
@@ -49,7 +51,7 @@ def test_tree_repeats_photos_as_one_identity_with_their_gender(tmp_path: Path) -
 
 def test_faces_folder_must_exist(tmp_path: Path) -> None:
     with pytest.raises(AgeGenderError, match="does not exist"):
-        bench.faces_dir(str(tmp_path / "missing"))
+        faces_dir(str(tmp_path / "missing"))
 
 
 def _grid(raw_fit: float, raw_best: float, ext_fit: float) -> list[dict[str, object]]:
@@ -73,7 +75,7 @@ def test_summary_arithmetic_and_reasons() -> None:
         "predict": {"images_per_second": 30.0},
         "peer": {"error": "skipped (--no-peer)"},
     }
-    s = bench.summarise(raw, epochs=25)
+    s = summarise(raw, epochs=25)
     assert s["extraction_ratio"] == pytest.approx(40 / 200)
     assert s["extraction_ratio_best_settings"] == pytest.approx(0.9)
     assert s["train_speedup_vs_naive"] == pytest.approx((700 / 10 + 150 / 15) / 100)
@@ -81,7 +83,7 @@ def test_summary_arithmetic_and_reasons() -> None:
     assert s["peak_rss_gib"] == 2.5
     assert s["predict_ratio_vs_peer"] is None and s["reasons"]["predict_ratio_vs_peer"] == "skipped (--no-peer)"
 
-    failed = bench.summarise({"throughput": {"error": "phase throughput exited with status 1"}}, epochs=25)
+    failed = summarise({"throughput": {"error": "phase throughput exited with status 1"}}, epochs=25)
     assert failed["extraction_ratio"] is None
     assert "status 1" in failed["reasons"]["extraction_ratio"]
 
@@ -90,7 +92,7 @@ def test_summary_arithmetic_and_reasons() -> None:
 def test_tiny_run_writes_both_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AGEGENDER_FACES", raising=False)
     out = tmp_path / "out"
-    rc = bench.main(["--tiny", "--no-peer", "--out", str(out), "--work", str(tmp_path / "work")])
+    rc = main(["--tiny", "--no-peer", "--out", str(out), "--work", str(tmp_path / "work")])
     doc = json.loads((out / "bench.json").read_text())
     errors = {k: v["error"] for k, v in doc["raw"].items() if k != "peer" and "error" in v}
     assert rc == 0 and not errors, errors
@@ -101,7 +103,7 @@ def test_tiny_run_writes_both_reports(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "--no-peer" in doc["summary"]["reasons"]["predict_ratio_vs_peer"]
     assert doc["raw"]["predict"]["images_per_second"] > 0
     assert doc["raw"]["train"]["cache_hit"] and doc["raw"]["steps"]["cache_hit"]
-    assert doc["machine"]["cpu"] and doc["machine"]["torch"] and doc["command"].startswith("python -m agegender.bench")
+    assert doc["machine"]["cpu"] and doc["machine"]["torch"] and doc["command"].startswith("python -m benchmarks")
 
     md = (out / "BENCHMARKS.md").read_text()
     for n in range(1, 7):
@@ -113,7 +115,7 @@ def test_tiny_run_writes_both_reports(tmp_path: Path, monkeypatch: pytest.Monkey
     assert not list(out.glob(".*part"))  # atomic writes leave no temp files
 
     # --reuse keeps every phase group that succeeded (here all but predict + peer), with who measured it.
-    assert bench.main(["--tiny", "--no-peer", "--reuse", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    assert main(["--tiny", "--no-peer", "--reuse", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     again = json.loads((out / "bench.json").read_text())
     assert again["raw"]["train"] == doc["raw"]["train"] and again["extraction_ratio"] == doc["extraction_ratio"]
     assert doc["raw"]["train"]["measured"]["command"] in (out / "BENCHMARKS.md").read_text()

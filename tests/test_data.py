@@ -497,7 +497,7 @@ def test_iter_batches_decodes_prefetch_batches_ahead(tmp_path: Path, monkeypatch
     calls = []
     lock = threading.Lock()
 
-    def counting(path: Path, size: int, skipped: Skipped | None = None) -> np.ndarray | None:
+    def counting(path: Path, size: int, skipped: Skipped | None = None, frame: object = None) -> np.ndarray | None:
         with lock:
             calls.append(path)
         return np.zeros((size, size, 3), np.uint8)

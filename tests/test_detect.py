@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from agegender.errors import AgeGenderError
-from agegender.infer.detect import (
+from agegender.faces.detect import (
     CROP_SCALE,
     CROP_SHIFT_Y,
     Box,

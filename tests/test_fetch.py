@@ -112,7 +112,7 @@ def good_archive() -> bytes:
 def serve(srv: Server, data: bytes, *, name: str = "pkg.tar.gz", known: bool = True) -> Archive:
     """Publish ``data`` on the server and describe it, with or without published size and sha256."""
     srv.files[name] = data
-    return replace(VGG_FACE, filename=name, url=srv.base + name, extracted="pkg/data.bin",
+    return replace(VGG_FACE, filename=name, urls=(srv.base + name,), extracted="pkg/data.bin",
                    size=len(data) if known else None, sha256=hashlib.sha256(data).hexdigest() if known else None)
 
 
@@ -214,20 +214,21 @@ def test_recorded_sha256_is_verified_later(server, tmp_path):
     data = good_archive()
     archive = serve(server, data, known=False)
     path = fetch(archive, tmp_path, extract=False, progress=False)
-    record = tmp_path / "pkg.tar.gz.sha256"
+    record = tmp_path / "pkg.tar.gz.verified.sha256"
     assert record.read_text().split() == [hashlib.sha256(data).hexdigest(), "pkg.tar.gz"]
 
+    # A damaged cached copy is deleted and downloaded again, then checked against the record.
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    with pytest.raises(AgeGenderError, match=r"pkg\.tar\.gz: sha256 .* recorded .* delete it and re-fetch"):
-        fetch(archive, tmp_path, extract=False, progress=False)
-    path.unlink()
     assert fetch(archive, tmp_path, extract=False, progress=False).read_bytes() == data
+    assert server.requests.count(None) == 2
 
     path.unlink()
     server.files["pkg.tar.gz"] = tar_gz([member("pkg/data.bin", b"new")])  # upstream changed, same name
-    with pytest.raises(AgeGenderError, match="recorded"):
+    with pytest.raises(AgeGenderError, match=rf"recorded .* delete {re.escape(str(record))} and rerun") as e:
         fetch(archive, tmp_path, extract=False, progress=False)
+    assert "\n" not in str(e.value)
     assert not path.exists() and server.requests.count(None) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg.tar.gz.verified.sha256"]
 
 
 MALICIOUS = {
@@ -270,34 +271,50 @@ def test_safe_extract_keeps_inner_links_and_drops_setuid(tmp_path):
 
 
 def test_fetch_refuses_malicious_archive(server, tmp_path):
-    archive = serve(server, tar_gz([member("pkg/data.bin", b"x"), member("../evil", b"x")]))
-    with pytest.raises(AgeGenderError, match="refusing member '../evil'"):
+    archive = serve(server, tar_gz([member("pkg/data.bin", b"x"), member("../evil", b"x")]), known=False)
+    with pytest.raises(AgeGenderError, match="refusing member '../evil'.*was deleted"):
         fetch(archive, tmp_path / "cache", progress=False)
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["pkg.tar.gz"]
-    assert not (tmp_path / "evil").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the cache folder it created is gone too
+    for extract in (True, False):
+        (tmp_path / "cache").mkdir(exist_ok=True)
+        with pytest.raises(AgeGenderError, match="refusing member '../evil'"):
+            fetch(archive, tmp_path / "cache", extract=extract, progress=False)
+        assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_archive_without_expected_content(server, tmp_path):
-    archive = replace(serve(server, good_archive()), extracted="vgg_face_torch/VGG_FACE.t7")
-    with pytest.raises(AgeGenderError, match="has no vgg_face_torch/VGG_FACE.t7"):
-        fetch(archive, tmp_path, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg.tar.gz"]
+    archive = replace(serve(server, good_archive(), known=False), extracted="vgg_face_torch/VGG_FACE.t7")
+    for extract in (True, False):
+        with pytest.raises(AgeGenderError, match="has no vgg_face_torch/VGG_FACE.t7"):
+            fetch(archive, tmp_path, extract=extract, progress=False)
+        assert list(tmp_path.iterdir()) == []  # no archive, no record, no extraction
 
 
 def test_http_404_names_the_url(server, tmp_path):
     url = server.base + "missing.tar.gz"
     with pytest.raises(AgeGenderError) as e:
-        fetch(serve(server, b""), tmp_path, url=url, progress=False)
-    assert str(e.value) == f"{url}: HTTP 404 Not Found"
+        fetch(replace(VGG_FACE, urls=(url,)), tmp_path, progress=False)
+    assert str(e.value).startswith(f"{url}: HTTP 404 Not Found; ")
+    assert f"--url URL, or download vgg_face_torch.tar.gz yourself to {tmp_path / 'vgg_face_torch.tar.gz'}" in str(e.value)
 
 
-def test_unreachable_server(tmp_path):
+def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/x.tar.gz"
-    with pytest.raises(AgeGenderError, match=f"{re.escape(url)}: cannot download"):
-        fetch(VGG_FACE, tmp_path, url=url, progress=False)
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(("archive", "instead"), [(VGG_FACE, "--weights FILE"), (AGEGENDER_CLEANED, "--data DIR")])
+def test_offline_names_the_alternative(tmp_path, archive, instead):
+    port = _closed_port()
+    mirrors = tuple(f"http://127.0.0.1:{port}/{i}/{archive.filename}" for i in range(2))
+    with pytest.raises(AgeGenderError) as e:
+        fetch(replace(archive, urls=mirrors), tmp_path / "cache", progress=False)
+    message = str(e.value)
+    assert "\n" not in message and all(f"{m}: cannot download" in message for m in mirrors)
+    assert "check the network" in message and f"take {instead}" in message
+    assert str(tmp_path / "cache" / archive.filename) in message
+    assert not (tmp_path / "cache").exists()
 
 
 def test_locate_names_the_command(server, monkeypatch, tmp_path):
@@ -315,7 +332,7 @@ def test_locate_names_the_command(server, monkeypatch, tmp_path):
 def test_cli_fetch_data(server, monkeypatch, tmp_path, capsys):
     data = tar_gz([member("combined/aligned/01_F/a.jpg", b"jpeg")])
     server.files["agegender_cleaned.tar.gz"] = data
-    monkeypatch.setitem(archives.ARCHIVES, "data", replace(AGEGENDER_CLEANED, url="http://unused.invalid/",
+    monkeypatch.setitem(archives.ARCHIVES, "data", replace(AGEGENDER_CLEANED, urls=(server.base + "unused/",),
                                                           size=len(data)))
     dest = tmp_path / "d"
     assert main(["fetch", "data", "--dest", str(dest), "--url", server.base + "agegender_cleaned.tar.gz",
@@ -329,4 +346,98 @@ def test_cli_fetch_data(server, monkeypatch, tmp_path, capsys):
 
     assert main(["fetch", "data", "--dest", str(tmp_path / "f"), "--url", server.base + "nope", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err == f"agegender: error: {server.base}nope: HTTP 404 Not Found\n"
+    assert err.startswith("agegender: error: no mirror gave a good copy of agegender_cleaned.tar.gz (") and err.count("\n") == 1
+    assert f"{server.base}nope: HTTP 404 Not Found; {server.base}unused/agegender_cleaned.tar.gz: HTTP 404" in err
+    assert "--data DIR" in err and not (tmp_path / "f").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# mirrors, checks that delete what failed, and a recorded sha256 that only a good archive can set
+# ---------------------------------------------------------------------------------------------
+
+
+def test_vgg_face_has_both_mirrors_in_order():
+    assert VGG_FACE.urls == ("https://www.robots.ox.ac.uk/~vgg/software/vgg_face/src/vgg_face_torch.tar.gz",
+                             "https://m-training.s3-us-west-2.amazonaws.com/dlchallenge/vgg_face_torch.tar.gz")
+    assert VGG_FACE.url == VGG_FACE.urls[0]
+    assert all(a.urls and a.instead for a in archives.ARCHIVES.values())
+
+
+def test_mirrors_are_tried_in_turn(server, tmp_path):
+    data = good_archive()
+    server.files["garbage/pkg.tar.gz"] = b"<html>not found</html>"
+    server.files["good/pkg.tar.gz"] = data
+    archive = replace(serve(server, data, known=False),
+                      urls=(server.base + "gone/pkg.tar.gz", server.base + "garbage/pkg.tar.gz",
+                            server.base + "good/pkg.tar.gz"))
+    out = fetch(archive, tmp_path, progress=False)
+    assert (out / "pkg" / "data.bin").read_bytes() == PAYLOAD
+    assert server.requests == [None, None, None]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg", "pkg.tar.gz", "pkg.tar.gz.verified.sha256"]
+    assert (tmp_path / "pkg.tar.gz.verified.sha256").read_text().split()[0] == hashlib.sha256(data).hexdigest()
+
+
+def test_url_is_tried_before_the_mirrors(server, tmp_path):
+    data = good_archive()
+    archive = serve(server, data)
+    server.files["mirror/pkg.tar.gz"] = data
+    fetch(archive, tmp_path, url=server.base + "mirror/", extract=False, progress=False)
+    assert list(tmp_path.iterdir()) == [tmp_path / "pkg.tar.gz"] and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("extract", [True, False])
+def test_garbage_is_deleted_and_never_trusted(server, tmp_path, extract):
+    server.files["bad/pkg.tar.gz"] = b"<html>an error page, served with 200</html>"
+    server.files["good/pkg.tar.gz"] = good_archive()
+    archive = replace(serve(server, b"", known=False), urls=(server.base + "bad/pkg.tar.gz",))
+    with pytest.raises(AgeGenderError) as e:
+        fetch(archive, tmp_path, extract=extract, progress=False)
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'pkg.tar.gz'}: not a readable tar archive") or "cannot unpack" in message
+    assert "\n" not in message and "was deleted" in message and "--url URL" in message
+    assert str(tmp_path / "pkg.tar.gz") in message and "--weights FILE" in message
+    assert list(tmp_path.iterdir()) == []  # no archive, no .part, no record
+
+    # A new mirror is not held back by anything the garbage left.
+    out = fetch(archive, tmp_path, url=server.base + "good/pkg.tar.gz", extract=extract, progress=False)
+    assert out == (tmp_path / "pkg" if extract else tmp_path / "pkg.tar.gz")
+
+
+def test_a_sha256_recorded_from_garbage_by_an_older_version_is_dropped(server, tmp_path):
+    garbage = b"<html>error</html>"
+    (tmp_path / "pkg.tar.gz").write_bytes(garbage)
+    (tmp_path / "pkg.tar.gz.sha256").write_text(f"{hashlib.sha256(garbage).hexdigest()}  pkg.tar.gz\n")
+    data = good_archive()
+    archive = serve(server, data, known=False)
+    out = fetch(archive, tmp_path, url=server.base + "pkg.tar.gz", progress=False)
+    assert (out / "pkg" / "data.bin").read_bytes() == PAYLOAD
+    assert not (tmp_path / "pkg.tar.gz.sha256").exists()
+    assert (tmp_path / "pkg.tar.gz.verified.sha256").read_text().split()[0] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_sha256_recorded_by_an_older_version_is_kept_when_its_extraction_agrees(server, tmp_path):
+    data = good_archive()
+    archive = serve(server, data, known=False)
+    fetch(archive, tmp_path, progress=False)
+    record = tmp_path / "pkg.tar.gz.verified.sha256"
+    record.rename(tmp_path / "pkg.tar.gz.sha256")  # as an older version left it
+    fetch(archive, tmp_path, progress=False)
+    assert record.is_file() and not (tmp_path / "pkg.tar.gz.sha256").exists()
+
+
+def test_a_manually_placed_file_is_checked_and_used_offline(tmp_path):
+    data = good_archive()
+    (tmp_path / "pkg.tar.gz").write_bytes(data)
+    archive = replace(VGG_FACE, filename="pkg.tar.gz", extracted="pkg/data.bin",
+                      urls=(f"http://127.0.0.1:{_closed_port()}/pkg.tar.gz",))
+    out = fetch(archive, tmp_path, progress=False)
+    assert (out / "pkg" / "data.bin").read_bytes() == PAYLOAD
+    assert (tmp_path / "pkg.tar.gz.verified.sha256").is_file()
+
+
+def test_an_existing_partial_extraction_is_refused_before_downloading(server, tmp_path):
+    archive = serve(server, good_archive())
+    (tmp_path / "pkg").mkdir()
+    with pytest.raises(AgeGenderError, match="exists but is not a complete extraction"):
+        fetch(archive, tmp_path, progress=False)
+    assert server.requests == [] and sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 from .errors import AgeGenderError
 
 if TYPE_CHECKING:
+    from .faces.detect import FaceDetector
     from .train.config import TrainConfig
 
 log = logging.getLogger("agegender")
@@ -49,7 +51,7 @@ def _cmd_fetch(a: argparse.Namespace) -> int:
 def _cmd_train(a: argparse.Namespace) -> int:
     from .train.loop import fit
 
-    run = fit(_train_config(a, a.data, a.out), resume=a.resume)
+    run = fit(_train_config(a, a.data[0] if len(a.data) == 1 else tuple(a.data), a.out), resume=a.resume)
     if run.report:  # only rank 0 of a torchrun job evaluates
         print(f"checkpoint: {run.checkpoint}\nreport: {run.report_md}")
     return 0
@@ -87,11 +89,10 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from .infer.detect import HaarDetector
     from .infer.predict import Predictor, expand_paths, predict_files, share_cores_for_batches
 
     paths = expand_paths(a.paths)
-    predictor = Predictor.from_path(a.model, HaarDetector(min_face_px=a.min_face), device=a.device,
+    predictor = Predictor.from_path(a.model, _detector(a), device=a.device,
                                     no_detect=a.no_detect, precision=a.precision)
     share_cores_for_batches(predictor)
     counts = predict_files(predictor, paths, output=a.output, output_format=a.output_format,
@@ -105,19 +106,20 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from .infer.serve import serve
 
     serve(a.model, host=a.host, port=a.port, max_bytes=a.max_bytes, precision=a.precision, min_face=a.min_face,
-          device=a.device)
+          device=a.device, detector=_detector(a))
     return 0
 
 
-def _train_config(a: argparse.Namespace, data: str, out: str) -> TrainConfig:
+def _train_config(a: argparse.Namespace, data: str | tuple[str, ...], out: str) -> TrainConfig:
     """The typed training config from the parsed options; flags left unset keep the preset's values."""
     from .train.config import TrainConfig
 
-    init = a.init or ("vgg-face" if a.weights else None)
-    if init is None:
+    init = "pretrained" if a.init in (None, "vgg-face") else a.init
+    if init == "pretrained" and a.backbone == "vgg-face" and not a.weights:
         raise AgeGenderError("no trunk weights: pass --weights VGG_FACE.safetensors (see `agegender fetch "
                              "weights` and `agegender convert`) or --init scratch")
-    given = dict(data=data, out=out, weights=a.weights, init=init, split=a.split, seed=a.seed, epochs=a.epochs,
+    given = dict(data=data, out=out, backbone=a.backbone, feature_layer=a.feature_layer, weights=a.weights, init=init,
+                 split=a.split, seed=a.seed, epochs=a.epochs,
                  batch_size=a.batch_size, lr=a.lr, image_size=a.image_size, age_head=a.age_head,
                  hidden=tuple(a.hidden) if a.hidden else None, widths=tuple(a.widths) if a.widths else None,
                  unfreeze=a.unfreeze or None, cache=not a.no_cache, cache_dir=a.cache_dir,
@@ -135,9 +137,15 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", help="converted VGG-Face .safetensors (or a .t7/.pt to convert on the fly)")
-    p.add_argument("--init", choices=("vgg-face", "scratch"), default=None,
-                   help="trunk initialisation (default: vgg-face when --weights is given, else an error)")
+    from .model.backbones import BACKBONES
+
+    p.add_argument("--backbone", choices=tuple(BACKBONES), default="vgg-face",
+                   help="the face descriptor under the heads (dlib-resnet: CC0, pip install 'agegender[dlib]')")
+    p.add_argument("--feature-layer", default="", help="backbone layer that feeds the head (default: the backbone's)")
+    p.add_argument("--weights", help="the backbone's weights: converted VGG-Face .safetensors (or a .t7/.pt/... "
+                                     "to convert on the fly); dlib-resnet defaults to the installed package's file")
+    p.add_argument("--init", choices=("pretrained", "vgg-face", "scratch"), default=None,
+                   help="trunk initialisation (default: pretrained; vgg-face is its old name)")
     p.add_argument("--preset", choices=("default", "seed"), default="default")
     p.add_argument("--split", choices=("identity", "folders", "seed"), default="identity",
                    help="identity: no person in two splits (default); folders: test = valid/; "
@@ -160,12 +168,22 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     _add_device_options(p)
 
 
+def _detector(a: argparse.Namespace) -> FaceDetector:
+    from .faces.detect import default_detector
+
+    return default_detector(a.min_face, a.score_threshold, a.max_faces, kind=a.detector)
+
+
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     """The detector and precision options shared by ``predict`` and ``serve``."""
-    from .infer.detect import MIN_FACE_PX
+    from .faces.detect import DETECTORS, MIN_FACE_PX
 
+    p.add_argument("--detector", choices=DETECTORS, default="auto",
+                   help="auto: RetinaFace (5 landmarks) when installed, else OpenCV's Haar cascade")
     p.add_argument("--min-face", type=int, default=MIN_FACE_PX, metavar="PX",
-                   help="ignore faces smaller than this (also under 8%% of the shorter side); larger is faster")
+                   help="ignore faces smaller than this; larger is faster with Haar")
+    p.add_argument("--max-faces", type=int, default=None, metavar="N", help="at most N faces per image, largest first")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="RetinaFace's confidence floor, in (0, 1)")
     _add_device_options(p)
 
 
@@ -211,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_fetch)
 
     p = sub.add_parser("train", help="train the gender/age heads (and optionally the trunk)")
-    p.add_argument("--data", required=True, help="agegender_cleaned tree, UTKFace folder or labels.csv folder")
+    p.add_argument("--data", required=True, action="append",
+                   help="agegender_cleaned tree, UTKFace folder or labels.csv folder; repeat to train on several")
     p.add_argument("--out", default="runs/latest", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     _add_train_options(p)
@@ -265,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # OpenMP threads that spin at barriers lose most of their speed when other processes share the cores
+    # (dlib ResNet, 2 threads on a busy 2-core machine: 55 img/s spinning, 267 passive). Set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

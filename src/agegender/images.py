@@ -10,9 +10,10 @@ import io
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -60,20 +61,53 @@ class Skipped:
         return {"count": len(self.items), "first": [f"{p.name}: {why}" for p, why in self.items[:first]]}
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Formats whose 32-bit "I" images hold 16-bit samples (Pillow widens 16-bit PNG and PGM/PPM data to "I").
+_SIXTEEN_BIT_FORMATS = ("PNG", "PPM")
+_BAND_PIXELS = 1 << 20  # pixels converted at a time, so a large image never needs a second full-size copy
+
+
 def to_rgb(image: Image.Image) -> np.ndarray:
-    """uint8 ``(H, W, 3)`` from a PIL image of any mode; 16- and 32-bit data are scaled, not clipped to white."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(image, dtype=np.float64)
-        # 16-bit files use 0-65535; 32-bit integer and float data have no fixed range, so use their own.
-        top = 65535.0 if image.mode.startswith("I;16") or (a.max(initial=0) > 255 and a.max() <= 65535) else 255.0
-        if image.mode == "F" or a.max(initial=0) > 65535:
-            top = max(float(a.max(initial=0)), 1.0)
-        gray = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
+    """uint8 ``(H, W, 3)`` from a PIL image of any mode.
+
+    16-bit samples are scaled by 255/65535 (not clipped to white); 32-bit integer and float images are scaled
+    from 0 to their own maximum (floats up to 1.0 count as 0-1). Palette (with or without transparency),
+    grayscale, alpha and CMYK images are converted; alpha is dropped, keeping the colours the camera recorded.
+    The conversion runs in bands of rows, so peak memory is the decoded image plus the result, whatever the mode.
+    """
+    top = _sample_range(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # a transparent palette entry is only defined through RGBA
-    # Alpha is dropped, keeping the colours the camera recorded (transparency is rare in face photos).
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    w, h = image.size
+    out = np.empty((h, w, 3), np.uint8)
+    rows = max(1, _BAND_PIXELS // max(w, 1))
+    try:
+        for y in range(0, h, rows):
+            band = image if h <= rows else image.crop((0, y, w, min(h, y + rows)))
+            if top is not None:
+                a = np.asarray(band, dtype=np.float32)
+                out[y:y + rows] = np.clip(np.rint(a * np.float32(255.0 / top)), 0, 255).astype(np.uint8)[..., None]
+            else:
+                out[y:y + rows] = np.asarray(band if band.mode == "RGB" else band.convert("RGB"), dtype=np.uint8)
+    except ValueError as e:  # Pillow has no conversion for a few rare modes
+        raise ImageError(f"cannot convert a {image.mode} image to RGB ({e})", "unsupported") from None
+    return out
+
+
+def _sample_range(image: Image.Image) -> float | None:
+    """The sample value that maps to 255 for single-channel images wider than 8 bits, else None."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return 65535.0
+    if image.mode not in ("I", "F"):
+        return None
+    if image.mode == "I" and getattr(image, "format", None) in _SIXTEEN_BIT_FORMATS:
+        return 65535.0
+    hi = float(cast(float, image.getextrema()[1]))  # single-band images give (min, max)
+    if image.mode == "F":
+        return max(hi, 1.0)
+    if hi <= 255:
+        return 255.0
+    return 65535.0 if hi <= 65535 else hi
 
 
 def load_image(source: ImageInput | Image.Image, name: str | None = None, draft: int | None = None) -> np.ndarray:
@@ -87,7 +121,9 @@ def load_image(source: ImageInput | Image.Image, name: str | None = None, draft:
     if isinstance(source, np.ndarray):
         return _as_rgb(source, name or "array")
     if isinstance(source, Image.Image):
-        return to_rgb(ImageOps.exif_transpose(source))
+        if source.getexif().get(0x0112, 1) in (0, 1):  # upright: convert it as it is (to_rgb never changes it)
+            return to_rgb(source)
+        return to_rgb(ImageOps.exif_transpose(source))  # a copy: the caller's image is left as it was
     name = name or (os.fspath(source) if not isinstance(source, bytes) else "upload")
     empty = not source if isinstance(source, bytes) else os.path.isfile(source) and os.path.getsize(source) == 0
     if empty:
@@ -99,7 +135,12 @@ def load_image(source: ImageInput | Image.Image, name: str | None = None, draft:
                 raise ImageError(f"{name}: {w}x{h} pixels exceeds the {MAX_PIXELS:,} pixel limit", "too_large")
             if draft is not None and image.format in ("JPEG", "MPO") and min(w, h) >= 2 * draft:
                 image.draft("RGB", (draft, draft))
-            return to_rgb(ImageOps.exif_transpose(image))
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no second full-size copy
+            try:
+                return to_rgb(image)
+            except ImageError as e:
+                raise ImageError(f"{name}: {e}", e.kind) from None
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file", "unsupported") from None
     except IsADirectoryError:
@@ -141,9 +182,16 @@ def fit_square(rgb: np.ndarray, size: int | None) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def load_rgb(path: str | os.PathLike[str], size: int | None, skipped: Skipped | None = None) -> np.ndarray | None:
-    """``load_image`` then ``fit_square``, or None for an unusable file (reason logged and added to ``skipped``)."""
+Framer = Callable[[np.ndarray], np.ndarray]  # a decoded RGB image -> the network's input pixels, or ImageError
+
+
+def load_rgb(path: str | os.PathLike[str], size: int | None, skipped: Skipped | None = None,
+             frame: Framer | None = None) -> np.ndarray | None:
+    """``load_image`` then ``frame`` (default: ``fit_square`` to ``size``), or None for an unusable file (the reason
+    logged and added to ``skipped``)."""
     try:
+        if frame is not None:
+            return frame(load_image(path))
         return fit_square(load_image(path, draft=size), size)
     except ImageError as e:
         log.warning("skipped: %s", e)

@@ -35,16 +35,35 @@ def parse_gender(value: str) -> int | None:
     return _GENDER_WORDS.get(value.strip().lower())
 
 
+MAX_AGE = 120  # years; ages and age ranges in label files must lie within 0..MAX_AGE
+_AGE = re.compile(r"([+-]?[0-9]+(?:\.[0-9]*)?|[+-]?\.[0-9]+)(\+?)", re.ASCII)
+_AGE_RANGE = re.compile(r"([0-9]+)\s*-\s*([0-9]+)", re.ASCII)
+
+
 def parse_age(value: str) -> int | None:
     """Years from ``"29"``, ``"29.0"``, an age group ``"20-29"`` (floor of the midpoint) or ``"70+"`` (its lower
-    bound); None for an empty value. Raises ValueError otherwise."""
+    bound); None for an empty value.
+
+    Raises ValueError whose message is the reason, for the caller to show after the value: ``not a number or
+    range``, ``out of range (0-120)`` or ``range not ascending``.
+    """
     value = value.strip()
     if not value:
         return None
-    m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", value)
+    m = _AGE_RANGE.fullmatch(value)
     if m:
-        return (int(m.group(1)) + int(m.group(2))) // 2
-    age = float(value[:-1] if value.endswith("+") else value)
-    if not 0 <= age < 150:
-        raise ValueError(f"age {value!r} out of range")
+        if max(len(m.group(1)), len(m.group(2))) > 9:  # int() of thousands of digits is slow, then refused
+            raise ValueError(f"out of range (0-{MAX_AGE})")
+        lo, hi = int(m.group(1)), int(m.group(2))
+        if hi > MAX_AGE:
+            raise ValueError(f"out of range (0-{MAX_AGE})")
+        if lo > hi:
+            raise ValueError(f"range not ascending ({lo} > {hi})")
+        return (lo + hi) // 2
+    m = _AGE.fullmatch(value)
+    if not m:
+        raise ValueError("not a number or range")
+    age = float(m.group(1))
+    if not 0 <= age <= MAX_AGE:
+        raise ValueError(f"out of range (0-{MAX_AGE})")
     return int(age)

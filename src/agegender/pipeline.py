@@ -55,19 +55,19 @@ def reproduce(cfg: TrainConfig, work: Path) -> Path:
 
     work.mkdir(parents=True, exist_ok=True)
     cache = default_cache_dir()
-    data = Path(cfg.data) if cfg.data else fetch(AGEGENDER_CLEANED, cache)
+    data: str | tuple[str, ...] = cfg.data if cfg.data else str(fetch(AGEGENDER_CLEANED, cache))
     weights: Path | None = None
     if cfg.weights:
         weights = Path(cfg.weights)
         if weights.suffix != ".safetensors":
             weights = _convert_once(weights, work / "vgg_face.safetensors")
-    elif cfg.init != "scratch":
+    elif cfg.init != "scratch" and cfg.backbone == "vgg-face":  # dlib-resnet finds its installed weights
         extracted = fetch(VGG_FACE, cache)
         t7 = next(extracted.rglob("VGG_FACE.t7"), None)
         if t7 is None:
             raise AgeGenderError(f"{extracted}: VGG_FACE.t7 not found in the extracted weights archive")
         weights = _convert_once(t7, work / "vgg_face.safetensors")
-    run = fit(replace(cfg, data=str(data), weights=str(weights) if weights else None, out=str(work / "run")))
+    run = fit(replace(cfg, data=data, weights=str(weights) if weights else None, out=str(work / "run")))
     exports = _export_all(run.out, work / "export")
     for fmt, r in exports.items():
         log.info("exported %s: %s (max abs diff %.2e)", fmt, r["path"], r["max_abs_diff"])

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 
 from ..distributed import World
-from ..images import Skipped, load_rgb
+from ..images import Framer, Skipped, load_rgb
 from ..model.config import Preprocess
 from .records import FaceRecord
 
 if TYPE_CHECKING:
     from .features import FeatureSet
 
-def decode_batch(paths: Sequence[str | os.PathLike[str]], size: int, workers: int = 2,
+def decode_batch(paths: Sequence[str | os.PathLike[str]], size: int, workers: int = 2, frame: Framer | None = None,
                  skipped: Skipped | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``paths`` in order on ``workers`` threads -> (uint8 ``(N, size, size, 3)``, bool ok mask).
 
@@ -31,7 +31,7 @@ def decode_batch(paths: Sequence[str | os.PathLike[str]], size: int, workers: in
     ok = np.zeros(len(paths), bool)
 
     def one(i: int) -> None:
-        img = load_rgb(paths[i], size, skipped)
+        img = load_rgb(paths[i], size, skipped, frame)
         if img is not None:
             out[i], ok[i] = img, True
 
@@ -45,8 +45,8 @@ def decode_batch(paths: Sequence[str | os.PathLike[str]], size: int, workers: in
 
 
 def iter_batches(records: Sequence[FaceRecord] | Sequence[str | os.PathLike[str]], size: int,
-                 batch_size: int, workers: int = 2, prefetch: int = 2,
-                 skipped: Skipped | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+                 batch_size: int, workers: int = 2, prefetch: int = 2, skipped: Skipped | None = None,
+                 frame: Framer | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(indices, uint8 tensor (n, size, size, 3))`` batches in order, decoding ``prefetch`` batches ahead.
 
     ``indices`` are positions in ``records``. Undecodable images are left out (so a batch may be short,
@@ -60,7 +60,7 @@ def iter_batches(records: Sequence[FaceRecord] | Sequence[str | os.PathLike[str]
     pending: collections.deque[tuple[int, list[Future[np.ndarray | None]]]] = collections.deque()
     try:
         for start in starts:
-            pending.append((start, [pool.submit(load_rgb, p, size, skipped)
+            pending.append((start, [pool.submit(load_rgb, p, size, skipped, frame)
                                     for p in paths[start:start + batch_size]]))
             if len(pending) > prefetch:
                 yield from _collect(*pending.popleft(), torch)
@@ -116,7 +116,9 @@ class Batches:
     """Mini-batches of either cached trunk features or images (decoded once when they fit in memory)."""
 
     def __init__(self, records: Sequence[FaceRecord], preprocess: Preprocess, batch_size: int, workers: int = 2,
-                 features: FeatureSet | None = None, world: World = World(), keep_images: bool = False) -> None:
+                 features: FeatureSet | None = None, world: World = World(), keep_images: bool = False,
+                 frame: Framer | None = None) -> None:
+        self.frame = frame
         self.records, self.pre, self.features, self.world = records, preprocess, features, world
         self.batch_size, self.workers, size = batch_size, workers, preprocess.size
         self.images: torch.Tensor | None = None
@@ -125,7 +127,7 @@ class Batches:
         if features is not None:
             self.ok = features.ok.numpy()
         elif keep_images and len(records) * size ** 2 * 3 <= IMAGE_MEMORY_BYTES:
-            images, self.ok = decode_batch([r.path for r in records], size, workers)
+            images, self.ok = decode_batch([r.path for r in records], size, workers, frame)
             self.images = torch.from_numpy(images)
 
     @property
@@ -153,7 +155,7 @@ class Batches:
             if self.images is not None:
                 x = self.images[torch.as_tensor(chunk)]
             else:
-                images, ok = decode_batch([self.records[i].path for i in chunk], self.pre.size, self.workers)
+                images, ok = decode_batch([self.records[i].path for i in chunk], self.pre.size, self.workers, self.frame)
                 chunk, x = chunk[ok], torch.from_numpy(images[ok])
             if not len(chunk):
                 continue

@@ -15,6 +15,7 @@ import torch
 
 from ..distributed import World
 from ..files import atomic_path
+from ..images import Framer
 from ..model.config import Preprocess
 from ..model.net import AgeGenderNet
 from .batches import iter_batches
@@ -36,12 +37,13 @@ class FeatureSet:
 
 
 def cache_key(model: AgeGenderNet, preprocess: Preprocess, records: Sequence[FaceRecord],
-              weights_sha256: str | None, bf16: bool) -> str:
+              weights_sha256: str | None, bf16: bool, frame: Framer | None = None) -> str:
     """Hash of the trunk weights, its config, the preprocessing, the dtype and the file list (with sizes/mtimes)."""
     h = hashlib.sha256()
     cfg = model.config
-    h.update(json.dumps({"widths": cfg.widths, "block_bn": cfg.block_bn, "size": cfg.image_size,
-                         "pre": preprocess.to_dict(), "bf16": bf16, "weights": weights_sha256}).encode())
+    h.update(json.dumps({"backbone": cfg.backbone, "layer": cfg.feature_layer, "widths": cfg.widths,
+                         "block_bn": cfg.block_bn, "size": cfg.image_size, "pre": preprocess.to_dict(), "bf16": bf16,
+                         "weights": weights_sha256, "frame": getattr(frame, "key", None)}).encode())
     # The trunk's own bytes, so --init scratch or a different seed never reuses another trunk's cache.
     for name, t in sorted(model.trunk.state_dict().items()):
         h.update(name.encode())
@@ -58,6 +60,7 @@ def cache_key(model: AgeGenderNet, preprocess: Preprocess, records: Sequence[Fac
 @torch.no_grad()
 def extract_features(model: AgeGenderNet, records: Sequence[FaceRecord], preprocess: Preprocess, *,
                      batch_size: int = 128, workers: int = 2, prefetch: int = 2, bf16: bool = False,
+                     frame: Framer | None = None,
                      device: str | torch.device = "cpu", progress: bool = True) -> FeatureSet:
     """Run the trunk once over every record; decoding of later batches overlaps the trunk's compute."""
     from tqdm import tqdm
@@ -72,7 +75,8 @@ def extract_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproc
     start = time.perf_counter()
     # disable=None: bars on a terminal only, so logs redirected to files stay readable.
     bar = tqdm(total=n, desc="features", unit="img", disable=None if progress else True, leave=False)
-    for idx, images in iter_batches(records, model.config.image_size, batch_size, workers, prefetch=prefetch):
+    for idx, images in iter_batches(records, model.config.image_size, batch_size, workers, prefetch=prefetch,
+                                    frame=frame):
         x = preprocess.normalize(images, torch.channels_last).to(device)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             f = model.forward_features(x)
@@ -95,7 +99,7 @@ def cached_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproce
     """
     from safetensors.torch import load_file, save_file
 
-    key = cache_key(model, preprocess, records, weights_sha256, bf16)
+    key = cache_key(model, preprocess, records, weights_sha256, bf16, kwargs.get("frame"))  # type: ignore[arg-type]
     path = Path(cache_dir) / f"features-{key}.safetensors"
     if path.is_file():
         t = load_file(str(path))

@@ -8,7 +8,8 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import AgeGenderError
@@ -30,8 +31,8 @@ class FaceRecord:
     source: str = "unknown"  # adience, imdb, wiki, utkface, csv (a manifest) or unknown
 
 
-# A trailing "-<n>" before the extension marks a duplicate name in the source data.
-_DUP = r"(?:-\d+)?\.(?:jpe?g|png)$"
+# A trailing "-<n>" before the extension marks a duplicate name in the source data; any image suffix.
+_DUP = r"(?:-\d+)?(?:" + "|".join(re.escape(s) for s in sorted(IMAGE_SUFFIXES)) + r")$"
 _IDENTITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("imdb", re.compile(r"^(nm\d+)_rm\d+_\d+-\d+-\d+_\d+" + _DUP, re.I)),
     # WIKI birth dates are sometimes malformed ("1994-11-18.", "1989-08-019"); the id still names the person.
@@ -69,6 +70,7 @@ class Dataset:
     kind: str  # "agegender", "utkface", "csv" or "json"
     root: Path  # the folder scanned (a manifest's folder)
     skipped: Skipped = field(default_factory=Skipped)  # files seen but not usable, with the reason
+    roots: tuple[Path, ...] = ()  # every folder scanned, when there were several
 
     def __len__(self) -> int:
         return len(self.records)
@@ -94,14 +96,36 @@ def scan(root: str | os.PathLike[str]) -> Dataset:
     base = next((b for b in (root / "combined", root)
                  if (b / "aligned").is_dir() or (b / "valid").is_dir()), None)
     if base is not None:
-        return _finish(Dataset(_scan_agegender(base), "agegender", root), root)
+        skipped = Skipped()
+        return _finish(Dataset(_scan_agegender(base, skipped), "agegender", root, skipped), root)
     for manifest in ("labels.csv", "ground_truth.json"):
         if (root / manifest).is_file():
             return _finish(_scan_manifest(root / manifest), root)
-    return _finish(Dataset(_scan_utkface(root), "utkface", root), root)
+    skipped = Skipped()
+    return _finish(Dataset(_scan_utkface(root, skipped), "utkface", root, skipped), root)
+
+
+def scan_all(roots: Sequence[str | os.PathLike[str]]) -> Dataset:
+    """One dataset from several labelled folders (``--data`` given more than once).
+
+    Identities stay apart across folders: a name that only identifies a person within its own folder
+    (``unknown`` and manifest sources) is prefixed with the folder's index.
+    """
+    if len(roots) == 1:
+        return scan(roots[0])
+    parts = [scan(r) for r in roots]
+    records = [replace(r, identity=f"{i}/{r.identity}") if r.source in ("unknown", "csv", "utkface") else r
+               for i, ds in enumerate(parts) for r in ds.records]
+    skipped = Skipped([item for ds in parts for item in ds.skipped.items])
+    return Dataset(records, "+".join(ds.kind for ds in parts), parts[0].root, skipped, tuple(ds.root for ds in parts))
 
 
 def _finish(ds: Dataset, root: Path) -> Dataset:
+    if ds.skipped:
+        reasons = collections.Counter(why for _, why in ds.skipped.items)
+        log.warning("%s: %d files skipped (%s); first: %s", root, len(ds.skipped),
+                    ", ".join(f"{n} {why}" for why, n in reasons.most_common()),
+                    ", ".join(p.name for p, _ in ds.skipped.items[:3]))
     if not ds.records:
         raise AgeGenderError(f"{root}: no labelled face images found; expected {_EXPECTED}")
     counts = collections.Counter(r.gender for r in ds.records)
@@ -110,11 +134,26 @@ def _finish(ds: Dataset, root: Path) -> Dataset:
     return ds
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+_NOT_AN_IMAGE = "not an image format the decoder reads"
 
 
-def _scan_agegender(base: Path) -> list[FaceRecord]:
+def _images(root: Path, recursive: bool, skipped: Skipped) -> list[Path]:
+    """The files under ``root`` whose suffix the decoder reads; every other file goes to ``skipped``.
+
+    Hidden files and folders (.DS_Store, ._x.jpg, .git) are not the user's data and are left out silently.
+    """
+    images = []
+    for p in sorted(root.rglob("*") if recursive else root.iterdir()):
+        if any(part.startswith(".") for part in p.relative_to(root).parts) or not p.is_file():
+            continue
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(p)
+        else:
+            skipped.add(p, _NOT_AN_IMAGE)
+    return images
+
+
+def _scan_agegender(base: Path, skipped: Skipped) -> list[FaceRecord]:
     records = []
     for group in ("aligned", "valid"):
         if not (base / group).is_dir():
@@ -125,25 +164,26 @@ def _scan_agegender(base: Path) -> list[FaceRecord]:
                 log.warning("%s: not an NN_G label folder; ignored", folder)
                 continue
             age, gender = int(m.group(1)), _GENDER_WORDS[m.group(2).lower()]
-            for path in _images(folder):
+            for path in _images(folder, False, skipped):
                 source, identity = _identity(path, base)
                 records.append(FaceRecord(path, gender, age, identity, group, None, source))
     return records
 
 
-def _scan_utkface(root: Path) -> list[FaceRecord]:
-    records, ignored = [], 0
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+def _scan_utkface(root: Path, skipped: Skipped) -> list[FaceRecord]:
+    records, unlabelled = [], []
+    for path in _images(root, True, skipped):
         m = _UTKFACE_NAME.match(path.name)
         if not m:
-            ignored += 1
+            unlabelled.append(path)
             continue
         race = UTKFACE_RACES[int(m.group(3))] if m.group(3) else None
         # UTKFace codes gender 0 = male, 1 = female: the reverse of ours.
         records.append(FaceRecord(path, 1 - int(m.group(2)), int(m.group(1)),
                                   f"utkface:{path.relative_to(root).as_posix()}", "", race, "utkface"))
-    if records and ignored:
-        log.warning("%s: %d images without UTKFace labels in their names ignored", root, ignored)
+    if records:  # in a folder of plain photos, nothing was meant to be labelled: _finish says what was expected
+        for path in unlabelled:
+            skipped.add(path, "no UTKFace labels (<age>_<gender>_...) in the name")
     return records
 
 
@@ -161,9 +201,9 @@ def _scan_manifest(path: Path) -> Dataset:
             kind, first_line = "csv", 2
         else:
             raise AgeGenderError(f"{path}: not a .csv or .json label manifest")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
-        raise AgeGenderError(f"{path}: cannot read label manifest ({e})") from None
-    records, missing = [], []
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, csv.Error) as e:  # JSONDecodeError is a ValueError
+        raise AgeGenderError(f"{path}: cannot read label manifest ({type(e).__name__}: {e})") from None
+    records, skipped = [], Skipped()
     for line, raw in enumerate(rows, first_line):
         row = {str(k).strip().lower(): ("" if v is None else str(v)) for k, v in raw.items()}
         name = row.get("path") or row.get("filename")
@@ -175,11 +215,11 @@ def _scan_manifest(path: Path) -> Dataset:
             raise AgeGenderError(f"{path}:{line}: gender {row['gender']!r} is not M/F/male/female")
         try:
             age = parse_age(row.get("age", ""))
-        except ValueError:
-            raise AgeGenderError(f"{path}:{line}: age {row['age']!r} is not a number or range") from None
+        except ValueError as e:
+            raise AgeGenderError(f"{path}:{line}: age {row['age']!r}: {e}") from None
         image = root / name.strip()
-        if not image.is_file():
-            missing.append(name)
+        if not _is_file(image):  # a listed file of any suffix is tried: the decoder goes by content
+            skipped.add(image, f"listed on line {line} of {path.name} but missing")
             continue
         source, identity = _identity(image, root) if image.is_relative_to(root) else parse_identity(image)
         if row.get("identity", "").strip():
@@ -187,6 +227,11 @@ def _scan_manifest(path: Path) -> Dataset:
             identity = f"{source if source != 'unknown' else 'csv'}:{row['identity'].strip()}"
         records.append(FaceRecord(image, gender, age, identity, "", row.get("race", "").strip() or None,
                                   source if source != "unknown" else "csv"))
-    if missing:
-        log.warning("%s: %d listed images are missing (first: %s)", path, len(missing), ", ".join(missing[:3]))
-    return Dataset(records, kind, root)
+    return Dataset(records, kind, root, skipped)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the filesystem, or with a NUL byte
+        return False

@@ -26,6 +26,7 @@ from ..files import atomic_path, write_text_atomic
 from ..model.checkpoint import CheckpointMeta, load_checkpoint, resolve_model
 from ..model.config import ModelConfig
 from ..model.net import AgeGenderNet, decode_age
+from ..model.vgg import VGGTrunk
 
 if TYPE_CHECKING:
     import keras
@@ -305,6 +306,9 @@ def build_keras_model(net: AgeGenderNet) -> keras.Model:
     keras = _import_keras()
     layers = keras.layers
     cfg, trunk = net.config, net.trunk
+    if not isinstance(trunk, VGGTrunk):
+        raise AgeGenderError(f"the keras export covers the vgg-face backbone; export {cfg.backbone} models "
+                             "with --format onnx or --format torch")
     weights: dict[str, list[np.ndarray]] = {}
 
     inputs = keras.Input((3, cfg.image_size, cfg.image_size), name=INPUT_NAME)

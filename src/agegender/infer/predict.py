@@ -20,10 +20,11 @@ import numpy as np
 
 from ..devices import PRECISIONS, usable_cores, use_bf16
 from ..errors import AgeGenderError
+from ..faces.detect import Box, FaceDetector, default_detector
+from ..faces.framing import FaceFramer, PhotoFramer
 from ..files import atomic_path
-from ..images import IMAGE_SUFFIXES, ImageInput, fit_square, load_image
+from ..images import IMAGE_SUFFIXES, ImageInput, load_image
 from ..labels import ADIENCE_GROUP_NAMES, age_group
-from .detect import Box, FaceDetector, HaarDetector, crop_face
 
 if TYPE_CHECKING:
     import torch
@@ -182,7 +183,11 @@ class Predictor:
         self.backend = backend
         self.meta = backend.meta
         self.size = backend.meta.config.image_size
-        self.detector = None if no_detect else (detector or HaarDetector())
+        self.detector = None if no_detect else (detector or default_detector())
+        pre = backend.meta.preprocess.resized(self.size)
+        # The backbone's contract decides the framing: crops for VGG-Face, 5-point chips for dlib's ResNet.
+        self.frame_face = FaceFramer(pre)
+        self.frame_photo = PhotoFramer(pre)
         self.workers = max(1, workers or usable_cores())
 
     @classmethod
@@ -194,6 +199,7 @@ class Predictor:
         cfg = self.meta.config
         return {"backend": self.backend.name, "precision": self.backend.precision, "image_size": self.size,
                 "age_head": cfg.age_head, "genders": list(self.meta.genders),
+                "backbone": cfg.backbone, "alignment": self.meta.preprocess.alignment,
                 "detector": "none" if self.detector is None else getattr(self.detector, "name", "custom"),
                 "min_face_px": getattr(self.detector, "min_face_px", None)}
 
@@ -201,9 +207,9 @@ class Predictor:
         """The detected boxes and their crops at the model's input size (the whole image with ``no_detect``)."""
 
         if self.detector is None:
-            return [None], [fit_square(rgb, self.size)]
+            return [None], [self.frame_photo(rgb)]
         boxes = self.detector.detect(rgb)
-        return list(boxes), [crop_face(rgb, b, self.size) for b in boxes]
+        return list(boxes), [self.frame_face(rgb, b) for b in boxes]
 
     def classify(self, crops: np.ndarray | list[np.ndarray], boxes: list[Box | None] | None = None) -> list[Face]:
         """Faces for a batch of ``(S, S, 3)`` uint8 crops."""
@@ -213,7 +219,8 @@ class Predictor:
         boxes = boxes or [None] * len(p_male)
         faces = []
         for i, (box, p) in enumerate(zip(boxes, p_male)):
-            years = None if age is None else float(age[i])
+            # Clamped to the ages the head was trained on: regression extrapolates (-2.6 years was seen).
+            years = None if age is None else float(np.clip(age[i], self.meta.config.age_min, self.meta.config.age_max))
             group = None if years is None else ADIENCE_GROUP_NAMES[age_group(round(years))]
             faces.append(Face(box, self.meta.genders[int(p >= 0.5)], float(p), years, group))
         return faces

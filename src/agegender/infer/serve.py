@@ -10,8 +10,8 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AgeGenderError
+from ..faces.detect import MIN_FACE_PX, FaceDetector, default_detector
 from ..images import ImageError, load_image
-from .detect import MIN_FACE_PX, HaarDetector
 from .predict import Predictor
 
 if TYPE_CHECKING:
@@ -124,13 +124,13 @@ def _is_loopback(host: str) -> bool:
 
 def serve(model: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000,
           max_bytes: int = DEFAULT_MAX_BYTES, precision: str = "auto", min_face: int = MIN_FACE_PX,
-          device: str = "cpu") -> None:
+          device: str = "cpu", detector: FaceDetector | None = None) -> None:
     """Load ``model`` once and serve the API and page with uvicorn until interrupted."""
     import uvicorn
 
     if max_bytes < 1:
         raise AgeGenderError(f"--max-bytes must be positive, got {max_bytes}")
-    predictor = Predictor.from_path(model, HaarDetector(min_face_px=min_face), device=device, precision=precision)
+    predictor = Predictor.from_path(model, detector or default_detector(min_face), device=device, precision=precision)
     if not _is_loopback(host):
         log.warning("binding %s: the API is reachable from other machines and has no authentication", host)
     app = create_app(predictor, max_bytes, model_name=os.path.basename(os.fspath(model)))

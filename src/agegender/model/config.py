@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import AgeGenderError
+
 if TYPE_CHECKING:
     import torch
 
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 VGG16_BLOCKS: tuple[tuple[int, int], ...] = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 VGG16_WIDTHS: tuple[int, ...] = tuple(w for w, _ in VGG16_BLOCKS)
 AGE_HEADS = ("dex", "regression", "none")
+ALIGNMENTS = ("crop", "chip5")
 
 
 @dataclass
@@ -27,6 +30,8 @@ class ModelConfig:
 
     widths: tuple[int, ...] = VGG16_WIDTHS
     image_size: int = 64
+    backbone: str = "vgg-face"  # a name in model.backbones.BACKBONES
+    feature_layer: str = ""  # which backbone layer feeds the head; "" = the backbone's default
     block_bn: bool = False
     hidden: tuple[int, ...] = (4096, 4096)
     dropout: tuple[float, ...] = (0.5, 0.5)
@@ -41,18 +46,33 @@ class ModelConfig:
         self.widths = tuple(int(w) for w in self.widths)
         self.hidden = tuple(int(h) for h in self.hidden)
         self.dropout = tuple(float(p) for p in self.dropout)
-        if len(self.widths) != len(VGG16_BLOCKS):
-            raise ValueError(f"widths needs {len(VGG16_BLOCKS)} block widths, got {self.widths}")
-        if self.image_size % 32 or self.image_size < 32:
-            raise ValueError(f"image_size must be a positive multiple of 32, got {self.image_size}")
-        if len(self.dropout) != len(self.hidden):
-            raise ValueError("dropout needs one probability per hidden layer")
+        from .backbones import backbone
+
+        spec = backbone(self.backbone)
+        self.feature_layer = spec.check_layer(self.feature_layer)
+        if len(self.widths) != len(spec.widths) or min(self.widths, default=0) < 1:
+            raise AgeGenderError(f"widths needs {len(spec.widths)} positive stage widths for {spec.name}, "
+                                 f"got {self.widths}")
+        if spec.name == "vgg-face" and (self.image_size % 32 or self.image_size < 32):
+            raise AgeGenderError(f"image size must be a positive multiple of 32 for vgg-face, got {self.image_size}")
+        if spec.name != "vgg-face" and self.image_size != spec.preprocess.size:
+            raise AgeGenderError(f"image size must be {spec.preprocess.size} for {spec.name} "
+                                 f"(its chips), got {self.image_size}")
+        if not self.hidden or min(self.hidden) < 1:
+            raise AgeGenderError(f"hidden needs at least one positive layer width, got {self.hidden}")
+        if len(self.dropout) != len(self.hidden) or not all(0 <= p < 1 for p in self.dropout):
+            raise AgeGenderError(f"dropout needs one probability in [0, 1) per hidden layer: hidden {self.hidden}, "
+                                 f"dropout {self.dropout}")
         if self.age_head not in AGE_HEADS:
-            raise ValueError(f"age_head must be one of {AGE_HEADS}, got {self.age_head!r}")
+            raise AgeGenderError(f"age head must be one of {', '.join(AGE_HEADS)}, got {self.age_head!r}")
+        if not 0 <= self.age_min < self.age_max:
+            raise AgeGenderError(f"age range must satisfy 0 <= min < max, got {self.age_min}-{self.age_max}")
 
     @property
     def feature_dim(self) -> int:
-        return self.widths[-1] * (self.image_size // 32) ** 2
+        from .backbones import feature_dim
+
+        return feature_dim(self.backbone, self.widths, self.image_size, self.feature_layer)
 
     @property
     def ages(self) -> int:
@@ -81,10 +101,16 @@ class Preprocess:
     mean_rgb: tuple[float, float, float] = VGG_FACE_MEAN_RGB
     scale: float = 1.0
     channel_order: str = "BGR"
+    # How a face becomes a size x size input: "crop" = a square around the detector's box (the framing of
+    # agegender_cleaned), "chip5" = dlib's 5-point similarity-aligned chip with this padding.
+    alignment: str = "crop"
+    chip_padding: float = 0.25
 
     def __post_init__(self) -> None:
         if self.channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be RGB or BGR, not {self.channel_order!r}")
+        if self.alignment not in ALIGNMENTS:
+            raise ValueError(f"alignment must be one of {ALIGNMENTS}, not {self.alignment!r}")
 
     def resized(self, size: int) -> Preprocess:
         return replace(self, size=int(size))
@@ -101,6 +127,8 @@ class Preprocess:
             mean_rgb=tuple(float(v) for v in d["mean_rgb"]),  # type: ignore[arg-type]
             scale=float(d.get("scale", 1.0)),
             channel_order=str(d.get("channel_order", "BGR")),
+            alignment=str(d.get("alignment", "crop")),  # files written before alignment was recorded
+            chip_padding=float(d.get("chip_padding", 0.25)),
         )
 
     def to_json(self) -> str:
@@ -128,3 +156,6 @@ class Preprocess:
 VGG_FACE_PREPROCESS = Preprocess()
 # The seed notebook fed /255 pixels in RGB order to the VGG-Face convs; kept for `--preset seed`.
 SEED_PREPROCESS = Preprocess(size=64, mean_rgb=(0.0, 0.0, 0.0), scale=1.0 / 255.0, channel_order="RGB")
+# dlib's face ResNet: (RGB - mean) / 256 on a 150 px chip from its 5-point shape predictor, padding 0.25.
+DLIB_PREPROCESS = Preprocess(size=150, mean_rgb=(122.782, 117.001, 104.298), scale=1.0 / 256.0, channel_order="RGB",
+                             alignment="chip5", chip_padding=0.25)

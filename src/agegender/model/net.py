@@ -13,7 +13,31 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .dlib_resnet import DlibResNet
 from .vgg import CONV_NAMES, VGGTrunk
+
+
+class DlibTrunk(nn.Module):
+    """dlib's face ResNet as a trunk: the pooled 256-d activations, its 128-d descriptor, or both."""
+
+    def __init__(self, widths: tuple[int, ...], layer: str) -> None:
+        super().__init__()
+        self.net = DlibResNet(widths)
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled, descriptor = self.net.features_and_descriptor(x)
+        if self.layer == "pooled":
+            return pooled
+        if self.layer == "descriptor":
+            return descriptor
+        return torch.cat([pooled, descriptor], 1)
+
+
+def build_trunk(config: ModelConfig) -> nn.Module:
+    if config.backbone == "dlib-resnet":
+        return DlibTrunk(config.widths, config.feature_layer)
+    return VGGTrunk(config.widths, config.block_bn)
 
 
 @dataclass
@@ -33,7 +57,7 @@ class AgeGenderNet(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.trunk = VGGTrunk(config.widths, config.block_bn)
+        self.trunk = build_trunk(config)
         layers: list[nn.Module] = [nn.BatchNorm1d(config.feature_dim)] if config.feature_bn else []
         dim = config.feature_dim
         for width, p in zip(config.hidden, config.dropout):
@@ -53,10 +77,12 @@ class AgeGenderNet(nn.Module):
 
     # -- freezing ---------------------------------------------------------------------------
     def freeze_trunk(self) -> None:
-        """Freeze the convs. BatchNorm inside the trunk (the seed's ``block_bn`` layout) stays trainable."""
+        """Freeze the pretrained trunk. BatchNorm inside the VGG trunk (the seed's ``block_bn`` layout) stays trainable."""
         self.config.freeze_trunk = True
-        for name in CONV_NAMES:
-            getattr(self.trunk, name).requires_grad_(False)
+        for module in self.trunk.modules():
+            if not isinstance(module, nn.BatchNorm2d):
+                for p in module.parameters(recurse=False):
+                    p.requires_grad_(False)
         self.train(self.training)
 
     def unfreeze_trunk(self) -> None:
@@ -96,7 +122,11 @@ class AgeGenderNet(nn.Module):
         return decode_age(self.config, age_logits)
 
     def load_trunk(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy ``conv1_1`` ... ``conv5_3`` from a canonical VGG-Face state dict, shapes asserted."""
+        """Copy the pretrained trunk from its canonical state dict (VGG-Face: ``conv1_1`` ... ``conv5_3``;
+        dlib: every layer of the ResNet), shapes asserted; fc layers of the identity net are ignored."""
+        if isinstance(self.trunk, DlibTrunk):
+            self.trunk.net.load_canonical(state)
+            return
         own = self.trunk.state_dict()
         for name in CONV_NAMES:
             for part in ("weight", "bias"):

@@ -20,13 +20,22 @@ PRESETS: dict[str, dict[str, Any]] = {
                  dropout=(0.5, 0.0), age_head="none", pixels="seed"),
 }
 
+# What the default preset changes for a backbone, measured on real photos. dlib-resnet on UTKFace (4,899 faces,
+# ages 1-116, its own held-out split): the DEX age head reached MAE 4.57 years where regression gave 6.49-6.87
+# with the same features, and the pooled 256-d layer beat the 128-d descriptor (4.84) and both together (4.62).
+BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dlib-resnet": dict(age_head="dex", hidden=(512, 512), feature_layer="pooled"),
+}
+
 
 @dataclass
 class TrainConfig:
-    data: str
+    data: str | tuple[str, ...]  # one labelled folder, or several trained on together
     out: str = "runs/latest"
-    weights: str | None = None
-    init: str = "vgg-face"  # or "scratch": no pretrained weights, the whole net trains
+    backbone: str = "vgg-face"  # or "dlib-resnet"; see model.backbones
+    feature_layer: str = ""  # which backbone layer feeds the head ("" = the backbone's default)
+    weights: str | None = None  # the backbone's pretrained file; dlib-resnet finds the installed one
+    init: str = "pretrained"  # or "scratch": no pretrained weights, the whole net trains
     preset: str = "default"
     split: str = "identity"
     seed: int = 0
@@ -60,7 +69,9 @@ class TrainConfig:
     def from_preset(cls, preset: str = "default", **overrides: Any) -> TrainConfig:
         if preset not in PRESETS:
             raise AgeGenderError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        given = {k: v for k, v in overrides.items() if v is not None and v != ""}
+        backbone_defaults = BACKBONE_DEFAULTS.get(str(given.get("backbone", "vgg-face")), {}) if preset == "default" else {}
+        values = {**PRESETS[preset], **backbone_defaults, **given}
         if values.get("init") == "scratch":
             # From scratch the whole trunk learns at the full rate, and a 13-conv stack trains far better
             # with BatchNorm after each block.

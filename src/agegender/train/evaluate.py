@@ -16,6 +16,7 @@ from ..data.batches import Batches
 from ..data.records import FaceRecord, scan
 from ..data.splits import make_splits
 from ..errors import AgeGenderError
+from ..faces.framing import photo_framer
 from ..model.checkpoint import load_checkpoint, read_meta, resolve_model
 from ..model.net import AgeGenderNet
 from .report import Predictions, build_report, write_report
@@ -80,7 +81,7 @@ def evaluate_model(model: str | os.PathLike[str], data: str | None = None, subse
     else:
         splits = make_splits(dataset, protocol_name, int(stored.get("seed", 0)), limit=int(stored.get("limit", 0)))
         chosen, summary, leaked = splits[subset], splits.summary(), splits.leaked_identities()
-    batches = Batches(chosen, meta.preprocess, batch_size, workers)
+    batches = Batches(chosen, meta.preprocess, batch_size, workers, frame=photo_framer(meta.preprocess))
     out_dir = Path(out) if out else ckpt.parent / f"eval-{subset}"
     protocol = {"data": str(dataset.root), "kind": dataset.kind, "split": f"{protocol_name}:{subset}",
                 "splits": summary, "leaked_identities": leaked, "skipped": dataset.skipped.to_dict()}

@@ -19,11 +19,13 @@ from torch import nn
 
 from ..data.batches import Batches, Labels
 from ..data.features import FeatureSet, cached_features
-from ..data.records import FaceRecord, scan
+from ..data.records import FaceRecord, scan_all
 from ..data.splits import make_splits
 from ..distributed import World, close_world, init_world
 from ..errors import AgeGenderError
+from ..faces.framing import photo_framer
 from ..files import atomic_path, write_text_atomic
+from ..model.backbones import DLIB_RESNET, backbone
 from ..model.checkpoint import RUN_CHECKPOINT, CheckpointMeta, save_checkpoint
 from ..model.config import SEED_PREPROCESS, VGG_FACE_PREPROCESS, ModelConfig, Preprocess
 from ..model.net import AgeGenderNet, Outputs
@@ -61,27 +63,57 @@ def load_trunk_weights(path: str) -> tuple[dict[str, torch.Tensor], Preprocess, 
     return read_weights(p), VGG_FACE_PREPROCESS, sha256_file(p)
 
 
-def build_model(cfg: TrainConfig) -> tuple[AgeGenderNet, Preprocess, str | None]:
+def load_dlib_weights(path: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    """dlib's ResNet from ``path`` (its .dat or a converted .safetensors), or from the installed package."""
+    from ..files import sha256_file
+    from ..weights.convert import load_canonical
+    from ..weights.dlib_dat import read_dlib_resnet
+    from ..weights.locate import packaged_weights
+
+    file = Path(path) if path else packaged_weights(DLIB_RESNET.weights)
+    if not file.is_file():
+        raise AgeGenderError(f"{file}: no such weights file")
+    if file.suffix == ".safetensors":
+        state, meta = load_canonical(file)
+        return state, meta.get("source_sha256") or sha256_file(file)
+    return {k: torch.from_numpy(v) for k, v in read_dlib_resnet(file).items()}, sha256_file(file)
+
+
+def build_model(cfg: TrainConfig, age_range: tuple[int, int] = (1, 70)) -> tuple[AgeGenderNet, Preprocess, str | None]:
     torch.manual_seed(cfg.seed)
     state, pre, sha = None, VGG_FACE_PREPROCESS, None
-    widths = cfg.widths
-    if cfg.init == "vgg-face":
+    spec = backbone(cfg.backbone)
+    widths = cfg.widths if spec.name == "vgg-face" else spec.widths
+    image_size = cfg.image_size if spec.name == "vgg-face" else spec.preprocess.size
+    if spec.name == "dlib-resnet":
+        pre = spec.preprocess
+        if cfg.init != "scratch":
+            state, sha = load_dlib_weights(cfg.weights)
+    elif cfg.init != "scratch":
         if not cfg.weights:
-            raise AgeGenderError("--init vgg-face needs --weights (run `agegender fetch weights` and "
-                                 "`agegender convert`), or use --init scratch")
+            raise AgeGenderError(f"pretrained vgg-face needs --weights (get them with {spec.weights.how_to_get}), "
+                                 "or use --init scratch")
         from ..weights.convert import infer_widths
 
         state, pre, sha = load_trunk_weights(cfg.weights)
         widths = infer_widths(state)
     if cfg.pixels == "seed":
         pre = SEED_PREPROCESS
-    mc = ModelConfig(widths=widths, image_size=cfg.image_size, block_bn=cfg.block_bn, hidden=cfg.hidden,
+    mc = ModelConfig(widths=widths, image_size=image_size, backbone=spec.name, feature_layer=cfg.feature_layer,
+                     block_bn=cfg.block_bn and spec.name == "vgg-face", hidden=cfg.hidden,
                      dropout=cfg.dropout, head_bn=cfg.head_bn, feature_bn=cfg.feature_bn, age_head=cfg.age_head,
-                     freeze_trunk=not cfg.unfreeze)
+                     freeze_trunk=not cfg.unfreeze, age_min=age_range[0], age_max=age_range[1])
     model = AgeGenderNet(mc)
     if state is not None:
         model.load_trunk(state)
-    return model.to(cfg.device), pre.resized(cfg.image_size), sha
+    return model.to(cfg.device), pre.resized(image_size), sha
+
+
+def age_range(records: Sequence[FaceRecord]) -> tuple[int, int]:
+    """The ages the head learns: agegender_cleaned's 1-70, widened to every labelled age in training (UTKFace
+    reaches 116). Predictions are clamped to it, so it must cover the data."""
+    ages = [r.age for r in records if r.age is not None]
+    return min([1, *ages]), max([70, *ages])
 
 
 def make_optimizer(model: AgeGenderNet, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -188,7 +220,7 @@ def fit(cfg: TrainConfig, resume: bool = False) -> RunResult:
 
 
 def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
-    dataset = scan(cfg.data)
+    dataset = scan_all([cfg.data] if isinstance(cfg.data, str) else list(cfg.data))
     splits = make_splits(dataset, cfg.split, cfg.seed, limit=cfg.limit)
     records = splits.train + splits.val + splits.test
     n_train, n_val = len(splits.train), len(splits.val)
@@ -200,16 +232,18 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
         write_text_atomic(out / "splits.json", json.dumps({k: [str(r.path) for r in v] for k, v in splits.items()}))
     log.info("data: %s (%s), split %s: %s", dataset.root, dataset.kind, cfg.split, splits.summary())
 
-    model, pre, weights_sha = build_model(replace(cfg, device=world.device))
+    model, pre, weights_sha = build_model(replace(cfg, device=world.device), age_range(splits.train))
     labels = Labels.of(records)
+    frame = photo_framer(pre)
     features = None
     if cfg.cache and not cfg.trunk_trains:
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / "cache"
-        features = cached_features(model, records, pre, cache_dir, weights_sha256=weights_sha, bf16=cfg.bf16,
+        features = cached_features(model, records, pre, cache_dir, weights_sha256=weights_sha, bf16=cfg.bf16, frame=frame,
                                    world=world, batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
                                    device=world.device, progress=cfg.progress and world.is_main)
     # The naive --no-cache path stays naive (decode every epoch); a trainable trunk keeps decoded images.
-    batches = Batches(records, pre, cfg.batch_size, cfg.workers, features, world, keep_images=cfg.trunk_trains)
+    batches = Batches(records, pre, cfg.batch_size, cfg.workers, features, world, keep_images=cfg.trunk_trains,
+                      frame=frame)
     train_idx = np.intersect1d(np.arange(n_train), batches.valid)
     step: nn.Module = Step(model, batches.cached)
     if world.active:

@@ -116,6 +116,9 @@ class DlibStream:
         shape = tuple(self.read_int() for _ in range(4))
         if any(d < 0 for d in shape):
             raise self.error(f"negative tensor shape {shape}")
+        # An empty tensor costs no bytes whatever its other sizes, but numpy refuses absurd ones.
+        if 0 in shape and math.prod(d for d in shape if d) > 1 << 32:
+            raise self.error(f"implausible empty tensor shape {shape}")
         return self.float32(math.prod(shape)).reshape(shape)
 
     def end(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
@@ -42,29 +43,99 @@ def extraction_dir(archive: Archive, dest: str | os.PathLike[str]) -> Path:
     return Path(dest) / archive.filename.removesuffix(".tar.gz")
 
 
+class _MirrorFailed(AgeGenderError):
+    """One mirror did not give a good archive; the next mirror is tried."""
+
+
+class _Unreachable(_MirrorFailed):
+    """Nothing came from the mirror (no connection, DNS, an HTTP error)."""
+
+
+class _Dropped(_MirrorFailed):
+    """The transfer stopped part-way; the bytes so far are kept in the ``.part`` file for resuming."""
+
+
+class _Rejected(_MirrorFailed):
+    """What the mirror sent failed a check (size, sha256, not an archive, contents); it was deleted."""
+
+
 def fetch(archive: Archive, dest: str | os.PathLike[str], *, url: str | None = None, extract: bool = True,
           progress: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Path:
     """Download, verify and (optionally) unpack ``archive`` into ``dest``; return the directory or the archive.
 
-    ``url`` overrides ``archive.url`` (a URL ending in ``/`` gets the file name appended). An interrupted
-    download resumes from ``<filename>.part`` on the next call. Nothing is fetched if the file is already
-    there and verifies.
+    The mirrors in ``archive.urls`` are tried in turn, after ``url`` when given (a URL ending in ``/`` gets the
+    file name appended). An interrupted download resumes from ``<filename>.part`` on the next call. A file that
+    fails a check (size, sha256, not a safe archive, the expected contents missing) is deleted and the next
+    mirror tried. Without a published sha256, the archive's own is recorded (``<filename>.verified.sha256``)
+    only once it has extracted (or, with ``extract=False``, been read through) and its contents checked out;
+    later downloads must match it. Nothing is fetched if the file is already there and checks out.
     """
     dest = Path(dest)
+    path = dest / archive.filename
+    target = extraction_dir(archive, dest)
+    if extract and (target / _MARKER).is_file():
+        return target
+    if extract and target.exists():  # checked before anything is downloaded
+        raise AgeGenderError(f"{target}: exists but is not a complete extraction of {path.name}; "
+                             f"move or delete it and rerun")
+    created = not dest.exists()
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AgeGenderError(f"{dest}: cannot create the download directory ({e.strerror or e})") from None
-    path = dest / archive.filename
+    _drop_legacy_record(path, target)
+    failures: list[tuple[str, _MirrorFailed]] = []
     if path.is_file():
-        digest = _verify_present(archive, path)
-    else:
-        src = url or archive.url
-        if src.endswith("/"):
-            src += archive.filename
+        try:
+            return _accept(archive, path, _verify(archive, path, str(path)), extract)
+        except _Rejected as e:
+            log.warning("%s; downloading it again", e)
+            failures.append(("the cached copy", e))
+    for src in _mirrors(archive, url):
         log.info("fetching %s from %s (licence: %s)", archive.filename, src, archive.licence)
-        digest = _download(archive, src, path, progress=progress, timeout=timeout)
-    return _extract_once(archive, path, digest) if extract else path
+        try:
+            digest = _download(archive, src, path, progress=progress, timeout=timeout)
+            return _accept(archive, path, digest, extract)
+        except _MirrorFailed as e:
+            if len(_mirrors(archive, url)) > 1:
+                log.warning("%s", e)
+            failures.append((src, e))
+    if created:  # a failed run leaves no empty cache directory behind (a kept .part keeps it)
+        with contextlib.suppress(OSError):
+            dest.rmdir()
+    raise AgeGenderError(_advice(archive, path, failures))
+
+
+def _mirrors(archive: Archive, url: str | None) -> list[str]:
+    urls = [u + archive.filename if u.endswith("/") else u for u in ((url,) if url else ()) + archive.urls]
+    return list(dict.fromkeys(urls))
+
+
+def _advice(archive: Archive, path: Path, failures: list[tuple[str, _MirrorFailed]]) -> str:
+    """One line: what each mirror did, then what the user can do next."""
+    part = _part_path(path)
+    if len(failures) == 1:
+        what = _one_line(str(failures[0][1]))
+    else:
+        what = f"no mirror gave a good copy of {archive.filename} (" + "; ".join(
+            _one_line(str(e)) for _, e in failures) + ")"
+    steps = []
+    if part.is_file():
+        steps.append(f"the partial download is kept in {part}: rerun the same command to resume")
+    if any(isinstance(e, _Rejected) for _, e in failures):
+        steps.append("what failed its checks was deleted")
+    if record := next((e.record for _, e in failures if isinstance(e, _Mismatch) and e.record), None):
+        steps.append(f"if the publisher changed the file, delete {record} and rerun")
+    if all(isinstance(e, _Unreachable) for _, e in failures):
+        steps.append("check the network connection")
+    steps.append(f"try another mirror with --url URL, or download {archive.filename} yourself to {path}")
+    if archive.instead:
+        steps.append(f"or skip the download: train and reproduce take {archive.instead}")
+    return f"{what}; " + "; ".join(steps)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def locate(archive: Archive, dest: str | os.PathLike[str] | None = None) -> Path:
@@ -130,49 +201,116 @@ def _through_symlink(parts: tuple[str, ...], symlinks: set[str]) -> bool:
     return any(os.path.normpath(os.path.join(*parts[: i + 1])) in symlinks for i in range(len(parts)))
 
 
+class _Mismatch(_Rejected):
+    """A sha256 that differs from the published or the recorded one."""
+
+    def __init__(self, message: str, record: Path | None) -> None:
+        super().__init__(message)
+        self.record = record  # the recorded sha256's file, None when the sha256 is the published one
+
+
+def _part_path(path: Path) -> Path:
+    return path.with_name(path.name + ".part")
+
+
 def _record_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+    """Where the sha256 of an archive that extracted and checked out is kept (``sha256sum -c`` format)."""
+    return path.with_name(path.name + ".verified.sha256")
 
 
-def _expected_sha256(archive: Archive, path: Path) -> tuple[str | None, str]:
-    """The sha256 to check against and where it comes from: published, recorded on first download, or none."""
+def _drop_legacy_record(path: Path, target: Path) -> None:
+    """Older versions recorded ``<file>.sha256`` at download time, before any check: garbage could be trusted.
+
+    Such a record is kept (renamed to the verified one) only when a complete extraction carries the same sha256.
+    """
+    legacy = path.with_name(path.name + ".sha256")
+    if not legacy.is_file():
+        return
+    words = legacy.read_text(encoding="utf-8", errors="replace").split()
+    marker = target / _MARKER
+    marked = marker.read_text(encoding="utf-8", errors="replace").split()[:1] if marker.is_file() else []
+    if words and marked and words[0].lower() == marked[0].lower() and not _record_path(path).exists():
+        os.replace(legacy, _record_path(path))
+    else:
+        log.info("%s: ignoring a sha256 recorded before the archive was checked", legacy)
+        legacy.unlink()
+
+
+def _expected_sha256(archive: Archive, path: Path) -> tuple[str | None, str, Path | None]:
+    """The sha256 to check against, where it comes from, and the record file (None for a published one)."""
     if archive.sha256:
-        return archive.sha256.lower(), "the published sha256"
+        return archive.sha256.lower(), "the published sha256", None
     record = _record_path(path)
     if not record.is_file():
-        return None, ""
+        return None, "", None
     words = record.read_text(encoding="utf-8", errors="replace").split()
     if not words or not _SHA256.fullmatch(words[0].lower()):
-        raise AgeGenderError(f"{record}: not a sha256 record; delete it and rerun")
-    return words[0].lower(), f"the sha256 recorded in {record.name}"
+        log.warning("%s: not a sha256 record; deleted", record)
+        record.unlink()
+        return None, "", None
+    return words[0].lower(), f"the sha256 recorded in {record.name} when it first checked out", record
 
 
-def _verify_present(archive: Archive, path: Path) -> str:
+def _verify(archive: Archive, path: Path, what: str, digest: str | None = None) -> str:
+    """The sha256 of ``path`` (``digest`` when already known) after its size and hash checks; on a failure the
+    file is deleted (``_Rejected``)."""
     size = path.stat().st_size
     if archive.size is not None and size != archive.size:
-        raise AgeGenderError(f"{path}: {size:,} bytes, expected {archive.size:,}; delete it and re-fetch")
-    digest = sha256_file(path)
-    expected, source = _expected_sha256(archive, path)
-    if expected is None:
-        write_text_atomic(_record_path(path), f"{digest}  {path.name}\n")
-    elif digest != expected:
-        raise AgeGenderError(f"{path}: sha256 {digest} does not match {source} ({expected}); "
-                             f"delete it and re-fetch")
+        path.unlink()
+        raise _Rejected(f"{what}: {size:,} bytes, expected {archive.size:,}")
+    digest = digest or sha256_file(path)
+    expected, source, record = _expected_sha256(archive, path)
+    if expected is not None and digest != expected:
+        path.unlink()
+        raise _Mismatch(f"{what}: sha256 {digest} does not match {source} ({expected})", record)
     return digest
 
 
 def _download(archive: Archive, url: str, path: Path, *, progress: bool, timeout: float) -> str:
-    part = path.with_name(path.name + ".part")
+    part = _part_path(path)
     digest = _stream(url, part, archive.size, progress=progress, timeout=timeout)
-    expected, source = _expected_sha256(archive, path)
-    if expected is not None and digest != expected:
-        part.unlink(missing_ok=True)
-        raise AgeGenderError(f"{url}: the download's sha256 {digest} does not match {source} ({expected}); "
-                             f"nothing was kept")
     os.replace(part, path)
-    if expected is None:
+    return _verify(archive, path, url, digest)
+
+
+def _accept(archive: Archive, path: Path, digest: str, extract: bool) -> Path:
+    """Check the archive's contents (by extracting it, or reading it through), then record its sha256.
+
+    An archive that is not readable, not safe or lacks ``archive.extracted`` is deleted (``_Rejected``).
+    """
+    try:
+        if extract:
+            out = _extract(archive, path, digest)
+        elif _expected_sha256(archive, path)[0] == digest:  # a published sha256, or one recorded after a check
+            out = path
+        else:
+            out = _check_members(archive, path)
+    except _Rejected:
+        path.unlink(missing_ok=True)
+        raise
+    if archive.sha256 is None and not _record_path(path).is_file():
         write_text_atomic(_record_path(path), f"{digest}  {path.name}\n")
-    return digest
+    return out
+
+
+def _check_members(archive: Archive, path: Path) -> Path:
+    """Read ``path`` through without unpacking: every member safe, ``archive.extracted`` among them."""
+    root = os.path.realpath(path.parent / ".check")
+    names: set[str] = set()
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = tar.getmembers()
+            symlinks = {os.path.normpath(m.name) for m in members if m.issym()}
+            for m in members:
+                if problem := _unsafe_member(m, root, symlinks):
+                    raise _Rejected(f"{path}: refusing member {m.name!r}: {problem}")
+                names.add(os.path.normpath(m.name))
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise _Rejected(f"{path}: not a readable tar archive ({_one_line(str(e))})") from None
+    wanted = os.path.normpath(archive.extracted)
+    if wanted not in names and not any(n.startswith(wanted + "/") for n in names):
+        raise _Rejected(f"{path}: has no {archive.extracted}; is this the right archive?")
+    return path
 
 
 def _stream(url: str, part: Path, size: int | None, *, progress: bool, timeout: float) -> str:
@@ -191,9 +329,9 @@ def _stream(url: str, part: Path, size: int | None, *, progress: bool, timeout: 
                 return sha256_file(part)
             part.unlink()
             return _stream(url, part, size, progress=progress, timeout=timeout)
-        raise AgeGenderError(f"{url}: HTTP {e.code} {e.reason}") from None
+        raise _Unreachable(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
-        raise AgeGenderError(f"{url}: cannot download ({getattr(e, 'reason', e)})") from None
+        raise _Unreachable(f"{url}: cannot download ({getattr(e, 'reason', e)})") from None
 
     with response:
         length = _int_header(response.headers.get("Content-Length"))
@@ -203,8 +341,8 @@ def _stream(url: str, part: Path, size: int | None, *, progress: bool, timeout: 
             offset, total = 0, length
         if size is not None and total is not None and total != size:
             part.unlink(missing_ok=True)
-            raise AgeGenderError(f"{url}: the server has {total:,} bytes but {part.name.removesuffix('.part')} "
-                                 f"should be {size:,}; is the URL right?")
+            raise _Rejected(f"{url}: the server has {total:,} bytes but {part.name.removesuffix('.part')} "
+                            f"should be {size:,}")
         expected = size if size is not None else total
 
         sha = hashlib.sha256()
@@ -238,11 +376,10 @@ def _stream(url: str, part: Path, size: int | None, *, progress: bool, timeout: 
 
     if expected is not None and got > expected:
         part.unlink()
-        raise AgeGenderError(f"{url}: the server sent more than the expected {expected:,} bytes; nothing was kept")
+        raise _Rejected(f"{url}: the server sent more than the expected {expected:,} bytes")
     if dropped or (expected is not None and got < expected):
         of = f" of {expected:,}" if expected is not None else ""
-        raise AgeGenderError(f"{url}: connection dropped at byte {got:,}{of}; the partial download "
-                             f"is kept in {part}: rerun the same command to resume")
+        raise _Dropped(f"{url}: connection dropped at byte {got:,}{of}")
     return sha.hexdigest()
 
 
@@ -251,9 +388,8 @@ def _check_content_range(url: str, part: Path, header: str, offset: int, length:
     match = _CONTENT_RANGE.fullmatch(header.strip())
     if match is None or int(match[1]) != offset or (length is not None and int(match[2]) + 1 - offset != length):
         part.unlink()
-        raise AgeGenderError(f"{url}: asked for bytes {offset:,}- but the server answered Content-Range "
-                             f"{header!r} (Content-Length {length}); the partial download was deleted, "
-                             f"rerun to start over")
+        raise _Rejected(f"{url}: asked for bytes {offset:,}- but the server answered Content-Range "
+                        f"{header!r} (Content-Length {length})")
     return None if match[3] == "*" else int(match[3])
 
 
@@ -261,7 +397,7 @@ def _int_header(value: str | None) -> int | None:
     return int(value) if value is not None and value.strip().isdigit() else None
 
 
-def _extract_once(archive: Archive, path: Path, digest: str) -> Path:
+def _extract(archive: Archive, path: Path, digest: str) -> Path:
     target = extraction_dir(archive, path.parent)
     if (target / _MARKER).is_file():
         return target
@@ -271,9 +407,12 @@ def _extract_once(archive: Archive, path: Path, digest: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=path.parent))
     try:
         log.info("unpacking %s", path)
-        safe_extract(path, tmp)
+        try:
+            safe_extract(path, tmp)
+        except AgeGenderError as e:
+            raise _Rejected(str(e)) from None
         if not (tmp / archive.extracted).exists():
-            raise AgeGenderError(f"{path}: has no {archive.extracted}; is this the right archive?")
+            raise _Rejected(f"{path}: has no {archive.extracted}; is this the right archive?")
         (tmp / _MARKER).write_text(f"{digest}  {path.name}\n", encoding="utf-8")
         os.rename(tmp, target)
     except BaseException:

