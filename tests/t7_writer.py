@@ -1,7 +1,9 @@
 """Test-only Torch7 binary writer, and VGG_FACE.t7-shaped models at any channel width.
 
 Written from the format description (tags, one pre-order object counter, "V 1" class headers,
-tensor = sizes, strides, 1-based offset, storage), independently of agegender.torch7.
+tensor = sizes, strides, 1-based offset, storage), independently of agegender.torch7. ``ascii=True``
+writes what ``torch.save(f, x, 'ascii')`` does: each write call's numbers as text (``%d``, ``%.17g`` for
+doubles, ``%.9g`` for floats) separated by spaces and ended by a newline; strings and byte storages raw.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Obj:
 @dataclass(eq=False)
 class Storage:
     data: np.ndarray  # 1-D; its dtype picks torch.FloatStorage, DoubleStorage, ...
+    cuda: bool = False  # torch.CudaStorage / CudaDoubleStorage ...: the same bytes under cutorch's names
 
 
 @dataclass(eq=False)
@@ -39,12 +42,20 @@ class Tensor:
     stride: tuple[int, ...] = ()
     offset: int = 0  # 0-based here, written 1-based
     dtype: np.dtype = np.dtype("float32")  # only used when there is no storage
+    cuda: bool = False
 
     @classmethod
-    def of(cls, array: np.ndarray) -> Tensor:
+    def of(cls, array: np.ndarray, cuda: bool = False) -> Tensor:
         flat = np.ascontiguousarray(array).reshape(-1)
         strides = tuple(s // array.itemsize for s in np.empty(array.shape, array.dtype).strides)
-        return cls(Storage(flat), tuple(array.shape), strides, 0, array.dtype)
+        return cls(Storage(flat, cuda), tuple(array.shape), strides, 0, array.dtype, cuda)
+
+
+def class_name(kind: str, cuda: bool, what: str) -> str:
+    """``torch.FloatTensor``; cutorch: ``torch.CudaTensor`` (float), ``torch.CudaDoubleTensor`` ..."""
+    if not cuda:
+        return f"torch.{kind}{what}"
+    return f"torch.Cuda{'' if kind == 'Float' else kind}{what}"
 
 
 def empty(dtype: Any = np.float32) -> Tensor:
@@ -53,24 +64,55 @@ def empty(dtype: Any = np.float32) -> Tensor:
 
 
 class T7Writer:
-    def __init__(self, f: BinaryIO, long_size: int = 8) -> None:
+    def __init__(self, f: BinaryIO, long_size: int = 8, ascii: bool = False) -> None:
         self.f = f
+        self.ascii = ascii
         self.long_fmt = {8: "q", 4: "i"}[long_size]
         self.next_index = 1
         self.index: dict[int, int] = {}
         self.alive: list[Any] = []  # keeps ids unique while writing
         self.tensors: dict[int, Tensor] = {}
 
+    def _text(self, values: list[str]) -> None:  # one ASCII write call: values, spaces, a newline
+        if values:
+            self.f.write((" ".join(values) + "\n").encode())
+
     def _int(self, v: int) -> None:
-        self.f.write(struct.pack("<i", v))
+        if self.ascii:
+            self._text([str(int(v))])
+        else:
+            self.f.write(struct.pack("<i", v))
 
     def _longs(self, *v: int) -> None:
-        self.f.write(struct.pack(f"<{len(v)}{self.long_fmt}", *v))
+        if self.ascii:
+            self._text([str(int(x)) for x in v])
+        else:
+            self.f.write(struct.pack(f"<{len(v)}{self.long_fmt}", *v))
+
+    def _double(self, v: float) -> None:
+        if self.ascii:
+            self._text([f"{v:.17g}"])
+        else:
+            self.f.write(struct.pack("<d", v))
+
+    def _raw(self, b: bytes) -> None:  # chars: raw bytes in both modes, plus the ASCII newline
+        self.f.write(b)
+        if self.ascii and b:
+            self.f.write(b"\n")
 
     def _string(self, s: str | bytes) -> None:
         b = s.encode() if isinstance(s, str) else s
         self._int(len(b))
-        self.f.write(b)
+        self._raw(b)
+
+    def _data(self, data: np.ndarray) -> None:
+        if not self.ascii:
+            self.f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        elif data.dtype.itemsize == 1:
+            self._raw(data.tobytes())
+        else:
+            spec = {"f4": ".9g", "f8": ".17g"}.get(data.dtype.str[1:], "d")
+            self._text([format(x, spec) for x in data.tolist()])
 
     def write(self, v: Any) -> None:
         if isinstance(v, np.ndarray):  # the same array twice is the same tensor object
@@ -83,7 +125,7 @@ class T7Writer:
             self._int(int(v))
         elif isinstance(v, (int, float, np.integer, np.floating)):
             self._int(1)
-            self.f.write(struct.pack("<d", float(v)))
+            self._double(float(v))
         elif isinstance(v, (str, bytes)):
             self._int(2)
             self._string(v)
@@ -115,12 +157,12 @@ class T7Writer:
         elif isinstance(v, Storage):
             kind = _KIND[v.data.dtype]
             data = v.data.astype(np.int32) if kind == "Long" and self.long_fmt == "i" else v.data
-            self._string(f"torch.{kind}Storage")
+            self._string(class_name(kind, v.cuda, "Storage"))
             self._longs(data.size)
-            self.f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+            self._data(data)
         else:
             dtype = v.storage.data.dtype if v.storage is not None else v.dtype
-            self._string(f"torch.{_KIND[dtype]}Tensor")
+            self._string(class_name(_KIND[dtype], v.cuda, "Tensor"))
             self._int(len(v.size))
             if v.size:
                 self._longs(*v.size)
@@ -129,9 +171,9 @@ class T7Writer:
             self.write(v.storage)
 
 
-def write_t7(path: str | os.PathLike[str], obj: Any, long_size: int = 8) -> None:
+def write_t7(path: str | os.PathLike[str], obj: Any, long_size: int = 8, ascii: bool = False) -> None:
     with open(path, "wb") as f:
-        T7Writer(f, long_size).write(obj)
+        T7Writer(f, long_size, ascii).write(obj)
 
 
 # -- VGG-Face ----------------------------------------------------------------------------------
@@ -164,16 +206,23 @@ def _module(class_name: str, **fields: Any) -> Obj:
                             "_type": "torch.FloatTensor"})
 
 
-def vgg_face_model(params: dict[str, np.ndarray], conv_4d: bool = False, shared_storage: bool = False) -> Obj:
+def vgg_face_model(params: dict[str, np.ndarray], conv_4d: bool = False, shared_storage: bool = False,
+                   cuda: bool = False, old_conv: bool = False, double: bool = False) -> Obj:
     """``nn.Sequential`` of the 40 VGG_FACE.t7 modules, in the file's order.
 
     ``conv_4d`` writes conv weights as (out, in, 3, 3) instead of SpatialConvolutionMM's 2-D (out, in*9);
-    ``shared_storage`` puts every weight and bias in one storage, as Lua's ``getParameters()`` leaves them.
+    ``shared_storage`` puts every weight and bias in one storage, as Lua's ``getParameters()`` leaves them;
+    ``cuda`` writes cutorch's classes (``torch.CudaTensor``, or ``CudaDoubleTensor`` with ``double``);
+    ``old_conv`` leaves out dW, dH, padW and padH, as 2013-14 SpatialConvolutionMM modules do.
     """
     tensors: dict[str, Any] = {}
     for name, a in params.items():
+        a = a.astype(np.float64) if double else a
         tensors[name] = a if conv_4d or a.ndim != 4 else a.reshape(a.shape[0], -1)
+        if cuda:
+            tensors[name] = Tensor.of(tensors[name], cuda=True)
     if shared_storage:
+        assert not cuda
         storage = Storage(np.concatenate([a.ravel() for a in tensors.values()]))
         offset = 0
         for name, a in tensors.items():
@@ -185,8 +234,9 @@ def vgg_face_model(params: dict[str, np.ndarray], conv_4d: bool = False, shared_
     for b, n in enumerate(BLOCK_CONVS, 1):
         for i in range(1, n + 1):
             w = params[f"conv{b}_{i}.weight"]
+            geometry = {} if old_conv else {"dW": 1, "dH": 1, "padW": 1, "padH": 1}
             modules.append(_module("nn.SpatialConvolutionMM", nInputPlane=w.shape[1], nOutputPlane=w.shape[0],
-                                   kW=3, kH=3, dW=1, dH=1, padW=1, padH=1,
+                                   kW=3, kH=3, **geometry,
                                    weight=tensors[f"conv{b}_{i}.weight"], bias=tensors[f"conv{b}_{i}.bias"]))
             modules.append(_module("nn.ReLU", threshold=0, val=0, inplace=False))
         modules.append(_module("nn.SpatialMaxPooling", kW=2, kH=2, dW=2, dH=2, padW=0, padH=0,

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from benchmarks.__main__ import main
-from benchmarks.inputs import build_tree, faces_dir
-from benchmarks.summary import summarise
 from PIL import Image
 
 from agegender.data.records import FaceRecord, scan
 from agegender.errors import AgeGenderError
+from benchmarks.__main__ import main
+from benchmarks.inputs import build_tree, faces_dir
+from benchmarks.summary import summarise
 
 
 def test_tree_has_the_agegender_layout_and_fills_every_folder(tmp_path: Path) -> None:

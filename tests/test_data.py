@@ -65,9 +65,22 @@ def test_age_group_nearest_bracket_ties_to_younger(age: int, group: str) -> None
 
 
 @pytest.mark.parametrize(("text", "age"), [("29", 29), (" 29.0 ", 29), ("20-29", 24), ("0-2", 1),
-                                           ("70+", 70), ("", None)])
+                                           ("70+", 70), ("", None), ("0", 0), ("120", 120), ("100-120", 110),
+                                           ("25 - 32", 28), ("60+", 60)])
 def test_parse_age(text: str, age: int | None) -> None:
     assert parse_age(text) == age
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("1000-2000", "out of range (0-120)"), ("40-30", "range not ascending (40 > 30)"), ("-5", "out of range"),
+    ("200", "out of range"), ("121", "out of range"), ("0-121", "out of range"), ("130+", "out of range"),
+    ("9" * 5000 + "-1", "out of range"), ("old", "not a number or range"), ("1e3", "not a number or range"),
+    ("nan", "not a number or range"), ("20-", "not a number or range"), ("1_0", "not a number or range"),
+])
+def test_parse_age_refuses_with_the_reason(text: str, reason: str) -> None:
+    with pytest.raises(ValueError) as e:
+        parse_age(text)
+    assert reason in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +183,11 @@ def test_scan_json_manifest(tmp_path: Path) -> None:
     (["file", "gender"], ["a.jpg", "F"], "needs a 'path' or 'filename' column"),
     (["filename", "sex"], ["a.jpg", "F"], "needs a 'path' or 'filename' column"),
     (["filename", "gender"], ["a.jpg", "X"], "labels.csv:2: gender 'X'"),
-    (["filename", "gender", "age"], ["a.jpg", "F", "old"], "labels.csv:2: age 'old'"),
+    (["filename", "gender", "age"], ["a.jpg", "F", "old"], "labels.csv:2: age 'old': not a number or range"),
+    (["filename", "gender", "age"], ["a.jpg", "F", "-5"], "labels.csv:2: age '-5': out of range"),
+    (["filename", "gender", "age"], ["a.jpg", "F", "200"], "labels.csv:2: age '200': out of range"),
+    (["filename", "gender", "age"], ["a.jpg", "F", "1000-2000"], "labels.csv:2: age '1000-2000': out of range"),
+    (["filename", "gender", "age"], ["a.jpg", "F", "40-30"], "labels.csv:2: age '40-30': range not ascending"),
 ])
 def test_scan_csv_errors_name_file_and_problem(tmp_path: Path, header: list[str], row: list[str],
                                                message: str) -> None:
@@ -178,6 +195,57 @@ def test_scan_csv_errors_name_file_and_problem(tmp_path: Path, header: list[str]
     _write_csv(tmp_path / "labels.csv", header, [row])
     with pytest.raises(AgeGenderError, match=message):
         scan(tmp_path)
+
+
+def _image(path: Path, fmt: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (128, 64, 32)).save(path, fmt)
+    return path
+
+
+OTHER_FORMATS = {".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".bmp": "BMP", ".webp": "WEBP",
+                 ".png": "PNG", ".JPEG": "JPEG"}
+
+
+def test_scans_take_every_decodable_format_and_record_what_they_skip(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    tree = tmp_path / "tree"
+    for i, (suffix, fmt) in enumerate(sorted(OTHER_FORMATS.items())):
+        _image(tree / "aligned" / "25_M" / f"nm000000{i}_rm1_1950-1-1_1975{suffix}", fmt)
+    (tree / "aligned" / "25_M" / "notes.txt").write_text("not an image")
+    (tree / "aligned" / "25_M" / "photo.heic").write_bytes(b"\0" * 10)
+    (tree / "aligned" / "25_M" / ".DS_Store").write_bytes(b"\0")
+    with caplog.at_level("WARNING", logger="agegender"):
+        ds = scan(tree)
+    assert sorted(r.path.suffix for r in ds.records) == sorted(OTHER_FORMATS)
+    assert all(r.source == "imdb" for r in ds.records)  # identities parse whatever the image suffix
+    assert sorted(p.name for p, _ in ds.skipped.items) == ["notes.txt", "photo.heic"]
+    assert {why for _, why in ds.skipped.items} == {"not an image format the decoder reads"}
+    assert "2 files skipped (2 not an image format the decoder reads)" in caplog.text
+
+    utk = tmp_path / "utk"
+    for suffix, fmt in OTHER_FORMATS.items():
+        _image(utk / "sub" / f"25_0_2_2017011617452512{len(suffix)}{suffix}", fmt)
+    _image(utk / "holiday.gif", "GIF")
+    (utk / "readme.md").write_text("UTKFace")
+    (utk / ".git" / "objects").mkdir(parents=True)
+    (utk / ".git" / "objects" / "ab").write_bytes(b"x")
+    ds = scan(utk)
+    assert ds.kind == "utkface" and len(ds.records) == len(OTHER_FORMATS)
+    assert sorted((p.name, why) for p, why in ds.skipped.items) == [
+        ("holiday.gif", "no UTKFace labels (<age>_<gender>_...) in the name"),
+        ("readme.md", "not an image format the decoder reads")]
+
+
+def test_manifest_records_missing_images_as_skipped(tmp_path: Path) -> None:
+    _image(tmp_path / "a.tif", "TIFF")
+    _image(tmp_path / "b.gif", "GIF")
+    _write_csv(tmp_path / "labels.csv", ["path", "gender"],
+               [["a.tif", "F"], ["b.gif", "M"], ["gone.jpg", "M"], ["x" * 5000 + ".jpg", "F"]])
+    ds = scan(tmp_path)
+    assert sorted(r.path.name for r in ds.records) == ["a.tif", "b.gif"]
+    assert [why for _, why in ds.skipped.items] == ["listed on line 4 of labels.csv but missing",
+                                                    "listed on line 5 of labels.csv but missing"]
 
 
 def test_scan_without_labels_says_what_was_expected(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from agegender.errors import AgeGenderError
-from agegender.faces.retinaface import Detection, RetinaFaceDetector, choose_subject, find_retinaface_weights, nms
 from agegender.faces import retinaface as rf
+from agegender.faces.retinaface import Detection, RetinaFaceDetector, choose_subject, find_retinaface_weights, nms
 
 # The package subtracts 127 from red where the network was trained with 123; parity runs use its mean so that
 # only the decoding is compared (with ours the boxes move by up to ~3 px).

@@ -56,7 +56,8 @@ def _post(client: TestClient, data: bytes, name: str = "face.png", mime: str = "
 def test_health_and_page(client: TestClient) -> None:
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny.safetensors"
-    assert health["backend"] == "torch" and health["detector"] == "haar" and health["max_bytes"] == MAX_BYTES
+    assert health["backend"] == "torch" and health["detector"] in ("haar", "retinaface")
+    assert health["max_bytes"] == MAX_BYTES and health["slots"] >= 1 and health["queue"] >= 4
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'type="file"' in page.text and "/predict" not in page.text.split("fetch(")[0]
@@ -129,16 +130,22 @@ def test_concurrent_requests_get_their_own_results(crop_client: tuple[TestClient
     assert len({b["faces"][0]["p_male"] for b in bodies}) > 1  # distinct inputs, distinct answers
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_serve_warns_off_loopback(checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
                                   caplog: pytest.LogCaptureFixture) -> None:
-    import uvicorn
-
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.setattr(serve_module, "_run", lambda config, sock: calls.append(sock.getsockname()))
+    port = _free_port()
     with caplog.at_level(logging.WARNING, logger="agegender"):
-        serve_module.serve(checkpoint, host="127.0.0.1", port=1)
-        assert not caplog.records
-        serve_module.serve(checkpoint, host="0.0.0.0", port=1)
+        serve_module.serve(checkpoint, host="127.0.0.1", port=port)
+        assert not [r for r in caplog.records if "other machines" in r.getMessage()]
+        serve_module.serve(checkpoint, host="0.0.0.0", port=port)
     assert "0.0.0.0" in caplog.text and "other machines" in caplog.text
-    assert calls == [{"host": "127.0.0.1", "port": 1, "log_level": "info"},
-                     {"host": "0.0.0.0", "port": 1, "log_level": "info"}]
+    assert calls == [("127.0.0.1", port), ("0.0.0.0", port)]

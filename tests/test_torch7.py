@@ -157,7 +157,7 @@ def _header(class_name: str) -> bytes:
 
 @pytest.mark.parametrize(("payload", "message"), [
     (struct.pack("<i", 6) + b"\0" * 16, "unknown type tag 6 at byte 0"),
-    (_header("torch.CudaTensor") + b"\0" * 16, "unsupported tensor class torch.CudaTensor"),
+    (_header("torch.CudaHalfTensor") + b"\0" * 16, "unsupported tensor class torch.CudaHalfTensor"),
     (_header("torch.HalfStorage") + b"\0" * 16, "unsupported tensor class torch.HalfStorage"),
     (_header("torch.FloatStorage") + struct.pack("<q", -5), "absurd size for storage data"),
     (_header("torch.FloatStorage") + struct.pack("<q", 1 << 50), "absurd size for storage data"),
@@ -177,6 +177,85 @@ def test_malformed_files(tmp_path: Path, payload: bytes, message: str) -> None:
     path.write_bytes(payload)
     with pytest.raises(AgeGenderError, match=f"bad.t7: .*{re.escape(message)}"):
         read_t7(path)
+
+
+def equal(a: Any, b: Any, where: str = "") -> None:
+    """Two results of read_t7 hold the same structure and values."""
+    assert type(a) is type(b), where
+    if isinstance(a, T7Object):
+        assert a.class_name == b.class_name, where
+        equal(a.fields, b.fields, where + "." + a.class_name)
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            equal(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, np.ndarray):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), where
+        np.testing.assert_array_equal(a, b, err_msg=where)
+    else:
+        assert a == b, where
+
+
+def test_ascii_reads_like_binary(tmp_path: Path) -> None:
+    binary, text = tmp_path / "binary.t7", tmp_path / "ascii.t7"
+    write_t7(binary, sample())
+    write_t7(text, sample(), ascii=True)
+    assert text.read_bytes().startswith(b"4\n1\n3\nV 1\n9\nnn.Custom\n")
+    ours = read_t7(text)
+    equal(ours, read_t7(binary))
+    assert ours.fields["a"] is ours.fields["b"]  # object indices work the same in text
+    weird = {"inf": float("inf"), "tiny": 5e-324, "neg": -0.0, "big": 1 << 52, "text": "a b\nc"}
+    write_t7(text, weird, ascii=True)
+    assert read_t7(text) == weird
+
+
+def test_ascii_truncation_and_garbage(tmp_path: Path) -> None:
+    full = tmp_path / "full.t7"
+    write_t7(full, sample(), ascii=True)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.t7"
+    for n in range(2, len(data) - 40, 3):  # the last bytes are the final number, whose digits may be cut validly
+        cut.write_bytes(data[:n])
+        with pytest.raises(AgeGenderError, match="cut.t7: "):
+            read_t7(cut)
+    for payload, message in [(b"4\n1\n3\nV 1\nx\n", "is b'x', not a number"),
+                             (b"4\n1\n3\nV 1\n18\ntorch.FloatStorage\n3\n1 zz 2\n", "malformed number"),
+                             (b"4\n1\n3\nV 1\n18\ntorch.FloatStorage\n1000000\n1 2\n", "truncated"),
+                             (b"3\n1\n99999999999\n", "out of range")]:
+        cut.write_bytes(payload)
+        with pytest.raises(AgeGenderError, match=re.escape(message)):
+            read_t7(cut)
+
+
+def test_cuda_classes_read_as_their_cpu_types(tmp_path: Path) -> None:
+    torchfile = pytest.importorskip("torchfile")
+    rng = np.random.default_rng(2)
+    obj = {"f": Tensor.of(rng.standard_normal((2, 3)).astype(np.float32), cuda=True),
+           "d": Tensor.of(rng.standard_normal(4), cuda=True), "s": Storage(np.arange(3, dtype=np.float32), cuda=True)}
+    path = tmp_path / "cuda.t7"
+    write_t7(path, obj)
+    assert b"torch.CudaTensor" in path.read_bytes() and b"torch.CudaDoubleTensor" in path.read_bytes()
+    ours = read_t7(path)
+    same(ours, torchfile.load(str(path)))
+    assert ours["f"].dtype == np.float32 and ours["d"].dtype == np.float64
+
+
+def test_views_beyond_their_storage_are_refused_before_any_view(tmp_path: Path) -> None:
+    storage = Storage(np.zeros(10, np.float32))
+    path = tmp_path / "view.t7"
+    for size, stride, message in [((1 << 16, 1 << 16), (0, 0), "zero or overlapping strides"),
+                                  ((5, 5), (1, 1), "zero or overlapping strides"),  # 25 elements over 10
+                                  ((4,), (4,), "reaches element 12 of a storage of 10")]:
+        write_t7(path, {"t": Tensor(storage, size, stride)})
+        with pytest.raises(AgeGenderError, match=re.escape(message)):
+            read_t7(path)
+    write_t7(path, {"t": Tensor(storage, (2, 5), (5, 1), 0), "u": Tensor(storage, (5, 2), (1, 5), 0)})
+    t = read_t7(path)
+    np.testing.assert_array_equal(t["u"], t["t"].T)  # legitimate transposed views still read
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from .errors import AgeGenderError
 
@@ -91,12 +91,20 @@ def _cmd_export(a: argparse.Namespace) -> int:
 def _cmd_predict(a: argparse.Namespace) -> int:
     from .infer.predict import Predictor, expand_paths, predict_files, share_cores_for_batches
 
-    paths = expand_paths(a.paths)
+    if not a.paths and a.camera is None:
+        raise AgeGenderError("predict needs images, folders, globs or videos (or --camera INDEX)")
+    paths = expand_paths(a.paths) if a.paths else []
     predictor = Predictor.from_path(a.model, _detector(a), device=a.device,
                                     no_detect=a.no_detect, precision=a.precision)
     share_cores_for_batches(predictor)
+    if a.camera is not None:  # until interrupted; not testable without a camera
+        from .infer.video import predict_video
+
+        for result in predict_video(predictor, a.camera, a.every, a.batch_size, progress=False):
+            print(json.dumps(result.to_dict()), flush=True)
+        return 0
     counts = predict_files(predictor, paths, output=a.output, output_format=a.output_format,
-                           batch_size=a.batch_size, annotate=a.annotate)
+                           batch_size=a.batch_size, annotate=a.annotate, every=a.every)
     log.info("%d images: %d faces, %d images without a face, %d errors", len(paths), counts["faces"],
              counts["no face"], counts["errors"])
     return 0 if counts["errors"] < len(paths) else 1
@@ -192,17 +200,24 @@ def _add_model_option(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--model", "--run", dest="model", required=True, help=help)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with our error contract: one line on stderr, exit code 2 (argparse prints the usage too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"agegender: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .infer.export import SUFFIXES
     from .infer.serve import DEFAULT_MAX_BYTES
     from .train.evaluate import SUBSETS
     from .weights.convert import FORMATS as INPUT_FORMATS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="agegender",
         description="Gender and age from faces with the VGG-Face descriptor: convert, train, evaluate, export, predict, serve.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("convert", help="convert VGG-Face weights (.t7/.pt/.mat/.h5) to canonical safetensors")
     p.add_argument("src")
@@ -262,14 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("predict", help="gender and age for every face in images, folders or globs")
-    p.add_argument("paths", nargs="+")
+    p = sub.add_parser("predict", help="gender and age for every face in images, folders, globs or videos")
+    p.add_argument("paths", nargs="*", help="images, folders of images, globs, or video files (.mp4, .avi, ...)")
     _add_model_option(p, "run directory, checkpoint .safetensors or .onnx export")
     p.add_argument("--output-format", choices=("jsonl", "csv"), default="jsonl")
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.add_argument("--annotate", help="write images with boxes and labels to this folder")
     p.add_argument("--no-detect", action="store_true", help="inputs are already face crops")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--every", type=int, default=1, metavar="N", help="videos: one record per N frames")
+    p.add_argument("--camera", type=int, metavar="INDEX", help="read frames from this camera instead of files")
     _add_inference_options(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -287,9 +304,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # OpenMP threads that spin at barriers lose most of their speed when other processes share the cores
     # (dlib ResNet, 2 threads on a busy 2-core machine: 55 img/s spinning, 267 passive). Set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad option already reported in one line
+        return int(e.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)  # each call logs to the stderr of its own time (tests call main often)
     try:
         return int(args.func(args) or 0)
     except AgeGenderError as e:

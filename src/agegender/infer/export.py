@@ -23,8 +23,9 @@ from torch import nn
 
 from ..errors import AgeGenderError
 from ..files import atomic_path, write_text_atomic
-from ..model.checkpoint import CheckpointMeta, load_checkpoint, resolve_model
+from ..model.checkpoint import CheckpointMeta, load_checkpoint
 from ..model.config import ModelConfig
+from ..model.meta import resolve_model
 from ..model.net import AgeGenderNet, decode_age
 from ..model.vgg import VGGTrunk
 

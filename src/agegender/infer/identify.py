@@ -24,7 +24,9 @@ def identify(image: str | os.PathLike[str], weights: str | os.PathLike[str], nam
 
     if top < 1:
         raise AgeGenderError(f"--top must be at least 1, not {top}")
-    state = load_canonical(weights)[0] if Path(weights).suffix == ".safetensors" else read_weights(weights)
+    # full: a trunk-only (notop) file is refused with a message that says the fc layers are missing.
+    state = (load_canonical(weights, full=True, backbone="vgg-face")[0] if Path(weights).suffix == ".safetensors"
+             else read_weights(weights, full=True))
     classes = int(state["fc8.weight"].shape[0])
     labels = read_names(names)
     if len(labels) != classes:

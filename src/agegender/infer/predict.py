@@ -61,9 +61,14 @@ class ImageResult:
     path: str
     faces: list[Face] = field(default_factory=list)
     error: str | None = None
+    frame: int | None = None  # video frames only: the frame index and its time in seconds
+    time: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "faces": [f.to_dict() for f in self.faces], "error": self.error}
+        d: dict[str, Any] = {"path": self.path, "faces": [f.to_dict() for f in self.faces], "error": self.error}
+        if self.frame is not None:
+            d.update(path=self.path.rsplit("#", 1)[0], frame=self.frame, time=self.time)
+        return d
 
 
 
@@ -153,9 +158,10 @@ class OnnxBackend:
 
 
 def load_backend(model: str | os.PathLike[str], device: str = "cpu", precision: str = "auto") -> Backend:
-    path = Path(model)
-    if not path.is_file():
-        raise AgeGenderError(f"{path}: no such model file")
+    """A run directory, a checkpoint .safetensors or an .onnx export, ready to run."""
+    from ..model.meta import resolve_model
+
+    path = resolve_model(model)
     if path.suffix == ".onnx":
         if device != "cpu":
             log.warning("%s: ONNX models run on the CPU; ignoring device %s", path, device)
@@ -173,6 +179,8 @@ class _Pending:
     boxes: list[Box | None]
     first: int  # index of this image's first crop in the batch buffer
     error: str | None = None
+    frame: int | None = None
+    time: float | None = None
 
 
 class Predictor:
@@ -268,7 +276,21 @@ class Predictor:
         for start in range(0, len(buffer), batch_size):
             faces.extend(self.classify(buffer[start:start + batch_size], boxes[start:start + batch_size]))
         for item in pending:
-            yield ImageResult(item.path, faces[item.first:item.first + len(item.boxes)], item.error)
+            yield ImageResult(item.path, faces[item.first:item.first + len(item.boxes)], item.error, item.frame, item.time)
+
+    def predict_frames(self, items: Iterable[tuple[str, np.ndarray, int, float]], batch_size: int = 32
+                       ) -> Iterator[ImageResult]:
+        """Results for decoded frames ``(name, rgb, frame index, seconds)``, in order, faces batched across frames."""
+        pending: list[_Pending] = []
+        buffer: list[np.ndarray] = []
+        for name, rgb, index, seconds in items:
+            boxes, crops = self.crops(rgb)
+            pending.append(_Pending(name, boxes, len(buffer), None, index, seconds))
+            buffer.extend(crops)
+            if len(buffer) >= batch_size:
+                yield from self._flush(pending, buffer, batch_size)
+                pending, buffer = [], []
+        yield from self._flush(pending, buffer, batch_size)
 
 
 
@@ -309,7 +331,8 @@ def _ordered_map(fn: Callable[[str], Any], items: Iterable[str | os.PathLike[str
 
 # -- command line -------------------------------------------------------------------------------
 
-CSV_FIELDS = ("path", "face", "x", "y", "w", "h", "score", "gender", "p_male", "age", "age_group", "error")
+CSV_FIELDS = ("path", "face", "x", "y", "w", "h", "score", "gender", "p_male", "age", "age_group", "error", "frame",
+              "time")
 
 
 def expand_paths(specs: Iterable[str]) -> list[str]:
@@ -319,6 +342,7 @@ def expand_paths(specs: Iterable[str]) -> list[str]:
         p = Path(spec)
         if p.is_dir():
             found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            # Videos inside folders are left to be named one by one: a folder scan means photos.
             if not found:
                 raise AgeGenderError(f"{p}: folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         elif p.is_file():
@@ -334,13 +358,15 @@ def expand_paths(specs: Iterable[str]) -> list[str]:
 
 
 def _csv_rows(result: ImageResult) -> Iterator[dict[str, Any]]:
+    head = result.to_dict()
+    where = {"path": head["path"], "frame": head.get("frame", ""), "time": head.get("time", "")}
     if not result.faces:
-        yield {"path": result.path, "error": result.error or ""}
+        yield {**where, "error": result.error or ""}
     for i, face in enumerate(result.faces):
         d = face.to_dict()
         box = d.pop("box") or {}
-        yield {"path": result.path, "face": i, **box, **{k: "" if v is None else v for k, v in d.items()},
-               "error": ""}
+        box.pop("landmarks", None)  # one row per face has no room for 10 coordinates; JSON Lines has them
+        yield {**where, "face": i, **box, **{k: "" if v is None else v for k, v in d.items()}, "error": ""}
 
 
 class _Writer:
@@ -397,9 +423,14 @@ def _write_annotation(result: ImageResult, folder: Path, used: set[str]) -> None
 
 
 def predict_files(predictor: Predictor, paths: list[str], output: str | None = None, output_format: str = "jsonl",
-                  batch_size: int = 32, annotate: str | None = None) -> collections.Counter[str]:
+                  batch_size: int = 32, annotate: str | None = None, every: int = 1) -> collections.Counter[str]:
     """``agegender predict``: JSON Lines or CSV to ``output`` (stdout when None), one record per image (CSV: one
-    row per face); annotated copies into the folder ``annotate``. Returns counts of faces and image outcomes."""
+    row per face); annotated copies into the folder ``annotate``. Video files give one record per ``every``-th frame.
+    Returns counts of faces and image outcomes."""
+    from .video import is_video, predict_video
+
+    if every < 1:
+        raise AgeGenderError(f"--every must be at least 1, got {every}")
     if output_format not in ("jsonl", "csv"):
         raise AgeGenderError(f"unknown output format {output_format!r}; choose jsonl or csv")
     folder = Path(annotate) if annotate else None
@@ -413,12 +444,16 @@ def predict_files(predictor: Predictor, paths: list[str], output: str | None = N
 
     def run(stream: IO[str]) -> None:
         writer = _Writer(stream, output_format)
-        for result in predictor.predict_many(paths, batch_size):
-            writer.write(result)
-            counts["faces"] += len(result.faces)
-            counts["errors" if result.error else "no face" if not result.faces else "with faces"] += 1
-            if folder is not None:
-                _write_annotation(result, folder, used)
+        images = [p for p in paths if not is_video(p)]
+        streams = [predictor.predict_many(images, batch_size)] if images else []
+        streams += [predict_video(predictor, p, every, batch_size) for p in paths if is_video(p)]
+        for results in streams:
+            for result in results:
+                writer.write(result)
+                counts["faces"] += len(result.faces)
+                counts["errors" if result.error else "no face" if not result.faces else "with faces"] += 1
+                if folder is not None and result.frame is None:
+                    _write_annotation(result, folder, used)
 
     if output:
         with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:

@@ -74,9 +74,9 @@ def backbone(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
-def feature_dim(name: str, widths: tuple[int, ...], image_size: int, layer: str) -> int:
+def feature_dim(name: str, widths: tuple[int, ...], image_size: int, layer: str, descriptor: int = 128) -> int:
     """Width of the vector ``layer`` hands the head."""
     if name == "vgg-face":
         return widths[-1] * (image_size // 32) ** 2
-    pooled, descriptor = widths[-1], 128
+    pooled = widths[-1]
     return {"pooled": pooled, "descriptor": descriptor, "both": pooled + descriptor}[layer]

@@ -1,6 +1,6 @@
 """Self-describing model files: safetensors weights plus the config, preprocessing and labels to rebuild them.
 
-:class:`CheckpointMeta` is defined in :mod:`agegender.meta`, which does not import torch.
+:class:`CheckpointMeta` (and the run layout) is defined in :mod:`agegender.model.meta`, which does not import torch.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from ..errors import AgeGenderError
 from ..files import atomic_path
 from .meta import CheckpointMeta
 from .net import AgeGenderNet
-
-RUN_CHECKPOINT = "model.safetensors"  # the best checkpoint inside a training run directory
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: AgeGenderNet, meta: CheckpointMeta) -> None:
@@ -57,13 +55,3 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     except RuntimeError as e:
         raise AgeGenderError(f"{path}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), meta
-
-
-def resolve_model(model: str | os.PathLike[str]) -> Path:
-    """The checkpoint file of ``model``: a checkpoint itself, or the best one inside a run directory."""
-    path = Path(model)
-    ckpt = path / RUN_CHECKPOINT if path.is_dir() else path
-    if not ckpt.is_file():
-        hint = " (a run directory without model.safetensors: did training finish?)" if path.is_dir() else ""
-        raise AgeGenderError(f"{ckpt}: no trained model here{hint}; train one with `agegender train`")
-    return ckpt

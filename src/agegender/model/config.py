@@ -32,6 +32,7 @@ class ModelConfig:
     image_size: int = 64
     backbone: str = "vgg-face"  # a name in model.backbones.BACKBONES
     feature_layer: str = ""  # which backbone layer feeds the head; "" = the backbone's default
+    descriptor_dim: int = 128  # dlib-resnet: the size of its face descriptor (tiny test nets use less)
     block_bn: bool = False
     hidden: tuple[int, ...] = (4096, 4096)
     dropout: tuple[float, ...] = (0.5, 0.5)
@@ -72,7 +73,7 @@ class ModelConfig:
     def feature_dim(self) -> int:
         from .backbones import feature_dim
 
-        return feature_dim(self.backbone, self.widths, self.image_size, self.feature_layer)
+        return feature_dim(self.backbone, self.widths, self.image_size, self.feature_layer, self.descriptor_dim)
 
     @property
     def ages(self) -> int:

@@ -96,6 +96,15 @@ class ResidualBlock(nn.Module):
         return F.relu(y + skip)
 
 
+def dlib_shape_of(state: Mapping[str, np.ndarray | torch.Tensor]) -> tuple[tuple[int, ...], int]:
+    """``(level widths, descriptor size)`` of a canonical dlib ResNet state dict."""
+    try:
+        widths = tuple(int(state[f"level{i + 1}.0.conv2.weight"].shape[0]) for i in range(len(LEVEL_BLOCKS)))
+        return widths, int(state["fc.weight"].shape[0])
+    except KeyError as e:
+        raise AgeGenderError(f"not a dlib ResNet state dict: no {e.args[0]!r}") from None
+
+
 class DlibResNet(nn.Module):
     """The 29-layer ResNet behind dlib's 128-d face descriptor (not L2-normalised, as dlib's isn't).
 
@@ -132,11 +141,7 @@ class DlibResNet(nn.Module):
     @classmethod
     def from_canonical(cls, state: Mapping[str, np.ndarray | torch.Tensor]) -> DlibResNet:
         """A network shaped after ``state`` (e.g. from ``read_dlib_resnet``), with its weights loaded."""
-        try:
-            widths = tuple(int(state[f"level{i + 1}.0.conv2.weight"].shape[0]) for i in range(len(LEVEL_BLOCKS)))
-            descriptor_dim = int(state["fc.weight"].shape[0])
-        except KeyError as e:
-            raise AgeGenderError(f"not a dlib ResNet state dict: no {e.args[0]!r}") from None
+        widths, descriptor_dim = dlib_shape_of(state)
         model = cls(widths, descriptor_dim)
         model.load_canonical(state)
         return model

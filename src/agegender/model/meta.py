@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from ..errors import AgeGenderError
 from ..labels import GENDERS
 from .config import ModelConfig, Preprocess
 
 FORMAT = "agegender.checkpoint/1"
+RUN_CHECKPOINT = "model.safetensors"  # the best checkpoint inside a training run directory
 
 
 @dataclass
@@ -37,3 +41,13 @@ class CheckpointMeta:
             raise ValueError(f"not an agegender checkpoint (format {d.get('format')!r})")
         return cls(ModelConfig.from_dict(d["config"]), Preprocess.from_dict(d["preprocess"]),
                    tuple(d["genders"]), d.get("weights_sha256"), d.get("extra", {}))
+
+
+def resolve_model(model: str | os.PathLike[str]) -> Path:
+    """The checkpoint file of ``model``: a checkpoint itself, or the best one inside a run directory."""
+    path = Path(model)
+    ckpt = path / RUN_CHECKPOINT if path.is_dir() else path
+    if not ckpt.is_file():
+        hint = " (a run directory without model.safetensors: did training finish?)" if path.is_dir() else ""
+        raise AgeGenderError(f"{ckpt}: no trained model here{hint}; train one with `agegender train`")
+    return ckpt

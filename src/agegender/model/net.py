@@ -20,9 +20,9 @@ from .vgg import CONV_NAMES, VGGTrunk
 class DlibTrunk(nn.Module):
     """dlib's face ResNet as a trunk: the pooled 256-d activations, its 128-d descriptor, or both."""
 
-    def __init__(self, widths: tuple[int, ...], layer: str) -> None:
+    def __init__(self, widths: tuple[int, ...], layer: str, descriptor_dim: int = 128) -> None:
         super().__init__()
-        self.net = DlibResNet(widths)
+        self.net = DlibResNet(widths, descriptor_dim)
         self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ class DlibTrunk(nn.Module):
 
 def build_trunk(config: ModelConfig) -> nn.Module:
     if config.backbone == "dlib-resnet":
-        return DlibTrunk(config.widths, config.feature_layer)
+        return DlibTrunk(config.widths, config.feature_layer, config.descriptor_dim)
     return VGGTrunk(config.widths, config.block_bn)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ..devices import use_bf16
@@ -70,6 +71,10 @@ class TrainConfig:
         if preset not in PRESETS:
             raise AgeGenderError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
         given = {k: v for k, v in overrides.items() if v is not None and v != ""}
+        if "hidden" in given and "dropout" not in given:
+            # One dropout per hidden layer, at the preset's rate: `--hidden 64` alone must just work.
+            rate = float(PRESETS[preset]["dropout"][0])
+            given["dropout"] = (rate,) * len(given["hidden"])
         backbone_defaults = BACKBONE_DEFAULTS.get(str(given.get("backbone", "vgg-face")), {}) if preset == "default" else {}
         values = {**PRESETS[preset], **backbone_defaults, **given}
         if values.get("init") == "scratch":
@@ -77,6 +82,48 @@ class TrainConfig:
             # with BatchNorm after each block.
             values.update(unfreeze=True, block_bn=True, trunk_lr_mult=1.0)
         return cls(preset=preset, **values)
+
+    def validate(self) -> TrainConfig:
+        """Every option checked before anything is written; a problem is one line naming the option."""
+        from ..data.splits import PROTOCOLS
+        from ..devices import PRECISIONS
+        from ..model.backbones import backbone
+
+        spec = backbone(self.backbone)
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs two faces), got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
+            (self.limit >= 0, f"--limit must be 0 (all) or positive, got {self.limit}"),
+            (self.patience >= 0, f"--patience must be 0 (off) or positive, got {self.patience}"),
+            (self.split in PROTOCOLS, f"--split must be one of {', '.join(PROTOCOLS)}, got {self.split!r}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+            (self.init in ("pretrained", "scratch"), f"--init must be pretrained or scratch, got {self.init!r}"),
+            (not (spec.name != "vgg-face" and self.pixels == "seed"), "--preset seed is VGG-Face's recipe only"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AgeGenderError(message)
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise AgeGenderError(f"{out}: --out names a run directory, but this is a file")
+        for data in ([self.data] if isinstance(self.data, str) else list(self.data)):
+            if not Path(data).exists():
+                raise AgeGenderError(f"{data}: no such file or directory (--data)")
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise AgeGenderError(f"{self.weights}: no such weights file (--weights)")
+        if spec.name == "vgg-face":  # the model config checks sizes, widths and head shapes in one place
+            from ..model.config import ModelConfig
+
+            ModelConfig(widths=self.widths, image_size=self.image_size, hidden=self.hidden, dropout=self.dropout,
+                        age_head=self.age_head, feature_layer=self.feature_layer)
+        else:
+            from ..model.config import ModelConfig
+
+            ModelConfig(backbone=spec.name, widths=spec.widths, image_size=spec.preprocess.size, hidden=self.hidden,
+                        dropout=self.dropout, age_head=self.age_head, feature_layer=self.feature_layer)
+        return self
 
     @property
     def bf16(self) -> bool:

@@ -17,7 +17,8 @@ from ..data.records import FaceRecord, scan
 from ..data.splits import make_splits
 from ..errors import AgeGenderError
 from ..faces.framing import photo_framer
-from ..model.checkpoint import load_checkpoint, read_meta, resolve_model
+from ..model.checkpoint import load_checkpoint, read_meta
+from ..model.meta import resolve_model
 from ..model.net import AgeGenderNet
 from .report import Predictions, build_report, write_report
 

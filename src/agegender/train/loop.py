@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -20,14 +21,16 @@ from torch import nn
 from ..data.batches import Batches, Labels
 from ..data.features import FeatureSet, cached_features
 from ..data.records import FaceRecord, scan_all
-from ..data.splits import make_splits
+from ..data.splits import Splits, make_splits
 from ..distributed import World, close_world, init_world
 from ..errors import AgeGenderError
 from ..faces.framing import photo_framer
 from ..files import atomic_path, write_text_atomic
 from ..model.backbones import DLIB_RESNET, backbone
-from ..model.checkpoint import RUN_CHECKPOINT, CheckpointMeta, save_checkpoint
+from ..model.checkpoint import CheckpointMeta, save_checkpoint
 from ..model.config import SEED_PREPROCESS, VGG_FACE_PREPROCESS, ModelConfig, Preprocess
+from ..model.dlib_resnet import dlib_shape_of
+from ..model.meta import RUN_CHECKPOINT
 from ..model.net import AgeGenderNet, Outputs
 from .config import TrainConfig
 from .evaluate import predict_batches
@@ -85,10 +88,12 @@ def build_model(cfg: TrainConfig, age_range: tuple[int, int] = (1, 70)) -> tuple
     spec = backbone(cfg.backbone)
     widths = cfg.widths if spec.name == "vgg-face" else spec.widths
     image_size = cfg.image_size if spec.name == "vgg-face" else spec.preprocess.size
+    descriptor_dim = 128
     if spec.name == "dlib-resnet":
         pre = spec.preprocess
         if cfg.init != "scratch":
             state, sha = load_dlib_weights(cfg.weights)
+            widths, descriptor_dim = dlib_shape_of(state)
     elif cfg.init != "scratch":
         if not cfg.weights:
             raise AgeGenderError(f"pretrained vgg-face needs --weights (get them with {spec.weights.how_to_get}), "
@@ -100,6 +105,7 @@ def build_model(cfg: TrainConfig, age_range: tuple[int, int] = (1, 70)) -> tuple
     if cfg.pixels == "seed":
         pre = SEED_PREPROCESS
     mc = ModelConfig(widths=widths, image_size=image_size, backbone=spec.name, feature_layer=cfg.feature_layer,
+                     descriptor_dim=descriptor_dim,
                      block_bn=cfg.block_bn and spec.name == "vgg-face", hidden=cfg.hidden,
                      dropout=cfg.dropout, head_bn=cfg.head_bn, feature_bn=cfg.feature_bn, age_head=cfg.age_head,
                      freeze_trunk=not cfg.unfreeze, age_min=age_range[0], age_max=age_range[1])
@@ -107,6 +113,26 @@ def build_model(cfg: TrainConfig, age_range: tuple[int, int] = (1, 70)) -> tuple
     if state is not None:
         model.load_trunk(state)
     return model.to(cfg.device), pre.resized(image_size), sha
+
+
+MIN_SPLIT = {"train": 4, "val": 1, "test": 2}  # below these, training or its metrics cannot run
+
+
+def check_splits(splits: Splits, data: str) -> None:
+    """Refuse splits too small to train on or to measure; warn about data that trains but is suspect."""
+    sizes = {name: len(splits[name]) for name in MIN_SPLIT}
+    for name, least in MIN_SPLIT.items():
+        if sizes[name] < least:
+            raise AgeGenderError(f"{data}: the {name} split has {sizes[name]} images, at least {least} are needed "
+                                 f"(splits {sizes}); add images or use another --split")
+    genders = collections.Counter(r.gender for r in splits.train)
+    if len(genders) < 2:
+        log.warning("%s: every training face has the same gender; the gender head cannot learn", data)
+    elif min(genders.values()) < 0.1 * sum(genders.values()):
+        log.warning("%s: heavy gender imbalance in training (%s)", data, dict(genders))
+    small = [name for name, n in sizes.items() if n < 50]
+    if small:
+        log.warning("%s: tiny splits (%s); metrics will be noisy", data, ", ".join(f"{n} {sizes[n]}" for n in small))
 
 
 def age_range(records: Sequence[FaceRecord]) -> tuple[int, int]:
@@ -212,9 +238,16 @@ def fit(cfg: TrainConfig, resume: bool = False) -> RunResult:
     out = Path(cfg.out)
     if resume:
         cfg = replace(cfg, **_stored_config(out))
+    cfg.validate()
+    created = not out.exists()
     world = init_world(cfg.device)
     try:
         return _fit(cfg, resume, out, world)
+    except Exception:
+        # A run that failed leaves nothing half-written behind (an interrupted one stays, for --resume).
+        if created and world.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         close_world(world)
 
@@ -226,13 +259,13 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
     n_train, n_val = len(splits.train), len(splits.val)
     idx_val = np.arange(n_train, n_train + n_val)
     idx_test = np.arange(n_train + n_val, len(records))
-    if world.is_main:
+    check_splits(splits, str(dataset.root))
+    log.info("data: %s (%s), split %s: %s", dataset.root, dataset.kind, cfg.split, splits.summary())
+    model, pre, weights_sha = build_model(replace(cfg, device=world.device), age_range(splits.train))
+    if world.is_main:  # only now that data, splits and weights all check out
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         write_text_atomic(out / "splits.json", json.dumps({k: [str(r.path) for r in v] for k, v in splits.items()}))
-    log.info("data: %s (%s), split %s: %s", dataset.root, dataset.kind, cfg.split, splits.summary())
-
-    model, pre, weights_sha = build_model(replace(cfg, device=world.device), age_range(splits.train))
     labels = Labels.of(records)
     frame = photo_framer(pre)
     features = None

@@ -73,6 +73,7 @@ def fetch(archive: Archive, dest: str | os.PathLike[str], *, url: str | None = N
     dest = Path(dest)
     path = dest / archive.filename
     target = extraction_dir(archive, dest)
+    _drop_legacy_record(path, target)
     if extract and (target / _MARKER).is_file():
         return target
     if extract and target.exists():  # checked before anything is downloaded
@@ -83,7 +84,6 @@ def fetch(archive: Archive, dest: str | os.PathLike[str], *, url: str | None = N
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AgeGenderError(f"{dest}: cannot create the download directory ({e.strerror or e})") from None
-    _drop_legacy_record(path, target)
     failures: list[tuple[str, _MirrorFailed]] = []
     if path.is_file():
         try:

@@ -210,7 +210,7 @@ class _Reader:
         offset -= 1  # stored 1-based
         if min(size, default=0) < 0 or min(stride, default=0) < 0 or offset < 0:
             self.fail(f"{class_name} at byte {at} has a negative size, stride or offset")
-        elements = math.prod(size)
+        elements = math.prod(size) if ndim else 0
         if math.prod(max(n, 1) for n in size) * dtype.itemsize > MAX_BYTES or max(stride, default=0) > MAX_BYTES:
             self.fail(f"absurd size {size} or stride {stride} for {class_name} at byte {at}")
         storage = self.obj()
@@ -232,7 +232,7 @@ class _Reader:
             self.fail(f"{class_name} at byte {at} has size {size} with strides {stride}: {elements} elements "
                       f"over a storage of {storage.size} (zero or overlapping strides), not a weight tensor")
         return np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
-                                               strides=[s * dtype.itemsize for s in stride], writeable=False)
+                                               strides=[s * dtype.itemsize for s in stride])
 
 
 class _BinaryReader(_Reader):
