@@ -20,7 +20,7 @@ from agegender.files import write_text_atomic
 from .inputs import bench_weights, build_tree, faces_dir, labelled_photos, spread
 from .machine import loadavg, machine_info
 from .peer import bracket, run_peer
-from .phases import GROUPS, PHASES, child, previous_run, run_phase
+from .phases import AFTER_TRAIN, GROUPS, PHASES, child, previous_run, run_phase
 from .report import render_markdown
 from .sizes import PEER, SIZES, TARGETS, TREE_SIDE, Sizes
 from .summary import best, summarise
@@ -46,11 +46,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", nargs="*", metavar="PHASE", choices=[*PHASES, "peer"],
                    help="keep these phases (none named: all) from --out's bench.json where they succeeded in the "
                         "same mode, and run the rest; phases that share state are kept or rerun together")
+    p.add_argument("--only", nargs="+", metavar="PHASE", choices=[*PHASES, "peer"],
+                   help="run only the phase groups holding these phases (e.g. --only accuracy); the others are kept "
+                        "from --out's bench.json where it has them in the same mode, else reported as not run")
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.set_defaults(mode="full")
     return p
+
+
+def selected(a: argparse.Namespace) -> list[tuple[str, ...]]:
+    """The phase groups this invocation runs (``--only``: those holding a named phase)."""
+    return [g for g in GROUPS if not a.only or set(g) & set(a.only)]
 
 
 def prepare(a: argparse.Namespace, sizes: Sizes, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -63,27 +71,33 @@ def prepare(a: argparse.Namespace, sizes: Sizes, device: str) -> tuple[dict[str,
     photos = labelled_photos(faces) if faces else []
     if not photos:
         log.warning("no real photos (--faces or $AGEGENDER_FACES): the tree uses synthetic faces")
-    tree = build_tree(work / f"tree-{'photos' if photos else 'synthetic'}-{sizes.images}", sizes.images,
-                      spread(photos, sizes.images))
-    widths = sizes.widths
-    weights = bench_weights(work / f"vgg-face-bench-{'-'.join(map(str, widths)) if widths else 'vgg16'}.safetensors",
-                            widths)
+    tree: Path | None = None
+    weights: Path | None = None
+    if any(n != "accuracy" for g in selected(a) for n in g):  # figure 7 reads the real photos only
+        tree = build_tree(work / f"tree-{'photos' if photos else 'synthetic'}-{sizes.images}", sizes.images,
+                          spread(photos, sizes.images))
+        widths = sizes.widths
+        weights = bench_weights(
+            work / f"vgg-face-bench-{'-'.join(map(str, widths)) if widths else 'vgg16'}.safetensors", widths)
     photo_paths = [str(p.path) for p in photos]
     lfw = sorted(str(p) for p in (faces / "lfw").glob("*.jpg")) if faces else []
     predict_paths = spread(lfw or photo_paths, sizes.predict_images)
-    if not predict_paths:
+    if not predict_paths and tree is not None:
         predict_paths = spread([str(x.path) for x in scan(tree).records], sizes.predict_images)
     sizes_doc = asdict(sizes)
     sizes_doc["hidden"] = list(sizes.hidden or TrainConfig.hidden)
-    ctx: dict[str, Any] = {"tree": str(tree), "weights": str(weights), "work": str(work), "device": device,
+    ctx: dict[str, Any] = {"tree": tree and str(tree), "weights": weights and str(weights), "work": str(work),
+                           "device": device,
                            "sizes": sizes_doc, "cache_dir": str(work / f"cache-{a.mode}"),
                            "run_dir": str(work / f"run-{a.mode}"),
                            "photos": spread(photo_paths or predict_paths, 2 * sizes.quant_images),
                            "photo_genders": {str(p.path): p.gender for p in photos},
-                           "predict_paths": predict_paths}
+                           "predict_paths": predict_paths, "faces": str(faces) if faces else None,
+                           "mode": a.mode, "peer": not a.no_peer}
     source = f"{len(photos):,} labelled photos from the faces folder" if photos else "synthetic.render_face images"
-    about = {"faces": faces, "sizes_doc": sizes_doc,
-             "data": f"an agegender_cleaned-layout tree of {sizes.images:,} {TREE_SIDE}x{TREE_SIDE} JPEGs made from {source}",
+    data = (f"an agegender_cleaned-layout tree of {sizes.images:,} {TREE_SIDE}x{TREE_SIDE} JPEGs made from {source}"
+            if tree else "no benchmark tree (this invocation ran figure 7 only, on the real photos)")
+    about = {"faces": faces, "sizes_doc": sizes_doc, "data": data,
              "predict_set": f"{len(predict_paths)} " + ("LFW photos (evenly spaced through the sorted folder)" if lfw else
                                                         "photos" if photo_paths else "synthetic tree images")}
     return ctx, about
@@ -110,15 +124,20 @@ def run_all(a: argparse.Namespace, ctx: dict[str, Any], stamp: dict[str, str]) -
             raw["peer"] = bracket(raw["peer"], run_one("peer"))
         return result
 
-    previous = previous_run(Path(a.out) / "bench.json", a.mode) if a.reuse is not None else {}
-    wanted = set(a.reuse or [*PHASES, "peer"])
+    previous = previous_run(Path(a.out) / "bench.json", a.mode) if a.reuse is not None or a.only else {}
+    wanted = set(a.reuse or [*PHASES, "peer"]) if a.reuse is not None else set()
     chain_reused = False
     for i, group in enumerate(GROUPS):
+        if group not in selected(a):
+            for name in group:  # --only: kept as measured before, or said to be not run
+                kept = previous.get(name, {})
+                raw[name] = kept if "measured" in kept else {"skipped": f"not run (--only {' '.join(a.only)})"}
+            continue
         reuse = all(name in wanted and "measured" in previous.get(name, {}) and "error" not in previous[name]
                     for name in group)
         if i == 1:
             reuse = chain_reused = reuse and Path(previous["train"].get("checkpoint", "")).is_file()
-        elif i > 1:
+        elif AFTER_TRAIN & set(group):
             reuse = reuse and chain_reused
         for name in group:
             if reuse:

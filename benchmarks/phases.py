@@ -17,6 +17,7 @@ from typing import Any
 from agegender.errors import AgeGenderError
 from agegender.files import write_text_atomic
 
+from .accuracy import phase_accuracy
 from .extraction import phase_throughput
 from .inference import phase_inference, phase_predict
 from .machine import loadavg, peak_rss_gib
@@ -26,10 +27,16 @@ log = logging.getLogger(__name__)
 
 # Phases that share state are run (or reused) together: the feature cache ties extract, train and steps; the
 # trained checkpoint ties inference and predict to train; predict and the peer are compared, so they run as one.
-GROUPS = (("throughput",), ("extract", "train", "steps"), ("inference",), ("peer", "predict"))
+# accuracy (figure 7) trains its own models on the real photos and runs its own peer comparisons.
+GROUPS = (("throughput",), ("extract", "train", "steps"), ("inference",), ("peer", "predict"), ("accuracy",))
+AFTER_TRAIN = frozenset({"inference", "predict"})  # phases that read the train phase's checkpoint
 PHASES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "throughput": phase_throughput, "extract": phase_extract, "train": phase_train, "steps": phase_steps,
-    "inference": phase_inference, "predict": phase_predict}
+    "inference": phase_inference, "predict": phase_predict, "accuracy": phase_accuracy}
+# Environment a phase's interpreter starts with (a value already set by the user wins). OpenMP threads that spin at
+# barriers lose most of their speed on shared cores; the agegender CLI sets PASSIVE before torch loads, and figure
+# 7 times the product as the CLI runs it.
+PHASE_ENV: dict[str, dict[str, str]] = {"accuracy": {"OMP_WAIT_POLICY": "PASSIVE"}}
 # The folder holding the benchmarks package, so phase interpreters import it from wherever they start.
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +55,8 @@ def previous_run(path: Path, mode: str) -> dict[str, Any]:
     return doc["raw"]
 
 
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
+def _child_env(phase: str = "") -> dict[str, str]:
+    env = {**PHASE_ENV.get(phase, {}), **os.environ}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
     return env
 
@@ -62,7 +69,7 @@ def run_phase(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
         spec, result = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps(ctx))
         proc = subprocess.run([sys.executable, "-m", "benchmarks", "--phase", name, "--spec", str(spec),
-                               "--result", str(result)], check=False, stdout=subprocess.DEVNULL, env=_child_env())
+                               "--result", str(result)], check=False, stdout=subprocess.DEVNULL, env=_child_env(name))
         if proc.returncode != 0 or not result.is_file():
             log.error("phase %s failed (exit %d)", name, proc.returncode)
             return {"error": f"phase {name} exited with status {proc.returncode} (its log is above)"}

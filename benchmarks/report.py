@@ -17,6 +17,11 @@ def fmt_num(x: Any, fmt: str = ".1f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
 
+def why(*phases: dict[str, Any]) -> str:
+    """Why a phase has no figures: its error, or why it was skipped."""
+    return next((x.get("error") or x["skipped"] for x in phases if x.get("error") or x.get("skipped")), "not measured")
+
+
 def fmt_load(values: Sequence[float] | None) -> str:
     return "n/a" if not values else " ".join(f"{v:.2f}" for v in values)
 
@@ -48,9 +53,10 @@ def _summary_rows(s: dict[str, Any]) -> list[list[str]]:
 def _header(doc: dict[str, Any]) -> list[str]:
     sz, r = doc["sizes"], doc["raw"]
     shapes = "VGG-Face conv shapes" if sz["widths"] is None else f"the VGG16 layout with tiny widths {sz['widths']}"
+    weights = (f"Weights: generated (synthetic.make_vgg_face_state) at {shapes}; image size {doc['image_size']}; "
+               f"head {doc['hidden']}. " if any("measured" in x for k, x in r.items() if k != "accuracy") else "")
     out = [f"# Benchmarks ({doc['mode']})", "", f"Command that wrote this report: `{doc['command']}`", "",
-           f"Written {doc['date']}; this invocation ran {doc['wall_minutes']:.1f} min. Data: {doc['data']}. Weights: generated "
-           f"(synthetic.make_vgg_face_state) at {shapes}; image size {doc['image_size']}; head {doc['hidden']}. "
+           f"Written {doc['date']}; this invocation ran {doc['wall_minutes']:.1f} min. Data: {doc['data']}. {weights}"
            "Figures that are compared with each other are always measured by the same invocation "
            "(`--reuse` keeps or reruns such phases together).", ""]
     by_run: dict[tuple[str, str], list[str]] = {}
@@ -85,13 +91,18 @@ def _summary(doc: dict[str, Any]) -> list[str]:
     s = doc["summary"]
     out = ["## Summary", ""] + markdown_table(["figure", "value", "target", "status"], _summary_rows(s))
     out += [f"- `{k}` is null: {v}" for k, v in s["reasons"].items()] + ([""] if s["reasons"] else [])
-    return out + missed(doc) + [""]
+    out += missed(doc) + [""]
+    acc = doc["raw"].get("accuracy", {}).get("targets")
+    if acc:
+        out += [f"Real-photo accuracy and speed targets (section 7, judged there): {sum(t['met'] is True for t in acc)} "
+                f"of {len(acc)} met, {sum(t['met'] is False for t in acc)} missed.", ""]
+    return out
 
 
 def _raw_trunk(tp: dict[str, Any], sz: dict[str, Any], gpu: str) -> list[str]:
     out = ["## 1. Raw trunk forward (random input tensors, no decoding)", ""]
     if "grid" not in tp:
-        return out + [f"Not measured: {tp.get('error')}", ""]
+        return out + [f"Not measured: {why(tp)}", ""]
     out += [f"Batch {tp['batch']}, {sz['raw_batches']} timed batches after one warm-up batch; median of {sz['reps']} "
             "repetitions interleaved with figure 2.", ""]
     return out + markdown_table(["dtype", "memory format", "torch threads", "images/s"],
@@ -118,7 +129,7 @@ def _extraction_table(tp: dict[str, Any], ex: dict[str, Any], gpu: str) -> list[
 def _extraction(tp: dict[str, Any], ex: dict[str, Any], gpu: str) -> list[str]:
     out = ["## 2. Feature extraction through the data path (JPEG decode, resize, normalise, trunk)", ""]
     if "grid" not in tp:
-        return out + [f"Not measured: {tp.get('error')}", ""]
+        return out + [f"Not measured: {why(tp)}", ""]
     out += [f"{tp['images']} tree images per measurement, batch {tp['batch']}, {tp['workers']} decode workers. "
             "`extraction_ratio` = extract_features bf16 as train.fit runs it / the best raw bf16 figure of "
             "figure 1 (the hardware limit). extract_features converts the trunk to channels_last itself, so "
@@ -171,13 +182,13 @@ def _training(doc: dict[str, Any], gpu: str) -> list[str]:
     out = ["## 3. Head training: cached features vs per-epoch trunk recomputation", ""]
     if "epoch_seconds" in tr and "naive" in st:
         return out + markdown_table(["measure", "value", "how"], _training_rows(doc, gpu))
-    return out + [f"Not measured: {tr.get('error') or st.get('error')}", ""]
+    return out + [f"Not measured: {why(tr, st)}", ""]
 
 
 def _backends(inf: dict[str, Any], gpu: str) -> list[str]:
     out = ["## 4. Inference backends (normalised input tensors to p_male and age)", ""]
     if "backends" not in inf:
-        return out + [f"Not measured: {inf.get('error')}", ""]
+        return out + [f"Not measured: {why(inf)}", ""]
     lo, hi = inf["p_male_range"]
     out += [f"The model trained in figure 3 (generated trunk, one epoch of head). Agreement: the share of "
             f"{inf['eval_images']} photos whose gender decision (p_male >= 0.5) matches PyTorch fp32; max |dp|: the "
@@ -210,12 +221,12 @@ def _predict_rows(pr: dict[str, Any], peer: dict[str, Any]) -> list[list[Any]]:
              fmt_num(peer_ratio(x, peer), ".2f") if "error" not in x else x["error"]]
             for label, x in pr.get("models", {}).items()]
     if not rows:
-        rows = [["agegender Predictor.predict_many", "-", "n/a", "-", pr.get("error", "not measured")]]
+        rows = [["agegender Predictor.predict_many", "-", "n/a", "-", why(pr)]]
     runs = " and ".join(f"{x:.1f}" for x in peer.get("runs_images_per_second", []))
     rows.append([f"{PEER} {peer.get('version', '')} (dlib HOG + 5 landmarks, ONNX Runtime; its own venv, one image "
                  f"per call{f'; mean of a run before ours and one after: {runs}' if runs else ''})",
                  peer.get("images", "-"), fmt_num(peer.get("images_per_second")), peer.get("faces", "-"),
-                 peer.get("error", "1.00")])
+                 "1.00" if "images_per_second" in peer else why(peer)])
     return rows
 
 
@@ -242,11 +253,140 @@ def _memory(r: dict[str, Any]) -> list[str]:
     phases = (("feature extraction, full tree (counts for `peak_rss_gib`)", "extract"),
               ("training: train.fit, 1 epoch on the cache (counts for `peak_rss_gib`)", "train"),
               ("train/naive step timing", "steps"), ("inference backends", "inference"), ("`predict`", "predict"),
-              ("figures 1-2 grid and sweep", "throughput"))
+              ("figures 1-2 grid and sweep", "throughput"), ("figure 7: real-photo accuracy and speed", "accuracy"))
     return ["## 6. Peak memory (VmHWM of each phase's own process)", ""] + markdown_table(
         ["phase", "peak RSS (GiB)", "load average at its start"],
         [[label, fmt_num(r.get(k, {}).get("peak_rss_gib"), ".2f"), fmt_load(r.get(k, {}).get("load_average_start"))]
          for label, k in phases])
+
+
+def _status(met: bool | None) -> str:
+    return "not measured" if met is None else "met" if met else "missed"
+
+
+def _acc_cell(x: dict[str, Any], key: str) -> str:
+    if key not in x:
+        return "n/a"
+    lo, hi = x.get(f"{key}_ci95") or (None, None)
+    return fmt_num(x[key], ".3f") + (f" ({lo:.3f}-{hi:.3f})" if lo is not None else "")
+
+
+def _tool_rows(first: list[str], x: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for tool, y in (("agegender dlib-resnet", x.get("ours", {})), (PEER, x.get("peer", {}))):
+        if "accuracy" not in y:
+            rows.append([*first, tool, "-", y.get("error") or "not measured", "-", "-", "-"])
+            continue
+        rows.append([*first, tool, f"{y['no_face']}" + (f" (+{y['unscored']} unread or failed)" if y.get("unscored") else ""),
+                     _acc_cell(y, "accuracy"), fmt_num(y["accuracy_no_face_wrong"], ".3f"),
+                     fmt_num(y.get("mae"), ".2f"), fmt_num(y.get("age_group_hit"), ".3f")])
+    return rows
+
+
+def _accuracy_rows(a: dict[str, Any]) -> list[list[str]]:
+    rows, sets = [], a["sets"]
+    dom = a.get("in_domain", {})
+    if "ours" in dom:
+        rows += _tool_rows([f"{dom['set']}, its identity-split test ({dom['test_images']:,})",
+                            f"{dom['set']} train split ({dom['train_images']:,})"], dom)
+    for held, x in a.get("cross", {}).items():
+        rows += _tool_rows([f"{held}, every photo ({sets[held]['images']:,})",
+                            f"{' + '.join(x['trained_on'])} ({x['train_images']:,})"], x)
+    return rows
+
+
+def _slice_tables(a: dict[str, Any]) -> list[str]:
+    out = ["Slices (gender accuracy by the rule above; MAE where ages are exact). Age groups: FairFace's own labels; "
+           "elsewhere the Adience brackets of the exact age, as report.json slices them.", ""]
+    pairs = [(f"{a['in_domain']['set']} in-domain test", a["in_domain"])] if "ours" in a.get("in_domain", {}) else []
+    for label, x in pairs + [(f"{k} held out", v) for k, v in a.get("cross", {}).items()]:
+        ours, peer = x.get("ours", {}).get("slices", {}), x.get("peer", {}).get("slices", {})
+        rows = [[{"group": "age group", "race": "race"}[key], v, d["n"], fmt_num(d["accuracy"], ".3f"),
+                 fmt_num(peer.get(key, {}).get(v, {}).get("accuracy"), ".3f"), fmt_num(d["mae"], ".2f"),
+                 fmt_num(peer.get(key, {}).get(v, {}).get("mae"), ".2f")]
+                for key, groups in ours.items() for v, d in groups.items()]
+        if rows:
+            out += [f"{label}:", ""] + markdown_table(
+                ["slice", "value", "photos", "gender acc. ours", f"gender acc. {PEER}", "MAE ours", f"MAE {PEER}"], rows)
+    return out
+
+
+def _runs(values: Sequence[float]) -> str:
+    return " / ".join(f"{v:.1f}" for v in values)
+
+
+def _speed_rows(sp: dict[str, Any]) -> list[list[str]]:
+    d, rows = sp.get("descriptor", {}), []
+    if "ratio" in d:
+        rows.append([f"descriptor: PyTorch port as deployed ({d['torch_dtype']}, {d['torch_threads']} threads) vs "
+                     "dlib-bin compute_face_descriptor (1 thread), same LFW chips", d["images"],
+                     fmt_num(d["torch_images_per_s"]), fmt_num(d["dlib_images_per_s"]), fmt_num(d["ratio"], ".1f"), "-"])
+        rows += [[f"descriptor: PyTorch port, {k.split('_')[1]}, 1 thread (like for like)", d["images"],
+                  fmt_num(d[f"{k}_images_per_s"]), fmt_num(d["dlib_images_per_s"]), fmt_num(d[f"{k}_ratio"], ".1f"), "-"]
+                 for k in ("torch_bf16_1t", "torch_fp32_1t") if f"{k}_ratio" in d]
+    else:
+        rows.append(["descriptor vs dlib-bin", "-", "n/a", "n/a", d.get("error", "not measured"), "-"])
+    pr = sp.get("predict", {})
+    for name, x in pr.items():
+        if not isinstance(x, dict) or "ours_runs" not in x:
+            continue
+        rows.append([f"predict on {name}: Predictor.predict_many vs {PEER} (runs: {_runs(x['ours_runs'])} vs "
+                     f"{_runs(x['peer_runs']) or 'none'})", x["images"], fmt_num(x["ours_images_per_second"]),
+                     fmt_num(x.get("peer_images_per_second")), fmt_num(x.get("ratio"), ".2f") if "ratio" in x
+                     else x.get("error", "n/a"), f"{x['ours_faces']} / {x.get('peer_faces', 'n/a')}"])
+    if "error" in pr:
+        rows.append(["predict vs the peer", "-", "n/a", "n/a", pr["error"], "-"])
+    return rows
+
+
+def _accuracy_intro(a: dict[str, Any]) -> list[str]:
+    sets = a["sets"]
+    photos = ", ".join(f"{n} {x['images']:,}" + (f" of {x['of']:,}" if x["images"] != x["of"] else "")
+                       for n, x in sets.items())
+    sub = (f"**Subsampled** ({a['subsample']} photos per set at most, evenly spaced through each sorted folder): "
+           if a.get("subsample") else "Every photo of each folder: ")
+    hits = [x.get("features") for x in [a.get("in_domain", {}), *a.get("cross", {}).values()] if "features" in x]
+    extraction = sum(x["seconds"] for x in a.get("feature_extraction", {}).values())
+    return [
+        f"{sub}{photos}. Model: `agegender train --backbone dlib-resnet` with the default preset (RetinaFace detection, "
+        "dlib 5-point chips, the frozen ResNet's features, gender and DEX age heads). In-domain: UTKFace on its own "
+        "identity split. Cross-dataset: each set held out in turn, the model trained on the others together "
+        "(`--data A --data B ...`) and evaluated on every photo of the held-out set "
+        "(`evaluate_model(..., subset=\"all\")`). The peer, "
+        f"{PEER} {a.get('peer_version') or ''} (dlib HOG detector without upsampling, 5 landmarks, ONNX nets), "
+        "predicted the same photos in the same run, photo by photo; where it found several faces, its subject is "
+        "the face agegender's own rule would pick (area x centrality).", "",
+        f"Scoring, the same for both tools: {a['no_face_rule']} 'no face' counts photos in which the tool's own "
+        "detector found none (ours: RetinaFace as evaluation runs it, 20 px floor). FairFace labels age groups only: "
+        "'age group hit' is the share of predicted ages (rounded) inside the labelled group; its age MAE is not "
+        "given. LFW has no ages.", "",
+        f"Features: each set was extracted once ({extraction / 60:.1f} min in all) and assembled into the cache "
+        f"each training run reads ({sum(h == 'per-set extraction (cache hit)' for h in hits)} of {len(hits)} runs "
+        f"found it). The accuracy part took {a['accuracy_minutes']:.1f} min, the whole phase "
+        f"{a['wall_minutes']:.1f} min (1-minute load average at its start: "
+        f"{fmt_load((a.get('load_average_start') or [])[:1])}). The phase's interpreter ran with "
+        f"OMP_WAIT_POLICY={a['omp_wait_policy']} (benchmarks.phases.PHASE_ENV sets PASSIVE before torch loads, "
+        "as the `agegender` CLI does, unless the caller set it).", ""]
+
+
+def _accuracy(a: dict[str, Any]) -> list[str]:
+    out = ["## 7. Real labelled photos: the dlib-resnet product beside the peer (accuracy and speed)", ""]
+    if "targets" not in a:
+        return out + [f"Not measured: {why(a)}", ""]
+    out += _accuracy_intro(a)
+    out += markdown_table(["target", "measured", "status"],
+                          [[t["target"], t["value"], _status(t["met"])] for t in a["targets"]])
+    out += markdown_table(["evaluated on", "trained on", "tool", "no face", "gender accuracy (95% CI)",
+                           "no face = wrong", "age MAE (years)", "FairFace age group hit"], _accuracy_rows(a))
+    out += _slice_tables(a)
+    p = a["speed"].get("predict", {}).get("predictor", {})
+    out += [f"Speed, after the accuracy work, each ratio from interleaved runs (medians). predict: "
+            f"`Predictor.predict_many`, batch 32, as `agegender predict --model` runs it ({p.get('detector', '?')} "
+            f"detector, {p.get('min_face_px', '?')} px floor, {p.get('precision', '?')} trunk), each side after a "
+            f"4-image warm-up, alternating which runs first; the peer one image per call in its own venv. "
+            f"The descriptor rows include turning uint8 chips into the network's input.", ""]
+    return out + markdown_table(["comparison", "photos", "agegender (images/s)", "other (images/s)", "ratio",
+                                 "faces found (ours / peer)"], _speed_rows(a["speed"]))
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
@@ -260,4 +400,5 @@ def render_markdown(doc: dict[str, Any]) -> str:
     out += _backends(r.get("inference", {}), gpu)
     out += _predict(doc)
     out += _memory(r)
+    out += _accuracy(r.get("accuracy", {}))
     return "\n".join(out).rstrip() + "\n"

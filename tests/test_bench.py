@@ -119,3 +119,127 @@ def test_tiny_run_writes_both_reports(tmp_path: Path, monkeypatch: pytest.Monkey
     again = json.loads((out / "bench.json").read_text())
     assert again["raw"]["train"] == doc["raw"]["train"] and again["extraction_ratio"] == doc["extraction_ratio"]
     assert doc["raw"]["train"]["measured"]["command"] in (out / "BENCHMARKS.md").read_text()
+
+
+# -- figure 7 (real-photo accuracy beside the peer): its pure arithmetic, judging and section ----------------------
+def _truth() -> list[dict[str, object]]:
+    # Four photos: two 20-29 (one exact age each), two 60-69; the last two Asian.
+    return [{"path": f"p{i}", "male": m, "age": a, "group": g, "race": r}
+            for i, (m, a, g, r) in enumerate(((1, 25, "20-29", "white"), (0, 27, "20-29", "white"),
+                                              (1, 61, "60-69", "asian"), (0, 65, "60-69", "asian")))]
+
+
+def test_accuracy_score_applies_one_no_face_rule() -> None:
+    from benchmarks.accuracy import score
+
+    preds = {"p0": {"male": 1, "age": 30.0, "found": True},   # right, 5 years off
+             "p1": {"male": 0, "age": 27.0, "found": False},  # right, from the whole frame
+             "p2": {"male": 0, "age": 51.0, "found": True}}   # wrong; p3 missing: unscored, wrong
+    s = score(_truth(), preds, exact_ages=True)
+    assert (s["images"], s["no_face"], s["unscored"]) == (4, 1, 1)
+    assert s["accuracy"] == pytest.approx(0.5) and s["accuracy_no_face_wrong"] == pytest.approx(0.25)
+    lo, hi = s["accuracy_ci95"]
+    assert 0 <= lo <= 0.5 <= hi <= 1
+    assert s["mae"] == pytest.approx((5 + 0 + 10) / 3) and s["age_n"] == 3
+    assert list(s["slices"]["group"]) == ["20-29", "60-69"]
+    assert s["slices"]["group"]["20-29"] == {"n": 2, "accuracy": 1.0, "mae": 2.5}
+    assert s["slices"]["race"]["asian"] == {"n": 2, "accuracy": 0.0, "mae": 10.0}
+
+    # Age groups only (FairFace): no MAE, the share of predicted ages inside the labelled group instead.
+    grouped = [{**t, "age": None} for t in _truth()]
+    g = score(grouped, preds, exact_ages=False)
+    assert "mae" not in g and g["age_group_hit"] == pytest.approx(1 / 3)  # 27 in 20-29; 30 and 51 outside
+    assert g["slices"]["group"]["60-69"]["mae"] is None
+
+
+def test_accuracy_group_range_and_speed_medians() -> None:
+    from benchmarks.accuracy import group_range
+    from benchmarks.peer import speed_row
+
+    assert group_range("20-29") == (20, 29) and group_range("70+") == (70, math.inf) and group_range("unknown") is None
+    ours = [{"images_per_second": v, "faces": 10, "no_face": 0} for v in (30.0, 10.0, 20.0)]
+    peer = [{"images_per_second": v, "faces": 9} for v in (4.0, 6.0)] + [{"error": "boom"}]
+    row = speed_row(ours, peer, 10)
+    assert row["ours_images_per_second"] == 20.0 and row["peer_images_per_second"] == 5.0 and row["ratio"] == 4.0
+    assert row["peer_runs"] == [4.0, 6.0] and row["peer_faces"] == 9
+    assert "ratio" not in speed_row(ours, [{"error": "no venv"}], 10)
+    assert speed_row(ours, [{"error": "no venv"}], 10)["error"] == "no venv"
+
+
+def _scored(acc: float, wrong: float, mae: float | None = None) -> dict[str, object]:
+    out: dict[str, object] = {"images": 100, "no_face": 3, "unscored": 0, "accuracy": acc,
+                              "accuracy_ci95": [acc - 0.02, acc + 0.02], "accuracy_no_face_wrong": wrong,
+                              "slices": {"group": {"20-29": {"n": 100, "accuracy": acc, "mae": mae}}}}
+    if mae is not None:
+        out["mae"] = mae
+    return out
+
+
+def _accuracy_result() -> dict[str, object]:
+    run = {"train_images": 900, "features": "per-set extraction (cache hit)", "fit_seconds": 10.0}
+    return {
+        "sets": {n: {"images": 100, "of": 1000, "data": n} for n in ("lfw", "fairface", "utkface")},
+        "subsample": 100, "peer_version": "2.0.0", "no_face_rule": "one rule.", "omp_wait_policy": "PASSIVE",
+        "feature_extraction": {"lfw": {"images": 100, "seconds": 6.0, "from_cache": False}},
+        "accuracy_minutes": 3.0, "wall_minutes": 4.0, "load_average_start": [1.0, 1.0, 1.0],
+        "in_domain": {"set": "utkface", **run, "test_images": 100, "ours": _scored(0.93, 0.92, 4.8),
+                      "peer": _scored(0.85, 0.80, 6.0)},
+        "cross": {"lfw": {"trained_on": ["fairface", "utkface"], **run, "ours": _scored(0.97, 0.96),
+                          "peer": _scored(0.95, 0.96)},
+                  # Ahead with whole-frame predictions, behind once no face counts as wrong: missed.
+                  "fairface": {"trained_on": ["lfw", "utkface"], **run, "ours": _scored(0.91, 0.80),
+                               "peer": _scored(0.90, 0.85)},
+                  "utkface": {"trained_on": ["lfw", "fairface"], **run, "ours": _scored(0.88, 0.88, 9.0),
+                              "peer": {"error": "the peer failed on the photos: boom"}}},
+        "speed": {"descriptor": {"images": 64, "torch_dtype": "bfloat16", "torch_threads": 2, "torch_images_per_s": 80.0,
+                                 "dlib_images_per_s": 10.0, "ratio": 8.0},
+                  "predict": {"predictor": {"detector": "retinaface", "min_face_px": 40, "precision": "bf16"},
+                              "lfw": {"images": 10, "ours_runs": [40.0], "peer_runs": [10.0], "ours_faces": 10,
+                                      "ours_no_face": 0, "ours_images_per_second": 40.0, "peer_images_per_second": 10.0,
+                                      "peer_faces": 10, "ratio": 4.0}}},
+    }
+
+
+def test_accuracy_targets_are_judged_from_the_given_numbers() -> None:
+    from benchmarks.accuracy import judge
+
+    rows = judge(_accuracy_result())
+    find = lambda text: next(r for r in rows if text in r["target"])
+    assert find("lfw (held out)")["met"] is True
+    assert find("fairface (held out)")["met"] is False  # both scorings must be at least the peer's
+    assert "-0.050" in find("fairface (held out)")["value"]
+    assert find("utkface (held out)")["met"] is None and "boom" in find("utkface (held out)")["value"]
+    assert find("utkface (in-domain test)")["met"] is True
+    assert find("0.90 on FairFace")["met"] is True
+    assert find("UTKFace age MAE")["met"] is True and find("UTKFace age MAE")["value"] == "4.80"
+    assert find("descriptor")["met"] is False and find("descriptor")["value"] == "8.0"
+    assert find("images/s on lfw")["met"] is True
+    assert find("images/s on fairface")["met"] is None
+
+
+def test_accuracy_section_renders_measured_numbers_only() -> None:
+    from benchmarks.accuracy import judge
+    from benchmarks.report import _accuracy
+
+    result = _accuracy_result()
+    result["targets"] = judge(result)
+    md = "\n".join(_accuracy(result))
+    assert md.startswith("## 7.") and "**Subsampled** (100 photos per set" in md and "OMP_WAIT_POLICY=PASSIVE" in md
+    rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert rows and not any(re.search(r"\|\s*\|", line) for line in rows)  # no blank cells
+    assert "| 0.970 (0.950-0.990) | 0.960 |" in md and "the peer failed on the photos: boom" in md
+    assert md.count("| missed |") == 2 and md.count("| met |") == 5 and md.count("| not measured |") == 2
+    assert "\n".join(_accuracy({"skipped": "no real photos"})).endswith("Not measured: no real photos\n")
+
+
+def test_only_runs_the_named_groups_and_accuracy_gets_passive_omp(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.__main__ import parser, selected
+    from benchmarks.phases import _child_env
+
+    assert selected(parser().parse_args(["--only", "accuracy"])) == [("accuracy",)]
+    assert selected(parser().parse_args(["--only", "peer", "train"])) == [("extract", "train", "steps"), ("peer", "predict")]
+    assert len(selected(parser().parse_args([]))) == 5
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert _child_env("accuracy")["OMP_WAIT_POLICY"] == "PASSIVE" and "OMP_WAIT_POLICY" not in _child_env("train")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert _child_env("accuracy")["OMP_WAIT_POLICY"] == "ACTIVE"  # the caller's setting wins

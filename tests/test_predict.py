@@ -235,7 +235,7 @@ def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 def test_predict_command_errors(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     img = _save(_noise(6), tmp_path / "a.png")
     model = str(models["checkpoint"])
-    assert "nope.safetensors: no such model file" in _cli_error(
+    assert "nope.safetensors: no trained model here" in _cli_error(
         ["predict", str(img), "--model", str(tmp_path / "nope.safetensors")], capsys)
     (tmp_path / "model.txt").write_text("hi")
     assert "model.txt: not a model file" in _cli_error(["predict", str(img), "--model", str(tmp_path / "model.txt")],

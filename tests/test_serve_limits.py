@@ -94,7 +94,8 @@ def test_port_in_use(tmp_path: Path) -> None:
 def test_cli_port_out_of_range_exits_2(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--model", str(checkpoint), "--port", "99999"]) == 2
     err = capsys.readouterr().err
-    assert err == "agegender: error: --port must be between 1 and 65535, got 99999\n"
+    assert err.splitlines()[-1] == "agegender: error: --port must be between 1 and 65535, got 99999"
+    assert "Traceback" not in err
 
 
 def test_limits_are_checked(checkpoint: Path) -> None:
@@ -160,7 +161,7 @@ def test_body_shorter_than_its_content_length_gets_408(live: LiveServer) -> None
         data, took = _read_all(sock, 5)
     assert data.startswith(b"HTTP/1.1 408 ") and b"connection: close" in data.lower()
     assert b"request body not received within" in data
-    assert 0.4 < took < 2.0
+    assert 0.4 < took < 4.0  # read_timeout 0.5 s; generous above for a loaded machine
 
 
 def test_trickling_body_gets_408_at_the_deadline(live: LiveServer) -> None:
@@ -168,7 +169,7 @@ def test_trickling_body_gets_408_at_the_deadline(live: LiveServer) -> None:
         sock.sendall(_request_head(1000) + b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n')
         t0, answered = time.monotonic(), b""
         sock.settimeout(0.2)
-        while time.monotonic() - t0 < 5 and not answered:
+        while time.monotonic() - t0 < 8 and not answered:
             try:
                 sock.sendall(b"x")  # one byte every 0.2 s: never a 0.5 s pause
                 answered = sock.recv(65536)
@@ -178,14 +179,14 @@ def test_trickling_body_gets_408_at_the_deadline(live: LiveServer) -> None:
                 break
         took = time.monotonic() - t0
     assert answered.startswith(b"HTTP/1.1 408 ")
-    assert 1.3 < took < 3.0
+    assert 1.3 < took < 5.0  # body_timeout 1.5 s
 
 
 def test_idle_keep_alive_connection_is_closed(live: LiveServer) -> None:
     with socket.create_connection(("127.0.0.1", live.port)) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         data, took = _read_all(sock, 5)
-    assert data.startswith(b"HTTP/1.1 200 ") and 0.8 < took < 3.0
+    assert data.startswith(b"HTTP/1.1 200 ") and 0.8 < took < 4.0  # keep_alive 1 s
 
 
 def test_a_normal_upload_still_works(live: LiveServer) -> None:
@@ -233,7 +234,7 @@ def _wait_until(condition: Any, limit: float = 5.0) -> None:
 
 def test_beyond_the_queue_gets_503_at_once_and_a_queued_upload_waits_bounded() -> None:
     predictor = SlowPredictor()
-    limits = ServiceLimits(slots=1, queue=1, queue_wait=0.5)
+    limits = ServiceLimits(slots=1, queue=1, queue_wait=2.0)
     with TestClient(create_app(predictor, limits=limits)) as client, ThreadPoolExecutor(4) as pool:  # type: ignore[arg-type]
         running = _post_async(client, pool, _png((20, 20)))
         _wait_until(lambda: predictor.running == 1)
@@ -241,11 +242,11 @@ def test_beyond_the_queue_gets_503_at_once_and_a_queued_upload_waits_bounded() -
         time.sleep(0.1)
         t0 = time.monotonic()
         refused = client.post("/predict", files={"file": ("b.png", _png((20, 20)), "image/png")})
-        assert time.monotonic() - t0 < 0.4
+        assert time.monotonic() - t0 < 1.0  # at once, not after the 2 s wait
         assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
         assert refused.json()["detail"].startswith("busy: 2 uploads in progress")
         timed_out = queued.result(5)
-        assert timed_out.status_code == 503 and "no decode slot free within 0.5 s" in timed_out.json()["detail"]
+        assert timed_out.status_code == 503 and "no decode slot free within 2 s" in timed_out.json()["detail"]
         predictor.release.set()
         assert running.result(5).status_code == 200
         assert client.post("/predict", files={"file": ("c.png", _png((20, 20)), "image/png")}).status_code == 200
@@ -295,13 +296,15 @@ def test_fifty_concurrent_bombs_stay_under_2_gb(checkpoint: Path, tmp_path: Path
     assert len(bomb) < 300_000
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(checkpoint), str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "server.log"  # a file, not a pipe: an unread pipe could fill and stall the server
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", SERVER, str(checkpoint), str(port)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
     t0 = time.monotonic()
     try:
         base = f"http://127.0.0.1:{port}"
         while True:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "server exited"
+            assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
             assert time.monotonic() - t0 < 60, "server did not start"
             try:
                 if httpx.get(base + "/health", timeout=1).status_code == 200:

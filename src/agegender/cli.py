@@ -23,7 +23,7 @@ log = logging.getLogger("agegender")
 def _cmd_convert(a: argparse.Namespace) -> int:
     from .weights.convert import convert_weights
 
-    summary = convert_weights(a.src, a.output, trust_pickle=a.trust_pickle, fmt=a.input_format)
+    summary = convert_weights(a.src, a.output, trust_pickle=a.trust_pickle, fmt=a.input_format, full=a.full)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -126,7 +126,8 @@ def _train_config(a: argparse.Namespace, data: str | tuple[str, ...], out: str) 
     if init == "pretrained" and a.backbone == "vgg-face" and not a.weights:
         raise AgeGenderError("no trunk weights: pass --weights VGG_FACE.safetensors (see `agegender fetch "
                              "weights` and `agegender convert`) or --init scratch")
-    given = dict(data=data, out=out, backbone=a.backbone, feature_layer=a.feature_layer, weights=a.weights, init=init,
+    given = dict(data=data, out=out, backbone=a.backbone, feature_layer=a.feature_layer, alignment=a.alignment,
+                 weights=a.weights, init=init,
                  split=a.split, seed=a.seed, epochs=a.epochs,
                  batch_size=a.batch_size, lr=a.lr, image_size=a.image_size, age_head=a.age_head,
                  hidden=tuple(a.hidden) if a.hidden else None, widths=tuple(a.widths) if a.widths else None,
@@ -150,6 +151,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", choices=tuple(BACKBONES), default="vgg-face",
                    help="the face descriptor under the heads (dlib-resnet: CC0, pip install 'agegender[dlib]')")
     p.add_argument("--feature-layer", default="", help="backbone layer that feeds the head (default: the backbone's)")
+    p.add_argument("--alignment", choices=("chip5", "landmarks5"), default=None,
+                   help="dlib-resnet: chips from the ported shape predictor (chip5, default) or from RetinaFace's "
+                        "own landmarks (landmarks5)")
     p.add_argument("--weights", help="the backbone's weights: converted VGG-Face .safetensors (or a .t7/.pt/... "
                                      "to convert on the fly); dlib-resnet defaults to the installed package's file")
     p.add_argument("--init", choices=("pretrained", "vgg-face", "scratch"), default=None,
@@ -215,15 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="agegender",
-        description="Gender and age from faces with the VGG-Face descriptor: convert, train, evaluate, export, predict, serve.")
+        description="Gender and age from faces by transfer learning from a face descriptor (dlib ResNet, VGG-Face): "
+                    "convert, train, evaluate, export, predict, serve.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("convert", help="convert VGG-Face weights (.t7/.pt/.mat/.h5) to canonical safetensors")
+    p = sub.add_parser("convert", help="convert a backbone's published weights (VGG-Face: .t7/.pt/.mat/.h5/"
+                                       ".caffemodel; dlib: .dat) to canonical safetensors")
     p.add_argument("src")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--input-format", "--format", dest="input_format", choices=("auto", *INPUT_FORMATS),
                    default="auto", help="the source's format (default: from its suffix and magic bytes)")
+    p.add_argument("--full", action="store_true", help="require fc6-fc8: refuse a trunk-only (notop) file")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a whole-module .pt (runs code from the file: only for files you trust)")
     p.set_defaults(func=_cmd_convert)
@@ -243,60 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_fetch)
 
-    p = sub.add_parser("train", help="train the gender/age heads (and optionally the trunk)")
-    p.add_argument("--data", required=True, action="append",
-                   help="agegender_cleaned tree, UTKFace folder or labels.csv folder; repeat to train on several")
-    p.add_argument("--out", default="runs/latest", help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    _add_train_options(p)
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("evaluate", help="write report.json/report.md/PNGs for a run or model on a split or dataset")
-    _add_model_option(p, "run directory from `agegender train`, or its checkpoint .safetensors")
-    p.add_argument("--data", help="dataset to evaluate on (default: the run's own test split)")
-    p.add_argument("--subset", choices=SUBSETS, help="default: the run's test split, or all of --data")
-    p.add_argument("--out", help="report directory (default: <run>/eval or beside the model)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    p.set_defaults(func=_cmd_evaluate)
-
-    p = sub.add_parser("reproduce", help="the main job: fetch, convert, train, evaluate, export")
-    p.add_argument("--out", "--workdir", dest="out", default="work", help="work directory (run, exports)")
-    p.add_argument("--data", help="use this dataset instead of fetching agegender_cleaned")
-    _add_train_options(p)
-    p.set_defaults(func=_cmd_reproduce)
-
-    p = sub.add_parser("demo", help="the whole pipeline in ~2 minutes on generated data and weights (numbers mean nothing)")
-    p.add_argument("--out", "--workdir", dest="out", default="demo", help="work directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser("export", help="export a trained run to ONNX, Keras or torch.export")
-    _add_model_option(p, "run directory or checkpoint .safetensors")
-    p.add_argument("--format", choices=tuple(SUFFIXES), required=True, help="the output format")
-    p.add_argument("-o", "--output", required=True)
-    p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser("predict", help="gender and age for every face in images, folders, globs or videos")
-    p.add_argument("paths", nargs="*", help="images, folders of images, globs, or video files (.mp4, .avi, ...)")
-    _add_model_option(p, "run directory, checkpoint .safetensors or .onnx export")
-    p.add_argument("--output-format", choices=("jsonl", "csv"), default="jsonl")
-    p.add_argument("-o", "--output", help="write here instead of stdout")
-    p.add_argument("--annotate", help="write images with boxes and labels to this folder")
-    p.add_argument("--no-detect", action="store_true", help="inputs are already face crops")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--every", type=int, default=1, metavar="N", help="videos: one record per N frames")
-    p.add_argument("--camera", type=int, metavar="INDEX", help="read frames from this camera instead of files")
-    _add_inference_options(p)
-    p.set_defaults(func=_cmd_predict)
-
-    p = sub.add_parser("serve", help="HTTP API and web page over a model")
-    _add_model_option(p, "run directory, checkpoint .safetensors or .onnx export")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="request size cap (413 above it)")
-    _add_inference_options(p)
-    p.set_defaults(func=_cmd_serve)
+    _add_training_commands(sub, SUBSETS)
+    _add_inference_commands(sub, SUFFIXES, DEFAULT_MAX_BYTES)
     return parser
 
 
@@ -326,6 +281,65 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
 
+
+
+def _add_training_commands(sub: argparse._SubParsersAction[_Parser], subsets: tuple[str, ...]) -> None:
+    p = sub.add_parser("train", help="train the gender/age heads (and optionally the trunk)")
+    p.add_argument("--data", required=True, action="append",
+                   help="agegender_cleaned tree, UTKFace folder or labels.csv folder; repeat to train on several")
+    p.add_argument("--out", default="runs/latest", help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _add_train_options(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="write report.json/report.md/PNGs for a run or model on a split or dataset")
+    _add_model_option(p, "run directory from `agegender train`, or its checkpoint .safetensors")
+    p.add_argument("--data", help="dataset to evaluate on (default: the run's own test split)")
+    p.add_argument("--subset", choices=subsets, help="default: the run's test split, or all of --data")
+    p.add_argument("--out", help="report directory (default: <run>/eval or beside the model)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("reproduce", help="the main job: fetch, convert, train, evaluate, export")
+    p.add_argument("--out", "--workdir", dest="out", default="work", help="work directory (run, exports)")
+    p.add_argument("--data", help="use this dataset instead of fetching agegender_cleaned")
+    _add_train_options(p)
+    p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser("demo", help="the whole pipeline in ~2 minutes on generated data and weights (numbers mean nothing)")
+    p.add_argument("--out", "--workdir", dest="out", default="demo", help="work directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _add_inference_commands(sub: argparse._SubParsersAction[_Parser], suffixes: dict[str, str], max_bytes: int) -> None:
+    p = sub.add_parser("export", help="export a trained run to ONNX, Keras or torch.export")
+    _add_model_option(p, "run directory or checkpoint .safetensors")
+    p.add_argument("--format", choices=tuple(suffixes), required=True, help="the output format")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("predict", help="gender and age for every face in images, folders, globs or videos")
+    p.add_argument("paths", nargs="*", help="images, folders of images, globs, or video files (.mp4, .avi, ...)")
+    _add_model_option(p, "run directory, checkpoint .safetensors or .onnx export")
+    p.add_argument("--output-format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.add_argument("--annotate", help="write images with boxes and labels to this folder")
+    p.add_argument("--no-detect", action="store_true", help="inputs are already face crops")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--every", type=int, default=1, metavar="N", help="videos: one record per N frames")
+    p.add_argument("--camera", type=int, metavar="INDEX", help="read frames from this camera instead of files")
+    _add_inference_options(p)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("serve", help="HTTP API and web page over a model")
+    _add_model_option(p, "run directory, checkpoint .safetensors or .onnx export")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-bytes", type=int, default=max_bytes, help="request size cap (413 above it)")
+    _add_inference_options(p)
+    p.set_defaults(func=_cmd_serve)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

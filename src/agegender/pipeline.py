@@ -32,10 +32,16 @@ def _export_all(run: Path, dest: Path) -> dict[str, Any]:
     import importlib.util
 
     from .infer.export import export
+    from .model.checkpoint import read_meta
+    from .model.meta import resolve_model
 
+    backbone = read_meta(resolve_model(run)).config.backbone
     results: dict[str, Any] = {}
     for fmt, name, needs in (("onnx", "model.onnx", "onnxruntime"), ("keras", "model.keras", "keras"),
                              ("torch", "model.pt2", "torch")):
+        if fmt == "keras" and backbone != "vgg-face":
+            log.info("no keras export: it covers the vgg-face backbone, this model is %s", backbone)
+            continue
         if importlib.util.find_spec(needs) is None:
             log.warning("skipping the %s export: %s is not installed (pip install 'agegender[export]')", fmt, needs)
             continue
@@ -53,13 +59,12 @@ def reproduce(cfg: TrainConfig, work: Path) -> Path:
     from .weights.archives import AGEGENDER_CLEANED, VGG_FACE
     from .weights.fetch import default_cache_dir, fetch
 
-    work.mkdir(parents=True, exist_ok=True)
     cache = default_cache_dir()
     data: str | tuple[str, ...] = cfg.data if cfg.data else str(fetch(AGEGENDER_CLEANED, cache))
     weights: Path | None = None
     if cfg.weights:
         weights = Path(cfg.weights)
-        if weights.suffix != ".safetensors":
+        if weights.suffix != ".safetensors" and cfg.backbone == "vgg-face":
             weights = _convert_once(weights, work / "vgg_face.safetensors")
     elif cfg.init != "scratch" and cfg.backbone == "vgg-face":  # dlib-resnet finds its installed weights
         extracted = fetch(VGG_FACE, cache)

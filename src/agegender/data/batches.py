@@ -139,10 +139,10 @@ class Batches:
     def cached(self) -> bool:
         return self.features is not None
 
-    def __call__(self, idx: np.ndarray, augment: torch.Generator | None = None, shard: bool = False
-                 ) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
+    def __call__(self, idx: np.ndarray, augment: torch.Generator | None = None, shard: bool = False,
+                 batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
         """Yield (input, record indices, global batch size); ``shard`` gives each rank its share of a batch."""
-        bs, device = self.batch_size, self.world.device
+        bs, device = batch_size or self.batch_size, self.world.device
         for start in range(0, len(idx), bs):
             full = idx[start:start + bs]
             chunk = self.world.shard(full) if shard else full

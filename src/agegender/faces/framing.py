@@ -37,17 +37,32 @@ class ChipAligner:
         return face_chip(rgb, landmarks, self.size, self.padding)
 
 
+# RetinaFace's 5 landmarks in dlib's 150 px, padding-0.25 chip (unit coordinates): the median over 400 LFW,
+# WIKI and FairFace photos of RetinaFace's points mapped through the chip transform of the shape predictor's.
+RETINA_CHIP_TEMPLATE = np.array([[0.311, 0.3005], [0.675, 0.3003], [0.4875, 0.5201], [0.3372, 0.6771],
+                                 [0.6466, 0.6755]])
+
+
+def landmark_chip(rgb: np.ndarray, landmarks: np.ndarray, size: int = 150) -> np.ndarray:
+    """dlib's chip placed by a similarity fit of RetinaFace's 5 points onto :data:`RETINA_CHIP_TEMPLATE`."""
+    from .align import similarity_transform, warp_chip
+
+    return warp_chip(rgb, similarity_transform(np.asarray(landmarks, np.float64), RETINA_CHIP_TEMPLATE * size), size)
+
+
 class FaceFramer:
     """The input pixels for each detected face, in the backbone's framing (``Preprocess.alignment``)."""
 
     def __init__(self, preprocess: Preprocess, aligner: ChipAligner | None = None) -> None:
         self.pre = preprocess
         self.aligner = aligner
-        if preprocess.alignment == "chip5" and aligner is None:
+        if preprocess.alignment in ("chip5", "landmarks5") and aligner is None:
             self.aligner = ChipAligner(preprocess.size, preprocess.chip_padding)
 
     def __call__(self, rgb: np.ndarray, box: Box) -> np.ndarray:
-        if self.aligner is not None:
+        if self.pre.alignment == "landmarks5" and box.landmarks is not None:
+            return landmark_chip(rgb, np.asarray(box.landmarks), self.pre.size)
+        if self.aligner is not None:  # chip5, and landmarks5 for boxes without landmarks (Haar, whole frames)
             return self.aligner.chip(rgb, box)
         return crop_face(rgb, box, self.pre.size)
 

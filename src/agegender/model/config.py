@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 VGG16_BLOCKS: tuple[tuple[int, int], ...] = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 VGG16_WIDTHS: tuple[int, ...] = tuple(w for w, _ in VGG16_BLOCKS)
 AGE_HEADS = ("dex", "regression", "none")
-ALIGNMENTS = ("crop", "chip5")
+ALIGNMENTS = ("crop", "chip5", "landmarks5")
 
 
 @dataclass
@@ -103,7 +103,8 @@ class Preprocess:
     scale: float = 1.0
     channel_order: str = "BGR"
     # How a face becomes a size x size input: "crop" = a square around the detector's box (the framing of
-    # agegender_cleaned), "chip5" = dlib's 5-point similarity-aligned chip with this padding.
+    # agegender_cleaned), "chip5" = dlib's 5-point chip with this padding from its shape predictor's landmarks,
+    # "landmarks5" = the same chip placed from the detector's own 5 landmarks (RetinaFace), no shape predictor.
     alignment: str = "crop"
     chip_padding: float = 0.25
 

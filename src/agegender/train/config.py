@@ -35,6 +35,7 @@ class TrainConfig:
     out: str = "runs/latest"
     backbone: str = "vgg-face"  # or "dlib-resnet"; see model.backbones
     feature_layer: str = ""  # which backbone layer feeds the head ("" = the backbone's default)
+    alignment: str = ""  # how faces are framed ("" = the backbone's; dlib-resnet: chip5 or landmarks5)
     weights: str | None = None  # the backbone's pretrained file; dlib-resnet finds the installed one
     init: str = "pretrained"  # or "scratch": no pretrained weights, the whole net trains
     preset: str = "default"
@@ -100,6 +101,8 @@ class TrainConfig:
             (self.split in PROTOCOLS, f"--split must be one of {', '.join(PROTOCOLS)}, got {self.split!r}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
             (self.init in ("pretrained", "scratch"), f"--init must be pretrained or scratch, got {self.init!r}"),
+            (self.alignment in ("", "chip5", "landmarks5") and (not self.alignment or spec.name == "dlib-resnet"),
+             f"--alignment {self.alignment} applies to dlib-resnet only (chip5 or landmarks5)"),
             (not (spec.name != "vgg-face" and self.pixels == "seed"), "--preset seed is VGG-Face's recipe only"),
         ]
         for ok, message in checks:

@@ -106,7 +106,8 @@ def predict_batches(model: AgeGenderNet, batches: Batches, idx: np.ndarray
     """(indices actually predicted, P(male), predicted age or None)."""
     model.eval()
     done, p_male, ages = [], [], []
-    for x, chunk, _ in batches(idx):
+    # Cached features are small: score them in large batches rather than the training batch size.
+    for x, chunk, _ in batches(idx, batch_size=4096 if batches.cached else None):
         out = model.forward_head(x) if batches.cached else model(x)
         done.append(chunk)
         p_male.append(torch.sigmoid(out.gender_logit.float()).cpu().numpy())

@@ -58,7 +58,7 @@ def load_trunk_weights(path: str) -> tuple[dict[str, torch.Tensor], Preprocess, 
         raise AgeGenderError(f"{p}: no such weights file (get it with `agegender fetch weights`, then "
                              f"`agegender convert .../VGG_FACE.t7 -o vgg_face.safetensors`)")
     if p.suffix == ".safetensors":
-        state, meta = load_canonical(p)
+        state, meta = load_canonical(p, backbone="vgg-face")
         pre = Preprocess.from_dict(json.loads(meta["preprocess"])) if "preprocess" in meta else VGG_FACE_PREPROCESS
         return state, pre, meta.get("source_sha256")
     from ..files import sha256_file
@@ -77,7 +77,7 @@ def load_dlib_weights(path: str | None) -> tuple[dict[str, torch.Tensor], str]:
     if not file.is_file():
         raise AgeGenderError(f"{file}: no such weights file")
     if file.suffix == ".safetensors":
-        state, meta = load_canonical(file)
+        state, meta = load_canonical(file, backbone="dlib-resnet")
         return state, meta.get("source_sha256") or sha256_file(file)
     return {k: torch.from_numpy(v) for k, v in read_dlib_resnet(file).items()}, sha256_file(file)
 
@@ -90,7 +90,7 @@ def build_model(cfg: TrainConfig, age_range: tuple[int, int] = (1, 70)) -> tuple
     image_size = cfg.image_size if spec.name == "vgg-face" else spec.preprocess.size
     descriptor_dim = 128
     if spec.name == "dlib-resnet":
-        pre = spec.preprocess
+        pre = replace(spec.preprocess, alignment=cfg.alignment) if cfg.alignment else spec.preprocess
         if cfg.init != "scratch":
             state, sha = load_dlib_weights(cfg.weights)
             widths, descriptor_dim = dlib_shape_of(state)
@@ -155,13 +155,16 @@ def make_optimizer(model: AgeGenderNet, cfg: TrainConfig) -> torch.optim.Optimiz
 class Step(nn.Module):
     """The trained part of one forward pass, as a module so DistributedDataParallel can wrap it."""
 
-    def __init__(self, model: AgeGenderNet, cached: bool) -> None:
+    def __init__(self, model: AgeGenderNet, cached: bool, bf16: bool = False) -> None:
         super().__init__()
-        self.model, self.cached = model, cached
+        self.model, self.cached, self.bf16 = model, cached, bf16
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.model.forward_head(x) if self.cached else self.model(x)
-        return out.gender_logit, out.age_logits
+        # bf16 autocast where the hardware has it: the matmuls run in bf16, the weights Adam updates stay fp32.
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model.forward_head(x) if self.cached else self.model(x)
+        age = None if out.age_logits is None else out.age_logits.float()
+        return out.gender_logit.float(), age
 
 
 def loss_fn(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet, cfg: TrainConfig) -> torch.Tensor:
@@ -193,7 +196,8 @@ def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx:
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     order = idx[torch.randperm(len(idx), generator=g).numpy()]
     augment = g if (cfg.trunk_trains and batches.features is None) else None
-    total, count = 0.0, 0
+    # The loss is summed on the device and read once per epoch: a .item() per step waits for every step.
+    total, count = torch.zeros((), device=batches.world.device), 0
     bar = tqdm(total=len(order), desc=f"epoch {epoch}", unit="img", leave=False,
                disable=None if (cfg.progress and batches.world.is_main) else True)
     for x, chunk, global_size in batches(order, augment, shard=True):
@@ -203,12 +207,11 @@ def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(chunk)
+        total += loss.detach() * len(chunk)
         count += len(chunk)
         bar.update(len(chunk))
-        bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
     bar.close()
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 def validate(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labels: Labels, cfg: TrainConfig
@@ -278,7 +281,7 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
     batches = Batches(records, pre, cfg.batch_size, cfg.workers, features, world, keep_images=cfg.trunk_trains,
                       frame=frame)
     train_idx = np.intersect1d(np.arange(n_train), batches.valid)
-    step: nn.Module = Step(model, batches.cached)
+    step: nn.Module = Step(model, batches.cached, cfg.bf16)
     if world.active:
         step = nn.parallel.DistributedDataParallel(step)
     optimizer = make_optimizer(model, cfg)

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import AgeGenderError
 from ..model.vgg import CONV_NAMES
-from .canonical import Params, assign_layers
+from .canonical import Params, assign_layers, printable
 
 V1_CONVOLUTION, V1_INNER_PRODUCT = 4, 14
 _CONV_TYPES = {"Convolution", "conv", "CONVOLUTION"}
@@ -50,7 +50,7 @@ class _Wire:
         self.buf, self.path = buf, path
 
     def fail(self, message: str) -> AgeGenderError:
-        return AgeGenderError(f"{self.path}: {message}: not a valid Caffe model")
+        return AgeGenderError(printable(f"{self.path}: {message}: not a valid Caffe model"))
 
     def varint(self, pos: int, end: int) -> tuple[int, int]:
         value = shift = 0

@@ -32,8 +32,13 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
+def printable(text: str) -> str:
+    """``text`` with newlines and other control characters escaped, so a message stays one line."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def fail(path: str | os.PathLike[str], message: str) -> AgeGenderError:
-    return AgeGenderError(f"{path}: {message}")
+    return AgeGenderError(printable(f"{path}: {message}"))
 
 
 def linear_from_conv(weight: Any, name: str, path: Path) -> Any:

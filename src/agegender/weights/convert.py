@@ -22,7 +22,7 @@ import torch
 from ..errors import AgeGenderError
 from ..files import atomic_path, sha256_file
 from ..model.config import VGG_FACE_PREPROCESS
-from .canonical import KEYS, Params, check, float32, has_fc, infer_widths, one_line
+from .canonical import KEYS, Params, check, float32, has_fc, infer_widths, one_line, printable
 from .pytorch import canonical_key
 from .sniff import read_head, sniff
 
@@ -112,7 +112,7 @@ def load_canonical(path: str | os.PathLike[str], *, full: bool = False,
         raise AgeGenderError(f"{path}: not converted VGG-Face weights (run `agegender convert` first)")
     kind = meta.get("backbone", VGG_FACE)
     if backbone is not None and kind != backbone:
-        raise AgeGenderError(f"{path}: holds {kind} weights, not {backbone} (pass --backbone {kind}?)")
+        raise AgeGenderError(printable(f"{path}: holds {kind} weights, not {backbone} weights"))
     if kind == DLIB_RESNET:
         _check_dlib(state, path)
     elif kind == VGG_FACE:
@@ -183,6 +183,10 @@ def _readers() -> dict[str, Callable[[Path, bool], Params]]:
 def _read(path: Path, fmt: str, trust_pickle: bool, full: bool) -> tuple[dict[str, torch.Tensor], tuple[int, ...]]:
     try:
         params = _readers()[fmt](path, trust_pickle)
+    except AgeGenderError as e:  # names from the file may hold newlines: the message stays one line
+        if not str(e).isprintable():
+            raise AgeGenderError(printable(str(e))) from None
+        raise
     except OSError as e:
         raise AgeGenderError(f"{path}: cannot read ({e.strerror or e})") from None
     except MemoryError:

@@ -115,7 +115,9 @@ class _Reader:
 
     # -- shared -----------------------------------------------------------------------------------
     def fail(self, message: str) -> NoReturn:
-        raise AgeGenderError(f"{self.path}: {message}")
+        # Class names and keys come from the file: escape whatever would break the one-line message.
+        text = f"{self.path}: {message}"
+        raise AgeGenderError(text if text.isprintable() else repr(text)[1:-1])
 
     def need(self, n: int, what: str, at: int) -> None:
         if n < 0 or n > MAX_BYTES:
