@@ -165,7 +165,7 @@ def _predict_row(predictor: Any, paths: Sequence[str]) -> dict[str, Any]:
 def phase_predict(ctx: dict[str, Any]) -> dict[str, Any]:
     """Figure 5, our side: `Predictor.predict_many` (decode + detect + crop + classify) over the photo subset,
     with the checkpoint and with figure 4's ONNX exports; plus decode + detect + crop alone, to split the time."""
-    from agegender.faces.detect import MIN_FACE_PX, HaarDetector
+    from agegender.faces.detect import MIN_FACE_PX, default_detector
     from agegender.images import load_image
     from agegender.infer.predict import Predictor, share_cores_for_batches
 
@@ -173,20 +173,25 @@ def phase_predict(ctx: dict[str, Any]) -> dict[str, Any]:
     # (model, --precision, --min-face): the first is what `agegender predict --model model.safetensors` runs;
     # the last searches only faces the peer's detector can find (dlib's HOG window is 80 px).
     ckpt, default_px = Path(ctx["checkpoint"]), MIN_FACE_PX
-    variants = [(ckpt, "auto", default_px), (ckpt, "fp32", default_px), (work / "bench-fp32.onnx", "auto", default_px),
-                (work / "bench-int8.onnx", "auto", default_px), (ckpt, "auto", 80)]
+    variants = [(ckpt, "auto", default_px, "auto"), (ckpt, "fp32", default_px, "auto"),
+                (work / "bench-fp32.onnx", "auto", default_px, "auto"), (work / "bench-int8.onnx", "auto", default_px, "auto"),
+                (ckpt, "auto", 80, "auto"), (ckpt, "auto", default_px, "haar")]
     rows: dict[str, Any] = {}
-    for model, precision, min_face in variants:
+    for model, precision, min_face, detector in variants:
         if not model.is_file():
             rows[model.name] = {"error": f"{model.name} missing (figure 4 writes it)"}
             continue
-        predictor = Predictor.from_path(model, HaarDetector(min_face_px=min_face), precision=precision)
+        # The default detector (RetinaFace when installed), as `agegender predict` runs; one Haar row beside it.
+        found = default_detector(min_face_px=min_face, kind=detector)
+        predictor = Predictor.from_path(model, found, precision=precision)
         share_cores_for_batches(predictor)  # as `agegender predict` does
         label = _predict_label(model, predictor.backend.precision, precision, min_face, default_px)
+        label += "" if detector == "auto" else f", --detector {detector}"
+        label += f" [{getattr(found, 'name', 'custom')}]" if detector == "auto" else ""
         rows[label] = _predict_row(predictor, paths)
         log.info("predict with %s: %.1f img/s", label, rows[label]["images_per_second"])
     # The per-image cost of decode + detect + crop on one core (OpenCV's pool is down to one thread by now).
-    predictor, sample = Predictor.from_path(ckpt), paths[:100]
+    predictor, sample = Predictor.from_path(ckpt, default_detector()), paths[:100]
     start = time.perf_counter()
     for p in sample:
         predictor.crops(load_image(p))
