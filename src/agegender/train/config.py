@@ -71,7 +71,7 @@ class TrainConfig:
     def from_preset(cls, preset: str = "default", **overrides: Any) -> TrainConfig:
         if preset not in PRESETS:
             raise AgeGenderError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        given = {k: v for k, v in overrides.items() if v is not None and v != ""}
+        given = {k: v for k, v in overrides.items() if v is not None and (v != "" or k == "data")}
         if "hidden" in given and "dropout" not in given:
             # One dropout per hidden layer, at the preset's rate: `--hidden 64` alone must just work.
             rate = float(PRESETS[preset]["dropout"][0])
