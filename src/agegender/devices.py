@@ -28,3 +28,12 @@ def use_bf16(precision: str, device: str) -> bool:
 def usable_cores() -> int:
     """Cores this process may run on (the affinity mask, not the machine's total)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def torch_threads() -> int:
+    """Intra-op threads for a torch compute loop on this machine: ``OMP_NUM_THREADS`` when it is set (the user's
+    choice, or torchrun's one thread per rank), else every core this process may use."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return usable_cores()

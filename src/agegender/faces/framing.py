@@ -7,7 +7,6 @@ chip. Training photos go through the same path (:class:`PhotoFramer`), so train 
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -75,12 +74,12 @@ class PhotoFramer:
     which the detector finds nothing is taken as a tight face crop and aligned from the whole frame.
     """
 
-    def __init__(self, preprocess: Preprocess, detector: FaceDetector | None = None) -> None:
+    def __init__(self, preprocess: Preprocess, detector: FaceDetector | None = None,
+                 faces: FaceFramer | None = None) -> None:
         self.pre = preprocess
         self.detector = detector
-        self.faces = FaceFramer(preprocess)
+        self.faces = faces or FaceFramer(preprocess)  # shared, so the shape predictor loads once
         self.key = f"{preprocess.alignment}:{getattr(detector, 'name', 'none')}:v1"  # part of the feature-cache key
-        self._lock = threading.Lock()
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         if self.pre.alignment == "crop":

@@ -195,7 +195,7 @@ class Predictor:
         pre = backend.meta.preprocess.resized(self.size)
         # The backbone's contract decides the framing: crops for VGG-Face, 5-point chips for dlib's ResNet.
         self.frame_face = FaceFramer(pre)
-        self.frame_photo = PhotoFramer(pre)
+        self.frame_photo = PhotoFramer(pre, faces=self.frame_face)
         self.workers = max(1, workers or usable_cores())
 
     @classmethod

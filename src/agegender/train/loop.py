@@ -142,14 +142,26 @@ def age_range(records: Sequence[FaceRecord]) -> tuple[int, int]:
     return min([1, *ages]), max([70, *ages])
 
 
-def make_optimizer(model: AgeGenderNet, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: AgeGenderNet, cfg: TrainConfig, fused: bool = True) -> torch.optim.Optimizer:
+    """Adam over the trainable weights, the trunk's (when it trains) at ``trunk_lr_mult`` of the rate.
+
+    ``fused`` (the default) is the same Adam in one pass over the weights; ``fused=False`` is torch's multi-tensor
+    Adam, kept so the benchmark can measure one against the other (BENCHMARKS.md, section 3).
+    """
     trunk = [p for p in model.trunk.parameters() if p.requires_grad]
     head = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("trunk.")]
     groups = [{"params": head, "lr": cfg.lr}]
     if trunk:
         groups.append({"params": trunk, "lr": cfg.lr * cfg.trunk_lr_mult})
-    # The fused kernel is the same Adam in one pass over the weights: 2x the cached head step on CPU (BENCHMARKS.md).
-    return torch.optim.Adam(groups, weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.Adam(groups, weight_decay=cfg.weight_decay, fused=fused, foreach=None if fused else True)
+
+
+def train_threads() -> int:
+    """Intra-op torch threads for a training epoch: :func:`agegender.devices.torch_threads` (``OMP_NUM_THREADS``
+    when set, else this machine's usable cores)."""
+    from ..devices import torch_threads
+
+    return torch_threads()
 
 
 class Step(nn.Module):
@@ -188,8 +200,13 @@ def loss_fn(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet, 
 
 # -- one epoch, evaluation --------------------------------------------------------------------
 def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx: np.ndarray, labels: Labels,
-                    optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> float:
-    """One pass over ``idx`` in a seeded order; under torchrun each rank takes its share of every batch."""
+                    optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int, threads: int | None = None
+                    ) -> float:
+    """One pass over ``idx`` in a seeded order; under torchrun each rank takes its share of every batch.
+
+    The epoch runs on ``threads`` intra-op threads (default: :func:`train_threads`); the caller's count is
+    restored afterwards.
+    """
     from tqdm import tqdm
 
     model.train()
@@ -200,18 +217,23 @@ def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx:
     total, count = torch.zeros((), device=batches.world.device), 0
     bar = tqdm(total=len(order), desc=f"epoch {epoch}", unit="img", leave=False,
                disable=None if (cfg.progress and batches.world.is_main) else True)
-    for x, chunk, global_size in batches(order, augment, shard=True):
-        if global_size < 2 * batches.world.size:
-            continue  # BatchNorm cannot train on one sample; every rank skips the same batch
-        loss = loss_fn(Outputs(*step(x)), labels, chunk, model, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach() * len(chunk)
-        count += len(chunk)
-        bar.update(len(chunk))
-    bar.close()
-    return float(total) / max(count, 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or train_threads())
+    try:
+        for x, chunk, global_size in batches(order, augment, shard=True):
+            if global_size < 2 * batches.world.size:
+                continue  # BatchNorm cannot train on one sample; every rank skips the same batch
+            loss = loss_fn(Outputs(*step(x)), labels, chunk, model, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * len(chunk)
+            count += len(chunk)
+            bar.update(len(chunk))
+        return float(total) / max(count, 1)
+    finally:
+        torch.set_num_threads(before)
+        bar.close()
 
 
 def validate(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labels: Labels, cfg: TrainConfig

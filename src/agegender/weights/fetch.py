@@ -158,17 +158,23 @@ def safe_extract(tar_path: str | os.PathLike[str], dest: str | os.PathLike[str])
     # tarfile's "data" filter re-checks every path against the real filesystem at write time.
     try:
         with tarfile.open(tar_path, "r:*") as tar:
-            members = tar.getmembers()
-            symlinks = {os.path.normpath(m.name) for m in members if m.issym()}
-            for m in members:
-                if problem := _unsafe_member(m, root, symlinks):
-                    raise AgeGenderError(f"{tar_path}: refusing member {m.name!r}: {problem}")
+            members = _safe_members(tar, root, tar_path, AgeGenderError)
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(dest, members=members, filter="data")
             else:  # Python before 3.11.4; the checks above still ran
                 tar.extractall(dest, members=members)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise AgeGenderError(f"{tar_path}: cannot unpack ({e})") from None
+
+
+def _safe_members(tar: tarfile.TarFile, root: str, path: Path, error: type[Exception]) -> list[tarfile.TarInfo]:
+    """Every member of ``tar``, or ``error`` naming the first that could land outside ``root`` or is a device."""
+    members = tar.getmembers()
+    symlinks = {os.path.normpath(m.name) for m in members if m.issym()}
+    for m in members:
+        if problem := _unsafe_member(m, root, symlinks):
+            raise error(f"{path}: refusing member {m.name!r}: {problem}")
+    return members
 
 
 def _unsafe_member(m: tarfile.TarInfo, root: str, symlinks: set[str]) -> str | None:
@@ -296,15 +302,9 @@ def _accept(archive: Archive, path: Path, digest: str, extract: bool) -> Path:
 def _check_members(archive: Archive, path: Path) -> Path:
     """Read ``path`` through without unpacking: every member safe, ``archive.extracted`` among them."""
     root = os.path.realpath(path.parent / ".check")
-    names: set[str] = set()
     try:
         with tarfile.open(path, "r:*") as tar:
-            members = tar.getmembers()
-            symlinks = {os.path.normpath(m.name) for m in members if m.issym()}
-            for m in members:
-                if problem := _unsafe_member(m, root, symlinks):
-                    raise _Rejected(f"{path}: refusing member {m.name!r}: {problem}")
-                names.add(os.path.normpath(m.name))
+            names = {os.path.normpath(m.name) for m in _safe_members(tar, root, path, _Rejected)}
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise _Rejected(f"{path}: not a readable tar archive ({_one_line(str(e))})") from None
     wanted = os.path.normpath(archive.extracted)
