@@ -191,50 +191,54 @@ def _pair(truth: list[dict[str, Any]], ours: dict[str, dict[str, Any]], peer: di
 
 
 # -- judging (pure) -----------------------------------------------------------------------------
-def _compared(r: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    rows = [(f"{name} (held out)", x) for name, x in r.get("cross", {}).items()]
+def compared(r: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(key, label, run) for every run scored against the peer: each held-out set, then the in-domain test."""
+    rows = [(name, f"{name} (held out)", x) for name, x in r.get("cross", {}).items()]
     if "ours" in r.get("in_domain", {}):
-        rows.append((f"{r['in_domain']['set']} (in-domain test)", r["in_domain"]))
+        rows.append(("in_domain", f"{r['in_domain']['set']} (in-domain test)", r["in_domain"]))
     return rows
 
 
-def _gender_row(label: str, x: dict[str, Any]) -> dict[str, Any]:
+def _gender_row(key: str, label: str, x: dict[str, Any]) -> dict[str, Any]:
     ours, peer, margin = x.get("ours", {}), x.get("peer", {}), ACCURACY_TARGETS["gender_vs_peer"]
     target = f"gender accuracy >= {PEER}'s, {label}"
     if "accuracy" not in ours or "accuracy" not in peer:
         why = x.get("error") or peer.get("error") or ours.get("error") or "not measured"
-        return {"target": target, "value": f"not measured: {why}", "met": None}
+        return {"key": f"gender:{key}", "target": target, "value": f"not measured: {why}", "met": None}
     a, b = (ours[k] - peer[k] for k in ("accuracy", "accuracy_no_face_wrong"))
     value = (f"{ours['accuracy']:.3f} vs {peer['accuracy']:.3f} ({a:+.3f}); no face = wrong: "
              f"{ours['accuracy_no_face_wrong']:.3f} vs {peer['accuracy_no_face_wrong']:.3f} ({b:+.3f})")
-    return {"target": target + " (both scorings)", "value": value, "met": a >= margin and b >= margin}
+    return {"key": f"gender:{key}", "target": target + " (both scorings)", "value": value,
+            "met": a >= margin and b >= margin}
 
 
-def _threshold_row(target: str, value: float | None, goal: float, higher: bool, why: str, fmt: str) -> dict[str, Any]:
+def _threshold_row(key: str, target: str, value: float | None, goal: float, higher: bool, why: str,
+                   fmt: str) -> dict[str, Any]:
     if value is None:
-        return {"target": target, "value": f"not measured: {why}", "met": None}
-    return {"target": target, "value": format(value, fmt), "met": value >= goal if higher else value <= goal}
+        return {"key": key, "target": target, "value": f"not measured: {why}", "met": None}
+    return {"key": key, "target": target, "value": format(value, fmt), "met": value >= goal if higher else value <= goal}
 
 
 def judge(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every figure-7 target as ``{"target", "value" (measured, as text), "met" (True, False or None)}``."""
+    """Every figure-7 target as ``{"key", "target", "value" (measured, as text), "met" (True, False or None)}``."""
     t = ACCURACY_TARGETS
-    rows = [_gender_row(label, x) for label, x in _compared(r)]
+    rows = [_gender_row(key, label, x) for key, label, x in compared(r)]
     ff = r.get("cross", {}).get("fairface", {})
-    rows.append(_threshold_row(f"gender accuracy >= {t['fairface_gender']:.2f} on FairFace (held out)",
+    rows.append(_threshold_row("fairface_gender", f"gender accuracy >= {t['fairface_gender']:.2f} on FairFace (held out)",
                                ff.get("ours", {}).get("accuracy"), t["fairface_gender"], True,
                                ff.get("error", "FairFace not evaluated"), ".3f"))
     dom = r.get("in_domain", {})
-    rows.append(_threshold_row(f"UTKFace age MAE <= {t['utkface_age_mae']} years (in-domain test)",
+    rows.append(_threshold_row("utkface_age_mae", f"UTKFace age MAE <= {t['utkface_age_mae']} years (in-domain test)",
                                dom.get("ours", {}).get("mae"), t["utkface_age_mae"], False,
                                dom.get("error") or dom.get("skipped") or "UTKFace not trained", ".2f"))
     d = r.get("speed", {}).get("descriptor", {})
-    rows.append(_threshold_row(f"descriptor >= {t['descriptor_ratio']:.0f}x dlib-bin's compute_face_descriptor",
-                               d.get("ratio"), t["descriptor_ratio"], True, d.get("error", "not measured"), ".1f"))
+    rows.append(_threshold_row("descriptor", f"descriptor >= {t['descriptor_ratio']:.0f}x dlib-bin's "
+                               "compute_face_descriptor", d.get("ratio"), t["descriptor_ratio"], True,
+                               d.get("error", "not measured"), ".1f"))
     for name in SPEED_SETS:
         p = r.get("speed", {}).get("predict", {}).get(name, {})
-        rows.append(_threshold_row(f"predict >= {t['predict_ratio_vs_peer']:.0f}x {PEER}'s images/s on {name}",
-                                   p.get("ratio"), t["predict_ratio_vs_peer"], True,
+        rows.append(_threshold_row(f"predict:{name}", f"predict >= {t['predict_ratio_vs_peer']:.0f}x {PEER}'s "
+                                   f"images/s on {name}", p.get("ratio"), t["predict_ratio_vs_peer"], True,
                                    p.get("error", "not measured"), ".2f"))
     return rows
 

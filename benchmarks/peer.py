@@ -149,6 +149,31 @@ def speed_row(ours: Sequence[dict[str, Any]], peer: Sequence[dict[str, Any]], im
     return row
 
 
+def split_ms(predictor: Any, paths: Sequence[str]) -> dict[str, float]:
+    """Where our time goes, step by step on this thread: decode and detect (ms per photo), align and classify at
+    batch 32 (ms per face); the predictor's own thread settings stay as they are."""
+    from agegender.images import load_image
+
+    spent = dict.fromkeys(("decode", "detect", "align", "classify"), 0.0)
+    crops = []
+    for p in paths:
+        t0 = time.perf_counter()
+        rgb = load_image(p)
+        t1 = time.perf_counter()
+        boxes = predictor.detector.detect(rgb)
+        t2 = time.perf_counter()
+        crops += [predictor.frame_face(rgb, b) for b in boxes]
+        spent["decode"], spent["detect"] = spent["decode"] + t1 - t0, spent["detect"] + t2 - t1
+        spent["align"] += time.perf_counter() - t2
+    t0 = time.perf_counter()
+    for i in range(0, len(crops), 32):
+        predictor.classify(crops[i:i + 32])
+    spent["classify"] = time.perf_counter() - t0
+    per = {"decode": len(paths), "detect": len(paths), "align": len(crops), "classify": len(crops)}
+    return {k: 1000 * v / max(per[k], 1) for k, v in spent.items()} | {
+        "photos": len(paths), "faces_per_photo": len(crops) / max(len(paths), 1)}
+
+
 def predict_vs_peer(model: Path, faces: Path, n: int, reps: int, venv: Path | None) -> dict[str, Any]:
     """predict_many as ``agegender predict --model`` runs it, against the peer, alternating which goes first."""
     from agegender.infer.predict import Predictor, share_cores_for_batches
@@ -169,6 +194,6 @@ def predict_vs_peer(model: Path, faces: Path, n: int, reps: int, venv: Path | No
                     ours.append(_time_predict(predictor, paths))
                 elif venv is not None:
                     peer.append(run_peer(venv, paths))
-        out[name] = speed_row(ours, peer, len(paths))
+        out[name] = {**speed_row(ours, peer, len(paths)), "split_ms": split_ms(predictor, paths[:50])}
         log.info("predict on %s: %s", name, {k: v for k, v in out[name].items() if not k.endswith("_runs")})
     return out
