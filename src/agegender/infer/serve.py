@@ -359,6 +359,11 @@ def serve(model: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 80
 
     Every option, the address included, is checked (and the socket bound) before the model loads.
     """
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise AgeGenderError(f"serve needs {', '.join(missing)}: pip install 'agegender[serve]'")
     if max_bytes < 1:
         raise AgeGenderError(f"--max-bytes must be positive, got {max_bytes}")
     limits = limits or ServiceLimits()
