@@ -1,5 +1,6 @@
-"""Figures 1 and 2: the raw trunk on random tensors beside feature extraction through the data path, the decode
-workers / prefetch sweep, and the cost of decoding one image."""
+"""Figures 1 and 2: the raw trunk on random tensors beside feature extraction through the data path (a grid of
+settings, then the headline pair interleaved), the decode workers / prefetch sweep, and the cost of decoding one
+image."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .interleave import interleave, ratio
 from .measure import autocast, median, set_memory_format, sync
 from .report import fmt_num
 from .training import fit_records, train_config
@@ -120,6 +122,31 @@ def _sweep(model: Any, pre: Any, records: Sequence[Any], batch: int, workers: in
     return rows
 
 
+def _pairs(model: Any, pre: Any, sample: Sequence[Any], best: dict[str, Any], batch: int, s: dict[str, Any],
+           workers: int, device: str, threads: int) -> dict[str, Any]:
+    """The headline comparison, interleaved ``pairs`` times (A B, B A, ...): the raw bf16 trunk at the grid's
+    fastest raw setting beside extract_features as train.fit runs it (bf16, its batch, its decode workers, the
+    default thread count), both at train.fit's extraction batch; each repetition's ratio is one sample."""
+    import torch
+
+    from agegender.data.features import extract_features
+
+    def raw() -> float:
+        torch.set_num_threads(best["threads"])
+        set_memory_format(model, best["format"] == "channels_last")
+        return raw_trunk(model, batch, s["raw_batches"], True, device)
+
+    def extract() -> float:
+        torch.set_num_threads(threads)
+        return extract_features(model, sample, pre, batch_size=batch, workers=workers, bf16=True, device=device,
+                                progress=False).images_per_second
+
+    res = interleave({"raw": raw, "extract": extract}, s["pairs"], "raw vs extraction")
+    torch.set_num_threads(threads)
+    return {"batch": batch, "images": len(sample), "raw_setting": {k: best[k] for k in ("dtype", "format", "threads")},
+            "raw": res["raw"], "extract": res["extract"], "ratio": ratio(res["extract"], res["raw"])}
+
+
 def phase_throughput(ctx: dict[str, Any]) -> dict[str, Any]:
     """Figures 1 and 2: raw trunk vs extract_features per dtype, memory format and torch thread count,
     interleaved over repetitions; then the decode workers / prefetch sweep and the decode cost."""
@@ -139,6 +166,15 @@ def phase_throughput(ctx: dict[str, Any]) -> dict[str, Any]:
     grid = _grid(model, pre, sample, s, cfg.workers, device, threads)
     out: dict[str, Any] = {"grid": grid, "images": len(sample), "batch": s["batch"], "workers": cfg.workers,
                            "default_threads": threads}
+
+    # The headline pair: train.fit extracts at max(batch_size, 64) (features.cached_features' caller).
+    batch = max(cfg.batch_size, 64)
+    pair_sample = [records[i] for i in rng.choice(len(records), min(max(s["extract_images"], 3 * batch), len(records)),
+                                                  replace=False)]
+    best_bf16 = max((g for g in grid if g["dtype"] == "bf16"), key=lambda g: g["raw"])
+    out["pairs"] = _pairs(model, pre, pair_sample, best_bf16, batch, s, cfg.workers, device, threads)
+    log.info("raw vs extraction: ratio %.2f (median of %d; min %.2f, max %.2f)", out["pairs"]["ratio"]["median"],
+             s["pairs"], out["pairs"]["ratio"]["min"], out["pairs"]["ratio"]["max"])
 
     # The sweep keeps the fastest raw configuration's dtype and format and moves the data-path knobs.
     best = max(grid, key=lambda g: g["raw"])

@@ -8,7 +8,7 @@ from typing import Any
 
 from agegender.train.report import markdown_table
 
-from .findings import extraction_findings, missed
+from .findings import accuracy_findings, extraction_findings, head_findings, missed
 from .sizes import PEER, TARGETS
 from .summary import as_fit_runs, best, extraction_rows, peer_ratio, setting
 
@@ -32,21 +32,28 @@ def _gpu_cell(machine: dict[str, Any]) -> str:
     return "no GPU available" if machine["gpu"] == "no GPU available" else "not run (pass --device cuda)"
 
 
+_HEADLINE = (("extraction_ratio", ".2f"), ("train_speedup_vs_naive", ".1f"), ("full_run_minutes", ".1f"),
+             ("predict_ratio_vs_peer", ".2f"), ("peak_rss_gib", ".2f"))
+
+
 def _summary_rows(s: dict[str, Any]) -> list[list[str]]:
+    """One row per headline figure: its median (the judged value), min, max and load where the run interleaved
+    repetitions of it, its target and whether the median meets it."""
     rows = []
-    for key, fmt, target in (("extraction_ratio", ".2f", ">= 0.90"), ("train_speedup_vs_naive", ".1f", ">= 15"),
-                             ("full_run_minutes", ".1f", "< 30"), ("predict_ratio_vs_peer", ".2f", ">= 1"),
-                             ("peak_rss_gib", ".2f", "< 4")):
-        v, goal = s[key], TARGETS.get(key)
+    for key, fmt in _HEADLINE:
+        v, goal, sp = s[key], TARGETS.get(key), s.get("spread", {}).get(key)
+        bound = {"full_run_minutes": "<=", "peak_rss_gib": "<"}.get(key, ">=")
         if v is None:
             status = "not measured"
         elif goal is None:
             status = "-"
-        elif key in ("full_run_minutes", "peak_rss_gib"):
-            status = "met" if v < goal else f"missed: {v / goal:.1f}x over"
+        elif bound != ">=":
+            status = "met" if (v <= goal if bound == "<=" else v < goal) else f"missed: {v / goal:.1f}x over"
         else:
             status = "met" if v >= goal else f"missed: {v / goal:.2f} of target"
-        rows.append([f"`{key}`", fmt_num(v, fmt), target, status])
+        rows.append([f"`{key}`", fmt_num(v, fmt), fmt_num(sp["min"], fmt) if sp else "-",
+                     fmt_num(sp["max"], fmt) if sp else "-", fmt_num(sp.get("load"), ".2f") if sp else "-",
+                     "-" if goal is None else f"{bound} {goal:g}", status])
     return rows
 
 
@@ -89,7 +96,8 @@ def _machine(doc: dict[str, Any]) -> list[str]:
 
 def _summary(doc: dict[str, Any]) -> list[str]:
     s = doc["summary"]
-    out = ["## Summary", ""] + markdown_table(["figure", "value", "target", "status"], _summary_rows(s))
+    out = ["## Summary", ""] + markdown_table(["figure", "median", "min", "max", "load (1-min)", "target", "status"],
+                                              _summary_rows(s))
     out += [f"- `{k}` is null: {v}" for k, v in s["reasons"].items()] + ([""] if s["reasons"] else [])
     out += missed(doc) + [""]
     acc = doc["raw"].get("accuracy", {}).get("targets")
@@ -99,46 +107,77 @@ def _summary(doc: dict[str, Any]) -> list[str]:
     return out
 
 
+def _runs_range(values: Sequence[float] | None, fmt: str = ".1f") -> str:
+    return f"{min(values):{fmt}}-{max(values):{fmt}}" if values else "-"
+
+
+def _spread_cells(x: dict[str, Any] | None, fmt: str = ".1f") -> list[str]:
+    """median, min-max and load cells of an interleave spread."""
+    if not x:
+        return ["n/a", "-", "-"]
+    return [fmt_num(x["median"], fmt), f"{x['min']:{fmt}}-{x['max']:{fmt}}", fmt_num(x.get("load"), ".2f")]
+
+
 def _raw_trunk(tp: dict[str, Any], sz: dict[str, Any], gpu: str) -> list[str]:
     out = ["## 1. Raw trunk forward (random input tensors, no decoding)", ""]
     if "grid" not in tp:
         return out + [f"Not measured: {why(tp)}", ""]
-    out += [f"Batch {tp['batch']}, {sz['raw_batches']} timed batches after one warm-up batch; median of {sz['reps']} "
-            "repetitions interleaved with figure 2.", ""]
-    return out + markdown_table(["dtype", "memory format", "torch threads", "images/s"],
-                                [[g["dtype"], g["format"], g["threads"], fmt_num(g["raw"])] for g in tp["grid"]]
-                                + [["GPU", "-", "-", gpu]])
+    out += [f"Batch {tp['batch']}, {sz['raw_batches']} timed batches after one warm-up batch; median (and range) of "
+            f"{sz['reps']} repetitions interleaved with figure 2; 1-minute load average at the phase's start "
+            f"{fmt_load((tp.get('load_average_start') or [])[:1])}.", ""]
+    return out + markdown_table(["dtype", "memory format", "torch threads", "images/s (median)", "min-max"],
+                                [[g["dtype"], g["format"], g["threads"], fmt_num(g["raw"]), _runs_range(g.get("raw_all"))]
+                                 for g in tp["grid"]] + [["GPU", "-", "-", gpu, "-"]])
 
 
 def _extraction_table(tp: dict[str, Any], ex: dict[str, Any], gpu: str) -> list[list[str]]:
     limit = {d: best(tp, d, "raw")["raw"] for d in ("fp32", "bf16")}
     rows = [[("**" if g is as_fit_runs(tp, g["dtype"]) else "") + f"features.extract_features, {setting(g)}"
              + (" (as train.fit runs it)**" if g is as_fit_runs(tp, g["dtype"]) else ""),
-             fmt_num(g["extract"]), fmt_num(g["extract"] / limit[g["dtype"]], ".2f"),
+             fmt_num(g["extract"]), _runs_range(g.get("extract_all")), fmt_num(g["extract"] / limit[g["dtype"]], ".2f"),
              fmt_num(g["extract"] / g["raw"], ".2f")]
             for g in extraction_rows(tp)]
     if "images_per_second" in ex:
         dt = "bf16" if ex["bf16"] else "fp32"
         rows.append([f"train.fit's feature cache over the full tree ({ex['images']:,} images, "
-                     f"{ex['wall_seconds'] / 60:.1f} min), {dt}, as train.fit runs it",
-                     fmt_num(ex["images_per_second"]), fmt_num(ex["images_per_second"] / limit[dt], ".2f"), "-"])
-    rows.append(["GPU", gpu, gpu, gpu])
+                     f"{ex['wall_seconds'] / 60:.1f} min, load {fmt_load((ex.get('load_average_start') or [])[:1])} "
+                     f"at its start, {fmt_num(ex.get('load_end'), '.2f')} at its end), {dt}, as train.fit runs it",
+                     fmt_num(ex["images_per_second"]), "one run", fmt_num(ex["images_per_second"] / limit[dt], ".2f"), "-"])
+    rows.append(["GPU", gpu, "-", gpu, gpu])
     return rows
+
+
+def _extraction_pairs(tp: dict[str, Any]) -> list[str]:
+    p = tp.get("pairs")
+    if not p:
+        return []
+    raw = p["raw_setting"]
+    out = [f"`extraction_ratio` (judged on the median): the raw bf16 trunk at figure 1's fastest raw bf16 setting "
+           f"({raw['format']}, {raw['threads']} torch threads) beside extract_features as train.fit runs it (bf16, "
+           f"{tp['workers']} decode workers, {tp['default_threads']} torch threads), both at train.fit's extraction "
+           f"batch {p['batch']}, {p['images']} tree images per extraction; {len(p['ratio']['runs'])} repetitions "
+           "interleaved (A B, B A, ...), each repetition's ratio one sample.", ""]
+    out += markdown_table(["measure", "median", "min-max", "load (1-min)"],
+                          [["raw trunk, images/s", *_spread_cells(p["raw"])],
+                           ["extract_features as train.fit runs it, images/s", *_spread_cells(p["extract"])],
+                           ["ratio per repetition (`extraction_ratio`)", *_spread_cells(p["ratio"], ".2f")]])
+    return out
 
 
 def _extraction(tp: dict[str, Any], ex: dict[str, Any], gpu: str) -> list[str]:
     out = ["## 2. Feature extraction through the data path (JPEG decode, resize, normalise, trunk)", ""]
     if "grid" not in tp:
         return out + [f"Not measured: {why(tp)}", ""]
-    out += [f"{tp['images']} tree images per measurement, batch {tp['batch']}, {tp['workers']} decode workers. "
-            "`extraction_ratio` = extract_features bf16 as train.fit runs it / the best raw bf16 figure of "
-            "figure 1 (the hardware limit). extract_features converts the trunk to channels_last itself, so "
-            "there are no NCHW rows.", ""]
-    out += markdown_table(["path", "images/s", "fraction of best raw (same dtype)", "fraction of raw (same settings)"],
-                          _extraction_table(tp, ex, gpu))
+    out += _extraction_pairs(tp)
+    out += [f"The grid: {tp['images']} tree images per measurement, batch {tp['batch']}, {tp['workers']} decode "
+            "workers; fractions are of the best raw bf16 figure of figure 1 (the hardware limit) and of the raw "
+            "trunk at the same settings. extract_features converts the trunk to channels_last itself, so there are "
+            "no NCHW rows.", ""]
+    out += markdown_table(["path", "images/s (median)", "min-max", "fraction of best raw (same dtype)",
+                           "fraction of raw (same settings)"], _extraction_table(tp, ex, gpu))
     sw = tp["sweep"]
     out += [f"Decode workers and prefetch depth ({sw['dtype']}, trunk {sw['format']}, {sw['images']} images; "
-            "extract_features' own steps with the prefetch depth exposed):", ""]
+            "extract_features' own steps with the prefetch depth exposed; one run each):", ""]
     out += markdown_table(["torch threads", "decode workers", "prefetch batches", "images/s"],
                           [[x["torch_threads"], x["decode_workers"], x["prefetch"], fmt_num(x["images_per_second"])]
                            for x in sw["rows"]])
@@ -150,38 +189,74 @@ def _extraction(tp: dict[str, Any], ex: dict[str, Any], gpu: str) -> list[str]:
     return out + extraction_findings(tp) + [""]
 
 
+def _giga(x: dict[str, Any]) -> dict[str, Any]:
+    return {**x, **{k: x[k] / 1e9 for k in ("median", "min", "max")}}
+
+
 def _training_rows(doc: dict[str, Any], gpu: str) -> list[list[str]]:
     s, r, epochs = doc["summary"], doc["raw"], doc["epochs"]
     ex, tr, st = (r.get(k, {}) for k in ("extract", "train", "steps"))
-    rows = [["cached epoch (train.fit: train + validation)", f"{tr['epoch_seconds']:.1f} s",
-             f"measured: one full epoch, {tr['train_images']:,} train + {tr['val_images']:,} val images"],
-            ["naive epoch (`--no-cache`: decode + trunk every epoch)", f"{s['naive_epoch_seconds']:.1f} s",
-             f"extrapolated from {st['timed_images']} images of train steps and of validation (below)"],
-            ["speedup (`train_speedup_vs_naive`)", f"{fmt_num(s['train_speedup_vs_naive'])}x",
-             "naive estimate / cached measured"],
-            ["train steps, cached / naive", f"{fmt_num(st['cached']['train_images_per_second'])} / "
-             f"{fmt_num(st['naive']['train_images_per_second'])} img/s", f"train_one_epoch, batch {st['batch']}"],
-            ["validation, cached / naive", f"{fmt_num(st['cached']['val_images_per_second'])} / "
-             f"{fmt_num(st['naive']['val_images_per_second'])} img/s", "predict_batches"]]
-    rows += [[f"train steps, cached, {k}", f"{fmt_num(x['train_images_per_second'])} img/s",
-              "a separately built step (train.py itself uses fused Adam at the preset's batch)"]
-             for k, x in st["variants"].items()]
-    rows += [["checkpoint writes per epoch", f"{tr['checkpoint_seconds']:.1f} s",
-              f"{tr['checkpoint_mb']:.0f} MB: model, last, train_state"],
-             ["full run (`full_run_minutes`)", f"{fmt_num(s['full_run_minutes'])} min",
-              f"extraction {ex.get('wall_seconds', math.nan) / 60:.1f} min measured + train.fit with 1 epoch "
-              f"{tr['fit_wall_seconds'] / 60:.1f} min measured + {epochs - 1} x (epoch + checkpoint writes) extrapolated"],
-             ["GPU", gpu, gpu]]
+    p, done = st["pairs"], tr.get("epochs_measured", 1)
+    setting_ = f"batch {st['batch']}, {'bf16' if st['bf16'] else 'fp32'}, {st['threads']} torch threads"
+    rows = [["cached epoch, s (train_one_epoch over every train image, then validate)",
+             *_spread_cells(p["cached_epoch_seconds"]),
+             f"{p['reps']} repetitions interleaved with the naive epoch; {tr['train_images']:,} train + "
+             f"{tr['val_images']:,} val images; the library's defaults ({setting_})"],
+            ["naive epoch, s (`--no-cache`: decode + trunk every epoch)", *_spread_cells(p["naive_epoch_seconds"]),
+             f"extrapolated from {st['timed_images']} train and as many val images per repetition (a new slice "
+             "each time), through the --no-cache path at the same settings"],
+            ["speedup (`train_speedup_vs_naive`)", *_spread_cells(p["speedup"]),
+             "naive / cached of each repetition; the median is judged"],
+            ["train.fit epochs, s (train + validation)", *_spread_cells(tr.get("epochs")),
+             f"{done} real train.fit epochs at its defaults ({setting_}); the naive median over their median: "
+             f"{fmt_num(s.get('train_speedup_fit_epochs'))}x"],
+            ["train steps, cached / naive, img/s", f"{fmt_num(st['cached']['train_images_per_second'])} / "
+             f"{fmt_num(st['naive']['train_images_per_second'])}", "-", "-", "train_one_epoch; medians of the repetitions"],
+            ["validation, cached / naive, img/s", f"{fmt_num(st['cached']['val_images_per_second'])} / "
+             f"{fmt_num(st['naive']['val_images_per_second'])}", "-", "-",
+             "train.loop.validate (predict_batches; cached features in batches of 4096)"],
+            ["checkpoint writes per epoch, s", f"{tr['checkpoint_seconds']:.1f}", "one run", "-",
+             f"{tr['checkpoint_mb']:.0f} MB: model, last, train_state"],
+            ["full run, min (`full_run_minutes`)", *_spread_cells(s.get("spread", {}).get("full_run_minutes")),
+             f"extraction {ex.get('wall_seconds', math.nan) / 60:.1f} min measured + train.fit with {done} epochs "
+             f"{tr['fit_wall_seconds'] / 60:.1f} min measured + {epochs - done} x (epoch + checkpoint writes) at the "
+             "median train.fit epoch (min and max: at its fastest and slowest epoch)"],
+            ["GPU", gpu, "-", "-", gpu]]
     if not tr["cache_hit"]:
-        rows.append(["warning", "train.fit missed the cache", "its wall time includes a second extraction"])
+        rows.append(["warning", "train.fit missed the cache", "-", "-", "its wall time includes a second extraction"])
     return rows
+
+
+def _head_step(h: dict[str, Any] | None) -> list[str]:
+    if not h:
+        return []
+    peak, variants = h["peak"], h["variants"]
+    default = next((v for v in variants if v["default"]), None)
+    fastest = max(variants, key=lambda v: v["images_per_second"]["median"])
+    out = [f"Head step variants: every row and every matmul below interleaved over {h['reps']} repetitions (the "
+           f"order reversed every other one), {h['images']} images per measurement after a one-batch warm-up, "
+           "through the library's own train_one_epoch and Step on the cached features. FLOP/s: images/s x "
+           f"{variants[0]['flops_per_image'] / 1e6:.0f} MFLOP per image (forward and backward matmuls, as "
+           "torch.utils.flop_counter counts them); fractions are of the best matmul median of this run "
+           f"({peak['flops_per_second'] / 1e9:.1f} GFLOP/s, {peak['name']}; best single run "
+           f"{peak['best_run'] / 1e9:.1f}) and of the best matmul median of the row's own dtype.", ""]
+    rows = [[("**" if v["default"] else "") + v["name"] + (" (the default)**" if v["default"] else "")
+             + (" (fastest)" if v is fastest else ""), *_spread_cells(v["images_per_second"]),
+             fmt_num(v["flops_per_second"] / 1e9), fmt_num(v["fraction_of_peak"], ".2f"),
+             fmt_num(v["fraction_of_dtype_peak"], ".2f")] for v in variants]
+    out += markdown_table(["head step (precision, batch, torch threads, Adam)", "images/s (median)", "min-max",
+                           "load (1-min)", "GFLOP/s", "fraction of matmul peak", "fraction of same-dtype peak"], rows)
+    out += markdown_table(["matmul (torch.mm)", "GFLOP/s (median)", "min-max", "load (1-min)"],
+                          [[g["name"], *_spread_cells(_giga(g["flops_per_second"]))] for g in h["gemm"]])
+    return out + head_findings(h, default, fastest) + [""]
 
 
 def _training(doc: dict[str, Any], gpu: str) -> list[str]:
     tr, st = doc["raw"].get("train", {}), doc["raw"].get("steps", {})
     out = ["## 3. Head training: cached features vs per-epoch trunk recomputation", ""]
-    if "epoch_seconds" in tr and "naive" in st:
-        return out + markdown_table(["measure", "value", "how"], _training_rows(doc, gpu))
+    if "epoch_seconds" in tr and "pairs" in st:
+        out += markdown_table(["measure", "median", "min-max", "load (1-min)", "how"], _training_rows(doc, gpu))
+        return out + _head_step(st.get("head"))
     return out + [f"Not measured: {why(tr, st)}", ""]
 
 
@@ -251,8 +326,9 @@ def _predict(doc: dict[str, Any]) -> list[str]:
 
 def _memory(r: dict[str, Any]) -> list[str]:
     phases = (("feature extraction, full tree (counts for `peak_rss_gib`)", "extract"),
-              ("training: train.fit, 1 epoch on the cache (counts for `peak_rss_gib`)", "train"),
-              ("train/naive step timing", "steps"), ("inference backends", "inference"), ("`predict`", "predict"),
+              ("training: train.fit epochs on the cache (counts for `peak_rss_gib`)", "train"),
+              ("cached/naive epochs and head-step variants", "steps"), ("inference backends", "inference"),
+              ("`predict`", "predict"),
               ("figures 1-2 grid and sweep", "throughput"), ("figure 7: real-photo accuracy and speed", "accuracy"))
     return ["## 6. Peak memory (VmHWM of each phase's own process)", ""] + markdown_table(
         ["phase", "peak RSS (GiB)", "load average at its start"],
@@ -343,10 +419,15 @@ def _accuracy_intro(a: dict[str, Any]) -> list[str]:
     sets = a["sets"]
     photos = ", ".join(f"{n} {x['images']:,}" + (f" of {x['of']:,}" if x["images"] != x["of"] else "")
                        for n, x in sets.items())
-    sub = (f"**Subsampled** ({a['subsample']} photos per set at most, evenly spaced through each sorted folder): "
+    sub = (f"**Subsampled** ({a['subsample']} photos per set at most, evenly spaced through each sorted folder; "
+           "models trained on so few photos say little, so read the targets as a check of the machinery): "
            if a.get("subsample") else "Every photo of each folder: ")
     hits = [x.get("features") for x in [a.get("in_domain", {}), *a.get("cross", {}).values()] if "features" in x]
-    extraction = sum(x["seconds"] for x in a.get("feature_extraction", {}).values())
+    bank = a.get("feature_extraction", {}).values()
+    extraction = sum(x["seconds"] for x in bank)
+    how = ("loaded from the feature cache an earlier run left in --work (keyed by the weights, the framing and the "
+           f"files; {extraction / 60:.1f} min)" if bank and all(x["from_cache"] for x in bank)
+           else f"extracted once ({extraction / 60:.1f} min in all)")
     return [
         f"{sub}{photos}. Model: `agegender train --backbone dlib-resnet` with the default preset (RetinaFace detection, "
         "dlib 5-point chips, the frozen ResNet's features, gender and DEX age heads). In-domain: UTKFace on its own "
@@ -360,7 +441,7 @@ def _accuracy_intro(a: dict[str, Any]) -> list[str]:
         "detector found none (ours: RetinaFace as evaluation runs it, 20 px floor). FairFace labels age groups only: "
         "'age group hit' is the share of predicted ages (rounded) inside the labelled group; its age MAE is not "
         "given. LFW has no ages.", "",
-        f"Features: each set was extracted once ({extraction / 60:.1f} min in all) and assembled into the cache "
+        f"Features: each set's were {how} and assembled into the cache "
         f"each training run reads ({sum(h == 'per-set extraction (cache hit)' for h in hits)} of {len(hits)} runs "
         f"found it). The accuracy part took {a['accuracy_minutes']:.1f} min, the whole phase "
         f"{a['wall_minutes']:.1f} min (1-minute load average at its start: "
@@ -376,6 +457,7 @@ def _accuracy(a: dict[str, Any]) -> list[str]:
     out += _accuracy_intro(a)
     out += markdown_table(["target", "measured", "status"],
                           [[t["target"], t["value"], _status(t["met"])] for t in a["targets"]])
+    out += accuracy_findings(a)
     out += markdown_table(["evaluated on", "trained on", "tool", "no face", "gender accuracy (95% CI)",
                            "no face = wrong", "age MAE (years)", "FairFace age group hit"], _accuracy_rows(a))
     out += _slice_tables(a)

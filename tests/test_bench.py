@@ -244,3 +244,31 @@ def test_only_runs_the_named_groups_and_accuracy_gets_passive_omp(monkeypatch: p
     assert "OMP_WAIT_POLICY" not in _child_env("predict")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert _child_env("accuracy")["OMP_WAIT_POLICY"] == "ACTIVE"  # the caller's setting wins
+
+
+def test_interleaved_pairs_alternate_and_the_targets_read_their_medians() -> None:
+    from benchmarks.interleave import interleave, ratio
+
+    calls: list[str] = []
+    values = {"a": iter([10.0, 30.0, 20.0]), "b": iter([5.0, 10.0, 5.0])}
+    res = interleave({k: (lambda k=k: calls.append(k) or next(values[k])) for k in "ab"}, reps=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]  # A B, B A, A B: a drifting load hits both sides alike
+    assert (res["a"]["median"], res["a"]["min"], res["a"]["max"]) == (20.0, 10.0, 30.0)
+    assert ratio(res["a"], res["b"])["runs"] == [2.0, 3.0, 4.0] and ratio(res["a"], res["b"])["median"] == 3.0
+
+    spread = lambda *v: {"median": sorted(v)[len(v) // 2], "min": min(v), "max": max(v), "runs": list(v), "load": 1.0}
+    raw = {
+        "throughput": {"grid": _grid(raw_fit=50.0, raw_best=200.0, ext_fit=40.0), "default_threads": 2,
+                       "pairs": {"ratio": spread(0.8, 0.95, 0.9)}},
+        "extract": {"wall_seconds": 120.0, "peak_rss_gib": 1.0},
+        "train": {"epoch_seconds": 10.0, "epochs": spread(9.0, 10.0, 12.0), "epochs_measured": 3,
+                  "fit_wall_seconds": 50.0, "checkpoint_seconds": 1.0, "train_images": 700, "val_images": 150,
+                  "peak_rss_gib": 2.0},
+        "steps": {"pairs": {"cached_epoch_seconds": spread(8.0, 9.0, 10.0), "naive_epoch_seconds": spread(300.0, 320.0, 310.0),
+                            "speedup": spread(31.0, 35.0, 33.0)}},
+    }
+    s = summarise(raw, epochs=25)
+    assert s["extraction_ratio"] == 0.9 and s["spread"]["extraction_ratio"]["min"] == 0.8  # the pairs, not the grid
+    assert s["train_speedup_vs_naive"] == 33.0 and s["train_speedup_fit_epochs"] == pytest.approx(310 / 10)
+    assert s["full_run_minutes"] == pytest.approx((120 + 50 + 22 * 11) / 60)
+    assert s["spread"]["full_run_minutes"]["max"] == pytest.approx((120 + 50 + 22 * 13) / 60)
