@@ -228,7 +228,7 @@ def _missed_fairface(x: dict[str, Any]) -> str:
             f"{adults:.3f}{peer_part}.")
 
 
-def _missed_predict(name: str, x: dict[str, Any]) -> str:
+def _missed_photo_predict(name: str, x: dict[str, Any]) -> str:
     s = x["split_ms"]
     per_face = s["align"] + s["classify"]
     total = s["decode"] + s["detect"] + s["faces_per_photo"] * per_face
@@ -255,7 +255,7 @@ def accuracy_findings(a: dict[str, Any]) -> list[str]:
         elif kind == "fairface_gender":
             lines.append(_missed_fairface(a["cross"]["fairface"]))
         elif kind == "predict" and "split_ms" in a["speed"]["predict"].get(name, {}):
-            lines.append(_missed_predict(name, a["speed"]["predict"][name]))
+            lines.append(_missed_photo_predict(name, a["speed"]["predict"][name]))
         else:
             lines.append(f"- **{t['target']}: {t['value']}.**")
     return ["Missed targets:", "", *lines, ""] if lines else ["Every figure-7 target with a measured figure is met.", ""]
