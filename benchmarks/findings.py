@@ -77,14 +77,18 @@ def _missed_speedup(doc: dict[str, Any], speed: float) -> str:
     h = st["head"]
     flops, peak = h["variants"][0]["flops_per_image"], h["peak"]["flops_per_second"]
     need = _needed_step(st, tr, goal)
+    share = need * flops / peak
+    close = ("more than the machine's matmuls reach, so no setting of this head step closes it: it takes fewer FLOPs "
+             "per image (a smaller head) or faster matmuls (AMX, a GPU)" if share > 1 else
+             "within the matmul peak: a quieter machine (these figures are at the load shown) or a leaner step "
+             "(dropout masks, weight casts and Adam are the rest of its time)")
     return (
         f"- **train_speedup_vs_naive {speed:.1f}x ({_spread_text(st['pairs']['speedup'], '.1f')}), target "
         f"{goal:g}x.** Why: the cached epoch is the head step's: {flops / 1e6:.0f} MFLOP per image ({doc['hidden']} "
         f"fc stack, Adam over all its weights) at {cached:.0f} img/s, {1000 / cached:.2f} ms/image, while the naive "
         f"path (decode + the trunk, at the same settings) takes {1000 / naive:.1f} ms/image. {goal:g}x needs the "
-        f"train steps at {need:.0f} img/s, {need * flops / 1e9:.0f} GFLOP/s: "
-        f"{need * flops / peak:.2f} of the best matmul median this run measured ({peak / 1e9:.0f} GFLOP/s). Close it: "
-        "a quieter machine (the figures here are at the load shown), or a smaller head.")
+        f"train steps at {need:.0f} img/s, {need * flops / 1e9:.0f} GFLOP/s: {share:.2f} of the best matmul median "
+        f"this run measured ({peak / 1e9:.0f} GFLOP/s), {close}.")
 
 
 def _missed_minutes(doc: dict[str, Any], minutes: float) -> str:
@@ -98,13 +102,27 @@ def _missed_minutes(doc: dict[str, Any], minutes: float) -> str:
     floor_head = epochs * tr["train_images"] * flops / peak / 60
     sp = s.get("spread", {}).get("full_run_minutes")
     rng = f" (min {sp['min']:.1f}, max {sp['max']:.1f} at the fastest and slowest measured epoch)" if sp else ""
+    start = (ex.get("load_average_start") or [None])[0]
+    loads = f", load {start:.1f} to {ex['load_end']:.1f}" if start is not None and ex.get("load_end") is not None else ""
+    quieter = ""
+    if "pairs" in tp and "pairs" in st:  # the same run's interleaved medians, measured at lower load here
+        ext_pairs = ex["images"] / tp["pairs"]["extract"]["median"] / 60
+        epoch_pairs = epochs * (st["pairs"]["cached_epoch_seconds"]["median"] + tr["checkpoint_seconds"]) / 60
+        quieter = (f" At the interleaved medians of figures 2 and 3 instead (extraction "
+                   f"{tp['pairs']['extract']['median']:.0f} img/s at load {tp['pairs']['extract']['load']:.1f}, "
+                   f"cached epoch {st['pairs']['cached_epoch_seconds']['median']:.1f} s at load "
+                   f"{st['pairs']['cached_epoch_seconds']['load']:.1f}): {ext_pairs:.1f} + {epoch_pairs:.1f} = "
+                   f"{ext_pairs + epoch_pairs:.1f} min.")
+    floor = floor_ext + floor_head
+    verdict = ("above the target before any overhead: not reachable with this head on this CPU" if floor > goal else
+               f"leaving {goal - floor:.1f} min of the {goal:g} for all of that")
     return (
         f"- **full_run_minutes {minutes:.1f}{rng}, target <= {goal:g}.** Why: extraction "
-        f"{ex['wall_seconds'] / 60:.1f} min ({ex['images_per_second']:.0f} img/s) + {epochs} epochs x "
-        f"{(tr['epoch_seconds'] + tr['checkpoint_seconds']) / 60:.2f} min (epoch + checkpoint writes). The floor on this "
-        f"machine at this load: extraction at the fastest raw trunk rate {floor_ext:.1f} min, and the {epochs} epochs' "
-        f"head steps at this run's best matmul median {floor_head:.1f} min, {floor_ext + floor_head:.1f} min before "
-        "any overhead (dropout masks, weight casts, Adam, validation, checkpoints).")
+        f"{ex['wall_seconds'] / 60:.1f} min ({ex['images_per_second']:.0f} img/s{loads}) + {epochs} epochs x "
+        f"{(tr['epoch_seconds'] + tr['checkpoint_seconds']) / 60:.2f} min (train.fit epoch + checkpoint writes).{quieter} "
+        f"The floor on this machine: extraction at the fastest raw trunk rate {floor_ext:.1f} min, and the {epochs} "
+        f"epochs' head steps at this run's best matmul median {floor_head:.1f} min: {floor:.1f} min "
+        f"before any overhead (dropout masks, weight casts, Adam, validation, checkpoints), {verdict}.")
 
 
 def head_findings(h: dict[str, Any], default: dict[str, Any] | None, fastest: dict[str, Any]) -> list[str]:
