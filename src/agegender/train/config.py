@@ -121,16 +121,13 @@ class TrainConfig:
                 raise AgeGenderError(f"{data}: no such file or directory (--data)")
         if self.weights is not None and not Path(self.weights).is_file():
             raise AgeGenderError(f"{self.weights}: no such weights file (--weights)")
-        if spec.name == "vgg-face":  # the model config checks sizes, widths and head shapes in one place
-            from ..model.config import ModelConfig
+        from ..model.config import ModelConfig
 
-            ModelConfig(widths=self.widths, image_size=self.image_size, hidden=self.hidden, dropout=self.dropout,
-                        age_head=self.age_head, feature_layer=self.feature_layer)
-        else:
-            from ..model.config import ModelConfig
-
-            ModelConfig(backbone=spec.name, widths=spec.widths, image_size=spec.preprocess.size, hidden=self.hidden,
-                        dropout=self.dropout, age_head=self.age_head, feature_layer=self.feature_layer)
+        # The model config checks sizes, widths and head shapes in one place; only VGG takes them from options.
+        vgg = spec.name == "vgg-face"
+        ModelConfig(backbone=spec.name, widths=self.widths if vgg else spec.widths,
+                    image_size=self.image_size if vgg else spec.preprocess.size, hidden=self.hidden,
+                    dropout=self.dropout, age_head=self.age_head, feature_layer=self.feature_layer)
         return self
 
     @property
