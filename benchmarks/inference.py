@@ -145,11 +145,12 @@ def phase_inference(ctx: dict[str, Any]) -> dict[str, Any]:
             "p_male_range": [float(reference.min()), float(reference.max())]}
 
 
-def _predict_label(model: Path, backend_precision: str, precision: str, min_face: int, default_px: int) -> str:
+def _predict_label(model: Path, backend_precision: str, precision: str, detector: str, min_face: int,
+                   default_px: int) -> str:
     label = (f"checkpoint, PyTorch {backend_precision} (--precision {precision}"
              f"{', the default' if precision == 'auto' else ''})" if model.suffix == ".safetensors"
              else f"{'ONNX int8' if 'int8' in model.name else 'ONNX fp32'} export")
-    return label + f", Haar --min-face {min_face}{' (the default)' if min_face == default_px else ''}"
+    return label + f", {detector} --min-face {min_face}{' (the default)' if min_face == default_px else ''}"
 
 
 def _predict_row(predictor: Any, paths: Sequence[str]) -> dict[str, Any]:
@@ -185,9 +186,9 @@ def phase_predict(ctx: dict[str, Any]) -> dict[str, Any]:
         found = default_detector(min_face_px=min_face, kind=detector)
         predictor = Predictor.from_path(model, found, precision=precision)
         share_cores_for_batches(predictor)  # as `agegender predict` does
-        label = _predict_label(model, predictor.backend.precision, precision, min_face, default_px)
-        label += "" if detector == "auto" else f", --detector {detector}"
-        label += f" [{getattr(found, 'name', 'custom')}]" if detector == "auto" else ""
+        name = getattr(found, "name", "custom")
+        label = _predict_label(model, predictor.backend.precision, precision, name, min_face, default_px)
+        label += " (the default detector)" if detector == "auto" else f" (--detector {detector})"
         rows[label] = _predict_row(predictor, paths)
         log.info("predict with %s: %.1f img/s", label, rows[label]["images_per_second"])
     # The per-image cost of decode + detect + crop on one core (OpenCV's pool is down to one thread by now).
@@ -197,4 +198,5 @@ def phase_predict(ctx: dict[str, Any]) -> dict[str, Any]:
         predictor.crops(load_image(p))
     detect_ms = 1000 * (time.perf_counter() - start) / len(sample)
     headline = next(iter(rows.values()))
-    return {**headline, "models": rows, "detect_crop_ms": detect_ms, "workers": predictor.workers}
+    return {**headline, "models": rows, "detect_crop_ms": detect_ms, "workers": predictor.workers,
+            "detector": getattr(predictor.detector, "name", "custom")}

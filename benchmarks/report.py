@@ -316,11 +316,12 @@ def _predict(doc: dict[str, Any]) -> list[str]:
         peer_ms = f"; the peer's whole pipeline takes {1000 / peer['images_per_second']:.1f} ms/image" \
             if "images_per_second" in peer else ""
         out += [f"`predict_ratio_vs_peer` is the first row (what `agegender predict --model model.safetensors` "
-                f"runs). Where the time goes: decode + Haar detection + crop alone take {pr['detect_crop_ms']:.1f} "
-                f"ms/image on one core{peer_ms}. Predictor runs them on {pr['workers']} threads, which caps it at "
-                f"about {cap:.0f} images/s before any classification (figure 4 gives the classifier's cost). The "
-                "peer's detector, dlib's HOG without upsampling, only finds faces of 80 px and more; the "
-                "`--min-face 80` row searches the same sizes.", ""]
+                f"runs). Where the time goes: decode + {pr.get('detector', 'face')} detection + crop alone take "
+                f"{pr['detect_crop_ms']:.1f} ms/image on one core{peer_ms}. Predictor runs them and the "
+                f"classifier's batches as tasks on {pr['workers']} threads, one core each, so finding faces alone "
+                f"would cap it at about {cap:.0f} images/s (figure 4 gives the classifier's cost). The peer's "
+                "detector, dlib's HOG without upsampling, only finds faces of 80 px and more; the `--min-face 80` "
+                "row searches the same sizes.", ""]
     return out
 
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 # agegender_cleaned: 33,118 images, 29,437 of them in aligned/ (the rest in valid/).
 REAL_IMAGES, REAL_ALIGNED = 33_118, 29_437
-# Issue 13: judged on medians of interleaved measurements; full_run_minutes and peak_rss_gib are upper bounds.
+# Judged on medians of interleaved measurements; full_run_minutes and peak_rss_gib are upper bounds.
 TARGETS = {"extraction_ratio": 0.90, "train_speedup_vs_naive": 30.0, "full_run_minutes": 8.0, "peak_rss_gib": 4.0,
-           "predict_ratio_vs_peer": 1.0}
+           "predict_ratio_vs_peer": 2.0}
 # Figure 7, judged in its own table: gender accuracy at least the peer's on every set (margin 0), and the rest.
 ACCURACY_TARGETS = {"gender_vs_peer": 0.0, "fairface_gender": 0.90, "utkface_age_mae": 5.5, "descriptor_ratio": 10.0,
                     "predict_ratio_vs_peer": 2.0}

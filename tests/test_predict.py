@@ -274,15 +274,19 @@ def test_bad_images_do_not_stop_the_batch(models: dict[str, Path], tmp_path: Pat
 def test_batch_thread_pools(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     import cv2
 
-    from agegender.infer.predict import share_cores_for_batches, usable_cores
+    from agegender.faces.detect import RetinaFace
+    from agegender.infer.predict import share_cores_for_batches
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads(), cv2.getNumThreads()
     try:
         share_cores_for_batches(Predictor.from_path(models["checkpoint"], no_detect=True))
         assert (torch.get_num_threads(), cv2.getNumThreads()) == before  # no detection: the classifier keeps all
-        share_cores_for_batches(Predictor.from_path(models["checkpoint"]))
-        assert torch.get_num_threads() == max(1, usable_cores() // 2) and cv2.getNumThreads() == 1
+        predictor = Predictor.from_path(models["checkpoint"])
+        share_cores_for_batches(predictor)
+        assert torch.get_num_threads() == 1 and cv2.getNumThreads() == 1  # a task per core: no pools on top
+        if isinstance(predictor.detector, RetinaFace):
+            assert predictor.detector.net.intra_op_num_threads == 1
         torch.set_num_threads(before[0])
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         share_cores_for_batches(Predictor.from_path(models["checkpoint"]))

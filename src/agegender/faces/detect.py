@@ -256,6 +256,9 @@ class RetinaFace:
         self.net = RetinaFaceDetector(weights, score_threshold=score_threshold, min_face=min_face_px,
                                       intra_op_num_threads=threads)
 
+    def set_threads(self, threads: int) -> None:
+        self.net.set_threads(threads)
+
     def detect(self, rgb: np.ndarray) -> list[Box]:
         found = self.net.detect(rgb)
         # Largest first: in group photos the nearest faces matter most when --max-faces cuts the list.

@@ -245,6 +245,14 @@ class RetinaFaceDetector:
         self._input = "input"
         self._lock = threading.Lock()
 
+    def set_threads(self, threads: int) -> None:
+        """Threads for each run; a session made with another count is made again when next used."""
+        if threads < 1:
+            raise AgeGenderError(f"threads must be at least 1, got {threads}")
+        with self._lock:
+            if threads != self.intra_op_num_threads:
+                self.intra_op_num_threads, self._session = threads, None
+
     def session(self) -> Any:
         """The onnxruntime session, made on first call."""
         if self._session is None:

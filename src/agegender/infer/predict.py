@@ -9,10 +9,11 @@ import json
 import logging
 import os
 import sys
-import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
@@ -85,9 +86,12 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """A checkpoint in PyTorch. The trunk runs channels_last, in bf16 when ``precision`` asks for it (``auto``:
-    where the hardware has bf16 units); the head always runs in fp32, so bf16 only rounds the trunk's input
-    and activations (gender decisions agreed with fp32 on every shared photo in BENCHMARKS.md figure 4)."""
+    """A checkpoint in PyTorch. The trunk runs in bf16 when ``precision`` asks for it (``auto``: where the
+    hardware has bf16 units); the head always runs in fp32, so bf16 only rounds the trunk's input and
+    activations (gender decisions agreed with fp32 on every shared photo in BENCHMARKS.md figure 4).
+
+    Threads may share one backend: inference only reads the weights.
+    """
 
     name = "torch"
 
@@ -95,6 +99,7 @@ class TorchBackend:
         import torch
 
         from ..model.checkpoint import load_checkpoint
+        from ..model.vgg import VGGTrunk
 
         if precision not in PRECISIONS:
             raise AgeGenderError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -104,9 +109,19 @@ class TorchBackend:
         bf16 = use_bf16(precision, device)
         self.precision = "bf16" if bf16 else "fp32"
         self.trunk_dtype = torch.bfloat16 if bf16 else torch.float32
-        # oneDNN's convolutions want NHWC: 1.5x (fp32) to 1.8x (bf16) on the CPU in BENCHMARKS.md figure 1.
-        self.model.trunk.to(dtype=self.trunk_dtype, memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self._lock = threading.Lock()  # one forward at a time: requests share the model
+        self.mkldnn = bf16 and device == "cpu" and isinstance(self.model.trunk, VGGTrunk)
+        if self.mkldnn:
+            # oneDNN's own blocked layout, weights reordered once here instead of on every call: the bf16 VGG
+            # trunk ran 1.3x as fast as channels_last at batch 32, one thread (BENCHMARKS.md figure 4).
+            # dlib's ResNet pads and averages, which oneDNN tensors do not support.
+            with warnings.catch_warnings():  # its modules are TorchScript, whose decorators warn of deprecation
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from torch.utils import mkldnn
+
+            self.model.trunk = mkldnn.to_mkldnn(self.model.trunk, torch.bfloat16)
+        else:
+            # oneDNN's convolutions want NHWC: 1.5x (fp32) to 1.8x (bf16) on the CPU in BENCHMARKS.md figure 1.
+            self.model.trunk.to(dtype=self.trunk_dtype, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
@@ -118,8 +133,13 @@ class TorchBackend:
         """Normalised ``(N, 3, S, S)`` input -> float32 P(male) and age (None without an age head)."""
         import torch
 
-        with self._lock, torch.inference_mode():
-            out = self.model.forward_head(self.model.forward_features(x.to(self.device, self.trunk_dtype)).float())
+        with torch.inference_mode():
+            x = x.to(self.device, self.trunk_dtype)
+            if self.mkldnn:
+                features = torch.flatten(self.model.trunk(x.to_mkldnn()).to_dense(), 1)
+            else:
+                features = self.model.forward_features(x)
+            out = self.model.forward_head(features.float())
             p_male = torch.sigmoid(out.gender_logit).cpu().numpy()
             age = None if out.age_logits is None else self.model.expected_age(out.age_logits).cpu().numpy()
         return p_male, age
@@ -131,15 +151,11 @@ class OnnxBackend:
     name = "onnx"
     precision = "as exported"
 
-    def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-
+    def __init__(self, path: Path, threads: int | None = None) -> None:
         from ..model.meta import CheckpointMeta
 
-        try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise AgeGenderError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        self.path = path
+        self.session = self._session(threads)
         raw = self.session.get_modelmeta().custom_metadata_map.get("agegender")
         if raw is None:
             raise AgeGenderError(f"{path}: ONNX model without agegender metadata (not exported by agegender)")
@@ -151,6 +167,22 @@ class OnnxBackend:
         if "p_male" not in outputs:
             raise AgeGenderError(f"{path}: ONNX model has no p_male output (outputs: {sorted(outputs)})")
         self.outputs = ["p_male"] + (["age"] if "age" in outputs else [])
+
+    def _session(self, threads: int | None) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise AgeGenderError(f"{self.path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+
+    def set_threads(self, threads: int) -> None:
+        """Threads for each run (a new session); by default onnxruntime's own choice, every core."""
+        self.session = self._session(threads)
 
     def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         got = self.session.run(self.outputs, {"input": self.meta.preprocess.normalize_numpy(crops)})
@@ -172,6 +204,10 @@ def load_backend(model: str | os.PathLike[str], device: str = "cpu", precision: 
 
 
 # -- prediction ---------------------------------------------------------------------------------
+
+# (name, the call that finds its boxes and crops, frame index, seconds) of one image or video frame
+_Job = tuple[str, Callable[[], Any], "int | None", "float | None"]
+
 
 @dataclass
 class _Pending:
@@ -241,25 +277,64 @@ class Predictor:
     def predict_many(self, paths: Iterable[str | os.PathLike[str]], batch_size: int = 32) -> Iterator[ImageResult]:
         """One :class:`ImageResult` per path, in order; faces from several images share a batch.
 
-        Decoding and detection run ahead on ``workers`` threads. A bad image gives a result with ``error``
-        set and never stops the rest.
+        A bad image gives a result with ``error`` set and never stops the rest. See :meth:`_pipeline`.
+        """
+        jobs = ((os.fspath(p), partial(self._prepare, os.fspath(p)), None, None) for p in paths)
+        return self._pipeline(jobs, batch_size)
+
+    def predict_frames(self, items: Iterable[tuple[str, np.ndarray, int, float]], batch_size: int = 32
+                       ) -> Iterator[ImageResult]:
+        """Results for decoded frames ``(name, rgb, frame index, seconds)``, in order, faces batched across frames."""
+        jobs = ((name, partial(self.crops, rgb), index, seconds) for name, rgb, index, seconds in items)
+        return self._pipeline(jobs, batch_size)
+
+    def _pipeline(self, jobs: Iterable[_Job], batch_size: int) -> Iterator[ImageResult]:
+        """Results of ``jobs`` in order: each job finds an image's faces, then batches of faces are classified.
+
+        Finding faces (decode, detect, crop) and classifying a batch are tasks of one pool of ``workers``
+        threads, each task on one core (:func:`share_cores_for_batches`), so every core is busy until the last
+        batch whichever stage is slower. A classifier on a thread of its own, beside the detecting ones, got a
+        third of the cores for 40% of the work, and the detectors waited on it. At most ``ahead`` images are
+        being found or waiting as crops, so memory stays small.
         """
         if batch_size < 1:
             raise AgeGenderError(f"batch size must be at least 1, got {batch_size}")
+        ahead = max(2 * self.workers, batch_size)
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="predict")
+        found: collections.deque[tuple[_Job, Future[Any]]] = collections.deque()
+        classified: collections.deque[Future[list[ImageResult]]] = collections.deque()
         pending: list[_Pending] = []
         buffer: list[np.ndarray] = []
-        # Workers run a batch ahead, so detection goes on while the batch before is classified. Only
-        # ``workers`` images are decoded at a time; finished ones wait as crops, so memory stays small.
-        for path, found in _ordered_map(self._prepare, paths, self.workers, max(2 * self.workers, batch_size)):
-            if isinstance(found, AgeGenderError):
-                pending.append(_Pending(path, [], len(buffer), str(found)))
+
+        def take(job: _Job, result: Any) -> None:
+            nonlocal pending, buffer
+            name, _, index, seconds = job
+            if isinstance(result, AgeGenderError):
+                pending.append(_Pending(name, [], len(buffer), str(result), index, seconds))
             else:
-                pending.append(_Pending(path, found[0], len(buffer)))
-                buffer.extend(found[1])
+                pending.append(_Pending(name, result[0], len(buffer), None, index, seconds))
+                buffer.extend(result[1])
             if len(buffer) >= batch_size:
-                yield from self._flush(pending, buffer, batch_size)
+                classified.append(pool.submit(self._classify_pending, pending, buffer, batch_size))
                 pending, buffer = [], []
-        yield from self._flush(pending, buffer, batch_size)
+
+        try:
+            for job in jobs:
+                found.append((job, pool.submit(job[1])))
+                while found and (len(found) >= ahead or found[0][1].done()):
+                    done, fut = found.popleft()
+                    take(done, fut.result())
+                while classified and (len(classified) > 2 or classified[0].done()):
+                    yield from classified.popleft().result()
+            while found:
+                done, fut = found.popleft()
+                take(done, fut.result())
+            if pending:
+                classified.append(pool.submit(self._classify_pending, pending, buffer, batch_size))
+            while classified:
+                yield from classified.popleft().result()
+        finally:  # a consumer that stops early leaves no work queued behind it
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _prepare(self, path: str) -> tuple[list[Box | None], list[np.ndarray]] | AgeGenderError:
         try:
@@ -270,63 +345,39 @@ class Predictor:
             log.exception("%s: unexpected failure", path)
             return AgeGenderError(f"{path}: {type(e).__name__}: {e}")
 
-    def _flush(self, pending: list[_Pending], buffer: list[np.ndarray], batch_size: int) -> Iterator[ImageResult]:
+    def _classify_pending(self, pending: list[_Pending], buffer: list[np.ndarray], batch_size: int
+                          ) -> list[ImageResult]:
         boxes = [box for item in pending for box in item.boxes]
         faces: list[Face] = []
-        for start in range(0, len(buffer), batch_size):
+        for start in range(0, len(buffer), batch_size):  # the last image may have overfilled the batch
             faces.extend(self.classify(buffer[start:start + batch_size], boxes[start:start + batch_size]))
-        for item in pending:
-            yield ImageResult(item.path, faces[item.first:item.first + len(item.boxes)], item.error, item.frame, item.time)
-
-    def predict_frames(self, items: Iterable[tuple[str, np.ndarray, int, float]], batch_size: int = 32
-                       ) -> Iterator[ImageResult]:
-        """Results for decoded frames ``(name, rgb, frame index, seconds)``, in order, faces batched across frames."""
-        pending: list[_Pending] = []
-        buffer: list[np.ndarray] = []
-        for name, rgb, index, seconds in items:
-            boxes, crops = self.crops(rgb)
-            pending.append(_Pending(name, boxes, len(buffer), None, index, seconds))
-            buffer.extend(crops)
-            if len(buffer) >= batch_size:
-                yield from self._flush(pending, buffer, batch_size)
-                pending, buffer = [], []
-        yield from self._flush(pending, buffer, batch_size)
-
-
+        return [ImageResult(item.path, faces[item.first:item.first + len(item.boxes)], item.error, item.frame,
+                            item.time) for item in pending]
 
 
 def share_cores_for_batches(predictor: Predictor) -> None:
-    """Size the process-wide OpenCV and PyTorch thread pools for :meth:`Predictor.predict_many` (the CLI does).
+    """Size the process-wide thread pools for :meth:`Predictor.predict_many` (the CLI does): one thread each.
 
-    Its workers already keep every core busy detecting, one image each, and OpenCV's and PyTorch's own pools
-    on top of them only oversubscribe the cores: one OpenCV thread, and half the cores for the classifier,
-    took predict from 40 to 46-60 images/s on 2 cores. Without detection the classifier is the work, and
-    keeps every core. A thread count set with ``OMP_NUM_THREADS`` is left alone.
+    Its ``workers`` threads already keep every core busy, one task (find an image's faces, or classify a batch)
+    each, and OpenCV's, onnxruntime's and PyTorch's own pools on top of them only oversubscribe the cores: two
+    threads per classifier call beside the detectors cost 1.4x the CPU time per image on 2 cores. Without
+    detection the classifier is the work, and keeps every core. A thread count set with ``OMP_NUM_THREADS``
+    is left alone.
     """
     if predictor.detector is None:
         return
     import cv2
 
     cv2.setNumThreads(1)
-    if isinstance(predictor.backend, TorchBackend) and "OMP_NUM_THREADS" not in os.environ:
+    set_threads = getattr(predictor.detector, "set_threads", None)
+    if set_threads is not None:
+        set_threads(1)
+    if isinstance(predictor.backend, OnnxBackend):
+        predictor.backend.set_threads(1)
+    elif isinstance(predictor.backend, TorchBackend) and "OMP_NUM_THREADS" not in os.environ:
         import torch
 
-        torch.set_num_threads(max(1, usable_cores() // 2))
-
-
-def _ordered_map(fn: Callable[[str], Any], items: Iterable[str | os.PathLike[str]], workers: int, ahead: int
-                 ) -> Iterator[tuple[str, Any]]:
-    """``(item, fn(item))`` in input order, with at most ``ahead`` items submitted but not yet consumed."""
-    with ThreadPoolExecutor(workers) as pool:
-        window: collections.deque[tuple[Any, Future[Any]]] = collections.deque()
-        for item in items:
-            window.append((os.fspath(item), pool.submit(fn, os.fspath(item))))
-            if len(window) >= ahead:
-                path, fut = window.popleft()
-                yield path, fut.result()
-        while window:
-            path, fut = window.popleft()
-            yield path, fut.result()
+        torch.set_num_threads(1)
 
 
 # -- command line -------------------------------------------------------------------------------
