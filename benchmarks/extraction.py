@@ -21,18 +21,23 @@ log = logging.getLogger(__name__)
 Setting = tuple[str, str, int]  # dtype, memory format, torch threads
 
 
-def raw_trunk(model: Any, batch: int, batches: int, bf16: bool, device: str) -> float:
-    """Trunk images/s on random input tensors (no decoding), one warm-up batch excluded."""
+def raw_trunk(model: Any, batch: int, batches: int, bf16: bool, device: str, layout: str = "") -> float:
+    """Trunk images/s on random input tensors (no decoding), one warm-up batch excluded. ``layout`` "onednn":
+    the trunk as extract_features runs it in bf16 (model.net.feature_extractor); else forward_features in the
+    model's memory format, under autocast when ``bf16``."""
     import torch
+
+    from agegender.model.net import feature_extractor
 
     size = model.config.image_size
     x = torch.randn(batch, 3, size, size, device=device)
-    with torch.no_grad(), autocast(device, bf16):
-        model.forward_features(x)
+    forward = feature_extractor(model, bf16, device) if layout == "onednn" else model.forward_features
+    with torch.no_grad(), autocast(device, bf16 and layout != "onednn"):
+        forward(x)
         sync(device)
         start = time.perf_counter()
         for _ in range(batches):
-            model.forward_features(x)
+            forward(x)
         sync(device)
     return batch * batches / (time.perf_counter() - start)
 
@@ -43,13 +48,13 @@ def extract_loop(model: Any, records: Sequence[Any], pre: Any, batch: int, worke
     import torch
 
     from agegender.data.batches import iter_batches
+    from agegender.model.net import feature_extractor
 
+    forward = feature_extractor(model, bf16, device)
     n, start = 0, time.perf_counter()
     with torch.no_grad():
         for idx, images in iter_batches(records, model.config.image_size, batch, workers, prefetch):
-            with autocast(device, bf16):
-                f = model.forward_features(pre.normalize(images).to(device))
-            f.float().cpu()
+            forward(pre.normalize(images, torch.channels_last)).float().cpu()
             n += len(idx)
     return n / (time.perf_counter() - start)
 
@@ -76,9 +81,13 @@ def _grid(model: Any, pre: Any, sample: Sequence[Any], s: dict[str, Any], worker
     import torch
 
     from agegender.data.features import extract_features
+    from agegender.model.net import inference_layout
 
-    configs: list[Setting] = [(d, f, t) for f in ("nchw", "channels_last") for d in ("fp32", "bf16")
-                              for t in dict.fromkeys((threads, max(1, threads - 1)))]
+    counts = dict.fromkeys((threads, max(1, threads - 1)))
+    configs: list[Setting] = [(d, f, t) for f in ("nchw", "channels_last") for d in ("fp32", "bf16") for t in counts]
+    if inference_layout(model, True, device) == "onednn":
+        configs += [("bf16", "onednn", t) for t in counts]
+    extracts = {d: inference_layout(model, d == "bf16", device) for d in ("fp32", "bf16")}  # extract_features' own
     raw: dict[Setting, list[float]] = {c: [] for c in configs}
     ext: dict[Setting, list[float]] = {c: [] for c in configs}
     for rep in range(s["reps"]):
@@ -87,8 +96,8 @@ def _grid(model: Any, pre: Any, sample: Sequence[Any], s: dict[str, Any], worker
             torch.set_num_threads(t)
             set_memory_format(model, fmt == "channels_last")
             bf16 = dtype == "bf16"
-            raw[c].append(raw_trunk(model, s["batch"], s["raw_batches"], bf16, device))
-            if fmt == "channels_last":  # extract_features converts the trunk to channels_last whatever it gets
+            raw[c].append(raw_trunk(model, s["batch"], s["raw_batches"], bf16, device, fmt))
+            if fmt == extracts[dtype]:  # the layout extract_features runs this dtype in, whatever it gets
                 fs = extract_features(model, sample, pre, batch_size=s["batch"], workers=workers, bf16=bf16,
                                       device=device, progress=False)
                 ext[c].append(fs.images_per_second)
@@ -134,7 +143,7 @@ def _pairs(model: Any, pre: Any, sample: Sequence[Any], best: dict[str, Any], ba
     def raw() -> float:
         torch.set_num_threads(best["threads"])
         set_memory_format(model, best["format"] == "channels_last")
-        return raw_trunk(model, batch, s["raw_batches"], True, device)
+        return raw_trunk(model, batch, s["raw_batches"], True, device, best["format"])
 
     def extract() -> float:
         torch.set_num_threads(threads)

@@ -150,7 +150,7 @@ def _predict_label(model: Path, backend_precision: str, precision: str, detector
     label = (f"checkpoint, PyTorch {backend_precision} (--precision {precision}"
              f"{', the default' if precision == 'auto' else ''})" if model.suffix == ".safetensors"
              else f"{'ONNX int8' if 'int8' in model.name else 'ONNX fp32'} export")
-    return label + f", {detector} --min-face {min_face}{' (the default)' if min_face == default_px else ''}"
+    return label + f", {detector}, --min-face {min_face}{' (the default)' if min_face == default_px else ''}"
 
 
 def _predict_row(predictor: Any, paths: Sequence[str]) -> dict[str, Any]:
@@ -187,8 +187,8 @@ def phase_predict(ctx: dict[str, Any]) -> dict[str, Any]:
         predictor = Predictor.from_path(model, found, precision=precision)
         share_cores_for_batches(predictor)  # as `agegender predict` does
         name = getattr(found, "name", "custom")
-        label = _predict_label(model, predictor.backend.precision, precision, name, min_face, default_px)
-        label += " (the default detector)" if detector == "auto" else f" (--detector {detector})"
+        shown = f"{name} (the default detector)" if detector == "auto" else f"--detector {detector}"
+        label = _predict_label(model, predictor.backend.precision, precision, shown, min_face, default_px)
         rows[label] = _predict_row(predictor, paths)
         log.info("predict with %s: %.1f img/s", label, rows[label]["images_per_second"])
     # The per-image cost of decode + detect + crop on one core (OpenCV's pool is down to one thread by now).

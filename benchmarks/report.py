@@ -171,8 +171,9 @@ def _extraction(tp: dict[str, Any], ex: dict[str, Any], gpu: str) -> list[str]:
     out += _extraction_pairs(tp)
     out += [f"The grid: {tp['images']} tree images per measurement, batch {tp['batch']}, {tp['workers']} decode "
             "workers; fractions are of the best raw bf16 figure of figure 1 (the hardware limit) and of the raw "
-            "trunk at the same settings. extract_features converts the trunk to channels_last itself, so there are "
-            "no NCHW rows.", ""]
+            "trunk at the same settings. extract_features runs a copy of the trunk in a layout of its own choosing "
+            "(oneDNN's blocked bf16 where the CPU has bf16 units, else channels_last), so only those rows are here.",
+            ""]
     out += markdown_table(["path", "images/s (median)", "min-max", "fraction of best raw (same dtype)",
                            "fraction of raw (same settings)"], _extraction_table(tp, ex, gpu))
     sw = tp["sweep"]

@@ -18,20 +18,19 @@ def dtype_rows(tp: dict[str, Any], dtype: str) -> list[dict[str, Any]]:
 
 
 def as_fit_runs(tp: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """The grid row train.fit uses: channels_last trunk (extract_features converts it), default thread count."""
-    return next(g for g in dtype_rows(tp, dtype)
-                if g["format"] == "channels_last" and g["threads"] == tp["default_threads"])
+    """The grid row train.fit uses: the trunk layout extract_features picks for ``dtype``, default thread count."""
+    return next(g for g in extraction_rows(tp) if g["dtype"] == dtype and g["threads"] == tp["default_threads"])
 
 
 def extraction_rows(tp: dict[str, Any]) -> list[dict[str, Any]]:
-    """Grid rows whose extraction figure means what it says: extract_features converts any trunk to
-    channels_last, so the rows given an NCHW trunk measure the channels_last setting again."""
-    return [g for g in tp["grid"] if g["format"] == "channels_last"]
+    """Grid rows with an extraction figure: extract_features runs a copy of the trunk in a layout of its own
+    choosing (model.net.inference_layout), so only the rows in that layout measure what they say."""
+    return [g for g in tp["grid"] if g.get("extract") is not None]
 
 
 def best(tp: dict[str, Any], dtype: str, key: str) -> dict[str, Any]:
-    """The grid row of ``dtype`` with the highest ``key`` (``raw`` or ``extract``; extract: channels_last only)."""
-    rows = dtype_rows(tp, dtype) if key == "raw" else [g for g in dtype_rows(tp, dtype) if g["format"] == "channels_last"]
+    """The grid row of ``dtype`` with the highest ``key`` (``raw`` or ``extract``)."""
+    rows = dtype_rows(tp, dtype) if key == "raw" else [g for g in extraction_rows(tp) if g["dtype"] == dtype]
     return max(rows, key=lambda g: g[key])
 
 

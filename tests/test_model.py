@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from agegender.data.synthetic import make_vgg_face_state
 from agegender.errors import AgeGenderError
@@ -106,3 +107,22 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path) -> None:  # type: ignore[
     save_file({"x": torch.zeros(1)}, str(plain))
     with pytest.raises(AgeGenderError, match="without agegender metadata"):
         load_checkpoint(plain)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_feature_extractor_matches_forward_features(bf16: bool) -> None:
+    from agegender.model.net import feature_extractor
+
+    torch.manual_seed(0)
+    m = AgeGenderNet(ModelConfig(widths=(8, 8, 16, 16, 16), image_size=32, hidden=(16,), dropout=(0.0,))).eval()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        want = m.forward_features(x)
+        got = feature_extractor(m, bf16)(x).float()
+        assert got.shape == want.shape
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert (0 < err < 0.03) if bf16 else err < 1e-5  # bf16 rounds, but only just
+        assert m.trunk.conv1_1.weight.dtype == torch.float32 and isinstance(m.trunk.conv1_1, nn.Conv2d)  # a copy
+        in_place = feature_extractor(m, bf16, in_place=True)
+        assert torch.equal(in_place(x).float(), got)
+        assert m.trunk.conv1_1.weight.dtype == (torch.bfloat16 if bf16 else torch.float32)

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -96,10 +95,9 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, path: Path, device: str, precision: str = "auto") -> None:
-        import torch
 
         from ..model.checkpoint import load_checkpoint
-        from ..model.vgg import VGGTrunk
+        from ..model.net import feature_extractor
 
         if precision not in PRECISIONS:
             raise AgeGenderError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -108,20 +106,8 @@ class TorchBackend:
         self.device = device
         bf16 = use_bf16(precision, device)
         self.precision = "bf16" if bf16 else "fp32"
-        self.trunk_dtype = torch.bfloat16 if bf16 else torch.float32
-        self.mkldnn = bf16 and device == "cpu" and isinstance(self.model.trunk, VGGTrunk)
-        if self.mkldnn:
-            # oneDNN's own blocked layout, weights reordered once here instead of on every call: the bf16 VGG
-            # trunk ran 1.3x as fast as channels_last at batch 32, one thread (BENCHMARKS.md figure 4).
-            # dlib's ResNet pads and averages, which oneDNN tensors do not support.
-            with warnings.catch_warnings():  # its modules are TorchScript, whose decorators warn of deprecation
-                warnings.simplefilter("ignore", DeprecationWarning)
-                from torch.utils import mkldnn
-
-            self.model.trunk = mkldnn.to_mkldnn(self.model.trunk, torch.bfloat16)
-        else:
-            # oneDNN's convolutions want NHWC: 1.5x (fp32) to 1.8x (bf16) on the CPU in BENCHMARKS.md figure 1.
-            self.model.trunk.to(dtype=self.trunk_dtype, memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # The trunk in its fastest inference form: oneDNN's blocked layout for a bf16 VGG, else channels_last.
+        self.features = feature_extractor(self.model, bf16, device, in_place=True)
 
     def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
@@ -134,12 +120,7 @@ class TorchBackend:
         import torch
 
         with torch.inference_mode():
-            x = x.to(self.device, self.trunk_dtype)
-            if self.mkldnn:
-                features = torch.flatten(self.model.trunk(x.to_mkldnn()).to_dense(), 1)
-            else:
-                features = self.model.forward_features(x)
-            out = self.model.forward_head(features.float())
+            out = self.model.forward_head(self.features(x).float())
             p_male = torch.sigmoid(out.gender_logit).cpu().numpy()
             age = None if out.age_logits is None else self.model.expected_age(out.age_logits).cpu().numpy()
         return p_male, age
