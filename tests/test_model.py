@@ -126,3 +126,22 @@ def test_feature_extractor_matches_forward_features(bf16: bool) -> None:
         in_place = feature_extractor(m, bf16, in_place=True)
         assert torch.equal(in_place(x).float(), got)
         assert m.trunk.conv1_1.weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3])
+def test_dropout_keeps_the_right_share_and_repeats_under_a_seed(p: float) -> None:
+    from agegender.model.net import Dropout
+
+    d = Dropout(p).train()
+    x = torch.randn(256, 1024, requires_grad=True)
+    torch.manual_seed(3)
+    y = d(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.005  # 262k draws: 5 points is > 5 sigma
+    assert torch.allclose(y[kept], x[kept] / (1 - p))
+    y.sum().backward()
+    assert torch.allclose(x.grad, kept.float() / (1 - p))  # the gradient flows through kept elements only
+    torch.manual_seed(3)
+    assert torch.equal(d(x), y)  # the default generator: seeded runs and resumes repeat
+    assert torch.equal(d.eval()(x), x)
+    assert isinstance(d, nn.Dropout)  # exports treat it as dropout (the identity at inference)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -44,3 +45,24 @@ def torch_threads() -> int:
     if given.isdigit() and int(given) > 0:
         return int(given)
     return usable_cores()
+
+
+def retain_freed_memory(limit: int = 1 << 30) -> bool:
+    """Keep memory that the process frees for its own reuse instead of handing it back to the kernel (glibc).
+
+    Training frees and allocates the same ~150 MB of gradients and bf16 weight casts on every head step.
+    glibc returns blocks above its mmap threshold to the kernel at once, and the next step faults every page in
+    again: 43k page faults, 35 ms of a 185 ms step on 2 cores. Blocks under ``limit`` then come from the heap,
+    and the heap keeps up to ``limit`` of free memory. Process-wide; returns whether it took effect (False
+    where the C library is not glibc).
+    """
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))

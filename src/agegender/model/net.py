@@ -36,6 +36,26 @@ class DlibTrunk(nn.Module):
         return torch.cat([pooled, descriptor], 1)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose training mask on the CPU comes from 16 random bits per element.
+
+    torch's CPU dropout draws its mask with ``bernoulli_``, element by element on one thread: 23 ms for a
+    512 x 4096 batch, a quarter of the cached head step. Bits from ``torch.randint`` (the same default generator,
+    so seeds and resumes repeat exactly) compared against the keep probability, in steps of 1/65536, take
+    under a third of that. Elsewhere (evaluation, p = 0, in place, GPUs) it is nn.Dropout.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or self.inplace or x.device.type != "cpu":
+            return super().forward(x)
+        keep = 1.0 - self.p
+        n = x.numel()
+        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
+        # int16 is uniform on [-32768, 32767]: below round(keep * 65536) - 32768 with probability keep
+        scale = (bits < round(keep * 65536) - 32768).view(x.shape).to(x.dtype).mul_(1.0 / keep)
+        return x * scale
+
+
 def build_trunk(config: ModelConfig) -> nn.Module:
     if config.backbone == "dlib-resnet":
         return DlibTrunk(config.widths, config.feature_layer, config.descriptor_dim)
@@ -68,7 +88,7 @@ class AgeGenderNet(nn.Module):
                 layers.append(nn.BatchNorm1d(width))
             layers.append(nn.ReLU(inplace=True))
             if p > 0:
-                layers.append(nn.Dropout(p))
+                layers.append(Dropout(p))
             dim = width
         self.fc = nn.Sequential(*layers)
         self.gender = nn.Linear(dim, 1)

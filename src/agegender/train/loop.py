@@ -22,6 +22,7 @@ from ..data.batches import Batches, Labels
 from ..data.features import FeatureSet, cached_features
 from ..data.records import FaceRecord, scan_all
 from ..data.splits import Splits, make_splits
+from ..devices import retain_freed_memory
 from ..distributed import World, close_world, init_world
 from ..errors import AgeGenderError
 from ..faces.framing import photo_framer
@@ -209,6 +210,7 @@ def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx:
     """
     from tqdm import tqdm
 
+    retain_freed_memory()  # each step frees and reallocates its gradients: reuse them, do not fault them in
     model.train()
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     order = idx[torch.randperm(len(idx), generator=g).numpy()]
