@@ -17,7 +17,6 @@ The five landmarks of dlib's model, in order: 0, 1 = outer and inner corner of t
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import numpy as np
 
 from ..errors import AgeGenderError
 from ..weights.dlib_shape import ShapePredictorModel, read_shape_predictor
+from ..weights.locate import package_file
 
 MODEL_PACKAGE = "face_recognition_models"
 MODEL_FILE = "shape_predictor_5_face_landmarks.dat"
@@ -48,22 +48,7 @@ Box = Sequence[float]
 def find_shape_predictor_model() -> Path | None:
     """The 5-point model shipped in the ``face_recognition_models`` package, found without importing it
     (its ``__init__`` pulls in ``pkg_resources``); None if the package or file is absent."""
-    candidates: list[Path] = []
-    try:
-        spec = importlib.util.find_spec(MODEL_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(p) / "models" / MODEL_FILE for p in spec.submodule_search_locations]
-    if not any(c.is_file() for c in candidates):
-        from importlib import metadata  # only when needed: it costs more to import than this whole module
-
-        try:
-            dist = metadata.distribution(MODEL_PACKAGE)
-            candidates.append(Path(str(dist.locate_file(f"{MODEL_PACKAGE}/models/{MODEL_FILE}"))))
-        except metadata.PackageNotFoundError:
-            pass
-    return next((c for c in candidates if c.is_file()), None)
+    return package_file(MODEL_PACKAGE, f"models/{MODEL_FILE}")
 
 
 def load_shape_predictor(path: str | os.PathLike[str] | None = None) -> ShapePredictor:
