@@ -38,6 +38,19 @@ def _cpu_name() -> str:
     return cpu
 
 
+def _bf16_units() -> str:
+    """The CPU's bf16 matrix units, which set the bf16 figures: AMX tiles, AVX512-BF16 or none."""
+    import torch
+
+    def has(name: str) -> bool:
+        probe = getattr(torch.cpu, name, None)
+        return bool(probe and probe())
+
+    units = [label for name, label in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16"))
+             if has(name)]
+    return " + ".join(units) or "none"
+
+
 def machine_info(device: str) -> dict[str, Any]:
     import PIL
     import torch
@@ -54,5 +67,6 @@ def machine_info(device: str) -> dict[str, Any]:
             "usable_cores": usable_cores(),
             "load_average_start": loadavg(),
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "onnxruntime": ort_version,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_units": _bf16_units(),
+            "onnxruntime": ort_version,
             "pillow": PIL.__version__, "gpu": gpu, "device": device, "platform": platform.platform()}

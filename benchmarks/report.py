@@ -82,6 +82,7 @@ def _machine(doc: dict[str, Any]) -> list[str]:
         ["load average (1/5/15 min), start / end of this invocation (each phase's: section 6)",
          f"{fmt_load(m['load_average_start'])} / {fmt_load(m.get('load_average_end'))}"],
         ["torch", f"{m['torch']}, {m['torch_threads']} intra-op threads by default, {m['cpu_capability']} kernels"],
+        ["bf16 matrix units (they set every bf16 figure)", m.get("bf16_units", "not recorded")],
         ["onnxruntime / Pillow / Python", f"{m['onnxruntime']} / {m['pillow']} / {m['python']}"],
         ["GPU", m["gpu"]], ["device for the torch figures", m["device"]]])
     loads = [m["load_average_start"], m.get("load_average_end")] + [x.get("load_average_start") for x in r.values()]
