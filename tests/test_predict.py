@@ -194,6 +194,30 @@ def test_batching_across_images_matches_one_by_one(models: dict[str, Path], phot
             assert abs(fa.p_male - fb.p_male) < 1e-5 and abs(fa.p_male - fo.p_male) < 1e-5
 
 
+def test_pipeline_keeps_order_raises_classifier_errors_and_stops_cleanly(models: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    import threading
+
+    paths = [str(_save(_noise(s), tmp_path / f"{s}.png")) for s in range(12)]
+    predictor = Predictor.from_path(models["checkpoint"], no_detect=True)
+    predictor.workers = 3
+    results = list(predictor.predict_many(paths, batch_size=2))
+    assert [r.path for r in results] == paths and all(len(r.faces) == 1 for r in results)
+
+    stream = predictor.predict_many(paths, batch_size=2)
+    assert next(stream).path == paths[0]
+    stream.close()  # a consumer that stops early leaves no pool thread behind
+    assert not [t for t in threading.enumerate() if t.name.startswith("predict")]
+
+    def broken(crops: np.ndarray) -> tuple[np.ndarray, None]:
+        raise RuntimeError("classifier failed")
+
+    predictor.backend.run = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="classifier failed"):
+        list(predictor.predict_many(paths, batch_size=2))
+    assert not [t for t in threading.enumerate() if t.name.startswith("predict")]
+
+
 # -- the predict command ------------------------------------------------------------------------
 
 def test_predict_folder_end_to_end(models: dict[str, Path], photo_folder: Path, tmp_path: Path) -> None:

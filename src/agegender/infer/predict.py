@@ -201,7 +201,7 @@ class _Pending:
 
 
 class Predictor:
-    """Faces -> gender and age. Thread-safe: detectors keep per-thread state and backends serialise or are safe."""
+    """Faces -> gender and age. Thread-safe: detectors keep per-thread state, and backends only read their weights."""
 
     def __init__(self, backend: Backend, detector: FaceDetector | None = None, no_detect: bool = False,
                  workers: int | None = None) -> None:
