@@ -261,26 +261,27 @@ class Predictor:
         A bad image gives a result with ``error`` set and never stops the rest. See :meth:`_pipeline`.
         """
         jobs = ((os.fspath(p), partial(self._prepare, os.fspath(p)), None, None) for p in paths)
-        return self._pipeline(jobs, batch_size)
+        # A queued path costs nothing until a worker decodes it: queue a batch's worth.
+        return self._pipeline(jobs, batch_size, ahead=max(2 * self.workers, batch_size))
 
     def predict_frames(self, items: Iterable[tuple[str, np.ndarray, int, float]], batch_size: int = 32
                        ) -> Iterator[ImageResult]:
         """Results for decoded frames ``(name, rgb, frame index, seconds)``, in order, faces batched across frames."""
         jobs = ((name, partial(self.crops, rgb), index, seconds) for name, rgb, index, seconds in items)
-        return self._pipeline(jobs, batch_size)
+        # A queued frame is already decoded (a 4K frame is 25 MB): queue only enough to keep the workers busy.
+        return self._pipeline(jobs, batch_size, ahead=2 * self.workers)
 
-    def _pipeline(self, jobs: Iterable[_Job], batch_size: int) -> Iterator[ImageResult]:
+    def _pipeline(self, jobs: Iterable[_Job], batch_size: int, ahead: int) -> Iterator[ImageResult]:
         """Results of ``jobs`` in order: each job finds an image's faces, then batches of faces are classified.
 
         Finding faces (decode, detect, crop) and classifying a batch are tasks of one pool of ``workers``
         threads, each task on one core (:func:`share_cores_for_batches`), so every core is busy until the last
         batch whichever stage is slower. A classifier on a thread of its own, beside the detecting ones, got a
         third of the cores for 40% of the work, and the detectors waited on it. At most ``ahead`` images are
-        being found or waiting as crops, so memory stays small.
+        queued or being found; found ones wait as crops, so memory stays small.
         """
         if batch_size < 1:
             raise AgeGenderError(f"batch size must be at least 1, got {batch_size}")
-        ahead = max(2 * self.workers, batch_size)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="predict")
         found: collections.deque[tuple[_Job, Future[Any]]] = collections.deque()
         classified: collections.deque[Future[list[ImageResult]]] = collections.deque()
