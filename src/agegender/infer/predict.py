@@ -103,7 +103,6 @@ class TorchBackend:
             raise AgeGenderError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         # auto: bf16 exactly where the hardware has bf16 units
         self.model, self.meta = load_checkpoint(path, device)
-        self.device = device
         bf16 = use_bf16(precision, device)
         self.precision = "bf16" if bf16 else "fp32"
         # The trunk in its fastest inference form: oneDNN's blocked layout for a bf16 VGG, else channels_last.
@@ -132,11 +131,11 @@ class OnnxBackend:
     name = "onnx"
     precision = "as exported"
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         from ..model.meta import CheckpointMeta
 
         self.path = path
-        self.session = self._session(threads)
+        self.session = self._session(None)
         raw = self.session.get_modelmeta().custom_metadata_map.get("agegender")
         if raw is None:
             raise AgeGenderError(f"{path}: ONNX model without agegender metadata (not exported by agegender)")
@@ -288,8 +287,12 @@ class Predictor:
         pending: list[_Pending] = []
         buffer: list[np.ndarray] = []
 
-        def take(job: _Job, result: Any) -> None:
+        def submit_batch() -> None:
             nonlocal pending, buffer
+            classified.append(pool.submit(self._classify_pending, pending, buffer, batch_size))
+            pending, buffer = [], []
+
+        def take(job: _Job, result: Any) -> None:
             name, _, index, seconds = job
             if isinstance(result, AgeGenderError):
                 pending.append(_Pending(name, [], len(buffer), str(result), index, seconds))
@@ -297,8 +300,7 @@ class Predictor:
                 pending.append(_Pending(name, result[0], len(buffer), None, index, seconds))
                 buffer.extend(result[1])
             if len(buffer) >= batch_size:
-                classified.append(pool.submit(self._classify_pending, pending, buffer, batch_size))
-                pending, buffer = [], []
+                submit_batch()
 
         try:
             for job in jobs:
@@ -312,7 +314,7 @@ class Predictor:
                 done, fut = found.popleft()
                 take(done, fut.result())
             if pending:
-                classified.append(pool.submit(self._classify_pending, pending, buffer, batch_size))
+                submit_batch()
             while classified:
                 yield from classified.popleft().result()
         finally:  # a consumer that stops early leaves no work queued behind it

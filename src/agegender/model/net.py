@@ -211,16 +211,17 @@ def feature_extractor(model: AgeGenderNet, bf16: bool, device: str | torch.devic
             return torch.flatten(trunk(x.to(device, torch.bfloat16).to_mkldnn()).to_dense(), 1)
 
         return blocked
-    if in_place:
-        model.trunk.to(dtype=torch.bfloat16 if bf16 else torch.float32,  # type: ignore[call-overload]
-                       memory_format=torch.channels_last)
-    trunk_copy = model.trunk if in_place else copy.deepcopy(model.trunk).eval().to(  # type: ignore[call-overload]
-        memory_format=torch.channels_last)
-    dtype = next(trunk_copy.parameters()).dtype
+    if in_place:  # an inference-only model: bf16 weights, no casts per call
+        trunk = model.trunk.to(dtype=torch.bfloat16 if bf16 else torch.float32,  # type: ignore[call-overload]
+                               memory_format=torch.channels_last)
+        dtype, cast = (torch.bfloat16 if bf16 else torch.float32), False
+    else:  # fp32 weights under autocast, as the uncached training path runs them
+        trunk = copy.deepcopy(model.trunk).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        dtype, cast = torch.float32, bf16
 
     def nhwc(x: torch.Tensor) -> torch.Tensor:
         x = x.to(device, dtype, memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and dtype != torch.bfloat16):
-            return torch.flatten(trunk_copy(x), 1)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cast):
+            return torch.flatten(trunk(x), 1)
 
     return nhwc
