@@ -28,7 +28,7 @@ from ..errors import AgeGenderError
 from ..faces.framing import photo_framer
 from ..files import atomic_path, write_text_atomic
 from ..model.backbones import DLIB_RESNET, backbone
-from ..model.checkpoint import CheckpointMeta, save_checkpoint
+from ..model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from ..model.config import SEED_PREPROCESS, VGG_FACE_PREPROCESS, ModelConfig, Preprocess
 from ..model.dlib_resnet import dlib_shape_of
 from ..model.meta import RUN_CHECKPOINT
@@ -240,7 +240,8 @@ def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx:
 
 def validate(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labels: Labels, cfg: TrainConfig
              ) -> dict[str, float]:
-    done, p, age = predict_batches(model, batches, idx)
+    done, decoded = predict_batches(model, batches, idx)
+    p, age = decoded.p_male, decoded.age
     if len(done) == 0:
         return {"val_accuracy": math.nan, "val_loss": math.nan}
     y = labels.gender[done].numpy()
@@ -346,14 +347,29 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
     world.barrier()
     if not world.is_main:
         return RunResult(out, out / RUN_CHECKPOINT, out / "report" / "report.md", history)
+    from .calibrate import calibrate_checkpoint
     from .evaluate import evaluate_split
     from .report import plot_training_curves
 
+    calibrate_checkpoint(out / RUN_CHECKPOINT, *_gender_logits(out / RUN_CHECKPOINT, batches, idx_val, labels))
     plot_training_curves(history, out / "training_curves.png")
     report, report_md = evaluate_split(out / RUN_CHECKPOINT, batches, records, idx_test,
                                        protocol=_protocol(dataset, splits, cfg, features, records),
                                        out_dir=out / "report", history=history)
     return RunResult(out, out / RUN_CHECKPOINT, report_md, history, report)
+
+
+def _gender_logits(checkpoint: Path, batches: Batches, idx: np.ndarray, labels: Labels) -> tuple[np.ndarray, np.ndarray]:
+    """The checkpoint's fp32 gender logits on ``idx`` (the readable ones) and their 0/1 labels."""
+    best, _ = load_checkpoint(checkpoint, device=batches.world.device)
+    logits, done = [], []
+    with torch.no_grad():
+        for x, chunk, _ in batches(idx, batch_size=4096 if batches.cached else None):
+            out = best.forward_head(x.float()) if batches.cached else best(x)
+            logits.append(out.gender_logit.float().cpu().numpy())
+            done.append(chunk)
+    chosen = np.concatenate(done) if done else np.zeros(0, dtype=int)
+    return (np.concatenate(logits) if logits else np.zeros(0)), labels.gender.numpy()[chosen]
 
 
 def _protocol(dataset: Any, splits: Any, cfg: TrainConfig, features: FeatureSet | None,
