@@ -15,7 +15,7 @@ import numpy as np
 from ..data.records import FaceRecord, scan, scan_all
 from ..data.splits import make_splits
 from ..errors import AgeGenderError
-from ..faces.framing import photo_framer
+from ..faces.framing import PhotoFramer, photo_framer
 from ..images import Skipped, load_rgb
 from ..model.meta import resolve_model
 from ..model.runtime import Backend, Decoded, load_backend
@@ -125,7 +125,8 @@ def predict_records(backend: Backend, records: Sequence[FaceRecord], batch_size:
     through the backend in batches: the same decode as ``predict``.
     """
     pre = backend.meta.preprocess.resized(backend.meta.config.image_size)
-    frame, size, skipped = photo_framer(pre), pre.size, Skipped()
+    # Full decodes (no JPEG draft, as predict decodes), so the report scores exactly what predict returns.
+    frame, size, skipped = photo_framer(pre) or PhotoFramer(pre), pre.size, Skipped()
     done: list[FaceRecord] = []
     unread: list[FaceRecord] = []
     parts: list[Decoded] = []
