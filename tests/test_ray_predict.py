@@ -201,3 +201,12 @@ def test_a_retried_shard_whose_file_landed_is_read_back_not_redone(onnx_model: P
     assert actor(batch).to_pylist() == first
     assert (tmp_path / shard["shard"]).read_bytes() == written
     assert first[0]["images"] == 4 and [r["path"] for r in read_records(tmp_path)] == paths
+
+
+def test_a_bad_model_is_one_clear_error_before_ray_starts(photos: Path, tmp_path: Path) -> None:
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(AgeGenderError, match="bad.onnx: not a loadable ONNX model"):
+        predict_on_ray([str(photos)], tmp_path / "out", tmp_path / "bad.onnx")
+    with pytest.raises(AgeGenderError, match="no trained model here"):
+        predict_on_ray([str(photos)], tmp_path / "out", tmp_path / "missing.onnx")
+    assert not (tmp_path / "out").exists()

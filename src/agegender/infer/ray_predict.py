@@ -48,6 +48,20 @@ class PredictorRecipe:
     no_detect: bool = False
     precision: str = "auto"
 
+    def check(self) -> None:
+        """Load the model and the detector once, for their errors: a model that fails to load in an actor
+        reaches the driver as a bare ActorDiedError, without the message that names the file."""
+        from ..faces.detect import default_detector
+        from .predict import load_backend
+
+        if self.model is None:
+            if getattr(Predictor, "default", None) is None:
+                raise AgeGenderError("no bundled model in this version: pass a model")
+            return
+        load_backend(self.model, precision=self.precision)
+        if not self.no_detect:
+            default_detector(self.min_face, self.score_threshold, self.max_faces, kind=self.detector)
+
     def build(self) -> Predictor:
         from ..faces.detect import default_detector
 
@@ -257,9 +271,9 @@ def start_ray(address: str | None, num_cpus: int | None) -> bool:
         ray.init(address=address, log_to_driver=True)
     else:
         # A local instance reports nothing anywhere. Ray 2.60 has no way to bind its servers to the loopback
-        # (it replaces 127.0.0.1 by the machine's address); they take a token, which it makes by default.
+        # (it replaces 127.0.0.1 by the machine's address); they take a token, which a new local Ray makes
+        # itself. (Setting RAY_AUTH_MODE here would come after Ray read its config at import, and break it.)
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         from ..devices import usable_cores
 
         ray.init(num_cpus=num_cpus or usable_cores(), include_dashboard=False)
@@ -307,9 +321,7 @@ def predict_on_ray(inputs: Sequence[str], output_dir: str | os.PathLike[str], mo
         recipe = recipe or PredictorRecipe()
         if model is not None:
             recipe = PredictorRecipe(**{**asdict(recipe), "model": os.fspath(model)})
-        # Built once here for its errors: a model that fails to load in an actor reaches the driver as a bare
-        # ActorDiedError, without the message that names the file.
-        recipe.build()
+        recipe.check()
         make_predictor = recipe.build
     out = Path(output_dir)
     paths = list_inputs(inputs)
@@ -340,7 +352,6 @@ def predict_on_ray(inputs: Sequence[str], output_dir: str | os.PathLike[str], mo
 
 def _run(todo: list[str], out: Path, fmt: str, make_predictor: Callable[[], Predictor], shard_size: int,
          batch_size: int, workers: int | None, retries: int, skipped: int) -> RaySummary:
-    import pyarrow as pa
     import ray
     import ray.data
 
@@ -354,8 +365,9 @@ def _run(todo: list[str], out: Path, fmt: str, make_predictor: Callable[[], Pred
     counts = {"images": 0, "faces": 0, "errors": 0, "no_face": 0}
     begin = time.perf_counter()
     if shards:
-        # One block per shard: Ray schedules shards, and a shard is never split between calls.
-        ds: Any = ray.data.from_arrow([pa.Table.from_pylist([s]) for s in shards])
+        # A block per shard, so that Ray schedules shards one by one (about 10 ms each). Correctness does not
+        # depend on it: a call takes one row, a whole shard, whatever the blocks.
+        ds: Any = ray.data.from_items(shards, override_num_blocks=len(shards))
         with warnings.catch_warnings():
             # Ray 2.60 has no named parameter for these yet and warns; without them it retries forever, and
             # an image that kills its decoder would kill every restart.
