@@ -1,11 +1,12 @@
 """``agegender serve``'s latency on loopback: p50 and p99 at 1, 8 and 32 concurrent clients.
 
-``python benchmarks/serve_latency.py --faces DIR --model M [--n 50] [--requests 64] [--clients 1 8 32]``: starts
-the service in a subprocess on a free 127.0.0.1 port, waits for ``/health``, then for each client count runs
-that many threads, each on its own keep-alive connection, posting the first ``n`` photos of DIR in turn until
-the level has sent ``requests`` uploads (at least one each); then it stops the service. Latency is from the
-request's first byte to the response's last. Uploads the service sheds (503: more than its slots and queue) are
-counted apart and left out of the percentiles, since they return at once.
+``python benchmarks/serve_latency.py --faces DIR --model M [--n 50] [--requests 100] [--clients 1 8 32]``:
+starts the service in a subprocess on a free 127.0.0.1 port, waits for ``/health``, then for each client count
+runs that many threads, each on its own keep-alive connection, posting the first ``n`` photos of DIR in turn
+until the level has ``requests`` answered uploads or ``--seconds`` passed; then it stops the service. Latency is
+from the request's first byte to the response's last, queueing in the service included. Uploads the service
+sheds (503: more than its slots and queue at once) are counted apart and left out of the percentiles, since
+they return at once; a shed client pauses ``--backoff`` seconds.
 """
 
 from __future__ import annotations
@@ -75,18 +76,26 @@ def stop_service(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
-def run_level(port: int, uploads: list[tuple[bytes, str]], clients: int, requests: int) -> dict[str, Any]:
-    per_client = max(1, -(-requests // clients))
+def run_level(port: int, uploads: list[tuple[bytes, str]], clients: int, requests: int, seconds: float,
+              backoff: float) -> dict[str, Any]:
+    """``clients`` threads posting until ``requests`` uploads succeeded or ``seconds`` passed; a client whose
+    upload was shed waits ``backoff`` seconds before the next, so it keeps the pressure on without spinning."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     lock = threading.Lock()
     start = threading.Barrier(clients)
+    deadline = time.monotonic() + seconds
 
     def client(index: int) -> None:
         conn = http.client.HTTPConnection(HOST, port, timeout=120)
         start.wait()
-        for i in range(per_client):
-            body, kind = uploads[(index * per_client + i) % len(uploads)]
+        i = index
+        while time.monotonic() < deadline:
+            with lock:
+                if len(latencies) >= requests:
+                    break
+            body, kind = uploads[i % len(uploads)]
+            i += clients
             begin = time.perf_counter()
             try:
                 conn.request("POST", "/predict", body=body, headers={"Content-Type": kind})
@@ -102,6 +111,8 @@ def run_level(port: int, uploads: list[tuple[bytes, str]], clients: int, request
                 statuses[status] = statuses.get(status, 0) + 1
                 if status == 200:
                     latencies.append(took)
+            if status != 200:
+                time.sleep(backoff)
         conn.close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -116,9 +127,9 @@ def run_level(port: int, uploads: list[tuple[bytes, str]], clients: int, request
     def pct(q: float) -> float | None:
         return round(1000 * ok[min(len(ok) - 1, round(q * (len(ok) - 1)))], 1) if ok else None
 
-    return {"clients": clients, "requests": clients * per_client, "ok": len(ok), "statuses": statuses,
-            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "mean_ms": round(1000 * statistics.fmean(ok), 1) if ok else None,
-            "ok_per_s": round(len(ok) / wall, 2), "load": round(os.getloadavg()[0], 2)}
+    return {"clients": clients, "ok": len(ok), "statuses": statuses, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+            "mean_ms": round(1000 * statistics.fmean(ok), 1) if ok else None, "ok_per_s": round(len(ok) / wall, 2),
+            "seconds": round(wall, 1), "load": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
@@ -126,7 +137,9 @@ def main() -> None:
     parser.add_argument("--faces", required=True, help="a folder of photos")
     parser.add_argument("--model", required=True, help="a model (.onnx, checkpoint or run directory)")
     parser.add_argument("--n", type=int, default=50, help="distinct photos to upload")
-    parser.add_argument("--requests", type=int, default=64, help="uploads per concurrency level")
+    parser.add_argument("--requests", type=int, default=100, help="successful uploads per concurrency level")
+    parser.add_argument("--seconds", type=float, default=60, help="at most this long per level")
+    parser.add_argument("--backoff", type=float, default=0.1, help="a shed client's pause before its next upload")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--start-timeout", type=float, default=180)
@@ -140,10 +153,10 @@ def main() -> None:
     port = free_port()
     proc = start_service(a.model, port, a.start_timeout)
     try:
-        run_level(port, uploads, 1, a.warmup)  # first requests pay for lazy setup
+        run_level(port, uploads, 1, a.warmup, a.seconds, a.backoff)  # first requests pay for lazy setup
         levels = []
         for clients in a.clients:
-            levels.append(run_level(port, uploads, clients, a.requests))
+            levels.append(run_level(port, uploads, clients, a.requests, a.seconds, a.backoff))
             log.info("%s", levels[-1])
     finally:
         stop_service(proc)
