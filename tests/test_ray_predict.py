@@ -210,3 +210,30 @@ def test_a_bad_model_is_one_clear_error_before_ray_starts(photos: Path, tmp_path
     with pytest.raises(AgeGenderError, match="no trained model here"):
         predict_on_ray([str(photos)], tmp_path / "out", tmp_path / "missing.onnx")
     assert not (tmp_path / "out").exists()
+
+
+def _cli_has_ray() -> bool:
+    import argparse
+
+    from agegender.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return "--ray" in sub.choices["predict"]._option_string_actions
+
+
+@pytest.mark.skipif(not _cli_has_ray(), reason="the predict command has no --ray yet")
+def test_cli_predict_ray_writes_the_plain_commands_records(local_ray: None, onnx_model: Path, photos: Path,
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from agegender.cli import main
+
+    assert main(["predict", str(photos), "--model", str(onnx_model), "-o", str(tmp_path / "plain.jsonl")]) == 0
+    plain = sorted((json.loads(line) for line in open(tmp_path / "plain.jsonl")), key=lambda r: r["path"])
+    assert main(["predict", str(photos), "--model", str(onnx_model), "--ray", "--out", str(tmp_path / "out")]) == 0
+    assert _written(tmp_path / "out") == plain
+    capsys.readouterr()
+    assert main(["predict", "--ray", str(photos), "--model", str(onnx_model), "--out", str(tmp_path / "x")]) == 2
+    assert f"--ray took '{photos}' for a Ray address" in capsys.readouterr().err
+    assert main(["predict", str(photos), "--model", str(onnx_model), "--ray", "--out", str(tmp_path / "out")]) == 2
+    assert "shards of an earlier run" in capsys.readouterr().err
