@@ -261,8 +261,17 @@ class ShardPredictor:
 
 # -- the driver ---------------------------------------------------------------------------------
 
+def require_ray() -> None:
+    try:
+        import pyarrow  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise AgeGenderError("prediction on Ray needs Ray Data: pip install 'agegender[ray]'") from None
+
+
 def start_ray(address: str | None, num_cpus: int | None) -> bool:
     """Connect to ``address``, or start a local Ray without its dashboard; True when this call started it."""
+    require_ray()
     import ray
 
     if ray.is_initialized():
@@ -317,23 +326,23 @@ def predict_on_ray(inputs: Sequence[str], output_dir: str | os.PathLike[str], mo
         raise AgeGenderError(f"unknown output format {output_format!r}; choose {' or '.join(FORMATS)}")
     if batch_size < 1:
         raise AgeGenderError(f"batch size must be at least 1, got {batch_size}")
+    require_ray()  # before loading a model and listing a million files
     if make_predictor is None:
         recipe = recipe or PredictorRecipe()
         if model is not None:
             recipe = PredictorRecipe(**{**asdict(recipe), "model": os.fspath(model)})
         recipe.check()
         make_predictor = recipe.build
+    if shard_size < 1:
+        raise AgeGenderError(f"shard size must be at least 1, got {shard_size}")
     out = Path(output_dir)
     paths = list_inputs(inputs)
     done = _check_output(out, output_format, resume)
     todo = [p for p in paths if p not in done]
-    if shard_size < 1:
-        raise AgeGenderError(f"shard size must be at least 1, got {shard_size}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AgeGenderError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
-
     started = start_ray(address, num_cpus)
     try:
         summary = _run(todo, out, output_format, make_predictor, shard_size, batch_size, workers, retries,
