@@ -316,11 +316,12 @@ def predict_on_ray(inputs: Sequence[str], output_dir: str | os.PathLike[str], mo
                    make_predictor: Callable[[], Predictor] | None = None) -> RaySummary:
     """Predict every image of ``inputs`` on Ray into shards in ``output_dir``; the summary, also logged.
 
-    ``address``: a Ray cluster to connect to (every node must see the input paths, and have agegender
-    installed); None starts a local Ray on ``num_cpus`` cores (default: every usable core). ``workers`` actors
-    (default: one per CPU of the cluster) each build the predictor once: from ``recipe`` (``model`` overrides
-    its model; neither: the bundled model), or by calling ``make_predictor``, which must pickle. A bad image
-    gives a record with ``error`` set; a dying worker is restarted and its shard retried up to ``retries`` times.
+    ``address``: a Ray cluster to connect to (every node must have agegender installed and see the input
+    paths and ``output_dir`` at the same place: a shared file system); None starts a local Ray on ``num_cpus``
+    cores (default: every usable core). ``workers`` actors (default: one per CPU of the cluster) each build the
+    predictor once: from ``recipe`` (``model`` overrides its model; neither: the bundled model), or by calling
+    ``make_predictor``, which must pickle. A bad image gives a record with ``error`` set; a dying worker is
+    restarted and its shard retried up to ``retries`` times.
     """
     if output_format not in FORMATS:
         raise AgeGenderError(f"unknown output format {output_format!r}; choose {' or '.join(FORMATS)}")
