@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AgeGenderError
-from ..faces.detect import MIN_FACE_PX
+from ..faces.detect import MIN_FACE_PX, FaceDetector
 from ..files import atomic_path, write_text_atomic
-from .predict import ImageResult, OnnxBackend, Predictor, TorchBackend, expand_paths
+from .predict import ImageResult, Predictor, expand_paths
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -40,39 +40,36 @@ SUMMARY_NAME = "summary.json"
 class PredictorRecipe:
     """How each actor builds its predictor: a plain value, so it pickles to workers (detectors do not)."""
 
-    model: str | None = None  # None: the bundled model (``Predictor.default()``)
+    model: str | None = None  # None: the bundled model
     detector: str = "auto"
     min_face: int = MIN_FACE_PX
     score_threshold: float = 0.5
     max_faces: int | None = None
     no_detect: bool = False
     precision: str = "auto"
+    min_confidence: float = 0.5
 
     def check(self) -> None:
         """Load the model and the detector once, for their errors: a model that fails to load in an actor
         reaches the driver as a bare ActorDiedError, without the message that names the file."""
-        from ..faces.detect import default_detector
+        from ..weights.zoo import bundled_model
         from .predict import load_backend
 
-        if self.model is None:
-            if getattr(Predictor, "default", None) is None:
-                raise AgeGenderError("no bundled model in this version: pass a model")
-            return
-        load_backend(self.model, precision=self.precision)
-        if not self.no_detect:
-            default_detector(self.min_face, self.score_threshold, self.max_faces, kind=self.detector)
+        if not 0.5 <= self.min_confidence < 1:
+            raise AgeGenderError(f"min_confidence must be in [0.5, 1), got {self.min_confidence}")
+        load_backend(bundled_model() if self.model is None else self.model, precision=self.precision)
+        self._detector()
 
     def build(self) -> Predictor:
+        return Predictor.from_path(self.model, self._detector(), no_detect=self.no_detect, precision=self.precision,
+                                   min_confidence=self.min_confidence)
+
+    def _detector(self) -> FaceDetector | None:
         from ..faces.detect import default_detector
 
-        if self.model is None:
-            default = getattr(Predictor, "default", None)
-            if default is None:
-                raise AgeGenderError("no bundled model in this version: pass a model")
-            return default()
-        detector = None if self.no_detect else default_detector(self.min_face, self.score_threshold, self.max_faces,
-                                                                kind=self.detector)
-        return Predictor.from_path(self.model, detector, no_detect=self.no_detect, precision=self.precision)
+        if self.no_detect:
+            return None
+        return default_detector(self.min_face, self.score_threshold, self.max_faces, kind=self.detector)
 
 
 @dataclass
@@ -181,15 +178,17 @@ def _parquet_schema() -> pa.Schema:
     box = pa.struct([("x", pa.int64()), ("y", pa.int64()), ("w", pa.int64()), ("h", pa.int64()),
                      ("score", pa.float64()), ("landmarks", pa.list_(pa.list_(pa.float64())))])
     face = pa.struct([("box", box), ("gender", pa.string()), ("p_male", pa.float64()), ("age", pa.float64()),
-                      ("age_group", pa.string())])
+                      ("age_group", pa.string()), ("age_low", pa.int64()), ("age_high", pa.int64())])
     return pa.schema([("path", pa.string()), ("faces", pa.list_(face)), ("error", pa.string())])
 
 
 def _from_parquet_row(row: dict[str, Any]) -> dict[str, Any]:
-    """The JSON Lines form: Parquet's fixed schema has a null ``landmarks`` where JSON leaves the key out."""
+    """The JSON Lines form: Parquet's fixed schema has nulls where JSON leaves optional keys out."""
     for face in row["faces"]:
         if face["box"] is not None and face["box"]["landmarks"] is None:
             del face["box"]["landmarks"]
+        if face["age_low"] is None and face["age_high"] is None:
+            del face["age_low"], face["age_high"]
     return row
 
 
@@ -216,12 +215,7 @@ def _one_thread_each(predictor: Predictor) -> None:
     set_threads = getattr(predictor.detector, "set_threads", None)
     if set_threads is not None:
         set_threads(1)
-    if isinstance(predictor.backend, OnnxBackend):
-        predictor.backend.set_threads(1)
-    elif isinstance(predictor.backend, TorchBackend):
-        import torch
-
-        torch.set_num_threads(1)
+    predictor.backend.set_threads(1)
 
 
 class ShardPredictor:
