@@ -212,16 +212,6 @@ def test_a_bad_model_is_one_clear_error_before_ray_starts(photos: Path, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def _cli_has_ray() -> bool:
-    import argparse
-
-    from agegender.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return "--ray" in sub.choices["predict"]._option_string_actions
-
-
-@pytest.mark.skipif(not _cli_has_ray(), reason="the predict command has no --ray yet")
 def test_cli_predict_ray_writes_the_plain_commands_records(local_ray: None, onnx_model: Path, photos: Path,
                                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
