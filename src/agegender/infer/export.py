@@ -173,7 +173,8 @@ def _parity(expected: Sequence[np.ndarray], got: Sequence[Any], names: Sequence[
     if not worst <= tolerance:  # also catches NaN
         raise AgeGenderError(f"{where}: {what} differs from PyTorch by {worst:.3g} (> {tolerance:g}, "
                              f"per output {diffs}); nothing written")
-    log.info("%s: %s matches PyTorch (max abs diff per output %s)", where, what, diffs)
+    log.info("%s: %s matches PyTorch (max abs diff per output %s; at most %.3g of max(1, |value|))",
+             where, what, diffs, worst)
     return diffs
 
 
