@@ -29,7 +29,7 @@ from ..model.config import ModelConfig
 from ..model.meta import resolve_model
 from ..model.net import AgeGenderNet, DlibTrunk, decode_age
 from ..model.vgg import VGGTrunk
-from .graph_weights import age_values, bn_arrays, conv_arrays, dense_arrays, regression_affine
+from .graph_weights import Weights, age_values, bn_arrays, conv_arrays, dense_arrays, regression_affine
 
 if TYPE_CHECKING:
     import keras
@@ -326,9 +326,6 @@ def _import_keras() -> Any:
     if int(keras.__version__.split(".")[0]) < 3:
         raise AgeGenderError(f"keras export needs Keras 3, found {keras.__version__}")
     return keras
-
-
-Weights = dict[str, list[np.ndarray]]
 
 
 def _keras_vgg_trunk(keras: Any, x: Any, trunk: VGGTrunk, weights: Weights) -> Any:

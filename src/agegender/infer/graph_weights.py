@@ -16,6 +16,9 @@ from ..model.config import ModelConfig
 from ..model.dlib_resnet import Affine, DlibResNet, ResidualBlock
 from ..model.net import decode_age
 
+# Arrays per Keras layer name, in the layer's own weight order, set once the model exists.
+Weights = dict[str, list[np.ndarray]]
+
 
 def np32(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float32)

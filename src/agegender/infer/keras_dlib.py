@@ -12,14 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from torch import nn
 
 from ..model.dlib_resnet import ResidualBlock
 from ..model.net import DlibTrunk
-from .graph_weights import conv_arrays, conv_geometry, dlib_blocks, np32
-
-Weights = dict[str, list[np.ndarray]]
+from .graph_weights import Weights, conv_arrays, conv_geometry, dlib_blocks, np32
 
 
 def dlib_trunk(keras: Any, x: Any, trunk: DlibTrunk, weights: Weights) -> Any:
