@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,33 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``dest``; rename it to ``dest`` only if the block succeeds.
+
+    Never replaces: ``dest`` must not exist when the block ends (an existing path is an error, the temp
+    directory is removed). On any exception nothing is left at ``dest`` or beside it.
+    """
+    dest = Path(dest)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=parent))
+    except OSError as e:
+        raise AgeGenderError(f"{dest}: cannot write here ({e.strerror or e})") from None
+    umask = os.umask(0)  # mkdtemp makes 0700 directories; give it what a plain mkdir would have
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        yield tmp
+        if dest.exists() or dest.is_symlink():  # os.rename would replace an empty directory
+            raise AgeGenderError(f"{dest}: already exists; not replaced")
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
