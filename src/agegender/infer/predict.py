@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
@@ -25,6 +25,7 @@ from ..faces.framing import FaceFramer, PhotoFramer
 from ..files import atomic_path
 from ..images import IMAGE_SUFFIXES, ImageInput, load_image
 from ..labels import ADIENCE_GROUP_NAMES, age_group
+from ..model.contract import check_onnx_contract, check_outputs
 
 if TYPE_CHECKING:
     import torch
@@ -143,6 +144,7 @@ class OnnxBackend:
             self.meta = CheckpointMeta.from_json(raw)
         except (ValueError, KeyError) as e:
             raise AgeGenderError(f"{path}: {e}") from None
+        check_onnx_contract(self.session, self.meta, path)
         outputs = {o.name for o in self.session.get_outputs()}
         if "p_male" not in outputs:
             raise AgeGenderError(f"{path}: ONNX model has no p_male output (outputs: {sorted(outputs)})")
@@ -240,6 +242,7 @@ class Predictor:
         if len(crops) == 0:
             return []
         p_male, age = self.backend.run(np.stack(list(crops)))
+        check_outputs(len(crops), p_male, age)
         boxes = boxes or [None] * len(p_male)
         faces = []
         for i, (box, p) in enumerate(zip(boxes, p_male)):
@@ -333,8 +336,14 @@ class Predictor:
                           ) -> list[ImageResult]:
         boxes = [box for item in pending for box in item.boxes]
         faces: list[Face] = []
-        for start in range(0, len(buffer), batch_size):  # the last image may have overfilled the batch
-            faces.extend(self.classify(buffer[start:start + batch_size], boxes[start:start + batch_size]))
+        try:
+            for start in range(0, len(buffer), batch_size):  # the last image may have overfilled the batch
+                faces.extend(self.classify(buffer[start:start + batch_size], boxes[start:start + batch_size]))
+        except AgeGenderError as e:  # a NaN face: an error for its own image, the others classified alone
+            if len(pending) == 1:
+                return [ImageResult(pending[0].path, [], f"{pending[0].path}: {e}", pending[0].frame, pending[0].time)]
+            return [r for item in pending for r in self._classify_pending(
+                [replace(item, first=0)], buffer[item.first:item.first + len(item.boxes)], batch_size)]
         return [ImageResult(item.path, faces[item.first:item.first + len(item.boxes)], item.error, item.frame,
                             item.time) for item in pending]
 
