@@ -22,7 +22,7 @@ from ..devices import PRECISIONS, usable_cores, use_bf16
 from ..errors import AgeGenderError
 from ..faces.detect import Box, FaceDetector, default_detector
 from ..faces.framing import FaceFramer, PhotoFramer
-from ..files import atomic_path
+from ..files import atomic_path, regular_file
 from ..images import IMAGE_SUFFIXES, ImageInput, load_image
 from ..labels import ADIENCE_GROUP_NAMES, age_group
 from ..model.contract import check_onnx_contract, check_outputs
@@ -396,6 +396,7 @@ def expand_paths(specs: Iterable[str]) -> list[str]:
             if not found:
                 raise AgeGenderError(f"{spec}: no files match")
         else:
+            regular_file(spec, "file or folder")  # a FIFO or a device is named as such, not as missing
             raise AgeGenderError(f"{spec}: no such file or folder")
         out.update(dict.fromkeys(found))
     return list(out)
@@ -500,7 +501,7 @@ def predict_files(predictor: Predictor, paths: list[str], output: str | None = N
                     _write_annotation(result, folder, used)
 
     if output:
-        with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             run(f)
     else:
         run(sys.stdout)
