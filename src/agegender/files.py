@@ -185,3 +185,36 @@ def check_outputs(inputs: Iterable[str | os.PathLike[str]], *, file: str | os.Pa
             if target in (parents[parent], _file_id(i) if os.path.isdir(i) else None):
                 raise AgeGenderError(f"{safe_name(folder)}: holds the input {safe_name(i)}, which its annotated copy "
                                      f"would replace: choose another folder")
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], what: str = "run directory") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (created if missing) while the block writes into it.
+
+    A second process is refused at once with the holder's pid. The lock is ``flock`` on ``folder/.lock``, which
+    the kernel releases when its holder dies however it dies, so a lock left by a killed process is simply taken
+    over: the file only says who held it last.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise AgeGenderError(os_reason(folder, e, "cannot write here")) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise AgeGenderError(f"{safe_name(folder)}: {what} in use by another process (pid {holder}); wait for "
+                                 f"it to finish, or choose another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
