@@ -263,3 +263,19 @@ def test_inputs_that_are_not_regular_files(capsys: pytest.CaptureFixture[str], t
         _one_line(capsys, ["predict", str(path), "--model", str(model), "--no-detect"], expected)
     with pytest.raises(AgeGenderError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         regular_file(path)
+
+
+def test_fetch_past_the_file_size_limit_leaves_no_part(tmp_path: Path) -> None:
+    mirror, dest = tmp_path / "mirror", tmp_path / "cache"
+    mirror.mkdir()
+    (mirror / "vgg_face_torch.tar.gz").write_bytes(os.urandom(400_000))
+    run = _limited(f"""
+        import sys
+        from agegender.cli import main
+        sys.exit(main(["fetch", "weights", "--dest", {str(dest)!r}, "--url", {mirror.as_uri() + "/"!r},
+                       "--no-extract", "--quiet"]))
+    """, 100_000, tmp_path)
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "cannot write (file too large" in last and "partial download was removed" in last, run.stderr
+    assert [p.name for p in dest.rglob("*") if p.is_file()] == []

@@ -251,3 +251,18 @@ def test_a_head_that_cannot_fit_memory_is_refused_up_front(world: dict[str, Path
     err = capsys.readouterr().err
     assert rc == 2 and "needs at least" in err and "GiB to train, more than this machine's" in err, err
     assert not (tmp_path / "huge").exists()
+
+
+def test_train_past_the_file_size_limit_is_one_line_and_leaves_nothing(world: dict[str, Path], tmp_path: Path) -> None:
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    script = (f"import resource, sys\nresource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))\n"
+              f"from agegender.cli import main\n"
+              f"sys.exit(main(['train', '--data', {str(world['data'])!r}, '--out', {str(out)!r}, '--weights', "
+              f"{str(world['weights'])!r}, '--epochs', '1', '--batch-size', '32', '--hidden', '32', "
+              f"'--cache-dir', {str(cache)!r}]))\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert last.startswith("agegender: error:") and "cannot write (file too large" in last, run.stderr
+    assert not out.exists() and not list(tmp_path.rglob("*.part"))
