@@ -169,8 +169,8 @@ def check_outputs(inputs: Iterable[str | os.PathLike[str]], *, file: str | os.Pa
         target = _file_id(text)
         same = next((i for i in inputs if target is not None and _file_id(i) == target), None)
         if same is not None:
-            raise AgeGenderError(f"{safe_name(text)}: is the input {safe_name(same)}; writing it would destroy the "
-                                 f"input: choose another output")
+            raise AgeGenderError(f"{safe_name(text)}: is the input file {safe_name(same)}; writing it would destroy "
+                                 f"the input: choose another output")
     if folder is not None:
         target = _file_id(folder)
         if target is None:

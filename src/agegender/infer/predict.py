@@ -25,7 +25,7 @@ from ..faces.framing import FaceFramer, PhotoFramer
 from ..files import atomic_path, regular_file
 from ..images import IMAGE_SUFFIXES, ImageInput, load_image
 from ..labels import ADIENCE_GROUP_NAMES, age_group
-from ..model.contract import check_onnx_contract, check_outputs
+from ..model.contract import check_finite_outputs, check_onnx_contract
 
 if TYPE_CHECKING:
     import torch
@@ -242,7 +242,7 @@ class Predictor:
         if len(crops) == 0:
             return []
         p_male, age = self.backend.run(np.stack(list(crops)))
-        check_outputs(len(crops), p_male, age)
+        check_finite_outputs(len(crops), p_male, age)
         boxes = boxes or [None] * len(p_male)
         faces = []
         for i, (box, p) in enumerate(zip(boxes, p_male)):

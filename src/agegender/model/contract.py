@@ -59,7 +59,7 @@ def check_onnx_contract(session: Any, meta: CheckpointMeta, path: str | os.PathL
                              f"{cfg.age_min}-{cfg.age_max} ({cfg.ages})")
 
 
-def check_outputs(n: int, p_male: np.ndarray, age: np.ndarray | None) -> None:
+def check_finite_outputs(n: int, p_male: np.ndarray, age: np.ndarray | None) -> None:
     """Raise an AgeGenderError unless there are ``n`` finite P(male) in [0, 1] (and ``n`` finite ages).
 
     The caller reports it for the image those faces belong to; the next image is classified as usual.
