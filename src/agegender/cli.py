@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from .errors import AgeGenderError
+from .files import safe_name
 
 if TYPE_CHECKING:
     from .faces.detect import FaceDetector
@@ -21,8 +22,10 @@ log = logging.getLogger("agegender")
 
 
 def _cmd_convert(a: argparse.Namespace) -> int:
+    from .files import check_outputs
     from .weights.convert import convert_weights
 
+    check_outputs([a.src], file=a.output)
     summary = convert_weights(a.src, a.output, trust_pickle=a.trust_pickle, fmt=a.input_format, full=a.full)
     print(json.dumps(summary, indent=2))
     return 0
@@ -84,11 +87,13 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
+    from .files import check_outputs
     from .infer.export import export
 
     if a.model is None:
         raise AgeGenderError("export needs --model RUN (a run directory or checkpoint): the bundled model is "
                              "already an ONNX export")
+    check_outputs([a.model], file=a.output)
     result = export(a.model, a.format, a.output)
     print(json.dumps(result, indent=2))
     return 0
@@ -118,6 +123,7 @@ def _cmd_predict_ray(a: argparse.Namespace) -> int:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
+    from .files import check_outputs
     from .infer.predict import Predictor, expand_paths, predict_files, share_cores_for_batches
 
     if a.ray is not None:
@@ -125,6 +131,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     if not a.paths and a.camera is None:
         raise AgeGenderError("predict needs images, folders, globs or videos (or --camera INDEX)")
     paths = expand_paths(a.paths) if a.paths else []
+    check_outputs([*paths, *a.paths, *([a.model] if a.model else [])], file=a.output)
+    check_outputs([*paths, *a.paths], folder=a.annotate)
     predictor = Predictor.from_path(a.model, _detector(a), device=a.device, no_detect=a.no_detect,
                                     precision=a.precision, min_confidence=a.min_confidence)
     share_cores_for_batches(predictor)
@@ -285,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except AgeGenderError as e:
-        print(f"agegender: error: {e}", file=sys.stderr)
+        print(f"agegender: error: {safe_name(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("agegender: interrupted", file=sys.stderr)
@@ -293,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug, not the user's input: one line, the traceback only with -v
         if args.verbose:
             raise
-        print(f"agegender {args.command}: internal error: {type(e).__name__}: {e} (run with -v for the traceback)",
+        print(f"agegender {args.command}: internal error: {type(e).__name__}: {safe_name(e)} (run with -v for the traceback)",
               file=sys.stderr)
         return 1
 
