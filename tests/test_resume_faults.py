@@ -234,8 +234,8 @@ def test_nan_loss_stops_at_its_epoch(world: dict[str, Path], runs: dict[str, Pat
 
 
 @pytest.mark.parametrize(("argv", "text"), [
-    (["--batch-size", "0"], "--batch-size and --workers must be at least 1, got 0 and 2"),
-    (["--workers", "0"], "--batch-size and --workers must be at least 1, got 64 and 0"),
+    (["--batch-size", "0"], "batch size and workers must be at least 1, got 0 and 2"),
+    (["--workers", "0"], "batch size and workers must be at least 1, got 64 and 0"),
 ])
 def test_evaluate_option_limits(runs: dict[str, Path], capsys: pytest.CaptureFixture[str], argv: list[str],
                                 text: str) -> None:

@@ -287,7 +287,7 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_n
     @app.get("/health")
     async def health() -> dict[str, Any]:  # on the event loop: never waits for a thread busy decoding
         info = predictor.info()
-        return {"status": "ok", **info, "model": model_name or info["model"], "max_bytes": max_bytes,
+        return {"status": "ok", **info, "model": model_name or info.get("model"), "max_bytes": max_bytes,
                 "slots": limits.slots, "queue": limits.waiting}
 
     @app.post("/predict", responses=ERROR_RESPONSES)

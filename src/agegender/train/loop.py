@@ -429,7 +429,7 @@ def _save_state(out: Path, model: AgeGenderNet, meta: CheckpointMeta, optimizer:
     save_checkpoint(out / "last.safetensors", model, meta)
     state = {"epoch": epoch, "best": list(best), "optimizer": optimizer.state_dict(),
              "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
-             "model_config": json.dumps(model.config.to_dict(), sort_keys=True)}
+             "model_config": json.dumps({**model.config.to_dict(), "temperature": 1.0}, sort_keys=True)}
     with atomic_path(out / "train_state.pt") as tmp:
         torch.save(state, tmp)
     write_text_atomic(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
@@ -452,7 +452,8 @@ def _restore(out: Path, model: AgeGenderNet, optimizer: torch.optim.Optimizer
         meta = read_meta(last)
     except AgeGenderError as e:
         raise _cannot_resume(out, f"last.safetensors is damaged ({e})") from None
-    this_model = json.dumps(model.config.to_dict(), sort_keys=True)
+    # The calibration temperature is fitted after the last epoch, so it never tells two training runs apart.
+    this_model = json.dumps({**model.config.to_dict(), "temperature": 1.0}, sort_keys=True)
     if state.get("model_config", this_model) != this_model:
         raise _cannot_resume(out, "train_state.pt is from a run with another model")
     if meta.extra.get("epoch", state["epoch"]) != state["epoch"]:
