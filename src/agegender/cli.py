@@ -51,7 +51,8 @@ def _cmd_fetch(a: argparse.Namespace) -> int:
 def _cmd_train(a: argparse.Namespace) -> int:
     from .train.loop import fit
 
-    run = fit(_train_config(a, a.data[0] if len(a.data) == 1 else tuple(a.data), a.out), resume=a.resume)
+    run = fit(_train_config(a, a.data[0] if len(a.data) == 1 else tuple(a.data), a.out), resume=a.resume,
+              force=a.force)
     if run.report:  # only rank 0 of a torchrun job evaluates
         print(f"checkpoint: {run.checkpoint}\nreport: {run.report_md}")
     return 0
@@ -60,8 +61,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .train.evaluate import evaluate_model
 
-    report_md = evaluate_model(a.model, data=a.data, subset=a.subset, out=a.out, batch_size=a.batch_size,
-                               workers=a.workers)
+    data = None if not a.data else a.data[0] if len(a.data) == 1 else a.data
+    report_md = evaluate_model(a.model, data=data, subset=a.subset, out=a.out, batch_size=a.batch_size,
+                               workers=a.workers, precision=a.precision, device=a.device, force=a.force)
     print(f"report: {report_md}")
     return 0
 
@@ -69,14 +71,14 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_reproduce(a: argparse.Namespace) -> int:
     from .pipeline import reproduce
 
-    print(f"report: {reproduce(_train_config(a, a.data or '', str(Path(a.out) / 'run')), Path(a.out))}")
+    print(f"report: {reproduce(_train_config(a, a.data or '', str(Path(a.out) / 'run')), Path(a.out), force=a.force)}")
     return 0
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .pipeline import demo
 
-    print(f"report: {demo(Path(a.out), seed=a.seed)}")
+    print(f"report: {demo(Path(a.out), seed=a.seed, force=a.force)}")
     return 0
 
 
@@ -94,6 +96,9 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     if not a.paths and a.camera is None:
         raise AgeGenderError("predict needs images, folders, globs or videos (or --camera INDEX)")
     paths = expand_paths(a.paths) if a.paths else []
+    if a.annotate and Path(a.annotate).is_dir() and any(Path(a.annotate).iterdir()) and not a.force:
+        raise AgeGenderError(f"{a.annotate}: --annotate folder is not empty; pass --force to write into it, "
+                             "or choose another folder")
     predictor = Predictor.from_path(a.model, _detector(a), device=a.device,
                                     no_detect=a.no_detect, precision=a.precision)
     share_cores_for_batches(predictor)
@@ -289,27 +294,38 @@ def _add_training_commands(sub: argparse._SubParsersAction[_Parser], subsets: tu
                    help="agegender_cleaned tree, UTKFace folder or labels.csv folder; repeat to train on several")
     p.add_argument("--out", default="runs/latest", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--force", action="store_true", help="replace a run already in --out")
     _add_train_options(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="write report.json/report.md/PNGs for a run or model on a split or dataset")
     _add_model_option(p, "run directory from `agegender train`, or its checkpoint .safetensors")
-    p.add_argument("--data", help="dataset to evaluate on (default: the run's own test split)")
+    p.add_argument("--data", action="append",
+                   help="dataset to evaluate on, repeatable (default: the run's own test split)")
     p.add_argument("--subset", choices=subsets, help="default: the run's test split, or all of --data")
-    p.add_argument("--out", help="report directory (default: <run>/eval or beside the model)")
+    p.add_argument("--out", help="report directory (default: eval-<data set> beside the model, "
+                                 "or eval-<subset> for the run's own split)")
+    p.add_argument("--force", action="store_true", help="replace a report already in the output folder")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
+    from .devices import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="trunk precision (default: the run's own, so its training report's numbers come back)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("reproduce", help="the main job: fetch, convert, train, evaluate, export")
     p.add_argument("--out", "--workdir", dest="out", default="work", help="work directory (run, exports)")
     p.add_argument("--data", help="use this dataset instead of fetching agegender_cleaned")
+    p.add_argument("--force", action="store_true", help="replace a run already in the work directory")
     _add_train_options(p)
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("demo", help="the whole pipeline in ~2 minutes on generated data and weights (numbers mean nothing)")
     p.add_argument("--out", "--workdir", dest="out", default="demo", help="work directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace a demo already in the work directory")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -326,6 +342,7 @@ def _add_inference_commands(sub: argparse._SubParsersAction[_Parser], suffixes: 
     p.add_argument("--output-format", choices=("jsonl", "csv"), default="jsonl")
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.add_argument("--annotate", help="write images with boxes and labels to this folder")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --annotate folder")
     p.add_argument("--no-detect", action="store_true", help="inputs are already face crops")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--every", type=int, default=1, metavar="N", help="videos: one record per N frames")

@@ -13,9 +13,11 @@ import numpy as np
 import torch
 
 from ..data.batches import Batches
-from ..data.records import FaceRecord, scan
+from ..data.records import Dataset, FaceRecord
 from ..data.splits import make_splits
+from ..distributed import World
 from ..errors import AgeGenderError
+from ..files import refuse_overwrite
 from ..faces.framing import photo_framer
 from ..model.checkpoint import load_checkpoint, read_meta
 from ..model.meta import resolve_model
@@ -30,14 +32,36 @@ def collect_predictions(model: AgeGenderNet, batches: Batches, records: Sequence
     """Predictions for the readable records among ``idx``, and those records."""
     done, p_male, age = predict_batches(model, batches, idx)
     rec = [records[i] for i in done]
+    inf, nan = float("inf"), float("nan")
     return rec, Predictions(
         gender_true=np.array([r.gender for r in rec], dtype=int),
         p_male=p_male,
-        age_true=np.array([np.nan if r.age is None else r.age for r in rec], dtype=float),
+        # An age group's midpoint is not an age: such faces are scored by their interval alone.
+        age_true=np.array([nan if r.age is None or r.age_interval else r.age for r in rec], dtype=float),
         age_pred=age,
         race=np.array([r.race or "" for r in rec], dtype=object),
         paths=[str(r.path) for r in rec],
+        age_low=np.array([r.age_interval[0] if r.age_interval else nan for r in rec], dtype=float),
+        age_high=np.array([(inf if r.age_interval[1] is None else r.age_interval[1]) if r.age_interval else nan
+                           for r in rec], dtype=float),
     )
+
+
+def _source(r: FaceRecord) -> str:
+    """The source slice's value: the parsed origin (imdb, wiki, adience, utkface), else the data set's name."""
+    return r.dataset if r.source in ("csv", "unknown") and r.dataset else r.source
+
+
+def data_protocol(dataset: Dataset) -> dict[str, Any]:
+    """Which data, named per set when there are several (``--data`` given more than once)."""
+    roots = dataset.roots or (dataset.root,)
+    return {"data": str(roots[0]) if len(roots) == 1 else [str(r) for r in roots], "kind": dataset.kind}
+
+
+def precision_note(bf16: bool, cached: bool, device: str | torch.device) -> str:
+    """The precision the figures were computed in, for the protocol (bf16 and fp32 differ in the 3rd decimal)."""
+    trunk = "bf16" if bf16 and cached else "fp32"
+    return f"trunk {trunk}, heads fp32, on {device}"
 
 
 def evaluate_split(checkpoint: str | Path, batches: Batches, records: Sequence[FaceRecord], idx: np.ndarray,
@@ -53,39 +77,65 @@ def evaluate_split(checkpoint: str | Path, batches: Batches, records: Sequence[F
                                         "first": (list(skipped["first"]) + [f"{r.path}: could not decode"
                                                                             for r in unread])[:10]}}
     report = build_report(pred, {**protocol, "model": str(checkpoint), "best_epoch": meta.extra.get("best_epoch")},
-                          sources=np.array([r.source for r in done], dtype=object))
+                          sources=np.array([_source(r) for r in done], dtype=object),
+                          datasets=np.array([r.dataset for r in done], dtype=object))
     return report, write_report(report, pred, out_dir, history=history)
 
 
 SUBSETS = ("train", "val", "test", "all")
 
 
-def evaluate_model(model: str | os.PathLike[str], data: str | None = None, subset: str | None = None,
-                   out: str | None = None, batch_size: int = 64, workers: int = 2) -> Path:
+def evaluate_model(model: str | os.PathLike[str], data: str | Sequence[str] | None = None,
+                   subset: str | None = None, out: str | None = None, batch_size: int = 64, workers: int = 2,
+                   precision: str | None = None, device: str = "cpu", force: bool = False,
+                   progress: bool = True) -> Path:
     """`agegender evaluate`: a run's own test split by default, or any dataset with ``data``.
 
-    ``model`` is a run directory or a checkpoint file; only a run directory knows its own splits.
+    ``model`` is a run directory or a checkpoint file; only a run directory knows its own splits. The trunk runs
+    once over the faces, as training's feature cache does, at ``precision`` (None: the run's own, else auto), so
+    a run's own split gives the numbers its training report gave. The report goes to ``out``, by default
+    ``eval-<data set>`` (or ``eval-<subset>``) beside the model; an existing report is replaced only with ``force``.
     """
+    from ..data.features import extract_features
+    from ..data.records import dataset_name, scan_all
+    from ..devices import use_bf16
+
     ckpt = resolve_model(model)
     run = ckpt.parent if (ckpt.parent / "config.json").is_file() else None
     if data is None and run is None:
         raise AgeGenderError(f"{model}: a checkpoint outside its run directory needs --data (which images to use)")
     if subset is not None and subset not in SUBSETS:
         raise AgeGenderError(f"unknown subset {subset!r}; choose from {', '.join(SUBSETS)}")
-    stored = _stored_run_config(run) if run is not None and data is None else {}
-    meta = read_meta(ckpt)
-    dataset = scan(data or stored.get("data", ""))
-    protocol_name = str(stored.get("split", "identity"))
-    subset = subset or ("all" if data is not None else "test")
+    stored = _stored_run_config(run) if run is not None else {}
+    given = [data] if isinstance(data, str) else list(data) if data is not None else None
+    roots = given or stored.get("data") or ""
+    roots = [roots] if isinstance(roots, str) else list(roots)
+    subset = subset or ("all" if given else "test")
+    name = "+".join(dataset_name(r) for r in roots) + ("" if subset == "all" else f"-{subset}") if given else subset
+    out_dir = Path(out) if out else ckpt.parent / f"eval-{name}"
+    refuse_overwrite(out_dir, ("report.md", "report.json"), force)
+    precision = precision or str(stored.get("precision", "auto"))
+    bf16 = use_bf16(precision, device)
+    dataset = scan_all(roots)
+    own = {} if given else stored  # a run's own data is split as it was in training
+    protocol_name = str(own.get("split", "identity"))
     if subset == "all":
-        chosen, summary, leaked = list(dataset.records), {"all": {"images": len(dataset.records)}}, 0
+        chosen, summary = list(dataset.records), {"all": {"images": len(dataset.records)}}
+        leakage: dict[str, Any] = {
+            "leaked_identities": None,
+            "leakage": "not measured: the whole data set is evaluated, not a held-out split, so faces or people "
+                       "the model was trained on may be among them"}
     else:
-        splits = make_splits(dataset, protocol_name, int(stored.get("seed", 0)), limit=int(stored.get("limit", 0)))
-        chosen, summary, leaked = splits[subset], splits.summary(), splits.leaked_identities()
-    batches = Batches(chosen, meta.preprocess, batch_size, workers, frame=photo_framer(meta.preprocess))
-    out_dir = Path(out) if out else ckpt.parent / f"eval-{subset}"
-    protocol = {"data": str(dataset.root), "kind": dataset.kind, "split": f"{protocol_name}:{subset}",
-                "splits": summary, "leaked_identities": leaked, "skipped": dataset.skipped.to_dict()}
+        splits = make_splits(dataset, protocol_name, int(own.get("seed", 0)), limit=int(own.get("limit", 0)))
+        chosen, summary, leakage = splits[subset], splits.summary(), splits.leakage()
+    net, meta = load_checkpoint(ckpt, device=device)
+    frame = photo_framer(meta.preprocess)
+    features = extract_features(net, chosen, meta.preprocess, batch_size=batch_size, workers=workers, bf16=bf16,
+                                frame=frame, device=device, progress=progress)
+    batches = Batches(chosen, meta.preprocess, batch_size, workers, features, World(device=device), frame=frame)
+    protocol = {**data_protocol(dataset), "split": f"{protocol_name}:{subset}", "splits": summary, **leakage,
+                "precision": f"{precision_note(bf16, True, device)} (--precision {precision})",
+                "skipped": dataset.skipped.to_dict()}
     _, md = evaluate_split(ckpt, batches, chosen, np.arange(len(chosen)), protocol, out_dir)
     return md
 
