@@ -361,7 +361,8 @@ def _plot_age_groups(low: np.ndarray, high: np.ndarray, a: np.ndarray, path: Pat
     fig = _figure(width=max(4.5, 0.6 * len(groups)))
     ax = fig.add_subplot()
     rng = np.random.default_rng(0)
-    top = float(max(np.nanmax(a), 1.0))
+    # An open-ended group ("70+") is shaded up to the oldest prediction, and at least 20 years.
+    top = float(max(np.nanmax(a), max(lo + 20 for lo, _ in groups), 1.0))
     for i, (lo, hi) in enumerate(groups):
         mine = (low == lo) & (high == hi)
         ax.add_patch(_rectangle(i - 0.4, lo, 0.8, (top if hi == np.inf else hi + 1) - lo))
@@ -392,7 +393,8 @@ def _loss_panels(keys: Sequence[str]) -> list[tuple[str, list[str]]]:
         panels.pop("train_loss", None)
         panels.pop("val_loss", None)
     titles = {"train_loss": "train loss (gender + age)", "val_loss": "validation loss (gender)"}
-    return [(titles.get(t, t), ks) for t, ks in panels.items()]
+    order = sorted(panels, key=lambda t: not t.startswith("gender"))  # gender first, as the headline
+    return [(titles.get(t, t), panels[t]) for t in order]
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
