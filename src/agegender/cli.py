@@ -110,9 +110,11 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         return 0
     counts = predict_files(predictor, paths, output=a.output, output_format=a.output_format,
                            batch_size=a.batch_size, annotate=a.annotate, every=a.every)
-    log.info("%d images: %d faces, %d images without a face, %d errors", len(paths), counts["faces"],
-             counts["no face"], counts["errors"])
-    return 0 if counts["errors"] < len(paths) else 1
+    read = " and ".join(f"{counts[k]} {k}" for k in ("images", "frames") if counts[k]) or "nothing"
+    log.info("%s: %d faces, %d without a face, %d errors", read, counts["faces"], counts["no face"], counts["errors"])
+    if a.annotate:
+        log.info("annotated copies: %s", a.annotate)
+    return 0 if counts["errors"] < counts["images"] + counts["frames"] or not paths else 1
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
