@@ -211,7 +211,11 @@ class Predictor:
         pre = backend.meta.preprocess.resized(self.size)
         # The backbone's contract decides the framing: crops for VGG-Face, 5-point chips for dlib's ResNet.
         self.frame_face = FaceFramer(pre)
-        self.frame_photo = PhotoFramer(pre, faces=self.frame_face)
+        # A chip model reads 5-point chips, so a given crop (no_detect) is framed as training framed its photos:
+        # the subject found in the crop, then aligned. From the whole crop alone the shape predictor misplaces
+        # children's points (200 UTKFace crops: gender 0.835 / MAE 8.8 years, against 0.855 / 5.55 this way).
+        finder = default_detector(min_face_px=20, threads=1) if no_detect and pre.alignment != "crop" else None
+        self.frame_photo = PhotoFramer(pre, finder, faces=self.frame_face)
         self.workers = max(1, workers or usable_cores())
 
     @classmethod
