@@ -635,7 +635,8 @@ def test_leakage_counts_named_people_and_states_the_rest(tmp_path: Path) -> None
     splits = identity_split(recs, seed=0)
     leak = splits.leakage()
     assert leak["leaked_identities"] == 0
-    assert leak["leakage"] == "0 of 20 identities in more than one split; not measurable for 20 faces without person ids (20 in utk)"
+    assert leak["leakage"] == ("0 of 20 identities in more than one split; "
+                               "not measurable for 20 faces without person ids (20 in utk)")
 
 
 def test_scan_all_names_each_data_set_after_its_folder(tmp_path: Path) -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_predict import make_checkpoint
 
 from agegender import progress
 from agegender.cli import main
+from test_predict import make_checkpoint
 
 
 def test_progress_logs_a_line_when_not_on_a_terminal(monkeypatch: pytest.MonkeyPatch,

@@ -84,8 +84,8 @@ def reproduce(cfg: TrainConfig, work: Path, force: bool = False) -> Path:
 def demo(work: Path, seed: int = 0, force: bool = False) -> Path:
     """The whole pipeline on generated data and weights, in about two minutes. Its numbers mean nothing."""
     from .data.synthetic import make_agegender_tree, make_vgg_face_state, save_vgg_face
-    from .train.config import TrainConfig
     from .files import refuse_overwrite
+    from .train.config import TrainConfig
     from .train.loop import fit
 
     refuse_overwrite(work / "run", ("config.json", "model.safetensors"), force)

@@ -17,9 +17,9 @@ from ..data.records import Dataset, FaceRecord
 from ..data.splits import make_splits
 from ..distributed import World
 from ..errors import AgeGenderError
-from ..files import refuse_overwrite
 from ..faces.framing import photo_framer
-from ..model.checkpoint import load_checkpoint, read_meta
+from ..files import refuse_overwrite
+from ..model.checkpoint import load_checkpoint
 from ..model.meta import resolve_model
 from ..model.net import AgeGenderNet
 from .report import Predictions, build_report, write_report
