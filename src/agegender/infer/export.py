@@ -25,35 +25,29 @@ from ..errors import AgeGenderError
 from ..files import atomic_path, write_text_atomic
 from ..model.checkpoint import CheckpointMeta, load_checkpoint
 from ..model.config import ModelConfig
+from ..model.decode import decode, output_names
 from ..model.meta import resolve_model
 from ..model.net import AgeGenderNet, decode_age
 from ..model.vgg import VGGTrunk
+from .formats import SUFFIXES
 
 if TYPE_CHECKING:
     import keras
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = {"onnx": ".onnx", "keras": ".keras", "torch": ".pt2"}
+
 ONNX_OPSET = 18
 ONNX_TOLERANCE = 1e-4
 KERAS_TOLERANCE = 1e-4
 TORCH_TOLERANCE = 1e-5
 INPUT_NAME = "input"
-
-
-def output_names(config: ModelConfig) -> list[str]:
-    """The exported outputs in order: ``p_male``, then ``age`` unless there is no age head, then DEX ``age_probs``."""
-    names = ["p_male"]
-    if config.age_head != "none":
-        names.append("age")
-    if config.age_head == "dex":
-        names.append("age_probs")
-    return names
+KERAS_OUTPUTS = ("p_male", "age", "age_probs")  # the age interval is not in the Keras graph yet
 
 
 class InferenceModel(nn.Module):
-    """The one contract every export shares: normalised float32 ``(N, 3, S, S)`` -> the tensors of ``output_names``.
+    """The one contract every export shares: normalised float32 ``(N, 3, S, S)`` -> the tensors of ``output_names``,
+    decoded by :func:`~agegender.model.decode.decode` exactly as ``predict`` and the evaluation report decode them.
 
     Wrapping puts ``net`` in eval mode (BatchNorm on running statistics, dropout off).
     """
@@ -66,13 +60,7 @@ class InferenceModel(nn.Module):
 
     def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.net(input)
-        p_male = torch.sigmoid(out.gender_logit)
-        if out.age_logits is None:
-            return (p_male,)
-        age = decode_age(self.net.config, out.age_logits)
-        if self.net.config.age_head == "dex":
-            return p_male, age, torch.softmax(out.age_logits, -1)
-        return p_male, age
+        return decode(self.net.config, out.gender_logit, out.age_logits)
 
 
 # -- shared plumbing ----------------------------------------------------------------------------
@@ -184,7 +172,7 @@ def _write_sidecar(output: Path, meta_json: str) -> Path:
 
 def _result(fmt: str, output: Path, config: ModelConfig, diffs: dict[str, float], started: float,
             **extra: Any) -> dict[str, Any]:
-    result: dict[str, Any] = {"format": fmt, "path": str(output), "outputs": output_names(config),
+    result: dict[str, Any] = {"format": fmt, "path": str(output), "outputs": [n for n in output_names(config) if n in diffs],
                               "age": None if config.age_head == "none" else config.age_head,
                               "max_abs_diff": max(diffs.values()), "diffs": diffs,
                               "seconds": round(time.perf_counter() - started, 3), **extra}
@@ -270,6 +258,44 @@ def export_onnx(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLi
         got = session.run(model.output_names, {INPUT_NAME: x.numpy()})
         diffs = _parity(expected, got, model.output_names, ONNX_TOLERANCE, output, "onnxruntime")
     return _result("onnx", output, meta.config, diffs, started, opset=opset, exporter=exporter)
+
+
+def store_weights_fp16(source: str | os.PathLike[str], output: str | os.PathLike[str], min_elements: int = 1024
+                       ) -> dict[str, Any]:
+    """Copy an ONNX export with its large float32 weights stored as float16, each behind a Cast back to float32.
+
+    Half the bytes on disk; the arithmetic stays float32, since onnxruntime folds the Casts once when it loads the
+    model. Weights round to 11 significant bits, so outputs move slightly: check them against the original on
+    real faces before shipping (MODEL_CARD.md gives the figures for the bundled model).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(source))
+    graph, casts, halved, before = proto.graph, [], 0, 0
+    keep = []
+    for init in graph.initializer:
+        array = numpy_helper.to_array(init)
+        before += array.nbytes
+        if init.data_type != onnx.TensorProto.FLOAT or array.size < min_elements:
+            keep.append(init)
+            continue
+        half = array.astype(np.float16)
+        if not np.isfinite(half).all():
+            raise AgeGenderError(f"{source}: weight {init.name} overflows float16; keep the float32 export")
+        keep.append(numpy_helper.from_array(half, f"{init.name}.fp16"))
+        casts.append(onnx.helper.make_node("Cast", [f"{init.name}.fp16"], [init.name], to=onnx.TensorProto.FLOAT,
+                                           name=f"{init.name}.to_fp32"))
+        halved += 1
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(proto, full_check=True)
+    with atomic_path(output) as tmp:
+        onnx.save(proto, str(tmp))
+    return {"path": str(output), "halved": halved, "bytes_before": before, "bytes_after": Path(output).stat().st_size}
 
 
 def load_onnx_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
@@ -366,7 +392,8 @@ def build_keras_model(net: AgeGenderNet) -> keras.Model:
     features = x
 
     gender = layers.Dense(1, activation="sigmoid", name="gender")(features)
-    weights["gender"] = [_np(net.gender.weight.T), _np(net.gender.bias)]
+    # sigmoid(logit / T): the calibration temperature folded into the layer's weights
+    weights["gender"] = [_np(net.gender.weight.T) / cfg.temperature, _np(net.gender.bias) / cfg.temperature]
     assert net.age is not None or cfg.age_head == "none"
     outputs = [layers.Reshape((), name="p_male")(gender)]
     if cfg.age_head == "dex":
@@ -379,9 +406,12 @@ def build_keras_model(net: AgeGenderNet) -> keras.Model:
     elif cfg.age_head == "regression":
         # decode_age is affine for regression; read its scale and offset off it so the formula has one home.
         offset, at_one = (float(decode_age(cfg, torch.tensor([[v]]))) for v in (0.0, 1.0))
-        years = layers.Dense(1, name="age_years")(features)
+        years = layers.Dense(1, name="age_years")(features)  # minus age_min, so a ReLU clamps the range
         scale = at_one - offset
-        weights["age_years"] = [_np(net.age.weight.T) * scale, _np(net.age.bias) * scale + offset]  # type: ignore[union-attr]
+        weights["age_years"] = [_np(net.age.weight.T) * scale,  # type: ignore[union-attr]
+                                _np(net.age.bias) * scale + offset - cfg.age_min]  # type: ignore[union-attr]
+        years = layers.ReLU(max_value=float(cfg.age_max - cfg.age_min), name="age_clamp")(years)
+        years = layers.Rescaling(1.0, offset=float(cfg.age_min), name="age_offset")(years)
         outputs.append(layers.Reshape((), name="age")(years))
 
     model = keras.Model(inputs, outputs, name=f"agegender_{cfg.age_head}")
@@ -419,7 +449,9 @@ def export_keras(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathL
     with _suffixed_temp(output) as tmp:
         kmodel.save(str(tmp))
         reloaded = keras.saving.load_model(str(tmp))
-        diffs = _parity(expected, _keras_outputs(reloaded, x.numpy()), model.output_names, KERAS_TOLERANCE,
+        names = [n for n in model.output_names if n in KERAS_OUTPUTS]
+        diffs = _parity([e for n, e in zip(model.output_names, expected) if n in KERAS_OUTPUTS],
+                        _keras_outputs(reloaded, x.numpy()), names, KERAS_TOLERANCE,
                         output, f"Keras ({backend} backend, reloaded)")
     side = _write_sidecar(output, meta_json)
     return _result("keras", output, meta.config, diffs, started, backend=backend, metadata=str(side))

@@ -14,23 +14,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..devices import PRECISIONS, usable_cores, use_bf16
+from ..devices import usable_cores
 from ..errors import AgeGenderError
 from ..faces.detect import Box, FaceDetector, default_detector
 from ..faces.framing import FaceFramer, PhotoFramer
 from ..files import atomic_path
 from ..images import IMAGE_SUFFIXES, ImageInput, load_image
 from ..labels import ADIENCE_GROUP_NAMES, age_group
+from ..model.runtime import Backend, Decoded, OnnxBackend, TorchBackend, load_backend
+
+__all__ = ["Backend", "Face", "ImageResult", "OnnxBackend", "Predictor", "TorchBackend", "load_backend"]
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
-
-    from ..model.meta import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +38,31 @@ log = logging.getLogger(__name__)
 
 
 
+UNKNOWN = "unknown"  # the gender of a face whose P(male) is too close to 0.5 for ``min_confidence``
+
+
 @dataclass
 class Face:
     box: Box | None  # None when the whole image was classified (no detection)
-    gender: str
+    gender: str  # a label name, or "unknown" below the predictor's min_confidence
     p_male: float
     age: float | None  # None when the model has no age head
     age_group: str | None
+    age_low: float | None = None  # the 10th-90th percentile interval of the age distribution (DEX heads)
+    age_high: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"box": self.box.to_dict() if self.box else None, "gender": self.gender,
-                "p_male": round(self.p_male, 6), "age": None if self.age is None else round(self.age, 2),
-                "age_group": self.age_group}
+        d = {"box": self.box.to_dict() if self.box else None, "gender": self.gender,
+             "p_male": round(self.p_male, 6), "age": None if self.age is None else round(self.age, 2),
+             "age_group": self.age_group}
+        if self.age_low is not None and self.age_high is not None:
+            d.update(age_low=round(self.age_low), age_high=round(self.age_high))
+        return d
 
     def label(self) -> str:
         """Short caption such as ``M 34``."""
-        return self.gender[:1].upper() + ("" if self.age is None else f" {round(self.age)}")
+        return ("?" if self.gender == UNKNOWN else self.gender[:1].upper()) + (
+            "" if self.age is None else f" {round(self.age)}")
 
 
 @dataclass
@@ -70,117 +79,6 @@ class ImageResult:
             d.update(path=self.path.rsplit("#", 1)[0], frame=self.frame, time=self.time)
         return d
 
-
-
-# -- backends -----------------------------------------------------------------------------------
-
-class Backend(Protocol):
-    meta: CheckpointMeta
-    name: str
-    precision: str
-
-    def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """uint8 ``(N, S, S, 3)`` RGB crops -> (P(male) ``(N,)``, age in years ``(N,)`` or None)."""
-        ...
-
-
-class TorchBackend:
-    """A checkpoint in PyTorch. The trunk runs in bf16 when ``precision`` asks for it (``auto``: where the
-    hardware has bf16 units); the head always runs in fp32, so bf16 only rounds the trunk's input and
-    activations (gender decisions agreed with fp32 on every shared photo in BENCHMARKS.md figure 4).
-
-    Threads may share one backend: inference only reads the weights.
-    """
-
-    name = "torch"
-
-    def __init__(self, path: Path, device: str, precision: str = "auto") -> None:
-
-        from ..model.checkpoint import load_checkpoint
-        from ..model.net import feature_extractor
-
-        if precision not in PRECISIONS:
-            raise AgeGenderError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        # auto: bf16 exactly where the hardware has bf16 units
-        self.model, self.meta = load_checkpoint(path, device)
-        bf16 = use_bf16(precision, device)
-        self.precision = "bf16" if bf16 else "fp32"
-        # The trunk in its fastest inference form: oneDNN's blocked layout for a bf16 VGG, else channels_last.
-        self.features = feature_extractor(self.model, bf16, device, in_place=True)
-
-    def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        import torch
-
-        p_male, age = self.run_normalized(self.meta.preprocess.normalize(torch.from_numpy(crops)))
-        return p_male.astype(np.float64), None if age is None else age.astype(np.float64)
-
-    def run_normalized(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """Normalised ``(N, 3, S, S)`` input -> float32 P(male) and age (None without an age head)."""
-        import torch
-
-        with torch.inference_mode():
-            out = self.model.forward_head(self.features(x).float())
-            p_male = torch.sigmoid(out.gender_logit).cpu().numpy()
-            age = None if out.age_logits is None else self.model.expected_age(out.age_logits).cpu().numpy()
-        return p_male, age
-
-
-class OnnxBackend:
-    """onnxruntime only; sessions are thread-safe, and preprocessing is numpy."""
-
-    name = "onnx"
-    precision = "as exported"
-
-    def __init__(self, path: Path) -> None:
-        from ..model.meta import CheckpointMeta
-
-        self.path = path
-        self.session = self._session(None)
-        raw = self.session.get_modelmeta().custom_metadata_map.get("agegender")
-        if raw is None:
-            raise AgeGenderError(f"{path}: ONNX model without agegender metadata (not exported by agegender)")
-        try:
-            self.meta = CheckpointMeta.from_json(raw)
-        except (ValueError, KeyError) as e:
-            raise AgeGenderError(f"{path}: {e}") from None
-        outputs = {o.name for o in self.session.get_outputs()}
-        if "p_male" not in outputs:
-            raise AgeGenderError(f"{path}: ONNX model has no p_male output (outputs: {sorted(outputs)})")
-        self.outputs = ["p_male"] + (["age"] if "age" in outputs else [])
-
-    def _session(self, threads: int | None) -> Any:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise AgeGenderError(f"{self.path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
-
-    def set_threads(self, threads: int) -> None:
-        """Threads for each run (a new session); by default onnxruntime's own choice, every core."""
-        self.session = self._session(threads)
-
-    def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        got = self.session.run(self.outputs, {"input": self.meta.preprocess.normalize_numpy(crops)})
-        return got[0].astype(np.float64), got[1].astype(np.float64) if len(got) > 1 else None
-
-
-def load_backend(model: str | os.PathLike[str], device: str = "cpu", precision: str = "auto") -> Backend:
-    """A run directory, a checkpoint .safetensors or an .onnx export, ready to run."""
-    from ..model.meta import resolve_model
-
-    path = resolve_model(model)
-    if path.suffix == ".onnx":
-        if device != "cpu":
-            log.warning("%s: ONNX models run on the CPU; ignoring device %s", path, device)
-        return OnnxBackend(path)
-    if path.suffix == ".safetensors":
-        return TorchBackend(path, device, precision)
-    raise AgeGenderError(f"{path}: not a model file (expected a checkpoint .safetensors or an .onnx export)")
 
 
 # -- prediction ---------------------------------------------------------------------------------
@@ -203,11 +101,14 @@ class Predictor:
     """Faces -> gender and age. Thread-safe: detectors keep per-thread state, and backends only read their weights."""
 
     def __init__(self, backend: Backend, detector: FaceDetector | None = None, no_detect: bool = False,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, min_confidence: float = 0.5) -> None:
+        if not 0.5 <= min_confidence < 1:
+            raise AgeGenderError(f"min_confidence must be in [0.5, 1), got {min_confidence}")
         self.backend = backend
         self.meta = backend.meta
         self.size = backend.meta.config.image_size
         self.detector = None if no_detect else (detector or default_detector())
+        self.min_confidence = min_confidence
         pre = backend.meta.preprocess.resized(self.size)
         # The backbone's contract decides the framing: crops for VGG-Face, 5-point chips for dlib's ResNet.
         self.frame_face = FaceFramer(pre)
@@ -219,17 +120,30 @@ class Predictor:
         self.workers = max(1, workers or usable_cores())
 
     @classmethod
-    def from_path(cls, model: str | os.PathLike[str], detector: FaceDetector | None = None, device: str = "cpu",
-                  no_detect: bool = False, precision: str = "auto") -> Predictor:
-        return cls(load_backend(model, device, precision), detector, no_detect)
+    def from_path(cls, model: str | os.PathLike[str] | None = None, detector: FaceDetector | None = None,
+                  device: str = "cpu", no_detect: bool = False, precision: str = "auto",
+                  min_confidence: float = 0.5) -> Predictor:
+        """A predictor over ``model`` (a run directory, checkpoint or ONNX export); None: the bundled model."""
+        from ..weights.zoo import bundled_model
+
+        path = bundled_model() if model is None else model
+        return cls(load_backend(path, device, precision), detector, no_detect, min_confidence=min_confidence)
+
+    @classmethod
+    def default(cls, **options: Any) -> Predictor:
+        """The bundled model (MODEL_CARD.md) with RetinaFace: ``Predictor.default().predict("photo.jpg")``."""
+        return cls.from_path(None, **options)
 
     def info(self) -> dict[str, Any]:
         cfg = self.meta.config
-        return {"backend": self.backend.name, "precision": self.backend.precision, "image_size": self.size,
+        path = getattr(self.backend, "path", None)
+        return {"model": self.meta.extra.get("name") or (None if path is None else os.path.basename(path)),
+                "backend": self.backend.name,
+                "precision": self.backend.precision, "image_size": self.size,
                 "age_head": cfg.age_head, "genders": list(self.meta.genders),
                 "backbone": cfg.backbone, "alignment": self.meta.preprocess.alignment,
                 "detector": "none" if self.detector is None else getattr(self.detector, "name", "custom"),
-                "min_face_px": getattr(self.detector, "min_face_px", None)}
+                "min_face_px": getattr(self.detector, "min_face_px", None), "min_confidence": self.min_confidence}
 
     def crops(self, rgb: np.ndarray) -> tuple[list[Box | None], list[np.ndarray]]:
         """The detected boxes and their crops at the model's input size (the whole image with ``no_detect``)."""
@@ -243,15 +157,19 @@ class Predictor:
         """Faces for a batch of ``(S, S, 3)`` uint8 crops."""
         if len(crops) == 0:
             return []
-        p_male, age = self.backend.run(np.stack(list(crops)))
-        boxes = boxes or [None] * len(p_male)
-        faces = []
-        for i, (box, p) in enumerate(zip(boxes, p_male)):
-            # Clamped to the ages the head was trained on: regression extrapolates (-2.6 years was seen).
-            years = None if age is None else float(np.clip(age[i], self.meta.config.age_min, self.meta.config.age_max))
-            group = None if years is None else ADIENCE_GROUP_NAMES[age_group(round(years))]
-            faces.append(Face(box, self.meta.genders[int(p >= 0.5)], float(p), years, group))
-        return faces
+        out = self.backend.run(np.stack(list(crops)))
+        boxes = boxes or [None] * len(out)
+        return [self._face(out, i, box) for i, box in enumerate(boxes)]
+
+    def _face(self, out: Decoded, i: int, box: Box | None) -> Face:
+        p = float(out.p_male[i])
+        sure = max(p, 1.0 - p) >= self.min_confidence
+        gender = self.meta.genders[int(p >= 0.5)] if sure else UNKNOWN
+        if out.age is None:
+            return Face(box, gender, p, None, None)
+        years = float(out.age[i])
+        low, high = (None if a is None else float(a[i]) for a in (out.age_low, out.age_high))
+        return Face(box, gender, p, years, ADIENCE_GROUP_NAMES[age_group(round(years))], low, high)
 
     def predict(self, image: ImageInput | Image.Image) -> list[Face]:
         """Every face in one image (a path, encoded bytes, an RGB array or a PIL image)."""
@@ -360,18 +278,13 @@ def share_cores_for_batches(predictor: Predictor) -> None:
     set_threads = getattr(predictor.detector, "set_threads", None)
     if set_threads is not None:
         set_threads(1)
-    if isinstance(predictor.backend, OnnxBackend):
-        predictor.backend.set_threads(1)
-    elif isinstance(predictor.backend, TorchBackend) and "OMP_NUM_THREADS" not in os.environ:
-        import torch
-
-        torch.set_num_threads(1)
+    predictor.backend.set_threads(1)
 
 
 # -- command line -------------------------------------------------------------------------------
 
-CSV_FIELDS = ("path", "face", "x", "y", "w", "h", "score", "gender", "p_male", "age", "age_group", "error", "frame",
-              "time")
+CSV_FIELDS = ("path", "face", "x", "y", "w", "h", "score", "gender", "p_male", "age", "age_group", "age_low", "age_high",
+              "error", "frame", "time")
 
 
 def expand_paths(specs: Iterable[str]) -> list[str]:

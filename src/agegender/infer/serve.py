@@ -265,7 +265,7 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_n
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, **predictor.info(), "max_bytes": max_bytes,
+        return {"status": "ok", **predictor.info(), "model": model_name or predictor.info()["model"], "max_bytes": max_bytes,
                 "slots": limits.slots, "queue": limits.waiting}
 
     @app.post("/predict")
@@ -352,10 +352,11 @@ def _run(config: Any, sock: socket.socket) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def serve(model: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000,
+def serve(model: str | os.PathLike[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           max_bytes: int = DEFAULT_MAX_BYTES, precision: str = "auto", min_face: int = MIN_FACE_PX,
-          device: str = "cpu", detector: FaceDetector | None = None, limits: ServiceLimits | None = None) -> None:
-    """Load ``model`` once and serve the API and page with uvicorn until interrupted.
+          device: str = "cpu", detector: FaceDetector | None = None, limits: ServiceLimits | None = None,
+          min_confidence: float = 0.5) -> None:
+    """Load ``model`` once (None: the bundled model) and serve the API and page with uvicorn until interrupted.
 
     Every option, the address included, is checked (and the socket bound) before the model loads.
     """
@@ -371,10 +372,11 @@ def serve(model: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 80
     sock = listen(host, port)
     try:
         predictor = Predictor.from_path(model, detector or default_detector(min_face), device=device,
-                                        precision=precision)
+                                        precision=precision, min_confidence=min_confidence)
         if not _is_loopback(host):
             log.warning("binding %s: the API is reachable from other machines and has no authentication", host)
-        app = create_app(predictor, max_bytes, model_name=os.path.basename(os.fspath(model)), limits=limits)
+        name = None if model is None else os.path.basename(os.fspath(model))
+        app = create_app(predictor, max_bytes, model_name=name, limits=limits)
         _run(uvicorn_config(app, limits), sock)
     finally:
         sock.close()

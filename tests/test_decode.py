@@ -1,0 +1,109 @@
+"""One decode for every consumer: temperature, clamping, the age interval; the calibration that fits the
+temperature; the feature cache that reuses rows across runs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agegender.model.config import ModelConfig
+from agegender.model.decode import AGE_INTERVAL, decode, output_names
+from agegender.train.calibrate import calibration_summary, fit_temperature
+
+TINY = {"widths": (4, 8, 8, 16, 16), "hidden": (8,), "dropout": (0.0,)}
+
+
+def test_interval_is_the_distribution_percentiles() -> None:
+    cfg = ModelConfig(**TINY, age_min=1, age_max=10)
+    probs = torch.tensor([[0.04, 0.04, 0.2, 0.2, 0.2, 0.2, 0.06, 0.06, 0.0, 0.0]])
+    _, age, low, high, back = decode(cfg, torch.zeros(1), probs.log())
+    cdf = probs.cumsum(-1)[0]
+    # the first age whose cumulative probability reaches q
+    assert low.item() == 1 + int((cdf < AGE_INTERVAL[0]).sum()) == 3
+    assert high.item() == 1 + int((cdf < AGE_INTERVAL[1]).sum()) == 7
+    assert age.item() == pytest.approx(float((probs[0] * torch.arange(1, 11)).sum()), abs=1e-5)
+    torch.testing.assert_close(back, probs)
+
+
+def test_one_certain_age_gives_a_point_interval() -> None:
+    cfg = ModelConfig(**TINY, age_min=1, age_max=70)
+    logits = torch.full((1, 70), -50.0)
+    logits[0, 33] = 50.0
+    _, age, low, high, _ = decode(cfg, torch.zeros(1), logits)
+    assert age.item() == pytest.approx(34) and low.item() == high.item() == 34
+
+
+def test_temperature_scales_the_logit_and_regression_is_clamped() -> None:
+    cfg = ModelConfig(**TINY, age_head="regression", temperature=2.0)
+    p, age = decode(cfg, torch.tensor([2.0, -4.0]), torch.tensor([[5.0], [-5.0]]))
+    torch.testing.assert_close(p, torch.sigmoid(torch.tensor([1.0, -2.0])))
+    assert age.tolist() == [70.0, 1.0]
+    assert output_names(cfg) == ["p_male", "age"]
+    assert output_names(ModelConfig(**TINY, age_head="none")) == ["p_male"]
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, 50.0, float("nan"), "2"])
+def test_temperature_is_checked(bad: object) -> None:
+    from agegender.errors import AgeGenderError
+
+    with pytest.raises(AgeGenderError, match="temperature"):
+        ModelConfig(**TINY, temperature=bad)  # type: ignore[arg-type]
+
+
+def test_fit_temperature_recovers_a_known_one() -> None:
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2.0, 20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-true_logits))).astype(float)
+    overconfident = true_logits * 3.0  # a model three times too sure of itself
+    t = fit_temperature(overconfident, y)
+    assert t == pytest.approx(3.0, rel=0.08)
+    summary = calibration_summary(overconfident, y, t)
+    assert summary["ece_after"] < summary["ece_before"] and summary["nll_after"] < summary["nll_before"]
+    with pytest.raises(ValueError):
+        fit_temperature(np.array([np.nan]), np.array([1.0]))
+
+
+def test_feature_cache_reuses_rows_across_record_sets(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A run over A then one over A+B extracts only B's images, and gives A's rows unchanged."""
+    from PIL import Image
+
+    from agegender.data import features as F
+    from agegender.data.records import FaceRecord
+    from agegender.model.config import VGG_FACE_PREPROCESS
+    from agegender.model.net import AgeGenderNet
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**TINY, image_size=32)
+    model = AgeGenderNet(cfg).eval()
+    pre = VGG_FACE_PREPROCESS.resized(32)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(6):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+        records.append(FaceRecord(path, i % 2, 20 + i, str(i)))
+    calls: list[int] = []
+    extract = F.extract_features
+
+    def counting(model: AgeGenderNet, recs: list, *args: object, **kwargs: object) -> F.FeatureSet:
+        calls.append(len(recs))
+        return extract(model, recs, *args, **kwargs)  # type: ignore[arg-type]
+
+    cache = tmp_path / "cache"
+    F.extract_features = counting  # type: ignore[assignment]
+    try:
+        first = F.cached_features(model, records[:4], pre, cache, progress=False, workers=1)
+        with caplog.at_level(logging.INFO, logger="agegender.data.features"):
+            both = F.cached_features(model, records[2:], pre, cache, progress=False, workers=1)
+        again = F.cached_features(model, records[::-1], pre, cache, progress=False, workers=1)
+    finally:
+        F.extract_features = extract  # type: ignore[assignment]
+    assert calls == [4, 2]  # the second run extracted images 4 and 5 only; the third nothing
+    assert "2 of 4 images known" in caplog.text
+    torch.testing.assert_close(both.features[:2], first.features[2:])
+    torch.testing.assert_close(again.features, torch.cat([both.features.flip(0)[:4], first.features[:2].flip(0)]))
+    assert again.cached and bool(again.ok.all())
