@@ -63,6 +63,17 @@ def test_health_and_page(client: TestClient) -> None:
     assert 'type="file"' in page.text and "/predict" not in page.text.split("fetch(")[0]
 
 
+def test_favicon_and_docs(client: TestClient) -> None:
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 204 and icon.content == b""  # no 404 in the browser's console
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    schema = client.get("/openapi.json").json()
+    assert {"/predict", "/health"} <= set(schema["paths"]) and "/favicon.ico" not in schema["paths"]
+    health = client.get("/health").json()
+    assert {"backbone", "detector", "precision"} <= set(health)  # the page's model line reads these
+
+
 def test_predict_a_real_photo(client: TestClient, shared_faces: Path) -> None:
     photo = min((shared_faces / "lfw").glob("*.jpg"))
     r = _post(client, photo.read_bytes(), photo.name, "image/jpeg")

@@ -240,16 +240,17 @@ def _declared_pixels(data: bytes) -> int:
 
 def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_name: str | None = None,
                limits: ServiceLimits | None = None) -> "FastAPI":
-    """The API over one loaded ``predictor``: ``GET /``, ``GET /health``, ``POST /predict`` (multipart ``file``)."""
+    """The API over one loaded ``predictor``: ``GET /`` (the page), ``GET /health``, ``POST /predict`` (multipart
+    ``file``) and ``GET /docs`` (the OpenAPI page)."""
     from fastapi import FastAPI, File, UploadFile
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     limits = limits or ServiceLimits()
     limits.check()
     limiter = DecodeLimiter(limits)
     page = resources.files("agegender.infer").joinpath("static/index.html").read_text(encoding="utf-8")
-    app = FastAPI(title="agegender", docs_url=None, redoc_url=None)
+    app = FastAPI(title="agegender", docs_url="/docs", redoc_url=None)
     app.add_middleware(BodyGuard, max_bytes=max_bytes, body_timeout=limits.body_timeout,
                        read_timeout=limits.read_timeout)
 
@@ -262,6 +263,10 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_n
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
         return page
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Any:
+        return Response(status_code=204)  # the page carries its icon inline; browsers still ask
 
     @app.get("/health")
     def health() -> dict[str, Any]:
