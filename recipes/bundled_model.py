@@ -140,6 +140,11 @@ def _interval(label: str) -> tuple[float, float] | None:
     return (float(m[1]), float(m[2]) + 0.999) if m[1] else (float(m[3]), 200.0)
 
 
+def _order(value: str) -> tuple[float, str]:
+    m = re.match(r"\d+", value)
+    return (float(m[0]) if m else float("inf"), value)
+
+
 def score(rows: list[dict[str, Any]], preds: dict[str, dict[str, Any]]) -> dict[str, Any]:
     from agegender.train import metrics
 
@@ -163,7 +168,7 @@ def score(rows: list[dict[str, Any]], preds: dict[str, dict[str, Any]]) -> dict[
         out |= {"group_faces": len(grouped), "group_accuracy": float(np.mean(inside))}
     slices: dict[str, dict[str, Any]] = {}
     for key in ("set", "band", "race"):
-        for value in sorted({r[key] for r in rows}):
+        for value in sorted({r[key] for r in rows}, key=_order):
             idx = [i for i, r in enumerate(rows) if r[key] == value]
             slices.setdefault(key, {})[value] = {"faces": len(idx), "accuracy": float(hit[idx].mean())}
     for g, name in ((1, "male"), (0, "female")):
@@ -340,6 +345,8 @@ def render_card(card: dict[str, Any]) -> str:
     ]
     for key in ("set", "age", "band", "race", "gender"):
         lines += [f"| *{key}* | | | | |", *_slice_rows(card, key)]
+    lines += ["", "A slice of 500 photos at 95% accuracy has a 95% interval of about ±2 points, so gaps of a point or "
+              "two within one slice are not differences either way."]
     trade = e["confidence"]
     lines += [
         "", "## What the extra outputs are worth", "",

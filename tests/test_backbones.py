@@ -26,7 +26,7 @@ def _real_dlib_weights() -> Path:
     try:
         return packaged_weights(REAL_WEIGHTS)
     except Exception:
-        pytest.skip("face_recognition_models is not installed (pip install 'agegender[dlib]')")
+        pytest.skip("face_recognition_models is not installed (pip install 'agegender[train]')")
 
 
 @pytest.fixture(scope="module")

@@ -96,9 +96,34 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict_ray(a: argparse.Namespace) -> int:
+    from .infer.ray_predict import PredictorRecipe, predict_on_ray
+
+    if a.ray != "local" and os.path.exists(a.ray):  # --ray's optional value took the first input
+        raise AgeGenderError(f"--ray took {a.ray!r} for a Ray address: put --ray after the inputs, or write "
+                             "--ray=ADDRESS")
+    if not a.paths:
+        raise AgeGenderError("predict --ray needs images, folders, globs or lists of paths (.txt, .parquet)")
+    if not a.out:
+        raise AgeGenderError("predict --ray writes shards into a folder: pass --out DIR")
+    unsupported = [flag for flag, used in (("--camera", a.camera is not None), ("--annotate", a.annotate),
+                                           ("--output", a.output), ("--every", a.every != 1)) if used]
+    if unsupported:
+        raise AgeGenderError(f"predict --ray does not take {', '.join(unsupported)}")
+    recipe = PredictorRecipe(a.model, detector=a.detector, min_face=a.min_face, score_threshold=a.score_threshold,
+                             max_faces=a.max_faces, no_detect=a.no_detect, precision=a.precision,
+                             min_confidence=a.min_confidence)
+    summary = predict_on_ray(a.paths, a.out, address=None if a.ray == "local" else a.ray, recipe=recipe,
+                             output_format=a.output_format, shard_size=a.shard_size, batch_size=a.batch_size,
+                             workers=a.workers, resume=a.resume)
+    return 0 if summary.errors < summary.images or summary.images == 0 else 1
+
+
 def _cmd_predict(a: argparse.Namespace) -> int:
     from .infer.predict import Predictor, expand_paths, predict_files, share_cores_for_batches
 
+    if a.ray is not None:
+        return _cmd_predict_ray(a)
     if not a.paths and a.camera is None:
         raise AgeGenderError("predict needs images, folders, globs or videos (or --camera INDEX)")
     paths = expand_paths(a.paths) if a.paths else []
@@ -162,7 +187,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     from .model.backbones import BACKBONES
 
     p.add_argument("--backbone", choices=tuple(BACKBONES), default="vgg-face",
-                   help="the face descriptor under the heads (dlib-resnet: CC0, pip install 'agegender[dlib]')")
+                   help="the face descriptor under the heads (dlib-resnet: CC0, pip install 'agegender[train]')")
     p.add_argument("--feature-layer", default="", help="backbone layer that feeds the head (default: the backbone's)")
     p.add_argument("--alignment", choices=("chip5", "landmarks5"), default=None,
                    help="dlib-resnet: chips from the ported shape predictor (chip5, default) or from RetinaFace's "
@@ -370,7 +395,8 @@ def _export_options(p: argparse.ArgumentParser) -> None:
 def _predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="*", help="images, folders of images, globs, or video files (.mp4, .avi, ...)")
     _add_model_option(p, "run directory, checkpoint .safetensors or .onnx export (default: the bundled model)")
-    p.add_argument("--output-format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("--output-format", choices=("jsonl", "csv", "parquet"), default="jsonl",
+                   help="csv: without --ray only; parquet: with --ray only")
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.add_argument("--annotate", help="write images with boxes and labels to this folder")
     p.add_argument("--force", action="store_true", help="write into a non-empty --annotate folder")
@@ -378,6 +404,13 @@ def _predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--every", type=int, default=1, metavar="N", help="videos: one record per N frames")
     p.add_argument("--camera", type=int, metavar="INDEX", help="read frames from this camera instead of files")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="predict on Ray (pip install 'agegender[ray]'): the cluster at ADDRESS (host:port, auto), "
+                        "or a local Ray without it; inputs may also be .txt or .parquet lists of paths")
+    p.add_argument("--out", metavar="DIR", help="--ray: the folder for the shards (part-*.jsonl) and summary.json")
+    p.add_argument("--resume", action="store_true", help="--ray: skip the inputs already in --out's shards")
+    p.add_argument("--workers", type=int, metavar="N", help="--ray: actors (default: one per CPU of the cluster)")
+    p.add_argument("--shard-size", type=int, default=500, metavar="N", help="--ray: images per output shard at most")
     _add_inference_options(p)
     p.set_defaults(func=_cmd_predict)
 

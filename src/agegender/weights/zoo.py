@@ -61,8 +61,8 @@ def _verified(entry: BundledFile) -> Path:
 
 MODEL = BundledFile(
     "agegender-dlib-v1.onnx",
-    sha256="0" * 64,
-    size=0,
+    sha256="e591d45e0fa003daf51346c7461afcedde1638ac74b4357485302095ba794af4",
+    size=12_424_824,
     licence="dlib ResNet trunk: CC0 1.0; heads trained on UTKFace, IMDB-WIKI, LFW (non-commercial research) and "
             "FairFace (CC BY 4.0): non-commercial research use (MODEL_CARD.md)",
     what="age/gender model",
