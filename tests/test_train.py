@@ -115,7 +115,8 @@ def test_unfreeze_fine_tunes_the_convs(world, tmp_path) -> None:  # type: ignore
 
 def test_cli_train_then_evaluate(world, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "cli"
-    assert main(["train", "--data", str(world["data"]), "--weights", str(world["weights"]), "--out", str(out),
+    assert main(["train", "--backbone", "vgg-face", "--data", str(world["data"]), "--weights", str(world["weights"]),
+                 "--out", str(out),
                  "--epochs", "1", "--batch-size", "32", "--limit", "150", "--hidden", "16", "16"]) == 0
     assert (out / "report" / "report.md").is_file()
     assert main(["evaluate", "--run", str(out)]) == 0
@@ -126,7 +127,7 @@ def test_cli_train_then_evaluate(world, tmp_path, capsys) -> None:  # type: igno
 
 
 def test_cli_errors_are_one_line(world, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
-    assert main(["train", "--data", str(world["data"]), "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--backbone", "vgg-face", "--data", str(world["data"]), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--weights" in err and "--init scratch" in err
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--init", "scratch"]) == 2
@@ -255,7 +256,8 @@ def test_evaluations_go_to_a_folder_per_data_set_and_never_overwrite(world, tmp_
     assert set(r["slices"]["by"]["data set"]) == {"utk", "faces"}
     # A second train into the same folder is refused too.
     capsys.readouterr()
-    args = ["train", "--data", str(world["data"]), "--weights", str(world["weights"]), "--out", str(run.out),
+    args = ["train", "--backbone", "vgg-face", "--data", str(world["data"]), "--weights", str(world["weights"]),
+            "--out", str(run.out),
             "--epochs", "1", "--batch-size", "32", "--limit", "150", "--hidden", "16", "16"]
     assert main(args) == 2
     assert "--force" in capsys.readouterr().err

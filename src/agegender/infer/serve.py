@@ -351,6 +351,15 @@ def uvicorn_config(app: Any, limits: ServiceLimits | None = None, log_level: str
         timeout_graceful_shutdown=10)
 
 
+def service_url(host: str, port: int) -> str:
+    """The address to open in a browser: a wildcard host is reached through this machine's name."""
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        host = socket.gethostname()
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal
+    return f"http://{host}:{port}/"
+
+
 def _run(config: Any, sock: socket.socket) -> None:
     import uvicorn
 
@@ -382,6 +391,8 @@ def serve(model: str | os.PathLike[str] | None = None, host: str = "127.0.0.1", 
             log.warning("binding %s: the API is reachable from other machines and has no authentication", host)
         name = None if model is None else os.path.basename(os.fspath(model))
         app = create_app(predictor, max_bytes, model_name=name, limits=limits)
+        url = service_url(host, sock.getsockname()[1])
+        log.info("serving %s (the page), %sdocs (the API), %shealth; Ctrl+C stops", url, url, url)
         _run(uvicorn_config(app, limits), sock)
     finally:
         sock.close()
