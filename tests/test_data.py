@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import csv
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -651,3 +652,56 @@ def test_scan_all_names_each_data_set_after_its_folder(tmp_path: Path) -> None:
     assert [r.dataset for r in ds.records] == ["fairface"] * 2 + ["lfw (1)"] * 2 + ["lfw (2)"] * 2
     assert len({r.identity for r in ds.records}) == 6  # listed ids stay per folder
     assert ds.roots == (tmp_path / "fairface", tmp_path / "lfw", tmp_path / "other" / "lfw")
+
+
+# -- manifests that escape their folder or list a file twice -----------------------------------------
+@pytest.mark.parametrize("name", ["../outside.jpg", "sub/../../outside.jpg", "{abs}"])
+def test_manifest_paths_outside_the_folder_are_refused(tmp_path: Path, name: str) -> None:
+    data = tmp_path / "data"
+    _jpeg(data / "a.jpg")
+    _jpeg(tmp_path / "outside.jpg")
+    name = name.replace("{abs}", str(tmp_path / "outside.jpg"))
+    _write_csv(data / "labels.csv", ["path", "gender"], [["a.jpg", "F"], [name, "M"]])
+    with pytest.raises(AgeGenderError, match=r"labels.csv:3: .*outside.jpg is outside .*data; a manifest may only"):
+        scan(data)
+
+
+def test_manifest_inside_paths_by_any_spelling_are_accepted(tmp_path: Path) -> None:
+    _jpeg(tmp_path / "sub" / "a.jpg")
+    _write_csv(tmp_path / "labels.csv", ["path", "gender"], [["sub/../sub/a.jpg", "F"], [str(tmp_path / "b.jpg"), "M"]])
+    _jpeg(tmp_path / "b.jpg")
+    assert len(scan(tmp_path).records) == 2
+
+
+def test_a_file_listed_twice_is_counted_once_and_conflicts_are_reported(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        _jpeg(tmp_path / name)
+    (tmp_path / "sub").mkdir()
+    os.link(tmp_path / "c.jpg", tmp_path / "c-hardlink.jpg")
+    _write_csv(tmp_path / "labels.csv", ["path", "gender", "age"], [
+        ["a.jpg", "F", "30"], ["./a.jpg", "F", "30"],  # the same file, the same labels: once
+        ["b.jpg", "F", "30"], ["sub/../b.jpg", "M", "30"],  # the same file, different labels: neither
+        ["c.jpg", "M", "40"], ["c-hardlink.jpg", "M", "41"],  # a hard link is the same file
+    ])
+    with caplog.at_level("WARNING", logger="agegender"):
+        ds = scan(tmp_path)
+    assert [r.path.name for r in ds.records] == ["a.jpg"]
+    assert [why for _, why in ds.skipped.items] == ["listed again on line 3 of labels.csv (line 2)",
+                                                    "lines 4 and 5 of labels.csv give it different labels",
+                                                    "lines 6 and 7 of labels.csv give it different labels"]
+    assert "2 files listed more than once with different labels; left out" in caplog.text
+
+
+def test_splits_never_hold_one_file_twice(tmp_path: Path) -> None:
+    from agegender.data.splits import make_splits
+
+    for i in range(40):
+        _jpeg(tmp_path / f"p{i}.jpg")
+    (tmp_path / "sub").mkdir()
+    rows = [[f"p{i}.jpg", "FM"[i % 2], str(20 + i)] for i in range(40)]
+    rows += [[f"sub/../p{i}.jpg", "FM"[i % 2], str(20 + i)] for i in range(40)]  # every file again, spelt otherwise
+    _write_csv(tmp_path / "labels.csv", ["path", "gender", "age"], rows)
+    splits = make_splits(scan(tmp_path), "identity", 0)
+    files = [os.path.realpath(r.path) for part in splits.values() for r in part]
+    assert len(files) == len(set(files)) == 40

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from .errors import AgeGenderError
+from .files import safe_name
 
 if TYPE_CHECKING:
     from .faces.detect import FaceDetector
@@ -21,8 +22,10 @@ log = logging.getLogger("agegender")
 
 
 def _cmd_convert(a: argparse.Namespace) -> int:
+    from .files import check_outputs
     from .weights.convert import convert_weights
 
+    check_outputs([a.src], file=a.output)
     summary = convert_weights(a.src, a.output, trust_pickle=a.trust_pickle, fmt=a.input_format, full=a.full)
     print(json.dumps(summary, indent=2))
     return 0
@@ -86,6 +89,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
+    from .files import check_outputs
     from .infer.export import export
 
     if a.model is None:
@@ -94,6 +98,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
     if a.precision == "bf16" or a.device != "cpu":
         raise AgeGenderError("export traces and checks an fp32 graph on the CPU (--precision fp32 or auto, "
                              "--device cpu); run the exported file in bf16 or on a GPU where its runtime can")
+    check_outputs([a.model], file=a.output)
     result = export(a.model, a.format, a.output)
     print(json.dumps(result, indent=2))
     return 0
@@ -123,6 +128,7 @@ def _cmd_predict_ray(a: argparse.Namespace) -> int:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
+    from .files import check_outputs
     from .infer.predict import Predictor, expand_paths, predict_files, share_cores_for_batches
 
     if a.ray is not None:
@@ -130,6 +136,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     if not a.paths and a.camera is None:
         raise AgeGenderError("predict needs images, folders, globs or videos (or --camera INDEX)")
     paths = expand_paths(a.paths) if a.paths else []
+    check_outputs([*paths, *a.paths, *([a.model] if a.model else [])], file=a.output)
+    check_outputs([*paths, *a.paths], folder=a.annotate)
     if a.annotate and Path(a.annotate).is_dir() and any(Path(a.annotate).iterdir()) and not a.force:
         raise AgeGenderError(f"{a.annotate}: --annotate folder is not empty; pass --force to write into it, "
                              "or choose another folder")
@@ -354,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except AgeGenderError as e:
-        print(f"agegender: error: {e}", file=sys.stderr)
+        print(f"agegender: error: {safe_name(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("agegender: interrupted", file=sys.stderr)
@@ -362,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug, not the user's input: one line, the traceback only with -v
         if args.verbose:
             raise
-        print(f"agegender {args.command}: internal error: {type(e).__name__}: {e} (run with -v for the traceback)",
+        print(f"agegender {args.command}: internal error: {type(e).__name__}: {safe_name(e)} (run with -v for the traceback)",
               file=sys.stderr)
         return 1
 

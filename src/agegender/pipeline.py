@@ -32,16 +32,10 @@ def _export_all(run: Path, dest: Path) -> dict[str, Any]:
     import importlib.util
 
     from .infer.export import export
-    from .model.checkpoint import read_meta
-    from .model.meta import resolve_model
 
-    backbone = read_meta(resolve_model(run)).config.backbone
     results: dict[str, Any] = {}
     for fmt, name, needs in (("onnx", "model.onnx", "onnxruntime"), ("keras", "model.keras", "keras"),
                              ("torch", "model.pt2", "torch")):
-        if fmt == "keras" and backbone != "vgg-face":
-            log.info("no keras export: it covers the vgg-face backbone, this model is %s", backbone)
-            continue
         if importlib.util.find_spec(needs) is None:
             log.warning("skipping the %s export: %s is not installed (pip install 'agegender[export]')", fmt, needs)
             continue

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import AgeGenderError
+from ..files import safe_name
 from ..images import IMAGE_SUFFIXES, Skipped
 from ..labels import _GENDER_WORDS, UTKFACE_RACES, parse_age, parse_age_interval, parse_gender
 
@@ -231,7 +232,10 @@ def _scan_manifest(path: Path) -> Dataset:
             raise AgeGenderError(f"{path}: not a .csv or .json label manifest")
     except (OSError, UnicodeDecodeError, ValueError, RecursionError, csv.Error) as e:  # JSONDecodeError is a ValueError
         raise AgeGenderError(f"{path}: cannot read label manifest ({type(e).__name__}: {e})") from None
-    records, skipped = [], Skipped()
+    records: list[FaceRecord] = []
+    skipped = Skipped()
+    seen: dict[tuple[int, int], tuple[int, int]] = {}  # a file's identity -> (line, index in records)
+    conflicts: set[int] = set()
     for line, raw in enumerate(rows, first_line):
         row = {str(k).strip().lower(): ("" if v is None else str(v)) for k, v in raw.items()}
         name = row.get("path") or row.get("filename")
@@ -246,9 +250,24 @@ def _scan_manifest(path: Path) -> Dataset:
         except ValueError as e:
             raise AgeGenderError(f"{path}:{line}: age {row['age']!r}: {e}") from None
         image = root / name.strip()
+        folder = os.path.abspath(root)  # by the names as written: links the user put in the folder are theirs
+        if os.path.commonpath([folder, os.path.abspath(image)]) != folder:
+            raise AgeGenderError(safe_name(f"{path}:{line}: {name.strip()} is outside {root}; a manifest may only "
+                                           f"list files in its own folder"))
         if not _is_file(image):  # a listed file of any suffix is tried: the decoder goes by content
             skipped.add(image, f"listed on line {line} of {path.name} but missing")
             continue
+        key = _file_key(image)
+        if key in seen:  # the same file under another spelling (./a.jpg, sub/../a.jpg, a link): one face, once
+            first_line, index = seen[key]
+            earlier = records[index]
+            if (earlier.gender, earlier.age) != (gender, age):
+                conflicts.add(index)
+                skipped.add(image, f"lines {first_line} and {line} of {path.name} give it different labels")
+            else:
+                skipped.add(image, f"listed again on line {line} of {path.name} (line {first_line})")
+            continue
+        seen[key] = (line, len(records))
         source, identity = _identity(image, root) if image.is_relative_to(root) else parse_identity(image)
         listed = bool(row.get("identity", "").strip())
         if listed:
@@ -257,7 +276,15 @@ def _scan_manifest(path: Path) -> Dataset:
         records.append(FaceRecord(image, gender, age, identity, "", row.get("race", "").strip() or None,
                                   source if source != "unknown" else "csv", person_id=listed or source != "unknown",
                                   age_interval=interval))
+    if conflicts:  # neither label can be trusted: the face is left out, and the warning counts it
+        log.warning("%s: %d files listed more than once with different labels; left out", path, len(conflicts))
+        records = [r for i, r in enumerate(records) if i not in conflicts]
     return Dataset(records, kind, root, skipped)
+
+
+def _file_key(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
 
 
 def _is_file(path: Path) -> bool:

@@ -1,4 +1,5 @@
-"""Export a trained checkpoint to ONNX, Keras 3 or torch.export, each verified against PyTorch before it lands."""
+"""Export a trained checkpoint to ONNX, Keras 3, torch.export or a TensorFlow SavedModel, each verified against
+PyTorch before it lands."""
 
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ from ..model.checkpoint import CheckpointMeta, load_checkpoint
 from ..model.config import ModelConfig
 from ..model.decode import decode, output_names
 from ..model.meta import resolve_model
-from ..model.net import AgeGenderNet, decode_age
+from ..model.net import AgeGenderNet, DlibTrunk
 from ..model.vgg import VGGTrunk
 from .formats import SUFFIXES
+from .graph_weights import Weights, age_values, bn_arrays, conv_arrays, dense_arrays, regression_affine
 
 if TYPE_CHECKING:
     import keras
@@ -65,11 +67,15 @@ class InferenceModel(nn.Module):
 
 # -- shared plumbing ----------------------------------------------------------------------------
 
-def verification_batch(meta: CheckpointMeta, n: int = 4, seed: int = 0) -> torch.Tensor:
-    """A deterministic batch of random uint8 images passed through the checkpoint's own preprocessing."""
+def verification_images(meta: CheckpointMeta, n: int = 4, seed: int = 0) -> np.ndarray:
+    """A deterministic batch of random uint8 ``(n, S, S, 3)`` RGB images at the model's input size."""
     size = meta.config.image_size
-    rgb = np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
-    return torch.from_numpy(meta.preprocess.normalize_numpy(rgb))
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def verification_batch(meta: CheckpointMeta, n: int = 4, seed: int = 0) -> torch.Tensor:
+    """:func:`verification_images` passed through the checkpoint's own preprocessing."""
+    return torch.from_numpy(meta.preprocess.normalize_numpy(verification_images(meta, n, seed)))
 
 
 def export_metadata(meta: CheckpointMeta, fmt: str, **details: Any) -> str:
@@ -97,8 +103,19 @@ def sidecar_path(output: str | os.PathLike[str]) -> Path:
     return Path(f"{os.fspath(output)}.json")
 
 
+# Names that say "a model file": a SavedModel directory named like one is most likely a mistaken --format.
+_FILE_SUFFIXES = {s for s in SUFFIXES.values() if s} | {".safetensors", ".json", ".h5", ".pb", ".tflite"}
+
+
 def _check_output(output: str | os.PathLike[str], fmt: str) -> Path:
     path = Path(output)
+    if not SUFFIXES[fmt]:  # a directory: TF Serving reads <base>/<version>/, so the name is usually a number
+        if path.suffix.lower() in _FILE_SUFFIXES:
+            raise AgeGenderError(f"{path}: a {fmt} export is a directory; name it without a file suffix "
+                                 "(for TF Serving, a version number such as models/agegender/1)")
+        if path.exists() or path.is_symlink():
+            raise AgeGenderError(f"{path}: already exists; a {fmt} export never overwrites (choose a new version)")
+        return path
     if path.suffix != SUFFIXES[fmt]:
         raise AgeGenderError(f"{path}: a {fmt} export must be named *{SUFFIXES[fmt]}")
     if path.is_dir():
@@ -143,7 +160,8 @@ def _parity(expected: Sequence[np.ndarray], got: Sequence[Any], names: Sequence[
     if not worst <= tolerance:  # also catches NaN
         raise AgeGenderError(f"{where}: {what} differs from PyTorch by {worst:.3g} (> {tolerance:g}, "
                              f"per output {diffs}); nothing written")
-    log.info("%s: %s matches PyTorch (max abs diff per output %s)", where, what, diffs)
+    log.info("%s: %s matches PyTorch (max abs diff per output %s; at most %.3g of max(1, |value|))",
+             where, what, diffs, worst)
     return diffs
 
 
@@ -321,14 +339,35 @@ def load_onnx_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
 
 # -- Keras --------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def env_defaults(**values: str) -> Iterator[None]:
+    """Set the environment variables not already set, for the block only, then put the environment back.
+
+    For settings read once at import (Keras's backend, TensorFlow's log level): the import sees them, and
+    nothing of them is left behind for the rest of the process or the processes it starts.
+    """
+    added = [k for k in values if k not in os.environ]
+    os.environ.update({k: values[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+# TensorFlow prints its oneDNN and CPU notes on import unless told not to; Keras's saving imports it when present.
+QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+# Keras's backend unless KERAS_BACKEND says otherwise: torch, so that building a .keras file never needs TensorFlow.
+KERAS_DEFAULT_BACKEND = "torch"
+
+
 def _import_keras() -> Any:
     # Keras fixes its backend at first import. Defaulting to torch means exporting never needs TensorFlow;
     # an explicit KERAS_BACKEND, or keras already imported with another backend, is respected as is,
     # which is safe because the model below is built from backend-neutral layers and numpy weights.
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # saving imports TensorFlow when present; keep it quiet
     try:
-        import keras
+        with env_defaults(KERAS_BACKEND=KERAS_DEFAULT_BACKEND, **QUIET_TF):
+            import keras
     except ImportError as e:
         raise AgeGenderError(f"keras export needs Keras 3 (pip install 'agegender[export]'): {e}") from None
     if int(keras.__version__.split(".")[0]) < 3:
@@ -336,55 +375,56 @@ def _import_keras() -> Any:
     return keras
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy().astype(np.float32)
-
-
-def _bn_weights(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> list[np.ndarray]:
-    assert bn.running_mean is not None and bn.running_var is not None
-    return [_np(bn.weight), _np(bn.bias), _np(bn.running_mean), _np(bn.running_var)]
+def _keras_vgg_trunk(keras: Any, x: Any, trunk: VGGTrunk, weights: Weights) -> Any:
+    """VGG's conv blocks on NHWC ``x``, flattened in PyTorch's C, H, W order so the fc weights keep theirs."""
+    layers = keras.layers
+    for b, names in enumerate(trunk.blocks, 1):
+        for name in names:
+            conv = getattr(trunk, name)
+            x = layers.Conv2D(conv.out_channels, 3, padding="same", activation="relu", name=name)(x)
+            weights[name] = conv_arrays(conv)
+        if trunk.block_bn:
+            bn = getattr(trunk, f"bn{b}")
+            x = layers.BatchNormalization(epsilon=bn.eps, name=f"bn{b}")(x)
+            weights[f"bn{b}"] = bn_arrays(bn)
+        x = layers.MaxPooling2D(2, name=f"pool{b}")(x)
+    x = layers.Permute((3, 1, 2), name="to_channels_first")(x)
+    return layers.Flatten(name="flatten")(x)
 
 
 def build_keras_model(net: AgeGenderNet) -> keras.Model:
     """The Keras 3 functional twin of ``InferenceModel(net)``: same NCHW input, same named outputs.
 
-    Inside, it runs channels-last (TensorFlow has no channels-first conv on CPU) and permutes back to
-    C,H,W before flattening, so the fc weights keep PyTorch's feature order. BatchNorm layers carry the
-    running statistics, which is what eval mode computes.
+    Inside, it runs channels-last (TensorFlow has no channels-first conv on CPU). BatchNorm layers carry
+    the running statistics, which is what eval mode computes. The trunk is VGG-Face's (below) or dlib's
+    ResNet (:mod:`.keras_dlib`); the head is the same for both.
     """
     keras = _import_keras()
     layers = keras.layers
     cfg, trunk = net.config, net.trunk
-    if not isinstance(trunk, VGGTrunk):
-        raise AgeGenderError(f"the keras export covers the vgg-face backbone; export {cfg.backbone} models "
-                             "with --format onnx or --format torch")
-    weights: dict[str, list[np.ndarray]] = {}
+    weights: Weights = {}
 
     inputs = keras.Input((3, cfg.image_size, cfg.image_size), name=INPUT_NAME)
     x = layers.Permute((2, 3, 1), name="to_channels_last")(inputs)
-    for b, names in enumerate(trunk.blocks, 1):
-        for name in names:
-            conv = getattr(trunk, name)
-            x = layers.Conv2D(conv.out_channels, 3, padding="same", activation="relu", name=name)(x)
-            weights[name] = [_np(conv.weight.permute(2, 3, 1, 0)), _np(conv.bias)]  # OIHW -> HWIO
-        if trunk.block_bn:
-            bn = getattr(trunk, f"bn{b}")
-            x = layers.BatchNormalization(epsilon=bn.eps, name=f"bn{b}")(x)
-            weights[f"bn{b}"] = _bn_weights(bn)
-        x = layers.MaxPooling2D(2, name=f"pool{b}")(x)
-    x = layers.Permute((3, 1, 2), name="to_channels_first")(x)
-    x = layers.Flatten(name="flatten")(x)
+    if isinstance(trunk, VGGTrunk):
+        x = _keras_vgg_trunk(keras, x, trunk, weights)
+    elif isinstance(trunk, DlibTrunk):
+        from .keras_dlib import dlib_trunk
+
+        x = dlib_trunk(keras, x, trunk, weights)
+    else:
+        raise AgeGenderError(f"no Keras graph for the {cfg.backbone} backbone; export it with --format onnx or torch")
 
     fc = 0
     for module in net.fc:
         if isinstance(module, nn.Linear):
             fc += 1
             x = layers.Dense(module.out_features, use_bias=module.bias is not None, name=f"fc{fc}")(x)
-            weights[f"fc{fc}"] = [_np(p.T if p.ndim == 2 else p) for p in (module.weight, module.bias) if p is not None]
+            weights[f"fc{fc}"] = dense_arrays(module)
         elif isinstance(module, nn.BatchNorm1d):
             name = f"fc{fc}_bn" if fc else "features_bn"
             x = layers.BatchNormalization(epsilon=module.eps, name=name)(x)
-            weights[name] = _bn_weights(module)
+            weights[name] = bn_arrays(module)
         elif isinstance(module, nn.ReLU):
             x = layers.Activation("relu", name=f"fc{fc}_relu")(x)
         elif not isinstance(module, nn.Dropout):  # dropout is the identity at inference
@@ -393,23 +433,20 @@ def build_keras_model(net: AgeGenderNet) -> keras.Model:
 
     gender = layers.Dense(1, activation="sigmoid", name="gender")(features)
     # sigmoid(logit / T): the calibration temperature folded into the layer's weights
-    weights["gender"] = [_np(net.gender.weight.T) / cfg.temperature, _np(net.gender.bias) / cfg.temperature]
+    weights["gender"] = dense_arrays(net.gender, 1.0 / cfg.temperature)
     assert net.age is not None or cfg.age_head == "none"
     outputs = [layers.Reshape((), name="p_male")(gender)]
     if cfg.age_head == "dex":
         probs = layers.Dense(cfg.ages, activation="softmax", name="age_probs")(features)
-        weights["age_probs"] = [_np(net.age.weight.T), _np(net.age.bias)]  # type: ignore[union-attr]
+        weights["age_probs"] = dense_arrays(net.age)  # type: ignore[arg-type]
         # DEX age is the expectation of the age distribution: one fixed dot product with the ages.
         years = layers.Dense(1, use_bias=False, name="age_expectation")(probs)
-        weights["age_expectation"] = [np.arange(cfg.age_min, cfg.age_max + 1, dtype=np.float32)[:, None]]
+        weights["age_expectation"] = [age_values(cfg)[:, None]]
         outputs += [layers.Reshape((), name="age")(years), probs]
     elif cfg.age_head == "regression":
-        # decode_age is affine for regression; read its scale and offset off it so the formula has one home.
-        offset, at_one = (float(decode_age(cfg, torch.tensor([[v]]))) for v in (0.0, 1.0))
+        scale, offset = regression_affine(cfg)
         years = layers.Dense(1, name="age_years")(features)  # minus age_min, so a ReLU clamps the range
-        scale = at_one - offset
-        weights["age_years"] = [_np(net.age.weight.T) * scale,  # type: ignore[union-attr]
-                                _np(net.age.bias) * scale + offset - cfg.age_min]  # type: ignore[union-attr]
+        weights["age_years"] = dense_arrays(net.age, scale, offset - cfg.age_min)  # type: ignore[arg-type]
         years = layers.ReLU(max_value=float(cfg.age_max - cfg.age_min), name="age_clamp")(years)
         years = layers.Rescaling(1.0, offset=float(cfg.age_min), name="age_offset")(years)
         outputs.append(layers.Reshape((), name="age")(years))
@@ -446,7 +483,7 @@ def export_keras(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathL
     backend = keras.backend.backend()
     meta_json = export_metadata(meta, "keras", keras=keras.__version__, built_with_backend=backend,
                                 note="input is NCHW like the ONNX export; the model permutes to NHWC inside")
-    with _suffixed_temp(output) as tmp:
+    with _suffixed_temp(output) as tmp, env_defaults(**QUIET_TF):
         kmodel.save(str(tmp))
         reloaded = keras.saving.load_model(str(tmp))
         names = [n for n in model.output_names if n in KERAS_OUTPUTS]
@@ -481,7 +518,7 @@ def check_keras_in_tensorflow(path: str | os.PathLike[str], inputs: torch.Tensor
     if not path.is_file():
         raise AgeGenderError(f"{path}: no such Keras file")
     x = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs, np.float32)
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", **QUIET_TF}
     with tempfile.TemporaryDirectory(prefix="agegender-tf-") as tmp:
         src, dst = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
         np.savez(src, input=x)
@@ -515,9 +552,19 @@ def export_torch(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathL
     return _result("torch", output, meta.config, diffs, started, metadata=str(side))
 
 
+# -- TensorFlow SavedModel ----------------------------------------------------------------------
+
+def export_savedmodel(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str],
+                      verify_inputs: torch.Tensor | None = None) -> dict[str, Any]:
+    """A SavedModel directory for TF Serving; see :mod:`agegender.infer.savedmodel`."""
+    from .savedmodel import export_savedmodel as write
+
+    return write(net, meta, output, verify_inputs)
+
+
 # -- entry point --------------------------------------------------------------------------------
 
-EXPORTERS = {"onnx": export_onnx, "keras": export_keras, "torch": export_torch}
+EXPORTERS = {"onnx": export_onnx, "keras": export_keras, "torch": export_torch, "savedmodel": export_savedmodel}
 
 
 def export(run: str | os.PathLike[str], fmt: str, output: str | os.PathLike[str],

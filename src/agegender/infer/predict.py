@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -22,9 +22,10 @@ from ..devices import usable_cores
 from ..errors import AgeGenderError
 from ..faces.detect import Box, FaceDetector, default_detector
 from ..faces.framing import FaceFramer, PhotoFramer
-from ..files import atomic_path
+from ..files import atomic_path, regular_file
 from ..images import IMAGE_SUFFIXES, ImageInput, load_image
 from ..labels import ADIENCE_GROUP_NAMES, age_group
+from ..model.contract import check_finite_outputs
 from ..model.runtime import Backend, Decoded, OnnxBackend, TorchBackend, load_backend
 
 __all__ = ["Backend", "Face", "ImageResult", "OnnxBackend", "Predictor", "TorchBackend", "load_backend"]
@@ -158,6 +159,7 @@ class Predictor:
         if len(crops) == 0:
             return []
         out = self.backend.run(np.stack(list(crops)))
+        check_finite_outputs(len(crops), out.p_male, out.age)
         boxes = boxes or [None] * len(out)
         return [self._face(out, i, box) for i, box in enumerate(boxes)]
 
@@ -255,8 +257,14 @@ class Predictor:
                           ) -> list[ImageResult]:
         boxes = [box for item in pending for box in item.boxes]
         faces: list[Face] = []
-        for start in range(0, len(buffer), batch_size):  # the last image may have overfilled the batch
-            faces.extend(self.classify(buffer[start:start + batch_size], boxes[start:start + batch_size]))
+        try:
+            for start in range(0, len(buffer), batch_size):  # the last image may have overfilled the batch
+                faces.extend(self.classify(buffer[start:start + batch_size], boxes[start:start + batch_size]))
+        except AgeGenderError as e:  # a NaN face: an error for its own image, the others classified alone
+            if len(pending) == 1:
+                return [ImageResult(pending[0].path, [], f"{pending[0].path}: {e}", pending[0].frame, pending[0].time)]
+            return [r for item in pending for r in self._classify_pending(
+                [replace(item, first=0)], buffer[item.first:item.first + len(item.boxes)], batch_size)]
         return [ImageResult(item.path, faces[item.first:item.first + len(item.boxes)], item.error, item.frame,
                             item.time) for item in pending]
 
@@ -304,6 +312,7 @@ def expand_paths(specs: Iterable[str]) -> list[str]:
             if not found:
                 raise AgeGenderError(f"{spec}: no files match")
         else:
+            regular_file(spec, "file or folder")  # a FIFO or a device is named as such, not as missing
             raise AgeGenderError(f"{spec}: no such file or folder")
         out.update(dict.fromkeys(found))
     return list(out)
@@ -438,7 +447,7 @@ def predict_files(predictor: Predictor, paths: list[str], output: str | None = N
                             _write_annotation(result, folder, used)
 
     if output:
-        with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             run(f)
     else:
         run(sys.stdout)

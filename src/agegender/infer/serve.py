@@ -61,6 +61,9 @@ class ServiceLimits:
     body_timeout: float = 30.0  # seconds for a whole request body
     read_timeout: float = 5.0  # seconds without a byte of the body
     keep_alive: int = 5  # seconds an idle keep-alive connection stays open
+    header_timeout: float = 10.0  # seconds for a request's line and headers, from the connection or the last answer
+    connections: int = 1024  # open connections at once; more are closed at once
+    per_client: int = 64  # open connections from one address; more are closed at once
 
     @property
     def waiting(self) -> int:
@@ -74,7 +77,10 @@ class ServiceLimits:
             raise AgeGenderError(f"queue must be 0 or more, got {self.queue}")
         if self.decode_pixels < 1:
             raise AgeGenderError(f"decode_pixels must be positive, got {self.decode_pixels}")
-        for name in ("queue_wait", "body_timeout", "read_timeout", "keep_alive"):
+        if self.connections < 1 or self.per_client < 1:
+            raise AgeGenderError(f"connections and per_client must be at least 1, got {self.connections} and "
+                                 f"{self.per_client}")
+        for name in ("queue_wait", "body_timeout", "read_timeout", "keep_alive", "header_timeout"):
             value = getattr(self, name)
             if not value > 0:  # also refuses NaN
                 raise AgeGenderError(f"{name} must be a positive number of seconds, got {value}")
@@ -226,6 +232,21 @@ class DecodeLimiter:
                 cond.notify_all()
 
 
+_ERROR_BODY = {"content": {"application/json": {"schema": {
+    "type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}}}}
+# Every status /predict answers besides 200, with the one-line reason in ``detail``: documented so clients
+# (and schemathesis) can rely on the schema.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Not a usable image or request", **_ERROR_BODY},
+    408: {"description": "The request body did not arrive in time; the connection is closed", **_ERROR_BODY},
+    413: {"description": "The request body or the image is too large", **_ERROR_BODY},
+    415: {"description": "Not an image format the service reads", **_ERROR_BODY},
+    422: {"description": "A corrupt image, or no file field"},
+    503: {"description": "Busy: every decode slot and queue place is taken; retry after Retry-After seconds",
+          **_ERROR_BODY},
+}
+
+
 def _declared_pixels(data: bytes) -> int:
     """Width x height from the image header, without decoding (0 when there is no readable header)."""
     from PIL import Image
@@ -269,11 +290,12 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_n
         return Response(status_code=204)  # the page carries its icon inline; browsers still ask
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", **predictor.info(), "model": model_name or predictor.info()["model"], "max_bytes": max_bytes,
+    async def health() -> dict[str, Any]:  # on the event loop: never waits for a thread busy decoding
+        info = predictor.info()
+        return {"status": "ok", **info, "model": model_name or info["model"], "max_bytes": max_bytes,
                 "slots": limits.slots, "queue": limits.waiting}
 
-    @app.post("/predict")
+    @app.post("/predict", responses=ERROR_RESPONSES)
     async def predict(file: UploadFile = File(...)) -> Any:
         name = os.path.basename(file.filename or "upload") or "upload"
         try:
@@ -339,15 +361,19 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def uvicorn_config(app: Any, limits: ServiceLimits | None = None, log_level: str = "info") -> Any:
-    """The uvicorn settings the service runs with: keep-alive, connection cap, graceful shutdown."""
+    """The uvicorn settings the service runs with: keep-alive, header timeout, connection caps, graceful shutdown.
+
+    uvicorn's own ``limit_concurrency`` is not used: it counts connections that have not sent a request yet, so
+    clients holding connections open with slow headers would make it answer 503 to everyone, ``/health``
+    included. Connections are bounded by :func:`guarded_protocol` instead (a header timeout, a cap per client
+    and in all), and the work they ask for by :class:`DecodeLimiter`.
+    """
     import uvicorn
 
     limits = limits or ServiceLimits()
     return uvicorn.Config(
-        app, log_level=log_level, ws="none", lifespan="on", server_header=False,
-        timeout_keep_alive=limits.keep_alive,
-        # Connections (and their tasks) beyond this get uvicorn's own 503; uploads are capped by ServiceLimits.
-        limit_concurrency=max(64, 8 * (limits.slots + limits.waiting)),
+        app, log_level=log_level, ws="none", lifespan="on", server_header=False, http=guarded_protocol(limits),
+        timeout_keep_alive=limits.keep_alive, h11_max_incomplete_event_size=16 * 1024,  # headers of 16 KB at most
         timeout_graceful_shutdown=10)
 
 
@@ -358,6 +384,70 @@ def service_url(host: str, port: int) -> str:
     elif ":" in host and not host.startswith("["):
         host = f"[{host}]"  # an IPv6 literal
     return f"http://{host}:{port}/"
+
+
+def guarded_protocol(limits: ServiceLimits) -> type:
+    """uvicorn's h11 protocol with what it lacks against slow clients (uvicorn 0.55 has no header timeout).
+
+    A connection must deliver each request's line and headers within ``header_timeout`` seconds of opening, or of
+    the previous answer; otherwise it is closed. Connections beyond ``per_client`` from one address, or beyond
+    ``connections`` in all, are closed as they open, so no client can hold every connection.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    per_client: dict[str, int] = {}
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+        _counted: str | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            host = self.client[0] if self.client else "?"
+            if len(self.connections) > limits.connections or per_client.get(host, 0) >= limits.per_client:
+                log.warning("closing a connection from %s: too many open (%d from it, %d in all)", host,
+                            per_client.get(host, 0), len(self.connections))
+                transport.abort()
+                return
+            self._counted = host
+            per_client[host] = per_client.get(host, 0) + 1
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(limits.header_timeout, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # still no whole request
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm()  # the headers are in: the body has its own deadlines (BodyGuard)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request's headers are due in time too
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            if self._counted is not None:
+                per_client[self._counted] -= 1
+                if not per_client[self._counted]:
+                    del per_client[self._counted]
+                self._counted = None
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
 
 
 def _run(config: Any, sock: socket.socket) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AgeGenderError
+from ..files import os_reason
 from ..labels import GENDERS
 from .config import ModelConfig, Preprocess
 
@@ -36,11 +37,21 @@ class CheckpointMeta:
 
     @classmethod
     def from_json(cls, text: str) -> CheckpointMeta:
-        d = json.loads(text)
-        if d.get("format") != FORMAT:
-            raise ValueError(f"not an agegender checkpoint (format {d.get('format')!r})")
-        return cls(ModelConfig.from_dict(d["config"]), Preprocess.from_dict(d["preprocess"]),
-                   tuple(d["genders"]), d.get("weights_sha256"), d.get("extra", {}))
+        from .schema import check_meta_document
+
+        try:
+            d = json.loads(text)
+        except RecursionError:
+            raise ValueError("metadata nested too deeply to be a checkpoint's") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            fmt = d.get("format") if isinstance(d, dict) else None
+            raise ValueError(f"not an agegender checkpoint (format {str(fmt)[:40]!r})")
+        check_meta_document(d)  # types and ranges, before anything is built from them
+        try:
+            return cls(ModelConfig.from_dict(d["config"]), Preprocess.from_dict(d["preprocess"]),
+                       tuple(d["genders"]), d.get("weights_sha256"), d.get("extra", {}))
+        except AgeGenderError as e:  # the config's own checks; the caller names the file
+            raise ValueError(f"metadata: {e}") from None
 
 
 def resolve_model(model: str | os.PathLike[str]) -> Path:
@@ -50,4 +61,9 @@ def resolve_model(model: str | os.PathLike[str]) -> Path:
     if not ckpt.is_file():
         hint = " (a run directory without model.safetensors: did training finish?)" if path.is_dir() else ""
         raise AgeGenderError(f"{ckpt}: no trained model here{hint}; train one with `agegender train`")
+    try:  # say "permission denied" now, not "not a loadable model" from a reader later
+        with open(ckpt, "rb"):
+            pass
+    except OSError as e:
+        raise AgeGenderError(os_reason(ckpt, e, "cannot read")) from None
     return ckpt

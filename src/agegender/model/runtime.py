@@ -16,6 +16,7 @@ import numpy as np
 
 from ..devices import PRECISIONS, use_bf16
 from ..errors import AgeGenderError
+from .contract import check_onnx_contract
 from .decode import output_names
 from .meta import CheckpointMeta, resolve_model
 
@@ -140,6 +141,7 @@ class OnnxBackend:
             self.meta = CheckpointMeta.from_json(raw)
         except (ValueError, KeyError, TypeError) as e:
             raise AgeGenderError(f"{path}: {e}") from None
+        check_onnx_contract(self.session, self.meta, path)
         outputs = {o.name for o in self.session.get_outputs()}
         if "p_male" not in outputs:
             raise AgeGenderError(f"{path}: ONNX model has no p_male output (outputs: {sorted(outputs)})")

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..devices import use_bf16
 from ..errors import AgeGenderError
-from ..model.config import VGG16_WIDTHS
+from ..model.config import VGG16_WIDTHS, ModelConfig
 
 # Presets are defined once here; CLI flags override individual fields.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -121,13 +121,13 @@ class TrainConfig:
                 raise AgeGenderError(f"{data}: no such file or directory (--data)")
         if self.weights is not None and not Path(self.weights).is_file():
             raise AgeGenderError(f"{self.weights}: no such weights file (--weights)")
-        from ..model.config import ModelConfig
 
         # The model config checks sizes, widths and head shapes in one place; only VGG takes them from options.
         vgg = spec.name == "vgg-face"
-        ModelConfig(backbone=spec.name, widths=self.widths if vgg else spec.widths,
-                    image_size=self.image_size if vgg else spec.preprocess.size, hidden=self.hidden,
-                    dropout=self.dropout, age_head=self.age_head, feature_layer=self.feature_layer)
+        model = ModelConfig(backbone=spec.name, widths=self.widths if vgg else spec.widths,
+                            image_size=self.image_size if vgg else spec.preprocess.size, hidden=self.hidden,
+                            dropout=self.dropout, age_head=self.age_head, feature_layer=self.feature_layer)
+        _check_fits_memory(model, self.batch_size)
         return self
 
     @property
@@ -153,3 +153,25 @@ class TrainConfig:
 
 # Options that only the VGG trunk reads: the others fix their own input size, pixels and widths.
 VGG_ONLY = frozenset({"image_size", "pixels", "widths", "block_bn"})
+
+
+def _check_fits_memory(model: ModelConfig, batch_size: int) -> None:
+    """Refuse a head or a batch that cannot fit this machine's memory, before data or weights are read.
+
+    A lower bound: the head's weights with their gradient and Adam's two moments (16 bytes a weight), and one
+    batch of its activations forward and backward; the trunk comes on top.
+    """
+    import itertools
+    import os
+
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not reported: nothing to check against
+        return
+    widths = [model.feature_dim, *model.hidden]
+    weights = sum(a * b for a, b in itertools.pairwise(widths)) + widths[-1] * (model.ages + 1)
+    activations = batch_size * (sum(widths) + model.ages) * 4 * 3
+    need = 16 * weights + activations
+    if need > memory:
+        raise AgeGenderError(f"--hidden {' '.join(map(str, model.hidden))} with --batch-size {batch_size} needs at "
+                             f"least {need / 2**30:.1f} GiB to train, more than this machine's {memory / 2**30:.1f} GiB")

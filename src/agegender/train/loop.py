@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from ..devices import retain_freed_memory
 from ..distributed import World, close_world, init_world
 from ..errors import AgeGenderError
 from ..faces.framing import photo_framer
-from ..files import atomic_path, write_text_atomic
+from ..files import atomic_path, folder_lock, safe_name, write_text_atomic
 from ..model.backbones import DLIB_RESNET, backbone
 from ..model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from ..model.config import SEED_PREPROCESS, VGG_FACE_PREPROCESS, ModelConfig, Preprocess
@@ -116,6 +117,9 @@ def build_model(cfg: TrainConfig, age_range: tuple[int, int] = (1, 70)) -> tuple
     return model.to(cfg.device), pre.resized(image_size), sha
 
 
+# The heads' losses start near 1 (BCE 0.69, smooth L1 on ages scaled to [-1, 1], DEX cross-entropy log(ages) < 5);
+# a mean epoch loss beyond this means logits in the thousands: the weights have run off, NaN is a step away.
+DIVERGED_LOSS = 1e4
 MIN_SPLIT = {"train": 4, "val": 1, "test": 2}  # below these, training or its metrics cannot run
 
 
@@ -305,14 +309,16 @@ def fit(cfg: TrainConfig, resume: bool = False, force: bool = False) -> RunResul
 
     out = Path(cfg.out)
     if resume:
-        cfg = replace(cfg, **_stored_config(out))
+        cfg = replace(cfg, **_stored_config(out, cfg))
     elif out.is_dir():
         refuse_overwrite(out, ("config.json", RUN_CHECKPOINT), force, also=" (--resume to continue it)")
     cfg.validate()
     created = not out.exists()
     world = init_world(cfg.device)
     try:
-        return _fit(cfg, resume, out, world)
+        # One writer per run directory: a second `train` into it would mix its files with ours.
+        with folder_lock(out) if world.is_main else contextlib.nullcontext():
+            return _fit(cfg, resume, out, world)
     except Exception:
         # A run that failed leaves nothing half-written behind (an interrupted one stays, for --resume).
         if created and world.is_main:
@@ -364,6 +370,10 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         train_losses = train_one_epoch(model, step, batches, train_idx, labels, optimizer, cfg, epoch)
+        train_loss = train_losses["train_loss"]
+        if not math.isfinite(train_loss) or train_loss > DIVERGED_LOSS:
+            raise AgeGenderError(f"training diverged at epoch {epoch} (loss {train_loss:.4g}), lower --lr "
+                                 f"(now {cfg.lr:g})")
         world.sync_buffers(model)
         # Every rank validates on the whole val split, so early-stopping decisions agree without messages.
         row = {"epoch": epoch, **train_losses, **validate(model, batches, idx_val, labels, cfg),
@@ -434,21 +444,44 @@ def _protocol(dataset: Any, splits: Any, cfg: TrainConfig, features: FeatureSet 
             "skipped": {"count": len(skipped), "first": [f"{p}: {why}" for p, why in skipped[:10]]}}
 
 
-def _stored_config(out: Path) -> dict[str, Any]:
+def _stored_config(out: Path, cfg: TrainConfig) -> dict[str, Any]:
     path = out / "config.json"
     if not path.is_file():
         raise AgeGenderError(f"{out}: nothing to resume (no config.json); start a run with `agegender train`")
-    stored = json.loads(path.read_text())
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _cannot_resume(out, f"config.json is unreadable ({type(e).__name__})") from None
+    if not isinstance(stored, dict):
+        raise _cannot_resume(out, "config.json is not a run's config")
     names = {f.name for f in fields(TrainConfig)}
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items()
-            if k in names and k not in ("epochs", "progress", "workers", "device")}
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items()
+              if k in names and k not in ("epochs", "progress", "workers", "device")}
+    for k, v in values.items():  # the types this run's own config has, so validate() compares like with like
+        now = getattr(cfg, k)
+        ok = (v is None or isinstance(v, str | tuple) if now is None or k == "data" else
+              isinstance(v, bool) if isinstance(now, bool) else
+              isinstance(v, int | float) and not isinstance(v, bool) if isinstance(now, int | float) else
+              isinstance(v, type(now)))
+        if isinstance(now, int) and not isinstance(now, bool) and isinstance(v, float):
+            ok = False
+        if not ok:
+            raise _cannot_resume(out, f"config.json has {k} = {str(v)[:40]!r}, not a {type(now).__name__}")
+    return values
+
+
+def _cannot_resume(out: Path, why: str) -> AgeGenderError:
+    return AgeGenderError(safe_name(f"{out}: cannot resume: {why}; start again with another --out, or delete {out} "
+                                    f"and train anew"))
 
 
 def _save_state(out: Path, model: AgeGenderNet, meta: CheckpointMeta, optimizer: torch.optim.Optimizer,
                 epoch: int, best: tuple[float, float], history: list[dict[str, float]]) -> None:
+    meta.extra["epoch"] = epoch  # the state below is for these weights: resume checks they belong together
     save_checkpoint(out / "last.safetensors", model, meta)
     state = {"epoch": epoch, "best": list(best), "optimizer": optimizer.state_dict(),
-             "torch_rng": torch.get_rng_state(), "history": json.dumps(history)}
+             "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
+             "model_config": json.dumps(model.config.to_dict(), sort_keys=True)}
     with atomic_path(out / "train_state.pt") as tmp:
         torch.save(state, tmp)
     write_text_atomic(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
@@ -456,10 +489,69 @@ def _save_state(out: Path, model: AgeGenderNet, meta: CheckpointMeta, optimizer:
 
 def _restore(out: Path, model: AgeGenderNet, optimizer: torch.optim.Optimizer
              ) -> tuple[int, tuple[float, float], list[dict[str, float]]]:
+    """The epoch to resume at, the best score and the history, with the weights, optimizer and RNG restored.
+
+    Everything is checked before it is used: a damaged, foreign or incomplete state is refused in one line (a
+    pickle payload never runs: torch reads the state with ``weights_only``).
+    """
+    from ..model.checkpoint import read_meta
+
+    state = _read_state(out / "train_state.pt", out)
+    last = out / "last.safetensors"
+    if not last.is_file():
+        raise _cannot_resume(out, "last.safetensors is missing")
+    try:
+        meta = read_meta(last)
+    except AgeGenderError as e:
+        raise _cannot_resume(out, f"last.safetensors is damaged ({e})") from None
+    this_model = json.dumps(model.config.to_dict(), sort_keys=True)
+    if state.get("model_config", this_model) != this_model:
+        raise _cannot_resume(out, "train_state.pt is from a run with another model")
+    if meta.extra.get("epoch", state["epoch"]) != state["epoch"]:
+        raise _cannot_resume(out, f"last.safetensors is from epoch {meta.extra.get('epoch')}, train_state.pt from "
+                                  f"epoch {state['epoch']}")
     from safetensors.torch import load_file
 
-    state = torch.load(out / "train_state.pt", weights_only=True)
-    model.load_state_dict(load_file(str(out / "last.safetensors")))
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["epoch"]) + 1, (float(state["best"][0]), float(state["best"][1])), json.loads(state["history"])
+    try:
+        model.load_state_dict(load_file(str(last)))
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                moments = optimizer.state.get(p, {})
+                if any(isinstance(t, torch.Tensor) and t.dim() and t.shape != p.shape for t in moments.values()):
+                    raise ValueError("optimizer moments of another shape than the weights")
+        torch.set_rng_state(state["torch_rng"])
+    except Exception as e:  # a state that does not fit this model: name it, never a traceback
+        raise _cannot_resume(out, f"the saved state does not fit this run's model ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    return state["epoch"] + 1, (float(state["best"][0]), float(state["best"][1])), state["history"]
+
+
+def _read_state(path: Path, out: Path) -> dict[str, Any]:
+    """train_state.pt, refused unless it is the dict ``_save_state`` writes, every field of the right type."""
+    from ..weights.pytorch import check_zip_inflation
+
+    try:
+        check_zip_inflation(path)
+        state = torch.load(path, weights_only=True)
+    except AgeGenderError as e:
+        raise _cannot_resume(out, f"train_state.pt is refused ({str(e).split(': ', 1)[-1]})") from None
+    except Exception as e:  # truncated, empty, a pickle with code in it, not a torch file at all
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:120] if str(e) else ""
+        raise _cannot_resume(out, f"train_state.pt is damaged or foreign ({type(e).__name__}: {reason})") from None
+    if not isinstance(state, dict):
+        raise _cannot_resume(out, f"train_state.pt holds a {type(state).__name__}, not a training state")
+    wanted = {"epoch": int, "best": list, "optimizer": dict, "torch_rng": torch.Tensor, "history": str}
+    wrong = [k for k, t in wanted.items() if not isinstance(state.get(k), t) or isinstance(state.get(k), bool)]
+    if wrong:
+        raise _cannot_resume(out, f"train_state.pt lacks or has a wrong {', '.join(wrong)}")
+    try:
+        history = json.loads(state["history"])
+    except (ValueError, RecursionError):
+        history = None
+    best = state["best"]
+    if (not isinstance(history, list) or not all(isinstance(r, dict) for r in history) or state["epoch"] < 1
+            or len(best) != 2 or not all(isinstance(b, int | float) for b in best)
+            or state["torch_rng"].dtype != torch.uint8):
+        raise _cannot_resume(out, "train_state.pt has fields of the right names but not a training state's values")
+    return {**state, "history": history}

@@ -198,7 +198,8 @@ def _blob(w: _Wire, start: int, end: int) -> np.ndarray:
         elif number == 8:
             doubles.append(w.array(s, e, "<f8") if wire == LENGTH else _fixed(w, wire, FIXED64, s, e, "<f8"))
     dims = shape if shape is not None else legacy
-    if any(d < 0 for d in dims) or len(dims) > 8:
+    # A dimension beyond the file's size cannot be real (another one must be 0), and numpy refuses it anyway.
+    if any(d < 0 or d > len(w.buf) for d in dims) or len(dims) > 8:
         raise w.fail(f"blob at byte {start} has shape {dims}")
     data = np.concatenate(floats) if floats else np.concatenate(doubles) if doubles else np.empty(0, np.float32)
     if floats and doubles:

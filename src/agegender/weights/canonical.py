@@ -92,6 +92,14 @@ def float32(v: Any) -> torch.Tensor:
     return v.detach().cpu().to(torch.float32).contiguous()
 
 
+def check_finite(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    """Every tensor finite: a NaN or Inf weight would surface only after training, blamed on a metric."""
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise fail(path, f"{k} holds {bad} non-finite values (NaN or Inf) of {v.numel()}: corrupt weights")
+
+
 def infer_widths(state: dict[str, Any]) -> tuple[int, ...]:
     """Block widths of a canonical state dict (the output channels of each block's first conv)."""
     return tuple(int(state[f"conv{b + 1}_1.weight"].shape[0]) for b in range(len(VGG16_BLOCKS)))

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from ..errors import AgeGenderError
-from ..files import atomic_path, sha256_file
+from ..files import atomic_path, regular_file, sha256_file
 from ..model.config import VGG_FACE_PREPROCESS
-from .canonical import KEYS, Params, check, float32, has_fc, infer_widths, one_line, printable
+from .canonical import KEYS, Params, check, check_finite, float32, has_fc, infer_widths, one_line, printable
 from .pytorch import canonical_key
 from .sniff import read_head, sniff
 
@@ -118,17 +118,14 @@ def load_canonical(path: str | os.PathLike[str], *, full: bool = False,
     elif kind == VGG_FACE:
         check(state, path, full=full)
     else:
-        raise AgeGenderError(f"{path}: unknown backbone {kind!r} in its metadata")
+        raise AgeGenderError(printable(f"{path}: unknown backbone {kind!r} in its metadata"))
+    check_finite(state, path)
     return state, meta
 
 
 # -- shared plumbing ---------------------------------------------------------------------------
 def _source(src: str | os.PathLike[str]) -> Path:
-    path = Path(src)
-    if not path.exists():
-        raise AgeGenderError(f"{path}: no such file")
-    if not path.is_file():
-        raise AgeGenderError(f"{path}: not a file")
+    path = regular_file(src)
     if path.stat().st_size == 0:
         raise AgeGenderError(f"{path}: empty file")
     return path
@@ -192,7 +189,9 @@ def _read(path: Path, fmt: str, trust_pickle: bool, full: bool) -> tuple[dict[st
     except MemoryError:
         raise AgeGenderError(f"{path}: declares more data than fits in memory (corrupt file?)") from None
     widths = check(params, path, full=full)  # shapes first: nothing is copied for a file that is not VGG-Face
-    return {k: float32(v) for k, v in params.items() if k in KEYS}, widths
+    state = {k: float32(v) for k, v in params.items() if k in KEYS}
+    check_finite(state, path)
+    return state, widths
 
 
 # -- dlib ---------------------------------------------------------------------------------------
@@ -201,6 +200,7 @@ def _read_dlib(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
     net = load_dlib_resnet(path)
     state = {k: torch.from_numpy(v.astype("float32", copy=False)).contiguous() for k, v in net.state.items()}
+    check_finite(state, path)
     meta = {"backbone": DLIB_RESNET, "source_sha256": sha256_file(path), "source_format": "dlib",
             "widths": json.dumps(list(net.widths)), "descriptor_dim": str(net.descriptor_dim),
             "input_mean_rgb": json.dumps(list(net.input_mean_rgb)), "input_size": str(net.input_size),

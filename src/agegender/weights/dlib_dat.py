@@ -282,6 +282,13 @@ def _parse(s: DlibStream) -> DlibResNetFile:
         if layer.has_body:
             _read_trailer(s, version, over_input=layer is ARCHITECTURE[0])
     s.end()
+    # A NaN or Inf weight would convert and load, and surface only after training, blamed on a metric.
+    for key, value in reader.state.items():
+        if not np.isfinite(value).all():
+            raise AgeGenderError(f"{s.name}: {key} holds {int((~np.isfinite(value)).sum())} non-finite values "
+                                 f"(NaN or Inf): corrupt weights")
+    if not all(np.isfinite(mean)):
+        raise AgeGenderError(f"{s.name}: the input mean {mean} is not finite: corrupt file")
     return DlibResNetFile(
         state=reader.state,
         widths=tuple(reader.widths),

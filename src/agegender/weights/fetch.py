@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from ..errors import AgeGenderError
-from ..files import sha256_file, write_text_atomic
+from ..files import os_reason, sha256_file, write_text_atomic
 from .archives import Archive
 
 log = logging.getLogger(__name__)
@@ -371,8 +371,9 @@ def _stream(url: str, part: Path, size: int | None, *, progress: bool, timeout: 
                     bar.update(len(chunk))
                     if expected is not None and got > expected:
                         break
-        except OSError as e:
-            raise AgeGenderError(f"{part}: cannot write ({e.strerror or e})") from None
+        except OSError as e:  # disk full, a size limit: a partial file that cannot grow is no use to resume
+            part.unlink(missing_ok=True)
+            raise AgeGenderError(f"{os_reason(part, e)}; the partial download was removed") from None
 
     if expected is not None and got > expected:
         part.unlink()

@@ -14,7 +14,9 @@ Both feed BGR minus the VGG mean, like VGG_FACE.t7, so conv1_1 needs no channel 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from ..errors import AgeGenderError
 from ..model.vgg import CONV_NAMES
-from .canonical import Params, assign_layers, one_line
+from .canonical import Params, assign_layers, fail, one_line, printable
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ def read_h5(path: Path, trust_pickle: bool = False) -> Params:
         import h5py
     except ImportError:
         raise AgeGenderError(f"{path}: reading .h5 needs h5py (pip install 'agegender[convert]')") from None
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open for good
+        raise AgeGenderError(f"{path}: not a regular file")
     try:
         f = h5py.File(path, "r")
     except Exception as e:  # OSError for non-HDF5 bytes; h5py raises others for odd files
@@ -51,12 +55,72 @@ def read_h5(path: Path, trust_pickle: bool = False) -> Params:
     budget = [2 * path.stat().st_size + SLACK_BYTES]
     try:
         with f:
+            refuse_foreign_data(path, f, h5py)
             layers = _layers(path, f, h5py, budget)
     except AgeGenderError:
         raise
     except Exception as e:  # a corrupt file can make h5py raise almost anything (OSError, KeyError, ...)
         raise AgeGenderError(f"{path}: unreadable HDF5 content ({one_line(e)})") from None
     return _to_canonical(path, layers)
+
+
+# Filters HDF5 has built in, and h5py's LZF: any other id makes HDF5 load a plugin library from disk.
+_BUILTIN_FILTERS = frozenset({1, 2, 3, 4, 5, 6, 32000})  # deflate, shuffle, fletcher32, szip, nbit, scaleoffset, lzf
+_VIRTUAL_LAYOUT = 3  # H5D_VIRTUAL
+MAX_OBJECTS = 100_000  # a Keras VGG-Face file has about 100; a walk is bounded whatever the file declares
+
+
+def refuse_foreign_data(path: Path, f: Any, h5py: Any) -> None:
+    """Refuse, before any data is read, a file whose data would come from elsewhere: a weight file never
+    reads another file.
+
+    Every link of every group reachable from the root is looked at without following it: external links
+    (and user-defined link classes) are refused; soft links are names inside this file, so once no external
+    link exists they cannot leave it. Every dataset is refused if it has external storage (raw bytes read from
+    another file), is virtual (mapped from other datasets, possibly in other files), or needs a filter plugin.
+    """
+    seen: set[tuple[int, int]] = set()
+    stack: list[tuple[str, Any]] = [("", f)]
+    count = 0
+    while stack:
+        where, group = stack.pop()
+        for name in group.keys():
+            count += 1
+            if count > MAX_OBJECTS:
+                raise fail(path, f"more than {MAX_OBJECTS} HDF5 objects (not a Keras weights file)")
+            at = f"{where}/{name}"
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                raise fail(path, f"{at} is an external link to {link.filename}:{link.path}; a weight file may "
+                                 f"not read another file")
+            if isinstance(link, h5py.SoftLink):
+                continue  # a path inside this file, to an object the walk reaches by its hard link
+            if not isinstance(link, h5py.HardLink):
+                raise fail(path, f"{at} is a {type(link).__name__}, a link class HDF5 weight files do not use")
+            obj = group.get(name)
+            info = h5py.h5o.get_info(obj.id)
+            key = (info.fileno, info.addr)
+            if key in seen:
+                continue  # a second hard link to one object (or a cycle)
+            seen.add(key)
+            if isinstance(obj, h5py.Group):
+                stack.append((at, obj))
+            elif isinstance(obj, h5py.Dataset):
+                _refuse_foreign_dataset(path, at, obj)
+
+
+def _refuse_foreign_dataset(path: Path, at: str, d: Any) -> None:
+    plist = d.id.get_create_plist()
+    if plist.get_layout() == _VIRTUAL_LAYOUT:
+        raise fail(path, f"{at} is a virtual dataset (its data lives in other datasets or files); a weight file "
+                         f"may not read another file")
+    if plist.get_external_count():
+        names = ", ".join(printable(str(plist.get_external(i)[0])) for i in range(min(plist.get_external_count(), 3)))
+        raise fail(path, f"{at} stores its data in external files ({names}); a weight file may not read another file")
+    for i in range(plist.get_nfilters()):
+        code = plist.get_filter(i)[0]
+        if code not in _BUILTIN_FILTERS:
+            raise fail(path, f"{at} needs HDF5 filter {code}, which would load a plugin library")
 
 
 def _layers(path: Path, f: Any, h5py: Any, budget: list[int]) -> list[tuple[str, np.ndarray, np.ndarray]]:

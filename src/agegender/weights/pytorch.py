@@ -56,7 +56,33 @@ def _torch_reason(e: BaseException) -> str:
     return one_line(e)
 
 
+SLACK_BYTES = 1 << 20  # what a torch.save archive's small records may add beyond the file's own size
+
+
+def check_zip_inflation(path: Path, slack: int = SLACK_BYTES) -> None:
+    """Refuse a zip archive whose entries declare more bytes than the file could hold, before any is inflated.
+
+    torch.save stores its records uncompressed, so a real archive inflates to about its own size; a deflate
+    bomb declares far more. torch's reader allocates what the central directory declares and stops there,
+    so checking the declarations bounds the memory. Files that are not zip archives pass unchanged.
+    """
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as z:
+            declared = sum(max(i.file_size, 0) for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # torch reports an unreadable archive in its own words
+    limit = 2 * path.stat().st_size + slack
+    if declared > limit:
+        raise fail(path, f"a zip archive whose entries inflate to {declared} bytes, more than {limit} for a "
+                         f"{path.stat().st_size}-byte file (a compression bomb?)")
+
+
 def _load(path: Path, trust_pickle: bool) -> Any:
+    check_zip_inflation(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only runs no code from the file; anything it raises means unreadable bytes
