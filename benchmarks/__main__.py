@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import shutil
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 from agegender.errors import AgeGenderError
 from agegender.files import write_text_atomic
 
-from .inputs import bench_weights, build_tree, faces_dir, labelled_photos, spread
+from .inputs import bench_home, bench_weights, build_tree, faces_dir, labelled_photos, spread
 from .machine import loadavg, machine_info
 from .peer import bracket, run_peer
 from .phases import AFTER_TRAIN, GROUPS, PHASES, child, previous_run, run_phase
@@ -38,10 +39,15 @@ def parser() -> argparse.ArgumentParser:
                       help="a reduced version of every figure (1-3 minutes)")
     mode.add_argument("--tiny", action="store_const", dest="mode", const="tiny",
                       help="smallest run, tiny channel widths: checks the machinery only (tests)")
-    p.add_argument("--out", default=".", help="where BENCHMARKS.md and bench.json go")
-    p.add_argument("--work", default="bench-work", help="cache of the generated tree, weights and peer venv")
+    p.add_argument("--out", default=str(bench_home() / "report"),
+                   help="where BENCHMARKS.md and bench.json go (default: %(default)s; `--out .` rewrites the "
+                        "repository's BENCHMARKS.md)")
+    p.add_argument("--work", default=str(bench_home() / "work"),
+                   help="cache of the generated tree, weights and peer venv (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--faces", help="real photos (default: $AGEGENDER_FACES; else synthetic faces)")
+    p.add_argument("--faces", help="real photos (default: $AGEGENDER_FACES, else ../shared/faces beside the "
+                                   "checkout as the tests find it, else synthetic faces)")
+    p.add_argument("--synthetic", action="store_true", help="generated faces even where real photos are found")
     p.add_argument("--no-peer", action="store_true", help=f"skip the {PEER} comparison")
     p.add_argument("--reuse", nargs="*", metavar="PHASE", choices=[*PHASES, "peer"],
                    help="keep these phases (none named: all) from --out's bench.json where they succeeded in the "
@@ -67,10 +73,12 @@ def prepare(a: argparse.Namespace, sizes: Sizes, device: str) -> tuple[dict[str,
     from agegender.train.config import TrainConfig
 
     work = Path(a.work).resolve()
-    faces = faces_dir(a.faces)
+    faces = faces_dir(a.faces, a.synthetic)
     photos = labelled_photos(faces) if faces else []
-    if not photos:
-        log.warning("no real photos (--faces or $AGEGENDER_FACES): the tree uses synthetic faces")
+    if photos:
+        log.info("real photos from %s", faces)
+    else:
+        log.warning("no real photos (--faces, $AGEGENDER_FACES or ../shared/faces): the tree uses synthetic faces")
     tree: Path | None = None
     weights: Path | None = None
     if any(n != "accuracy" for g in selected(a) for n in g):  # figure 7 reads the real photos only
@@ -164,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = "cpu"
     machine = machine_info(device)
     ctx, about = prepare(a, sizes, device)
-    command = f"{PROG} " + shlex.join(argv) + (" (faces from $AGEGENDER_FACES)" if about["faces"] and not a.faces else "")
+    found = " (faces from $AGEGENDER_FACES)" if os.environ.get("AGEGENDER_FACES") else " (faces from ../shared/faces)"
+    command = f"{PROG} " + shlex.join(argv) + (found if about["faces"] and not a.faces else "")
     stamp = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": command}
     raw = run_all(a, ctx, stamp)
 

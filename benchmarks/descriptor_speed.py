@@ -129,12 +129,20 @@ def lfw_chips(faces: Path, count: int) -> np.ndarray:
     return np.stack(chips)
 
 
+def default_faces_dir() -> Path:
+    """$AGEGENDER_FACES, else ../shared/faces beside the checkout, found as tests/conftest.py and
+    benchmarks/inputs.py find it (this script also runs on its own, outside the package)."""
+    env = os.environ.get("AGEGENDER_FACES")
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [repo.parent / "shared" / "faces", repo.parent.parent / "shared" / "faces"]
+    return Path(env) if env else next((c for c in candidates if c.is_dir()), candidates[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=64, help="LFW chips to time on")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--faces", type=Path, default=Path(os.environ.get(
-        "AGEGENDER_FACES", Path(__file__).resolve().parents[2] / "shared" / "faces")))
+    parser.add_argument("--faces", type=Path, default=default_faces_dir())
     args = parser.parse_args()
     result = measure(lfw_chips(args.faces, args.count), args.repeats)
     print(json.dumps(result, indent=2))

@@ -106,8 +106,12 @@ def load(files: Sequence[Path]) -> list[np.ndarray]:
 
 
 def default_faces_dir() -> Path:
+    """$AGEGENDER_FACES, else ../shared/faces beside the checkout, found as tests/conftest.py and
+    benchmarks/inputs.py find it (this script also runs on its own, outside the package)."""
     env = os.environ.get("AGEGENDER_FACES")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "faces"
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [repo.parent / "shared" / "faces", repo.parent.parent / "shared" / "faces"]
+    return Path(env) if env else next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

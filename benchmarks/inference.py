@@ -76,7 +76,7 @@ def _backends(net: Any, checkpoint: Path, device: str, fp32_onnx: Path, int8_onn
         return run
 
     def bf16_trunk(x: np.ndarray) -> np.ndarray:
-        return predict_backend.run_normalized(torch.from_numpy(x))[0]
+        return predict_backend.run_normalized(torch.from_numpy(x)).p_male
 
     def ort_runner(path: Path) -> Runner:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -22,15 +22,39 @@ from .sizes import REAL_ALIGNED, REAL_IMAGES, TREE_SIDE
 log = logging.getLogger(__name__)
 
 
-def faces_dir(given: str | None) -> Path | None:
-    """``--faces``, else ``$AGEGENDER_FACES``, else None (synthetic faces are used)."""
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_faces_candidates() -> list[Path]:
+    """Where the real photos sit beside a checkout: found the same way the tests find them (tests/conftest.py)."""
+    return [REPO.parent / "shared" / "faces", REPO.parent.parent / "shared" / "faces"]
+
+
+def faces_dir(given: str | None, synthetic: bool = False) -> Path | None:
+    """``--faces``, else ``$AGEGENDER_FACES``, else ``../shared/faces`` beside the checkout, else None (synthetic
+    faces are used; ``synthetic`` asks for them even when real photos are there)."""
+    if synthetic:
+        return None
     value = given or os.environ.get("AGEGENDER_FACES")
     if not value:
-        return None
+        return next((c for c in shared_faces_candidates() if c.is_dir()), None)
     path = Path(value)
     if not path.is_dir():
         raise AgeGenderError(f"{path}: faces folder does not exist")
     return path
+
+
+def default_faces_dir() -> Path:
+    """The faces folder for the single-figure scripts: as :func:`faces_dir`, else where it is expected."""
+    return faces_dir(None) or shared_faces_candidates()[0]
+
+
+def bench_home() -> Path:
+    """Where benchmark output and work files go by default: the user's agegender cache, never the checkout
+    (the work folder reaches ~1 GB, and BENCHMARKS.md in the repository is rewritten only when --out names it)."""
+    from agegender.weights.fetch import default_cache_dir
+
+    return default_cache_dir() / "bench"
 
 
 def labelled_photos(faces: Path) -> list[Any]:

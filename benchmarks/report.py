@@ -216,7 +216,7 @@ def _training_rows(doc: dict[str, Any], gpu: str) -> list[list[str]]:
              f"{fmt_num(st['naive']['train_images_per_second'])}", "-", "-", "train_one_epoch; medians of the repetitions"],
             ["validation, cached / naive, img/s", f"{fmt_num(st['cached']['val_images_per_second'])} / "
              f"{fmt_num(st['naive']['val_images_per_second'])}", "-", "-",
-             "train.loop.validate (predict_batches; cached features in batches of 4096)"],
+             "train.loop.validate (cached features in batches of 4096)"],
             ["checkpoint writes per epoch, s", f"{tr['checkpoint_seconds']:.1f}", "one run", "-",
              f"{tr['checkpoint_mb']:.0f} MB: model, last, train_state"],
             ["full run, min (`full_run_minutes`)", *_spread_cells(s.get("spread", {}).get("full_run_minutes")),

@@ -173,3 +173,32 @@ def test_real_descriptor_features_learn_gender(shared_faces: Path, tmp_path: Pat
     report = fit(cfg).report
     # A scratch net on the same people scored 0.795, the majority class is 0.74; dlib's features give 0.95+.
     assert report["gender"]["accuracy"] > 0.9
+
+
+def test_no_detect_frames_a_crop_as_training_framed_its_photos(tiny_run: Path, shared_faces: Path) -> None:
+    """--no-detect with a chip model: the crop's subject is found and aligned, as in training, not the whole crop
+    fed to the shape predictor (on children's UTKFace crops that misplaced the 5 points by ~30 px)."""
+    import numpy as np
+
+    from agegender.faces.framing import PhotoFramer, subject
+    from agegender.images import load_image
+    from agegender.infer.predict import Predictor
+
+    given = Predictor.from_path(tiny_run, no_detect=True, precision="fp32")
+    detecting = Predictor.from_path(tiny_run, precision="fp32")
+    whole = PhotoFramer(given.meta.preprocess.resized(given.size), None, faces=given.frame_face)
+    kids = sorted((shared_faces / "utkface").glob("[1-3]_*.jpg"))[:4]
+    if not kids:
+        pytest.skip("no UTKFace children's crops")
+    differ = 0
+    for path in kids:
+        rgb = load_image(path)
+        boxes, chips = given.crops(rgb)
+        assert boxes == [None] and len(chips) == 1  # one face per given crop
+        found = detecting.detector.detect(rgb)  # type: ignore[union-attr]
+        box = subject(found, *rgb.shape[:2])
+        if box is None:
+            continue
+        np.testing.assert_array_equal(chips[0], detecting.frame_face(rgb, box))
+        differ += int(np.abs(chips[0].astype(int) - whole(rgb).astype(int)).mean() > 10)
+    assert differ >= 1  # the whole-crop chip is not the same picture

@@ -13,7 +13,7 @@ from PIL import Image
 
 from agegender.data.records import FaceRecord, scan
 from agegender.errors import AgeGenderError
-from benchmarks.__main__ import main
+from benchmarks.__main__ import main, parser
 from benchmarks.inputs import build_tree, faces_dir
 from benchmarks.summary import summarise
 
@@ -92,7 +92,7 @@ def test_summary_arithmetic_and_reasons() -> None:
 def test_tiny_run_writes_both_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AGEGENDER_FACES", raising=False)
     out = tmp_path / "out"
-    rc = main(["--tiny", "--no-peer", "--out", str(out), "--work", str(tmp_path / "work")])
+    rc = main(["--tiny", "--no-peer", "--synthetic", "--out", str(out), "--work", str(tmp_path / "work")])
     doc = json.loads((out / "bench.json").read_text())
     errors = {k: v["error"] for k, v in doc["raw"].items() if k != "peer" and "error" in v}
     assert rc == 0 and not errors, errors
@@ -115,7 +115,7 @@ def test_tiny_run_writes_both_reports(tmp_path: Path, monkeypatch: pytest.Monkey
     assert not list(out.glob(".*part"))  # atomic writes leave no temp files
 
     # --reuse keeps every phase group that succeeded (here all but predict + peer), with who measured it.
-    assert main(["--tiny", "--no-peer", "--reuse", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    assert main(["--tiny", "--no-peer", "--synthetic", "--reuse", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     again = json.loads((out / "bench.json").read_text())
     assert again["raw"]["train"] == doc["raw"]["train"] and again["extraction_ratio"] == doc["extraction_ratio"]
     assert doc["raw"]["train"]["measured"]["command"] in (out / "BENCHMARKS.md").read_text()
@@ -233,7 +233,7 @@ def test_accuracy_section_renders_measured_numbers_only() -> None:
 
 
 def test_only_runs_the_named_groups_and_accuracy_gets_passive_omp(monkeypatch: pytest.MonkeyPatch) -> None:
-    from benchmarks.__main__ import parser, selected
+    from benchmarks.__main__ import selected
     from benchmarks.phases import _child_env
 
     assert selected(parser().parse_args(["--only", "accuracy"])) == [("accuracy",)]
@@ -272,3 +272,28 @@ def test_interleaved_pairs_alternate_and_the_targets_read_their_medians() -> Non
     assert s["train_speedup_vs_naive"] == 33.0 and s["train_speedup_fit_epochs"] == pytest.approx(310 / 10)
     assert s["full_run_minutes"] == pytest.approx((120 + 50 + 22 * 11) / 60)
     assert s["spread"]["full_run_minutes"]["max"] == pytest.approx((120 + 50 + 22 * 13) / 60)
+
+
+def test_output_and_work_default_outside_the_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.inputs import REPO
+
+    monkeypatch.setenv("AGEGENDER_HOME", str(tmp_path / "home"))
+    a = parser().parse_args(["--quick"])
+    for folder in (a.out, a.work):
+        assert Path(folder).resolve().is_relative_to(tmp_path / "home")
+        assert not Path(folder).resolve().is_relative_to(REPO)  # BENCHMARKS.md and ~1 GB of work stay out
+    assert parser().parse_args(["--out", "."]).out == "."  # the tracked report only when --out names it
+
+
+def test_real_photos_are_found_as_the_tests_find_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import benchmarks.inputs as inputs
+
+    monkeypatch.delenv("AGEGENDER_FACES", raising=False)
+    monkeypatch.setattr(inputs, "REPO", tmp_path / "checkout")
+    assert faces_dir(None) is None
+    (tmp_path / "shared" / "faces").mkdir(parents=True)
+    assert faces_dir(None) == tmp_path / "shared" / "faces"  # ../shared/faces, as tests/conftest.py looks
+    assert faces_dir(None, synthetic=True) is None
+    monkeypatch.setenv("AGEGENDER_FACES", str(tmp_path / "elsewhere"))
+    with pytest.raises(AgeGenderError, match="does not exist"):
+        faces_dir(None)

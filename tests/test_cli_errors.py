@@ -36,15 +36,16 @@ def world(tmp_path: Path) -> dict[str, Path]:
 
 def _cases(w: dict[str, Path]) -> dict[str, list[str]]:
     root, data, weights = w["root"], str(w["data"]), str(w["weights"])
-    train = ["train", "--data", data, "--weights", weights, "--out", str(root / "run")]
+    vgg = ["train", "--backbone", "vgg-face"]
+    train = [*vgg, "--data", data, "--weights", weights, "--out", str(root / "run")]
     return {
         "train batch 0": [*train, "--batch-size", "0"],
         "train image size 0": [*train, "--image-size", "0"],
         "train image size 48": [*train, "--image-size", "48"],
         "train epochs 0": [*train, "--epochs", "0"],
-        "train out is a file": ["train", "--data", data, "--weights", weights, "--out", str(root / "a_file")],
-        "train missing data": ["train", "--data", str(root / "nope"), "--weights", weights, "--out", str(root / "r")],
-        "train missing weights": ["train", "--data", data, "--weights", str(root / "nope.t7"), "--out", str(root / "r")],
+        "train out is a file": [*vgg, "--data", data, "--weights", weights, "--out", str(root / "a_file")],
+        "train missing data": [*vgg, "--data", str(root / "nope"), "--weights", weights, "--out", str(root / "r")],
+        "train missing weights": [*vgg, "--data", data, "--weights", str(root / "nope.t7"), "--out", str(root / "r")],
         "train three images": ["train", "--data", str(root / "three"), "--init", "scratch", "--out", str(root / "r")],
         "train bad backbone": [*train, "--backbone", "resnet"],
         "train not a number": [*train, "--epochs", "many"],

@@ -607,6 +607,53 @@ def test_augment_is_a_seeded_flip_and_shift() -> None:
     assert any(not unshifted for _, unshifted in kinds)
 
 
+def test_manifest_records_say_which_have_person_ids_and_age_groups(tmp_path: Path) -> None:
+    folder = tmp_path / "fairface"
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        _jpeg(folder / name)
+    _write_csv(folder / "labels.csv", ["path", "gender", "age", "identity"], [
+        ["a.jpg", "F", "20-29", ""], ["b.jpg", "M", "70+", "bob"], ["c.jpg", "M", "31", ""]])
+    got = {r.path.name: (r.age, r.age_interval, r.person_id, r.dataset) for r in scan(folder).records}
+    assert got == {"a.jpg": (24, (20, 29), False, "fairface"), "b.jpg": (70, (70, None), True, "fairface"),
+                   "c.jpg": (31, None, False, "fairface")}
+
+
+def test_leakage_is_not_measurable_without_person_ids(tmp_path: Path) -> None:
+    from agegender.data.synthetic import make_utkface_folder
+
+    utk = scan(make_utkface_folder(tmp_path / "utk", n=60, seed=0))
+    assert not any(r.person_id for r in utk.records)
+    splits = make_splits(utk, "identity", 0)
+    leak = splits.leakage()
+    assert leak["leaked_identities"] is None and leak["leakage"].startswith("not measurable")
+    assert "utk" in leak["leakage"]
+    assert all("identities" not in s for s in splits.summary().values())  # a file name is not a person
+
+
+def test_leakage_counts_named_people_and_states_the_rest(tmp_path: Path) -> None:
+    recs = [FaceRecord(Path(f"{i}.jpg"), i % 2, 30, f"p:{i // 2}") for i in range(40)]
+    recs += [FaceRecord(Path(f"u{i}.jpg"), i % 2, 30, f"u{i}.jpg", person_id=False, dataset="utk") for i in range(20)]
+    splits = identity_split(recs, seed=0)
+    leak = splits.leakage()
+    assert leak["leaked_identities"] == 0
+    assert leak["leakage"] == ("0 of 20 identities in more than one split; "
+                               "not measurable for 20 faces without person ids (20 in utk)")
+
+
+def test_scan_all_names_each_data_set_after_its_folder(tmp_path: Path) -> None:
+    for folder in ("fairface", "lfw", "other/lfw"):
+        for name in ("a.jpg", "b.jpg"):
+            _jpeg(tmp_path / folder / name)
+        _write_csv(tmp_path / folder / "labels.csv", ["path", "gender", "identity"],
+                   [["a.jpg", "F", "x"], ["b.jpg", "M", "y"]])
+    from agegender.data.records import scan_all
+
+    ds = scan_all([tmp_path / "fairface", tmp_path / "lfw", tmp_path / "other" / "lfw"])
+    assert [r.dataset for r in ds.records] == ["fairface"] * 2 + ["lfw (1)"] * 2 + ["lfw (2)"] * 2
+    assert len({r.identity for r in ds.records}) == 6  # listed ids stay per folder
+    assert ds.roots == (tmp_path / "fairface", tmp_path / "lfw", tmp_path / "other" / "lfw")
+
+
 # -- manifests that escape their folder or list a file twice -----------------------------------------
 @pytest.mark.parametrize("name", ["../outside.jpg", "sub/../../outside.jpg", "{abs}"])
 def test_manifest_paths_outside_the_folder_are_refused(tmp_path: Path, name: str) -> None:

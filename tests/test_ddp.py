@@ -37,7 +37,8 @@ def _train(args: list[str], nproc: int, cwd: Path) -> None:
 def test_two_process_training_matches_one_process(tmp_path: Path) -> None:
     make_agegender_tree(tmp_path / "data", per_folder=2, seed=3)
     save_vgg_face(tmp_path / "w.safetensors", make_vgg_face_state(widths=WIDTHS, fc=16, classes=4, seed=1))
-    common = ["--data", str(tmp_path / "data"), "--weights", str(tmp_path / "w.safetensors"), "--epochs", "5",
+    common = ["--backbone", "vgg-face",
+              "--data", str(tmp_path / "data"), "--weights", str(tmp_path / "w.safetensors"), "--epochs", "5",
               "--batch-size", "32", "--hidden", "32", "32", "--seed", "1"]
     _train([*common, "--out", str(tmp_path / "one" / "run")], 1, tmp_path)
     _train([*common, "--out", str(tmp_path / "two" / "run")], 2, tmp_path)

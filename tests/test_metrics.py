@@ -195,3 +195,21 @@ def test_bootstrap_ci():
     assert m.bootstrap_ci(y_true, y_pred) == (lo, hi)  # seeded
     assert m.bootstrap_ci(y_true, y_pred, seed=1) != (lo, hi)
     assert m.bootstrap_ci(y_true, y_true, n=50) == (1.0, 1.0)
+
+
+def test_interval_scores_by_hand():
+    from agegender.train.metrics import interval_scores
+
+    low = [20, 20, 20, 30, 70, 0]
+    high = [29, 29, 29, 39, np.inf, 2]
+    pred = [29.9, 30.5, 15.0, 45.0, 90.0, 3.0]
+    s = interval_scores(low, high, pred)
+    # inside: 29.9 (holds to 29.99), 90 (70+); 30.5 is 0.5 above, 15 is 5 below, 45 is 5 above, 3.0 is 0 above 2.99...
+    assert s["exact"] == pytest.approx(2 / 6)
+    assert s["years_outside"] == pytest.approx((0 + 0.5 + 5 + 5 + 0 + 0) / 6)
+    # groups 0-2, 20-29, 30-39, 70+: 30.5 -> 30-39 (one off), 15 -> 20-29 is nearer than 0-2 (exact group),
+    # 45 -> 30-39 (exact group, though outside), 3.0 -> 0-2
+    assert s["one_off"] == 1.0
+    assert s["per_group"]["20-29"] == {"n": 3, "exact": pytest.approx(1 / 3), "mean_predicted": pytest.approx(25.1333, abs=1e-3)}
+    with pytest.raises(AgeGenderError):
+        interval_scores([30], [20], [25])

@@ -17,7 +17,7 @@ from agegender.train.report import (
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PROTOCOL = {"data_source": "toy", "kind": "folders", "split": "identity", "counts": {"train": 500, "test": 160},
+PROTOCOL = {"data_source": "toy", "kind": "agegender", "split": "identity", "counts": {"train": 500, "test": 160},
             "leaked_identities": 0, "skipped_images": {"count": 2, "first": ["bad1.jpg", "bad2.jpg"]}}
 HISTORY = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_accuracy": 0.7 + 0.05 * e,
             "val_age_mae": 10 - e} for e in (1, 2, 3)]
@@ -162,3 +162,91 @@ def test_plot_training_curves(tmp_path):
     with pytest.raises(AgeGenderError):
         plot_training_curves([{"epoch": 1, "lr": 0.1}], tmp_path / "nothing.png")
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def _grouped(n: int = 90, seed: int = 1) -> Predictions:
+    """FairFace-like labels: every face carries an age group, none an exact age."""
+    rng = np.random.default_rng(seed)
+    groups = [(0, 2), (3, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, 69), (70, np.inf)]
+    pick = rng.integers(0, len(groups), n)
+    low = np.array([groups[i][0] for i in pick], dtype=float)
+    high = np.array([groups[i][1] for i in pick], dtype=float)
+    pred_age = np.clip(low + rng.normal(4, 6, n), 0, 100)
+    return Predictions(gender_true=rng.integers(0, 2, n), p_male=rng.uniform(0, 1, n),
+                       paths=[f"g{i}.jpg" for i in range(n)], age_true=np.full(n, np.nan), age_pred=pred_age,
+                       age_low=low, age_high=high)
+
+
+def test_age_groups_are_scored_as_groups_never_as_midpoints(tmp_path):
+    pred = _grouped()
+    r = build_report(pred, {"kind": "json"})
+    assert "age" not in r  # no MAE against a group's midpoint
+    a = r["age_groups"]
+    end = pred.age_high + 1
+    inside = (pred.age_pred >= pred.age_low) & (pred.age_pred < end)
+    assert a["n"] == 90 and a["exact"] == pytest.approx(inside.mean())
+    outside = np.maximum(np.maximum(pred.age_low - pred.age_pred, pred.age_pred - end), 0)
+    assert a["years_outside"] == pytest.approx(outside.mean())
+    assert a["exact"] <= a["one_off"] <= 1
+    assert sum(g["n"] for g in a["per_group"].values()) == 90 and "70+" in a["per_group"]
+    assert set(r["slices"]["by"]["age_group"]) <= set(a["per_group"])  # the labelled groups, not Adience's
+    md = write_report(r, pred, tmp_path / "g")
+    text = md.read_text()
+    assert "## Age groups" in text and "no MAE" in text and "MAE **" not in text
+    assert not (tmp_path / "g" / "age_scatter.png").exists()  # no "true age" axis for group labels
+    assert (tmp_path / "g" / "age_groups.png").read_bytes()[:8] == PNG_MAGIC
+    assert "true age" not in text
+
+
+def test_exact_ages_and_groups_in_one_report_are_scored_apart():
+    exact, grouped = _predictions(n=60), _grouped(n=40)
+    n = 100
+    both = Predictions(gender_true=np.r_[exact.gender_true, grouped.gender_true],
+                       p_male=np.r_[exact.p_male, grouped.p_male], paths=exact.paths + grouped.paths,
+                       age_true=np.r_[exact.age_true, grouped.age_true], age_pred=np.r_[exact.age_pred, grouped.age_pred],
+                       age_low=np.r_[np.full(60, np.nan), grouped.age_low],
+                       age_high=np.r_[np.full(60, np.nan), grouped.age_high])
+    r = build_report(both, {})
+    assert r["age"]["n"] == np.isfinite(exact.age_true).sum() and r["age_groups"]["n"] == 40
+    assert r["age"]["mae"] == pytest.approx(build_report(exact, {})["age"]["mae"])
+    assert sum(v["n"] for v in r["slices"]["by"]["age_group"].values()) == n - 10  # 10 exact ages unknown
+
+
+def test_seed_comparison_only_for_agegender_cleaned(tmp_path):
+    pred = _predictions()
+    for kind in ("utkface", "csv", "agegender+utkface"):
+        r = build_report(pred, {"kind": kind})
+        assert "seed_comparison" not in r
+        assert "seed notebook" not in write_report(r, pred, tmp_path / kind).read_text()
+    assert "seed_comparison" in build_report(pred, {"kind": "agegender"})
+
+
+def test_every_data_set_is_named_in_the_slices():
+    pred = _predictions(n=120)
+    datasets = np.repeat(["fairface", "wiki", "lfw"], 40)
+    sources = np.r_[np.repeat("fairface", 40), np.repeat("wiki", 40), np.repeat("lfw", 40)]
+    r = build_report(pred, {}, sources=sources, datasets=datasets)
+    assert set(r["slices"]["by"]["data set"]) == {"fairface", "wiki", "lfw"}
+    assert "source" not in r["slices"]["by"]  # the same grouping twice says nothing new
+    mixed = np.where(np.arange(120) % 2 == 0, "imdb", "wiki")
+    r = build_report(pred, {}, sources=mixed, datasets=np.repeat("agegender_cleaned", 120))
+    assert "data set" not in r["slices"]["by"] and set(r["slices"]["by"]["source"]) == {"imdb", "wiki"}
+
+
+def test_leakage_sentence_replaces_the_count_in_markdown(tmp_path):
+    pred = _predictions()
+    protocol = {"kind": "utkface", "leaked_identities": None,
+                "leakage": "not measurable: the data has no person ids (160 in utkface)"}
+    text = write_report(build_report(pred, protocol), pred, tmp_path).read_text()
+    assert "leakage**: not measurable" in text and "leaked_identities" not in text
+
+
+def test_training_curves_put_one_loss_in_each_panel():
+    from agegender.train.report import _loss_panels
+
+    new = ["train_age_loss", "train_gender_loss", "train_loss", "val_accuracy", "val_age_loss", "val_age_mae",
+           "val_gender_loss", "val_loss"]
+    assert dict(_loss_panels(new)) == {"age loss": ["train_age_loss", "val_age_loss"],
+                                       "gender loss": ["train_gender_loss", "val_gender_loss"]}
+    old = dict(_loss_panels(["train_loss", "val_accuracy", "val_loss"]))  # runs from before the split
+    assert old == {"train loss (gender + age)": ["train_loss"], "validation loss (gender)": ["val_loss"]}

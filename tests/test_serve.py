@@ -63,6 +63,17 @@ def test_health_and_page(client: TestClient) -> None:
     assert 'type="file"' in page.text and "/predict" not in page.text.split("fetch(")[0]
 
 
+def test_favicon_and_docs(client: TestClient) -> None:
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 204 and icon.content == b""  # no 404 in the browser's console
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    schema = client.get("/openapi.json").json()
+    assert {"/predict", "/health"} <= set(schema["paths"]) and "/favicon.ico" not in schema["paths"]
+    health = client.get("/health").json()
+    assert {"backbone", "detector", "precision"} <= set(health)  # the page's model line reads these
+
+
 def test_predict_a_real_photo(client: TestClient, shared_faces: Path) -> None:
     photo = min((shared_faces / "lfw").glob("*.jpg"))
     r = _post(client, photo.read_bytes(), photo.name, "image/jpeg")
@@ -149,3 +160,17 @@ def test_serve_warns_off_loopback(checkpoint: Path, monkeypatch: pytest.MonkeyPa
         serve_module.serve(checkpoint, host="0.0.0.0", port=port)
     assert "0.0.0.0" in caplog.text and "other machines" in caplog.text
     assert calls == [("127.0.0.1", port), ("0.0.0.0", port)]
+
+
+def test_serve_command_prints_its_address(checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from agegender.cli import main
+
+    monkeypatch.setattr(serve_module, "_run", lambda config, sock: None)
+    port = _free_port()
+    assert main(["serve", "--model", str(checkpoint), "--port", str(port)]) == 0
+    err = capsys.readouterr().err
+    assert f"serving http://127.0.0.1:{port}/ (the page), http://127.0.0.1:{port}/docs (the API)" in err
+    assert serve_module.service_url("::1", 8000) == "http://[::1]:8000/"
+    assert serve_module.service_url("0.0.0.0", 80).startswith("http://") and "0.0.0.0" not in \
+        serve_module.service_url("0.0.0.0", 80)

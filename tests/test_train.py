@@ -115,7 +115,8 @@ def test_unfreeze_fine_tunes_the_convs(world, tmp_path) -> None:  # type: ignore
 
 def test_cli_train_then_evaluate(world, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "cli"
-    assert main(["train", "--data", str(world["data"]), "--weights", str(world["weights"]), "--out", str(out),
+    assert main(["train", "--backbone", "vgg-face", "--data", str(world["data"]), "--weights", str(world["weights"]),
+                 "--out", str(out),
                  "--epochs", "1", "--batch-size", "32", "--limit", "150", "--hidden", "16", "16"]) == 0
     assert (out / "report" / "report.md").is_file()
     assert main(["evaluate", "--run", str(out)]) == 0
@@ -126,7 +127,7 @@ def test_cli_train_then_evaluate(world, tmp_path, capsys) -> None:  # type: igno
 
 
 def test_cli_errors_are_one_line(world, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
-    assert main(["train", "--data", str(world["data"]), "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--backbone", "vgg-face", "--data", str(world["data"]), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--weights" in err and "--init scratch" in err
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--init", "scratch"]) == 2
@@ -195,6 +196,74 @@ def test_retained_memory_stops_the_page_faults_of_training_steps() -> None:
     assert retained < plain / 4
 
 
+def test_training_report_and_evaluate_agree_at_the_same_precision(world, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    run = fit(config(world, tmp_path / "run", epochs=2, precision="bf16"))
+    assert run.report["protocol"]["precision"].startswith("torch: trunk bf16, heads fp32")
+    assert main(["evaluate", "--model", str(run.out)]) == 0  # the run's own precision, its own test split
+    ev = json.loads((run.out / "eval-test" / "report.json").read_text())
+    assert ev["protocol"]["precision"] == run.report["protocol"]["precision"]
+    assert ev["gender"]["n"] == run.report["gender"]["n"]
+    for key in ("accuracy", "auc", "ece"):
+        assert ev["gender"][key] == pytest.approx(run.report["gender"][key], abs=1e-9), key
+    assert ev["age"]["mae"] == pytest.approx(run.report["age"]["mae"], abs=1e-6)
+    assert main(["evaluate", "--model", str(run.out), "--precision", "fp32", "--out", str(tmp_path / "fp32")]) == 0
+    assert json.loads((tmp_path / "fp32" / "report.json").read_text())["protocol"]["precision"].startswith(
+        "torch: trunk fp32")
+
+
+def test_a_run_records_its_losses_apart_and_only_the_options_that_apply(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    run = fit(config(world, tmp_path / "run", epochs=1))
+    row = run.history[0]
+    assert {"train_gender_loss", "train_age_loss", "val_gender_loss", "val_age_loss"} <= set(row)
+    assert row["train_loss"] == pytest.approx(row["train_gender_loss"] + row["train_age_loss"], rel=1e-5)
+    stored = json.loads((run.out / "config.json").read_text())
+    assert "alignment" not in stored and "widths" not in stored and stored["image_size"] == 64
+    dlib = TrainConfig.from_preset("default", data="x", backbone="dlib-resnet").applicable_dict()
+    assert not {"image_size", "pixels", "widths", "block_bn"} & set(dlib)
+    assert dlib["hidden"] == [512, 512] and dlib["alignment"] == ""
+    protocol = run.report["protocol"]
+    assert protocol["leaked_identities"] == 0 and protocol["leakage"].endswith("identities in more than one split")
+    assert "seed notebook" in (run.out / "report" / "report.md").read_text()  # agegender_cleaned's layout
+
+
+def test_evaluations_go_to_a_folder_per_data_set_and_never_overwrite(world, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from agegender.data.synthetic import make_csv_folder, make_utkface_folder
+
+    run = fit(config(world, tmp_path / "run", epochs=1))
+    utk = make_utkface_folder(tmp_path / "utk", n=24, seed=1)
+    other = make_csv_folder(tmp_path / "faces", n=24, seed=2)
+    assert main(["evaluate", "--model", str(run.out), "--data", str(utk)]) == 0
+    assert main(["evaluate", "--model", str(run.out), "--data", str(other)]) == 0
+    first = (run.out / "eval-utk" / "report.md").read_text()
+    assert (run.out / "eval-faces" / "report.md").is_file()
+    assert "leakage**: not measured" in first and "seed notebook" not in first
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(run.out), "--data", str(utk)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "eval-utk" in err and "--force" in err
+    assert main(["evaluate", "--model", str(run.out), "--data", str(utk), "--force"]) == 0
+    # Two sets at once: both named, per source and in the protocol.
+    assert main(["evaluate", "--model", str(run.out), "--data", str(utk), "--data", str(other)]) == 0
+    both = (run.out / "eval-utk+faces" / "report.json").read_text()
+    import json
+
+    r = json.loads(both)
+    assert r["protocol"]["data"] == [str(utk), str(other)]
+    assert set(r["slices"]["by"]["data set"]) == {"utk", "faces"}
+    # A second train into the same folder is refused too.
+    capsys.readouterr()
+    args = ["train", "--backbone", "vgg-face", "--data", str(world["data"]), "--weights", str(world["weights"]),
+            "--out", str(run.out),
+            "--epochs", "1", "--batch-size", "32", "--limit", "150", "--hidden", "16", "16"]
+    assert main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (run.out / "eval-utk").is_dir()
+
+
 def test_two_data_folders_train_evaluate_and_match_predict_and_onnx(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A run on two --data folders evaluates from its recorded splits; the report, predict and the ONNX export
     give the same P(male) and ages for the same faces."""
@@ -213,7 +282,7 @@ def test_two_data_folders_train_evaluate_and_match_predict_and_onnx(world, tmp_p
     assert meta_cal["gender"]["accuracy"] >= 0
     assert main(["evaluate", "--model", str(run.out), "--out", str(tmp_path / "eval"), "--precision", "fp32"]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert report["protocol"]["precision"] == "fp32"
+    assert report["protocol"]["precision"].startswith("torch: trunk fp32")
     test = _split(run.out, "test")
     assert report["protocol"]["splits"]["test"]["images"] == len(test)
     export(run.out, "onnx", tmp_path / "m.onnx")

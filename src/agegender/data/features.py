@@ -74,15 +74,15 @@ def extract_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproc
                      frame: Framer | None = None,
                      device: str | torch.device = "cpu", progress: bool = True) -> FeatureSet:
     """Run the trunk once over every record; decoding of later batches overlaps the trunk's compute."""
-    from tqdm import tqdm
+    from ..progress import Progress
 
     features = feature_extractor(model, bf16, device)  # a copy of the trunk, in its fastest inference form
     n, dim = len(records), model.config.feature_dim
     out = torch.zeros(n, dim, dtype=torch.float32)
     ok = torch.zeros(n, dtype=torch.bool)
     start = time.perf_counter()
-    # disable=None: bars on a terminal only, so logs redirected to files stay readable.
-    bar = tqdm(total=n, desc="features", unit="img", disable=None if progress else True, leave=False)
+    # A bar on a terminal; a line every few seconds in a log file, which stays readable.
+    bar = Progress(n, "features", "img", enabled=progress)
     for idx, images in iter_batches(records, model.config.image_size, batch_size, workers, prefetch=prefetch,
                                     frame=frame):
         f = features(preprocess.normalize(images, torch.channels_last))

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import AgeGenderError
 from ..files import safe_name
 from ..images import IMAGE_SUFFIXES, Skipped
-from ..labels import _GENDER_WORDS, UTKFACE_RACES, parse_age, parse_gender
+from ..labels import _GENDER_WORDS, UTKFACE_RACES, parse_age, parse_age_interval, parse_gender
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,11 @@ class FaceRecord:
     group: str = ""  # "aligned" / "valid" in agegender trees, else ""
     race: str | None = None
     source: str = "unknown"  # adience, imdb, wiki, utkface, csv (a manifest) or unknown
+    # False where ``identity`` is only the file's own name (UTKFace, a manifest without ids): such faces cannot
+    # be checked for one person in two splits.
+    person_id: bool = True
+    age_interval: tuple[int, int | None] | None = None  # an age-group label ("20-29", "70+"); ``age`` is its midpoint
+    dataset: str = ""  # the data set it was read from, named after its folder
 
 
 # A trailing "-<n>" before the extension marks a duplicate name in the source data; any image suffix.
@@ -88,8 +93,24 @@ def scan(root: str | os.PathLike[str]) -> Dataset:
     """Find labelled faces under ``root`` (a folder, or a ``.csv``/``.json`` manifest), auto-detecting the layout.
 
     Tried in order: agegender_cleaned tree, ``labels.csv``, ``ground_truth.json``, UTKFace file names.
+    Each record's ``dataset`` is the folder's name (a manifest's folder).
     """
     root = Path(root)
+    return _named(_scan(root), dataset_name(root))
+
+
+def dataset_name(root: str | os.PathLike[str]) -> str:
+    """What a report calls the data under ``root``: its folder's name (a manifest's folder)."""
+    path = Path(root).resolve()
+    return (path.parent if path.is_file() else path).name or str(root)
+
+
+def _named(ds: Dataset, name: str) -> Dataset:
+    ds.records = [replace(r, dataset=name) for r in ds.records]
+    return ds
+
+
+def _scan(root: Path) -> Dataset:
     if root.is_file():
         return _finish(_scan_manifest(root), root)
     if not root.is_dir():
@@ -115,7 +136,11 @@ def scan_all(roots: Sequence[str | os.PathLike[str]]) -> Dataset:
     if len(roots) == 1:
         return scan(roots[0])
     parts = [scan(r) for r in roots]
-    records = [replace(r, identity=f"{i}/{r.identity}") if r.source in ("unknown", "csv", "utkface") else r
+    plain = [dataset_name(r) for r in roots]
+    # Two folders of one name (a/train, b/train) stay two data sets.
+    names = [f"{n} ({plain[:i + 1].count(n)})" if plain.count(n) > 1 else n for i, n in enumerate(plain)]
+    global_ids = {source for source, _ in _IDENTITY_PATTERNS}
+    records = [replace(r, dataset=names[i], identity=r.identity if r.source in global_ids else f"{i}/{r.identity}")
                for i, ds in enumerate(parts) for r in ds.records]
     skipped = Skipped([item for ds in parts for item in ds.skipped.items])
     return Dataset(records, "+".join(ds.kind for ds in parts), parts[0].root, skipped, tuple(ds.root for ds in parts))
@@ -130,8 +155,9 @@ def _finish(ds: Dataset, root: Path) -> Dataset:
     if not ds.records:
         raise AgeGenderError(f"{root}: no labelled face images found; expected {_EXPECTED}")
     counts = collections.Counter(r.gender for r in ds.records)
-    log.info("%s: detected %s layout, %d images (%d female, %d male), %d identities", root, ds.kind,
-             len(ds.records), counts[0], counts[1], len({r.identity for r in ds.records}))
+    ids = {r.identity for r in ds.records if r.person_id}
+    log.info("%s: detected %s layout, %d images (%d female, %d male), %s", root, ds.kind, len(ds.records),
+             counts[0], counts[1], f"{len(ids)} identities" if ids else "no person ids")
     return ds
 
 
@@ -167,7 +193,8 @@ def _scan_agegender(base: Path, skipped: Skipped) -> list[FaceRecord]:
             age, gender = int(m.group(1)), _GENDER_WORDS[m.group(2).lower()]
             for path in _images(folder, False, skipped):
                 source, identity = _identity(path, base)
-                records.append(FaceRecord(path, gender, age, identity, group, None, source))
+                records.append(FaceRecord(path, gender, age, identity, group, None, source,
+                                          person_id=source != "unknown"))
     return records
 
 
@@ -181,7 +208,8 @@ def _scan_utkface(root: Path, skipped: Skipped) -> list[FaceRecord]:
         race = UTKFACE_RACES[int(m.group(3))] if m.group(3) else None
         # UTKFace codes gender 0 = male, 1 = female: the reverse of ours.
         records.append(FaceRecord(path, 1 - int(m.group(2)), int(m.group(1)),
-                                  f"utkface:{path.relative_to(root).as_posix()}", "", race, "utkface"))
+                                  f"utkface:{path.relative_to(root).as_posix()}", "", race, "utkface",
+                                  person_id=False))
     if records:  # in a folder of plain photos, nothing was meant to be labelled: _finish says what was expected
         for path in unlabelled:
             skipped.add(path, "no UTKFace labels (<age>_<gender>_...) in the name")
@@ -218,7 +246,7 @@ def _scan_manifest(path: Path) -> Dataset:
         if gender is None:
             raise AgeGenderError(f"{path}:{line}: gender {row['gender']!r} is not M/F/male/female")
         try:
-            age = parse_age(row.get("age", ""))
+            age, interval = parse_age(row.get("age", "")), parse_age_interval(row.get("age", ""))
         except ValueError as e:
             raise AgeGenderError(f"{path}:{line}: age {row['age']!r}: {e}") from None
         image = root / name.strip()
@@ -241,11 +269,13 @@ def _scan_manifest(path: Path) -> Dataset:
             continue
         seen[key] = (line, len(records))
         source, identity = _identity(image, root) if image.is_relative_to(root) else parse_identity(image)
-        if row.get("identity", "").strip():
+        listed = bool(row.get("identity", "").strip())
+        if listed:
             # Namespaced like parsed ids, so a listed id and a parsed one for the same person agree.
             identity = f"{source if source != 'unknown' else 'csv'}:{row['identity'].strip()}"
         records.append(FaceRecord(image, gender, age, identity, "", row.get("race", "").strip() or None,
-                                  source if source != "unknown" else "csv"))
+                                  source if source != "unknown" else "csv", person_id=listed or source != "unknown",
+                                  age_interval=interval))
     if conflicts:  # neither label can be trusted: the face is left out, and the warning counts it
         log.warning("%s: %d files listed more than once with different labels; left out", path, len(conflicts))
         records = [r for i, r in enumerate(records) if i not in conflicts]

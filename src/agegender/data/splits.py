@@ -6,6 +6,7 @@ import collections
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -39,14 +40,35 @@ class Splits(Mapping[str, list[FaceRecord]]):
         return len(SPLIT_NAMES)
 
     def summary(self) -> dict[str, dict[str, int]]:
-        """Images and distinct identities per split."""
-        return {name: {"images": len(recs), "identities": len({r.identity for r in recs})}
-                for name, recs in self.items()}
+        """Images and distinct identities per split; identities only where the data names its people."""
+        out = {}
+        for name, recs in self.items():
+            ids = {r.identity for r in recs if r.person_id}
+            out[name] = {"images": len(recs), **({"identities": len(ids)} if ids else {})}
+        return out
 
     def leaked_identities(self) -> int:
-        """How many identities have images in more than one split."""
-        seen = collections.Counter(i for recs in self.values() for i in {r.identity for r in recs})
+        """How many identities have images in more than one split (among faces with a person id)."""
+        seen = collections.Counter(i for recs in self.values() for i in {r.identity for r in recs if r.person_id})
         return sum(1 for n in seen.values() if n > 1)
+
+    def leakage(self) -> dict[str, Any]:
+        """Whether one person can sit in two splits, stated with its limits: ``{"leaked_identities": int or None,
+        "leakage": one sentence}``. Faces without a person id (UTKFace, FairFace) cannot be checked."""
+        records = [r for recs in self.values() for r in recs]
+        missing = collections.Counter(r.dataset or r.source for r in records if not r.person_id)
+        unchecked = sum(missing.values())
+        named = ", ".join(f"{n} in {name}" for name, n in missing.most_common())
+        if unchecked == len(records):
+            return {"leaked_identities": None,
+                    "leakage": f"not measurable: the data has no person ids ({named}), so one person may "
+                               "appear in more than one split"}
+        ids = len({r.identity for r in records if r.person_id})
+        leaked = self.leaked_identities()
+        sentence = f"{leaked} of {ids} identities in more than one split"
+        if unchecked:
+            sentence += f"; not measurable for {unchecked} faces without person ids ({named})"
+        return {"leaked_identities": leaked, "leakage": sentence}
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -149,7 +171,8 @@ def make_splits(dataset: Dataset, protocol: str = "identity", seed: int = 0, lim
         splits = seed_split(records, seed=seed)
     else:
         raise AgeGenderError(f"unknown split protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    log.info("%s split (seed %d): %s; %d identities in more than one split", protocol, seed,
-             ", ".join(f"{k} {v['images']} images/{v['identities']} ids" for k, v in splits.summary().items()),
-             splits.leaked_identities())
+    log.info("%s split (seed %d): %s; leakage: %s", protocol, seed,
+             ", ".join(f"{k} {v['images']} images/{v.get('identities', 'no')} ids"
+                       for k, v in splits.summary().items()),
+             splits.leakage()["leakage"])
     return splits

@@ -211,9 +211,31 @@ def _pick_onnx_exporter(exporter: str) -> str:
     return exporter
 
 
+# Loggers of the ONNX exporters: each export logs a dozen INFO lines and torchvision warnings that say nothing
+# about this model. Shown with -v (debug logging); errors always.
+EXPORTER_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
+
+
+@contextlib.contextmanager
+def quiet_exporters() -> Iterator[None]:
+    """Raise the exporters' log levels to ERROR unless this package logs at DEBUG; restored afterwards."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _torch_to_onnx(model: InferenceModel, example: torch.Tensor, path: Path, opset: int, exporter: str) -> None:
     names = model.output_names
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_exporters():
         # torch-internal deprecation chatter; the TorchScript exporter is chosen knowingly as the fallback.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -551,6 +573,7 @@ def export(run: str | os.PathLike[str], fmt: str, output: str | os.PathLike[str]
     if fmt not in EXPORTERS:
         raise AgeGenderError(f"unknown export format {fmt!r} (choose from {', '.join(EXPORTERS)})")
     _check_output(output, fmt)  # fail before the slow load
+    log.info("exporting %s to %s: trace, write, then a parity check on the reloaded file", run, output)
     net, meta = load_checkpoint(resolve_model(run))
     if meta.config.age_head == "none":
         log.warning("%s: the model has no age head; exporting p_male only (\"age\": null in metadata)", run)

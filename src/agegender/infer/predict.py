@@ -113,7 +113,11 @@ class Predictor:
         pre = backend.meta.preprocess.resized(self.size)
         # The backbone's contract decides the framing: crops for VGG-Face, 5-point chips for dlib's ResNet.
         self.frame_face = FaceFramer(pre)
-        self.frame_photo = PhotoFramer(pre, faces=self.frame_face)
+        # A chip model reads 5-point chips, so a given crop (no_detect) is framed as training framed its photos:
+        # the subject found in the crop, then aligned. From the whole crop alone the shape predictor misplaces
+        # children's points (200 UTKFace crops: gender 0.835 / MAE 8.8 years, against 0.855 / 5.55 this way).
+        finder = default_detector(min_face_px=20, threads=1) if no_detect and pre.alignment != "crop" else None
+        self.frame_photo = PhotoFramer(pre, finder, faces=self.frame_face)
         self.workers = max(1, workers or usable_cores())
 
     @classmethod
@@ -379,12 +383,37 @@ def _write_annotation(result: ImageResult, folder: Path, used: set[str]) -> None
         image.save(tmp, format="PNG" if dest.suffix == ".png" else "JPEG", quality=92)
 
 
+def _video_results(predictor: Predictor, path: str, every: int, batch_size: int, folder: Path | None,
+                   used: set[str], progress: bool) -> Iterator[ImageResult]:
+    """A video's frame results; with ``folder``, each sampled frame annotated into ``folder/<video name>/``."""
+    from .video import frames
+
+    kept: dict[int, np.ndarray] = {}  # frames waiting for their result; the pipeline holds only a few at once
+    sub = None if folder is None else folder / _annotated_name(path, used).rsplit(".", 1)[0]
+
+    def items() -> Iterator[tuple[str, np.ndarray, int, float]]:
+        for i, t, rgb in frames(path, every, progress):
+            if sub is not None:
+                kept[i] = rgb
+            yield f"{path}#{i}", rgb, i, t
+
+    for result in predictor.predict_frames(items(), batch_size):
+        rgb = kept.pop(result.frame, None) if result.frame is not None else None
+        if sub is not None and rgb is not None:
+            with atomic_path(sub / f"frame_{result.frame:06d}.jpg") as tmp:
+                annotate(rgb, result.faces).save(tmp, format="JPEG", quality=92)
+        yield result
+
+
 def predict_files(predictor: Predictor, paths: list[str], output: str | None = None, output_format: str = "jsonl",
-                  batch_size: int = 32, annotate: str | None = None, every: int = 1) -> collections.Counter[str]:
+                  batch_size: int = 32, annotate: str | None = None, every: int = 1,
+                  progress: bool = True) -> collections.Counter[str]:
     """``agegender predict``: JSON Lines or CSV to ``output`` (stdout when None), one record per image (CSV: one
-    row per face); annotated copies into the folder ``annotate``. Video files give one record per ``every``-th frame.
-    Returns counts of faces and image outcomes."""
-    from .video import is_video, predict_video
+    row per face); annotated copies into the folder ``annotate`` (a video's sampled frames into a subfolder named
+    after it). Video files give one record per ``every``-th frame.
+    Returns counts: ``faces``; ``images`` and ``frames`` read; ``with faces``, ``no face`` and ``errors`` among them."""
+    from ..progress import Progress
+    from .video import is_video
 
     if every < 1:
         raise AgeGenderError(f"--every must be at least 1, got {every}")
@@ -403,14 +432,19 @@ def predict_files(predictor: Predictor, paths: list[str], output: str | None = N
         writer = _Writer(stream, output_format)
         images = [p for p in paths if not is_video(p)]
         streams = [predictor.predict_many(images, batch_size)] if images else []
-        streams += [predict_video(predictor, p, every, batch_size) for p in paths if is_video(p)]
-        for results in streams:
-            for result in results:
-                writer.write(result)
-                counts["faces"] += len(result.faces)
-                counts["errors" if result.error else "no face" if not result.faces else "with faces"] += 1
-                if folder is not None and result.frame is None:
-                    _write_annotation(result, folder, used)
+        streams += [_video_results(predictor, p, every, batch_size, folder, used, progress)
+                    for p in paths if is_video(p)]
+        with Progress(len(images), "predict", "img", enabled=progress and bool(images)) as bar:
+            for results in streams:
+                for result in results:
+                    writer.write(result)
+                    counts["faces"] += len(result.faces)
+                    counts["errors" if result.error else "no face" if not result.faces else "with faces"] += 1
+                    counts["images" if result.frame is None else "frames"] += 1
+                    if result.frame is None:
+                        bar.update(1)
+                        if folder is not None:
+                            _write_annotation(result, folder, used)
 
     if output:
         with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:

@@ -261,16 +261,17 @@ def _declared_pixels(data: bytes) -> int:
 
 def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_name: str | None = None,
                limits: ServiceLimits | None = None) -> "FastAPI":
-    """The API over one loaded ``predictor``: ``GET /``, ``GET /health``, ``POST /predict`` (multipart ``file``)."""
+    """The API over one loaded ``predictor``: ``GET /`` (the page), ``GET /health``, ``POST /predict`` (multipart
+    ``file``) and ``GET /docs`` (the OpenAPI page)."""
     from fastapi import FastAPI, File, UploadFile
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     limits = limits or ServiceLimits()
     limits.check()
     limiter = DecodeLimiter(limits)
     page = resources.files("agegender.infer").joinpath("static/index.html").read_text(encoding="utf-8")
-    app = FastAPI(title="agegender", docs_url=None, redoc_url=None)
+    app = FastAPI(title="agegender", docs_url="/docs", redoc_url=None)
     app.add_middleware(BodyGuard, max_bytes=max_bytes, body_timeout=limits.body_timeout,
                        read_timeout=limits.read_timeout)
 
@@ -283,6 +284,10 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_n
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
         return page
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Any:
+        return Response(status_code=204)  # the page carries its icon inline; browsers still ask
 
     @app.get("/health")
     async def health() -> dict[str, Any]:  # on the event loop: never waits for a thread busy decoding
@@ -370,6 +375,15 @@ def uvicorn_config(app: Any, limits: ServiceLimits | None = None, log_level: str
         app, log_level=log_level, ws="none", lifespan="on", server_header=False, http=guarded_protocol(limits),
         timeout_keep_alive=limits.keep_alive, h11_max_incomplete_event_size=16 * 1024,  # headers of 16 KB at most
         timeout_graceful_shutdown=10)
+
+
+def service_url(host: str, port: int) -> str:
+    """The address to open in a browser: a wildcard host is reached through this machine's name."""
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        host = socket.gethostname()
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal
+    return f"http://{host}:{port}/"
 
 
 def guarded_protocol(limits: ServiceLimits) -> type:
@@ -467,6 +481,8 @@ def serve(model: str | os.PathLike[str] | None = None, host: str = "127.0.0.1", 
             log.warning("binding %s: the API is reachable from other machines and has no authentication", host)
         name = None if model is None else os.path.basename(os.fspath(model))
         app = create_app(predictor, max_bytes, model_name=name, limits=limits)
+        url = service_url(host, sock.getsockname()[1])
+        log.info("serving %s (the page), %sdocs (the API), %shealth; Ctrl+C stops", url, url, url)
         _run(uvicorn_config(app, limits), sock)
     finally:
         sock.close()

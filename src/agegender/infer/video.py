@@ -26,7 +26,8 @@ def is_video(path: str) -> bool:
 def frames(source: str | int, every: int = 1, progress: bool = True) -> Iterator[tuple[int, float, np.ndarray]]:
     """``(frame index, seconds, RGB uint8)`` for every ``every``-th frame of a video file, or of camera ``source``."""
     import cv2
-    from tqdm import tqdm
+
+    from ..progress import Progress
 
     if every < 1:
         raise AgeGenderError(f"--every must be at least 1, got {every}")
@@ -38,7 +39,7 @@ def frames(source: str | int, every: int = 1, progress: bool = True) -> Iterator
         raise AgeGenderError(f"{name}: OpenCV cannot open this video (unsupported codec or not a video)")
     fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) or None
-    bar = tqdm(total=total, desc=Path(str(name)).name, unit="frame", disable=None if progress else True, leave=False)
+    bar = Progress(total, Path(str(name)).name, "frame", enabled=progress)
     index = read = 0
     try:
         while True:

@@ -141,6 +141,19 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
+    def applicable_dict(self) -> dict[str, Any]:
+        """``to_dict`` without the options that do nothing for this backbone (a dlib run has no image size,
+        VGG pixels or VGG widths; a VGG run no alignment), as a run's config.json records it. Resuming fills
+        the missing ones with their defaults, which change nothing."""
+        unused = VGG_ONLY if self.backbone != "vgg-face" else {"alignment"}
+        if self.init != "scratch":
+            unused = unused | {"widths"}  # pretrained widths come from the weights file
+        return {k: v for k, v in self.to_dict().items() if k not in unused}
+
+
+# Options that only the VGG trunk reads: the others fix their own input size, pixels and widths.
+VGG_ONLY = frozenset({"image_size", "pixels", "widths", "block_bn"})
+
 
 def _check_fits_memory(model: ModelConfig, batch_size: int) -> None:
     """Refuse a head or a batch that cannot fit this machine's memory, before data or weights are read.

@@ -8,53 +8,70 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from ..data.records import FaceRecord, scan, scan_all
+from ..data.records import Dataset, FaceRecord, scan_all
 from ..data.splits import make_splits
 from ..errors import AgeGenderError
 from ..faces.framing import PhotoFramer, photo_framer
+from ..files import refuse_overwrite
 from ..images import Skipped, load_rgb
 from ..model.meta import resolve_model
 from ..model.runtime import Backend, Decoded, load_backend
+from ..progress import Progress
 from .report import Predictions, build_report, write_report
-
-if TYPE_CHECKING:
-    from ..data.batches import Batches
-    from ..model.net import AgeGenderNet
 
 log = logging.getLogger(__name__)
 
 
-def collect_predictions(model: AgeGenderNet, batches: Batches, records: Sequence[FaceRecord], idx: np.ndarray
-                        ) -> tuple[list[FaceRecord], Predictions]:
-    """Predictions for the readable records among ``idx``, and those records."""
-    done, out = predict_batches(model, batches, idx)
-    return _predictions([records[i] for i in done], out)
-
-
 def _predictions(rec: list[FaceRecord], out: Decoded) -> tuple[list[FaceRecord], Predictions]:
+    inf, nan = float("inf"), float("nan")
     return rec, Predictions(
         gender_true=np.array([r.gender for r in rec], dtype=int),
         p_male=out.p_male,
-        age_true=np.array([np.nan if r.age is None else r.age for r in rec], dtype=float),
+        # An age group's midpoint is not an age: such faces are scored by their interval alone.
+        age_true=np.array([nan if r.age is None or r.age_interval else r.age for r in rec], dtype=float),
         age_pred=out.age,
         race=np.array([r.race or "" for r in rec], dtype=object),
         paths=[str(r.path) for r in rec],
+        age_low=np.array([r.age_interval[0] if r.age_interval else nan for r in rec], dtype=float),
+        age_high=np.array([(inf if r.age_interval[1] is None else r.age_interval[1]) if r.age_interval else nan
+                           for r in rec], dtype=float),
     )
 
 
-def evaluate_split(checkpoint: str | Path, batches: Batches, records: Sequence[FaceRecord], idx: np.ndarray,
-                   protocol: dict[str, Any], out_dir: str | Path,
-                   history: list[dict[str, float]] | None = None) -> tuple[dict[str, Any], Path]:
-    from ..model.checkpoint import load_checkpoint
+def _source(r: FaceRecord) -> str:
+    """The source slice's value: the parsed origin (imdb, wiki, adience, utkface), else the data set's name."""
+    return r.dataset if r.source in ("csv", "unknown") and r.dataset else r.source
 
-    model, meta = load_checkpoint(checkpoint, device=batches.world.device)
-    done, pred = collect_predictions(model, batches, records, idx)
-    unread = [records[i] for i in idx if batches.ok is not None and not batches.ok[i]]
-    return _report(pred, done, unread, protocol, str(checkpoint), meta.extra.get("best_epoch"), out_dir, history)
+
+def data_protocol(dataset: Dataset) -> dict[str, Any]:
+    """Which data, named per set when there are several (``--data`` given more than once)."""
+    roots = dataset.roots or (dataset.root,)
+    return {"data": str(roots[0]) if len(roots) == 1 else [str(r) for r in roots], "kind": dataset.kind}
+
+
+def precision_note(backend: Backend, requested: str, device: str) -> str:
+    """The precision the figures were computed in, for the protocol: bf16 and fp32 trunks differ in the third
+    decimal of accuracy, so two reports compare only at the same precision."""
+    if backend.name == "onnx":
+        return "onnx: the export's own (fp32 arithmetic), on cpu"
+    return f"{backend.name}: trunk {backend.precision}, heads fp32, on {device} (--precision {requested})"
+
+
+def evaluate_records(backend: Backend, records: Sequence[FaceRecord], protocol: dict[str, Any],
+                     out_dir: str | Path, history: list[dict[str, float]] | None = None, *, batch_size: int = 64,
+                     workers: int = 2, requested: str = "auto", device: str = "cpu", progress: bool = True
+                     ) -> tuple[dict[str, Any], Path]:
+    """The report on ``records`` through ``backend``: the one path of ``evaluate`` and of training's own report,
+    so the two give the same numbers for the same faces and precision."""
+    done, decoded, unread = predict_records(backend, records, batch_size, workers, progress)
+    _, pred = _predictions(done, decoded)
+    protocol = {**protocol, "precision": precision_note(backend, requested, device)}
+    return _report(pred, done, unread, protocol, str(getattr(backend, "path", "")),
+                   backend.meta.extra.get("best_epoch"), out_dir, history)
 
 
 def _report(pred: Predictions, done: list[FaceRecord], unread: list[FaceRecord], protocol: dict[str, Any],
@@ -67,22 +84,29 @@ def _report(pred: Predictions, done: list[FaceRecord], unread: list[FaceRecord],
                                         "first": (list(skipped["first"]) + [f"{r.path}: could not decode"
                                                                             for r in unread])[:10]}}
     report = build_report(pred, {**protocol, "model": model, "best_epoch": best_epoch},
-                          sources=np.array([r.source for r in done], dtype=object))
+                          sources=np.array([_source(r) for r in done], dtype=object),
+                          datasets=np.array([r.dataset for r in done], dtype=object))
     return report, write_report(report, pred, out_dir, history=history)
 
 
 SUBSETS = ("train", "val", "test", "all")
 
 
-def evaluate_model(model: str | os.PathLike[str] | None, data: str | None = None, subset: str | None = None,
-                   out: str | None = None, batch_size: int = 64, workers: int = 2, precision: str = "auto",
-                   device: str = "cpu") -> Path:
-    """`agegender evaluate`: a run's own test split by default, or any dataset with ``data``.
+def evaluate_model(model: str | os.PathLike[str] | None, data: str | Sequence[str] | None = None,
+                   subset: str | None = None, out: str | None = None, batch_size: int = 64, workers: int = 2,
+                   precision: str | None = None, device: str = "cpu", force: bool = False,
+                   progress: bool = True) -> Path:
+    """`agegender evaluate`: a run's own test split by default, or any dataset with ``data`` (one folder or several).
 
     ``model`` is a run directory, a checkpoint or an ONNX export (None: the bundled model); only a run directory
-    knows its own splits. Faces are framed and decoded as ``predict`` frames and decodes them; an ONNX model
-    needs no torch.
+    knows its own splits. Faces are framed and decoded as ``predict`` frames and decodes them, as the training
+    report does, so a run's own test split at its own ``precision`` (None: the run's, else auto) gives the
+    numbers its training report gave; an ONNX model needs no torch. The report goes to ``out``, by default
+    ``eval-<data set>`` (``eval-<subset>`` for the run's own split) beside the model; an earlier report there is
+    replaced only with ``force``.
     """
+    from ..data.records import dataset_name
+
     if model is None:
         from ..weights.zoo import bundled_model
 
@@ -95,30 +119,38 @@ def evaluate_model(model: str | os.PathLike[str] | None, data: str | None = None
         raise AgeGenderError(f"unknown subset {subset!r}; choose from {', '.join(SUBSETS)}")
     if batch_size < 1 or workers < 1:
         raise AgeGenderError(f"batch size and workers must be at least 1, got {batch_size} and {workers}")
-    stored = _stored_run_config(run) if run is not None and data is None else {}
+    stored = _stored_run_config(run) if run is not None else {}
+    given = [data] if isinstance(data, str) else list(data) if data is not None else None
+    roots = given or stored.get("data") or ""
+    roots = [roots] if isinstance(roots, str) else list(roots)
+    subset = subset or ("all" if given else "test")
+    name = "+".join(dataset_name(r) for r in roots) + ("" if subset == "all" else f"-{subset}") if given else subset
+    out_dir = Path(out) if out else ckpt.parent / f"eval-{name}"
+    refuse_overwrite(out_dir, ("report.md", "report.json"), force)  # before the slow part
+    precision = precision or str(stored.get("precision", "auto"))
     backend = load_backend(ckpt, device, precision)
-    sources = data or stored.get("data", "")
-    dataset = scan_all(sources) if isinstance(sources, list) else scan(sources)
-    protocol_name = str(stored.get("split", "identity"))
-    subset = subset or ("all" if data is not None else "test")
+    dataset = scan_all(roots)
+    own = {} if given else stored  # a run's own data is split as it was in training
+    protocol_name = str(own.get("split", "identity"))
     if subset == "all":
-        chosen, summary, leaked = list(dataset.records), {"all": {"images": len(dataset.records)}}, 0
+        chosen, summary = list(dataset.records), {"all": {"images": len(dataset.records)}}
+        leakage: dict[str, Any] = {
+            "leaked_identities": None,
+            "leakage": "not measured: the whole data set is evaluated, not a held-out split, so faces or people "
+                       "the model was trained on may be among them"}
     else:
-        splits = make_splits(dataset, protocol_name, int(stored.get("seed", 0)), limit=int(stored.get("limit", 0)))
-        summary, leaked = splits.summary(), splits.leaked_identities()
-        chosen = _recorded_split(run, subset, dataset.records) or splits[subset]
-    out_dir = Path(out) if out else ckpt.parent / f"eval-{subset}"
-    done, decoded, unread = predict_records(backend, chosen, batch_size, workers)
-    _, pred = _predictions(done, decoded)
-    protocol = {"data": str(dataset.root), "kind": dataset.kind, "split": f"{protocol_name}:{subset}",
-                "splits": summary, "leaked_identities": leaked, "skipped": dataset.skipped.to_dict(),
-                "precision": backend.precision}
-    _, md = _report(pred, done, unread, protocol, str(ckpt), backend.meta.extra.get("best_epoch"), out_dir)
+        splits = make_splits(dataset, protocol_name, int(own.get("seed", 0)), limit=int(own.get("limit", 0)))
+        summary, leakage = splits.summary(), splits.leakage()
+        chosen = (_recorded_split(run, subset, dataset.records) if not given else None) or splits[subset]
+    protocol = {**data_protocol(dataset), "split": f"{protocol_name}:{subset}", "splits": summary, **leakage,
+                "skipped": dataset.skipped.to_dict()}
+    _, md = evaluate_records(backend, chosen, protocol, out_dir, batch_size=batch_size, workers=workers,
+                             requested=precision, device=device, progress=progress)
     return md
 
 
-def predict_records(backend: Backend, records: Sequence[FaceRecord], batch_size: int = 64, workers: int = 2
-                    ) -> tuple[list[FaceRecord], Decoded, list[FaceRecord]]:
+def predict_records(backend: Backend, records: Sequence[FaceRecord], batch_size: int = 64, workers: int = 2,
+                    progress: bool = True) -> tuple[list[FaceRecord], Decoded, list[FaceRecord]]:
     """The records whose image decoded, their decoded outputs, and the records that could not be read.
 
     Each photo is framed as training framed it (the subject's 5-point chip, or the centre square), then run
@@ -130,7 +162,7 @@ def predict_records(backend: Backend, records: Sequence[FaceRecord], batch_size:
     done: list[FaceRecord] = []
     unread: list[FaceRecord] = []
     parts: list[Decoded] = []
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers) as pool, Progress(len(records), "evaluate", "img", enabled=progress) as bar:
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
             images = list(pool.map(lambda r: load_rgb(r.path, size, skipped, frame), chunk))
@@ -139,6 +171,7 @@ def predict_records(backend: Backend, records: Sequence[FaceRecord], batch_size:
             if ok:
                 done += [r for r, _ in ok]
                 parts.append(backend.run(np.stack([im for _, im in ok])))
+            bar.update(len(chunk))
     return done, Decoded.concat(parts), unread
 
 
@@ -166,24 +199,3 @@ def _stored_run_config(run: Path) -> dict[str, Any]:
     if not isinstance(stored, dict):
         raise AgeGenderError(f"{run / 'config.json'}: not a run config")
     return stored
-
-
-def predict_batches(model: AgeGenderNet, batches: Batches, idx: np.ndarray) -> tuple[np.ndarray, Decoded]:
-    """(indices actually predicted, their decoded outputs), through the same decode as ``predict``."""
-    import torch
-
-    from ..model.decode import decode, output_names
-
-    model.eval()
-    done, rows = [], []
-    # Cached features are small: score them in large batches rather than the training batch size.
-    with torch.no_grad():
-        for x, chunk, _ in batches(idx, batch_size=4096 if batches.cached else None):
-            out = model.forward_head(x) if batches.cached else model(x)
-            done.append(chunk)
-            logits = None if out.age_logits is None else out.age_logits.float()
-            rows.append([t.float().cpu().numpy() for t in decode(model.config, out.gender_logit.float(), logits)])
-    names = output_names(model.config)
-    if not rows:
-        return np.zeros(0, dtype=int), Decoded(np.zeros(0))
-    return np.concatenate(done).astype(int), Decoded.of(names, [np.concatenate(c) for c in zip(*rows)])

@@ -31,11 +31,11 @@ from ..files import atomic_path, folder_lock, safe_name, write_text_atomic
 from ..model.backbones import DLIB_RESNET, backbone
 from ..model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from ..model.config import SEED_PREPROCESS, VGG_FACE_PREPROCESS, ModelConfig, Preprocess
+from ..model.decode import decode
 from ..model.dlib_resnet import dlib_shape_of
 from ..model.meta import RUN_CHECKPOINT
 from ..model.net import AgeGenderNet, Outputs
 from .config import TrainConfig
-from .evaluate import predict_batches
 from .metrics import mae
 
 log = logging.getLogger(__name__)
@@ -184,35 +184,43 @@ class Step(nn.Module):
         return out.gender_logit.float(), age
 
 
-def loss_fn(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet, cfg: TrainConfig) -> torch.Tensor:
+def loss_parts(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(gender loss, age loss or None where the batch has no age or the model no age head)."""
     i = torch.as_tensor(idx)
     gender = labels.gender[i].to(out.gender_logit.device)
-    loss = F.binary_cross_entropy_with_logits(out.gender_logit, gender)
+    gender_loss = F.binary_cross_entropy_with_logits(out.gender_logit, gender)
     age = labels.age[i].to(out.gender_logit.device)
     known = ~torch.isnan(age)
-    if out.age_logits is not None and known.any():
-        mc = model.config
-        a, logits = age[known], out.age_logits[known]
-        if mc.age_head == "dex":
-            target = (a.round().clamp(mc.age_min, mc.age_max) - mc.age_min).long()
-            age_loss = F.cross_entropy(logits, target)
-        else:
-            mid, half = (mc.age_min + mc.age_max) / 2, (mc.age_max - mc.age_min) / 2
-            age_loss = F.smooth_l1_loss(logits.squeeze(-1), (a - mid) / half)
-        loss = loss + cfg.age_weight * age_loss
-    return loss
+    if out.age_logits is None or not known.any():
+        return gender_loss, None
+    mc = model.config
+    a, logits = age[known], out.age_logits[known]
+    if mc.age_head == "dex":
+        target = (a.round().clamp(mc.age_min, mc.age_max) - mc.age_min).long()
+        return gender_loss, F.cross_entropy(logits, target)
+    mid, half = (mc.age_min + mc.age_max) / 2, (mc.age_max - mc.age_min) / 2
+    return gender_loss, F.smooth_l1_loss(logits.squeeze(-1), (a - mid) / half)
+
+
+def loss_fn(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet, cfg: TrainConfig) -> torch.Tensor:
+    gender_loss, age_loss = loss_parts(out, labels, idx, model)
+    return gender_loss if age_loss is None else gender_loss + cfg.age_weight * age_loss
 
 
 # -- one epoch, evaluation --------------------------------------------------------------------
 def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx: np.ndarray, labels: Labels,
                     optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int, threads: int | None = None
-                    ) -> float:
+                    ) -> dict[str, float]:
     """One pass over ``idx`` in a seeded order; under torchrun each rank takes its share of every batch.
+
+    Returns the epoch's mean losses: ``train_loss`` (what the optimizer minimised) and its parts,
+    ``train_gender_loss`` and ``train_age_loss`` (the latter over batches with ages).
 
     The epoch runs on ``threads`` intra-op threads (default: :func:`train_threads`); the caller's count is
     restored afterwards.
     """
-    from tqdm import tqdm
+    from ..progress import Progress
 
     retain_freed_memory()  # each step frees and reallocates its gradients: reuse them, do not fault them in
     model.train()
@@ -220,56 +228,90 @@ def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx:
     order = idx[torch.randperm(len(idx), generator=g).numpy()]
     augment = g if (cfg.trunk_trains and batches.features is None) else None
     # The loss is summed on the device and read once per epoch: a .item() per step waits for every step.
-    total, count = torch.zeros((), device=batches.world.device), 0
-    bar = tqdm(total=len(order), desc=f"epoch {epoch}", unit="img", leave=False,
-               disable=None if (cfg.progress and batches.world.is_main) else True)
+    device = batches.world.device
+    total, count = torch.zeros((), device=device), 0
+    gender_sum, age_sum, age_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    bar = Progress(len(order), f"epoch {epoch}", "img", enabled=cfg.progress and batches.world.is_main)
     before = torch.get_num_threads()
     torch.set_num_threads(threads or train_threads())
     try:
         for x, chunk, global_size in batches(order, augment, shard=True):
             if global_size < 2 * batches.world.size:
                 continue  # BatchNorm cannot train on one sample; every rank skips the same batch
-            loss = loss_fn(Outputs(*step(x)), labels, chunk, model, cfg)
+            gender_loss, age_loss = loss_parts(Outputs(*step(x)), labels, chunk, model)
+            loss = gender_loss if age_loss is None else gender_loss + cfg.age_weight * age_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.detach() * len(chunk)
+            gender_sum += gender_loss.detach() * len(chunk)
+            if age_loss is not None:
+                age_sum += age_loss.detach() * len(chunk)
+                age_count += len(chunk)
             count += len(chunk)
             bar.update(len(chunk))
-        return float(total) / max(count, 1)
+        out = {"train_loss": float(total) / max(count, 1), "train_gender_loss": float(gender_sum) / max(count, 1)}
+        if age_count:
+            out["train_age_loss"] = float(age_sum) / age_count
+        return out
     finally:
         torch.set_num_threads(before)
         bar.close()
 
 
+@torch.no_grad()
 def validate(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labels: Labels, cfg: TrainConfig
              ) -> dict[str, float]:
-    done, decoded = predict_batches(model, batches, idx)
-    p, age = decoded.p_male, decoded.age
-    if len(done) == 0:
+    """Accuracy, age MAE and the same two losses that training reports, so each pair can share a panel.
+
+    ``val_loss`` (the gender loss) breaks ties between equally accurate epochs.
+    """
+    model.eval()
+    done, p_male, ages = [], [], []
+    gender_sum, age_sum, age_count = 0.0, 0.0, 0
+    for x, chunk, _ in batches(idx, batch_size=4096 if batches.cached else None):
+        out = model.forward_head(x) if batches.cached else model(x)
+        out = Outputs(out.gender_logit.float(), None if out.age_logits is None else out.age_logits.float())
+        gender_loss, age_loss = loss_parts(out, labels, chunk, model)
+        gender_sum += float(gender_loss) * len(chunk)
+        if age_loss is not None:
+            age_sum, age_count = age_sum + float(age_loss) * len(chunk), age_count + len(chunk)
+        done.append(chunk)
+        decoded = decode(model.config, out.gender_logit, out.age_logits)  # as predict and the report decode
+        p_male.append(decoded[0].cpu().numpy())
+        if len(decoded) > 1:
+            ages.append(decoded[1].cpu().numpy())
+    if not done:
         return {"val_accuracy": math.nan, "val_loss": math.nan}
-    y = labels.gender[done].numpy()
-    eps = 1e-7
-    bce = -np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps))
-    out = {"val_accuracy": float(np.mean((p >= 0.5) == y)), "val_loss": float(bce)}
-    if age is not None:
-        a = labels.age[done].numpy()
+    idx_done, p = np.concatenate(done).astype(int), np.concatenate(p_male)
+    y = labels.gender[idx_done].numpy()
+    loss = gender_sum / len(idx_done)
+    row = {"val_accuracy": float(np.mean((p >= 0.5) == y)), "val_loss": loss, "val_gender_loss": loss}
+    if age_count:
+        row["val_age_loss"] = age_sum / age_count
+    if ages:
+        a, age = labels.age[idx_done].numpy(), np.concatenate(ages)
         known = ~np.isnan(a)
         if known.any():
-            out["val_age_mae"] = mae(a[known], age[known])
-    return out
+            row["val_age_mae"] = mae(a[known], age[known])
+    return row
 
 
 # -- the run ----------------------------------------------------------------------------------
-def fit(cfg: TrainConfig, resume: bool = False) -> RunResult:
+def fit(cfg: TrainConfig, resume: bool = False, force: bool = False) -> RunResult:
     """Train, keep the best checkpoint by validation accuracy, then evaluate it on the test split.
 
     Under ``torchrun`` every rank runs this; features are extracted in shards and gathered, gradients are
-    averaged by DistributedDataParallel, and only rank 0 writes files.
+    averaged by DistributedDataParallel, and only rank 0 writes files. A finished or started run in ``cfg.out``
+    is continued with ``resume`` and replaced only with ``force``.
     """
+    from ..files import refuse_overwrite
+
     out = Path(cfg.out)
     if resume:
         cfg = replace(cfg, **_stored_config(out, cfg))
+    elif out.is_dir():
+        refuse_overwrite(out, ("config.json", RUN_CHECKPOINT), force, also=" (--resume to continue it)")
     cfg.validate()
     created = not out.exists()
     world = init_world(cfg.device)
@@ -298,7 +340,7 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
     model, pre, weights_sha = build_model(replace(cfg, device=world.device), age_range(splits.train))
     if world.is_main:  # only now that data, splits and weights all check out
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        write_text_atomic(out / "config.json", json.dumps(cfg.applicable_dict(), indent=2))
         write_text_atomic(out / "splits.json", json.dumps({k: [str(r.path) for r in v] for k, v in splits.items()}))
     labels = Labels.of(records)
     frame = photo_framer(pre)
@@ -318,7 +360,7 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
     optimizer = make_optimizer(model, cfg)
     meta = CheckpointMeta(model.config, pre, weights_sha256=weights_sha,
                           extra={"data": {"root": str(dataset.root), "kind": dataset.kind, "split": cfg.split,
-                                          "summary": splits.summary()}, "train": cfg.to_dict()})
+                                          "summary": splits.summary()}, "train": cfg.applicable_dict()})
 
     history: list[dict[str, float]] = []
     start_epoch, best, stale = 1, (-math.inf, math.inf), 0
@@ -327,13 +369,14 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
         log.info("resuming at epoch %d", start_epoch)
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        train_loss = train_one_epoch(model, step, batches, train_idx, labels, optimizer, cfg, epoch)
+        train_losses = train_one_epoch(model, step, batches, train_idx, labels, optimizer, cfg, epoch)
+        train_loss = train_losses["train_loss"]
         if not math.isfinite(train_loss) or train_loss > DIVERGED_LOSS:
             raise AgeGenderError(f"training diverged at epoch {epoch} (loss {train_loss:.4g}), lower --lr "
                                  f"(now {cfg.lr:g})")
         world.sync_buffers(model)
         # Every rank validates on the whole val split, so early-stopping decisions agree without messages.
-        row = {"epoch": epoch, "train_loss": train_loss, **validate(model, batches, idx_val, labels, cfg),
+        row = {"epoch": epoch, **train_losses, **validate(model, batches, idx_val, labels, cfg),
                "seconds": time.perf_counter() - t0}
         history.append(row)
         log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
@@ -356,15 +399,21 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
     world.barrier()
     if not world.is_main:
         return RunResult(out, out / RUN_CHECKPOINT, out / "report" / "report.md", history)
+    from ..model.runtime import load_backend
     from .calibrate import calibrate_checkpoint
-    from .evaluate import evaluate_split
+    from .evaluate import evaluate_records
     from .report import plot_training_curves
 
     calibrate_checkpoint(out / RUN_CHECKPOINT, *_gender_logits(out / RUN_CHECKPOINT, batches, idx_val, labels))
     plot_training_curves(history, out / "training_curves.png")
-    report, report_md = evaluate_split(out / RUN_CHECKPOINT, batches, records, idx_test,
-                                       protocol=_protocol(dataset, splits, cfg, features, records),
-                                       out_dir=out / "report", history=history)
+    # The test split goes through predict's own path (framing, full decode, trunk at cfg.precision), as
+    # `agegender evaluate` does: the cached training features are rounded differently (autocast, draft decodes),
+    # which moved accuracy in the third decimal between the two reports. One more trunk pass, test split only.
+    backend = load_backend(out / RUN_CHECKPOINT, world.device, cfg.precision)
+    report, report_md = evaluate_records(backend, [records[i] for i in idx_test],
+                                         _protocol(dataset, splits, cfg, features, records), out / "report",
+                                         history, batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
+                                         requested=cfg.precision, device=world.device, progress=cfg.progress)
     return RunResult(out, out / RUN_CHECKPOINT, report_md, history, report)
 
 
@@ -384,11 +433,14 @@ def _gender_logits(checkpoint: Path, batches: Batches, idx: np.ndarray, labels: 
 def _protocol(dataset: Any, splits: Any, cfg: TrainConfig, features: FeatureSet | None,
               records: Sequence[FaceRecord]) -> dict[str, Any]:
     skipped = [(str(p), why) for p, why in dataset.skipped.items]
-    if features is not None:
-        skipped += [(str(records[int(i)].path), "could not decode") for i in np.flatnonzero(~features.ok.numpy())]
-    return {"data": str(dataset.root), "kind": dataset.kind, "split": cfg.split, "seed": cfg.seed,
-            "preset": cfg.preset, "init": cfg.init, "splits": splits.summary(),
-            "leaked_identities": splits.leaked_identities(),
+    if features is not None:  # the test split's unreadable images are counted by its evaluation
+        skipped += [(str(records[int(i)].path), "could not decode") for i in np.flatnonzero(~features.ok.numpy())
+                    if i < len(splits.train) + len(splits.val)]
+    from .evaluate import data_protocol
+
+    return {**data_protocol(dataset), "split": cfg.split, "seed": cfg.seed,
+            "preset": cfg.preset, "init": cfg.init, "backbone": cfg.backbone, "splits": splits.summary(),
+            **splits.leakage(),
             "skipped": {"count": len(skipped), "first": [f"{p}: {why}" for p, why in skipped[:10]]}}
 
 

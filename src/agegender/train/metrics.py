@@ -246,3 +246,37 @@ def bootstrap_ci(y_true: ArrayLike, y_pred: ArrayLike, n: int = 1000, seed: int 
                            for i in range(0, n, chunk)])
     lo, hi = np.quantile(accs, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def interval_scores(low: ArrayLike, high: ArrayLike, age_pred: ArrayLike) -> dict[str, Any]:
+    """Age-group labels scored as groups: an interval ``[low, high]`` of whole years (``high`` inf: open-ended,
+    as "70+") holds every age from ``low`` up to, not including, ``high + 1``.
+
+    ``exact``: the prediction lies in the labelled group; ``one_off``: in it or in a neighbouring one (the groups
+    being the distinct labelled intervals, ordered by their low end; a prediction between two groups belongs to
+    the nearer); ``years_outside``: mean distance from the prediction to the labelled group (0 inside it).
+    ``per_group``: ``{name: {"n", "exact", "mean_predicted"}}``.
+    """
+    lo, p = _floats("low", low), _floats("age_pred", age_pred)
+    hi = np.asarray(high, dtype=np.float64)
+    _same_length(low=lo, high=hi, age_pred=p)
+    if np.isnan(hi).any() or (hi < lo).any():
+        raise AgeGenderError("metrics: every age interval needs low <= high")
+    end = hi + 1  # whole years: "20-29" holds 29.9
+    inside = (p >= lo) & (p < end)
+    outside = np.maximum(np.maximum(lo - p, p - end), 0.0)
+    groups = sorted(set(zip(lo.tolist(), end.tolist())))
+    g_lo = np.array([g[0] for g in groups])
+    g_end = np.array([g[1] for g in groups])
+    distance = np.maximum(np.maximum(g_lo - p[:, None], p[:, None] - g_end), 0.0)
+    predicted = np.argmin(distance, axis=1)
+    labelled = np.array([groups.index(g) for g in zip(lo.tolist(), end.tolist())])
+    gap = np.abs(predicted - labelled)
+    per_group: dict[str, dict[str, float | int]] = {}
+    for i, (a, b) in enumerate(groups):
+        mine = labelled == i
+        name = f"{int(a)}+" if b == np.inf else f"{int(a)}-{int(b) - 1}"
+        per_group[name] = {"n": int(mine.sum()), "exact": float(np.mean(inside[mine])),
+                           "mean_predicted": float(np.mean(p[mine]))}
+    return {"n": int(p.size), "exact": float(np.mean(inside)), "one_off": float(np.mean(gap <= 1)),
+            "years_outside": float(np.mean(outside)), "per_group": per_group}

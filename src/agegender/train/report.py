@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import AgeGenderError
 from ..files import atomic_path, write_text_atomic
-from ..labels import GENDERS
+from ..labels import GENDERS, interval_name
 from . import metrics
 
 # Figures reported by the seed notebook; its positive class was male (one sigmoid over the F/M folders).
@@ -33,7 +33,11 @@ def _column(name: str, values: Any, n: int, dtype: type) -> np.ndarray:
 
 @dataclass(kw_only=True)
 class Predictions:
-    """One row per evaluated face. Unknown ages are NaN, unknown race the empty string."""
+    """One row per evaluated face. Unknown ages are NaN, unknown race the empty string.
+
+    A face labelled with an age group ("20-29", "70+") has ``age_low``/``age_high`` (inf: open-ended) and a NaN
+    ``age_true``: it is scored as a group, never against the group's midpoint.
+    """
 
     gender_true: np.ndarray  # 0 = female, 1 = male
     p_male: np.ndarray
@@ -41,6 +45,8 @@ class Predictions:
     age_true: np.ndarray | None = None
     age_pred: np.ndarray | None = None
     race: np.ndarray | None = None
+    age_low: np.ndarray | None = None
+    age_high: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.gender_true = np.asarray(self.gender_true)
@@ -54,7 +60,7 @@ class Predictions:
         self.paths = [str(p) for p in self.paths]
         if len(self.paths) != n:
             raise AgeGenderError(f"predictions: {len(self.paths)} paths for {n} faces")
-        for name in ("age_true", "age_pred"):
+        for name in ("age_true", "age_pred", "age_low", "age_high"):
             if getattr(self, name) is not None:
                 setattr(self, name, _column(name, getattr(self, name), n, np.float64))
         if self.race is not None:
@@ -84,20 +90,41 @@ class Predictions:
             raise AgeGenderError(f"{path}: {e}") from None
 
 
+def _intervals(pred: Predictions) -> np.ndarray:
+    """Faces labelled with an age group."""
+    if pred.age_low is None or pred.age_high is None:
+        return np.zeros(len(pred.paths), dtype=bool)
+    return np.isfinite(pred.age_low)
+
+
+def _exact_ages(pred: Predictions) -> np.ndarray:
+    """Faces labelled with an age in years (not a group)."""
+    if pred.age_true is None:
+        return np.zeros(len(pred.paths), dtype=bool)
+    return np.isfinite(pred.age_true) & ~_intervals(pred)
+
+
 def _age_slice(pred: Predictions) -> np.ndarray:
+    """Adience groups of exact ages; a face labelled with a group keeps its own group's name."""
     labels = np.full(len(pred.paths), "", dtype=object)
-    if pred.age_true is not None:
-        known = np.isfinite(pred.age_true)
-        if known.any():
-            labels[known] = [metrics.ADIENCE_GROUP_NAMES[g] for g in metrics.age_groups(pred.age_true[known])]
+    known, groups = _exact_ages(pred), _intervals(pred)
+    if known.any():
+        labels[known] = [metrics.ADIENCE_GROUP_NAMES[g] for g in metrics.age_groups(pred.age_true[known])]  # type: ignore[index]
+    if groups.any():
+        labels[groups] = [interval_name(lo, hi) for lo, hi in zip(pred.age_low[groups], pred.age_high[groups])]  # type: ignore[index]
     return labels.astype(str)
 
 
 def build_report(pred: Predictions, protocol: dict[str, Any], threshold: float = 0.5,
-                 sources: Sequence[str] | np.ndarray | None = None) -> dict[str, Any]:
+                 sources: Sequence[str] | np.ndarray | None = None,
+                 datasets: Sequence[str] | np.ndarray | None = None,
+                 seed_comparison: bool | None = None) -> dict[str, Any]:
     """All metrics as a JSON-ready dict: protocol, gender, age (when labelled), slices, seed comparison.
 
-    ``sources`` (one per face, e.g. adience / imdb / wiki, "" unknown) adds a per-source slice.
+    ``sources`` (one per face, e.g. adience / imdb / wiki, "" unknown) adds a per-source slice, and ``datasets``
+    (the data set each face came from) a per-data-set slice when there are several. Exact ages are scored by MAE,
+    age groups by group accuracy (``age_groups``). The comparison with the seed notebook, whose figures come from
+    agegender_cleaned, is added for that data only (``seed_comparison`` None: when ``protocol["kind"]`` says so).
     """
     if not 0 < threshold < 1:
         raise AgeGenderError(f"report: threshold must lie in (0, 1) (got {threshold})")
@@ -119,22 +146,35 @@ def build_report(pred: Predictions, protocol: dict[str, Any], threshold: float =
     }
     report: dict[str, Any] = {"protocol": dict(protocol), "gender": gender}
 
-    if pred.age_true is not None and pred.age_pred is not None and np.isfinite(pred.age_true).any():
-        known = np.isfinite(pred.age_true)
-        t, a = pred.age_true[known], pred.age_pred[known]
+    known, grouped = _exact_ages(pred), _intervals(pred)
+    if pred.age_pred is not None and known.any():
+        t, a = pred.age_true[known], pred.age_pred[known]  # type: ignore[index]
         groups = metrics.group_accuracy(t, a)
         report["age"] = {"n": int(known.sum()), "mae": metrics.mae(t, a), "cs5": metrics.cumulative_score(t, a, 5),
                          "group_exact": groups["exact"], "group_one_off": groups["one_off"]}
+    if pred.age_pred is not None and grouped.any():
+        report["age_groups"] = metrics.interval_scores(pred.age_low[grouped], pred.age_high[grouped],  # type: ignore[index]
+                                                       pred.age_pred[grouped])
 
     slices = {"age_group": _age_slice(pred)}
     if pred.race is not None:
         slices["race"] = pred.race
+    if datasets is not None:
+        names = _column("datasets", datasets, len(pred.paths), str)
+        if len(set(names.tolist()) - {""}) > 1:
+            slices["data set"] = names
     if sources is not None:
-        slices["source"] = _column("sources", sources, len(pred.paths), str)
+        source = _column("sources", sources, len(pred.paths), str)
+        if "data set" not in slices or not np.array_equal(source, slices["data set"]):
+            slices["source"] = source
     by = metrics.sliced_accuracy(y, y_hat, slices)
     report["slices"] = {"by": {k: v for k, v in by.items() if v}, "min_n": MIN_SLICE_N,
                         "worst": metrics.worst_slice(by, cls["accuracy"], MIN_SLICE_N)}
 
+    if seed_comparison is None:
+        seed_comparison = protocol.get("kind") == "agegender"
+    if not seed_comparison:
+        return report
     ours = {"accuracy": cls["accuracy"], **{k: cls["per_class"][SEED_POSITIVE_CLASS][k]
                                             for k in ("precision", "recall", "f1")}}
     report["seed_comparison"] = {
@@ -185,7 +225,10 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
     g = report["gender"]
     labels = g["labels"]
     lines = ["# Evaluation report", "", "## Protocol", ""]
-    lines += [f"- **{k}**: {_value(v)}" for k, v in report["protocol"].items()] or ["- (not given)"]
+    protocol = dict(report["protocol"])
+    if "leakage" in protocol:  # the sentence states the count and its limits
+        protocol.pop("leaked_identities", None)
+    lines += [f"- **{k}**: {_value(v)}" for k, v in protocol.items()] or ["- (not given)"]
 
     lo, hi = g["accuracy_ci95"]
     lines += ["", "## Headline", "",
@@ -195,6 +238,11 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
         a = report["age"]
         lines.append(f"- Age MAE **{a['mae']:.2f}** years, CS@5 {_f(a['cs5'])}, Adience group exact "
                      f"{_f(a['group_exact'])} / one-off {_f(a['group_one_off'])} ({a['n']} faces with age).")
+    if "age_groups" in report:
+        a = report["age_groups"]
+        lines.append(f"- Age group (labels are groups, so no MAE): predicted age inside the labelled group "
+                     f"**{_f(a['exact'])}**, within one group {_f(a['one_off'])}, {a['years_outside']:.2f} years "
+                     f"outside it on average ({a['n']} faces).")
 
     rows = [[c, _f(m["precision"]), _f(m["recall"]), _f(m["f1"]), m["support"]] for c, m in g["per_class"].items()]
     rows += [[name, _f(g[key]["precision"]), _f(g[key]["recall"]), _f(g[key]["f1"]), g[key]["support"]]
@@ -209,6 +257,20 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
             ["faces with age", a["n"]], ["MAE (years)", f"{a['mae']:.2f}"], ["CS@5", _f(a["cs5"])],
             ["Adience group exact", _f(a["group_exact"])], ["Adience group one-off", _f(a["group_one_off"])]])]
 
+    if "age_groups" in report:
+        a = report["age_groups"]
+        lines += ["## Age groups", "",
+                  "These faces are labelled with an age group, not an age: a prediction counts when it lies in the "
+                  "group (\"20-29\" holds 20.0 to 29.99). A group's midpoint is not the person's age, so no MAE "
+                  "is given for them.", "",
+                  *markdown_table(["metric", "value"], [
+                      ["faces with an age group", a["n"]], ["inside the labelled group", _f(a["exact"])],
+                      ["within one group", _f(a["one_off"])], ["years outside the group (mean)",
+                                                                f"{a['years_outside']:.2f}"]]),
+                  *markdown_table(["labelled group", "n", "inside", "mean predicted age"],
+                                  [[k, v["n"], _f(v["exact"]), f"{v['mean_predicted']:.1f}"]
+                                   for k, v in a["per_group"].items()])]
+
     s = report["slices"]
     lines += ["## Slices", "", f"Gender accuracy per group (overall {_f(g['accuracy'])}).", ""]
     for name, groups in s["by"].items():
@@ -221,6 +283,8 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
     if figures:
         lines += ["", "## Figures", "", *(f"![{Path(f).stem}]({f})" for f in figures)]
 
+    if "seed_comparison" not in report:
+        return "\n".join(lines)
     c = report["seed_comparison"]
     lines += ["", "## Comparison with the seed notebook", "", c["note"], "",
               *markdown_table(["metric", "seed", "ours", "ours - seed"],
@@ -291,14 +355,57 @@ def _plot_age(t: np.ndarray, a: np.ndarray, path: Path) -> None:
     _save(fig, path)
 
 
+def _plot_age_groups(low: np.ndarray, high: np.ndarray, a: np.ndarray, path: Path) -> None:
+    """Predicted ages per labelled group, each group's interval shaded: there is no true age to plot against."""
+    groups = sorted(set(zip(low.tolist(), high.tolist())))
+    fig = _figure(width=max(4.5, 0.6 * len(groups)))
+    ax = fig.add_subplot()
+    rng = np.random.default_rng(0)
+    # An open-ended group ("70+") is shaded up to the oldest prediction, and at least 20 years.
+    top = float(max(np.nanmax(a), max(lo + 20 for lo, _ in groups), 1.0))
+    for i, (lo, hi) in enumerate(groups):
+        mine = (low == lo) & (high == hi)
+        ax.add_patch(_rectangle(i - 0.4, lo, 0.8, (top if hi == np.inf else hi + 1) - lo))
+        ax.scatter(i + rng.uniform(-0.3, 0.3, int(mine.sum())), a[mine], s=4, alpha=0.4, color="C0")
+    ax.set(xticks=range(len(groups)), xticklabels=[interval_name(lo, hi) for lo, hi in groups],
+           xlabel="labelled age group", ylabel="predicted age", xlim=(-0.6, len(groups) - 0.4),
+           title="Predicted age per labelled group (shaded: the group)")
+    _save(fig, path)
+
+
+def _rectangle(x: float, y: float, w: float, h: float) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x, y), w, h, color="grey", alpha=0.25, lw=0)
+
+
+def _loss_panels(keys: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """One panel per loss, its train and validation curves together: "train_gender_loss" and "val_gender_loss"
+    share the "gender loss" panel. A total ("train_loss": gender + age) and a part ("val_loss": gender only)
+    never share an axis, where their gap would read as overfitting."""
+    panels: dict[str, list[str]] = {}
+    for k in keys:
+        if "loss" not in k:
+            continue
+        kind = k.removeprefix("train_").removeprefix("val_").removesuffix("loss").strip("_").replace("_", " ")
+        panels.setdefault(f"{kind} loss" if kind else k, []).append(k)
+    if len(panels) > 2:  # the parts are there: the totals add nothing a reader can compare
+        panels.pop("train_loss", None)
+        panels.pop("val_loss", None)
+    titles = {"train_loss": "train loss (gender + age)", "val_loss": "validation loss (gender)"}
+    order = sorted(panels, key=lambda t: not t.startswith("gender"))  # gender first, as the headline
+    return [(titles.get(t, t), panels[t]) for t in order]
+
+
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Loss, accuracy and age-MAE panels from per-epoch dicts (keys like train_loss, val_accuracy, val_age_mae)."""
+    """Panels from per-epoch dicts: one per loss (train and validation of the same loss together), accuracy and
+    age MAE (keys like train_gender_loss, val_gender_loss, val_accuracy, val_age_mae)."""
     if not history or not all(isinstance(h, dict) for h in history):
         raise AgeGenderError(f"{path}: training history must be a non-empty list of per-epoch dicts")
     epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
     keys = sorted({k for h in history for k, v in h.items() if k != "epoch" and isinstance(v, (int, float))})
-    panels = [(title, [k for k in keys if test(k)]) for title, test in (
-        ("loss", lambda k: "loss" in k), ("accuracy", lambda k: "acc" in k), ("age MAE (years)", lambda k: "mae" in k))]
+    panels = _loss_panels(keys) + [(title, [k for k in keys if test(k)]) for title, test in (
+        ("gender accuracy", lambda k: "acc" in k), ("age MAE (years)", lambda k: "mae" in k))]
     panels = [(t, ks) for t, ks in panels if ks]
     if not panels:
         raise AgeGenderError(f"{path}: training history has no loss, accuracy or MAE values")
@@ -327,9 +434,14 @@ def write_report(report: dict[str, Any], pred: Predictions, out_dir: str | os.Pa
     _plot_calibration(y, p, g["ece"], out / "calibration.png")
     figures.append("calibration.png")
     if "age" in report and pred.age_true is not None and pred.age_pred is not None:
-        known = np.isfinite(pred.age_true)
+        known = _exact_ages(pred)
         _plot_age(pred.age_true[known], pred.age_pred[known], out / "age_scatter.png")
         figures.append("age_scatter.png")
+    if "age_groups" in report and pred.age_pred is not None:
+        grouped = _intervals(pred)
+        _plot_age_groups(pred.age_low[grouped], pred.age_high[grouped], pred.age_pred[grouped],  # type: ignore[index]
+                         out / "age_groups.png")
+        figures.append("age_groups.png")
     if history:
         plot_training_curves(history, out / "training_curves.png")
         figures.append("training_curves.png")
