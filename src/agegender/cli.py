@@ -92,13 +92,10 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from .files import check_outputs
     from .infer.export import export
 
-    if a.model is None:
-        raise AgeGenderError("export needs --model RUN (a run directory or checkpoint): the bundled model is "
-                             "already an ONNX export")
     if a.precision == "bf16" or a.device != "cpu":
         raise AgeGenderError("export traces and checks an fp32 graph on the CPU (--precision fp32 or auto, "
                              "--device cpu); run the exported file in bf16 or on a GPU where its runtime can")
-    check_outputs([a.model], file=a.output)
+    check_outputs([a.model] if a.model else [], file=a.output)
     result = export(a.model, a.format, a.output)
     print(json.dumps(result, indent=2))
     return 0
@@ -461,7 +458,8 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
 def _export_options(p: argparse.ArgumentParser) -> None:
     from .infer.formats import SUFFIXES
 
-    _add_model_option(p, "run directory or checkpoint .safetensors")
+    _add_model_option(p, "run directory or checkpoint .safetensors (default: the bundled model, rebuilt in float32 "
+                         "from its heads and the train extra's dlib ResNet)")
     p.add_argument("--format", choices=tuple(SUFFIXES), required=True, help="the output format")
     p.add_argument("-o", "--output", required=True, help="the file to write (with the format's suffix)")
     _add_device_options(p)

