@@ -223,9 +223,9 @@ def test_nan_loss_stops_at_its_epoch(world: dict[str, Path], runs: dict[str, Pat
     out = _copy(runs, tmp_path)
     real = loop.train_one_epoch
 
-    def nan_at_two(*args: object, **kwargs: object) -> float:
-        real(*args, **kwargs)  # type: ignore[arg-type]
-        return float("nan")
+    def nan_at_two(*args: object, **kwargs: object) -> dict[str, float]:
+        losses = real(*args, **kwargs)  # type: ignore[arg-type]
+        return {**losses, "train_loss": float("nan")}
 
     monkeypatch.setattr(loop, "train_one_epoch", nan_at_two)
     with pytest.raises(AgeGenderError, match="training diverged at epoch 2 \\(loss nan\\)"):
@@ -257,7 +257,8 @@ def test_train_past_the_file_size_limit_is_one_line_and_leaves_nothing(world: di
     out, cache = tmp_path / "run", tmp_path / "cache"
     script = (f"import resource, sys\nresource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))\n"
               f"from agegender.cli import main\n"
-              f"sys.exit(main(['train', '--data', {str(world['data'])!r}, '--out', {str(out)!r}, '--weights', "
+              f"sys.exit(main(['train', '--backbone', 'vgg-face', '--data', {str(world['data'])!r}, "
+              f"'--out', {str(out)!r}, '--weights', "
               f"{str(world['weights'])!r}, '--epochs', '1', '--batch-size', '32', '--hidden', '32', "
               f"'--cache-dir', {str(cache)!r}]))\n")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
