@@ -95,7 +95,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
     if a.precision == "bf16" or a.device != "cpu":
         raise AgeGenderError("export traces and checks an fp32 graph on the CPU (--precision fp32 or auto, "
                              "--device cpu); run the exported file in bf16 or on a GPU where its runtime can")
-    check_outputs([a.model] if a.model else [], file=a.output)
+    if a.format != "savedmodel":  # a SavedModel is a new directory, refused by export if the path exists
+        check_outputs([a.model] if a.model else [], file=a.output)
     result = export(a.model, a.format, a.output)
     print(json.dumps(result, indent=2))
     return 0
@@ -382,7 +383,8 @@ def _convert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     p.add_argument("--input-format", dest="input_format", choices=("auto", *INPUT_FORMATS), default="auto",
                    help="the source's format (auto: from its suffix and magic bytes)")
-    p.add_argument("--format", dest="input_format", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
+    p.add_argument("--format", dest="input_format", choices=("auto", *INPUT_FORMATS), default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # old name
     p.add_argument("--full", action="store_true", help="require fc6-fc8: refuse a trunk-only (notop) file")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a whole-module .pt (runs code from the file: only for files you trust)")

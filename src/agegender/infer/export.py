@@ -574,14 +574,14 @@ def export(run: str | os.PathLike[str] | None, fmt: str, output: str | os.PathLi
     if fmt not in EXPORTERS:
         raise AgeGenderError(f"unknown export format {fmt!r} (choose from {', '.join(EXPORTERS)})")
     _check_output(output, fmt)  # fail before the slow load
-    log.info("exporting %s to %s: trace, write, then a parity check on the reloaded file", run or "the bundled model",
-             output)
     if run is None:
         from .bundled import bundled_network
 
         net, meta = bundled_network()
     else:
         net, meta = load_checkpoint(resolve_model(run))
+    log.info("exporting %s to %s: trace, write, then a parity check on the reloaded file", run or "the bundled model",
+             output)
     if meta.config.age_head == "none":
         log.warning("%s: the model has no age head; exporting p_male only (\"age\": null in metadata)", run)
     try:
