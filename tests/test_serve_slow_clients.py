@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,18 +16,12 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 import httpx
-import uvicorn
 
-from agegender.infer.serve import ERROR_RESPONSES, ServiceLimits, create_app, uvicorn_config
+from agegender.infer.serve import ERROR_RESPONSES, ServiceLimits, create_app
 from test_predict import make_checkpoint
+from test_serve_limits import LiveServer as ServerThread
 
 HEADER_TIMEOUT = 1.5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(size: tuple[int, int] = (40, 30)) -> bytes:
@@ -37,25 +30,8 @@ def _png(size: tuple[int, int] = (40, 30)) -> bytes:
     return buf.getvalue()
 
 
-class LiveServer:
-    def __init__(self, app: Any, limits: ServiceLimits) -> None:
-        self.port = _free_port()
-        config = uvicorn_config(app, limits, log_level="warning")
-        config.host, config.port = "127.0.0.1", self.port
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+class LiveServer(ServerThread):
+    """The live server of the limits tests, with raw sockets for clients that misbehave."""
 
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=10)
