@@ -182,4 +182,6 @@ def load_backend(model: str | os.PathLike[str], device: str = "cpu", precision: 
         return OnnxBackend(path)
     if path.suffix == ".safetensors":
         return TorchBackend(path, device, precision)
-    raise AgeGenderError(f"{path}: not a model file (expected a checkpoint .safetensors or an .onnx export)")
+    raise AgeGenderError(f"{path}: not a model file that predict, evaluate and serve run (a run directory, a "
+                         "checkpoint .safetensors or an .onnx export; .keras, .pt2 and SavedModel exports are for "
+                         "Keras, PyTorch and TF Serving)")
