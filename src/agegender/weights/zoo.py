@@ -62,16 +62,16 @@ def _verified(entry: BundledFile) -> Path:
 
 MODEL = BundledFile(
     "agegender-dlib-v1.onnx",
-    sha256="a1d863c58dc15619425db0b33da3901233a6e0d463d8f1a513a366f8729a0fd2",
-    size=7_541_397,
+    sha256="67e1e0ce4c0fe3ae4ed5e2453fa84f6184a2e9745b0c436d2ca9c1145be79b6a",
+    size=7_541_327,
     licence="dlib ResNet trunk: CC0 1.0; heads trained on UTKFace, IMDB-WIKI, LFW (non-commercial research) and "
             "FairFace (CC BY 4.0): non-commercial research use (MODEL_CARD.md)",
     what="age/gender model",
 )
 HEADS = BundledFile(
     "agegender-dlib-v1.heads.safetensors",
-    sha256="7f0557f1ee3dda9fbe527eeea2f95c4b9632a2db1bd3c424298b3eccbb354d50",
-    size=1_837_324,
+    sha256="b2bfab8d7b6a1aedcf587e88798671fce73bab2e4aabfe474b709d90dc9f4403",
+    size=1_837_244,
     licence="as the bundled model: non-commercial research use (MODEL_CARD.md)",
     what="bundled model's heads (float32, for export)",
 )
