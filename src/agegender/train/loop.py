@@ -398,7 +398,21 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
 
     world.barrier()
     if not world.is_main:
+        # Wait for rank 0's calibration and report, so that every rank leaves the process group together: a rank
+        # that tore its group down while rank 0 still held it was seen to abort at exit.
+        world.barrier()
         return RunResult(out, out / RUN_CHECKPOINT, out / "report" / "report.md", history)
+    try:
+        return _calibrate_and_report(out, cfg, world, dataset, splits, features, records, batches, labels, idx_val,
+                                     idx_test, history)
+    finally:
+        world.barrier()
+
+
+def _calibrate_and_report(out: Path, cfg: TrainConfig, world: World, dataset: Any, splits: Splits,
+                          features: FeatureSet | None, records: list[FaceRecord], batches: Batches, labels: Labels,
+                          idx_val: np.ndarray, idx_test: np.ndarray, history: list[dict[str, float]]) -> RunResult:
+    """Rank 0, after the last epoch: the temperature on the validation split, the curves, the test report."""
     from ..model.runtime import load_backend
     from .calibrate import calibrate_checkpoint
     from .evaluate import evaluate_records
