@@ -109,6 +109,10 @@ _FILE_SUFFIXES = {s for s in SUFFIXES.values() if s} | {".safetensors", ".json",
 
 def _check_output(output: str | os.PathLike[str], fmt: str) -> Path:
     path = Path(output)
+    # A parent that is a file fails only at the write, after minutes of tracing: say so first.
+    blocker = next((a for a in path.absolute().parents if a.exists() and not a.is_dir()), None)
+    if blocker is not None:
+        raise AgeGenderError(f"{path}: cannot write here ({blocker} is a file, not a directory)")
     if not SUFFIXES[fmt]:  # a directory: TF Serving reads <base>/<version>/, so the name is usually a number
         if path.suffix.lower() in _FILE_SUFFIXES:
             raise AgeGenderError(f"{path}: a {fmt} export is a directory; name it without a file suffix "
