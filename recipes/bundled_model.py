@@ -11,7 +11,8 @@
    go to ``WORK/card.json`` and ``MODEL_CARD.md``; the file goes to ``src/agegender/bundled`` and its size and
    sha256 into ``agegender/weights/zoo.py``.
 
-Deterministic: the same photos and seed give the same file (training is seeded, extraction is deterministic).
+Deterministic on one machine: the same photos and seed give the same file (training is seeded; features extracted in
+bf16, where the CPU has bf16 units, round differently from fp32 ones elsewhere).
 """
 
 from __future__ import annotations
