@@ -233,3 +233,11 @@ def test_subject_is_large_confident_and_central() -> None:
         side = 100 * ratio ** 0.5
         far = _face(-side / 2, -side / 2, side)
         assert (subject([far, _face(150, 150, 100)], 400, 400) is far) == wins, ratio
+
+
+def test_detections_compare_by_value() -> None:
+    marks = np.ones((5, 2))
+    a, b = _face(1, 2, 3, landmarks=marks), _face(1, 2, 3, landmarks=marks.copy())
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != _face(1, 2, 3, landmarks=marks + 0.5) and a != _face(1, 2, 3) and a != _face(1, 2, 4, landmarks=marks)
+    assert _face(1, 2, 3, framing_=HAAR) != _face(1, 2, 3, framing_=RETINAFACE) and a != (1, 2, 3)

@@ -36,7 +36,7 @@ class Detection:
     crop and chip code follow. ``landmarks``, when the detector gives them, is a read-only ``(5, 2)`` float32
     array of ``(x, y)``: image-left eye, image-right eye, nose, image-left and image-right mouth corners. Boxes
     are not clipped to the image: a face cut by the border keeps its full extent, which centres its crop.
-    ``eq=False``: a record holding an array cannot compare field-wise.
+    Records compare by value (the dataclass's own ``==`` cannot compare arrays).
     """
 
     x: float
@@ -58,6 +58,19 @@ class Detection:
                 raise AgeGenderError(f"face landmarks must be 5 (x, y) points, got shape {marks.shape}")
             marks.setflags(write=False)
             object.__setattr__(self, "landmarks", marks)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Detection):
+            return NotImplemented
+        mine, theirs = self.landmarks, other.landmarks
+        same_marks = mine is theirs or (mine is not None and theirs is not None and np.array_equal(mine, theirs))
+        return same_marks and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def _key(self) -> tuple[float, float, float, float, float, Framing]:
+        return self.x, self.y, self.w, self.h, self.score, self.framing
 
     @property
     def centre(self) -> tuple[float, float]:
