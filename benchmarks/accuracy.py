@@ -278,7 +278,7 @@ def _config(data: str | tuple[str, ...], out: Path, cache: Path) -> Any:
 def features_bank(sets: dict[str, PhotoSet], cache: Path) -> tuple[dict[str, tuple[Any, bool]], dict[str, Any]]:
     """Each set's features by path, from the library's ``cached_features`` over that set alone, and its timing."""
     from agegender.data.features import cached_features
-    from agegender.faces.framing import photo_framer
+    from agegender.faces.detect import photo_framer
     from agegender.train.loop import build_model
 
     cfg = _config(next(iter(sets.values())).data, cache.parent / "bank", cache)
@@ -301,7 +301,7 @@ def _seed_cache(cfg: Any, bank: dict[str, tuple[Any, bool]]) -> bool:
     from agegender.data.features import cache_key
     from agegender.data.records import scan_all
     from agegender.data.splits import make_splits
-    from agegender.faces.framing import photo_framer
+    from agegender.faces.detect import photo_framer
     from agegender.files import atomic_path
     from agegender.train.loop import age_range, build_model
 
@@ -384,7 +384,7 @@ def scored(pending: Pending, found: dict[str, bool], peer: dict[str, Any]) -> di
 
 def face_found(paths: Sequence[str], workers: int = 2) -> dict[str, bool]:
     """Whether evaluation's own detector (photo_framer's RetinaFace, 20 px floor) finds a face in each photo."""
-    from agegender.faces.framing import photo_framer
+    from agegender.faces.detect import photo_framer
     from agegender.images import load_image
     from agegender.model.backbones import backbone
 

@@ -88,10 +88,10 @@ def haar_detector(scale_factor: float = 1.1, min_neighbors: int = 2, min_size: i
 
 
 def retinaface_detector(**kwargs: object) -> Detect:
-    """Every box of a one-thread :class:`RetinaFaceDetector` made with ``kwargs``."""
-    from agegender.faces.retinaface import RetinaFaceDetector
+    """Every box (no size floor) of a one-thread :class:`RetinaFace` made with ``kwargs``."""
+    from agegender.faces.detect import RetinaFace
 
-    detector = RetinaFaceDetector(intra_op_num_threads=1, **kwargs)  # type: ignore[arg-type]
+    detector = RetinaFace(min_face_px=1, threads=1, **kwargs)  # type: ignore[arg-type]
 
     def detect(rgb: np.ndarray) -> list[Box]:
         return [(d.x, d.y, d.w, d.h) for d in detector.detect(rgb)]

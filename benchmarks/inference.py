@@ -61,7 +61,7 @@ def _backends(net: Any, checkpoint: Path, device: str, fp32_onnx: Path, int8_onn
     import torch
 
     from agegender.infer.export import INPUT_NAME, InferenceModel
-    from agegender.infer.predict import TorchBackend
+    from agegender.model.runtime import TorchBackend
 
     model = InferenceModel(net.to(device))
     # Autocast re-casts every fp32 weight on every call; predict's backend keeps a bf16 copy of the trunk.

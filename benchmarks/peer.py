@@ -162,7 +162,7 @@ def split_ms(predictor: Any, paths: Sequence[str]) -> dict[str, float]:
         t1 = time.perf_counter()
         boxes = predictor.detector.detect(rgb)
         t2 = time.perf_counter()
-        crops += [predictor.frame_face(rgb, b) for b in boxes]
+        crops += [predictor.face_framer(rgb, b) for b in boxes]
         spent["decode"], spent["detect"] = spent["decode"] + t1 - t0, spent["detect"] + t2 - t1
         spent["align"] += time.perf_counter() - t2
     t0 = time.perf_counter()

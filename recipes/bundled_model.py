@@ -88,7 +88,7 @@ def quantize(fp32: Path, run: Path, work: Path, photos: int = 256) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from agegender.faces.framing import photo_framer
+    from agegender.faces.detect import photo_framer
     from agegender.images import load_rgb
     from agegender.model.runtime import OnnxBackend
 

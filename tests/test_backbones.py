@@ -144,7 +144,8 @@ def _collage(photos: list[np.ndarray], cols: int, sizes: list[int]) -> np.ndarra
 def test_group_photos_give_every_face(tiny_run: Path, shared_faces: Path, tmp_path: Path, cols: int, n: int) -> None:
     from agegender.faces.detect import RetinaFace
     from agegender.faces.retinaface import find_retinaface_weights
-    from agegender.infer.predict import Predictor, annotate
+    from agegender.infer.predict import Predictor
+    from agegender.output import annotate
 
     weights = find_retinaface_weights()
     if weights is None:
@@ -186,7 +187,7 @@ def test_no_detect_frames_a_crop_as_training_framed_its_photos(tiny_run: Path, s
 
     given = Predictor.from_path(tiny_run, no_detect=True, precision="fp32")
     detecting = Predictor.from_path(tiny_run, precision="fp32")
-    whole = PhotoFramer(given.meta.preprocess.resized(given.size), None, faces=given.frame_face)
+    whole = PhotoFramer(given.meta.preprocess.resized(given.size), None, faces=given.face_framer)
     kids = sorted((shared_faces / "utkface").glob("[1-3]_*.jpg"))[:4]
     if not kids:
         pytest.skip("no UTKFace children's crops")
@@ -199,6 +200,6 @@ def test_no_detect_frames_a_crop_as_training_framed_its_photos(tiny_run: Path, s
         box = subject(found, *rgb.shape[:2])
         if box is None:
             continue
-        np.testing.assert_array_equal(chips[0], detecting.frame_face(rgb, box))
+        np.testing.assert_array_equal(chips[0], detecting.face_framer(rgb, box))
         differ += int(np.abs(chips[0].astype(int) - whole(rgb).astype(int)).mean() > 10)
     assert differ >= 1  # the whole-crop chip is not the same picture

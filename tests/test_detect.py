@@ -1,4 +1,4 @@
-"""Face detection on real photos and the training-style crop convention."""
+"""Haar face detection on real photos, and how well its framing reproduces the training crops."""
 
 from __future__ import annotations
 
@@ -9,15 +9,10 @@ import pytest
 from PIL import Image
 
 from agegender.errors import AgeGenderError
-from agegender.faces.detect import (
-    CROP_SCALE,
-    CROP_SHIFT_Y,
-    Box,
-    DnnDetector,
-    HaarDetector,
-    crop_box,
-    crop_face,
-)
+from agegender.faces.detect import HaarDetector, default_detector
+from agegender.faces.face import Detection
+from agegender.faces.framing import HAAR, RETINAFACE, crop_square
+from agegender.images import ImageError
 
 
 def _rgb(path: Path) -> np.ndarray:
@@ -31,7 +26,7 @@ def _sample(folder: Path, n: int) -> list[Path]:
     return files[:: max(1, len(files) // n)][:n]
 
 
-def _central_hit(boxes: list[Box], h: int, w: int) -> bool:
+def _central_hit(boxes: list[Detection], h: int, w: int) -> bool:
     """A box of plausible size centred near the image centre, where these datasets put the face."""
     return any(abs(b.x + b.w / 2 - w / 2) < 0.12 * w and abs(b.y + b.h / 2 - h / 2) < 0.12 * h
                and 0.2 < b.w / w < 0.8 for b in boxes)
@@ -72,7 +67,7 @@ def test_crop_convention_reproduces_wiki_framing(shared_faces: Path) -> None:
         if not boxes:
             ious.append(0.0)
             continue
-        left, top, side = crop_box(max(boxes, key=lambda b: b.w * b.h))
+        left, top, side = crop_square(max(boxes, key=lambda b: b.area))
         inter = max(0, min(left + side, w) - max(left, 0)) * max(0, min(top + side, h) - max(top, 0))
         ious.append(inter / (side * side + w * h - inter))
     assert np.median(ious) > 0.8
@@ -93,46 +88,22 @@ def test_finds_every_face_in_a_group_photo(shared_faces: Path) -> None:
     assert np.mean(found) >= 5.5, found
 
 
-def test_crop_box_geometry() -> None:
-    left, top, side = crop_box(Box(100, 100, 50, 50))
-    assert side == round(50 * CROP_SCALE)
-    assert left + side / 2 == pytest.approx(125, abs=1)
-    assert top + side / 2 == pytest.approx(125 + CROP_SHIFT_Y * 50, abs=1)
-
-
-def test_crop_face_pads_by_edge_replication() -> None:
-    rgb = np.zeros((40, 40, 3), np.uint8)
-    rgb[:, 0] = (255, 0, 0)  # a red left edge
-    rgb[0, :] = (0, 255, 0)  # a green top edge (wins the corner)
-    crop = crop_face(rgb, Box(0, 10, 20, 20), 64)  # the square reaches well past the left edge
-    assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
-    assert (crop[20:40, :5] == (255, 0, 0)).all()
-    inside = crop_face(rgb, Box(10, 10, 10, 10), 18)
-    assert inside.shape == (18, 18, 3)
-
-
-def test_crop_face_matches_a_plain_crop_inside_the_image() -> None:
-    rgb = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
-    box = Box(70, 60, 50, 50)
-    left, top, side = crop_box(box)
-    crop = crop_face(rgb, box, side)  # no resize: exactly the pixels
-    assert np.array_equal(crop, rgb[top:top + side, left:left + side])
-
-
 def test_haar_finds_nothing_in_a_blank_image_and_checks_input() -> None:
     detector = HaarDetector()
     assert detector.detect(np.full((120, 160, 3), 128, np.uint8)) == []
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(ImageError, match="uint8"):
         detector.detect(np.zeros((10, 10), np.float32))
 
 
-def test_dnn_detector_needs_its_files(tmp_path: Path) -> None:
-    with pytest.raises(AgeGenderError, match="deploy.prototxt: no such detector file"):
-        DnnDetector(tmp_path / "deploy.prototxt", tmp_path / "res10.caffemodel")
-    (tmp_path / "deploy.prototxt").write_text("not a prototxt {")
-    (tmp_path / "res10.caffemodel").write_bytes(b"junk")
-    with pytest.raises(AgeGenderError, match="res10.caffemodel"):
-        DnnDetector(tmp_path / "deploy.prototxt", tmp_path / "res10.caffemodel")
+def test_each_detector_states_its_framing(shared_faces: Path) -> None:
+    rgb = _rgb(_sample(shared_faces / "lfw", 1)[0])
+    for detector, framing in ((HaarDetector(), HAAR), (default_detector(), RETINAFACE)):
+        found = detector.detect(rgb)
+        assert found and all(f.framing is framing for f in found), detector
+        assert all(float(v).is_integer() for f in found for v in (f.x, f.y, f.w, f.h))  # whole pixels
+    assert default_detector(kind="haar").framing is HAAR
+    with pytest.raises(AgeGenderError, match="unknown detector 'dnn'"):
+        default_detector(kind="dnn")
 
 
 def test_min_face_px_is_the_floor(shared_faces: Path) -> None:

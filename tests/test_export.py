@@ -19,6 +19,7 @@ from agegender.model.checkpoint import CheckpointMeta, load_checkpoint, save_che
 from agegender.model.config import VGG_FACE_PREPROCESS, ModelConfig
 from agegender.model.dlib_resnet import Affine
 from agegender.model.net import AgeGenderNet
+from agegender.model.runtime import load_backend
 
 TINY = {"widths": (4, 8, 8, 16, 16), "hidden": (32, 32)}
 # No BatchNorm in the head: random noise hardly moves the globally pooled features of an untrained ResNet, so
@@ -155,7 +156,7 @@ def test_onnx_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], age_he
     assert doc["export"]["outputs"] == names and doc["extra"] == EXTRA
     assert doc["export"]["age"] == (None if age_head == "none" else
                                     {"head": age_head, "unit": "years", "min": 1, "max": 70})
-    assert ex.load_onnx_meta(out) == load_checkpoint(run / "model.safetensors")[1]
+    assert load_backend(out).meta == load_checkpoint(run / "model.safetensors")[1]  # the one ONNX metadata reader
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input"]
@@ -308,13 +309,23 @@ def test_cli_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str], case
     assert {p for p in tmp_path.rglob("*")} == before
 
 
-def test_load_onnx_meta_rejects_other_files(tmp_path: Path) -> None:
+def test_onnx_metadata_reader_rejects_other_files(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"hello")
     with pytest.raises(AgeGenderError, match="bad.onnx"):
-        ex.load_onnx_meta(bad)
-    with pytest.raises(AgeGenderError, match="no such"):
-        ex.load_onnx_meta(tmp_path / "missing.onnx")
+        load_backend(bad)
+    with pytest.raises(AgeGenderError, match="missing.onnx: no trained model here"):
+        load_backend(tmp_path / "missing.onnx")
+    # A valid graph that agegender did not export.
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("p_male", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["p_male"])], "plain", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "plain.onnx"))
+    with pytest.raises(AgeGenderError, match="plain.onnx: ONNX model without agegender metadata"):
+        load_backend(tmp_path / "plain.onnx")
 
 
 def test_real_faces_onnx_parity(tmp_path: Path, shared_faces: Path) -> None:

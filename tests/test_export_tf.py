@@ -239,8 +239,9 @@ def test_savedmodel_predicts_like_pytorch_on_real_faces(tmp_path: Path, tf: Any,
     """Chips framed the way Predictor frames them (detector, 5-point alignment), served by TensorFlow."""
     from PIL import Image
 
-    from agegender.infer.predict import Predictor, load_backend
+    from agegender.infer.predict import Predictor
     from agegender.model.checkpoint import save_checkpoint
+    from agegender.model.runtime import load_backend
 
     run = _run(tmp_path, DLIB, "both", "dex")
     framing = Predictor.from_path(run, precision="fp32")

@@ -15,8 +15,8 @@ from PIL import Image
 
 from agegender.cli import main
 from agegender.errors import AgeGenderError
-from agegender.images import ImageError, load_image
-from agegender.infer.predict import Predictor, expand_paths
+from agegender.images import ImageError, expand_paths, load_image
+from agegender.infer.predict import Predictor
 from agegender.labels import ADIENCE_GROUP_NAMES, age_group
 from agegender.model.checkpoint import CheckpointMeta, save_checkpoint
 from agegender.model.config import VGG_FACE_PREPROCESS, ModelConfig
@@ -310,7 +310,7 @@ def test_batch_thread_pools(models: dict[str, Path], monkeypatch: pytest.MonkeyP
         share_cores_for_batches(predictor)
         assert torch.get_num_threads() == 1 and cv2.getNumThreads() == 1  # a task per core: no pools on top
         if isinstance(predictor.detector, RetinaFace):
-            assert predictor.detector.net.intra_op_num_threads == 1
+            assert predictor.detector.threads == 1
         torch.set_num_threads(before[0])
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         share_cores_for_batches(Predictor.from_path(models["checkpoint"]))

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from agegender.errors import AgeGenderError
-from agegender.infer.predict import Predictor, expand_paths
+from agegender.images import expand_paths
+from agegender.infer.predict import Predictor
 from agegender.infer.ray_predict import (
     PredictorRecipe,
     list_inputs,

@@ -127,7 +127,9 @@ def _cmd_predict_ray(a: argparse.Namespace) -> int:
 
 def _cmd_predict(a: argparse.Namespace) -> int:
     from .files import check_outputs
-    from .infer.predict import Predictor, expand_paths, predict_files, share_cores_for_batches
+    from .images import expand_paths
+    from .infer.predict import Predictor, share_cores_for_batches
+    from .output import predict_files
 
     if a.ray is not None:
         return _cmd_predict_ray(a)

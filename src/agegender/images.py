@@ -1,16 +1,18 @@
 """The one image decoder: every path that opens an image (train, evaluate, predict, identify, serve) uses it.
 
 Untrusted files are refused before any pixel is decoded when their header claims more than ``MAX_PIXELS``;
-EXIF orientation is applied; grayscale, 16-bit, palette, alpha and CMYK images all become uint8 RGB.
+EXIF orientation is applied; grayscale, 16-bit, palette, alpha and CMYK images all become uint8 RGB. Arrays
+handed in are checked by :func:`as_rgb`; :func:`expand_paths` finds the image files a command names.
 """
 
 from __future__ import annotations
 
+import glob
 import io
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from .errors import AgeGenderError
+from .files import regular_file
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -119,7 +122,7 @@ def load_image(source: ImageInput | Image.Image, name: str | None = None, draft:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(source, np.ndarray):
-        return _as_rgb(source, name or "array")
+        return as_rgb(source, name or "array")
     if isinstance(source, Image.Image):
         if source.getexif().get(0x0112, 1) in (0, 1):  # upright: convert it as it is (to_rgb never changes it)
             return to_rgb(source)
@@ -157,13 +160,45 @@ def load_image(source: ImageInput | Image.Image, name: str | None = None, draft:
         raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})", "corrupt") from None
 
 
-def _as_rgb(array: np.ndarray, name: str) -> np.ndarray:
-    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise ImageError(f"{name}: expected uint8 (H, W), (H, W, 3) or (H, W, 4), got {array.dtype} {array.shape}",
+def expand_paths(specs: Iterable[str]) -> list[str]:
+    """Files as given, folders searched recursively for images, globs expanded; duplicates dropped."""
+    out: dict[str, None] = {}
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            # Videos inside folders are left to be named one by one: a folder scan means photos.
+            if not found:
+                raise AgeGenderError(f"{p}: folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        elif p.is_file():
+            found = [str(p)]
+        elif glob.has_magic(spec):
+            found = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+            if not found:
+                raise AgeGenderError(f"{spec}: no files match")
+        else:
+            regular_file(spec, "file or folder")  # a FIFO or a device is named as such, not as missing
+            raise AgeGenderError(f"{spec}: no such file or folder")
+        out.update(dict.fromkeys(found))
+    return list(out)
+
+
+def as_rgb(image: Any, name: str = "image", keep_gray: bool = False) -> np.ndarray:
+    """``image`` as a contiguous ``(H, W, 3)`` uint8 RGB array: grey ``(H, W)`` or ``(H, W, 1)`` replicated (kept
+    ``(H, W)`` with ``keep_gray``, for dlib's grey paths), an alpha channel dropped. The one check of every image
+    array a caller hands in; :class:`ImageError` naming ``name`` otherwise."""
+    if not isinstance(image, np.ndarray):
+        raise ImageError(f"{name}: expected an image as a numpy array, got {type(image).__name__}", "unsupported")
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+        raise ImageError(f"{name}: expected uint8 (H, W), (H, W, 3) or (H, W, 4), got {image.dtype} {image.shape}",
                          "unsupported")
-    if array.ndim == 2:
-        return np.repeat(array[..., None], 3, axis=2)
-    return np.ascontiguousarray(array[..., :3])
+    if image.size == 0:
+        raise ImageError(f"{name}: empty image of shape {image.shape}", "unsupported")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:
+        return np.ascontiguousarray(image) if keep_gray else np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., :3])
 
 
 def fit_square(rgb: np.ndarray, size: int | None) -> np.ndarray:

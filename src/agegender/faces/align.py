@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..images import as_rgb
 from ..weights.dlib_shape import ShapePredictorModel, read_shape_predictor
 
 MODEL_FILE = "shape_predictor_5_face_landmarks.dat"
@@ -39,7 +40,7 @@ FACE_CHIP_TEMPLATE = np.array([
 ])
 FACE_CHIP_TEMPLATE.flags.writeable = False
 
-Box = Sequence[float]
+Rect = Sequence[float]  # a dlib rectangle: left, top, right, bottom (inclusive); see the module doc
 
 
 def find_shape_predictor_model() -> Path:
@@ -119,14 +120,14 @@ class ShapePredictor:
     def num_parts(self) -> int:
         return self.model.num_parts
 
-    def predict(self, image: np.ndarray, box: Box, *, subpixel: bool = False) -> np.ndarray:
+    def predict(self, image: np.ndarray, box: Rect, *, subpixel: bool = False) -> np.ndarray:
         """Landmarks ``(parts, 2)`` (x, y) for the face in ``box`` (dlib rectangle convention, see module doc).
 
         ``image`` is uint8 RGB ``(H, W, 3)`` or grey ``(H, W)``. Like dlib, points are rounded to whole pixels;
         ``subpixel=True`` returns the unrounded positions instead.
         """
-        image = _as_uint8_image(image)
-        left, top, right, bottom = _as_box(box)
+        image = as_rgb(image, keep_gray=True)
+        left, top, right, bottom = _as_rect(box)
         height, width = image.shape[:2]
         pixels = image.reshape(height * width, -1)  # a view for contiguous images
         # The unit-box -> image map; dlib builds it by a 3-point fit, which is exactly this scale and offset.
@@ -270,7 +271,7 @@ def chip_transform(landmarks: np.ndarray, size: int = 150, padding: float = 0.25
 def face_chip(image: np.ndarray, landmarks: np.ndarray, size: int = 150, padding: float = 0.25) -> np.ndarray:
     """The aligned face as a uint8 ``(size, size, 3)`` (or ``(size, size)`` for grey) array, equivalent to
     ``dlib.get_face_chip(image, shape, size, padding)`` for the 5-point model's landmarks."""
-    return _extract(_as_uint8_image(image), _face_chip_details(landmarks, size, padding))
+    return _extract(as_rgb(image, keep_gray=True), _face_chip_details(landmarks, size, padding))
 
 
 def warp_chip(image: np.ndarray, transform: np.ndarray, size: int) -> np.ndarray:
@@ -289,7 +290,7 @@ def warp_chip(image: np.ndarray, transform: np.ndarray, size: int) -> np.ndarray
     centre = to_image[:, :2] @ np.full(2, (size - 1) / 2) + to_image[:, 2]
     half = (size - 1) * k / 2
     chip = _Chip(centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half, math.atan2(c, a), size)
-    return _extract(_as_uint8_image(image), chip)
+    return _extract(as_rgb(image, keep_gray=True), chip)
 
 
 def _invert_affine(m: np.ndarray) -> np.ndarray:
@@ -430,16 +431,9 @@ def _copy_rect(image: np.ndarray, rect: _Rect) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- input checks
 
 
-def _as_uint8_image(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-        raise ValueError(f"expected a uint8 (H, W) or (H, W, 3) image, got {image.dtype} {image.shape}")
-    return image
-
-
-def _as_box(box: Box) -> tuple[float, float, float, float]:
-    values = np.asarray(box, np.float64).reshape(-1)
+def _as_rect(rect: Rect) -> tuple[float, float, float, float]:
+    values = np.asarray(rect, np.float64).reshape(-1)
     if values.shape != (4,) or not np.isfinite(values).all():
-        raise ValueError(f"box must be four finite numbers (left, top, right, bottom), got {box!r}")
+        raise ValueError(f"box must be four finite numbers (left, top, right, bottom), got {rect!r}")
     left, top, right, bottom = (float(v) for v in values)
     return left, top, right, bottom

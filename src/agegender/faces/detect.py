@@ -1,103 +1,33 @@
-"""Face detection (RetinaFace by default, OpenCV Haar cascades as the fallback, or the res10 SSD) and the crop
-convention shared with training.
-
-The training set's WIKI/IMDB crops are 128x128 squares with margin around the face. The convention was
-measured with :class:`HaarDetector` on 1,108 WIKI crops made the IMDB-WIKI way (the largest box per image;
-a face was found in 1,063): the image side is a median 1.82x the box side (IQR 1.72-1.95), and the image
-centre lies 0.074 box heights below the box centre (IQR 0.051-0.096). The detector's former, finer settings
-(scale 1.05, 4 neighbours) gave the same: 1.83x and 0.074. Horizontally it lies 0.034
-box widths right (median), but that is head pose, not framing: on mirrored images it is -0.030 and its mean
-is 0.005, so the crop is centred horizontally. Hence :data:`CROP_SCALE` and :data:`CROP_SHIFT_Y`.
-
-RetinaFace boxes are narrower and taller than Haar's (median 0.81x as wide and 1.12x as tall on 285 WIKI and
-LFW photos, same centre). Re-derived on all 1,108 WIKI crops, the image side is a median 1.659x the RetinaFace
-box height (IQR 1.566-1.748) and the image centre lies 0.069 box heights below the box centre (IQR
-0.046-0.088), which :data:`RETINA_CROP_SCALE` and :data:`RETINA_CROP_SHIFT_Y` carry.
-"""
+"""Face detectors: RetinaFace by default, OpenCV's Haar cascade as the fallback; each states the framing of its
+boxes (:mod:`agegender.faces.framing`), and :func:`default_detector` and :func:`photo_framer` pick one per job."""
 
 from __future__ import annotations
 
-import logging
+import os
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..devices import usable_cores
 from ..errors import AgeGenderError
+from ..images import as_rgb
+from . import retinaface as rf
+from .face import Detection, FaceDetector
+from .framing import HAAR, RETINAFACE, PhotoFramer
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from ..model.config import Preprocess
+
+__all__ = ["DETECTORS", "MIN_FACE_PX", "FaceDetector", "HaarDetector", "RetinaFace", "default_detector", "photo_framer",
+           "subject_detector"]
 
 MIN_FACE_PX = 40  # faces smaller than this are ignored by default (see HaarDetector)
-CROP_SCALE = 1.83  # crop side / detected box side
-CROP_SHIFT_Y = 0.074  # crop centre below the box centre, in box heights
-
-
-@dataclass(frozen=True)
-class Framing:
-    """How one detector's boxes map onto the two framings the backbones read, as measured on real photos.
-
-    ``crop_scale`` and ``crop_shift`` give the training-style square (side = scale x the box's longer side,
-    centre ``crop_shift`` box heights below the box centre). ``dlib_side`` and ``dlib_shift`` give the square
-    box dlib's HOG detector would have found, which its shape predictor was trained to start from.
-    """
-
-    crop_scale: float
-    crop_shift: float
-    dlib_side: float
-    dlib_shift: float
-
-
-# RetinaFace vs dlib's HOG boxes, 623 LFW/WIKI/FairFace photos where each found one face: dlib's square is a
-# median 0.80 RetinaFace box heights (IQR 0.76-0.86) with its centre 0.049 heights lower (IQR 0.018-0.079).
-# Haar's side is a median 1/1.116 of RetinaFace's height with the same centre, which gives Haar's dlib terms.
-# "image" is the whole picture of a face crop that no detector framed (tight, aligned training crops).
-FRAMINGS: dict[str, Framing] = {
-    "haar": Framing(CROP_SCALE, CROP_SHIFT_Y, 0.893, 0.047),
-    "dnn": Framing(CROP_SCALE, CROP_SHIFT_Y, 0.893, 0.047),
-    "retinaface": Framing(1.659, 0.069, 0.80, 0.049),
-    "image": Framing(1.0, 0.0, 0.62, 0.05),
-}
+SUBJECT_MIN_FACE_PX = 20  # the floor when finding a labelled photo's subject: training crops are small
 
 HAAR_CASCADES = ("haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt2.xml")
-
-
-@dataclass
-class Box:
-    """A face in pixel coordinates of the image it was found in; ``score`` is detector-specific.
-
-    ``landmarks`` are RetinaFace's 5 points (image-left eye, image-right eye, nose, image-left and image-right
-    mouth corners) when the detector gives them. ``detector`` names the box's convention in :data:`FRAMINGS`.
-    """
-
-    x: int
-    y: int
-    w: int
-    h: int
-    score: float = 1.0
-    landmarks: tuple[tuple[float, float], ...] | None = None
-    detector: str = field(default="haar", compare=False)  # whose box this is: its key in FRAMINGS
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"x": self.x, "y": self.y, "w": self.w, "h": self.h, "score": self.score}
-        if self.landmarks is not None:
-            d["landmarks"] = [[round(x, 1), round(y, 1)] for x, y in self.landmarks]
-        return d
-
-
-class FaceDetector(Protocol):
-    def detect(self, rgb: np.ndarray) -> list[Box]:
-        """Faces in an ``(H, W, 3)`` uint8 RGB image, best first."""
-        ...
-
-
-def _gray(rgb: np.ndarray) -> np.ndarray:
-    import cv2
-
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.dtype} {rgb.shape}")
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
 
 
 class HaarDetector:
@@ -112,9 +42,11 @@ class HaarDetector:
     pixels, finding a face in 99.7% of LFW photos (before: 99.7%), 87.0% of FairFace (87.4%) and 97.5% of
     WIKI (98.2%), and all 6 faces in 2x3 group collages; equalising the histogram first adds 2 points on
     FairFace. Cascades are per thread: OpenCV's ``CascadeClassifier`` is not safe to share between threads.
+    Faces come most neighbours first; the score is the neighbour count.
     """
 
     name = "haar"
+    framing = HAAR
     window = 24  # the default cascade's training window, in pixels
 
     def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 2, min_face: float = 0.08,
@@ -146,10 +78,10 @@ class HaarDetector:
             self._local.classifiers = loaded
         return loaded
 
-    def detect(self, rgb: np.ndarray) -> list[Box]:
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
         import cv2
 
-        gray = _gray(rgb)
+        gray = cv2.cvtColor(as_rgb(rgb), cv2.COLOR_RGB2GRAY)
         h, w = gray.shape
         # Scaled so the smallest face wanted fills the window: shrunk, or enlarged for a floor under 24 px.
         scale = self.window / max(self.min_face_px, self.min_face * min(h, w))
@@ -161,113 +93,91 @@ class HaarDetector:
             boxes, neighbours = classifier.detectMultiScale2(
                 gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(self.window, self.window))
             if len(boxes):
-                found = [Box(round(x / scale), round(y / scale), round(bw / scale), round(bh / scale), float(n))
-                         for (x, y, bw, bh), n in zip(boxes, neighbours)]
-                return sorted(found, key=lambda b: (b.score, b.w * b.h), reverse=True)
+                found = [Detection(round(x / scale), round(y / scale), round(bw / scale), round(bh / scale), float(n),
+                                   self.framing) for (x, y, bw, bh), n in zip(boxes, neighbours)]
+                return sorted(found, key=lambda f: (f.score, f.area), reverse=True)
         return []
 
 
-class DnnDetector:
-    """OpenCV's res10 300x300 SSD face detector from user-supplied ``deploy.prototxt`` and ``.caffemodel`` files."""
-
-    name = "dnn"
-
-    def __init__(self, prototxt: str | Path, caffemodel: str | Path, threshold: float = 0.5) -> None:
-        import cv2
-
-        for path in (prototxt, caffemodel):
-            if not Path(path).is_file():
-                raise AgeGenderError(f"{path}: no such detector file")
-        try:
-            self.net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
-        except cv2.error as e:
-            raise AgeGenderError(f"{caffemodel}: OpenCV cannot read the detector ({str(e).strip().splitlines()[-1]})") from None
-        self.threshold = threshold
-        self._lock = threading.Lock()  # a cv2.dnn.Net keeps per-forward state
-
-    def detect(self, rgb: np.ndarray) -> list[Box]:
-        import cv2
-
-        h, w = _gray(rgb).shape
-        # The network was trained on 300x300 BGR input minus this mean.
-        blob = cv2.dnn.blobFromImage(cv2.resize(rgb[..., ::-1], (300, 300)), 1.0, (300, 300), (104.0, 177.0, 123.0))
-        with self._lock:
-            self.net.setInput(blob)
-            out = self.net.forward()  # (1, 1, N, 7): image id, label, score, x1, y1, x2, y2 (relative)
-        boxes = []
-        for _, _, score, x1, y1, x2, y2 in out.reshape(-1, 7):
-            if score < self.threshold:
-                continue
-            x1, x2 = (np.clip([x1, x2], 0, 1) * w).round().astype(int)
-            y1, y2 = (np.clip([y1, y2], 0, 1) * h).round().astype(int)
-            if x2 > x1 and y2 > y1:
-                boxes.append(Box(int(x1), int(y1), int(x2 - x1), int(y2 - y1), float(score), detector="dnn"))
-        return sorted(boxes, key=lambda b: b.score, reverse=True)
-
-
-def crop_box(box: Box) -> tuple[int, int, int]:
-    """``(left, top, side)`` of the square training-style crop around a detected ``box``."""
-    framing = FRAMINGS[box.detector]
-    side = max(1, round(max(box.w, box.h) * framing.crop_scale))
-    cx = box.x + box.w / 2
-    cy = box.y + box.h / 2 + framing.crop_shift * box.h
-    return round(cx - side / 2), round(cy - side / 2), side
-
-
-def dlib_box(box: Box) -> tuple[float, float, float, float]:
-    """``(left, top, right, bottom)`` of the box dlib's HOG detector would give for ``box``'s face."""
-    framing = FRAMINGS[box.detector]
-    side = max(box.w, box.h) * framing.dlib_side
-    cx, cy = box.x + box.w / 2, box.y + box.h / 2 + framing.dlib_shift * box.h
-    return cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
-
-
-def crop_face(rgb: np.ndarray, box: Box, size: int) -> np.ndarray:
-    """The ``(size, size, 3)`` uint8 crop around ``box`` framed like the training faces; edges replicated outside."""
-    from PIL import Image
-
-    left, top, side = crop_box(box)
-    h, w = rgb.shape[:2]
-    # Clipped indices repeat the edge pixels wherever the square leaves the image.
-    rows = np.clip(np.arange(top, top + side), 0, h - 1)
-    cols = np.clip(np.arange(left, left + side), 0, w - 1)
-    square = np.ascontiguousarray(rgb[np.ix_(rows, cols)])
-    # Pillow's bilinear widens its filter when shrinking, as in the training images' decoding.
-    return np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
-
-
 class RetinaFace:
-    """RetinaFace MobileNet-0.25 (see :mod:`agegender.faces.retinaface`) as a :class:`FaceDetector`: boxes with
-    5 landmarks and RetinaFace's own crop convention, faces under ``min_face_px`` dropped, at most ``max_faces``."""
+    """RetinaFace MobileNet-0.25 (the network: :mod:`agegender.faces.retinaface`): faces with 5 landmarks each,
+    largest first, in RetinaFace's own framing.
+
+    ``weights`` is ONNX bytes or a path to an ``.onnx`` file; None takes the bundled copy. Faces whose box's
+    longer side (the height, a median 1.37x the width; a Haar box side is about 0.9x it) is under
+    ``min_face_px`` original pixels are dropped, and of the rest only the ``max_faces`` largest kept: in group
+    photos the nearest faces matter most. Boxes are rounded to whole pixels, as the bundled model's figures were
+    measured; landmarks keep their sub-pixel positions.
+
+    Images whose long side exceeds ``max_side`` are shrunk to it first, keeping the aspect ratio (None: never);
+    nothing is enlarged. The cost grows with the pixel count, but so does the smallest face found: 99% of LFW
+    faces are found 23 px wide at the network input, 94% at 20 px, 71% at 16 px (the smallest prior). Portraits
+    lose nothing to a low cap (LFW, WIKI and FairFace: a face in every photo down to 160 px), but group photos
+    do: 4x4 collages of 100-250 px photos kept 160/160 faces at 640 and 154/160 at 320. Hence 640 by default,
+    and ``max_side=320`` for portraits when speed matters (448 px FairFace: about 10 ms instead of 16 ms on one
+    thread). No padding: the graph accepts any size, and the priors follow its rounding.
+
+    The onnxruntime session is made on first use, with ``threads`` threads (default: the cores this process may
+    use), and may be shared between threads.
+    """
 
     name = "retinaface"
+    framing = RETINAFACE
 
-    def __init__(self, weights: bytes, min_face_px: int = MIN_FACE_PX, score_threshold: float = 0.5,
-                 max_faces: int | None = None, threads: int | None = None) -> None:
-        from .retinaface import RetinaFaceDetector
-
+    def __init__(self, weights: bytes | str | os.PathLike[str] | None = None, min_face_px: int = MIN_FACE_PX,
+                 score_threshold: float = 0.5, max_faces: int | None = None, threads: int | None = None, *,
+                 nms_threshold: float = 0.4, max_side: int | None = rf.MAX_SIDE,
+                 providers: Sequence[str] = ("CPUExecutionProvider",),
+                 mean_bgr: tuple[float, float, float] = rf.MEAN_BGR) -> None:
         if min_face_px < 1:
             raise AgeGenderError(f"the smallest face must be at least 1 px, got {min_face_px}")
         if not 0 < score_threshold < 1:
             raise AgeGenderError(f"the score threshold must be in (0, 1), got {score_threshold}")
         if max_faces is not None and max_faces < 1:
             raise AgeGenderError(f"--max-faces must be at least 1, got {max_faces}")
+        if not 0 < nms_threshold <= 1:
+            raise AgeGenderError(f"nms_threshold must be in (0, 1], got {nms_threshold}")
+        if max_side is not None and max_side < 32:
+            raise AgeGenderError(f"max_side must be at least 32 px, got {max_side}")
+        self.weights = weights
         self.min_face_px, self.max_faces = min_face_px, max_faces
-        self.net = RetinaFaceDetector(weights, score_threshold=score_threshold, min_face=min_face_px,
-                                      intra_op_num_threads=threads)
+        self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
+        self.max_side, self.mean_bgr = max_side, mean_bgr
+        self.threads = threads or usable_cores()
+        self.providers = tuple(providers)
+        self._session: Any = None
+        self._lock = threading.Lock()
 
     def set_threads(self, threads: int) -> None:
-        self.net.set_threads(threads)
+        """Threads for each run; a session made with another count is made again when next used."""
+        if threads < 1:
+            raise AgeGenderError(f"threads must be at least 1, got {threads}")
+        with self._lock:
+            if threads != self.threads:
+                self.threads, self._session = threads, None
 
-    def detect(self, rgb: np.ndarray) -> list[Box]:
-        found = self.net.detect(rgb)
-        # Largest first: in group photos the nearest faces matter most when --max-faces cuts the list.
-        found = sorted(found, key=lambda d: d.area, reverse=True)[: self.max_faces]
-        return [Box(round(d.x), round(d.y), round(d.w), round(d.h), float(d.score),
-                    tuple((float(x), float(y)) for x, y in d.landmarks), "retinaface")
-                for d in found]
+    def session(self) -> Any:
+        """The onnxruntime session, made on first call."""
+        session = self._session
+        if session is None:
+            with self._lock:
+                if self._session is None:
+                    self._session = rf.load_session(self.weights, self.threads, self.providers)
+                session = self._session
+        return session
 
-
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        """Faces in an ``(H, W, 3)`` uint8 RGB image (gray and RGBA accepted), largest first."""
+        rgb = as_rgb(rgb)
+        boxes, scores, marks = rf.run(self.session(), rgb, self.max_side, self.mean_bgr, self.score_threshold,
+                                      self.nms_threshold)
+        found = []
+        for (x1, y1, x2, y2), score, points in zip(boxes.tolist(), scores.tolist(), marks):
+            if max(x2 - x1, y2 - y1) >= self.min_face_px:
+                found.append((x1, y1, x2 - x1, y2 - y1, score, points))
+        found.sort(key=lambda f: f[2] * f[3], reverse=True)
+        return [Detection(round(x), round(y), round(w), round(h), score, self.framing, points)
+                for x, y, w, h, score, points in found[: self.max_faces]]
 
 
 DETECTORS = ("auto", "retinaface", "haar")
@@ -276,10 +186,21 @@ DETECTORS = ("auto", "retinaface", "haar")
 def default_detector(min_face_px: int = MIN_FACE_PX, score_threshold: float = 0.5, max_faces: int | None = None,
                      threads: int | None = None, kind: str = "auto") -> FaceDetector:
     """RetinaFace with the bundled weights ("auto" and "retinaface"), or OpenCV's Haar cascade ("haar")."""
-    from .retinaface import find_retinaface_weights
-
     if kind not in DETECTORS:
         raise AgeGenderError(f"unknown detector {kind!r}; choose from {', '.join(DETECTORS)}")
     if kind == "haar":
         return HaarDetector(min_face_px=min_face_px)
-    return RetinaFace(find_retinaface_weights(), min_face_px, score_threshold, max_faces, threads)
+    return RetinaFace(rf.find_retinaface_weights(), min_face_px, score_threshold, max_faces, threads)
+
+
+def subject_detector() -> FaceDetector:
+    """The detector that finds a labelled photo's subject, for training, evaluation and ``no_detect`` prediction
+    alike: RetinaFace with a 20 px floor, on the calling thread's core."""
+    return default_detector(min_face_px=SUBJECT_MIN_FACE_PX, threads=1)
+
+
+def photo_framer(preprocess: Preprocess) -> PhotoFramer | None:
+    """The framer training and evaluation use for ``preprocess``: None keeps the plain centre-square decode."""
+    if preprocess.alignment == "crop":
+        return None
+    return PhotoFramer(preprocess, subject_detector())

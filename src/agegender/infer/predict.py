@@ -1,50 +1,45 @@
-"""Gender and age for every face in images: detect, crop, classify with a checkpoint or an ONNX export."""
+"""Gender and age for every face in images: detect, frame, classify with a checkpoint or an ONNX export.
+
+The backends that run a model file are in :mod:`agegender.model.runtime`; writing results for the command line
+is :mod:`agegender.output`.
+"""
 
 from __future__ import annotations
 
 import collections
-import csv
-import glob
-import json
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..devices import usable_cores
 from ..errors import AgeGenderError
-from ..faces.detect import Box, FaceDetector, default_detector
+from ..faces.detect import default_detector, subject_detector
+from ..faces.face import Detection, FaceDetector
 from ..faces.framing import FaceFramer, PhotoFramer
-from ..files import atomic_path, regular_file
-from ..images import IMAGE_SUFFIXES, ImageInput, load_image
+from ..images import ImageInput, load_image
 from ..labels import ADIENCE_GROUP_NAMES, age_group
 from ..model.contract import check_finite_outputs
-from ..model.runtime import Backend, Decoded, OnnxBackend, TorchBackend, load_backend
+from ..model.runtime import Backend, Decoded, load_backend
 
-__all__ = ["Backend", "Face", "ImageResult", "OnnxBackend", "Predictor", "TorchBackend", "load_backend"]
+__all__ = ["Face", "ImageResult", "Predictor"]
 
 if TYPE_CHECKING:
     from PIL import Image
 
 log = logging.getLogger(__name__)
 
-
-
-
-
 UNKNOWN = "unknown"  # the gender of a face whose P(male) is too close to 0.5 for ``min_confidence``
 
 
 @dataclass
 class Face:
-    box: Box | None  # None when the whole image was classified (no detection)
+    box: Detection | None  # None when the whole image was classified (no detection)
     gender: str  # a label name, or "unknown" below the predictor's min_confidence
     p_male: float
     age: float | None  # None when the model has no age head
@@ -81,7 +76,6 @@ class ImageResult:
         return d
 
 
-
 # -- prediction ---------------------------------------------------------------------------------
 
 # (name, the call that finds its boxes and crops, frame index, seconds) of one image or video frame
@@ -91,7 +85,7 @@ _Job = tuple[str, Callable[[], Any], "int | None", "float | None"]
 @dataclass
 class _Pending:
     path: str
-    boxes: list[Box | None]
+    boxes: list[Detection | None]
     first: int  # index of this image's first crop in the batch buffer
     error: str | None = None
     frame: int | None = None
@@ -112,12 +106,12 @@ class Predictor:
         self.min_confidence = min_confidence
         pre = backend.meta.preprocess.resized(self.size)
         # The backbone's contract decides the framing: crops for VGG-Face, 5-point chips for dlib's ResNet.
-        self.frame_face = FaceFramer(pre)
+        self.face_framer = FaceFramer(pre)
         # A chip model reads 5-point chips, so a given crop (no_detect) is framed as training framed its photos:
         # the subject found in the crop, then aligned. From the whole crop alone the shape predictor misplaces
         # children's points (200 UTKFace crops: gender 0.835 / MAE 8.8 years, against 0.855 / 5.55 this way).
-        finder = default_detector(min_face_px=20, threads=1) if no_detect and pre.alignment != "crop" else None
-        self.frame_photo = PhotoFramer(pre, finder, faces=self.frame_face)
+        finder = subject_detector() if no_detect and pre.alignment != "crop" else None
+        self.photo_framer = PhotoFramer(pre, finder, faces=self.face_framer)
         self.workers = max(1, workers or usable_cores())
 
     @classmethod
@@ -146,15 +140,14 @@ class Predictor:
                 "detector": "none" if self.detector is None else getattr(self.detector, "name", "custom"),
                 "min_face_px": getattr(self.detector, "min_face_px", None), "min_confidence": self.min_confidence}
 
-    def crops(self, rgb: np.ndarray) -> tuple[list[Box | None], list[np.ndarray]]:
-        """The detected boxes and their crops at the model's input size (the whole image with ``no_detect``)."""
-
+    def crops(self, rgb: np.ndarray) -> tuple[list[Detection | None], list[np.ndarray]]:
+        """The detected faces and their crops at the model's input size (the whole image with ``no_detect``)."""
         if self.detector is None:
-            return [None], [self.frame_photo(rgb)]
-        boxes = self.detector.detect(rgb)
-        return list(boxes), [self.frame_face(rgb, b) for b in boxes]
+            return [None], [self.photo_framer(rgb)]
+        faces = self.detector.detect(rgb)
+        return list(faces), [self.face_framer(rgb, f) for f in faces]
 
-    def classify(self, crops: np.ndarray | list[np.ndarray], boxes: list[Box | None] | None = None) -> list[Face]:
+    def classify(self, crops: np.ndarray | list[np.ndarray], boxes: list[Detection | None] | None = None) -> list[Face]:
         """Faces for a batch of ``(S, S, 3)`` uint8 crops."""
         if len(crops) == 0:
             return []
@@ -163,7 +156,7 @@ class Predictor:
         boxes = boxes or [None] * len(out)
         return [self._face(out, i, box) for i, box in enumerate(boxes)]
 
-    def _face(self, out: Decoded, i: int, box: Box | None) -> Face:
+    def _face(self, out: Decoded, i: int, box: Detection | None) -> Face:
         p = float(out.p_male[i])
         sure = max(p, 1.0 - p) >= self.min_confidence
         gender = self.meta.genders[int(p >= 0.5)] if sure else UNKNOWN
@@ -244,7 +237,7 @@ class Predictor:
         finally:  # a consumer that stops early leaves no work queued behind it
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _prepare(self, path: str) -> tuple[list[Box | None], list[np.ndarray]] | AgeGenderError:
+    def _prepare(self, path: str) -> tuple[list[Detection | None], list[np.ndarray]] | AgeGenderError:
         try:
             return self.crops(load_image(path))
         except AgeGenderError as e:
@@ -287,168 +280,3 @@ def share_cores_for_batches(predictor: Predictor) -> None:
     if set_threads is not None:
         set_threads(1)
     predictor.backend.set_threads(1)
-
-
-# -- command line -------------------------------------------------------------------------------
-
-CSV_FIELDS = ("path", "face", "x", "y", "w", "h", "score", "gender", "p_male", "age", "age_group", "age_low", "age_high",
-              "error", "frame", "time")
-
-
-def expand_paths(specs: Iterable[str]) -> list[str]:
-    """Files as given, folders searched recursively for images, globs expanded; duplicates dropped."""
-    out: dict[str, None] = {}
-    for spec in specs:
-        p = Path(spec)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-            # Videos inside folders are left to be named one by one: a folder scan means photos.
-            if not found:
-                raise AgeGenderError(f"{p}: folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        elif p.is_file():
-            found = [str(p)]
-        elif glob.has_magic(spec):
-            found = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).is_file())
-            if not found:
-                raise AgeGenderError(f"{spec}: no files match")
-        else:
-            regular_file(spec, "file or folder")  # a FIFO or a device is named as such, not as missing
-            raise AgeGenderError(f"{spec}: no such file or folder")
-        out.update(dict.fromkeys(found))
-    return list(out)
-
-
-def _csv_rows(result: ImageResult) -> Iterator[dict[str, Any]]:
-    head = result.to_dict()
-    where = {"path": head["path"], "frame": head.get("frame", ""), "time": head.get("time", "")}
-    if not result.faces:
-        yield {**where, "error": result.error or ""}
-    for i, face in enumerate(result.faces):
-        d = face.to_dict()
-        box = d.pop("box") or {}
-        box.pop("landmarks", None)  # one row per face has no room for 10 coordinates; JSON Lines has them
-        yield {**where, "face": i, **box, **{k: "" if v is None else v for k, v in d.items()}, "error": ""}
-
-
-class _Writer:
-    def __init__(self, stream: IO[str], fmt: str) -> None:
-        self.stream = stream
-        self.csv = csv.DictWriter(stream, CSV_FIELDS, restval="") if fmt == "csv" else None
-        if self.csv:
-            self.csv.writeheader()
-
-    def write(self, result: ImageResult) -> None:
-        if self.csv:
-            self.csv.writerows(_csv_rows(result))
-        else:
-            self.stream.write(json.dumps(result.to_dict()) + "\n")
-
-
-def annotate(rgb: np.ndarray, faces: list[Face]) -> Image.Image:
-    """A copy of the image with each face's box and ``M 34``-style label drawn on it."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    image = Image.fromarray(rgb)
-    draw = ImageDraw.Draw(image)
-    line = max(2, round(min(image.size) / 200))
-    font = ImageFont.load_default(size=max(12, round(min(image.size) / 25)))
-    for face in faces:
-        box = face.box or Box(0, 0, image.width, image.height)
-        colour = (40, 120, 255) if face.gender == "male" else (230, 50, 110)
-        draw.rectangle((box.x, box.y, box.x + box.w - 1, box.y + box.h - 1), outline=colour, width=line)
-        _, _, right, bottom = draw.textbbox((0, 0), face.label(), font=font)
-        height = bottom + 4
-        y = box.y - height if box.y >= height else box.y  # above the box when there is room
-        draw.rectangle((box.x, y, box.x + right + 4, y + height), fill=colour)
-        draw.text((box.x + 2, y + 2), face.label(), fill=(255, 255, 255), font=font)
-    return image
-
-
-def _annotated_name(path: str, used: set[str]) -> str:
-    p = Path(path)
-    suffix = p.suffix.lower() if p.suffix.lower() in (".jpg", ".jpeg", ".png") else ".png"
-    name, n = f"{p.stem}{suffix}", 1
-    while name in used:
-        name, n = f"{p.stem}-{n}{suffix}", n + 1
-    used.add(name)
-    return name
-
-
-def _write_annotation(result: ImageResult, folder: Path, used: set[str]) -> None:
-    if result.error:
-        return
-    dest = folder / _annotated_name(result.path, used)
-    image = annotate(load_image(result.path), result.faces)
-    with atomic_path(dest) as tmp:
-        image.save(tmp, format="PNG" if dest.suffix == ".png" else "JPEG", quality=92)
-
-
-def _video_results(predictor: Predictor, path: str, every: int, batch_size: int, folder: Path | None,
-                   used: set[str], progress: bool) -> Iterator[ImageResult]:
-    """A video's frame results; with ``folder``, each sampled frame annotated into ``folder/<video name>/``."""
-    from .video import frames
-
-    kept: dict[int, np.ndarray] = {}  # frames waiting for their result; the pipeline holds only a few at once
-    sub = None if folder is None else folder / _annotated_name(path, used).rsplit(".", 1)[0]
-
-    def items() -> Iterator[tuple[str, np.ndarray, int, float]]:
-        for i, t, rgb in frames(path, every, progress):
-            if sub is not None:
-                kept[i] = rgb
-            yield f"{path}#{i}", rgb, i, t
-
-    for result in predictor.predict_frames(items(), batch_size):
-        rgb = kept.pop(result.frame, None) if result.frame is not None else None
-        if sub is not None and rgb is not None:
-            with atomic_path(sub / f"frame_{result.frame:06d}.jpg") as tmp:
-                annotate(rgb, result.faces).save(tmp, format="JPEG", quality=92)
-        yield result
-
-
-def predict_files(predictor: Predictor, paths: list[str], output: str | None = None, output_format: str = "jsonl",
-                  batch_size: int = 32, annotate: str | None = None, every: int = 1,
-                  progress: bool = True) -> collections.Counter[str]:
-    """``agegender predict``: JSON Lines or CSV to ``output`` (stdout when None), one record per image (CSV: one
-    row per face); annotated copies into the folder ``annotate`` (a video's sampled frames into a subfolder named
-    after it). Video files give one record per ``every``-th frame.
-    Returns counts: ``faces``; ``images`` and ``frames`` read; ``with faces``, ``no face`` and ``errors`` among them."""
-    from ..progress import Progress
-    from .video import is_video
-
-    if every < 1:
-        raise AgeGenderError(f"--every must be at least 1, got {every}")
-    if output_format not in ("jsonl", "csv"):
-        raise AgeGenderError(f"unknown output format {output_format!r}; choose jsonl or csv")
-    folder = Path(annotate) if annotate else None
-    if folder is not None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise AgeGenderError(f"{folder}: cannot create the annotation folder ({e.strerror or e})") from None
-    counts: collections.Counter[str] = collections.Counter()
-    used: set[str] = set()
-
-    def run(stream: IO[str]) -> None:
-        writer = _Writer(stream, output_format)
-        images = [p for p in paths if not is_video(p)]
-        streams = [predictor.predict_many(images, batch_size)] if images else []
-        streams += [_video_results(predictor, p, every, batch_size, folder, used, progress)
-                    for p in paths if is_video(p)]
-        with Progress(len(images), "predict", "img", enabled=progress and bool(images)) as bar:
-            for results in streams:
-                for result in results:
-                    writer.write(result)
-                    counts["faces"] += len(result.faces)
-                    counts["errors" if result.error else "no face" if not result.faces else "with faces"] += 1
-                    counts["images" if result.frame is None else "frames"] += 1
-                    if result.frame is None:
-                        bar.update(1)
-                        if folder is not None:
-                            _write_annotation(result, folder, used)
-
-    if output:
-        with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            run(f)
-    else:
-        run(sys.stdout)
-    return counts

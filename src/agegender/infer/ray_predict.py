@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AgeGenderError
 from ..faces.detect import MIN_FACE_PX, FaceDetector
 from ..files import atomic_path, write_text_atomic
-from .predict import ImageResult, Predictor, expand_paths
+from ..images import expand_paths
+from .predict import ImageResult, Predictor
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -52,8 +53,8 @@ class PredictorRecipe:
     def check(self) -> None:
         """Load the model and the detector once, for their errors: a model that fails to load in an actor
         reaches the driver as a bare ActorDiedError, without the message that names the file."""
+        from ..model.runtime import load_backend
         from ..weights.zoo import bundled_model
-        from .predict import load_backend
 
         if not 0.5 <= self.min_confidence < 1:
             raise AgeGenderError(f"min_confidence must be in [0.5, 1), got {self.min_confidence}")

@@ -134,13 +134,7 @@ class OnnxBackend:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.session = self._session(None)
-        raw = self.session.get_modelmeta().custom_metadata_map.get("agegender")
-        if raw is None:
-            raise AgeGenderError(f"{path}: ONNX model without agegender metadata (not exported by agegender)")
-        try:
-            self.meta = CheckpointMeta.from_json(raw)
-        except (ValueError, KeyError, TypeError) as e:
-            raise AgeGenderError(f"{path}: {e}") from None
+        self.meta = read_onnx_meta(self.session, path)
         check_onnx_contract(self.session, self.meta, path)
         outputs = {o.name for o in self.session.get_outputs()}
         if "p_male" not in outputs:
@@ -171,6 +165,18 @@ class OnnxBackend:
         if got.age is not None:  # exports older than decode() did not clamp a regression head's ages
             got.age = np.clip(got.age, *self._age_range)
         return got
+
+
+def read_onnx_meta(session: Any, path: str | os.PathLike[str]) -> CheckpointMeta:
+    """The checkpoint metadata an agegender export stores in the ``metadata_props`` of the ONNX file ``path``,
+    read through its onnxruntime ``session`` (the one reader of ONNX metadata)."""
+    raw = session.get_modelmeta().custom_metadata_map.get("agegender")
+    if raw is None:
+        raise AgeGenderError(f"{path}: ONNX model without agegender metadata (not exported by agegender)")
+    try:
+        return CheckpointMeta.from_json(raw)
+    except (ValueError, KeyError, TypeError) as e:
+        raise AgeGenderError(f"{path}: {e}") from None
 
 
 def load_backend(model: str | os.PathLike[str], device: str = "cpu", precision: str = "auto") -> Backend:

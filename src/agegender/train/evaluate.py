@@ -15,7 +15,8 @@ import numpy as np
 from ..data.records import Dataset, FaceRecord, scan_all
 from ..data.splits import make_splits
 from ..errors import AgeGenderError
-from ..faces.framing import PhotoFramer, photo_framer
+from ..faces.detect import photo_framer
+from ..faces.framing import PhotoFramer
 from ..files import refuse_overwrite
 from ..images import Skipped, load_rgb
 from ..model.meta import resolve_model

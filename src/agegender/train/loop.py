@@ -26,7 +26,7 @@ from ..data.splits import Splits, make_splits
 from ..devices import retain_freed_memory
 from ..distributed import World, close_world, init_world
 from ..errors import AgeGenderError
-from ..faces.framing import photo_framer
+from ..faces.detect import photo_framer
 from ..files import atomic_path, folder_lock, safe_name, write_text_atomic
 from ..model.backbones import DLIB_RESNET, backbone
 from ..model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
