@@ -30,6 +30,7 @@ from ..errors import AgeGenderError
 log = logging.getLogger(__name__)
 
 MIN_FACE_PX = 40  # faces smaller than this are ignored by default (see HaarDetector)
+SCORE_THRESHOLD = 0.5  # RetinaFace's default confidence floor, chosen in BENCHMARKS.md figure 9
 CROP_SCALE = 1.83  # crop side / detected box side
 CROP_SHIFT_Y = 0.074  # crop centre below the box centre, in box heights
 
@@ -242,7 +243,7 @@ class RetinaFace:
 
     name = "retinaface"
 
-    def __init__(self, weights: bytes, min_face_px: int = MIN_FACE_PX, score_threshold: float = 0.5,
+    def __init__(self, weights: bytes, min_face_px: int = MIN_FACE_PX, score_threshold: float = SCORE_THRESHOLD,
                  max_faces: int | None = None, threads: int | None = None) -> None:
         from .retinaface import RetinaFaceDetector
 
@@ -273,7 +274,7 @@ class RetinaFace:
 DETECTORS = ("auto", "retinaface", "haar")
 
 
-def default_detector(min_face_px: int = MIN_FACE_PX, score_threshold: float = 0.5, max_faces: int | None = None,
+def default_detector(min_face_px: int = MIN_FACE_PX, score_threshold: float = SCORE_THRESHOLD, max_faces: int | None = None,
                      threads: int | None = None, kind: str = "auto") -> FaceDetector:
     """RetinaFace with the bundled weights ("auto" and "retinaface"), or OpenCV's Haar cascade ("haar")."""
     from .retinaface import find_retinaface_weights
