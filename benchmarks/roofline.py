@@ -178,7 +178,7 @@ def run(model: Path, reps: int, seconds: float) -> dict[str, Any]:
 
 def markdown(r: dict[str, Any]) -> str:
     g = r["gemm"]
-    lines = ["## 9. The bundled model against the machine's matmul limit", "",
+    lines = ["## 10. The bundled model against the machine's matmul limit", "",
              f"Measured with `python -m benchmarks.roofline` on {r['machine']}; one thread, medians of "
              f"interleaved runs (min-max).", "",
              f"- FLOPs per face, counted from the graph (2 per multiply-add): trunk convs "

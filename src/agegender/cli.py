@@ -275,7 +275,7 @@ def _detector(a: argparse.Namespace) -> FaceDetector:
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     """The detector and precision options shared by ``predict`` and ``serve``."""
-    from .faces.detect import DETECTORS, MIN_FACE_PX
+    from .faces.detect import DETECTORS, MIN_FACE_PX, SCORE_THRESHOLD
 
     p.add_argument("--detector", choices=DETECTORS, default="auto",
                    help="auto: RetinaFace (5 landmarks) when installed, else OpenCV's Haar cascade")
@@ -283,7 +283,7 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="ignore faces smaller than this; larger is faster with Haar")
     p.add_argument("--max-faces", type=int, default=None, metavar="N",
                    help="at most N faces per image, largest first (default: all)")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="RetinaFace's confidence floor, in (0, 1)")
+    p.add_argument("--score-threshold", type=float, default=SCORE_THRESHOLD, help="RetinaFace's confidence floor, in (0, 1)")
     p.add_argument("--min-confidence", type=float, default=0.5, metavar="P",
                    help="gender 'unknown' where max(P(male), P(female)) is below P (0.5: always decide; "
                         "MODEL_CARD.md gives accuracy against coverage)")

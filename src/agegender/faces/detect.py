@@ -26,6 +26,7 @@ __all__ = ["DETECTORS", "MIN_FACE_PX", "FaceDetector", "HaarDetector", "RetinaFa
 
 MIN_FACE_PX = 40  # faces smaller than this are ignored by default (see HaarDetector)
 SUBJECT_MIN_FACE_PX = 20  # the floor when finding a labelled photo's subject: training crops are small
+SCORE_THRESHOLD = 0.5  # RetinaFace's default confidence floor, chosen in BENCHMARKS.md figure 9
 
 HAAR_CASCADES = ("haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt2.xml")
 
@@ -125,7 +126,7 @@ class RetinaFace:
     framing = RETINAFACE
 
     def __init__(self, weights: bytes | str | os.PathLike[str] | None = None, min_face_px: int = MIN_FACE_PX,
-                 score_threshold: float = 0.5, max_faces: int | None = None, threads: int | None = None, *,
+                 score_threshold: float = SCORE_THRESHOLD, max_faces: int | None = None, threads: int | None = None, *,
                  nms_threshold: float = 0.4, max_side: int | None = rf.MAX_SIDE,
                  providers: Sequence[str] = ("CPUExecutionProvider",),
                  mean_bgr: tuple[float, float, float] = rf.MEAN_BGR) -> None:
@@ -183,7 +184,7 @@ class RetinaFace:
 DETECTORS = ("auto", "retinaface", "haar")
 
 
-def default_detector(min_face_px: int = MIN_FACE_PX, score_threshold: float = 0.5, max_faces: int | None = None,
+def default_detector(min_face_px: int = MIN_FACE_PX, score_threshold: float = SCORE_THRESHOLD, max_faces: int | None = None,
                      threads: int | None = None, kind: str = "auto") -> FaceDetector:
     """RetinaFace with the bundled weights ("auto" and "retinaface"), or OpenCV's Haar cascade ("haar")."""
     if kind not in DETECTORS:

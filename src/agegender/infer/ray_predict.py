@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AgeGenderError
-from ..faces.detect import MIN_FACE_PX, FaceDetector
+from ..faces.detect import MIN_FACE_PX, SCORE_THRESHOLD, FaceDetector
 from ..files import atomic_path, write_text_atomic
 from ..images import expand_paths
 from .predict import ImageResult, Predictor
@@ -44,7 +44,7 @@ class PredictorRecipe:
     model: str | None = None  # None: the bundled model
     detector: str = "auto"
     min_face: int = MIN_FACE_PX
-    score_threshold: float = 0.5
+    score_threshold: float = SCORE_THRESHOLD
     max_faces: int | None = None
     no_detect: bool = False
     precision: str = "auto"
