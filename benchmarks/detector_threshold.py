@@ -22,7 +22,7 @@ which cannot be told apart without labels.
 False positives: images that hold no face, from three sources, every box on them above ``t`` counted.
 
 - ``background``: a LFW, WIKI or FairFace photo outside the face sample with every face painted out (filled flat
-  with the photo's mean colour): the subject (the box :func:`choose_subject` picks, or the central 40% of the photo
+  with the photo's mean colour): the subject (the box subject rule picks, or the central 40% of the photo
   when there is none) and every other face, which here means any box of OpenCV's Haar cascade (an independent
   detector, at a sensitive setting) or any RetinaFace box scoring 0.9 or more, each grown 1.6x about its centre to
   take in hair, ears and chin. What is left is the photo's own background, clothes, hands and bodies at full
@@ -250,10 +250,9 @@ class Scanner:
     """The bundled RetinaFace as ``predict`` runs it, every box above :data:`FLOOR`; Haar to find faces to paint out."""
 
     def __init__(self, threads: int = 1) -> None:
-        from agegender.faces.detect import HaarDetector
-        from agegender.faces.retinaface import RetinaFaceDetector
+        from agegender.faces.detect import HaarDetector, RetinaFace
 
-        self.net = RetinaFaceDetector(score_threshold=FLOOR, intra_op_num_threads=threads)
+        self.net = RetinaFace(score_threshold=FLOOR, min_face_px=1, threads=threads)
         # Sensitive: small faces (20 px, 5% of the shorter side) and the alt2 fallback, to spare bystanders.
         self.haar = HaarDetector(min_face=0.05, min_face_px=20)
 
@@ -263,7 +262,7 @@ class Scanner:
 
     def faces_to_paint(self, rgb: np.ndarray) -> list[Rect]:
         """Grown boxes of the subject and of every face Haar or a sure RetinaFace box finds in a photo."""
-        from agegender.faces.retinaface import choose_subject
+        from agegender.faces.framing import subject as choose_subject
 
         h, w = rgb.shape[:2]
         found = self.net.detect(rgb)

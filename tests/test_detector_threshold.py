@@ -170,10 +170,10 @@ def test_one_default_threshold_for_the_cli_serve_and_the_library() -> None:
         args = build_parser(argv[0]).parse_args(argv)
         assert args.score_threshold == SCORE_THRESHOLD
         detector = _detector(args)  # what predict and serve run
-        assert isinstance(detector, RetinaFace) and detector.net.score_threshold == SCORE_THRESHOLD
+        assert isinstance(detector, RetinaFace) and detector.score_threshold == SCORE_THRESHOLD
     assert PredictorRecipe().score_threshold == SCORE_THRESHOLD  # predict --ray
     detector = default_detector()  # the library's Predictor and serve() without a detector
-    assert isinstance(detector, RetinaFace) and detector.net.score_threshold == SCORE_THRESHOLD
+    assert isinstance(detector, RetinaFace) and detector.score_threshold == SCORE_THRESHOLD
 
 
 def test_benchmarks_md_reports_the_default_it_chose() -> None:
