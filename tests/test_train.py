@@ -265,40 +265,38 @@ def test_evaluations_go_to_a_folder_per_data_set_and_never_overwrite(world, tmp_
 
 
 def test_two_data_folders_train_evaluate_and_match_predict_and_onnx(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A run on two --data folders evaluates from its recorded splits; the report, predict and the ONNX export
-    give the same P(male) and ages for the same faces."""
+    """A run on two --data folders evaluates from its recorded splits (no --data); the per-face predictions the
+    report wrote, predict on the checkpoint and predict on the ONNX export give the same P(male) and ages."""
     import json
 
-    from agegender.data.records import scan
     from agegender.infer.export import export
     from agegender.infer.predict import Predictor
-    from agegender.model.runtime import load_backend
-    from agegender.train.evaluate import predict_records
+    from agegender.rundir import RunDir
+    from agegender.train.report import Predictions
 
     second = tmp_path / "second"
     make_agegender_tree(second, per_folder=1, seed=9)
     run = fit(config(world, tmp_path / "run", epochs=2, data=(str(world["data"]), str(second))))
-    meta_cal = json.loads((run.out / "report" / "report.json").read_text())
-    assert meta_cal["gender"]["accuracy"] >= 0
-    assert main(["evaluate", "--model", str(run.out), "--out", str(tmp_path / "eval"), "--precision", "fp32"]) == 0
-    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert run.run == RunDir(tmp_path / "run") and run.report_md == run.run.report.md
+    trained = Predictions.load_csv(run.run.report.predictions)  # training's own report wrote its faces too
+    assert set(trained.paths) == set(_split(run.out, "test"))
+    assert main(["evaluate", "--model", str(run.out), "--precision", "fp32"]) == 0
+    evaluation = run.run.evaluation("test")
+    report = json.loads(evaluation.json.read_text())
     assert report["protocol"]["precision"].startswith("torch: trunk fp32")
     test = _split(run.out, "test")
     assert report["protocol"]["splits"]["test"]["images"] == len(test)
+    assert {str(Path(p).parents[3]) for p in test} == {str(world["data"]), str(second)}  # faces of both folders
+    reported = Predictions.load_csv(evaluation.predictions)
+    assert sorted(reported.paths) == sorted(test) and reported.age_pred is not None
+    assert report["gender"]["n"] == len(reported.paths)
     export(run.out, "onnx", tmp_path / "m.onnx")
-    records = [r for r in scan(world["data"]).records if str(r.path) in set(test)][:6]
-    got = {}
-    for name, model in (("checkpoint", run.checkpoint), ("onnx", tmp_path / "m.onnx")):
-        done, out, _ = predict_records(load_backend(model, precision="fp32"), records)
-        got[name] = out
-        assert [str(r.path) for r in done] == [str(r.path) for r in records]
-    np.testing.assert_allclose(got["onnx"].p_male, got["checkpoint"].p_male, atol=1e-4)
-    np.testing.assert_allclose(got["onnx"].age, got["checkpoint"].age, rtol=1e-4)
-    predictor = Predictor.from_path(tmp_path / "m.onnx", no_detect=True)
-    faces = [predictor.predict(r.path)[0] for r in records]
-    # predict frames a whole image as the report does (the centre square), so the numbers agree
-    np.testing.assert_allclose([f.p_male for f in faces], got["onnx"].p_male, atol=1e-5)
-    np.testing.assert_allclose([f.age for f in faces], got["onnx"].age, rtol=1e-5)
+    for model in (run.out, tmp_path / "m.onnx"):
+        # predict frames a whole image as the report does (the centre square), so the numbers agree
+        predictor = Predictor.from_path(model, no_detect=True, precision="fp32")
+        faces = [predictor.predict(p)[0] for p in reported.paths]
+        np.testing.assert_allclose([f.p_male for f in faces], reported.p_male, atol=1e-4, err_msg=str(model))
+        np.testing.assert_allclose([f.age for f in faces], reported.age_pred, rtol=1e-4, err_msg=str(model))
     assert main(["evaluate", "--model", str(tmp_path / "m.onnx"), "--data", str(second),
                  "--out", str(tmp_path / "eval-onnx")]) == 0
     assert (tmp_path / "eval-onnx" / "report.md").is_file()
