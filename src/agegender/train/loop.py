@@ -28,6 +28,7 @@ from ..distributed import World, close_world, init_world
 from ..errors import AgeGenderError
 from ..faces.framing import photo_framer
 from ..files import atomic_path, folder_lock, safe_name
+from ..model.age_head import age_head
 from ..model.backbones import DLIB_RESNET, backbone
 from ..model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from ..model.config import SEED_PREPROCESS, VGG_FACE_PREPROCESS, ModelConfig, Preprocess
@@ -197,21 +198,17 @@ class Step(nn.Module):
 
 def loss_parts(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(gender loss, age loss or None where the batch has no age or the model no age head)."""
+    """(gender loss, age loss or None where the batch has no age or the model no age head); the age head sets its
+    own targets (:mod:`agegender.model.age_head`), as it decodes its outputs."""
     i = torch.as_tensor(idx)
     gender = labels.gender[i].to(out.gender_logit.device)
     gender_loss = F.binary_cross_entropy_with_logits(out.gender_logit, gender)
     age = labels.age[i].to(out.gender_logit.device)
     known = ~torch.isnan(age)
-    if out.age_logits is None or not known.any():
+    head = age_head(model.config)
+    if out.age_logits is None or head is None or not known.any():
         return gender_loss, None
-    mc = model.config
-    a, logits = age[known], out.age_logits[known]
-    if mc.age_head == "dex":
-        target = (a.round().clamp(mc.age_min, mc.age_max) - mc.age_min).long()
-        return gender_loss, F.cross_entropy(logits, target)
-    mid, half = (mc.age_min + mc.age_max) / 2, (mc.age_max - mc.age_min) / 2
-    return gender_loss, F.smooth_l1_loss(logits.squeeze(-1), (a - mid) / half)
+    return gender_loss, head.loss(out.age_logits[known], age[known])
 
 
 def loss_fn(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet, cfg: TrainConfig) -> torch.Tensor:
