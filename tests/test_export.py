@@ -19,6 +19,7 @@ from agegender.model.checkpoint import CheckpointMeta, load_checkpoint, save_che
 from agegender.model.config import VGG_FACE_PREPROCESS, ModelConfig
 from agegender.model.dlib_resnet import Affine
 from agegender.model.net import AgeGenderNet
+from agegender.model.runtime import load_backend
 
 TINY = {"widths": (4, 8, 8, 16, 16), "hidden": (32, 32)}
 # No BatchNorm in the head: random noise hardly moves the globally pooled features of an untrained ResNet, so
@@ -137,7 +138,7 @@ def test_onnx_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], age_he
 
     run = make_run(tmp_path, age_head, block_bn)
     out = tmp_path / "model.onnx"
-    assert cli.main(["export", "--run", str(run), "--format", "onnx", "-o", str(out)]) == 0
+    assert cli.main(["export", "--model", str(run), "--format", "onnx", "-o", str(out)]) == 0
     result = json.loads(capsys.readouterr().out)  # stdout carries only the result JSON
     names = ex.output_names(ModelConfig(**TINY, age_head=age_head))
     assert result["format"] == "onnx" and result["path"] == str(out) and result["outputs"] == names
@@ -155,7 +156,7 @@ def test_onnx_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], age_he
     assert doc["export"]["outputs"] == names and doc["extra"] == EXTRA
     assert doc["export"]["age"] == (None if age_head == "none" else
                                     {"head": age_head, "unit": "years", "min": 1, "max": 70})
-    assert ex.load_onnx_meta(out) == load_checkpoint(run / "model.safetensors")[1]
+    assert load_backend(out).meta == load_checkpoint(run / "model.safetensors")[1]  # the one metadata reader
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input"]
@@ -300,7 +301,7 @@ def test_cli_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str], case
     (tmp_path / "dir.onnx").mkdir()
     run, out, message = _bad_cases(tmp_path)[case]
     before = {p for p in tmp_path.rglob("*")}
-    assert cli.main(["export", "--run", str(run), "--format", "onnx", "-o", str(out)]) == 2
+    assert cli.main(["export", "--model", str(run), "--format", "onnx", "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     # one line for the error; a progress line may stand before it when the failure comes at write time
     assert err.splitlines()[-1].startswith("agegender: error: ") and message in err.splitlines()[-1], err
@@ -308,13 +309,13 @@ def test_cli_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str], case
     assert {p for p in tmp_path.rglob("*")} == before
 
 
-def test_load_onnx_meta_rejects_other_files(tmp_path: Path) -> None:
+def test_the_onnx_reader_rejects_other_files(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"hello")
-    with pytest.raises(AgeGenderError, match="bad.onnx"):
-        ex.load_onnx_meta(bad)
-    with pytest.raises(AgeGenderError, match="no such"):
-        ex.load_onnx_meta(tmp_path / "missing.onnx")
+    with pytest.raises(AgeGenderError, match="bad.onnx: not a loadable ONNX model"):
+        load_backend(bad)
+    with pytest.raises(AgeGenderError, match="missing.onnx: no trained model here"):
+        load_backend(tmp_path / "missing.onnx")
 
 
 def test_real_faces_onnx_parity(tmp_path: Path, shared_faces: Path) -> None:

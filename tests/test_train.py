@@ -119,7 +119,7 @@ def test_cli_train_then_evaluate(world, tmp_path, capsys) -> None:  # type: igno
                  "--out", str(out),
                  "--epochs", "1", "--batch-size", "32", "--limit", "150", "--hidden", "16", "16"]) == 0
     assert (out / "report" / "report.md").is_file()
-    assert main(["evaluate", "--run", str(out)]) == 0
+    assert main(["evaluate", "--model", str(out)]) == 0
     assert (out / "eval-test" / "report.md").is_file()
     assert main(["evaluate", "--model", str(out / "model.safetensors"), "--data", str(world["data"]),
                  "--out", str(tmp_path / "ev")]) == 0

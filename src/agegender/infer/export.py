@@ -320,27 +320,6 @@ def store_weights_fp16(source: str | os.PathLike[str], output: str | os.PathLike
     return {"path": str(output), "halved": halved, "bytes_before": before, "bytes_after": Path(output).stat().st_size}
 
 
-def load_onnx_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
-    """The checkpoint metadata stored in an exported .onnx (no inference session, no torch model)."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    path = Path(path)
-    if not path.is_file():
-        raise AgeGenderError(f"{path}: no such ONNX file")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError) as e:
-        raise AgeGenderError(f"{path}: not an ONNX model ({type(e).__name__})") from None
-    props = {p.key: p.value for p in proto.metadata_props}
-    if "agegender" not in props:
-        raise AgeGenderError(f"{path}: ONNX model without agegender metadata (not exported by agegender)")
-    try:
-        return CheckpointMeta.from_json(props["agegender"])
-    except (ValueError, KeyError) as e:
-        raise AgeGenderError(f"{path}: {e}") from None
-
-
 # -- Keras --------------------------------------------------------------------------------------
 
 @contextlib.contextmanager

@@ -33,12 +33,12 @@ def bn_arrays(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> list[np.ndarray]:
 def conv_arrays(conv: nn.Conv2d, affine: nn.Module | None = None) -> list[np.ndarray]:
     """HWIO kernel and bias; a per-channel affine after the convolution (dlib's) is folded into both.
 
-    Folding is what ``DlibResNet.fold_affine`` does for fast inference: the same function up to float rounding,
-    one pass over the activations instead of three.
+    Folded, the graph computes the same function up to float rounding, with one pass over the activations
+    instead of three.
     """
     w = conv.weight.detach().double()
     b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
-    if isinstance(affine, Affine):  # not when already folded (nn.Identity)
+    if isinstance(affine, Affine):
         scale, shift = affine.scale.detach().double(), affine.shift.detach().double()
         w = w * scale.view(-1, 1, 1, 1)
         b = b * scale + shift
