@@ -208,6 +208,11 @@ def test_training_report_and_evaluate_agree_at_the_same_precision(world, tmp_pat
     for key in ("accuracy", "auc", "ece"):
         assert ev["gender"][key] == pytest.approx(run.report["gender"][key], abs=1e-9), key
     assert ev["age"]["mae"] == pytest.approx(run.report["age"]["mae"], abs=1e-6)
+    # A run written before splits were recorded evaluates too: its split is made again, as it was trained.
+    (run.out / "splits.json").unlink()
+    assert main(["evaluate", "--model", str(run.out), "--out", str(tmp_path / "old")]) == 0
+    old = json.loads((tmp_path / "old" / "report.json").read_text())
+    assert old["gender"] == ev["gender"] and old["protocol"]["splits"] == ev["protocol"]["splits"]
     assert main(["evaluate", "--model", str(run.out), "--precision", "fp32", "--out", str(tmp_path / "fp32")]) == 0
     assert json.loads((tmp_path / "fp32" / "report.json").read_text())["protocol"]["precision"].startswith(
         "torch: trunk fp32")
@@ -300,6 +305,40 @@ def test_two_data_folders_train_evaluate_and_match_predict_and_onnx(world, tmp_p
     assert main(["evaluate", "--model", str(tmp_path / "m.onnx"), "--data", str(second),
                  "--out", str(tmp_path / "eval-onnx")]) == 0
     assert (tmp_path / "eval-onnx" / "report.md").is_file()
+
+
+def test_fit_trains_on_the_features_handed_to_it(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A feature source (a benchmark's per-set extraction) replaces the run's cache: the same features give the
+    same weights, nothing is extracted; a source lacking an image leaves it to the cache; a wrong one is refused."""
+    from dataclasses import replace
+
+    from agegender.data.features import FeatureBank, FeatureSet, cached_features
+    from agegender.errors import AgeGenderError
+    from agegender.faces.framing import photo_framer
+    from agegender.train.loop import age_range, build_model, fit_splits
+
+    cfg = config(world, tmp_path / "a", epochs=2, precision="fp32", cache_dir=str(tmp_path / "cache-a"))
+    a = fit(cfg)
+    assert a.features_cached is False  # extracted by this run
+    _, splits = fit_splits(cfg)
+    records = splits.train + splits.val + splits.test
+    model, pre, sha = build_model(cfg, age_range(splits.train))
+    fs = cached_features(model, records, pre, tmp_path / "cache-a", weights_sha256=sha, frame=photo_framer(pre),
+                         progress=False)
+    bank = FeatureBank()
+    bank.add(records, fs)
+    b = fit(replace(cfg, out=str(tmp_path / "b"), cache_dir=str(tmp_path / "cache-b")), features=bank)
+    assert b.features_cached and not (tmp_path / "cache-b").exists()
+    wa, wb = load_file(str(a.out / "last.safetensors")), load_file(str(b.out / "last.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    partial = FeatureBank()
+    partial.add(records[1:], FeatureSet(fs.features[1:], fs.ok[1:]))
+    c = fit(replace(cfg, out=str(tmp_path / "c"), cache_dir=str(tmp_path / "cache-c"), epochs=1), features=partial)
+    assert c.features_cached is False and list((tmp_path / "cache-c").glob("features-*.safetensors"))
+    with pytest.raises(AgeGenderError, match="the given features have shape"):
+        fit(replace(cfg, out=str(tmp_path / "d")),
+            features=lambda recs: FeatureSet(torch.zeros(len(recs), 3), torch.ones(len(recs), dtype=torch.bool)))
+    assert not (tmp_path / "d").exists()  # nothing half-written
 
 
 def test_fit_calibrates_p_male_on_validation(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
