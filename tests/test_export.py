@@ -309,6 +309,36 @@ def test_cli_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str], case
     assert {p for p in tmp_path.rglob("*")} == before
 
 
+@pytest.mark.parametrize("bias", [20.0, -20.0])
+def test_report_predict_and_onnx_clamp_ages_alike(tmp_path: Path, bias: float) -> None:
+    """A regression head pushed far outside its trained range: the evaluation report's per-face predictions,
+    predict on the checkpoint and predict on the ONNX export all give the range's end, as decode() does."""
+    from agegender.data.synthetic import make_utkface_folder
+    from agegender.infer.predict import Predictor
+    from agegender.rundir import ReportDir
+    from agegender.train.evaluate import evaluate_model
+    from agegender.train.report import Predictions
+
+    run = make_run(tmp_path, "regression")
+    net, meta = load_checkpoint(run / "model.safetensors")
+    with torch.no_grad():
+        net.age.bias.fill_(bias)  # type: ignore[union-attr]
+    save_checkpoint(run / "model.safetensors", net, meta)
+    ex.export(run, "onnx", tmp_path / "m.onnx")
+    photos = make_utkface_folder(tmp_path / "utk", n=6, seed=2)
+    report = ReportDir(tmp_path / "eval")
+    evaluate_model(run / "model.safetensors", data=str(photos), subset="all", out=str(report.path), precision="fp32",
+                   progress=False)
+    reported = Predictions.load_csv(report.predictions)
+    end = meta.config.age_max if bias > 0 else meta.config.age_min
+    assert reported.age_pred is not None and reported.age_pred.tolist() == [end] * 6
+    for model in (run, tmp_path / "m.onnx"):
+        predictor = Predictor.from_path(model, no_detect=True, precision="fp32")
+        faces = [predictor.predict(p)[0] for p in reported.paths]
+        assert [f.age for f in faces] == [end] * 6, model
+        np.testing.assert_allclose([f.p_male for f in faces], reported.p_male, atol=1e-4, err_msg=str(model))
+
+
 def test_the_onnx_reader_rejects_other_files(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"hello")
