@@ -116,7 +116,7 @@ def evaluate_model(model: RunDir | str | os.PathLike[str] | None, data: str | Se
     ckpt = resolve_model(model.checkpoint if isinstance(model, RunDir) else model)
     run = RunDir.holding(ckpt)
     if data is None and run is None:
-        raise AgeGenderError(f"{model}: a checkpoint outside its run directory needs --data (which images to use)")
+        raise AgeGenderError(f"{ckpt}: a checkpoint outside its run directory needs --data (which images to use)")
     if subset is not None and subset not in SUBSETS:
         raise AgeGenderError(f"unknown subset {subset!r}; choose from {', '.join(SUBSETS)}")
     if batch_size < 1 or workers < 1:

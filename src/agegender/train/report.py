@@ -468,7 +468,6 @@ def write_report(report: dict[str, Any], pred: Predictions, out_dir: ReportDir |
     ``out_dir`` (its files: :class:`~agegender.rundir.ReportDir`); return report.md's path."""
     folder = out_dir if isinstance(out_dir, ReportDir) else ReportDir(Path(out_dir))
     out = folder.path
-    pred.save_csv(folder.predictions)
     g = report["gender"]
     y, p = pred.gender_true, pred.p_male
     figures = ["confusion_matrix.png"]
@@ -491,6 +490,7 @@ def write_report(report: dict[str, Any], pred: Predictions, out_dir: ReportDir |
         plot_training_curves(history, out / "training_curves.png")
         figures.append("training_curves.png")
 
+    pred.save_csv(folder.predictions)
     write_text_atomic(folder.json, json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
-    write_text_atomic(folder.md, render_markdown(report, figures) + "\n")
+    write_text_atomic(folder.md, render_markdown(report, figures) + "\n")  # last: a report.md means all is there
     return folder.md
