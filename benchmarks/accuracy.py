@@ -11,14 +11,14 @@ on the same chips (``descriptor_speed.measure``), and ``Predictor.predict_many``
 against the peer on LFW and FairFace, the two sides alternating, medians. The phase interpreter runs with
 ``OMP_WAIT_POLICY=PASSIVE`` (``phases.PHASE_ENV``), as the ``agegender`` CLI sets it before torch loads.
 
-Each set's features are extracted once, by the library's ``cached_features`` over that set, and assembled into
-the feature cache each ``fit`` looks up (whether ``fit`` found it is recorded); without that every set would be
-extracted once per training mix it is part of.
+Each set's features are extracted once, by the library's ``cached_features`` over that set, and handed to each
+``fit`` as its feature source (``fit(features=bank)``; whether the bank covered the run is recorded); without that
+every set would be extracted once per training mix it is part of. Per-photo predictions are read back from the
+``predictions.csv`` each evaluation writes beside its report.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,30 +244,6 @@ def judge(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # -- training and evaluation --------------------------------------------------------------------
-@contextlib.contextmanager
-def captured_predictions() -> Iterator[list[Any]]:
-    """The per-photo Predictions evaluation scores, caught on their way into write_report: agegender keeps only
-    the aggregate report.json (Predictions.save_npz exists, but nothing calls it)."""
-    import agegender.train.evaluate as ev
-
-    got: list[Any] = []
-    original = getattr(ev, "write_report", None)
-    if original is None:
-        log.warning("accuracy: agegender.train.evaluate.write_report is gone; no per-photo predictions")
-        yield got
-        return
-
-    def capture(report: Any, pred: Any, *args: Any, **kwargs: Any) -> Any:
-        got.append(pred)
-        return original(report, pred, *args, **kwargs)
-
-    ev.write_report = capture
-    try:
-        yield got
-    finally:
-        ev.write_report = original
-
-
 def _config(data: str | tuple[str, ...], out: Path, cache: Path) -> Any:
     from agegender.train.config import TrainConfig
 
@@ -275,70 +251,44 @@ def _config(data: str | tuple[str, ...], out: Path, cache: Path) -> Any:
                                    progress=False)
 
 
-def features_bank(sets: dict[str, PhotoSet], cache: Path) -> tuple[dict[str, tuple[Any, bool]], dict[str, Any]]:
-    """Each set's features by path, from the library's ``cached_features`` over that set alone, and its timing."""
-    from agegender.data.features import cached_features
+def features_bank(sets: dict[str, PhotoSet], cache: Path) -> tuple[Any, dict[str, Any]]:
+    """Each set's features by path (a ``FeatureBank``), from the library's ``cached_features`` over that set
+    alone, and its timing."""
+    from agegender.data.features import FeatureBank, cached_features
     from agegender.faces.detect import photo_framer
     from agegender.train.loop import build_model
 
     cfg = _config(next(iter(sets.values())).data, cache.parent / "bank", cache)
     model, pre, sha = build_model(cfg)
-    bank, timing = {}, {}
+    bank, timing = FeatureBank(), {}
     for name, ps in sets.items():
         start = time.perf_counter()
         fs = cached_features(model, ps.records, pre, cache, weights_sha256=sha, bf16=cfg.bf16, frame=photo_framer(pre),
                              batch_size=max(cfg.batch_size, 64), workers=cfg.workers, device=cfg.device, progress=False)
         timing[name] = {"images": len(ps.records), "seconds": time.perf_counter() - start, "from_cache": fs.cached}
-        bank.update({str(r.path): (fs.features[i], bool(fs.ok[i])) for i, r in enumerate(ps.records)})
+        bank.add(ps.records, fs)
     return bank, timing
 
 
-def _seed_cache(cfg: Any, bank: dict[str, tuple[Any, bool]]) -> bool:
-    """Write the feature cache ``fit(cfg)`` will look up, from the bank (an optimisation: False if it cannot)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from agegender.data.features import cache_key
-    from agegender.data.records import scan_all
-    from agegender.data.splits import make_splits
-    from agegender.faces.detect import photo_framer
-    from agegender.files import atomic_path
-    from agegender.train.loop import age_range, build_model
-
-    try:  # the record order and key as train.loop._fit computes them
-        splits = make_splits(scan_all([cfg.data] if isinstance(cfg.data, str) else list(cfg.data)), cfg.split,
-                             cfg.seed, limit=cfg.limit)
-        records = splits.train + splits.val + splits.test
-        rows = [bank.get(str(r.path)) for r in records]
-        if any(x is None for x in rows):
-            return False
-        model, pre, sha = build_model(cfg, age_range(splits.train))
-        path = Path(cfg.cache_dir) / f"features-{cache_key(model, pre, records, sha, cfg.bf16, photo_framer(pre))}.safetensors"
-        if not path.is_file():
-            with atomic_path(path) as tmp:
-                save_file({"features": torch.stack([f for f, _ in rows]),
-                           "ok": torch.tensor([ok for _, ok in rows], dtype=torch.uint8)}, str(tmp))
-        return True
-    except Exception as e:  # the run still trains; fit extracts the features itself
-        log.warning("accuracy: feature cache not seeded (%s: %s)", type(e).__name__, e)
-        return False
-
-
-def train_one(data: str | tuple[str, ...], out: Path, cache: Path, bank: dict[str, tuple[Any, bool]]
-              ) -> tuple[Any, Any, dict[str, Any]]:
-    """``fit`` with the default dlib-resnet preset: its RunResult, its test split's Predictions, and how it went."""
+def train_one(data: str | tuple[str, ...], out: Path, cache: Path, bank: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """``fit`` with the default dlib-resnet preset on the bank's features: its RunResult, its test split's
+    Predictions (from the report's predictions.csv), and how it went."""
     from agegender.train.loop import fit
+    from agegender.train.report import Predictions
 
-    cfg = _config(data, out, cache)
-    seeded = _seed_cache(cfg, bank)
-    before = set(cache.glob("features-*.safetensors"))
+    covered: list[bool] = []
+
+    def source(records: Any) -> Any:
+        fs = bank(records)
+        covered.append(fs is not None)
+        return fs
+
     start = time.perf_counter()
-    with captured_predictions() as got:
-        run = fit(cfg)
-    hit = seeded and not (set(cache.glob("features-*.safetensors")) - before)
+    run = fit(_config(data, out, cache), features=source)
     info = {"fit_seconds": time.perf_counter() - start, "train_images": run.report["protocol"]["splits"]["train"]["images"],
-            "features": "per-set extraction (cache hit)" if hit else "extracted by fit", "checkpoint": str(run.checkpoint)}
-    return run, got[-1] if got else None, info
+            "features": "per-set extraction (cache hit)" if all(covered) and covered else "extracted by fit",
+            "checkpoint": str(run.checkpoint)}
+    return run, Predictions.load_csv(run.run.report.predictions), info
 
 
 def _report_summary(rep: dict[str, Any], exact: bool) -> dict[str, Any]:
@@ -353,25 +303,26 @@ def _report_summary(rep: dict[str, Any], exact: bool) -> dict[str, Any]:
 Pending = tuple[dict[str, Any], list[dict[str, Any]], Any, bool]  # a run, its truth rows, Predictions, exact ages
 
 
-def in_domain(ps: PhotoSet, work: Path, bank: dict[str, tuple[Any, bool]]) -> Pending:
+def in_domain(ps: PhotoSet, work: Path, bank: Any) -> Pending:
     run, pred, info = train_one(ps.data, work / "runs" / f"{ps.name}-in-domain", work / "cache", bank)
     out = {"set": ps.name, **info, "test_images": run.report["gender"]["n"], "report": _report_summary(run.report, True)}
     return out, truth_rows(ps, pred.paths if pred is not None else []), pred, True
 
 
-def held_out(sets: dict[str, PhotoSet], held: str, work: Path, bank: dict[str, tuple[Any, bool]]) -> Pending:
+def held_out(sets: dict[str, PhotoSet], held: str, work: Path, bank: Any) -> Pending:
     from agegender.train.evaluate import evaluate_model
+    from agegender.train.report import Predictions
 
     others = [n for n in sets if n != held]
     out_dir = work / "runs" / f"without-{held}"
     run, _, info = train_one(tuple(sets[n].data for n in others), out_dir, work / "cache", bank)
     start = time.perf_counter()
-    with captured_predictions() as got:
-        md = evaluate_model(run.checkpoint, data=sets[held].data, subset="all", out=str(out_dir / f"eval-{held}"))
-    rep = json.loads((Path(md).parent / "report.json").read_text())
+    evaluation = run.run.evaluation(held)
+    evaluate_model(run.run, data=sets[held].data, subset="all", out=str(evaluation.path))
+    rep = json.loads(evaluation.json.read_text())
     out = {"trained_on": others, **info, "eval_seconds": time.perf_counter() - start,
            "report": _report_summary(rep, held in EXACT_AGES)}
-    return out, truth_rows(sets[held]), got[-1] if got else None, held in EXACT_AGES
+    return out, truth_rows(sets[held]), Predictions.load_csv(evaluation.predictions), held in EXACT_AGES
 
 
 def scored(pending: Pending, found: dict[str, bool], peer: dict[str, Any]) -> dict[str, Any]:

@@ -1,10 +1,10 @@
 """Face descriptors per second: dlib's own batched compute_face_descriptor against the PyTorch port.
 
 Both run on the same 150x150 chips, interleaved repeat by repeat so that load from other processes on a
-shared machine hits both alike; medians are reported. The port runs batched, with the affine layers
-folded into the convolutions, in channels_last, and under bf16 autocast where oneDNN has fast bf16 on this
-CPU (fp32 otherwise; fp32 is timed too), on all of torch's threads and on one, as dlib uses one.
-Timings include turning uint8 chips into the network's input.
+shared machine hits both alike; medians are reported. The port runs as ``predict`` runs its trunk: the
+backbone's own preprocessing, then ``feature_extractor`` in its inference form (channels_last; bf16 weights
+where oneDNN has fast bf16 on this CPU, fp32 otherwise; fp32 is timed too), batched, on all of torch's threads
+and on one, as dlib uses one. Timings include turning uint8 chips into the network's input.
 
     python benchmarks/descriptor_speed.py [--count 64] [--repeats 5]
 
@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agegender.model.dlib_resnet import DlibResNet, normalize_chips
-from agegender.weights.dlib_dat import read_dlib_resnet
+from agegender.model.config import Preprocess
 
 
 def _model_file(name: str) -> Path:
@@ -44,14 +43,29 @@ def bf16_is_fast() -> bool:
         return False
 
 
-def _torch_runner(model: DlibResNet, chips: np.ndarray, bf16: bool, threads: int,
-                  batch: int) -> Callable[[], np.ndarray]:
+def product_descriptor(dat: Path, bf16: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], Preprocess]:
+    """dlib's descriptor from ``dat`` as the product computes a trunk's features: ``build_model`` with the
+    descriptor as the feature layer, then ``feature_extractor`` in its inference-only form (as ``predict``'s
+    backend holds it), and the backbone's preprocessing."""
+    from agegender.model.net import feature_extractor
+    from agegender.train.config import TrainConfig
+    from agegender.train.loop import build_model
+
+    cfg = TrainConfig.from_preset("default", data="", backbone="dlib-resnet", weights=str(dat),
+                                  feature_layer="descriptor", age_head="none", hidden=(8,), progress=False)
+    model, pre, _ = build_model(cfg)
+    return feature_extractor(model.eval(), bf16, "cpu", in_place=True), pre
+
+
+def _torch_runner(dat: Path, chips: np.ndarray, bf16: bool, threads: int, batch: int) -> Callable[[], np.ndarray]:
+    features, pre = product_descriptor(dat, bf16)
+
     def run() -> np.ndarray:
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = [model(normalize_chips(chips[i:i + batch], torch.channels_last)).float()
+            with torch.inference_mode():
+                out = [features(pre.normalize(torch.from_numpy(chips[i:i + batch]))).float()
                        for i in range(0, len(chips), batch)]
         finally:
             torch.set_num_threads(before)
@@ -73,8 +87,6 @@ def measure(chips: np.ndarray, repeats: int = 5, batch: int = 64) -> dict[str, f
     dat = _model_file("dlib_face_recognition_resnet_model_v1.dat")
     dlib_net = dlib.face_recognition_model_v1(str(dat))
     chip_list = list(np.ascontiguousarray(chips))
-    model = DlibResNet.from_canonical(read_dlib_resnet(dat)).eval().fold_affine()
-    model = model.to(memory_format=torch.channels_last)
     bf16 = bf16_is_fast()
     all_threads = torch.get_num_threads()
     runners: dict[str, Callable[[], np.ndarray]] = {
@@ -82,7 +94,7 @@ def measure(chips: np.ndarray, repeats: int = 5, batch: int = 64) -> dict[str, f
     }
     for precision in ("bf16", "fp32") if bf16 else ("fp32",):
         for threads in sorted({all_threads, 1}, reverse=True):
-            runners[f"torch_{precision}_{threads}t"] = _torch_runner(model, chips, precision == "bf16", threads, batch)
+            runners[f"torch_{precision}_{threads}t"] = _torch_runner(dat, chips, precision == "bf16", threads, batch)
     outputs = {name: run() for name, run in runners.items()}  # warm-up: oneDNN builds its kernels here
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):  # interleaved, so a burst of load elsewhere hits every contender alike

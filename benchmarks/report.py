@@ -444,9 +444,9 @@ def _accuracy_intro(a: dict[str, Any]) -> list[str]:
         "detector found none (ours: RetinaFace as evaluation runs it, 20 px floor). FairFace labels age groups only: "
         "'age group hit' is the share of predicted ages (rounded) inside the labelled group; its age MAE is not "
         "given. LFW has no ages.", "",
-        f"Features: each set's were {how} and assembled into the cache "
-        f"each training run reads ({sum(h == 'per-set extraction (cache hit)' for h in hits)} of {len(hits)} runs "
-        f"found it). The accuracy part took {a['accuracy_minutes']:.1f} min, the whole phase "
+        f"Features: each set's were {how} and handed to each training run as its feature source "
+        f"({sum(h == 'per-set extraction (cache hit)' for h in hits)} of {len(hits)} runs "
+        f"found every image there). The accuracy part took {a['accuracy_minutes']:.1f} min, the whole phase "
         f"{a['wall_minutes']:.1f} min (1-minute load average at its start: "
         f"{fmt_load((a.get('load_average_start') or [])[:1])}). The phase's interpreter ran with "
         f"OMP_WAIT_POLICY={a['omp_wait_policy']} (benchmarks.phases.PHASE_ENV sets PASSIVE before torch loads, "

@@ -31,10 +31,9 @@ def train_config(ctx: dict[str, Any], **overrides: Any) -> Any:
 
 def fit_records(cfg: Any) -> tuple[list[Any], int, int]:
     """The records in the order ``train.fit`` uses (train + val + test), and the train and val counts."""
-    from agegender.data.records import scan
-    from agegender.data.splits import make_splits
+    from agegender.train.loop import fit_splits
 
-    splits = make_splits(scan(cfg.data), cfg.split, cfg.seed, limit=cfg.limit)
+    _, splits = fit_splits(cfg)
     return splits.train + splits.val + splits.test, len(splits.train), len(splits.val)
 
 
@@ -74,25 +73,20 @@ def _checkpoint_seconds(written: list[Path], folder: Path) -> float:
 def phase_train(ctx: dict[str, Any]) -> dict[str, Any]:
     """Figures 3 and 6: real `train.fit` epochs (``fit_epochs`` of them, at the library's defaults) on the cache
     the extract phase left."""
-    from agegender.data.features import cache_key
-    from agegender.train.loop import build_model, fit, train_threads
+    from agegender.train.loop import fit, train_threads
 
     cfg = train_config(ctx, epochs=ctx["sizes"]["fit_epochs"])
     shutil.rmtree(cfg.out, ignore_errors=True)
-    model, pre, sha = build_model(cfg)
-    records, n_train, n_val = fit_records(cfg)
-    key = cache_key(model, pre, records, sha, cfg.bf16)
-    cache_hit = (Path(cfg.cache_dir) / f"features-{key}.safetensors").is_file()
-    del model
+    _, n_train, n_val = fit_records(cfg)
     load = load1()
     start = time.perf_counter()
     result = fit(cfg)
     wall = time.perf_counter() - start
     # fit writes these three files after every epoch; copying them once prices that per-epoch cost.
-    written = [result.out / name for name in ("model.safetensors", "last.safetensors", "train_state.pt")]
+    written = [result.run.checkpoint, result.run.last, result.run.train_state]
     checkpoint_s = _checkpoint_seconds(written, result.out)
     epochs = spread([row["seconds"] for row in result.history], [load, load1()])
-    return {"cache_hit": cache_hit, "epoch_seconds": epochs["median"], "epochs": epochs,
+    return {"cache_hit": bool(result.features_cached), "epoch_seconds": epochs["median"], "epochs": epochs,
             "epochs_measured": len(result.history), "fit_wall_seconds": wall,
             "checkpoint_seconds": checkpoint_s, "checkpoint_mb": sum(f.stat().st_size for f in written) / 1e6,
             "train_images": n_train, "val_images": n_val, "history": result.history,

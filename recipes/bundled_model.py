@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from agegender.rundir import RunDir
+
 REPO = Path(__file__).resolve().parent.parent
 SETS = ("utkface", "utkface_rest", "lfw", "wiki", "fairface")
 EXACT_AGES = ("utkface", "utkface_rest", "wiki")  # FairFace labels age groups, LFW none
@@ -46,7 +48,7 @@ def train(faces: Path, work: Path, alignment: str = "landmarks5") -> Path:
     from agegender.train.loop import fit
 
     run = work / "run"
-    if (run / "model.safetensors").is_file() and (run / "report" / "report.json").is_file():
+    if RunDir(run).checkpoint.is_file() and RunDir(run).report.json.is_file():
         log.info("reusing the trained run in %s", run)
         return run
     shutil.rmtree(run, ignore_errors=True)
@@ -95,7 +97,7 @@ def quantize(fp32: Path, run: Path, work: Path, photos: int = 256) -> Path:
     meta = OnnxBackend(fp32).meta
     pre = meta.preprocess
     frame = photo_framer(pre)
-    train = json.loads((run / "splits.json").read_text())["train"]
+    train = json.loads(RunDir(run).splits.read_text())["train"]
     chosen = train[:: max(1, len(train) // photos)][:photos]
     chips = [c for c in (load_rgb(p, pre.size, None, frame) for p in chosen) if c is not None]
     x = pre.normalize_numpy(np.stack(chips))
@@ -149,7 +151,7 @@ def held_out(faces: Path, run: Path) -> list[Any]:
     from agegender.data.records import scan_all
 
     records = {str(r.path): r for r in scan_all([str(faces / s) for s in SETS]).records}
-    return [records[p] for p in json.loads((run / "splits.json").read_text())["test"]]
+    return [records[p] for p in json.loads(RunDir(run).splits.read_text())["test"]]
 
 
 def ours(model: Path, records: list[Any]) -> dict[str, dict[str, Any]]:
@@ -291,9 +293,9 @@ def heads(run: Path, work: Path) -> Path:
 
     from agegender.model.checkpoint import read_meta
 
-    meta = read_meta(run / "model.safetensors")
+    meta = read_meta(RunDir(run).checkpoint)
     meta.extra["name"] = NAME
-    state = {k: v for k, v in load_file(str(run / "model.safetensors")).items() if not k.startswith("trunk.")}
+    state = {k: v for k, v in load_file(str(RunDir(run).checkpoint)).items() if not k.startswith("trunk.")}
     out = work / f"{NAME}.heads.safetensors"
     save_file(state, str(out), metadata={"agegender": meta.to_json()})
     return out
@@ -365,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     card: dict[str, Any] = {
         "name": NAME, "alignment": a.alignment, "weights": chosen_name, "variants": variants,
         "fp16_vs_fp32": variants["fp16"]["vs_fp32"],
-        "train": json.loads((run / "report" / "report.json").read_text())["protocol"],
+        "train": json.loads(RunDir(run).report.json.read_text())["protocol"],
         "calibration_val": _calibration(run),
         "ours": scores[chosen_name], "extras": extras(rows, preds[chosen_name], temperature),
     }
@@ -505,7 +507,7 @@ def render_card(card: dict[str, Any]) -> str:
 def _calibration(run: Path) -> dict[str, Any]:
     from agegender.model.checkpoint import read_meta
 
-    return dict(read_meta(run / "model.safetensors").extra.get("calibration", {}))
+    return dict(read_meta(RunDir(run).checkpoint).extra.get("calibration", {}))
 
 
 def _temperature(run: Path) -> float:

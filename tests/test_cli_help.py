@@ -65,14 +65,25 @@ def test_training_defaults_to_dlib_resnet_and_shows_each_backbones_defaults(caps
     assert "(default: 4096 4096)" not in text  # the old one-size-fits-all claim
 
 
-def test_old_names_still_work() -> None:
-    assert build_parser("train").parse_args(["train", "--data", "x", "--init", "vgg-face"]).init == "vgg-face"
-    assert build_parser("demo").parse_args(["demo", "--workdir", "w"]).out == "w"
+@pytest.mark.parametrize("argv", [["train", "--data", "x", "--init", "vgg-face"], ["train", "--data", "x", "--bf16"],
+                                  ["demo", "--workdir", "w"], ["reproduce", "--workdir", "w"],
+                                  ["convert", "a.t7", "-o", "b", "--format", "t7"], ["evaluate", "--run", "r"],
+                                  ["export", "--run", "r", "--format", "onnx", "-o", "m.onnx"]])
+def test_old_names_are_gone(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        build_parser(argv[0]).parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and ("unrecognized arguments" in err or "invalid choice: 'vgg-face'" in err), err
+
+
+def test_the_names_that_replaced_them() -> None:
+    assert build_parser("demo").parse_args(["demo", "--out", "w"]).out == "w"
     assert build_parser("demo").parse_args(["demo"]).out == "demo"
-    assert build_parser("reproduce").parse_args(["reproduce", "--workdir", "w"]).out == "w"
-    assert build_parser("convert").parse_args(["convert", "a.t7", "-o", "b", "--format", "t7"]).input_format == "t7"
+    assert build_parser("reproduce").parse_args(["reproduce", "--out", "w"]).out == "w"
+    assert build_parser("convert").parse_args(["convert", "a.t7", "-o", "b", "--input-format", "t7"]).input_format == "t7"
     assert build_parser("convert").parse_args(["convert", "a.t7", "-o", "b"]).input_format == "auto"
-    assert build_parser("evaluate").parse_args(["evaluate", "--run", "r"]).model == "r"
+    assert build_parser("evaluate").parse_args(["evaluate", "--model", "r"]).model == "r"
+    assert build_parser("train").parse_args(["train", "--data", "x", "--precision", "bf16"]).precision == "bf16"
 
 
 def test_precision_and_device_wherever_a_network_runs() -> None:

@@ -366,5 +366,5 @@ def test_explicit_format_overrides_suffix(tmp_path: Path, capsys: pytest.Capture
                                           params: dict[str, np.ndarray]) -> None:
     src, out = tmp_path / "weights.bin", tmp_path / "w.safetensors"
     write_t7(src, vgg_face_model(params))
-    assert convert(capsys, src, "-o", out, "--format", "t7")[0] == 0
-    assert convert(capsys, src, "-o", out, "--format", "pt")[0] == 2
+    assert convert(capsys, src, "-o", out, "--input-format", "t7")[0] == 0
+    assert convert(capsys, src, "-o", out, "--input-format", "pt")[0] == 2

@@ -46,6 +46,28 @@ def test_temperature_scales_the_logit_and_regression_is_clamped() -> None:
     assert output_names(ModelConfig(**TINY, age_head="none")) == ["p_male"]
 
 
+@pytest.mark.parametrize("kind", ["dex", "regression"])
+def test_the_age_head_decodes_its_own_targets_back_to_the_ages(kind: str) -> None:
+    """Encoding (training's targets) and decoding (every consumer's ages) live in one object and invert each
+    other over the trained range; ages outside it train towards the range's ends and decode clamped."""
+    from agegender.model.age_head import age_head
+    from agegender.model.net import AgeGenderNet
+
+    cfg = ModelConfig(**TINY, age_head=kind, age_min=1, age_max=90)
+    head = age_head(cfg)
+    assert head is not None and head.name == kind and AgeGenderNet(cfg).age.out_features == head.width  # type: ignore[union-attr]
+    ages = torch.tensor([1.0, 7.0, 34.0, 90.0, 120.0, -3.0])
+    targets = head.targets(ages)
+    # The outputs that minimise the loss: the regression target itself; DEX's class, made certain.
+    logits = targets[:, None] if kind == "regression" else torch.nn.functional.one_hot(targets, head.width) * 60.0
+    decoded = decode(cfg, torch.zeros(len(ages)), logits.float())
+    assert output_names(cfg) == ["p_male", *head.outputs]
+    torch.testing.assert_close(decoded[1], ages.clamp(1, 90), rtol=0, atol=1e-4)
+    assert float(head.loss(logits.float(), ages)) < 1e-3
+    assert float(head.loss(logits.float(), ages + 10)) > float(head.loss(logits.float(), ages))
+    assert age_head(ModelConfig(**TINY, age_head="none")) is None
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, 50.0, float("nan"), "2"])
 def test_temperature_is_checked(bad: object) -> None:
     from agegender.errors import AgeGenderError

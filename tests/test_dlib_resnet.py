@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agegender.errors import AgeGenderError
-from agegender.model.dlib_resnet import INPUT_MEAN_RGB, DlibResNet, normalize_chips
+from agegender.model.config import DLIB_PREPROCESS
+from agegender.model.dlib_resnet import INPUT_MEAN_RGB, DlibResNet
 from agegender.weights.dlib_dat import DLIB_DESCRIPTOR_DIM, DLIB_WIDTHS, load_dlib_resnet, parse_dlib_resnet
 from agegender.weights.dlib_serial import DlibStream
 from dlib_net_writer import (
@@ -213,7 +214,6 @@ def test_batch_channels_last_and_bf16(tiny: tuple[bytes, dict[str, np.ndarray]])
             low = model(x.contiguous(memory_format=torch.channels_last))
         assert low.dtype == torch.bfloat16
         assert (low.float() - descriptor).abs().max() < 0.05 * descriptor.abs().max()
-        torch.testing.assert_close(model.fold_affine()(x), descriptor, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -230,6 +230,11 @@ def _dlib_descriptors(dat: Path, chips: np.ndarray) -> np.ndarray:
     dlib = pytest.importorskip("dlib")
     net = dlib.face_recognition_model_v1(str(dat))
     return np.array([np.array(d) for d in net.compute_face_descriptor(list(chips))], np.float32)
+
+
+def _normalize(chips: np.ndarray) -> torch.Tensor:
+    """Chips as every product path feeds them to the network: the backbone's own preprocessing."""
+    return DLIB_PREPROCESS.normalize(torch.from_numpy(chips))
 
 
 def _random_chips(n: int, seed: int) -> np.ndarray:
@@ -251,7 +256,7 @@ def test_tiny_fixture_matches_dlib(tmp_path: Path, tiny: tuple[bytes, dict[str, 
     chips = _random_chips(4, seed=5)
     want = _dlib_descriptors(dat, chips)
     with torch.no_grad():
-        got = DlibResNet.from_canonical(load_dlib_resnet(dat).state).eval()(normalize_chips(chips)).numpy()
+        got = DlibResNet.from_canonical(load_dlib_resnet(dat).state).eval()(_normalize(chips)).numpy()
     assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
 
 
@@ -295,7 +300,7 @@ def _compare_with_dlib(release: tuple[Path, DlibResNet], chips: np.ndarray, sing
     dat, model = release
     want = _dlib_descriptors(dat, chips)
     with torch.no_grad():
-        x = normalize_chips(chips)
+        x = _normalize(chips)
         got = model(x).numpy()
         if singles:
             one_by_one = np.concatenate([model(x[i:i + 1]).numpy() for i in range(len(x))])

@@ -138,7 +138,7 @@ def test_onnx_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], age_he
 
     run = make_run(tmp_path, age_head, block_bn)
     out = tmp_path / "model.onnx"
-    assert cli.main(["export", "--run", str(run), "--format", "onnx", "-o", str(out)]) == 0
+    assert cli.main(["export", "--model", str(run), "--format", "onnx", "-o", str(out)]) == 0
     result = json.loads(capsys.readouterr().out)  # stdout carries only the result JSON
     names = ex.output_names(ModelConfig(**TINY, age_head=age_head))
     assert result["format"] == "onnx" and result["path"] == str(out) and result["outputs"] == names
@@ -301,12 +301,42 @@ def test_cli_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str], case
     (tmp_path / "dir.onnx").mkdir()
     run, out, message = _bad_cases(tmp_path)[case]
     before = {p for p in tmp_path.rglob("*")}
-    assert cli.main(["export", "--run", str(run), "--format", "onnx", "-o", str(out)]) == 2
+    assert cli.main(["export", "--model", str(run), "--format", "onnx", "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     # one line for the error; a progress line may stand before it when the failure comes at write time
     assert err.splitlines()[-1].startswith("agegender: error: ") and message in err.splitlines()[-1], err
     assert "Traceback" not in err and len(err.splitlines()) <= 2
     assert {p for p in tmp_path.rglob("*")} == before
+
+
+@pytest.mark.parametrize("bias", [20.0, -20.0])
+def test_report_predict_and_onnx_clamp_ages_alike(tmp_path: Path, bias: float) -> None:
+    """A regression head pushed far outside its trained range: the evaluation report's per-face predictions,
+    predict on the checkpoint and predict on the ONNX export all give the range's end, as decode() does."""
+    from agegender.data.synthetic import make_utkface_folder
+    from agegender.infer.predict import Predictor
+    from agegender.rundir import ReportDir
+    from agegender.train.evaluate import evaluate_model
+    from agegender.train.report import Predictions
+
+    run = make_run(tmp_path, "regression")
+    net, meta = load_checkpoint(run / "model.safetensors")
+    with torch.no_grad():
+        net.age.bias.fill_(bias)  # type: ignore[union-attr]
+    save_checkpoint(run / "model.safetensors", net, meta)
+    ex.export(run, "onnx", tmp_path / "m.onnx")
+    photos = make_utkface_folder(tmp_path / "utk", n=6, seed=2)
+    report = ReportDir(tmp_path / "eval")
+    evaluate_model(run / "model.safetensors", data=str(photos), subset="all", out=str(report.path), precision="fp32",
+                   progress=False)
+    reported = Predictions.load_csv(report.predictions)
+    end = meta.config.age_max if bias > 0 else meta.config.age_min
+    assert reported.age_pred is not None and reported.age_pred.tolist() == [end] * 6
+    for model in (run, tmp_path / "m.onnx"):
+        predictor = Predictor.from_path(model, no_detect=True, precision="fp32")
+        faces = [predictor.predict(p)[0] for p in reported.paths]
+        assert [f.age for f in faces] == [end] * 6, model
+        np.testing.assert_allclose([f.p_male for f in faces], reported.p_male, atol=1e-4, err_msg=str(model))
 
 
 def test_onnx_metadata_reader_rejects_other_files(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ def test_reproduce_converts_a_t7_trains_evaluates_and_exports(tmp_path: Path, ca
     make_agegender_tree(tmp_path / "data", per_folder=1, seed=2)
     write_vgg_face_t7(tmp_path / "VGG_FACE.t7", widths=(8, 16, 16, 32, 32), fc=16, classes=4)
     work = tmp_path / "work"
-    assert main(["reproduce", "--backbone", "vgg-face", "--workdir", str(work), "--data", str(tmp_path / "data"),
+    assert main(["reproduce", "--backbone", "vgg-face", "--out", str(work), "--data", str(tmp_path / "data"),
                  "--weights", str(tmp_path / "VGG_FACE.t7"), "--epochs", "2", "--batch-size", "32",
                  "--hidden", "16", "16"]) == 0
     assert f"report: {work / 'run' / 'report' / 'report.md'}" in capsys.readouterr().out
@@ -28,9 +28,9 @@ def test_reproduce_converts_a_t7_trains_evaluates_and_exports(tmp_path: Path, ca
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     run = tmp_path / "demo" / "run"
     assert (run / "report" / "report.md").is_file() and (run / "training_curves.png").is_file()
     assert (tmp_path / "demo" / "export" / "model.onnx").is_file()
-    assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 2  # never over an earlier run silently
-    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--force"]) == 0  # reuses the generated data
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2  # never over an earlier run silently
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--force"]) == 0  # reuses the generated data

@@ -80,10 +80,13 @@ def test_write_report_files(tmp_path):
     md = write_report(r, pred, tmp_path / "eval", history=HISTORY)
     out = tmp_path / "eval"
     assert md == out / "report.md"
-    expected = {"report.json", "report.md", "confusion_matrix.png", "roc.png", "calibration.png",
+    expected = {"report.json", "report.md", "predictions.csv", "confusion_matrix.png", "roc.png", "calibration.png",
                 "age_scatter.png", "training_curves.png"}
     assert {p.name for p in out.iterdir()} == expected  # no temp files left
-    for name in expected - {"report.json", "report.md"}:
+    back = Predictions.load_csv(out / "predictions.csv")  # the faces the report was computed from
+    assert back.paths == pred.paths
+    np.testing.assert_array_equal(back.p_male, pred.p_male)
+    for name in expected - {"report.json", "report.md", "predictions.csv"}:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
 
     def no_nan(token):
@@ -126,6 +129,38 @@ def test_predictions_npz_roundtrip(tmp_path):
     for name in ("gender_true", "p_male", "age_true", "age_pred", "race"):
         np.testing.assert_array_equal(getattr(back, name), getattr(pred, name))
     assert [p.name for p in tmp_path.iterdir()] == ["pred.npz"]
+
+
+def test_predictions_csv_roundtrip_is_exact(tmp_path):
+    """Floats come back bit for bit; paths with commas, quotes, newlines or undecodable bytes come back as they
+    were; age groups (open-ended included) and unknown ages survive; columns a model lacks are left out."""
+    pred = _predictions(n=30)
+    pred.paths[:4] = ["a,b.jpg", 'say "hi".jpg', "two\nlines.jpg", "caf\udce9.png"]
+    pred.age_low = np.full(30, np.nan)
+    pred.age_high = np.full(30, np.nan)
+    pred.age_low[5:7], pred.age_high[5:7] = [20, 70], [29, np.inf]
+    path = pred.save_csv(tmp_path / "pred.csv")
+    back = Predictions.load_csv(path)
+    assert back.paths == pred.paths
+    for name in ("gender_true", "p_male", "age_true", "age_pred", "age_low", "age_high", "race"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(pred, name), err_msg=name)
+    assert [p.name for p in tmp_path.iterdir()] == ["pred.csv"]
+    plain = Predictions(gender_true=[0, 1], p_male=[0.25, 1 / 3], paths=["x.jpg", "y.jpg"])
+    assert plain.save_csv(tmp_path / "plain.csv").read_text().splitlines()[0] == "path,gender_true,p_male"
+    again = Predictions.load_csv(tmp_path / "plain.csv")
+    assert again.age_pred is None and again.race is None and again.p_male.tolist() == [0.25, 1 / 3]
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("", "not a predictions file"), ("path,p_male\nx,0.5\n", "not a predictions file"),
+    ("path,gender_true,p_male,colour\nx,1,0.5,red\n", "not a predictions file"),
+    ("path,gender_true,p_male\nx,1\n", "not a predictions file"), ("path,gender_true,p_male\nx,1,high\n", "could not convert"),
+    ("path,gender_true,p_male\nx,1,1.5\n", "p_male")])
+def test_a_damaged_predictions_csv_is_one_line_naming_it(tmp_path, text, why):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(text)
+    with pytest.raises(AgeGenderError, match=f"bad.csv: .*{why}"):
+        Predictions.load_csv(bad)
 
 
 def test_predictions_validation(tmp_path):

@@ -24,6 +24,7 @@ from agegender.data.synthetic import make_agegender_tree, make_vgg_face_state, s
 from agegender.errors import AgeGenderError
 from agegender.files import folder_lock
 from agegender.model.checkpoint import load_checkpoint
+from agegender.rundir import RunDir
 from agegender.train import loop
 from agegender.train.config import TrainConfig
 from agegender.train.loop import _restore, fit, make_optimizer
@@ -64,7 +65,7 @@ def _resume(out: Path) -> None:
     model, _ = load_checkpoint(out / "model.safetensors")
     cfg = TrainConfig(**{**json.loads((out / "config.json").read_text()), "progress": False})  # type: ignore[arg-type]
     model.train()
-    _restore(out, model, make_optimizer(model, cfg))
+    _restore(RunDir(out), model, make_optimizer(model, cfg))
 
 
 def _state(out: Path) -> dict[str, object]:

@@ -119,7 +119,7 @@ def test_cli_train_then_evaluate(world, tmp_path, capsys) -> None:  # type: igno
                  "--out", str(out),
                  "--epochs", "1", "--batch-size", "32", "--limit", "150", "--hidden", "16", "16"]) == 0
     assert (out / "report" / "report.md").is_file()
-    assert main(["evaluate", "--run", str(out)]) == 0
+    assert main(["evaluate", "--model", str(out)]) == 0
     assert (out / "eval-test" / "report.md").is_file()
     assert main(["evaluate", "--model", str(out / "model.safetensors"), "--data", str(world["data"]),
                  "--out", str(tmp_path / "ev")]) == 0
@@ -208,6 +208,11 @@ def test_training_report_and_evaluate_agree_at_the_same_precision(world, tmp_pat
     for key in ("accuracy", "auc", "ece"):
         assert ev["gender"][key] == pytest.approx(run.report["gender"][key], abs=1e-9), key
     assert ev["age"]["mae"] == pytest.approx(run.report["age"]["mae"], abs=1e-6)
+    # A run written before splits were recorded evaluates too: its split is made again, as it was trained.
+    (run.out / "splits.json").unlink()
+    assert main(["evaluate", "--model", str(run.out), "--out", str(tmp_path / "old")]) == 0
+    old = json.loads((tmp_path / "old" / "report.json").read_text())
+    assert old["gender"] == ev["gender"] and old["protocol"]["splits"] == ev["protocol"]["splits"]
     assert main(["evaluate", "--model", str(run.out), "--precision", "fp32", "--out", str(tmp_path / "fp32")]) == 0
     assert json.loads((tmp_path / "fp32" / "report.json").read_text())["protocol"]["precision"].startswith(
         "torch: trunk fp32")
@@ -265,43 +270,75 @@ def test_evaluations_go_to_a_folder_per_data_set_and_never_overwrite(world, tmp_
 
 
 def test_two_data_folders_train_evaluate_and_match_predict_and_onnx(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A run on two --data folders evaluates from its recorded splits; the report, predict and the ONNX export
-    give the same P(male) and ages for the same faces."""
+    """A run on two --data folders evaluates from its recorded splits (no --data); the per-face predictions the
+    report wrote, predict on the checkpoint and predict on the ONNX export give the same P(male) and ages."""
     import json
 
-    from agegender.data.records import scan
     from agegender.infer.export import export
     from agegender.infer.predict import Predictor
-    from agegender.model.runtime import load_backend
-    from agegender.train.evaluate import predict_records
+    from agegender.rundir import RunDir
+    from agegender.train.report import Predictions
 
     second = tmp_path / "second"
     make_agegender_tree(second, per_folder=1, seed=9)
     run = fit(config(world, tmp_path / "run", epochs=2, data=(str(world["data"]), str(second))))
-    meta_cal = json.loads((run.out / "report" / "report.json").read_text())
-    assert meta_cal["gender"]["accuracy"] >= 0
-    assert main(["evaluate", "--model", str(run.out), "--out", str(tmp_path / "eval"), "--precision", "fp32"]) == 0
-    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert run.run == RunDir(tmp_path / "run") and run.report_md == run.run.report.md
+    trained = Predictions.load_csv(run.run.report.predictions)  # training's own report wrote its faces too
+    assert set(trained.paths) == set(_split(run.out, "test"))
+    assert main(["evaluate", "--model", str(run.out), "--precision", "fp32"]) == 0
+    evaluation = run.run.evaluation("test")
+    report = json.loads(evaluation.json.read_text())
     assert report["protocol"]["precision"].startswith("torch: trunk fp32")
     test = _split(run.out, "test")
     assert report["protocol"]["splits"]["test"]["images"] == len(test)
+    assert {str(Path(p).parents[3]) for p in test} == {str(world["data"]), str(second)}  # faces of both folders
+    reported = Predictions.load_csv(evaluation.predictions)
+    assert sorted(reported.paths) == sorted(test) and reported.age_pred is not None
+    assert report["gender"]["n"] == len(reported.paths)
     export(run.out, "onnx", tmp_path / "m.onnx")
-    records = [r for r in scan(world["data"]).records if str(r.path) in set(test)][:6]
-    got = {}
-    for name, model in (("checkpoint", run.checkpoint), ("onnx", tmp_path / "m.onnx")):
-        done, out, _ = predict_records(load_backend(model, precision="fp32"), records)
-        got[name] = out
-        assert [str(r.path) for r in done] == [str(r.path) for r in records]
-    np.testing.assert_allclose(got["onnx"].p_male, got["checkpoint"].p_male, atol=1e-4)
-    np.testing.assert_allclose(got["onnx"].age, got["checkpoint"].age, rtol=1e-4)
-    predictor = Predictor.from_path(tmp_path / "m.onnx", no_detect=True)
-    faces = [predictor.predict(r.path)[0] for r in records]
-    # predict frames a whole image as the report does (the centre square), so the numbers agree
-    np.testing.assert_allclose([f.p_male for f in faces], got["onnx"].p_male, atol=1e-5)
-    np.testing.assert_allclose([f.age for f in faces], got["onnx"].age, rtol=1e-5)
+    for model in (run.out, tmp_path / "m.onnx"):
+        # predict frames a whole image as the report does (the centre square), so the numbers agree
+        predictor = Predictor.from_path(model, no_detect=True, precision="fp32")
+        faces = [predictor.predict(p)[0] for p in reported.paths]
+        np.testing.assert_allclose([f.p_male for f in faces], reported.p_male, atol=1e-4, err_msg=str(model))
+        np.testing.assert_allclose([f.age for f in faces], reported.age_pred, rtol=1e-4, err_msg=str(model))
     assert main(["evaluate", "--model", str(tmp_path / "m.onnx"), "--data", str(second),
                  "--out", str(tmp_path / "eval-onnx")]) == 0
     assert (tmp_path / "eval-onnx" / "report.md").is_file()
+
+
+def test_fit_trains_on_the_features_handed_to_it(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A feature source (a benchmark's per-set extraction) replaces the run's cache: the same features give the
+    same weights, nothing is extracted; a source lacking an image leaves it to the cache; a wrong one is refused."""
+    from dataclasses import replace
+
+    from agegender.data.features import FeatureBank, FeatureSet, cached_features
+    from agegender.errors import AgeGenderError
+    from agegender.faces.detect import photo_framer
+    from agegender.train.loop import age_range, build_model, fit_splits
+
+    cfg = config(world, tmp_path / "a", epochs=2, precision="fp32", cache_dir=str(tmp_path / "cache-a"))
+    a = fit(cfg)
+    assert a.features_cached is False  # extracted by this run
+    _, splits = fit_splits(cfg)
+    records = splits.train + splits.val + splits.test
+    model, pre, sha = build_model(cfg, age_range(splits.train))
+    fs = cached_features(model, records, pre, tmp_path / "cache-a", weights_sha256=sha, frame=photo_framer(pre),
+                         progress=False)
+    bank = FeatureBank()
+    bank.add(records, fs)
+    b = fit(replace(cfg, out=str(tmp_path / "b"), cache_dir=str(tmp_path / "cache-b")), features=bank)
+    assert b.features_cached and not (tmp_path / "cache-b").exists()
+    wa, wb = load_file(str(a.out / "last.safetensors")), load_file(str(b.out / "last.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    partial = FeatureBank()
+    partial.add(records[1:], FeatureSet(fs.features[1:], fs.ok[1:]))
+    c = fit(replace(cfg, out=str(tmp_path / "c"), cache_dir=str(tmp_path / "cache-c"), epochs=1), features=partial)
+    assert c.features_cached is False and list((tmp_path / "cache-c").glob("features-*.safetensors"))
+    with pytest.raises(AgeGenderError, match="the given features have shape"):
+        fit(replace(cfg, out=str(tmp_path / "d")),
+            features=lambda recs: FeatureSet(torch.zeros(len(recs), 3), torch.ones(len(recs), dtype=torch.bool)))
+    assert not (tmp_path / "d").exists()  # nothing half-written
 
 
 def test_fit_calibrates_p_male_on_validation(world, tmp_path) -> None:  # type: ignore[no-untyped-def]

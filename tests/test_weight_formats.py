@@ -165,9 +165,9 @@ def test_formats_tuple_is_the_cli_choice_list(capsys: pytest.CaptureFixture[str]
 
     assert {"t7", "pt", "mat", "h5", "caffe", "dlib"} == set(FORMATS)
     for fmt in FORMATS:
-        assert build_parser().parse_args(["convert", "a", "-o", "b", "--format", fmt]).input_format == fmt
+        assert build_parser().parse_args(["convert", "a", "-o", "b", "--input-format", fmt]).input_format == fmt
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["convert", "a", "-o", "b", "--format", "onnx"])
+        build_parser().parse_args(["convert", "a", "-o", "b", "--input-format", "onnx"])
     capsys.readouterr()
 
 
@@ -285,18 +285,19 @@ SNIFF = [
     ("VGG_FACE.t7", lambda p: p.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 5\n"),
      None, "a Git LFS pointer"),
     ("VGG_FACE.t7", _torch_zip, None, "is a PyTorch zip archive (torch.save), though its name says a Torch7 file; "
-                                     "read it with --format pt"),
+                                     "read it with --input-format pt"),
     ("VGG_FACE.t7", _pickle, None, "is a Python pickle (legacy torch.save), though its name says a Torch7 file; "
-                                  "read it with --format pt"),
-    ("weights.mat", _h5, None, "is an HDF5 file (Keras .h5), though its name says a MATLAB file; read it with --format h5"),
-    ("weights.h5", _mat, None, "is a MATLAB 5 MAT-file, though its name says an HDF5 file; read it with --format mat"),
+                                  "read it with --input-format pt"),
+    ("weights.mat", _h5, None, "is an HDF5 file (Keras .h5), though its name says a MATLAB file; read it with --input-format h5"),
+    ("weights.h5", _mat, None, "is a MATLAB 5 MAT-file, though its name says an HDF5 file; read it with --input-format mat"),
     ("vgg.mat", lambda p: p.write_bytes(b"MATLAB 7.3 MAT-file, Platform: x" + b"\0" * 600), None, "v7.3"),
     ("VGG_FACE.t7", lambda p: p.write_bytes(vgg_face_net(_tiny(), style="v1")), None,
-     "looks like a Caffe protobuf (.caffemodel), though its name says a Torch7 file; read it with --format caffe"),
+     "looks like a Caffe protobuf (.caffemodel), though its name says a Torch7 file; read it with --input-format caffe"),
     ("VGG_FACE.caffemodel", lambda p: write_t7(p, {"x": 1}), None, "is a Torch7 file, though its name says a Caffe "
-                                                                   "model; read it with --format t7"),
-    ("model.pt", lambda p: p.write_bytes(write_dlib_resnet()[0]), None, "read it with --format dlib"),
-    ("w.pt", _torch_zip, "t7", "is a PyTorch zip archive (torch.save), though --format t7 was given; read it with --format pt"),
+                                                                   "model; read it with --input-format t7"),
+    ("model.pt", lambda p: p.write_bytes(write_dlib_resnet()[0]), None, "read it with --input-format dlib"),
+    ("w.pt", _torch_zip, "t7", "is a PyTorch zip archive (torch.save), though --input-format t7 was given; read it "
+                               "with --input-format pt"),
     ("vgg_face_torch.tar.gz", lambda p: p.write_bytes(b"\x1f\x8b\x08\x00" + b"\0" * 40), None, "unpack it first"),
     ("VGG_FACE.t7", lambda p: p.write_bytes(b"<!DOCTYPE html><html>Not found</html>"), None, "an HTML or XML page"),
     ("w.bin", lambda p: p.write_bytes(b"\x07" * 64), None, "unrecognised weights format"),
@@ -308,7 +309,7 @@ def test_misnamed_files_say_what_they_are(tmp_path: Path, capsys: pytest.Capture
                                           write: Callable[[Path], None], fmt: str | None, message: str) -> None:
     src, out = tmp_path / filename, tmp_path / "o" / "w.safetensors"
     write(src)
-    rc, _, err = cli(capsys, "convert", src, "-o", out, *(("--format", fmt) if fmt else ()))
+    rc, _, err = cli(capsys, "convert", src, "-o", out, *(("--input-format", fmt) if fmt else ()))
     one_line_error(rc, err, f"{src}: ", message)
     assert not out.parent.exists()
 
@@ -318,7 +319,7 @@ def test_the_suggested_format_works(tmp_path: Path, capsys: pytest.CaptureFixtur
     src, out = tmp_path / "VGG_FACE.t7", tmp_path / "w.safetensors"
     _pt(src, params)
     assert cli(capsys, "convert", src, "-o", out)[0] == 2
-    rc, _, err = cli(capsys, "convert", src, "-o", out, "--format", "pt")
+    rc, _, err = cli(capsys, "convert", src, "-o", out, "--input-format", "pt")
     assert rc == 0, err
     assert_equal(load_canonical(out)[0], params)
 
@@ -328,7 +329,7 @@ def test_safetensors_input_is_refused_with_advice(tmp_path: Path, capsys: pytest
     src, out = tmp_path / "VGG_FACE.t7", tmp_path / "w.safetensors"
     write_t7(src, vgg_face_model(params))
     assert cli(capsys, "convert", src, "-o", out)[0] == 0
-    rc, _, err = cli(capsys, "convert", out, "-o", tmp_path / "again.safetensors", "--format", "pt")
+    rc, _, err = cli(capsys, "convert", out, "-o", tmp_path / "again.safetensors", "--input-format", "pt")
     one_line_error(rc, err, "a safetensors file", "--weights")
 
 

@@ -1,4 +1,4 @@
-"""agegender: gender and age from faces, by transfer learning on the VGG-Face descriptor.
+"""agegender: gender and age from faces, by transfer learning from a face descriptor (dlib's ResNet, or VGG-Face).
 
 Nothing happens at import time; heavy modules (torch, cv2, onnxruntime) load on first use.
 """

@@ -162,8 +162,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 def _cmd_serve(a: argparse.Namespace) -> int:
     from .infer.serve import serve
 
-    serve(a.model, host=a.host, port=a.port, max_bytes=a.max_bytes, precision=a.precision, min_face=a.min_face,
-          device=a.device, detector=_detector(a), min_confidence=a.min_confidence)
+    serve(a.model, host=a.host, port=a.port, max_bytes=a.max_bytes, precision=a.precision, device=a.device,
+          detector=_detector(a), min_confidence=a.min_confidence)
     return 0
 
 
@@ -171,7 +171,7 @@ def _train_config(a: argparse.Namespace, data: str | tuple[str, ...], out: str) 
     """The typed training config from the parsed options; flags left unset keep the preset's values."""
     from .train.config import TrainConfig
 
-    init = "pretrained" if a.init in (None, "vgg-face") else a.init
+    init = a.init or "pretrained"
     if init == "pretrained" and a.backbone == "vgg-face" and not a.weights:
         raise AgeGenderError("no trunk weights for --backbone vgg-face: pass --weights VGG_FACE.safetensors (see "
                              "`agegender fetch weights` and `agegender convert`) or --init scratch, or use "
@@ -235,8 +235,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "RetinaFace's own landmarks (landmarks5)")
     p.add_argument("--weights", help="the backbone's weights: converted VGG-Face .safetensors (or a .t7/.pt/... "
                                      "to convert on the fly); default for dlib-resnet: the installed package's file")
-    p.add_argument("--init", choices=("pretrained", "scratch", "vgg-face"), metavar="{pretrained,scratch}",
-                   default="pretrained", help="trunk initialisation")  # "vgg-face": the old name, unlisted
+    p.add_argument("--init", choices=("pretrained", "scratch"), default="pretrained", help="trunk initialisation")
     p.add_argument("--preset", choices=("default", "seed"), default="default",
                    help="seed: the seed notebook's VGG-Face recipe (/255 pixels, no age head)")
     p.add_argument("--split", choices=("identity", "folders", "seed"), default="identity",
@@ -260,7 +259,6 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unfreeze", action="store_true", help="fine-tune the conv layers at a lower learning rate")
     p.add_argument("--no-cache", action="store_true", help="recompute the trunk every epoch (for comparison)")
     p.add_argument("--cache-dir", help="feature cache directory (default: cache/ beside the --out folder)")
-    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help=argparse.SUPPRESS)
     p.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")
     p.add_argument("--limit", type=int, default=0, help="use at most this many images (for quick runs)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads")
@@ -292,8 +290,6 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_option(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--model", dest="model", default=None, help=help)
-    # --run is the old name on export and evaluate; it still works, unlisted.
-    p.add_argument("--run", dest="model", help=argparse.SUPPRESS)
 
 
 def _action(p: argparse.ArgumentParser, dest: str) -> argparse.Action:
@@ -385,8 +381,6 @@ def _convert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     p.add_argument("--input-format", dest="input_format", choices=("auto", *INPUT_FORMATS), default="auto",
                    help="the source's format (auto: from its suffix and magic bytes)")
-    p.add_argument("--format", dest="input_format", choices=("auto", *INPUT_FORMATS), default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)  # old name
     p.add_argument("--full", action="store_true", help="require fc6-fc8: refuse a trunk-only (notop) file")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a whole-module .pt (runs code from the file: only for files you trust)")
@@ -444,7 +438,6 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
 
 def _reproduce_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="work", help="work directory (run, exports)")
-    p.add_argument("--workdir", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
     p.add_argument("--data", help="use this dataset instead of fetching agegender_cleaned")
     p.add_argument("--force", action="store_true", help="replace a run already in the work directory")
     _add_train_options(p)
@@ -453,7 +446,6 @@ def _reproduce_options(p: argparse.ArgumentParser) -> None:
 
 def _demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo", help="work directory")
-    p.add_argument("--workdir", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
     p.add_argument("--seed", type=int, default=0, help="seed of the generated data, weights and training")
     p.add_argument("--force", action="store_true", help="replace a demo already in the work directory")
     p.set_defaults(func=_cmd_demo)

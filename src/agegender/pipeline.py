@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import AgeGenderError
+from .rundir import RunDir
 
 if TYPE_CHECKING:
     from .train.config import TrainConfig
@@ -27,7 +28,7 @@ def _convert_once(src: Path, out: Path) -> Path:
     return out
 
 
-def _export_all(run: Path, dest: Path) -> dict[str, Any]:
+def _export_all(run: RunDir, dest: Path) -> dict[str, Any]:
     """Export to every format whose packages are installed; say which were skipped."""
     import importlib.util
 
@@ -39,22 +40,24 @@ def _export_all(run: Path, dest: Path) -> dict[str, Any]:
         if importlib.util.find_spec(needs) is None:
             log.warning("skipping the %s export: %s is not installed (pip install 'agegender[export]')", fmt, needs)
             continue
-        results[fmt] = export(run, fmt, dest / name)
+        results[fmt] = export(run.checkpoint, fmt, dest / name)
     return results
 
 
 def reproduce(cfg: TrainConfig, work: Path, force: bool = False) -> Path:
     """Fetch what ``cfg`` does not name (data, weights), convert, train, evaluate, then export every format.
 
-    ``cfg.data`` empty means agegender_cleaned from `agegender fetch data`; ``cfg.weights`` None with the
-    vgg-face init means VGG_FACE.t7 from `agegender fetch weights`.
+    The run goes to ``work/run`` (whatever ``cfg.out`` says), the exports to ``work/export``. ``cfg.data`` empty
+    means agegender_cleaned from `agegender fetch data`; ``cfg.weights`` None with the vgg-face init means
+    VGG_FACE.t7 from `agegender fetch weights`.
     """
     from .files import refuse_overwrite
     from .train.loop import fit
     from .weights.archives import AGEGENDER_CLEANED, VGG_FACE
     from .weights.fetch import default_cache_dir, fetch
 
-    refuse_overwrite(work / "run", ("config.json", "model.safetensors"), force)  # before any download
+    run = RunDir(work / "run")
+    refuse_overwrite(run.path, run.markers, force)  # before any download
     cache = default_cache_dir()
     data: str | tuple[str, ...] = cfg.data if cfg.data else str(fetch(AGEGENDER_CLEANED, cache))
     weights: Path | None = None
@@ -68,11 +71,11 @@ def reproduce(cfg: TrainConfig, work: Path, force: bool = False) -> Path:
         if t7 is None:
             raise AgeGenderError(f"{extracted}: VGG_FACE.t7 not found in the extracted weights archive")
         weights = _convert_once(t7, work / "vgg_face.safetensors")
-    run = fit(replace(cfg, data=data, weights=str(weights) if weights else None, out=str(work / "run")), force=force)
-    exports = _export_all(run.out, work / "export")
+    fit(replace(cfg, data=data, weights=str(weights) if weights else None, out=str(run.path)), force=force)
+    exports = _export_all(run, work / "export")
     for fmt, r in exports.items():
         log.info("exported %s: %s (max abs diff %.2e)", fmt, r["path"], r["max_abs_diff"])
-    return run.report_md
+    return run.report.md
 
 
 def demo(work: Path, seed: int = 0, force: bool = False) -> Path:
@@ -82,17 +85,18 @@ def demo(work: Path, seed: int = 0, force: bool = False) -> Path:
     from .train.config import TrainConfig
     from .train.loop import fit
 
-    refuse_overwrite(work / "run", ("config.json", "model.safetensors"), force)
+    run = RunDir(work / "run")
+    refuse_overwrite(run.path, run.markers, force)
     t0 = time.perf_counter()
     data = work / "data"
     if not (data / "combined").is_dir():
         make_agegender_tree(data, per_folder=3, seed=seed)
     weights = work / "vgg_face_synthetic.safetensors"
     save_vgg_face(weights, make_vgg_face_state(seed=seed))
-    cfg = TrainConfig.from_preset("default", data=str(data), out=str(work / "run"), weights=str(weights),
+    cfg = TrainConfig.from_preset("default", data=str(data), out=str(run.path), weights=str(weights),
                                   seed=seed, epochs=8, batch_size=64, hidden=(512, 512))
-    run = fit(cfg, force=force)
-    exports = _export_all(run.out, work / "export")
+    fit(cfg, force=force)
+    exports = _export_all(run, work / "export")
     if "onnx" in exports:
         from .infer.predict import Predictor
 
@@ -102,4 +106,4 @@ def demo(work: Path, seed: int = 0, force: bool = False) -> Path:
             face = predictor.predict(path)[0]
             log.info("%s: %s p_male=%.2f age=%.1f", path.name, face.gender, face.p_male, face.age or float("nan"))
     log.info("demo finished in %.0fs; these numbers come from generated data and mean nothing", time.perf_counter() - t0)
-    return run.report_md
+    return run.report.md

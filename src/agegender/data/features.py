@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,32 @@ class FeatureSet:
     @property
     def images_per_second(self) -> float:
         return float(self.ok.sum()) / self.seconds if self.seconds else float("nan")
+
+
+# Trunk features for ``records``, in their order, from somewhere other than the run's own cache; None where the
+# source lacks some (the run then extracts them itself). ``fit(features=...)`` takes one.
+FeatureSource = Callable[[Sequence[FaceRecord]], "FeatureSet | None"]
+
+
+class FeatureBank:
+    """Features extracted earlier, by image path: a :data:`FeatureSource` that hands a run the rows it knows.
+
+    Whoever fills it vouches that the features come from the run's own trunk, preprocessing, framing and
+    precision (a benchmark extracts each data set once, then trains on several mixes of them).
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[torch.Tensor, bool]] = {}
+
+    def add(self, records: Sequence[FaceRecord], features: FeatureSet) -> None:
+        self.rows.update({str(r.path): (features.features[i], bool(features.ok[i])) for i, r in enumerate(records)})
+
+    def __call__(self, records: Sequence[FaceRecord]) -> FeatureSet | None:
+        rows = [self.rows.get(str(r.path)) for r in records]
+        if not rows or any(row is None for row in rows):
+            return None
+        known = [row for row in rows if row is not None]
+        return FeatureSet(torch.stack([f for f, _ in known]), torch.tensor([ok for _, ok in known]), cached=True)
 
 
 def _trunk_key(model: AgeGenderNet, preprocess: Preprocess, weights_sha256: str | None, bf16: bool,

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..model.age_head import DexHead, RegressionHead
 from ..model.config import ModelConfig
 from ..model.dlib_resnet import Affine, DlibResNet, ResidualBlock
-from ..model.net import decode_age
 
 # Arrays per Keras layer name, in the layer's own weight order, set once the model exists.
 Weights = dict[str, list[np.ndarray]]
@@ -33,12 +33,12 @@ def bn_arrays(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> list[np.ndarray]:
 def conv_arrays(conv: nn.Conv2d, affine: nn.Module | None = None) -> list[np.ndarray]:
     """HWIO kernel and bias; a per-channel affine after the convolution (dlib's) is folded into both.
 
-    Folding is what ``DlibResNet.fold_affine`` does for fast inference: the same function up to float rounding,
-    one pass over the activations instead of three.
+    Folded, the graph computes the same function up to float rounding, with one pass over the activations
+    instead of three.
     """
     w = conv.weight.detach().double()
     b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
-    if isinstance(affine, Affine):  # not when already folded (nn.Identity)
+    if isinstance(affine, Affine):
         scale, shift = affine.scale.detach().double(), affine.shift.detach().double()
         w = w * scale.view(-1, 1, 1, 1)
         b = b * scale + shift
@@ -54,14 +54,13 @@ def dense_arrays(linear: nn.Linear, scale: float = 1.0, offset: float = 0.0) -> 
 
 
 def regression_affine(config: ModelConfig) -> tuple[float, float]:
-    """(scale, offset) with ``age = logit * scale + offset``, read off ``decode_age`` so the formula has one home."""
-    offset, at_one = (float(decode_age(config, torch.tensor([[v]]))) for v in (0.0, 1.0))
-    return at_one - offset, offset
+    """(scale, offset) with ``age = logit * scale + offset``: the regression head's own (its one home)."""
+    return RegressionHead(config.age_min, config.age_max).affine
 
 
 def age_values(config: ModelConfig) -> np.ndarray:
     """The ages of a DEX head's classes, in years."""
-    return np.arange(config.age_min, config.age_max + 1, dtype=np.float32)
+    return DexHead(config.age_min, config.age_max).values()
 
 
 def conv_geometry(conv: nn.Conv2d) -> tuple[int, int, int]:

@@ -3,7 +3,7 @@
 Only built-in layers, so a .keras file loads anywhere Keras 3 does, without this package. dlib's details map as:
 
 * convolutions: stride-2 ones and the 7x7 stem have no padding ("valid"), the stride-1 3x3 ones pad by 1 ("same");
-  each affine is folded into its convolution (as ``DlibResNet.fold_affine`` does for inference);
+  each affine is folded into its convolution (one pass over the activations instead of three);
 * the residual sum of differently shaped tensors: zeros appended at the end of rows, columns and channels,
   with ZeroPadding3D over a trailing unit axis, because Keras has no layer that pads channels.
 """

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..devices import usable_cores
 from ..errors import AgeGenderError
-from ..faces.detect import MIN_FACE_PX, FaceDetector, default_detector
+from ..faces.detect import FaceDetector, default_detector
 from ..images import IMAGE_FORMATS, MAX_PIXELS, ImageError, load_image
 from .predict import Predictor
 
@@ -161,9 +161,6 @@ class BodyGuard:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
-
-
-BodyLimit = BodyGuard  # the earlier name
 
 
 class _Busy(Exception):
@@ -457,10 +454,12 @@ def _run(config: Any, sock: socket.socket) -> None:
 
 
 def serve(model: str | os.PathLike[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
-          max_bytes: int = DEFAULT_MAX_BYTES, precision: str = "auto", min_face: int = MIN_FACE_PX,
-          device: str = "cpu", detector: FaceDetector | None = None, limits: ServiceLimits | None = None,
+          max_bytes: int = DEFAULT_MAX_BYTES, precision: str = "auto", device: str = "cpu",
+          detector: FaceDetector | None = None, limits: ServiceLimits | None = None,
           min_confidence: float = 0.5) -> None:
     """Load ``model`` once (None: the bundled model) and serve the API and page with uvicorn until interrupted.
+
+    ``detector`` finds the faces (None: :func:`~agegender.faces.detect.default_detector`'s).
 
     Every option, the address included, is checked (and the socket bound) before the model loads.
     """
@@ -475,7 +474,7 @@ def serve(model: str | os.PathLike[str] | None = None, host: str = "127.0.0.1", 
     limits.check()
     sock = listen(host, port)
     try:
-        predictor = Predictor.from_path(model, detector or default_detector(min_face), device=device,
+        predictor = Predictor.from_path(model, detector or default_detector(), device=device,
                                         precision=precision, min_confidence=min_confidence)
         if not _is_loopback(host):
             log.warning("binding %s: the API is reachable from other machines and has no authentication", host)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from ..model.age_head import AGE_INTERVAL
 from ..model.net import AgeGenderNet, DlibTrunk
 from ..model.vgg import VGGTrunk
 from .graph_weights import (
@@ -33,7 +34,7 @@ Tensor = Any  # tf.Tensor; TensorFlow is imported only by the functions that nee
 Layer = Callable[[Tensor], Tensor]
 
 # The DEX age interval served beside the mean: the 10th and 90th percentiles of the age distribution.
-AGE_QUANTILES = {"age_low": 0.1, "age_high": 0.9}
+AGE_QUANTILES = dict(zip(("age_low", "age_high"), AGE_INTERVAL))  # the interval decode() gives
 
 
 class Variables:

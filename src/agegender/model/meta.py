@@ -11,10 +11,10 @@ from typing import Any
 from ..errors import AgeGenderError
 from ..files import os_reason
 from ..labels import GENDERS
+from ..rundir import RunDir
 from .config import ModelConfig, Preprocess
 
 FORMAT = "agegender.checkpoint/1"
-RUN_CHECKPOINT = "model.safetensors"  # the best checkpoint inside a training run directory
 
 
 @dataclass
@@ -22,7 +22,7 @@ class CheckpointMeta:
     config: ModelConfig
     preprocess: Preprocess
     genders: tuple[str, ...] = GENDERS
-    weights_sha256: str | None = None  # the VGG-Face file the trunk came from
+    weights_sha256: str | None = None  # the pretrained file the trunk came from (VGG-Face's, dlib's)
     extra: dict[str, Any] = field(default_factory=dict)  # data summary, headline metrics, epoch ...
 
     def to_json(self) -> str:
@@ -57,9 +57,9 @@ class CheckpointMeta:
 def resolve_model(model: str | os.PathLike[str]) -> Path:
     """The checkpoint file of ``model``: a checkpoint itself, or the best one inside a run directory."""
     path = Path(model)
-    ckpt = path / RUN_CHECKPOINT if path.is_dir() else path
+    ckpt = RunDir(path).checkpoint if path.is_dir() else path
     if not ckpt.is_file():
-        hint = " (a run directory without model.safetensors: did training finish?)" if path.is_dir() else ""
+        hint = f" (a run directory without {ckpt.name}: did training finish?)" if path.is_dir() else ""
         raise AgeGenderError(f"{ckpt}: no trained model here{hint}; train one with `agegender train`")
     try:  # say "permission denied" now, not "not a loadable model" from a reader later
         with open(ckpt, "rb"):

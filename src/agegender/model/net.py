@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .age_head import age_head
 from .config import ModelConfig
-from .decode import decode
 from .dlib_resnet import DlibResNet
 from .vgg import CONV_NAMES, VGGTrunk
 
@@ -71,7 +71,7 @@ class Outputs:
 
 
 class AgeGenderNet(nn.Module):
-    """VGG16 trunk -> flatten -> FC stack -> gender logit and age head, in one forward pass.
+    """The backbone's trunk -> flatten -> FC stack -> gender logit and age head, in one forward pass.
 
     ``forward_features`` is the (usually frozen) trunk; ``forward_head`` is everything trained on top,
     so a feature cache can replace the first and feed the second.
@@ -93,8 +93,8 @@ class AgeGenderNet(nn.Module):
             dim = width
         self.fc = nn.Sequential(*layers)
         self.gender = nn.Linear(dim, 1)
-        age_out = {"dex": config.ages, "regression": 1, "none": 0}[config.age_head]
-        self.age = nn.Linear(dim, age_out) if age_out else None
+        head = age_head(config)
+        self.age = nn.Linear(dim, head.width) if head is not None else None
         if config.freeze_trunk:
             self.freeze_trunk()
 
@@ -168,9 +168,10 @@ class AgeGenderNet(nn.Module):
 
 def decode_age(config: ModelConfig, age_logits: torch.Tensor) -> torch.Tensor:
     """Age in years from the age head's outputs, as :func:`~agegender.model.decode.decode` gives it."""
-    if config.age_head == "none":
+    head = age_head(config)
+    if head is None:
         raise ValueError("this model has no age head")
-    return decode(config, age_logits.new_zeros(age_logits.shape[0]), age_logits)[1]
+    return head.decode(age_logits)[0]
 
 
 def inference_layout(model: AgeGenderNet, bf16: bool, device: str | torch.device = "cpu") -> str:

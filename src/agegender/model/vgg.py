@@ -1,4 +1,4 @@
-"""VGG16 trunk with VGG-Face layer names, the full VGG-Face identity model, and the age/gender net.
+"""VGG16 trunk with VGG-Face layer names, and the full VGG-Face identity model (the age/gender net is model.net's).
 
 Layers are attributes named after the paper (``conv1_1`` ... ``conv5_3``, ``fc6`` ... ``fc8``), so
 weights map by name and inserting BatchNorm never shifts an index.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..data.records import Dataset, FaceRecord, scan_all
-from ..data.splits import make_splits
+from ..data.splits import SPLIT_NAMES, Splits, make_splits
 from ..errors import AgeGenderError
 from ..faces.detect import photo_framer
 from ..faces.framing import PhotoFramer
@@ -22,6 +21,7 @@ from ..images import Skipped, load_rgb
 from ..model.meta import resolve_model
 from ..model.runtime import Backend, Decoded, load_backend
 from ..progress import Progress
+from ..rundir import ReportDir, RunDir
 from .report import Predictions, build_report, write_report
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,12 @@ def precision_note(backend: Backend, requested: str, device: str) -> str:
 
 
 def evaluate_records(backend: Backend, records: Sequence[FaceRecord], protocol: dict[str, Any],
-                     out_dir: str | Path, history: list[dict[str, float]] | None = None, *, batch_size: int = 64,
+                     out_dir: ReportDir | str | Path, history: list[dict[str, float]] | None = None, *, batch_size: int = 64,
                      workers: int = 2, requested: str = "auto", device: str = "cpu", progress: bool = True
                      ) -> tuple[dict[str, Any], Path]:
-    """The report on ``records`` through ``backend``: the one path of ``evaluate`` and of training's own report,
-    so the two give the same numbers for the same faces and precision."""
+    """The report on ``records`` through ``backend``, with the per-face predictions it was computed from: the one
+    path of ``evaluate`` and of training's own report, so the two give the same numbers for the same faces and
+    precision."""
     done, decoded, unread = predict_records(backend, records, batch_size, workers, progress)
     _, pred = _predictions(done, decoded)
     protocol = {**protocol, "precision": precision_note(backend, requested, device)}
@@ -76,7 +77,7 @@ def evaluate_records(backend: Backend, records: Sequence[FaceRecord], protocol: 
 
 
 def _report(pred: Predictions, done: list[FaceRecord], unread: list[FaceRecord], protocol: dict[str, Any],
-            model: str, best_epoch: Any, out_dir: str | Path, history: list[dict[str, float]] | None = None
+            model: str, best_epoch: Any, out_dir: ReportDir | str | Path, history: list[dict[str, float]] | None = None
             ) -> tuple[dict[str, Any], Path]:
     if not done:
         raise AgeGenderError(f"{protocol.get('data')}: no readable images in the evaluation split")
@@ -93,18 +94,19 @@ def _report(pred: Predictions, done: list[FaceRecord], unread: list[FaceRecord],
 SUBSETS = ("train", "val", "test", "all")
 
 
-def evaluate_model(model: str | os.PathLike[str] | None, data: str | Sequence[str] | None = None,
+def evaluate_model(model: RunDir | str | os.PathLike[str] | None, data: str | Sequence[str] | None = None,
                    subset: str | None = None, out: str | None = None, batch_size: int = 64, workers: int = 2,
                    precision: str | None = None, device: str = "cpu", force: bool = False,
                    progress: bool = True) -> Path:
     """`agegender evaluate`: a run's own test split by default, or any dataset with ``data`` (one folder or several).
 
     ``model`` is a run directory, a checkpoint or an ONNX export (None: the bundled model); only a run directory
-    knows its own splits. Faces are framed and decoded as ``predict`` frames and decodes them, as the training
-    report does, so a run's own test split at its own ``precision`` (None: the run's, else auto) gives the
-    numbers its training report gave; an ONNX model needs no torch. The report goes to ``out``, by default
-    ``eval-<data set>`` (``eval-<subset>`` for the run's own split) beside the model; an earlier report there is
-    replaced only with ``force``.
+    knows its own splits (the paths it recorded in training, whatever folders they came from). Faces are framed
+    and decoded as ``predict`` frames and decodes them, as the training report does, so a run's own test split
+    at its own ``precision`` (None: the run's, else auto) gives the numbers its training report gave; an ONNX
+    model needs no torch. The report and the per-face predictions go to ``out``, by default ``eval-<data set>``
+    (``eval-<subset>`` for the run's own split) beside the model; an earlier report there is replaced only with
+    ``force``.
     """
     from ..data.records import dataset_name
 
@@ -112,22 +114,22 @@ def evaluate_model(model: str | os.PathLike[str] | None, data: str | Sequence[st
         from ..weights.zoo import bundled_model
 
         model = bundled_model()
-    ckpt = resolve_model(model)
-    run = ckpt.parent if (ckpt.parent / "config.json").is_file() else None
+    ckpt = resolve_model(model.checkpoint if isinstance(model, RunDir) else model)
+    run = RunDir.holding(ckpt)
     if data is None and run is None:
-        raise AgeGenderError(f"{model}: a checkpoint outside its run directory needs --data (which images to use)")
+        raise AgeGenderError(f"{ckpt}: a checkpoint outside its run directory needs --data (which images to use)")
     if subset is not None and subset not in SUBSETS:
         raise AgeGenderError(f"unknown subset {subset!r}; choose from {', '.join(SUBSETS)}")
     if batch_size < 1 or workers < 1:
         raise AgeGenderError(f"batch size and workers must be at least 1, got {batch_size} and {workers}")
-    stored = _stored_run_config(run) if run is not None else {}
+    stored = run.read_config() if run is not None else {}
     given = [data] if isinstance(data, str) else list(data) if data is not None else None
     roots = given or stored.get("data") or ""
     roots = [roots] if isinstance(roots, str) else list(roots)
     subset = subset or ("all" if given else "test")
     name = "+".join(dataset_name(r) for r in roots) + ("" if subset == "all" else f"-{subset}") if given else subset
-    out_dir = Path(out) if out else ckpt.parent / f"eval-{name}"
-    refuse_overwrite(out_dir, ("report.md", "report.json"), force)  # before the slow part
+    out_dir = ReportDir(Path(out)) if out else RunDir(ckpt.parent).evaluation(name)
+    refuse_overwrite(out_dir.path, out_dir.markers, force)  # before the slow part
     precision = precision or str(stored.get("precision", "auto"))
     backend = load_backend(ckpt, device, precision)
     dataset = scan_all(roots)
@@ -140,9 +142,11 @@ def evaluate_model(model: str | os.PathLike[str] | None, data: str | Sequence[st
             "leakage": "not measured: the whole data set is evaluated, not a held-out split, so faces or people "
                        "the model was trained on may be among them"}
     else:
-        splits = make_splits(dataset, protocol_name, int(own.get("seed", 0)), limit=int(own.get("limit", 0)))
+        # A run's own split is the one it recorded; runs from before splits.json are split again, as trained.
+        splits = (_recorded_splits(run, dataset.records, protocol_name) if not given else None) or \
+            make_splits(dataset, protocol_name, int(own.get("seed", 0)), limit=int(own.get("limit", 0)))
         summary, leakage = splits.summary(), splits.leakage()
-        chosen = (_recorded_split(run, subset, dataset.records) if not given else None) or splits[subset]
+        chosen = splits[subset]
     protocol = {**data_protocol(dataset), "split": f"{protocol_name}:{subset}", "splits": summary, **leakage,
                 "skipped": dataset.skipped.to_dict()}
     _, md = evaluate_records(backend, chosen, protocol, out_dir, batch_size=batch_size, workers=workers,
@@ -176,27 +180,20 @@ def predict_records(backend: Backend, records: Sequence[FaceRecord], batch_size:
     return done, Decoded.concat(parts), unread
 
 
-def _recorded_split(run: Path | None, subset: str, records: Sequence[FaceRecord]) -> list[FaceRecord] | None:
-    """The ``subset`` records that training wrote to ``splits.json``, or None for runs without one."""
-    path = None if run is None else run / "splits.json"
-    if path is None or not path.is_file():
+def _recorded_splits(run: RunDir | None, records: Sequence[FaceRecord], protocol: str) -> Splits | None:
+    """The splits that training recorded in the run, as records of ``records``; None for runs without them."""
+    recorded = None if run is None else run.read_splits()
+    if run is None or recorded is None:
         return None
-    try:
-        recorded = json.loads(path.read_text())[subset]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise AgeGenderError(f"{path}: unreadable splits ({type(e).__name__})") from None
     by_path = {str(r.path): r for r in records}
-    missing = [p for p in recorded if p not in by_path]
-    if missing:
-        raise AgeGenderError(f"{path}: {len(missing)} {subset} images are no longer in the data (first: {missing[0]})")
-    return [by_path[p] for p in recorded]
-
-
-def _stored_run_config(run: Path) -> dict[str, Any]:
-    try:
-        stored = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise AgeGenderError(f"{run / 'config.json'}: unreadable run config ({e})") from None
-    if not isinstance(stored, dict):
-        raise AgeGenderError(f"{run / 'config.json'}: not a run config")
-    return stored
+    chosen = {}
+    for name in SPLIT_NAMES:
+        paths = recorded.get(name)
+        if paths is None:
+            raise AgeGenderError(f"{run.splits}: no {name} split recorded")
+        missing = [p for p in paths if p not in by_path]
+        if missing:
+            raise AgeGenderError(f"{run.splits}: {len(missing)} {name} images are no longer in the data "
+                                 f"(first: {missing[0]})")
+        chosen[name] = [by_path[p] for p in paths]
+    return Splits(**chosen, protocol=protocol)

@@ -20,21 +20,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.batches import Batches, Labels
-from ..data.features import FeatureSet, cached_features
-from ..data.records import FaceRecord, scan_all
+from ..data.features import FeatureSet, FeatureSource, cached_features
+from ..data.records import Dataset, FaceRecord, scan_all
 from ..data.splits import Splits, make_splits
 from ..devices import retain_freed_memory
 from ..distributed import World, close_world, init_world
 from ..errors import AgeGenderError
 from ..faces.detect import photo_framer
-from ..files import atomic_path, folder_lock, safe_name, write_text_atomic
+from ..files import atomic_path, folder_lock, safe_name
+from ..model.age_head import age_head
 from ..model.backbones import DLIB_RESNET, backbone
 from ..model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from ..model.config import SEED_PREPROCESS, VGG_FACE_PREPROCESS, ModelConfig, Preprocess
 from ..model.decode import decode
 from ..model.dlib_resnet import dlib_shape_of
-from ..model.meta import RUN_CHECKPOINT
 from ..model.net import AgeGenderNet, Outputs
+from ..rundir import RunDir
 from .config import TrainConfig
 from .metrics import mae
 
@@ -43,11 +44,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    out: Path
-    checkpoint: Path
-    report_md: Path
+    run: RunDir
     history: list[dict[str, float]] = field(default_factory=list)
-    report: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)  # empty on the ranks that did not evaluate
+    features_cached: bool | None = None  # every trunk feature came from the cache (None: no cache used)
+
+    @property
+    def out(self) -> Path:
+        return self.run.path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run.checkpoint
+
+    @property
+    def report_md(self) -> Path:
+        return self.run.report.md
 
 
 # -- building ---------------------------------------------------------------------------------
@@ -186,21 +198,17 @@ class Step(nn.Module):
 
 def loss_parts(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(gender loss, age loss or None where the batch has no age or the model no age head)."""
+    """(gender loss, age loss or None where the batch has no age or the model no age head); the age head sets its
+    own targets (:mod:`agegender.model.age_head`), as it decodes its outputs."""
     i = torch.as_tensor(idx)
     gender = labels.gender[i].to(out.gender_logit.device)
     gender_loss = F.binary_cross_entropy_with_logits(out.gender_logit, gender)
     age = labels.age[i].to(out.gender_logit.device)
     known = ~torch.isnan(age)
-    if out.age_logits is None or not known.any():
+    head = age_head(model.config)
+    if out.age_logits is None or head is None or not known.any():
         return gender_loss, None
-    mc = model.config
-    a, logits = age[known], out.age_logits[known]
-    if mc.age_head == "dex":
-        target = (a.round().clamp(mc.age_min, mc.age_max) - mc.age_min).long()
-        return gender_loss, F.cross_entropy(logits, target)
-    mid, half = (mc.age_min + mc.age_max) / 2, (mc.age_max - mc.age_min) / 2
-    return gender_loss, F.smooth_l1_loss(logits.squeeze(-1), (a - mid) / half)
+    return gender_loss, head.loss(out.age_logits[known], age[known])
 
 
 def loss_fn(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet, cfg: TrainConfig) -> torch.Tensor:
@@ -298,39 +306,49 @@ def validate(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labels: Lab
 
 
 # -- the run ----------------------------------------------------------------------------------
-def fit(cfg: TrainConfig, resume: bool = False, force: bool = False) -> RunResult:
+def fit(cfg: TrainConfig, resume: bool = False, force: bool = False, *,
+        features: FeatureSource | None = None) -> RunResult:
     """Train, keep the best checkpoint by validation accuracy, then evaluate it on the test split.
 
-    Under ``torchrun`` every rank runs this; features are extracted in shards and gathered, gradients are
-    averaged by DistributedDataParallel, and only rank 0 writes files. A finished or started run in ``cfg.out``
-    is continued with ``resume`` and replaced only with ``force``.
+    The run directory is ``cfg.out`` (its files: :class:`~agegender.rundir.RunDir`). Under ``torchrun`` every
+    rank runs this; features are extracted in shards and gathered, gradients are averaged by
+    DistributedDataParallel, and only rank 0 writes files. A finished or started run there is continued with
+    ``resume`` and replaced only with ``force``. ``features`` hands a frozen trunk's features in (a
+    :class:`~agegender.data.features.FeatureBank`) instead of the feature cache; images it lacks are extracted.
     """
     from ..files import refuse_overwrite
 
-    out = Path(cfg.out)
+    run = RunDir(Path(cfg.out))
     if resume:
-        cfg = replace(cfg, **_stored_config(out, cfg))
-    elif out.is_dir():
-        refuse_overwrite(out, ("config.json", RUN_CHECKPOINT), force, also=" (--resume to continue it)")
+        cfg = replace(cfg, **_stored_config(run, cfg))
+    elif run.path.is_dir():
+        refuse_overwrite(run.path, run.markers, force, also=" (--resume to continue it)")
     cfg.validate()
-    created = not out.exists()
+    if features is not None and cfg.trunk_trains:
+        raise AgeGenderError("features were given, but this run trains its trunk: they would be stale after one step")
+    created = not run.path.exists()
     world = init_world(cfg.device)
     try:
         # One writer per run directory: a second `train` into it would mix its files with ours.
-        with folder_lock(out) if world.is_main else contextlib.nullcontext():
-            return _fit(cfg, resume, out, world)
+        with folder_lock(run.path) if world.is_main else contextlib.nullcontext():
+            return _fit(cfg, resume, run, world, features)
     except Exception:
         # A run that failed leaves nothing half-written behind (an interrupted one stays, for --resume).
         if created and world.is_main:
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(run.path, ignore_errors=True)
         raise
     finally:
         close_world(world)
 
 
-def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
+def fit_splits(cfg: TrainConfig) -> tuple[Dataset, Splits]:
+    """The data ``cfg`` names and its splits, as ``fit`` trains on them (records in order: train, val, test)."""
     dataset = scan_all([cfg.data] if isinstance(cfg.data, str) else list(cfg.data))
-    splits = make_splits(dataset, cfg.split, cfg.seed, limit=cfg.limit)
+    return dataset, make_splits(dataset, cfg.split, cfg.seed, limit=cfg.limit)
+
+
+def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: FeatureSource | None) -> RunResult:
+    dataset, splits = fit_splits(cfg)
     records = splits.train + splits.val + splits.test
     n_train, n_val = len(splits.train), len(splits.val)
     idx_val = np.arange(n_train, n_train + n_val)
@@ -339,14 +357,14 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
     log.info("data: %s (%s), split %s: %s", dataset.root, dataset.kind, cfg.split, splits.summary())
     model, pre, weights_sha = build_model(replace(cfg, device=world.device), age_range(splits.train))
     if world.is_main:  # only now that data, splits and weights all check out
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.json", json.dumps(cfg.applicable_dict(), indent=2))
-        write_text_atomic(out / "splits.json", json.dumps({k: [str(r.path) for r in v] for k, v in splits.items()}))
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_config(cfg.applicable_dict())
+        run.write_splits({k: [r.path for r in v] for k, v in splits.items()})
     labels = Labels.of(records)
     frame = photo_framer(pre)
-    features = None
-    if cfg.cache and not cfg.trunk_trains:
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / "cache"
+    features = None if source is None else _given_features(source, records, model)
+    if features is None and cfg.cache and not cfg.trunk_trains:
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run.default_cache
         features = cached_features(model, records, pre, cache_dir, weights_sha256=weights_sha, bf16=cfg.bf16, frame=frame,
                                    world=world, batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
                                    device=world.device, progress=cfg.progress and world.is_main)
@@ -364,8 +382,8 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
 
     history: list[dict[str, float]] = []
     start_epoch, best, stale = 1, (-math.inf, math.inf), 0
-    if resume and (out / "train_state.pt").is_file():
-        start_epoch, best, history = _restore(out, model, optimizer)
+    if resume and run.train_state.is_file():
+        start_epoch, best, history = _restore(run, model, optimizer)
         log.info("resuming at epoch %d", start_epoch)
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -388,10 +406,10 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
         else:
             stale += 1
         if world.is_main:
-            _save_state(out, model, meta, optimizer, epoch, best, history)
+            _save_state(run, model, meta, optimizer, epoch, best, history)
             if improved:  # the checkpoint just written as last.safetensors, not serialised again
-                with atomic_path(out / RUN_CHECKPOINT) as tmp:
-                    shutil.copyfile(out / "last.safetensors", tmp)
+                with atomic_path(run.checkpoint) as tmp:
+                    shutil.copyfile(run.last, tmp)
         if cfg.patience and stale >= cfg.patience:
             log.info("early stop: no validation improvement in %d epochs", cfg.patience)
             break
@@ -401,15 +419,28 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
         # Wait for rank 0's calibration and report, so that every rank leaves the process group together: a rank
         # that tore its group down while rank 0 still held it was seen to abort at exit.
         world.barrier()
-        return RunResult(out, out / RUN_CHECKPOINT, out / "report" / "report.md", history)
+        return RunResult(run, history, features_cached=None if features is None else features.cached)
     try:
-        return _calibrate_and_report(out, cfg, world, dataset, splits, features, records, batches, labels, idx_val,
+        return _calibrate_and_report(run, cfg, world, dataset, splits, features, records, batches, labels, idx_val,
                                      idx_test, history)
     finally:
         world.barrier()
 
 
-def _calibrate_and_report(out: Path, cfg: TrainConfig, world: World, dataset: Any, splits: Splits,
+def _given_features(source: FeatureSource, records: list[FaceRecord], model: AgeGenderNet) -> FeatureSet | None:
+    """The caller's features for ``records``, checked against the run's trunk; None where it lacks some."""
+    given = source(records)
+    if given is None:
+        log.info("the given features lack some of this run's images; using the feature cache")
+        return None
+    want = (len(records), model.config.feature_dim)
+    if tuple(given.features.shape) != want or tuple(given.ok.shape) != want[:1]:
+        raise AgeGenderError(f"the given features have shape {tuple(given.features.shape)}, this run needs {want} "
+                             f"(one row per image, the trunk's {want[1]} features)")
+    return FeatureSet(given.features.float(), given.ok.bool(), given.seconds, cached=True)
+
+
+def _calibrate_and_report(run: RunDir, cfg: TrainConfig, world: World, dataset: Any, splits: Splits,
                           features: FeatureSet | None, records: list[FaceRecord], batches: Batches, labels: Labels,
                           idx_val: np.ndarray, idx_test: np.ndarray, history: list[dict[str, float]]) -> RunResult:
     """Rank 0, after the last epoch: the temperature on the validation split, the curves, the test report."""
@@ -418,17 +449,17 @@ def _calibrate_and_report(out: Path, cfg: TrainConfig, world: World, dataset: An
     from .evaluate import evaluate_records
     from .report import plot_training_curves
 
-    calibrate_checkpoint(out / RUN_CHECKPOINT, *_gender_logits(out / RUN_CHECKPOINT, batches, idx_val, labels))
-    plot_training_curves(history, out / "training_curves.png")
+    calibrate_checkpoint(run.checkpoint, *_gender_logits(run.checkpoint, batches, idx_val, labels))
+    plot_training_curves(history, run.curves)
     # The test split goes through predict's own path (framing, full decode, trunk at cfg.precision), as
     # `agegender evaluate` does: the cached training features are rounded differently (autocast, draft decodes),
     # which moved accuracy in the third decimal between the two reports. One more trunk pass, test split only.
-    backend = load_backend(out / RUN_CHECKPOINT, world.device, cfg.precision)
-    report, report_md = evaluate_records(backend, [records[i] for i in idx_test],
-                                         _protocol(dataset, splits, cfg, features, records), out / "report",
-                                         history, batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
-                                         requested=cfg.precision, device=world.device, progress=cfg.progress)
-    return RunResult(out, out / RUN_CHECKPOINT, report_md, history, report)
+    backend = load_backend(run.checkpoint, world.device, cfg.precision)
+    report, _ = evaluate_records(backend, [records[i] for i in idx_test],
+                                 _protocol(dataset, splits, cfg, features, records), run.report,
+                                 history, batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
+                                 requested=cfg.precision, device=world.device, progress=cfg.progress)
+    return RunResult(run, history, report, None if features is None else features.cached)
 
 
 def _gender_logits(checkpoint: Path, batches: Batches, idx: np.ndarray, labels: Labels) -> tuple[np.ndarray, np.ndarray]:
@@ -458,16 +489,16 @@ def _protocol(dataset: Any, splits: Any, cfg: TrainConfig, features: FeatureSet 
             "skipped": {"count": len(skipped), "first": [f"{p}: {why}" for p, why in skipped[:10]]}}
 
 
-def _stored_config(out: Path, cfg: TrainConfig) -> dict[str, Any]:
-    path = out / "config.json"
-    if not path.is_file():
-        raise AgeGenderError(f"{out}: nothing to resume (no config.json); start a run with `agegender train`")
+def _stored_config(run: RunDir, cfg: TrainConfig) -> dict[str, Any]:
+    out = run.path
+    if not run.config.is_file():
+        raise AgeGenderError(f"{out}: nothing to resume (no {run.config.name}); start a run with `agegender train`")
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored = json.loads(run.config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise _cannot_resume(out, f"config.json is unreadable ({type(e).__name__})") from None
+        raise _cannot_resume(out, f"{run.config.name} is unreadable ({type(e).__name__})") from None
     if not isinstance(stored, dict):
-        raise _cannot_resume(out, "config.json is not a run's config")
+        raise _cannot_resume(out, f"{run.config.name} is not a run's config")
     names = {f.name for f in fields(TrainConfig)}
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items()
               if k in names and k not in ("epochs", "progress", "workers", "device")}
@@ -480,7 +511,7 @@ def _stored_config(out: Path, cfg: TrainConfig) -> dict[str, Any]:
         if isinstance(now, int) and not isinstance(now, bool) and isinstance(v, float):
             ok = False
         if not ok:
-            raise _cannot_resume(out, f"config.json has {k} = {str(v)[:40]!r}, not a {type(now).__name__}")
+            raise _cannot_resume(out, f"{run.config.name} has {k} = {str(v)[:40]!r}, not a {type(now).__name__}")
     return values
 
 
@@ -489,19 +520,19 @@ def _cannot_resume(out: Path, why: str) -> AgeGenderError:
                                     f"and train anew"))
 
 
-def _save_state(out: Path, model: AgeGenderNet, meta: CheckpointMeta, optimizer: torch.optim.Optimizer,
+def _save_state(run: RunDir, model: AgeGenderNet, meta: CheckpointMeta, optimizer: torch.optim.Optimizer,
                 epoch: int, best: tuple[float, float], history: list[dict[str, float]]) -> None:
     meta.extra["epoch"] = epoch  # the state below is for these weights: resume checks they belong together
-    save_checkpoint(out / "last.safetensors", model, meta)
+    save_checkpoint(run.last, model, meta)
     state = {"epoch": epoch, "best": list(best), "optimizer": optimizer.state_dict(),
              "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
              "model_config": json.dumps({**model.config.to_dict(), "temperature": 1.0}, sort_keys=True)}
-    with atomic_path(out / "train_state.pt") as tmp:
+    with atomic_path(run.train_state) as tmp:
         torch.save(state, tmp)
-    write_text_atomic(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    run.write_history(history)
 
 
-def _restore(out: Path, model: AgeGenderNet, optimizer: torch.optim.Optimizer
+def _restore(run: RunDir, model: AgeGenderNet, optimizer: torch.optim.Optimizer
              ) -> tuple[int, tuple[float, float], list[dict[str, float]]]:
     """The epoch to resume at, the best score and the history, with the weights, optimizer and RNG restored.
 
@@ -510,14 +541,14 @@ def _restore(out: Path, model: AgeGenderNet, optimizer: torch.optim.Optimizer
     """
     from ..model.checkpoint import read_meta
 
-    state = _read_state(out / "train_state.pt", out)
-    last = out / "last.safetensors"
+    out, last = run.path, run.last
+    state = _read_state(run.train_state, out)
     if not last.is_file():
-        raise _cannot_resume(out, "last.safetensors is missing")
+        raise _cannot_resume(out, f"{last.name} is missing")
     try:
         meta = read_meta(last)
     except AgeGenderError as e:
-        raise _cannot_resume(out, f"last.safetensors is damaged ({e})") from None
+        raise _cannot_resume(out, f"{last.name} is damaged ({e})") from None
     # The calibration temperature is fitted after the last epoch, so it never tells two training runs apart.
     this_model = json.dumps({**model.config.to_dict(), "temperature": 1.0}, sort_keys=True)
     if state.get("model_config", this_model) != this_model:

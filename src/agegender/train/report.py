@@ -1,7 +1,9 @@
-"""Evaluation report: predictions in, report.json + report.md + PNG figures out."""
+"""Evaluation report: predictions in, report.json + report.md + PNG figures + the predictions as CSV out."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -16,6 +18,7 @@ import numpy as np
 from ..errors import AgeGenderError
 from ..files import atomic_path, write_text_atomic
 from ..labels import GENDERS, interval_name
+from ..rundir import ReportDir
 from . import metrics
 
 # Figures reported by the seed notebook; its positive class was male (one sigmoid over the F/M folders).
@@ -73,6 +76,45 @@ class Predictions:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
         return Path(path)
+
+    # The CSV's columns in order; the optional ones only when present. age_low/age_high are a labelled age
+    # group's bounds (the truth, as age_true), not an interval the model predicted.
+    CSV_COLUMNS = ("path", "gender_true", "p_male", "age_true", "age_pred", "age_low", "age_high", "race")
+
+    def save_csv(self, path: str | os.PathLike[str]) -> Path:
+        """One row per face, floats written exactly (``repr``), atomically: what the report was computed from."""
+        columns = [c for c in self.CSV_COLUMNS if c == "path" or getattr(self, c) is not None]
+        values = [self.paths if c == "path" else getattr(self, c).tolist() for c in columns]
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(zip(*values))
+        write_text_atomic(path, text.getvalue())
+        return Path(path)
+
+    @classmethod
+    def load_csv(cls, path: str | os.PathLike[str]) -> Predictions:
+        """A :meth:`save_csv` file back; one line naming the file when it is not one."""
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+                rows = list(csv.reader(f))
+        except (OSError, csv.Error) as e:
+            raise AgeGenderError(f"{path}: not a readable predictions file ({e})") from None
+        header = rows[0] if rows else []
+        missing = {"path", "gender_true", "p_male"} - set(header)
+        unknown = set(header) - set(cls.CSV_COLUMNS)
+        if missing or unknown or any(len(r) != len(header) for r in rows):
+            raise AgeGenderError(f"{path}: not a predictions file (columns {header[:10]})")
+        columns = dict(zip(header, zip(*rows[1:]))) if len(rows) > 1 else {c: () for c in header}
+        try:
+            fields: dict[str, Any] = {c: np.array([float(v) for v in vs]) for c, vs in columns.items()
+                                      if c not in ("path", "race", "gender_true")}
+            fields["gender_true"] = np.array([int(v) for v in columns["gender_true"]], dtype=np.int64)
+            if "race" in columns:
+                fields["race"] = np.array(columns["race"], dtype=object)
+            return cls(paths=list(columns["path"]), **fields)
+        except (AgeGenderError, TypeError, ValueError) as e:
+            raise AgeGenderError(f"{path}: {e}") from None
 
     @classmethod
     def load_npz(cls, path: str | os.PathLike[str]) -> Predictions:
@@ -420,10 +462,12 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     return Path(path)
 
 
-def write_report(report: dict[str, Any], pred: Predictions, out_dir: str | os.PathLike[str],
+def write_report(report: dict[str, Any], pred: Predictions, out_dir: ReportDir | str | os.PathLike[str],
                  history: list[dict[str, Any]] | None = None) -> Path:
-    """Write report.json, the figures and report.md (which links them) into ``out_dir``; return report.md's path."""
-    out = Path(out_dir)
+    """Write the per-face predictions, report.json, the figures and report.md (which links them) into
+    ``out_dir`` (its files: :class:`~agegender.rundir.ReportDir`); return report.md's path."""
+    folder = out_dir if isinstance(out_dir, ReportDir) else ReportDir(Path(out_dir))
+    out = folder.path
     g = report["gender"]
     y, p = pred.gender_true, pred.p_male
     figures = ["confusion_matrix.png"]
@@ -446,7 +490,7 @@ def write_report(report: dict[str, Any], pred: Predictions, out_dir: str | os.Pa
         plot_training_curves(history, out / "training_curves.png")
         figures.append("training_curves.png")
 
-    write_text_atomic(out / "report.json", json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
-    md = out / "report.md"
-    write_text_atomic(md, render_markdown(report, figures) + "\n")
-    return md
+    pred.save_csv(folder.predictions)
+    write_text_atomic(folder.json, json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(folder.md, render_markdown(report, figures) + "\n")  # last: a report.md means all is there
+    return folder.md

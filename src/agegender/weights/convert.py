@@ -156,15 +156,15 @@ def _format(path: Path, fmt: str) -> str:
     by_suffix = _SUFFIXES.get(path.suffix.lower())
     wanted = fmt if fmt != "auto" else by_suffix
     if found is not None and found.fmt and wanted and found.fmt != wanted and (found.strong or fmt == "auto"):
-        said = f"--format {fmt} was given" if fmt != "auto" else f"its name says {FORMAT_NAMES[wanted]}"
+        said = f"--input-format {fmt} was given" if fmt != "auto" else f"its name says {FORMAT_NAMES[wanted]}"
         verb = "is" if found.strong else "looks like"
-        raise AgeGenderError(f"{path}: {verb} {found.what}, though {said}; read it with --format {found.fmt}")
+        raise AgeGenderError(f"{path}: {verb} {found.what}, though {said}; read it with --input-format {found.fmt}")
     if wanted:
         return wanted
     if found is not None and found.fmt:
         return found.fmt
     raise AgeGenderError(f"{path}: unrecognised weights format (expected .t7, .pt/.pth, .mat, .h5, .caffemodel "
-                         f"or .dat; or pass --format)")
+                         f"or .dat; or pass --input-format)")
 
 
 def _readers() -> dict[str, Callable[[Path, bool], Params]]:

@@ -2,7 +2,7 @@
 
 :func:`sniff` names the container (Torch7, PyTorch zip or pickle, HDF5, MAT, Caffe protobuf, dlib,
 safetensors) and things that are not weights at all (a Git LFS pointer, an HTML error page, an archive
-still to unpack), so a mis-named file gets a message that says which ``--format`` to use.
+still to unpack), so a mis-named file gets a message that says which ``--input-format`` to use.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ HEAD_BYTES = 1024
 @dataclass(frozen=True)
 class Sniffed:
     what: str  # a phrase: "a PyTorch zip archive"
-    fmt: str | None = None  # the --format that reads it, if any
+    fmt: str | None = None  # the --input-format that reads it, if any
     strong: bool = True  # a magic number, not a guess
     usable: bool = True  # False: not weights at all; refused whatever the format
 
