@@ -253,7 +253,7 @@ def test_dlib_converts_and_loads_back(tmp_path: Path, capsys: pytest.CaptureFixt
     for path in (out, src):  # the converted file, and the published one converted in memory
         loaded = load_pretrained(backbone("dlib-resnet"), path)
         assert loaded.sha256 == meta["source_sha256"] and loaded.state.keys() == state.keys()
-        assert loaded.shape == {"widths": tuple(json.loads(meta["widths"])), "descriptor_dim": 128}
+        assert loaded.shape == {"widths": tuple(json.loads(meta["widths"])), "descriptor_dim": int(meta["descriptor_dim"])}
 
 
 # -- what a mis-named file really is ----------------------------------------------------------------

@@ -97,6 +97,7 @@ def convert_weights(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
             os.chmod(tmp, mode)  # safetensors writes its file 0600
     except OSError as e:  # reading errors are AgeGenderErrors already, so this is the output side
         raise AgeGenderError(f"{out}: cannot write ({e.strerror or e})") from None
+    fmt = meta["source_format"]
     summary = {"source": str(path), "output": str(out), "format": fmt, "backbone": meta["backbone"],
                "source_sha256": meta["source_sha256"], "parameters": sum(t.numel() for t in state.values()),
                "widths": list(widths), "layers": meta.get("layers", "full"),
