@@ -7,6 +7,7 @@ then checked for it like for the others.
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -169,3 +170,45 @@ def test_exports_to_its_graphs(spec: BackboneSpec, published: tuple[Path, dict[s
     net, meta = _net(spec, published)
     result = EXPORTERS[fmt](net, meta, tmp_path / ("model.keras" if fmt == "keras" else "saved"))
     assert result["max_abs_diff"] <= 1e-4
+
+
+# -- files written before there was a choice of backbone keep their meaning -----------------------------------
+
+def test_an_old_checkpoint_without_a_backbone_is_still_vgg_face(tmp_path: Path) -> None:
+    """A checkpoint written before dlib's ResNet: no backbone, feature layer, descriptor size or framing recorded."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from agegender.backbones.vgg_face import VGG_FACE_PREPROCESS
+    from agegender.model.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = ModelConfig(widths=(4, 4, 8, 8, 8), image_size=32, hidden=(8,), dropout=(0.0,), backbone="vgg-face")
+    torch.manual_seed(0)
+    net = AgeGenderNet(cfg).eval()
+    new = tmp_path / "new.safetensors"
+    save_checkpoint(new, net, CheckpointMeta(cfg, VGG_FACE_PREPROCESS.resized(32)))
+    with safe_open(str(new), "pt") as f:
+        doc = json.loads((f.metadata() or {})["agegender"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for key in ("backbone", "feature_layer", "descriptor_dim"):
+        del doc["config"][key]
+    for key in ("alignment", "chip_padding"):
+        del doc["preprocess"][key]
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"agegender": json.dumps(doc)})
+
+    loaded, meta = load_checkpoint(old)
+    assert meta.config.backbone == "vgg-face" and meta.config.feature_layer == "pool5"
+    assert meta.config == load_checkpoint(new)[1].config and meta.preprocess == VGG_FACE_PREPROCESS.resized(32)
+    x = torch.from_numpy(meta.preprocess.normalize_numpy(np.full((1, 32, 32, 3), 128, np.uint8)))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).gender_logit, net(x).gender_logit)
+
+
+def test_an_old_run_config_without_a_backbone_resumes_as_vgg_face(tmp_path: Path) -> None:
+    from agegender.train.config import TrainConfig
+    from agegender.train.loop import _stored_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"data": "x", "epochs": 3, "image_size": 64, "hidden": [8]}))
+    stored = _stored_config(tmp_path, TrainConfig(data="x"))  # the library's default backbone is dlib-resnet now
+    assert TrainConfig(data="x").backbone == DEFAULT_BACKBONE and stored["backbone"] == LEGACY_BACKBONE == "vgg-face"

@@ -44,9 +44,10 @@ Box = Sequence[float]
 
 def find_shape_predictor_model() -> Path:
     """dlib's 5-point model, bundled with this package (sha256-checked on first use)."""
+    from ..weights.locate import find
     from ..weights.zoo import SHAPE_PREDICTOR_5
 
-    return SHAPE_PREDICTOR_5.verified()
+    return find(SHAPE_PREDICTOR_5)
 
 
 def load_shape_predictor(path: str | os.PathLike[str] | None = None) -> ShapePredictor:
