@@ -75,6 +75,8 @@ def test_every_backbone_is_covered_and_described() -> None:
         assert entry.licence and entry.install and "--" not in entry.install  # a hint in words, not options
         assert spec.train_options <= BACKBONE_OPTIONS and set(spec.feature_layers)
         assert set(spec.exports) >= {"onnx", "torch"}
+        # what the spec names by "module:attribute" exists (imported here, never by the spec itself)
+        assert issubclass(spec.trunk_class(), Trunk) and all(callable(spec.graph(fmt)) for fmt in spec.graphs)
 
 
 def test_specs_are_torch_free() -> None:
