@@ -335,9 +335,9 @@ def scored(pending: Pending, found: dict[str, bool], peer: dict[str, Any]) -> di
 
 def face_found(paths: Sequence[str], workers: int = 2) -> dict[str, bool]:
     """Whether evaluation's own detector (photo_framer's RetinaFace, 20 px floor) finds a face in each photo."""
+    from agegender.backbones import backbone
     from agegender.faces.detect import photo_framer
     from agegender.images import load_image
-    from agegender.model.backbones import backbone
 
     detector = getattr(photo_framer(backbone(BACKBONE).preprocess), "detector", None)
     if detector is None:

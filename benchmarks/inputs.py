@@ -121,8 +121,8 @@ def build_tree(dest: Path, n: int, photos: Sequence[Any] = (), seed: int = 0) ->
 
 def bench_weights(path: Path, widths: tuple[int, ...] | None) -> Path:
     """Generated VGG-Face weights at real conv shapes (tiny fc layers: the trunk never uses them)."""
+    from agegender.backbones.vgg_face import VGG16_WIDTHS
     from agegender.data.synthetic import make_vgg_face_state, save_vgg_face
-    from agegender.model.config import VGG16_WIDTHS
 
     if not path.is_file():
         save_vgg_face(path, make_vgg_face_state(widths or VGG16_WIDTHS, fc=16, classes=16))

@@ -14,8 +14,8 @@ from pathlib import Path
 def random_onnx(dest: Path, backbone: str = "dlib-resnet", seed: int = 0) -> Path:
     import torch
 
+    from agegender.backbones import backbone as spec_of
     from agegender.infer.export import export_onnx
-    from agegender.model.backbones import backbone as spec_of
     from agegender.model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
     from agegender.model.config import ModelConfig
     from agegender.model.net import AgeGenderNet

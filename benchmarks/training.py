@@ -23,8 +23,8 @@ def train_config(ctx: dict[str, Any], **overrides: Any) -> Any:
     from agegender.train.config import TrainConfig
 
     precision = {True: "bf16", False: "fp32"}.get(ctx.get("extract_bf16"), "auto")
-    return TrainConfig.from_preset("default", data=ctx["tree"], weights=ctx["weights"], out=ctx["run_dir"],
-                                   cache_dir=ctx["cache_dir"], precision=precision,
+    return TrainConfig.from_preset("default", data=ctx["tree"], backbone="vgg-face", weights=ctx["weights"],
+                                   out=ctx["run_dir"], cache_dir=ctx["cache_dir"], precision=precision,
                                    hidden=tuple(ctx["sizes"]["hidden"]), device=ctx["device"], progress=False,
                                    **overrides)
 

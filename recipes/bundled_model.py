@@ -302,7 +302,7 @@ def heads(run: Path, work: Path) -> Path:
 
 
 def _pin(zoo_text: str, filename: str, data: bytes) -> str:
-    """``zoo_text`` with the BundledFile entry of ``filename`` pinned to ``data``'s sha256 and size."""
+    """``zoo_text`` with the ZooFile entry of ``filename`` pinned to ``data``'s sha256 and size."""
     entry = re.search(rf'    "{re.escape(filename)}",\n    sha256="[0-9a-f]{{64}}",\n    size=[\d_]+,', zoo_text)
     if entry is None:
         raise SystemExit(f"agegender/weights/zoo.py: no entry for {filename} where the recipe expects it")

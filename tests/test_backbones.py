@@ -9,22 +9,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from agegender.backbones import backbone
 from agegender.cli import main
 from agegender.data.synthetic import make_agegender_tree
-from agegender.model.backbones import BACKBONES, backbone
 from agegender.model.checkpoint import read_meta
 from agegender.model.config import ModelConfig
 from agegender.train.config import TrainConfig
 from agegender.train.loop import fit
-from agegender.weights.locate import packaged_weights
+from agegender.weights.locate import find
+from agegender.weights.pretrained import pretrained_entry
 from dlib_net_writer import write_dlib_resnet
 
-REAL_WEIGHTS = BACKBONES["dlib-resnet"].weights
+REAL_WEIGHTS = pretrained_entry(backbone("dlib-resnet"))
 
 
 def _real_dlib_weights() -> Path:
     try:
-        return packaged_weights(REAL_WEIGHTS)
+        return find(REAL_WEIGHTS)
     except Exception:
         pytest.skip("face_recognition_models is not installed (pip install 'agegender[train]')")
 

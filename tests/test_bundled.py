@@ -25,7 +25,7 @@ SETS = ("utkface", "utkface_rest", "lfw", "wiki", "fairface")
 
 
 @pytest.mark.parametrize("entry", zoo.BUNDLED, ids=lambda e: e.filename)
-def test_bundled_files_match_their_pins(entry: zoo.BundledFile) -> None:
+def test_bundled_files_match_their_pins(entry: zoo.ZooFile) -> None:
     data = entry.path.read_bytes()
     assert len(data) == entry.size and hashlib.sha256(data).hexdigest() == entry.sha256
     assert entry.verified() == entry.path

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from agegender.backbones.vgg_face import VGG16_WIDTHS, VGG_FACE_PREPROCESS
 from agegender.cli import main
-from agegender.model.config import VGG16_WIDTHS, VGG_FACE_PREPROCESS
 from agegender.model.vgg import CONV_NAMES, FC_NAMES, VGGFace
 from agegender.weights.convert import canonical_key, load_canonical, read_weights
 from t7_writer import Obj, torch7_forward, vgg_face_model, vgg_face_params, write_t7, write_vgg_face_t7

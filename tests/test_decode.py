@@ -93,9 +93,9 @@ def test_feature_cache_reuses_rows_across_record_sets(tmp_path: Path, caplog: py
     """A run over A then one over A+B extracts only B's images, and gives A's rows unchanged."""
     from PIL import Image
 
+    from agegender.backbones.vgg_face import VGG_FACE_PREPROCESS
     from agegender.data import features as F
     from agegender.data.records import FaceRecord
-    from agegender.model.config import VGG_FACE_PREPROCESS
     from agegender.model.net import AgeGenderNet
 
     torch.manual_seed(0)

@@ -15,10 +15,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agegender.backbones.dlib_resnet import DESCRIPTOR_DIM, DLIB_PREPROCESS, DLIB_WIDTHS, INPUT_MEAN_RGB
 from agegender.errors import AgeGenderError
-from agegender.model.config import DLIB_PREPROCESS
-from agegender.model.dlib_resnet import INPUT_MEAN_RGB, DlibResNet
-from agegender.weights.dlib_dat import DLIB_DESCRIPTOR_DIM, DLIB_WIDTHS, load_dlib_resnet, parse_dlib_resnet
+from agegender.model.dlib_resnet import DlibResNet
+from agegender.weights.dlib_dat import load_dlib_resnet, parse_dlib_resnet
 from agegender.weights.dlib_serial import DlibStream
 from dlib_net_writer import (
     TINY_WIDTHS,
@@ -280,7 +280,7 @@ def release() -> tuple[Path, DlibResNet]:
 def test_release_file_reads_to_its_last_byte(release: tuple[Path, DlibResNet]) -> None:
     f = load_dlib_resnet(release[0])  # parse_dlib_resnet refuses trailing bytes
     assert f.parameter_count == 5_614_592 == sum(p.numel() for p in release[1].parameters())
-    assert f.widths == DLIB_WIDTHS and f.descriptor_dim == DLIB_DESCRIPTOR_DIM
+    assert f.widths == DLIB_WIDTHS and f.descriptor_dim == DESCRIPTOR_DIM
     assert f.layer_versions == RELEASE_VERSIONS
     assert f.input_mean_rgb == pytest.approx(INPUT_MEAN_RGB, abs=1e-5)
     assert len([k for k in f.state if k.endswith(("conv1.weight", "conv2.weight"))]) == 29

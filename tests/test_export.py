@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from agegender import cli
+from agegender.backbones import BACKBONES
+from agegender.backbones.vgg_face import VGG_FACE_PREPROCESS
 from agegender.errors import AgeGenderError
 from agegender.infer import export as ex
-from agegender.model.backbones import BACKBONES
 from agegender.model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from agegender.model.config import VGG_FACE_PREPROCESS, ModelConfig
+from agegender.model.config import ModelConfig
 from agegender.model.dlib_resnet import Affine
 from agegender.model.net import AgeGenderNet
 from agegender.model.runtime import load_backend

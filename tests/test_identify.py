@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from agegender.backbones.vgg_face import VGG_FACE_PREPROCESS
 from agegender.cli import main
 from agegender.errors import AgeGenderError
 from agegender.infer.identify import identify
-from agegender.model.config import VGG_FACE_PREPROCESS
 from agegender.weights.convert import convert_weights
 from t7_writer import torch7_forward, vgg_face_model, vgg_face_params, write_t7
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from agegender.backbones.vgg_face import VGG_FACE_PREPROCESS
 from agegender.data.synthetic import make_vgg_face_state
 from agegender.errors import AgeGenderError
 from agegender.model.checkpoint import CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
-from agegender.model.config import VGG_FACE_PREPROCESS, ModelConfig
+from agegender.model.config import ModelConfig
 from agegender.model.net import AgeGenderNet, decode_age
 from agegender.model.vgg import CONV_NAMES, VGGFace, vgg_face_shapes
 

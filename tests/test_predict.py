@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
+from agegender.backbones.vgg_face import VGG_FACE_PREPROCESS
 from agegender.cli import main
 from agegender.errors import AgeGenderError
 from agegender.images import ImageError, expand_paths, load_image
 from agegender.infer.predict import Predictor
 from agegender.labels import ADIENCE_GROUP_NAMES, age_group
 from agegender.model.checkpoint import CheckpointMeta, save_checkpoint
-from agegender.model.config import VGG_FACE_PREPROCESS, ModelConfig
+from agegender.model.config import ModelConfig
 from agegender.model.net import AgeGenderNet
 
 SIZE = 64

@@ -41,8 +41,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def config(world: dict[str, Path], out: Path, **kw: object) -> TrainConfig:
-    base = dict(data=str(world["data"]), out=str(out), weights=str(world["weights"]), epochs=1, batch_size=32,
-                hidden=(32, 32), progress=False, cache_dir=str(world["root"] / "cache"))
+    base = dict(data=str(world["data"]), out=str(out), backbone="vgg-face", weights=str(world["weights"]), epochs=1,
+                batch_size=32, hidden=(32, 32), progress=False, cache_dir=str(world["root"] / "cache"))
     return TrainConfig.from_preset("default", **{**base, **kw})  # type: ignore[arg-type]
 
 

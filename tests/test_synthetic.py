@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from agegender.backbones import Preprocess
+from agegender.backbones.vgg_face import VGG16_WIDTHS, VGG_FACE_PREPROCESS
 from agegender.data.batches import decode_batch
 from agegender.data.records import FaceRecord, parse_identity, scan
 from agegender.data.splits import folder_split, identity_split
@@ -24,7 +26,6 @@ from agegender.data.synthetic import (
     save_vgg_face,
 )
 from agegender.errors import AgeGenderError
-from agegender.model.config import VGG16_WIDTHS, VGG_FACE_PREPROCESS, Preprocess
 from agegender.model.vgg import VGGFace, VGGTrunk, vgg_face_shapes
 
 TINY = (4, 8, 8, 16, 16)

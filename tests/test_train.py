@@ -32,8 +32,8 @@ def _split(out: Path, name: str) -> list[str]:
 
 
 def config(world: dict[str, Path], out: Path, **kw: object) -> TrainConfig:
-    base = dict(data=str(world["data"]), out=str(out), weights=str(world["weights"]), epochs=3, batch_size=32,
-                hidden=(32, 32), progress=False, cache_dir=str(world["root"] / "cache"))
+    base = dict(data=str(world["data"]), out=str(out), backbone="vgg-face", weights=str(world["weights"]), epochs=3,
+                batch_size=32, hidden=(32, 32), progress=False, cache_dir=str(world["root"] / "cache"))
     return TrainConfig.from_preset(str(kw.pop("preset", "default")), **{**base, **kw})
 
 
@@ -65,9 +65,9 @@ def test_cached_and_uncached_training_give_the_same_head(world, tmp_path) -> Non
     naive = fit(config(world, tmp_path / "naive", epochs=2, cache=False, precision="fp32"))
     # The two trunk paths differ only by float rounding (channels_last vs plain convs), so the heads trained
     # on them must agree in what they output, not bit for bit in every weight.
+    from agegender.backbones.vgg_face import VGG_FACE_PREPROCESS
     from agegender.data.batches import decode_batch
     from agegender.model.checkpoint import load_checkpoint
-    from agegender.model.config import VGG_FACE_PREPROCESS
 
     paths = _split(cached.out, "test")
     images, ok = decode_batch(paths, 64)
@@ -141,7 +141,7 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys) -> None:  # type: igno
 def test_scratch_training_on_real_photos_beats_chance(shared_faces: Path, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A small net trained from scratch on the shared WIKI photos beats chance on held-out people."""
     run = fit(TrainConfig.from_preset("default", data=str(shared_faces / "wiki"), out=str(tmp_path / "wiki"),
-                                      init="scratch", widths=(8, 16, 16, 32, 32), hidden=(64, 64), epochs=6,
+                                      backbone="vgg-face", init="scratch", widths=(8, 16, 16, 32, 32), hidden=(64, 64), epochs=6,
                                       batch_size=32, lr=3e-3, progress=False))
     test = run.report["protocol"]["splits"]["test"]["images"]
     assert test > 100

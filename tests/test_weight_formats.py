@@ -26,11 +26,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from agegender.backbones.vgg_face import VGG_FACE_PREPROCESS
 from agegender.cli import main
 from agegender.data.synthetic import make_vgg_face_state
 from agegender.errors import AgeGenderError
 from agegender.infer.identify import identify
-from agegender.model.config import VGG_FACE_PREPROCESS
 from agegender.weights.caffe import read_caffe_layers
 from agegender.weights.convert import FORMATS, convert_weights, load_canonical, read_weights
 from agegender.weights.torch7 import read_t7
@@ -219,7 +219,8 @@ def test_notop_gives_a_trunk_only_file(tmp_path: Path, capsys: pytest.CaptureFix
     from agegender.train.config import TrainConfig
     from agegender.train.loop import build_model
 
-    cfg = TrainConfig.from_preset(data=str(tmp_path), weights=str(out), hidden=(8, 8), image_size=64)
+    cfg = TrainConfig.from_preset(data=str(tmp_path), backbone="vgg-face", weights=str(out), hidden=(8, 8),
+                                  image_size=64)
     model = build_model(cfg)[0]  # training needs only the convolutions
     assert torch.equal(model.trunk.conv5_3.weight.detach().cpu(), torch.from_numpy(params["conv5_3.weight"]))
 
@@ -243,13 +244,16 @@ def test_dlib_converts_and_loads_back(tmp_path: Path, capsys: pytest.CaptureFixt
     assert load_canonical(out, backbone="dlib-resnet")[0].keys() == state.keys()
     with pytest.raises(AgeGenderError, match="holds dlib-resnet weights, not vgg-face"):
         load_canonical(out, backbone="vgg-face")
-    with pytest.raises(AgeGenderError, match="dlib's face ResNet, not VGG-Face"):
+    with pytest.raises(AgeGenderError, match="dlib-resnet weights, not VGG-Face"):
         read_weights(src)
 
-    from agegender.train.loop import load_dlib_weights
+    from agegender.backbones import backbone
+    from agegender.weights.pretrained import load_pretrained
 
-    loaded, sha = load_dlib_weights(str(out))
-    assert sha == meta["source_sha256"] and loaded.keys() == state.keys()
+    for path in (out, src):  # the converted file, and the published one converted in memory
+        loaded = load_pretrained(backbone("dlib-resnet"), path)
+        assert loaded.sha256 == meta["source_sha256"] and loaded.state.keys() == state.keys()
+        assert loaded.shape == {"widths": tuple(json.loads(meta["widths"])), "descriptor_dim": int(meta["descriptor_dim"])}
 
 
 # -- what a mis-named file really is ----------------------------------------------------------------

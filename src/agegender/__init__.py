@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AgeGenderError": ("agegender.errors", "AgeGenderError"),
-    "Preprocess": ("agegender.model.config", "Preprocess"),
-    "VGG_FACE": ("agegender.weights.archives", "VGG_FACE"),
+    "Preprocess": ("agegender.backbones", "Preprocess"),
+    "VGG_FACE": ("agegender.weights.zoo", "VGG_FACE"),
     "ModelConfig": ("agegender.model.config", "ModelConfig"),
     "AgeGenderNet": ("agegender.model.net", "AgeGenderNet"),
     "VGGFace": ("agegender.model.vgg", "VGGFace"),
@@ -27,14 +27,15 @@ __all__ = [  # noqa: RUF022 - the lazy names, in _LAZY's order
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .backbones import Preprocess
     from .errors import AgeGenderError
     from .infer.predict import Predictor
     from .model.checkpoint import load_checkpoint
-    from .model.config import ModelConfig, Preprocess
+    from .model.config import ModelConfig
     from .model.net import AgeGenderNet
     from .model.vgg import VGGFace
-    from .weights.archives import VGG_FACE
     from .weights.convert import convert_weights
+    from .weights.zoo import VGG_FACE
 
 
 def __getattr__(name: str) -> Any:

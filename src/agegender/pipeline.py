@@ -48,29 +48,37 @@ def reproduce(cfg: TrainConfig, work: Path, force: bool = False) -> Path:
     """Fetch what ``cfg`` does not name (data, weights), convert, train, evaluate, then export every format.
 
     The run goes to ``work/run`` (whatever ``cfg.out`` says), the exports to ``work/export``. ``cfg.data`` empty
-    means agegender_cleaned from `agegender fetch data`; ``cfg.weights`` None with the vgg-face init means
-    VGG_FACE.t7 from `agegender fetch weights`.
+    means agegender_cleaned from `agegender fetch data`; ``cfg.weights`` None means the backbone's pretrained
+    file where the zoo finds it, else its download (VGG-Face's, from `agegender fetch weights`). A published
+    weights file is converted once into ``work``.
     """
+    from .backbones import backbone
     from .files import refuse_overwrite
     from .train.loop import fit
-    from .weights.archives import AGEGENDER_CLEANED, VGG_FACE
     from .weights.fetch import default_cache_dir, fetch
+    from .weights.locate import finds_itself
+    from .weights.pretrained import pretrained_entry
+    from .weights.zoo import AGEGENDER_CLEANED
 
     run = RunDir(work / "run")
     refuse_overwrite(run.path, run.markers, force)  # before any download
     cache = default_cache_dir()
+    spec = backbone(cfg.backbone)
+    entry = pretrained_entry(spec)
+    converted = work / f"{spec.name.replace('-', '_')}.safetensors"
     data: str | tuple[str, ...] = cfg.data if cfg.data else str(fetch(AGEGENDER_CLEANED, cache))
     weights: Path | None = None
     if cfg.weights:
         weights = Path(cfg.weights)
-        if weights.suffix != ".safetensors" and cfg.backbone == "vgg-face":
-            weights = _convert_once(weights, work / "vgg_face.safetensors")
-    elif cfg.init != "scratch" and cfg.backbone == "vgg-face":  # dlib-resnet finds its installed weights
-        extracted = fetch(VGG_FACE, cache)
-        t7 = next(extracted.rglob("VGG_FACE.t7"), None)
-        if t7 is None:
-            raise AgeGenderError(f"{extracted}: VGG_FACE.t7 not found in the extracted weights archive")
-        weights = _convert_once(t7, work / "vgg_face.safetensors")
+        if weights.suffix != ".safetensors":
+            weights = _convert_once(weights, converted)
+    elif cfg.init != "scratch" and entry.urls and not finds_itself(entry):
+        extracted = fetch(entry, cache)
+        published = Path(entry.extracted).name
+        found = next(extracted.rglob(published), None)
+        if found is None:
+            raise AgeGenderError(f"{extracted}: {published} not found in the extracted weights archive")
+        weights = _convert_once(found, converted)
     fit(replace(cfg, data=data, weights=str(weights) if weights else None, out=str(run.path)), force=force)
     exports = _export_all(run, work / "export")
     for fmt, r in exports.items():
@@ -80,6 +88,7 @@ def reproduce(cfg: TrainConfig, work: Path, force: bool = False) -> Path:
 
 def demo(work: Path, seed: int = 0, force: bool = False) -> Path:
     """The whole pipeline on generated data and weights, in about two minutes. Its numbers mean nothing."""
+    from .backbones.vgg_face import VGG_FACE
     from .data.synthetic import make_agegender_tree, make_vgg_face_state, save_vgg_face
     from .files import refuse_overwrite
     from .train.config import TrainConfig
@@ -93,8 +102,8 @@ def demo(work: Path, seed: int = 0, force: bool = False) -> Path:
         make_agegender_tree(data, per_folder=3, seed=seed)
     weights = work / "vgg_face_synthetic.safetensors"
     save_vgg_face(weights, make_vgg_face_state(seed=seed))
-    cfg = TrainConfig.from_preset("default", data=str(data), out=str(run.path), weights=str(weights),
-                                  seed=seed, epochs=8, batch_size=64, hidden=(512, 512))
+    cfg = TrainConfig.from_preset("default", data=str(data), out=str(run.path), backbone=VGG_FACE.name,
+                                  weights=str(weights), seed=seed, epochs=8, batch_size=64, hidden=(512, 512))
     fit(cfg, force=force)
     exports = _export_all(run, work / "export")
     if "onnx" in exports:

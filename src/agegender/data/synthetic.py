@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..backbones.vgg_face import VGG16_WIDTHS, VGG_FACE_FC, VGG_FACE_IDENTITIES, VGG_FACE_PREPROCESS
 from ..errors import AgeGenderError
 from ..files import atomic_path, write_text_atomic
-from ..model.config import VGG16_WIDTHS, VGG_FACE_PREPROCESS
-from ..model.vgg import VGG_FACE_FC, VGG_FACE_IDENTITIES, vgg_face_shapes
+from ..model.vgg import vgg_face_shapes
 
 # Adience brackets land in these agegender_cleaned age folders (FORMATS: Adience files appear only there).
 ADIENCE_FOLDER_AGES = frozenset({*range(1, 14), 18, 28, 40, 51, 56})

@@ -45,9 +45,10 @@ Rect = Sequence[float]  # a dlib rectangle: left, top, right, bottom (inclusive)
 
 def find_shape_predictor_model() -> Path:
     """dlib's 5-point model, bundled with this package (sha256-checked on first use)."""
+    from ..weights.locate import find
     from ..weights.zoo import SHAPE_PREDICTOR_5
 
-    return SHAPE_PREDICTOR_5.verified()
+    return find(SHAPE_PREDICTOR_5)
 
 
 def load_shape_predictor(path: str | os.PathLike[str] | None = None) -> ShapePredictor:

@@ -41,9 +41,10 @@ def find_retinaface_weights(model_path: str | os.PathLike[str] | None = None) ->
 
     An explicit file is trusted as it is (another export of the same graph works too).
     """
+    from ..weights.locate import find
     from ..weights.zoo import RETINAFACE
 
-    path = Path(model_path) if model_path is not None else RETINAFACE.verified()
+    path = Path(model_path) if model_path is not None else find(RETINAFACE)
     try:
         return path.read_bytes()
     except OSError as e:

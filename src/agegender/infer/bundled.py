@@ -14,24 +14,21 @@ from ..model.net import AgeGenderNet
 
 def bundled_network() -> tuple[AgeGenderNet, CheckpointMeta]:
     """The bundled model's network in eval mode, and its metadata."""
-    import torch
     from safetensors.torch import load_file
 
-    from ..files import sha256_file
-    from ..model.backbones import DLIB_RESNET
-    from ..weights.dlib_dat import read_dlib_resnet
-    from ..weights.locate import packaged_weights
+    from ..backbones import backbone
+    from ..weights.pretrained import load_pretrained
     from ..weights.zoo import HEADS
 
     path = HEADS.verified()
     meta = read_meta(path)
-    trunk_file = packaged_weights(DLIB_RESNET.weights)
-    digest = sha256_file(trunk_file)
-    if meta.weights_sha256 and digest != meta.weights_sha256:
-        raise AgeGenderError(f"{trunk_file}: dlib's ResNet has sha256 {digest[:16]}..., but the bundled heads were "
-                             f"trained on {meta.weights_sha256[:16]}...; reinstall face-recognition-models==0.3.0")
+    trunk = load_pretrained(backbone(meta.config.backbone))
+    if meta.weights_sha256 and trunk.sha256 != meta.weights_sha256:
+        raise AgeGenderError(f"{trunk.path}: the backbone's weights have sha256 {trunk.sha256[:16]}..., but the "
+                             f"bundled heads were trained on {meta.weights_sha256[:16]}...; reinstall "
+                             f"face-recognition-models==0.3.0")
     net = AgeGenderNet(meta.config)
-    net.load_trunk({k: torch.from_numpy(v) for k, v in read_dlib_resnet(trunk_file).items()})
+    net.load_trunk(trunk.state)
     heads = load_file(str(path))
     missing, unexpected = net.load_state_dict(heads, strict=False)
     if unexpected or any(not k.startswith("trunk.") for k in missing):

@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backbones import backbone
 from ..errors import AgeGenderError
 from ..files import atomic_path, write_text_atomic
 from ..model.checkpoint import CheckpointMeta, load_checkpoint
 from ..model.config import ModelConfig
 from ..model.decode import decode, output_names
 from ..model.meta import resolve_model
-from ..model.net import AgeGenderNet, DlibTrunk
-from ..model.vgg import VGGTrunk
+from ..model.net import AgeGenderNet
 from .formats import SUFFIXES
-from .graph_weights import Weights, age_values, bn_arrays, conv_arrays, dense_arrays, regression_affine
+from .graph_weights import Weights, age_values, bn_arrays, dense_arrays, regression_affine
 
 if TYPE_CHECKING:
     import keras
@@ -358,29 +358,12 @@ def _import_keras() -> Any:
     return keras
 
 
-def _keras_vgg_trunk(keras: Any, x: Any, trunk: VGGTrunk, weights: Weights) -> Any:
-    """VGG's conv blocks on NHWC ``x``, flattened in PyTorch's C, H, W order so the fc weights keep theirs."""
-    layers = keras.layers
-    for b, names in enumerate(trunk.blocks, 1):
-        for name in names:
-            conv = getattr(trunk, name)
-            x = layers.Conv2D(conv.out_channels, 3, padding="same", activation="relu", name=name)(x)
-            weights[name] = conv_arrays(conv)
-        if trunk.block_bn:
-            bn = getattr(trunk, f"bn{b}")
-            x = layers.BatchNormalization(epsilon=bn.eps, name=f"bn{b}")(x)
-            weights[f"bn{b}"] = bn_arrays(bn)
-        x = layers.MaxPooling2D(2, name=f"pool{b}")(x)
-    x = layers.Permute((3, 1, 2), name="to_channels_first")(x)
-    return layers.Flatten(name="flatten")(x)
-
-
 def build_keras_model(net: AgeGenderNet) -> keras.Model:
     """The Keras 3 functional twin of ``InferenceModel(net)``: same NCHW input, same named outputs.
 
     Inside, it runs channels-last (TensorFlow has no channels-first conv on CPU). BatchNorm layers carry
-    the running statistics, which is what eval mode computes. The trunk is VGG-Face's (below) or dlib's
-    ResNet (:mod:`.keras_dlib`); the head is the same for both.
+    the running statistics, which is what eval mode computes. The trunk's layers are its backbone's Keras graph
+    (``BackboneSpec.graphs["keras"]``: :mod:`.keras_vgg`, :mod:`.keras_dlib`); the head is the same for all.
     """
     keras = _import_keras()
     layers = keras.layers
@@ -389,14 +372,7 @@ def build_keras_model(net: AgeGenderNet) -> keras.Model:
 
     inputs = keras.Input((3, cfg.image_size, cfg.image_size), name=INPUT_NAME)
     x = layers.Permute((2, 3, 1), name="to_channels_last")(inputs)
-    if isinstance(trunk, VGGTrunk):
-        x = _keras_vgg_trunk(keras, x, trunk, weights)
-    elif isinstance(trunk, DlibTrunk):
-        from .keras_dlib import dlib_trunk
-
-        x = dlib_trunk(keras, x, trunk, weights)
-    else:
-        raise AgeGenderError(f"no Keras graph for the {cfg.backbone} backbone; export it with --format onnx or torch")
+    x = backbone(cfg.backbone).graph("keras")(keras, x, trunk, weights)
 
     fc = 0
     for module in net.fc:
@@ -563,6 +539,10 @@ def export(run: str | os.PathLike[str] | None, fmt: str, output: str | os.PathLi
         net, meta = bundled_network()
     else:
         net, meta = load_checkpoint(resolve_model(run))
+    spec = backbone(meta.config.backbone)
+    if fmt not in spec.exports:
+        raise AgeGenderError(f"{run or 'the bundled model'}: the {spec.name} backbone has no {fmt} export; it "
+                             f"exports to {', '.join(spec.exports)}")
     log.info("exporting %s to %s: trace, write, then a parity check on the reloaded file", run or "the bundled model",
              output)
     if meta.config.age_head == "none":

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..backbones.vgg_face import VGG_FACE, VGG_FACE_PREPROCESS
 from ..errors import AgeGenderError
 from ..images import load_image
-from ..model.config import VGG_FACE_PREPROCESS
 from ..model.vgg import VGGFace
 
 
@@ -20,18 +20,18 @@ def identify(image: str | os.PathLike[str], weights: str | os.PathLike[str], nam
 
     ``weights`` is converted safetensors, or any format ``agegender convert`` reads (converted in memory).
     """
-    from ..weights.convert import infer_widths, load_canonical, read_weights
+    from ..weights.pretrained import load_pretrained
 
     if top < 1:
         raise AgeGenderError(f"--top must be at least 1, not {top}")
     # full: a trunk-only (notop) file is refused with a message that says the fc layers are missing.
-    state = (load_canonical(weights, full=True, backbone="vgg-face")[0] if Path(weights).suffix == ".safetensors"
-             else read_weights(weights, full=True))
+    pretrained = load_pretrained(VGG_FACE, weights, full=True)
+    state = pretrained.state
     classes = int(state["fc8.weight"].shape[0])
     labels = read_names(names)
     if len(labels) != classes:
         raise AgeGenderError(f"{names}: {len(labels)} names, but the weights have {classes} identities")
-    model = VGGFace(infer_widths(state), fc=int(state["fc7.weight"].shape[0]), classes=classes)
+    model = VGGFace(pretrained.shape["widths"], fc=int(state["fc7.weight"].shape[0]), classes=classes)
     model.load_canonical(state)
     x = torch.from_numpy(VGG_FACE_PREPROCESS.normalize_numpy(load_face(image))[None])
     with torch.inference_mode():

@@ -14,8 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..model.dlib_resnet import ResidualBlock
-from ..model.net import DlibTrunk
+from ..model.dlib_resnet import DlibTrunk, ResidualBlock
 from .graph_weights import Weights, conv_arrays, conv_geometry, dlib_blocks, np32
 
 

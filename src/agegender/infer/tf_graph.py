@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from ..backbones import backbone
 from ..model.age_head import AGE_INTERVAL
-from ..model.net import AgeGenderNet, DlibTrunk
+from ..model.dlib_resnet import DlibTrunk
+from ..model.net import AgeGenderNet
 from ..model.vgg import VGGTrunk
 from .graph_weights import (
     age_values,
@@ -55,13 +57,8 @@ def inference_graph(tf: Any, net: AgeGenderNet) -> tuple[Callable[[Tensor], dict
     """``(forward, variables)``: forward maps normalised float32 NHWC input to the outputs ``InferenceModel``
     gives (``p_male``, ``age``, ``age_probs``, as the head has them), plus ``age_low`` and ``age_high`` for DEX."""
     var = Variables(tf)
-    trunk: Layer
-    if isinstance(net.trunk, VGGTrunk):
-        trunk = _vgg_trunk(tf, net.trunk, var)
-    elif isinstance(net.trunk, DlibTrunk):
-        trunk = _dlib_trunk(tf, net.trunk, var)
-    else:
-        raise TypeError(f"no TensorFlow graph for trunk {type(net.trunk).__name__}")
+    # the backbone's own TensorFlow trunk (BackboneSpec.graphs["savedmodel"]): vgg_trunk or dlib_trunk below
+    trunk: Layer = backbone(net.config.backbone).graph("savedmodel")(tf, net.trunk, var)
     head = _head(tf, net, var)
     return (lambda x: head(trunk(x))), var.by_name
 
@@ -110,7 +107,8 @@ def _dense(tf: Any, var: Variables, name: str, linear: nn.Linear, scale: float =
 
 # -- trunks -------------------------------------------------------------------------------------
 
-def _vgg_trunk(tf: Any, trunk: VGGTrunk, var: Variables) -> Layer:
+def vgg_trunk(tf: Any, trunk: VGGTrunk, var: Variables) -> Layer:
+    """VGG's conv blocks on NHWC input, flattened in PyTorch's C, H, W order."""
     blocks = []
     for b, names in enumerate(trunk.blocks, 1):
         convs = [_conv(tf, var, name, getattr(trunk, name)) for name in names]
@@ -137,7 +135,8 @@ def _pad_end(tf: Any, x: Tensor, pads: tuple[int, ...]) -> Tensor:
     return tf.pad(x, [[0, 0], [0, rows], [0, cols], [0, channels]])
 
 
-def _dlib_trunk(tf: Any, trunk: DlibTrunk, var: Variables) -> Layer:
+def dlib_trunk(tf: Any, trunk: DlibTrunk, var: Variables) -> Layer:
+    """dlib's ResNet on NHWC input: its pooled features, its descriptor, or both, as ``trunk.layer`` says."""
     net = trunk.net
     stem = _conv(tf, var, "conv1", net.conv1, net.conv1_affine)
     blocks = []

@@ -14,23 +14,25 @@ Two dlib behaviours shape the code:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.dlib_resnet import (
+    DESCRIPTOR_DIM,
+    DLIB_WIDTHS,
+    INPUT_SIZE,
+    LEVEL_BLOCKS,
+    dlib_shape_of,
+)
 from ..errors import AgeGenderError
+from .trunk import Trunk
 
-# Input convention of the released model (its input layer is input_rgb_image_sized<150>).
-INPUT_SIZE = 150
-INPUT_CHANNEL_ORDER = "RGB"
-INPUT_MEAN_RGB = (122.782, 117.001, 104.298)
-INPUT_SCALE = 1 / 256  # dlib divides by 256, not by a standard deviation
-
-DLIB_WIDTHS = (32, 64, 128, 256, 256)
-LEVEL_BLOCKS = (3, 4, 3, 3, 1)
-DESCRIPTOR_DIM = 128
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 
 def _out_size(size: int, kernel: int, stride: int, padding: int = 0) -> int:
@@ -81,15 +83,6 @@ class ResidualBlock(nn.Module):
         if self.skip_pad:
             skip = F.pad(skip, self.skip_pad)
         return F.relu(y + skip)
-
-
-def dlib_shape_of(state: Mapping[str, np.ndarray | torch.Tensor]) -> tuple[tuple[int, ...], int]:
-    """``(level widths, descriptor size)`` of a canonical dlib ResNet state dict."""
-    try:
-        widths = tuple(int(state[f"level{i + 1}.0.conv2.weight"].shape[0]) for i in range(len(LEVEL_BLOCKS)))
-        return widths, int(state["fc.weight"].shape[0])
-    except KeyError as e:
-        raise AgeGenderError(f"not a dlib ResNet state dict: no {e.args[0]!r}") from None
 
 
 class DlibResNet(nn.Module):
@@ -163,3 +156,28 @@ class DlibResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The (N, descriptor_dim) face descriptor, dlib's ``compute_face_descriptor``."""
         return self.fc(self.forward_features(x))
+
+
+class DlibTrunk(Trunk):
+    """dlib's face ResNet as a trunk: the pooled 256-d activations, its 128-d descriptor, or both."""
+
+    def __init__(self, widths: tuple[int, ...], layer: str, descriptor_dim: int = DESCRIPTOR_DIM) -> None:
+        super().__init__()
+        self.net = DlibResNet(widths, descriptor_dim)
+        self.layer = layer
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> DlibTrunk:
+        return cls(config.widths, config.feature_layer, config.descriptor_dim)
+
+    def load_pretrained(self, state: Mapping[str, Any]) -> None:
+        """Every layer of the ResNet, from its canonical state dict."""
+        self.net.load_canonical(state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled, descriptor = self.net.features_and_descriptor(x)
+        if self.layer == "pooled":
+            return pooled
+        if self.layer == "descriptor":
+            return descriptor
+        return torch.cat([pooled, descriptor], 1)

@@ -14,27 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..backbones import backbone
 from .age_head import age_head
 from .config import ModelConfig
-from .dlib_resnet import DlibResNet
-from .vgg import CONV_NAMES, VGGTrunk
-
-
-class DlibTrunk(nn.Module):
-    """dlib's face ResNet as a trunk: the pooled 256-d activations, its 128-d descriptor, or both."""
-
-    def __init__(self, widths: tuple[int, ...], layer: str, descriptor_dim: int = 128) -> None:
-        super().__init__()
-        self.net = DlibResNet(widths, descriptor_dim)
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled, descriptor = self.net.features_and_descriptor(x)
-        if self.layer == "pooled":
-            return pooled
-        if self.layer == "descriptor":
-            return descriptor
-        return torch.cat([pooled, descriptor], 1)
+from .trunk import Trunk
 
 
 class Dropout(nn.Dropout):
@@ -57,10 +40,11 @@ class Dropout(nn.Dropout):
         return x * scale
 
 
-def build_trunk(config: ModelConfig) -> nn.Module:
-    if config.backbone == "dlib-resnet":
-        return DlibTrunk(config.widths, config.feature_layer, config.descriptor_dim)
-    return VGGTrunk(config.widths, config.block_bn)
+def build_trunk(config: ModelConfig) -> Trunk:
+    """The trunk of ``config``'s backbone, as its spec builds it."""
+    trunk = backbone(config.backbone).build_trunk(config)
+    assert isinstance(trunk, Trunk)
+    return trunk
 
 
 @dataclass
@@ -80,7 +64,7 @@ class AgeGenderNet(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.trunk = build_trunk(config)
+        self.trunk: Trunk = build_trunk(config)
         layers: list[nn.Module] = [nn.BatchNorm1d(config.feature_dim)] if config.feature_bn else []
         dim = config.feature_dim
         for width, p in zip(config.hidden, config.dropout):
@@ -145,25 +129,8 @@ class AgeGenderNet(nn.Module):
         return decode_age(self.config, age_logits)
 
     def load_trunk(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy the pretrained trunk from its canonical state dict (VGG-Face: ``conv1_1`` ... ``conv5_3``;
-        dlib: every layer of the ResNet), shapes asserted; fc layers of the identity net are ignored."""
-        if isinstance(self.trunk, DlibTrunk):
-            self.trunk.net.load_canonical(state)
-            return
-        own = self.trunk.state_dict()
-        for name in CONV_NAMES:
-            for part in ("weight", "bias"):
-                key = f"{name}.{part}"
-                if key not in state:
-                    raise KeyError(f"weights lack {key}")
-                if tuple(state[key].shape) != tuple(own[key].shape):
-                    raise ValueError(f"{key}: weights have shape {tuple(state[key].shape)}, "
-                                     f"model expects {tuple(own[key].shape)}")
-        with torch.no_grad():
-            for name in CONV_NAMES:
-                conv = getattr(self.trunk, name)
-                conv.weight.copy_(state[f"{name}.weight"])
-                conv.bias.copy_(state[f"{name}.bias"])
+        """Copy the pretrained trunk from its backbone's canonical state dict, shapes asserted."""
+        self.trunk.load_pretrained(state)
 
 
 def decode_age(config: ModelConfig, age_logits: torch.Tensor) -> torch.Tensor:
@@ -178,10 +145,11 @@ def inference_layout(model: AgeGenderNet, bf16: bool, device: str | torch.device
     """The layout :func:`feature_extractor` runs the trunk in: "onednn" (blocked) or "channels_last"."""
     from ..devices import native_bf16
 
-    # oneDNN's bf16 kernels need the CPU's bf16 units; forced bf16 elsewhere takes the autocast path. dlib's
-    # ResNet pads and averages, which oneDNN tensors do not support.
+    # oneDNN's bf16 kernels need the CPU's bf16 units; forced bf16 elsewhere takes the autocast path. Only some
+    # trunks run in oneDNN's tensors (Trunk.blocked_bf16).
     cpu = torch.device(device).type == "cpu"
-    return "onednn" if bf16 and cpu and isinstance(model.trunk, VGGTrunk) and native_bf16("cpu") else "channels_last"
+    blocked = getattr(model.trunk, "blocked_bf16", False)  # a trunk already converted to oneDNN is a plain module
+    return "onednn" if bf16 and cpu and blocked and native_bf16("cpu") else "channels_last"
 
 
 def feature_extractor(model: AgeGenderNet, bf16: bool, device: str | torch.device = "cpu", *, in_place: bool = False

@@ -65,7 +65,8 @@ def _field(value: Any, default: Any, name: str, section: str) -> None:
             _number(v, name, section, integer)
 
 
-def _section(d: Any, cls: type, section: str, required: tuple[str, ...] = ()) -> None:
+def _section(d: Any, cls: type, section: str, required: tuple[str, ...] = (), example: Any = None) -> None:
+    """``d``'s fields against ``cls``'s, each typed like its default (or like ``example``'s value)."""
     if not isinstance(d, dict):
         raise ValueError(f"metadata {section} is {_shown(d)}, expected an object")
     for f in fields(cls):
@@ -73,7 +74,8 @@ def _section(d: Any, cls: type, section: str, required: tuple[str, ...] = ()) ->
             if f.name in required:
                 raise ValueError(f"metadata {section}.{f.name} is missing")
             continue
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[operator]
+        default = (getattr(example, f.name) if example is not None else
+                   f.default if f.default is not MISSING else f.default_factory())  # type: ignore[operator]
         _field(d[f.name], default, f.name, section)
 
 
@@ -84,7 +86,8 @@ def check_meta_document(d: Any) -> None:
     if not isinstance(d, dict):
         raise ValueError(f"metadata is {_shown(d)}, expected a JSON object")
     _section(d.get("config"), ModelConfig, "config")
-    _section(d.get("preprocess"), Preprocess, "preprocess", required=("size", "mean_rgb"))
+    _section(d.get("preprocess"), Preprocess, "preprocess", required=("size", "mean_rgb"),
+             example=Preprocess(size=1, mean_rgb=(0.0, 0.0, 0.0)))
     if len(d["preprocess"]["mean_rgb"]) != 3:
         raise ValueError("metadata preprocess.mean_rgb needs 3 numbers (R, G, B)")
     genders = d.get("genders")

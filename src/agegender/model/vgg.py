@@ -6,18 +6,23 @@ weights map by name and inserting BatchNorm never shifts an index.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VGG16_BLOCKS, VGG16_WIDTHS
+from ..backbones.vgg_face import VGG16_BLOCKS, VGG16_WIDTHS, VGG_FACE_FC, VGG_FACE_IDENTITIES
+from .trunk import Trunk
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 CONV_NAMES: tuple[str, ...] = tuple(
     f"conv{b + 1}_{i + 1}" for b, (_, n) in enumerate(VGG16_BLOCKS) for i in range(n)
 )
 FC_NAMES: tuple[str, ...] = ("fc6", "fc7", "fc8")
-VGG_FACE_IDENTITIES = 2622
-VGG_FACE_FC = 4096
 
 
 def conv_shapes(widths: tuple[int, ...] = VGG16_WIDTHS, in_ch: int = 3) -> dict[str, tuple[int, int]]:
@@ -43,11 +48,13 @@ def vgg_face_shapes(widths: tuple[int, ...] = VGG16_WIDTHS, fc: int = VGG_FACE_F
     return out
 
 
-class VGGTrunk(nn.Module):
+class VGGTrunk(Trunk):
     """The 13 conv layers of VGG16 (3x3, stride 1, same padding, ReLU) and 5 max-pools.
 
     ``block_bn`` adds a BatchNorm after the last ReLU of each block (the seed notebook's layout).
     """
+
+    blocked_bf16 = True
 
     def __init__(self, widths: tuple[int, ...] = VGG16_WIDTHS, block_bn: bool = False) -> None:
         super().__init__()
@@ -61,9 +68,31 @@ class VGGTrunk(nn.Module):
                 self.add_module(f"bn{b + 1}", nn.BatchNorm2d(self.widths[b]))
         self.block_bn = block_bn
 
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> VGGTrunk:
+        return cls(config.widths, config.block_bn)
+
     @property
     def out_channels(self) -> int:
         return self.widths[-1]
+
+    def load_pretrained(self, state: Mapping[str, Any]) -> None:
+        """The convolutions of VGG-Face's canonical state dict (``conv1_1`` ... ``conv5_3``), shapes asserted; the
+        identity net's fc layers are ignored."""
+        own = self.state_dict()
+        for name in CONV_NAMES:
+            for part in ("weight", "bias"):
+                key = f"{name}.{part}"
+                if key not in state:
+                    raise KeyError(f"weights lack {key}")
+                if tuple(state[key].shape) != tuple(own[key].shape):
+                    raise ValueError(f"{key}: weights have shape {tuple(state[key].shape)}, "
+                                     f"model expects {tuple(own[key].shape)}")
+        with torch.no_grad():
+            for name in CONV_NAMES:
+                conv = getattr(self, name)
+                conv.weight.copy_(state[f"{name}.weight"])
+                conv.bias.copy_(state[f"{name}.bias"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for b, names in enumerate(self.blocks):

@@ -6,9 +6,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..backbones import BACKBONE_OPTIONS, BACKBONES, DEFAULT_BACKBONE, OWN_PIXELS, backbone
 from ..devices import use_bf16
 from ..errors import AgeGenderError
-from ..model.config import VGG16_WIDTHS, ModelConfig
+from ..model.config import ModelConfig
 
 # Presets are defined once here; CLI flags override individual fields.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -20,28 +21,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # age MAE 5.05 vs 5.14 for batch 128 at lr 1e-3; batch 512 at 1e-3 gave MAE 5.23, and batch 1024 once broke
     # the age head (MAE 8.1).
     "default": dict(epochs=25, batch_size=512, lr=2e-3, weight_decay=1e-4, head_bn=True, feature_bn=True, block_bn=False,
-                    dropout=(0.5, 0.5), age_head="regression", age_weight=1.0, pixels="vgg-face"),
+                    dropout=(0.5, 0.5), age_head="regression", age_weight=1.0, pixels=OWN_PIXELS),
     # The seed notebook: /255 RGB pixels, BN after each conv block, dropout after fc1 only, one sigmoid, no age.
     "seed": dict(epochs=25, batch_size=128, lr=1e-3, weight_decay=0.0, head_bn=False, feature_bn=False, block_bn=True,
                  dropout=(0.5, 0.0), age_head="none", pixels="seed"),
 }
 
-# What the default preset changes for a backbone, measured on real photos. dlib-resnet on UTKFace (4,899 faces,
-# ages 1-116, its own held-out split): the DEX age head reached MAE 4.57 years where regression gave 6.49-6.87
-# with the same features, and the pooled 256-d layer beat the 128-d descriptor (4.84) and both together (4.62).
-BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dlib-resnet": dict(age_head="dex", hidden=(512, 512), feature_layer="pooled"),
-}
+# What the default preset changes for a backbone is the backbone's own (BackboneSpec.train_defaults).
 
 
 @dataclass
 class TrainConfig:
     data: str | tuple[str, ...]  # one labelled folder, or several trained on together
     out: str = "runs/latest"
-    backbone: str = "vgg-face"  # or "dlib-resnet"; see model.backbones
+    backbone: str = DEFAULT_BACKBONE  # a name in agegender.backbones.BACKBONES
     feature_layer: str = ""  # which backbone layer feeds the head ("" = the backbone's default)
-    alignment: str = ""  # how faces are framed ("" = the backbone's; dlib-resnet: chip5 or landmarks5)
-    weights: str | None = None  # the backbone's pretrained file; dlib-resnet finds the installed one
+    alignment: str = ""  # how faces are framed ("" = the backbone's; else one of its spec's alignments)
+    weights: str | None = None  # the backbone's pretrained file (default: the zoo's, where it finds one)
     init: str = "pretrained"  # or "scratch": no pretrained weights, the whole net trains
     preset: str = "default"
     split: str = "identity"
@@ -59,8 +55,9 @@ class TrainConfig:
     block_bn: bool = False
     dropout: tuple[float, ...] = (0.5, 0.5)
     hidden: tuple[int, ...] = (4096, 4096)
-    widths: tuple[int, ...] = VGG16_WIDTHS  # used with --init scratch; pretrained widths come from the file
-    pixels: str = "vgg-face"  # or "seed" (/255 RGB)
+    # The options below image_size's kind are read by the backbones that say so (BackboneSpec.train_options).
+    widths: tuple[int, ...] = ()  # with --init scratch (() = the backbone's own); pretrained: from the file
+    pixels: str = OWN_PIXELS  # or a recipe of the backbone's ("seed": /255 RGB)
     unfreeze: bool = False
     trunk_lr_mult: float = 0.1
     cache: bool = True
@@ -81,7 +78,8 @@ class TrainConfig:
             # One dropout per hidden layer, at the preset's rate: `--hidden 64` alone must just work.
             rate = float(PRESETS[preset]["dropout"][0])
             given["dropout"] = (rate,) * len(given["hidden"])
-        backbone_defaults = BACKBONE_DEFAULTS.get(str(given.get("backbone", "vgg-face")), {}) if preset == "default" else {}
+        spec = BACKBONES.get(str(given.get("backbone", DEFAULT_BACKBONE)))  # an unknown one: validate() says so
+        backbone_defaults = dict(spec.train_defaults) if spec is not None and preset == "default" else {}
         values = {**PRESETS[preset], **backbone_defaults, **given}
         if values.get("init") == "scratch":
             # From scratch the whole trunk learns at the full rate, and a 13-conv stack trains far better
@@ -93,7 +91,6 @@ class TrainConfig:
         """Every option checked before anything is written; a problem is one line naming the option."""
         from ..data.splits import PROTOCOLS
         from ..devices import PRECISIONS
-        from ..model.backbones import backbone
 
         spec = backbone(self.backbone)
         checks = [
@@ -106,9 +103,11 @@ class TrainConfig:
             (self.split in PROTOCOLS, f"--split must be one of {', '.join(PROTOCOLS)}, got {self.split!r}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
             (self.init in ("pretrained", "scratch"), f"--init must be pretrained or scratch, got {self.init!r}"),
-            (self.alignment in ("", "chip5", "landmarks5") and (not self.alignment or spec.name == "dlib-resnet"),
-             f"--alignment {self.alignment} applies to dlib-resnet only (chip5 or landmarks5)"),
-            (not (spec.name != "vgg-face" and self.pixels == "seed"), "--preset seed is VGG-Face's recipe only"),
+            (not self.alignment or self.alignment in spec.alignments,
+             f"--alignment {self.alignment}: {spec.name} takes "
+             f"{' or '.join(spec.alignments) if spec.alignments else 'no other alignment than its own'}"),
+            (self.pixels == OWN_PIXELS or self.pixels in spec.pixels,
+             f"--preset {self.preset}: its {self.pixels!r} pixels are not a recipe of {spec.name}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -122,11 +121,12 @@ class TrainConfig:
         if self.weights is not None and not Path(self.weights).is_file():
             raise AgeGenderError(f"{self.weights}: no such weights file (--weights)")
 
-        # The model config checks sizes, widths and head shapes in one place; only VGG takes them from options.
-        vgg = spec.name == "vgg-face"
-        model = ModelConfig(backbone=spec.name, widths=self.widths if vgg else spec.widths,
-                            image_size=self.image_size if vgg else spec.preprocess.size, hidden=self.hidden,
-                            dropout=self.dropout, age_head=self.age_head, feature_layer=self.feature_layer)
+        # The model config checks sizes, widths and head shapes in one place; the backbone says which of them
+        # come from the options.
+        shape = spec.training_shape({"widths": self.widths, "image_size": self.image_size})
+        model = ModelConfig(backbone=spec.name, widths=shape["widths"], image_size=shape["image_size"],
+                            hidden=self.hidden, dropout=self.dropout, age_head=self.age_head,
+                            feature_layer=self.feature_layer)
         _check_fits_memory(model, self.batch_size)
         return self
 
@@ -142,17 +142,17 @@ class TrainConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     def applicable_dict(self) -> dict[str, Any]:
-        """``to_dict`` without the options that do nothing for this backbone (a dlib run has no image size,
-        VGG pixels or VGG widths; a VGG run no alignment), as a run's config.json records it. Resuming fills
-        the missing ones with their defaults, which change nothing."""
-        unused = VGG_ONLY if self.backbone != "vgg-face" else {"alignment"}
+        """``to_dict`` without the options that do nothing for this backbone (BACKBONE_OPTIONS it does not read:
+        a dlib run has no image size, pixels or widths; a VGG run no alignment), as a run's config.json records it.
+        Resuming fills the missing ones with their defaults, which change nothing."""
+        spec = backbone(self.backbone)
+        unused = BACKBONE_OPTIONS - spec.train_options
         if self.init != "scratch":
             unused = unused | {"widths"}  # pretrained widths come from the weights file
-        return {k: v for k, v in self.to_dict().items() if k not in unused}
-
-
-# Options that only the VGG trunk reads: the others fix their own input size, pixels and widths.
-VGG_ONLY = frozenset({"image_size", "pixels", "widths", "block_bn"})
+        d = {k: v for k, v in self.to_dict().items() if k not in unused}
+        if "widths" in d:  # the widths the run was built with
+            d["widths"] = list(spec.training_shape(self.to_dict())["widths"])
+        return d
 
 
 def _check_fits_memory(model: ModelConfig, batch_size: int) -> None:

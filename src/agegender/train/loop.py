@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones import LEGACY_BACKBONE, backbone
 from ..data.batches import Batches, Labels
 from ..data.features import FeatureSet, FeatureSource, cached_features
 from ..data.records import Dataset, FaceRecord, scan_all
@@ -29,11 +30,9 @@ from ..errors import AgeGenderError
 from ..faces.detect import photo_framer
 from ..files import atomic_path, folder_lock, safe_name
 from ..model.age_head import age_head
-from ..model.backbones import DLIB_RESNET, backbone
 from ..model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from ..model.config import SEED_PREPROCESS, VGG_FACE_PREPROCESS, ModelConfig, Preprocess
+from ..model.config import ModelConfig, Preprocess
 from ..model.decode import decode
-from ..model.dlib_resnet import dlib_shape_of
 from ..model.net import AgeGenderNet, Outputs
 from ..rundir import RunDir
 from .config import TrainConfig
@@ -63,70 +62,24 @@ class RunResult:
 
 
 # -- building ---------------------------------------------------------------------------------
-def load_trunk_weights(path: str) -> tuple[dict[str, torch.Tensor], Preprocess, str | None]:
-    """Canonical weights, their preprocessing and source hash; .t7/.pt files are converted in memory."""
-    from ..weights.convert import load_canonical, read_weights
-
-    p = Path(path)
-    if not p.is_file():
-        raise AgeGenderError(f"{p}: no such weights file (get it with `agegender fetch weights`, then "
-                             f"`agegender convert .../VGG_FACE.t7 -o vgg_face.safetensors`)")
-    if p.suffix == ".safetensors":
-        state, meta = load_canonical(p, backbone="vgg-face")
-        pre = Preprocess.from_dict(json.loads(meta["preprocess"])) if "preprocess" in meta else VGG_FACE_PREPROCESS
-        return state, pre, meta.get("source_sha256")
-    from ..files import sha256_file
-
-    return read_weights(p), VGG_FACE_PREPROCESS, sha256_file(p)
-
-
-def load_dlib_weights(path: str | None) -> tuple[dict[str, torch.Tensor], str]:
-    """dlib's ResNet from ``path`` (its .dat or a converted .safetensors), or from the installed package."""
-    from ..files import sha256_file
-    from ..weights.convert import load_canonical
-    from ..weights.dlib_dat import read_dlib_resnet
-    from ..weights.locate import packaged_weights
-
-    file = Path(path) if path else packaged_weights(DLIB_RESNET.weights)
-    if not file.is_file():
-        raise AgeGenderError(f"{file}: no such weights file")
-    if file.suffix == ".safetensors":
-        state, meta = load_canonical(file, backbone="dlib-resnet")
-        return state, meta.get("source_sha256") or sha256_file(file)
-    return {k: torch.from_numpy(v) for k, v in read_dlib_resnet(file).items()}, sha256_file(file)
-
-
 def build_model(cfg: TrainConfig, age_range: tuple[int, int] = (1, 70)) -> tuple[AgeGenderNet, Preprocess, str | None]:
-    torch.manual_seed(cfg.seed)
-    state, pre, sha = None, VGG_FACE_PREPROCESS, None
-    spec = backbone(cfg.backbone)
-    widths = cfg.widths if spec.name == "vgg-face" else spec.widths
-    image_size = cfg.image_size if spec.name == "vgg-face" else spec.preprocess.size
-    descriptor_dim = 128
-    if spec.name == "dlib-resnet":
-        pre = replace(spec.preprocess, alignment=cfg.alignment) if cfg.alignment else spec.preprocess
-        if cfg.init != "scratch":
-            state, sha = load_dlib_weights(cfg.weights)
-            widths, descriptor_dim = dlib_shape_of(state)
-    elif cfg.init != "scratch":
-        if not cfg.weights:
-            raise AgeGenderError(f"pretrained vgg-face needs --weights (get them with {spec.weights.how_to_get}), "
-                                 "or use --init scratch")
-        from ..weights.convert import infer_widths
+    """The network a run trains, its input contract and its trunk weights' sha256 (None from scratch)."""
+    from ..weights.pretrained import load_pretrained
 
-        state, pre, sha = load_trunk_weights(cfg.weights)
-        widths = infer_widths(state)
-    if cfg.pixels == "seed":
-        pre = SEED_PREPROCESS
-    mc = ModelConfig(widths=widths, image_size=image_size, backbone=spec.name, feature_layer=cfg.feature_layer,
-                     descriptor_dim=descriptor_dim,
-                     block_bn=cfg.block_bn and spec.name == "vgg-face", hidden=cfg.hidden,
-                     dropout=cfg.dropout, head_bn=cfg.head_bn, feature_bn=cfg.feature_bn, age_head=cfg.age_head,
-                     freeze_trunk=not cfg.unfreeze, age_min=age_range[0], age_max=age_range[1])
+    torch.manual_seed(cfg.seed)
+    spec = backbone(cfg.backbone)
+    shape = spec.training_shape({"widths": cfg.widths, "image_size": cfg.image_size, "block_bn": cfg.block_bn})
+    pretrained = None if cfg.init == "scratch" else load_pretrained(spec, cfg.weights)
+    if pretrained is not None:
+        shape.update(pretrained.shape)
+    pre = spec.input_contract(pretrained.preprocess if pretrained else None, cfg.alignment, cfg.pixels)
+    mc = ModelConfig(backbone=spec.name, feature_layer=cfg.feature_layer, hidden=cfg.hidden, dropout=cfg.dropout,
+                     head_bn=cfg.head_bn, feature_bn=cfg.feature_bn, age_head=cfg.age_head,
+                     freeze_trunk=not cfg.unfreeze, age_min=age_range[0], age_max=age_range[1], **shape)
     model = AgeGenderNet(mc)
-    if state is not None:
-        model.load_trunk(state)
-    return model.to(cfg.device), pre.resized(image_size), sha
+    if pretrained is not None:
+        model.load_trunk(pretrained.state)
+    return model.to(cfg.device), pre.resized(mc.image_size), pretrained.sha256 if pretrained else None
 
 
 # The heads' losses start near 1 (BCE 0.69, smooth L1 on ages scaled to [-1, 1], DEX cross-entropy log(ages) < 5);
@@ -499,6 +452,7 @@ def _stored_config(run: RunDir, cfg: TrainConfig) -> dict[str, Any]:
         raise _cannot_resume(out, f"{run.config.name} is unreadable ({type(e).__name__})") from None
     if not isinstance(stored, dict):
         raise _cannot_resume(out, f"{run.config.name} is not a run's config")
+    stored.setdefault("backbone", LEGACY_BACKBONE)  # a run from before there was a choice: VGG-Face's
     names = {f.name for f in fields(TrainConfig)}
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items()
               if k in names and k not in ("epochs", "progress", "workers", "device")}

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..backbones.vgg_face import VGG_FACE
 from ..errors import AgeGenderError
-from ..model.config import VGG16_BLOCKS
 from ..model.vgg import CONV_NAMES, FC_NAMES, vgg_face_shapes
 
 LAYERS: tuple[str, ...] = (*CONV_NAMES, *FC_NAMES)
@@ -102,7 +102,7 @@ def check_finite(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -
 
 def infer_widths(state: dict[str, Any]) -> tuple[int, ...]:
     """Block widths of a canonical state dict (the output channels of each block's first conv)."""
-    return tuple(int(state[f"conv{b + 1}_1.weight"].shape[0]) for b in range(len(VGG16_BLOCKS)))
+    return tuple(VGG_FACE.shape_of(state)["widths"])
 
 
 def has_fc(state: dict[str, Any]) -> bool:

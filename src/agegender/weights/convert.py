@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from ..backbones import BACKBONES, LEGACY_BACKBONE, backbone_for_format
 from ..errors import AgeGenderError
 from ..files import atomic_path, regular_file, sha256_file
-from ..model.config import VGG_FACE_PREPROCESS
 from .canonical import KEYS, Params, check, check_finite, float32, has_fc, infer_widths, one_line, printable
 from .pytorch import canonical_key
 from .sniff import read_head, sniff
@@ -34,9 +34,9 @@ FORMAT_NAMES = {"t7": "a Torch7 file", "pt": "a PyTorch file", "mat": "a MATLAB 
                 "caffe": "a Caffe model", "dlib": "a dlib network"}
 _SUFFIXES = {".t7": "t7", ".pt": "pt", ".pth": "pt", ".mat": "mat", ".h5": "h5", ".hdf5": "h5",
              ".caffemodel": "caffe", ".dat": "dlib"}
-VGG_FACE, DLIB_RESNET = "vgg-face", "dlib-resnet"
 
-__all__ = ["FORMATS", "canonical_key", "convert_weights", "infer_widths", "load_canonical", "read_weights"]
+__all__ = ["FORMATS", "canonical_key", "convert_weights", "infer_widths", "load_canonical", "read_canonical",
+           "read_weights"]
 
 
 def read_weights(src: str | os.PathLike[str], *, trust_pickle: bool = False, fmt: str = "auto",
@@ -47,9 +47,32 @@ def read_weights(src: str | os.PathLike[str], *, trust_pickle: bool = False, fmt
     """
     path = _source(src)
     fmt = _format(path, fmt)
-    if fmt == "dlib":
-        raise AgeGenderError(f"{path}: dlib's face ResNet, not VGG-Face (use it with --backbone dlib-resnet)")
+    if fmt not in _readers():
+        other = backbone_for_format(fmt).name
+        raise AgeGenderError(f"{path}: {FORMAT_NAMES[fmt]} of {other} weights, not VGG-Face (use it with "
+                             f"--backbone {other})")
     return _read(path, fmt, trust_pickle, full)[0]
+
+
+def read_canonical(src: str | os.PathLike[str], *, trust_pickle: bool = False, fmt: str = "auto", full: bool = False,
+                   backbone: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Any published encoding of a backbone's weights -> its canonical state dict and the metadata
+    :func:`convert_weights` stores with it (``backbone``, ``source_sha256``, ``widths``, ...).
+
+    ``backbone`` refuses a file of another backbone before it is read; ``full`` refuses a trunk-only VGG-Face file.
+    """
+    path = _source(src)
+    fmt = _format(path, fmt)
+    spec = backbone_for_format(fmt)
+    if backbone is not None and spec.name != backbone:
+        raise AgeGenderError(printable(f"{path}: holds {spec.name} weights, not {backbone} weights"))
+    if fmt == "dlib":
+        return _read_dlib(path)
+    state, widths = _read(path, fmt, trust_pickle, full)
+    meta = {"backbone": spec.name, "source_sha256": sha256_file(path), "source_format": fmt,
+            "preprocess": spec.preprocess.to_json(), "widths": json.dumps(list(widths)),
+            "layers": "full" if has_fc(state) else "trunk"}
+    return state, meta
 
 
 def convert_weights(src: str | os.PathLike[str], out: str | os.PathLike[str], *, trust_pickle: bool = False,
@@ -65,15 +88,8 @@ def convert_weights(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
     path = _source(src)
     out = Path(out)
     _check_output(path, out)
-    fmt = _format(path, fmt)
-    if fmt == "dlib":
-        state, meta = _read_dlib(path)
-        widths: tuple[int, ...] = tuple(json.loads(meta["widths"]))
-    else:
-        state, widths = _read(path, fmt, trust_pickle, full)
-        meta = {"backbone": VGG_FACE, "source_sha256": sha256_file(path), "source_format": fmt,
-                "preprocess": VGG_FACE_PREPROCESS.to_json(), "widths": json.dumps(list(widths)),
-                "layers": "full" if has_fc(state) else "trunk"}
+    state, meta = read_canonical(path, trust_pickle=trust_pickle, fmt=fmt, full=full)
+    widths: tuple[int, ...] = tuple(json.loads(meta["widths"]))
     try:
         with atomic_path(out) as tmp:
             mode = tmp.stat().st_mode & 0o777  # what atomic_path chose from the umask
@@ -81,6 +97,7 @@ def convert_weights(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
             os.chmod(tmp, mode)  # safetensors writes its file 0600
     except OSError as e:  # reading errors are AgeGenderErrors already, so this is the output side
         raise AgeGenderError(f"{out}: cannot write ({e.strerror or e})") from None
+    fmt = meta["source_format"]
     summary = {"source": str(path), "output": str(out), "format": fmt, "backbone": meta["backbone"],
                "source_sha256": meta["source_sha256"], "parameters": sum(t.numel() for t in state.values()),
                "widths": list(widths), "layers": meta.get("layers", "full"),
@@ -96,7 +113,7 @@ def load_canonical(path: str | os.PathLike[str], *, full: bool = False,
                    backbone: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load a file written by :func:`convert_weights`: the state dict and its metadata, shapes checked.
 
-    ``backbone`` (``"vgg-face"`` or ``"dlib-resnet"``) refuses a file of the other kind; ``full`` refuses
+    ``backbone`` (a name in :data:`agegender.backbones.BACKBONES`) refuses a file of another; ``full`` refuses
     a trunk-only VGG-Face file.
     """
     from safetensors import safe_open
@@ -110,15 +127,16 @@ def load_canonical(path: str | os.PathLike[str], *, full: bool = False,
         raise AgeGenderError(f"{path}: not a safetensors file ({one_line(e)})") from None
     if "source_format" not in meta:
         raise AgeGenderError(f"{path}: not converted VGG-Face weights (run `agegender convert` first)")
-    kind = meta.get("backbone", VGG_FACE)
+    kind = meta.get("backbone", LEGACY_BACKBONE)  # files converted before dlib's ResNet held VGG-Face
     if backbone is not None and kind != backbone:
         raise AgeGenderError(printable(f"{path}: holds {kind} weights, not {backbone} weights"))
-    if kind == DLIB_RESNET:
-        _check_dlib(state, path)
-    elif kind == VGG_FACE:
-        check(state, path, full=full)
-    else:
+    if kind not in BACKBONES:
         raise AgeGenderError(printable(f"{path}: unknown backbone {kind!r} in its metadata"))
+    # the canonical layout is its readers': dlib's own names, or VGG-Face's
+    if "dlib" in BACKBONES[kind].formats:
+        _check_dlib(state, path)
+    else:
+        check(state, path, full=full)
     check_finite(state, path)
     return state, meta
 
@@ -201,7 +219,7 @@ def _read_dlib(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     net = load_dlib_resnet(path)
     state = {k: torch.from_numpy(v.astype("float32", copy=False)).contiguous() for k, v in net.state.items()}
     check_finite(state, path)
-    meta = {"backbone": DLIB_RESNET, "source_sha256": sha256_file(path), "source_format": "dlib",
+    meta = {"backbone": backbone_for_format("dlib").name, "source_sha256": sha256_file(path), "source_format": "dlib",
             "widths": json.dumps(list(net.widths)), "descriptor_dim": str(net.descriptor_dim),
             "input_mean_rgb": json.dumps(list(net.input_mean_rgb)), "input_size": str(net.input_size),
             "layer_versions": json.dumps(list(net.layer_versions))}

@@ -19,14 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backbones.dlib_resnet import INPUT_SIZE, LEVEL_BLOCKS
 from ..errors import AgeGenderError
 from .dlib_serial import DlibStream
 
-# Blocks per residual level, input to output; a level's first block downsamples, except the first level's.
-LEVEL_BLOCKS = (3, 4, 3, 3, 1)
-DLIB_WIDTHS = (32, 64, 128, 256, 256)
-DLIB_DESCRIPTOR_DIM = 128
-INPUT_SIZE = 150
+# A residual level's first block downsamples, except the first level's (LEVEL_BLOCKS: blocks per level).
 
 # Versions each wrapper (add_layer) may have: the one over the input layer also carries the input layer.
 _ADD_LAYER_VERSIONS = (1, 2)

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import AgeGenderError
 from ..files import os_reason, sha256_file, write_text_atomic
-from .archives import Archive
+from .zoo import ZooFile
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "agegender"
 
 
-def extraction_dir(archive: Archive, dest: str | os.PathLike[str]) -> Path:
+def extraction_dir(archive: ZooFile, dest: str | os.PathLike[str]) -> Path:
     return Path(dest) / archive.filename.removesuffix(".tar.gz")
 
 
@@ -59,7 +59,7 @@ class _Rejected(_MirrorFailed):
     """What the mirror sent failed a check (size, sha256, not an archive, contents); it was deleted."""
 
 
-def fetch(archive: Archive, dest: str | os.PathLike[str], *, url: str | None = None, extract: bool = True,
+def fetch(archive: ZooFile, dest: str | os.PathLike[str], *, url: str | None = None, extract: bool = True,
           progress: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Path:
     """Download, verify and (optionally) unpack ``archive`` into ``dest``; return the directory or the archive.
 
@@ -106,12 +106,12 @@ def fetch(archive: Archive, dest: str | os.PathLike[str], *, url: str | None = N
     raise AgeGenderError(_advice(archive, path, failures))
 
 
-def _mirrors(archive: Archive, url: str | None) -> list[str]:
+def _mirrors(archive: ZooFile, url: str | None) -> list[str]:
     urls = [u + archive.filename if u.endswith("/") else u for u in ((url,) if url else ()) + archive.urls]
     return list(dict.fromkeys(urls))
 
 
-def _advice(archive: Archive, path: Path, failures: list[tuple[str, _MirrorFailed]]) -> str:
+def _advice(archive: ZooFile, path: Path, failures: list[tuple[str, _MirrorFailed]]) -> str:
     """One line: what each mirror did, then what the user can do next."""
     part = _part_path(path)
     if len(failures) == 1:
@@ -138,7 +138,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def locate(archive: Archive, dest: str | os.PathLike[str] | None = None) -> Path:
+def locate(archive: ZooFile, dest: str | os.PathLike[str] | None = None) -> Path:
     """The unpacked directory of ``archive`` under ``dest`` (default: the cache), or an error saying how to get it."""
     root = Path(dest) if dest is not None else default_cache_dir()
     target = extraction_dir(archive, root)
@@ -242,7 +242,7 @@ def _drop_legacy_record(path: Path, target: Path) -> None:
         legacy.unlink()
 
 
-def _expected_sha256(archive: Archive, path: Path) -> tuple[str | None, str, Path | None]:
+def _expected_sha256(archive: ZooFile, path: Path) -> tuple[str | None, str, Path | None]:
     """The sha256 to check against, where it comes from, and the record file (None for a published one)."""
     if archive.sha256:
         return archive.sha256.lower(), "the published sha256", None
@@ -257,7 +257,7 @@ def _expected_sha256(archive: Archive, path: Path) -> tuple[str | None, str, Pat
     return words[0].lower(), f"the sha256 recorded in {record.name} when it first checked out", record
 
 
-def _verify(archive: Archive, path: Path, what: str, digest: str | None = None) -> str:
+def _verify(archive: ZooFile, path: Path, what: str, digest: str | None = None) -> str:
     """The sha256 of ``path`` (``digest`` when already known) after its size and hash checks; on a failure the
     file is deleted (``_Rejected``)."""
     size = path.stat().st_size
@@ -272,14 +272,14 @@ def _verify(archive: Archive, path: Path, what: str, digest: str | None = None) 
     return digest
 
 
-def _download(archive: Archive, url: str, path: Path, *, progress: bool, timeout: float) -> str:
+def _download(archive: ZooFile, url: str, path: Path, *, progress: bool, timeout: float) -> str:
     part = _part_path(path)
     digest = _stream(url, part, archive.size, progress=progress, timeout=timeout)
     os.replace(part, path)
     return _verify(archive, path, url, digest)
 
 
-def _accept(archive: Archive, path: Path, digest: str, extract: bool) -> Path:
+def _accept(archive: ZooFile, path: Path, digest: str, extract: bool) -> Path:
     """Check the archive's contents (by extracting it, or reading it through), then record its sha256.
 
     An archive that is not readable, not safe or lacks ``archive.extracted`` is deleted (``_Rejected``).
@@ -299,7 +299,7 @@ def _accept(archive: Archive, path: Path, digest: str, extract: bool) -> Path:
     return out
 
 
-def _check_members(archive: Archive, path: Path) -> Path:
+def _check_members(archive: ZooFile, path: Path) -> Path:
     """Read ``path`` through without unpacking: every member safe, ``archive.extracted`` among them."""
     root = os.path.realpath(path.parent / ".check")
     try:
@@ -398,7 +398,7 @@ def _int_header(value: str | None) -> int | None:
     return int(value) if value is not None and value.strip().isdigit() else None
 
 
-def _extract(archive: Archive, path: Path, digest: str) -> Path:
+def _extract(archive: ZooFile, path: Path, digest: str) -> Path:
     target = extraction_dir(archive, path.parent)
     if (target / _MARKER).is_file():
         return target

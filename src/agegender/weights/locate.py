@@ -1,12 +1,13 @@
-"""Pretrained files that an installed package carries, found without importing the package."""
+"""The one way to find a file the zoo describes: named by the caller, bundled, or carried by an installed package."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from ..errors import AgeGenderError
-from ..model.backbones import WeightFile
+from .zoo import ZooFile
 
 
 def package_file(package: str, relative: str) -> Path | None:
@@ -23,9 +24,24 @@ def package_file(package: str, relative: str) -> Path | None:
     return None
 
 
-def packaged_weights(weights: WeightFile) -> Path:
-    """The installed copy of ``weights``, or an error naming the command that installs it."""
-    found = package_file(weights.package, weights.package_path) if weights.package and weights.package_path else None
+def find(entry: ZooFile, given: str | os.PathLike[str] | None = None) -> Path:
+    """``given`` when named (it must exist), else ``entry``'s bundled copy (sha256-checked) or the installed
+    package's copy; otherwise an error saying how to get it. A download is never looked for: its caller fetches it
+    (:func:`agegender.weights.fetch.fetch`) or names the file."""
+    if given is not None:
+        path = Path(given)
+        if not path.is_file():
+            raise AgeGenderError(f"{path}: no such file ({entry.what})")
+        return path
+    if entry.bundled:
+        return entry.verified()
+    found = package_file(entry.package, entry.package_path) if entry.package and entry.package_path else None
     if found is None:
-        raise AgeGenderError(f"{weights.filename}: not found; get it with {weights.how_to_get}")
+        raise AgeGenderError(f"{entry.filename}: not found ({entry.what}); {entry.install}")
     return found
+
+
+def finds_itself(entry: ZooFile) -> bool:
+    """Whether :func:`find` can find ``entry`` with nothing named (bundled, or its package is installed)."""
+    return entry.bundled or bool(entry.package and entry.package_path
+                                 and package_file(entry.package, entry.package_path))

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..model.config import VGG16_BLOCKS
+from ..backbones.vgg_face import VGG16_BLOCKS
 from ..model.vgg import FC_NAMES
 from .canonical import Params, fail, flip_to_bgr, linear_from_conv, one_line
 

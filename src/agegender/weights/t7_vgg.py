@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..model.config import VGG16_BLOCKS, VGG_FACE_PREPROCESS
+from ..backbones.vgg_face import VGG16_BLOCKS, VGG_FACE_PREPROCESS
 from ..model.vgg import CONV_NAMES, FC_NAMES
 from .canonical import Params, fail
 from .torch7 import T7Object, read_t7
