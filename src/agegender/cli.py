@@ -174,7 +174,7 @@ def _train_config(a: argparse.Namespace, data: str | tuple[str, ...], out: str) 
     from .weights.locate import finds_itself
     from .weights.pretrained import pretrained_entry
 
-    init = "pretrained" if a.init is None or a.init in BACKBONES else a.init  # old spelling: the backbone's name
+    init = a.init or "pretrained"
     spec = backbone(a.backbone)
     entry = pretrained_entry(spec)
     if init == "pretrained" and not a.weights and entry.urls and not finds_itself(entry):
@@ -239,8 +239,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "RetinaFace's own landmarks (landmarks5)")
     p.add_argument("--weights", help="the backbone's weights: converted VGG-Face .safetensors (or a .t7/.pt/... "
                                      "to convert on the fly); default for dlib-resnet: the installed package's file")
-    p.add_argument("--init", choices=("pretrained", "scratch", *BACKBONES), metavar="{pretrained,scratch}",
-                   default="pretrained", help="trunk initialisation")  # a backbone's name: the old spelling, unlisted
+    p.add_argument("--init", choices=("pretrained", "scratch"), default="pretrained", help="trunk initialisation")
     p.add_argument("--preset", choices=("default", "seed"), default="default",
                    help="seed: the seed notebook's VGG-Face recipe (/255 pixels, no age head)")
     p.add_argument("--split", choices=("identity", "folders", "seed"), default="identity",
