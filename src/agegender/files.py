@@ -64,24 +64,61 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     directory is removed). On any exception nothing is left at ``dest`` or beside it.
     """
     dest = Path(dest)
+    with _temp_dir_beside(dest) as tmp:
+        yield tmp
+        if dest.exists() or dest.is_symlink():  # os.rename would replace an empty directory
+            raise AgeGenderError(f"{dest}: already exists; not replaced")
+        os.rename(tmp, dest)
+
+
+@contextlib.contextmanager
+def staged_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``dest`` to write into; only if the block succeeds does its content
+    appear in ``dest``: the directory renamed into place when ``dest`` is new, else its files moved in (replacing
+    those of the same name, as writing them there would have). On any exception nothing is left of it.
+
+    For outputs of many files (annotated copies), so that a write failing half-way (disk full) leaves none of them.
+    """
+    dest = Path(dest)
+    with _temp_dir_beside(dest) as tmp:
+        yield tmp
+        if not (dest.exists() or dest.is_symlink()):
+            try:
+                os.rename(tmp, dest)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):  # else: created meanwhile, merge into it
+                    raise AgeGenderError(os_reason(dest, e)) from None
+        if not dest.is_dir():
+            raise AgeGenderError(f"{safe_name(dest)}: exists and is not a directory")
+        for root, _, names in os.walk(tmp):
+            target = dest / os.path.relpath(root, tmp)
+            try:
+                target.mkdir(exist_ok=True)
+                for name in names:
+                    os.replace(os.path.join(root, name), target / name)
+            except OSError as e:
+                raise AgeGenderError(os_reason(target, e)) from None
+
+
+@contextlib.contextmanager
+def _temp_dir_beside(dest: Path) -> Iterator[Path]:
+    """An empty temporary directory beside ``dest``, named as :func:`atomic_path` names its temp files, removed
+    with whatever is left in it when the block ends."""
     parent = dest.parent if str(dest.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         remove_dead_temp_files(parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name[:200]}.", suffix=_temp_suffix(), dir=parent))
     except OSError as e:
-        raise AgeGenderError(f"{dest}: cannot write here ({e.strerror or e})") from None
+        raise AgeGenderError(os_reason(dest, e, "cannot write here")) from None
     umask = os.umask(0)  # mkdtemp makes 0700 directories; give it what a plain mkdir would have
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
-        if dest.exists() or dest.is_symlink():  # os.rename would replace an empty directory
-            raise AgeGenderError(f"{dest}: already exists; not replaced")
-        os.rename(tmp, dest)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # Temp files and folders are named ``.<dest name>.<random>.agegender-<pid>.part``: the pid says whose they are, so
