@@ -189,10 +189,10 @@ def _agree(a: FaceRecord, b: FaceRecord) -> bool:
         return False
     if a.age is None or b.age is None or a.age == b.age:
         return True
-    for x, y in ((a, b), (b, a)):
-        if x.age_interval is not None and y.age_interval is None:
-            low, high = x.age_interval
-            return low <= y.age and (high is None or y.age <= high)
+    for group, exact in ((a.age_interval, b), (b.age_interval, a)):
+        if group is not None and exact.age_interval is None and exact.age is not None:
+            low, high = group
+            return low <= exact.age and (high is None or exact.age <= high)
     return False
 
 
