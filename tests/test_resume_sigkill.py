@@ -30,15 +30,32 @@ pytestmark = pytest.mark.slow
 TRAIN = ["--backbone", "vgg-face", "--epochs", "8", "--batch-size", "32", "--hidden", "32", "32", "--lr", "0.1",
          "--patience", "2"]
 
-# Where each process of the chain dies, in order; each resumes the run the previous one left.
+# Where each process of the chain dies, in order; each resumes the run the previous one left. One more kill, after
+# an epoch that did not improve (chosen from the uninterrupted run's history), goes between the last two.
 KILLS = [
     "train:step@3",  # mid-epoch 1: no epoch committed yet
     "replace:train_state.pt@2",  # epoch 2's weights written, its state not yet renamed into place: resume drops
     # the weights and redoes epoch 2, and removes the temp file the dead writer left
-    "state:committed@1",  # epoch 2 committed, last.safetensors not yet moved into place: resume finishes it
-    "state:last@1",  # epoch 4 committed and in place, history.jsonl not yet written
+    "state:committed@1",  # epoch 2 committed, last.safetensors (and model.safetensors if it improved) not yet in
+    # place: resume finishes them
     "train:calibrated@1",  # after the last epoch and calibration, before the report
 ]
+FIRST_EPOCH_OF_THE_FOURTH_RUN = 3
+
+
+def _stale_epoch(history: list[dict[str, Any]]) -> int | None:
+    """The first epoch from the fourth run's on after which the early-stopping counter is not 0 and the run goes
+    on: a kill there loses the counter unless the state keeps it."""
+    best, stale = (-1.0, float("inf")), 0
+    for row in history[:-1]:
+        score = (row["val_accuracy"], row["val_loss"])
+        if score[0] > best[0] or (score[0] == best[0] and score[1] < best[1]):
+            best, stale = score, 0
+        else:
+            stale += 1
+        if stale and row["epoch"] >= FIRST_EPOCH_OF_THE_FOURTH_RUN:
+            return int(row["epoch"])
+    return None
 
 
 def _train(world: dict[str, Path], out: Path, *extra: str, kill: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -98,14 +115,20 @@ def test_resume_after_sigkill_at_every_stage_is_bit_identical(world: dict[str, P
     assert whole.returncode == 0, whole.stderr
     shutil.move(out, tmp_path / "whole")
     whole_dir = tmp_path / "whole"
-    epochs = [row["epoch"] for row in _history(whole_dir)]
-    assert len(epochs) < 8, "the run did not stop early: the early-stopping counter goes untested"
+    history = _history(whole_dir)
+    stale = _stale_epoch(history)
+    assert len(history) < 8 and stale, "the run never stalled, or did not stop early: the counter goes untested"
+    kills = [*KILLS[:3], f"state:committed@{stale - FIRST_EPOCH_OF_THE_FOURTH_RUN + 1}", KILLS[3]]
 
-    for i, kill in enumerate(KILLS):
+    for i, kill in enumerate(kills):
         run = _train(world, out, *(["--resume"] if i else []), kill=kill)
         assert run.returncode == -signal.SIGKILL, f"{kill}: not killed there (rc {run.returncode}): {run.stderr}"
         if kill.startswith("replace:train_state.pt"):  # the dead writer's temp file is there ...
             assert [p.name.startswith(".train_state.pt.") for p in _temp_files(out)] == [True], _temp_files(out)
+        if kill.startswith("state:committed"):  # the committed epoch's weights wait beside last.safetensors
+            assert (out / ".last.pending.safetensors").exists()
+        if kill == kills[3]:
+            assert _state(out)["stale"] >= 1
     done = _train(world, out, "--resume")
     assert done.returncode == 0, done.stderr
     assert _temp_files(out) == []  # ... and the next run that wrote there removed it

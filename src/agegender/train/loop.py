@@ -368,6 +368,9 @@ def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
 
     standing = RunState()
     if resume and (out / STATE).is_file():
+        if world.is_main:
+            _finish_commit(out, model)
+        world.barrier()  # every rank reads the files once rank 0 has brought them up to the committed state
         standing = _restore(out, model, optimizer)
         if standing.best_epoch:  # states written before it was recorded lack it
             meta.extra["best_epoch"] = standing.best_epoch
@@ -603,6 +606,29 @@ def _settle(out: Path, progress: RunState) -> None:
     write_text_atomic(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
 
 
+def _finish_commit(out: Path, model: AgeGenderNet) -> None:
+    """Finish what a process killed between an epoch's commit and its last steps left undone (:func:`_settle`).
+
+    Run by one process (rank 0) before any reads the run's files; never raises: a state it cannot use is left as
+    it is, for :func:`_restore` to name.
+    """
+    try:
+        _settle(out, _committed(out, model)[1])
+    except (OSError, AgeGenderError):
+        pass
+
+
+def _committed(out: Path, model: AgeGenderNet) -> tuple[dict[str, Any], RunState]:
+    """The committed state of ``out`` (checked: one of this run's model) and where it says the run stands."""
+    state = _read_state(out / STATE, out)
+    # The calibration temperature is fitted after the last epoch, so it never tells two training runs apart.
+    this_model = json.dumps({**model.config.to_dict(), "temperature": 1.0}, sort_keys=True)
+    if state.get("model_config", this_model) != this_model:
+        raise _cannot_resume(out, "train_state.pt is from a run with another model")
+    return state, RunState(state["epoch"], (float(state["best"][0]), float(state["best"][1])),
+                           state.get("best_epoch", 0), state.get("stale", 0), state["history"])
+
+
 def _restore(out: Path, model: AgeGenderNet, optimizer: torch.optim.Optimizer) -> RunState:
     """Where the run in ``out`` stands, with the weights, optimizer and random generators restored.
 
@@ -611,18 +637,8 @@ def _restore(out: Path, model: AgeGenderNet, optimizer: torch.optim.Optimizer) -
     """
     from ..model.checkpoint import read_meta
 
-    state = _read_state(out / STATE, out)
-    progress = RunState(state["epoch"], (float(state["best"][0]), float(state["best"][1])),
-                        state.get("best_epoch", 0), state.get("stale", 0), state["history"])
-    # The calibration temperature is fitted after the last epoch, so it never tells two training runs apart.
-    this_model = json.dumps({**model.config.to_dict(), "temperature": 1.0}, sort_keys=True)
-    if state.get("model_config", this_model) != this_model:
-        raise _cannot_resume(out, "train_state.pt is from a run with another model")
+    state, progress = _committed(out, model)
     last = out / LAST
-    try:
-        _settle(out, progress)  # a process killed between the commit and its last steps: finish them
-    except (OSError, AgeGenderError):
-        pass  # what is still missing is named below
     if not last.is_file():
         raise _cannot_resume(out, "last.safetensors is missing")
     try:
