@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -180,3 +181,13 @@ def test_predict_command_with_a_slow_model_gives_error_records(tmp_path: Path, m
     records = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert rc == 1 and len(records) == 3 and all("took longer than 0.2 s" in r["error"] for r in records), err  # 1: all failed
     assert "Traceback" not in err and "onnxruntime" not in err, err  # onnxruntime's own log stays quiet
+
+
+def test_a_detector_model_with_external_data_is_refused(tmp_path: Path) -> None:
+    from agegender.faces.retinaface import RetinaFaceDetector
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\x00\x00\x80\x3f")
+    model = _model_with_external(tmp_path, "initializer", str(secret))
+    with pytest.raises(AgeGenderError, match="keeps 1 tensor"):
+        RetinaFaceDetector(model=model.read_bytes()).detect(np.zeros((64, 64, 3), np.uint8))

@@ -92,23 +92,34 @@ def external_tensors(buf: memoryview | mmap.mmap) -> int:
     return found
 
 
-def check_self_contained(path: str | os.PathLike[str]) -> None:
-    """Refuse the ONNX file at ``path`` if any tensor in it points at data in another file, or if it is not a
-    well-formed protobuf at all (onnxruntime would refuse it anyway, less clearly)."""
-    path = Path(path)
+def check_self_contained(model: str | os.PathLike[str] | bytes, name: str | None = None,
+                         malformed: bool = True) -> None:
+    """Refuse the ONNX model ``model`` (a file, or its bytes called ``name``) if any tensor in it points at data in
+    another file, or, with ``malformed``, if it is not a well-formed protobuf at all (onnxruntime would refuse it
+    anyway, in its own words: without ``malformed`` the caller leaves that to it)."""
+    if isinstance(model, bytes):
+        _check(memoryview(model), safe_name(name or "ONNX model bytes"), malformed)
+        return
+    path = Path(model)
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
+            if os.fstat(f.fileno()).st_size == 0:
                 raise AgeGenderError(f"{safe_name(path)}: not a loadable ONNX model (empty file)")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                external = external_tensors(buf)
+                _check(buf, safe_name(path), malformed)
     except OSError as e:
         from ..files import os_reason
 
         raise AgeGenderError(os_reason(path, e, "cannot read")) from None
+
+
+def _check(buf: memoryview | mmap.mmap, name: str, malformed: bool) -> None:
+    try:
+        external = external_tensors(buf)
     except _Malformed:
-        raise AgeGenderError(f"{safe_name(path)}: not a loadable ONNX model (malformed protobuf)") from None
+        if malformed:
+            raise AgeGenderError(f"{name}: not a loadable ONNX model (malformed protobuf)") from None
+        return
     if external:
-        raise AgeGenderError(f"{safe_name(path)}: ONNX model keeps {external} tensor(s) in external data files; "
-                             f"refused, a model file must hold all its weights (re-export it as one file)")
+        raise AgeGenderError(f"{name}: ONNX model keeps {external} tensor(s) in external data files; refused, a "
+                             f"model file must hold all its weights (re-export it as one file)")
