@@ -129,9 +129,10 @@ class ModelCallTimeout(AgeGenderError):
     """One call of the model ran past its time limit and was stopped: the error of every face in that call."""
 
 
-# The time one ONNX session call may take before it is stopped. Generous: a batch of 64 VGG-Face crops on one
-# slow core takes tens of seconds; a hostile graph (a Loop of 10^15 turns) would otherwise hold predict for good.
-CALL_TIMEOUT_S = 300.0
+# The time one ONNX session call may take before it is stopped. Generous: a batch of 64 VGG-Face crops (1 TFLOP)
+# on one slow core takes tens of seconds; a hostile graph (a Loop of 10^15 turns) would otherwise hold predict for
+# good.
+CALL_TIMEOUT_S = 120.0
 
 
 class OnnxBackend:
@@ -188,7 +189,6 @@ class OnnxBackend:
         if got.age is not None:  # exports older than decode() did not clamp a regression head's ages
             got.age = np.clip(got.age, *self._age_range)
         return got
-
 
     def _call(self, feeds: dict[str, np.ndarray]) -> list[Any]:
         """One session run, stopped by a watchdog after ``call_timeout`` seconds."""
