@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import hashlib
 import json
 import os
 import struct
@@ -89,9 +90,15 @@ def test_parse_age_refuses_with_the_reason(text: str, reason: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _jpeg(path: Path, color: tuple[int, int, int] = (128, 64, 32), size: int = 8) -> Path:
+def _distinct(path: Path, size: int = 8) -> Image.Image:
+    """Pixels of this path's own: scans count files with identical bytes as one face."""
+    seed = int.from_bytes(hashlib.sha256(str(path).encode()).digest()[:8], "little")
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _jpeg(path: Path, color: tuple[int, int, int] | None = None, size: int = 8) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (size, size), color).save(path, "JPEG")
+    (_distinct(path, size) if color is None else Image.new("RGB", (size, size), color)).save(path, "JPEG")
     return path
 
 
@@ -200,7 +207,7 @@ def test_scan_csv_errors_name_file_and_problem(tmp_path: Path, header: list[str]
 
 def _image(path: Path, fmt: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (128, 64, 32)).save(path, fmt)
+    _distinct(path).save(path, fmt)
     return path
 
 
@@ -705,3 +712,51 @@ def test_splits_never_hold_one_file_twice(tmp_path: Path) -> None:
     splits = make_splits(scan(tmp_path), "identity", 0)
     files = [os.path.realpath(r.path) for part in splits.values() for r in part]
     assert len(files) == len(set(files)) == 40
+
+
+# -- copies: the same bytes under other names, in one folder or across several ----------------------------------
+def test_identical_bytes_are_one_face_and_contradicting_labels_are_reported(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        _jpeg(tmp_path / name)
+    for src, copy in (("a.jpg", "sub/a-copy.jpg"), ("b.jpg", "b-copy.jpg"), ("c.jpg", "c-copy.jpg")):
+        (tmp_path / copy).parent.mkdir(exist_ok=True)
+        (tmp_path / copy).write_bytes((tmp_path / src).read_bytes())
+    _write_csv(tmp_path / "labels.csv", ["path", "gender", "age"], [
+        ["a.jpg", "F", "30"], ["sub/a-copy.jpg", "F", ""],  # agree: an unknown age fits any
+        ["b.jpg", "F", "30"], ["b-copy.jpg", "M", "30"],  # contradict: neither is kept
+        ["c.jpg", "M", "24"], ["c-copy.jpg", "M", "20-29"],  # agree: 24 is in the 20-29 group
+        ["d.jpg", "M", "50"],
+    ])
+    with caplog.at_level("WARNING", logger="agegender"):
+        ds = scan(tmp_path)
+    assert [r.path.name for r in ds.records] == ["a.jpg", "c.jpg", "d.jpg"]
+    assert sorted((p.name, why.replace(str(tmp_path) + os.sep, "")) for p, why in ds.skipped.items) == [
+        ("a-copy.jpg", "the same image as a.jpg"), ("b-copy.jpg", "the same image as b.jpg, with other labels"),
+        ("b.jpg", "the same image as b-copy.jpg, with other labels"), ("c-copy.jpg", "the same image as c.jpg")]
+    assert "3 images are copies of others (identical bytes): counted once; 1 with contradicting labels" in caplog.text
+
+
+def test_copies_across_data_folders_are_counted_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from agegender.data.records import scan_all
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    for i in range(6):
+        _jpeg(one / f"p{i}.jpg")
+    _write_csv(one / "labels.csv", ["path", "gender", "age"], [[f"p{i}.jpg", "FM"[i % 2], str(20 + i)] for i in range(6)])
+    two.mkdir()
+    (two / "same.jpg").write_bytes((one / "p0.jpg").read_bytes())  # p0 again, labelled alike
+    (two / "other.jpg").write_bytes((one / "p1.jpg").read_bytes())  # p1 again, as a woman: neither is kept
+    _jpeg(two / "new.jpg")
+    _write_csv(two / "labels.csv", ["path", "gender", "age"], [["same.jpg", "F", "20"], ["other.jpg", "F", "21"],
+                                                               ["new.jpg", "M", "40"]])
+    with caplog.at_level("WARNING", logger="agegender"):
+        ds = scan_all([one, two])
+    assert sorted(str(r.path.relative_to(tmp_path)) for r in ds.records) == [
+        "one/p0.jpg", "one/p2.jpg", "one/p3.jpg", "one/p4.jpg", "one/p5.jpg", "two/new.jpg"]
+    assert "2 images are copies of others (identical bytes): counted once; 1 with contradicting labels" in caplog.text
+    # The same folder given twice: every file once.
+    assert sorted(r.path for r in scan_all([one, one]).records) == sorted(r.path for r in scan(one).records)
+    splits = make_splits(scan_all([one, two, one]), "identity", 0)
+    files = [r.path.read_bytes() for part in splits.values() for r in part]
+    assert len(files) == len(set(files)) == 6  # no image in two splits, by content

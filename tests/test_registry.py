@@ -208,8 +208,8 @@ def test_an_old_checkpoint_without_a_backbone_is_still_vgg_face(tmp_path: Path) 
 
 
 def test_an_old_run_config_without_a_backbone_resumes_as_vgg_face(tmp_path: Path) -> None:
-    from agegender.train.config import TrainConfig
     from agegender.rundir import RunDir
+    from agegender.train.config import TrainConfig
     from agegender.train.loop import _stored_config
 
     (tmp_path / "config.json").write_text(json.dumps({"data": "x", "epochs": 3, "image_size": 64, "hidden": [8]}))

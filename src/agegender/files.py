@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -13,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import AgeGenderError
+from .killpoints import kill_point
 
 
 @contextlib.contextmanager
@@ -27,8 +29,9 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     parent = dest.parent if str(dest.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temp_files(parent)
         # The name is cut so the temp file's name stays legal wherever ``dest``'s is.
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name[:200]}.", suffix=".part", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name[:200]}.", suffix=_temp_suffix(), dir=parent)
     except OSError as e:
         raise AgeGenderError(os_reason(dest, e, "cannot write here")) from None
     os.close(fd)
@@ -39,6 +42,7 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
+        kill_point(f"replace:{dest.name}")
         try:
             os.replace(tmp_path, dest)
         except OSError as e:  # a name too long, a directory in the way: the output's problem whatever the errno
@@ -60,23 +64,116 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     directory is removed). On any exception nothing is left at ``dest`` or beside it.
     """
     dest = Path(dest)
+    with _temp_dir_beside(dest) as tmp:
+        yield tmp
+        if dest.exists() or dest.is_symlink():  # os.rename would replace an empty directory
+            raise AgeGenderError(f"{dest}: already exists; not replaced")
+        os.rename(tmp, dest)
+
+
+@contextlib.contextmanager
+def staged_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``dest`` to write into; only if the block succeeds does its content
+    appear in ``dest``: the directory renamed into place when ``dest`` is new, else its files moved in (replacing
+    those of the same name, as writing them there would have). On any exception nothing is left of it.
+
+    For outputs of many files (annotated copies), so that a write failing half-way (disk full) leaves none of them.
+    """
+    dest = Path(dest)
+    with _temp_dir_beside(dest) as tmp:
+        yield tmp
+        if not (dest.exists() or dest.is_symlink()):
+            try:
+                os.rename(tmp, dest)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):  # else: created meanwhile, merge into it
+                    raise AgeGenderError(os_reason(dest, e)) from None
+        if not dest.is_dir():
+            raise AgeGenderError(f"{safe_name(dest)}: exists and is not a directory")
+        for root, _, names in os.walk(tmp):
+            target = dest / os.path.relpath(root, tmp)
+            try:
+                target.mkdir(exist_ok=True)
+                for name in names:
+                    os.replace(os.path.join(root, name), target / name)
+            except OSError as e:
+                raise AgeGenderError(os_reason(target, e)) from None
+
+
+@contextlib.contextmanager
+def _temp_dir_beside(dest: Path) -> Iterator[Path]:
+    """An empty temporary directory beside ``dest``, named as :func:`atomic_path` names its temp files, removed
+    with whatever is left in it when the block ends."""
     parent = dest.parent if str(dest.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=parent))
+        remove_dead_temp_files(parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name[:200]}.", suffix=_temp_suffix(), dir=parent))
     except OSError as e:
-        raise AgeGenderError(f"{dest}: cannot write here ({e.strerror or e})") from None
+        raise AgeGenderError(os_reason(dest, e, "cannot write here")) from None
     umask = os.umask(0)  # mkdtemp makes 0700 directories; give it what a plain mkdir would have
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
-        if dest.exists() or dest.is_symlink():  # os.rename would replace an empty directory
-            raise AgeGenderError(f"{dest}: already exists; not replaced")
-        os.rename(tmp, dest)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+# Temp files and folders are named ``.<dest name>.<random>.agegender-<pid>.part``: the pid says whose they are, so
+# the next process that writes into the folder removes those whose writer is dead (killed, say, by SIGKILL, which
+# runs no cleanup) and leaves a live writer's alone.
+_TEMP_NAME = re.compile(r"^\..+\.agegender-(\d+)\.part$", re.S)
+_swept: set[tuple[str, int, int]] = set()  # folders this process has already cleaned
+
+
+def _temp_suffix() -> str:
+    return f".agegender-{os.getpid()}.part"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def remove_dead_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temp files and folders that processes now dead left in ``folder``; returns them.
+
+    Done once per folder and process, on the first write there: one listing, however many files follow.
+    """
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return []
+    key = (os.path.abspath(folder), st.st_dev, st.st_ino)
+    if key in _swept:
+        return []
+    _swept.add(key)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        path = Path(folder) / entry.name
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
 
 
 # errno values that only a write gives, so a failure inside an atomic_path block with one of them is the output's.

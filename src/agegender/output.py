@@ -6,6 +6,7 @@ Library code the command line calls (it parses nothing); the records are :meth:`
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import json
 import sys
@@ -16,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import AgeGenderError
-from .files import atomic_path
+from .files import atomic_path, staged_dir
 from .images import load_image
 from .infer.predict import Face, ImageResult, Predictor
 
@@ -94,18 +95,25 @@ def _write_annotation(result: ImageResult, folder: Path, used: set[str]) -> None
 
 
 def _video_results(predictor: Predictor, path: str, every: int, batch_size: int, folder: Path | None,
-                   used: set[str], progress: bool) -> Iterator[ImageResult]:
-    """A video's frame results; with ``folder``, each sampled frame annotated into ``folder/<video name>/``."""
+                   used: set[str], progress: bool, alone: bool = True) -> Iterator[ImageResult]:
+    """A video's frame results; with ``folder``, each sampled frame annotated into ``folder/<video name>/``.
+
+    A video that cannot be read (or whose frames are past the pixel cap) raises when it is ``alone``, the only
+    input; among others it ends with an error record of its own, and theirs are kept."""
     from .infer.video import frames
 
     kept: dict[int, np.ndarray] = {}  # frames waiting for their result; the pipeline holds only a few at once
     sub = None if folder is None else folder / _annotated_name(path, used).rsplit(".", 1)[0]
+    failed: list[AgeGenderError] = []
 
     def items() -> Iterator[tuple[str, np.ndarray, int, float]]:
-        for i, t, rgb in frames(path, every, progress):
-            if sub is not None:
-                kept[i] = rgb
-            yield f"{path}#{i}", rgb, i, t
+        try:
+            for i, t, rgb in frames(path, every, progress):
+                if sub is not None:
+                    kept[i] = rgb
+                yield f"{path}#{i}", rgb, i, t
+        except AgeGenderError as e:  # the frames read so far keep their results; the video gets an error record
+            failed.append(e)
 
     for result in predictor.predict_frames(items(), batch_size):
         rgb = kept.pop(result.frame, None) if result.frame is not None else None
@@ -113,6 +121,10 @@ def _video_results(predictor: Predictor, path: str, every: int, batch_size: int,
             with atomic_path(sub / f"frame_{result.frame:06d}.jpg") as tmp:
                 annotate(rgb, result.faces).save(tmp, format="JPEG", quality=92)
         yield result
+    if failed and alone:
+        raise failed[0]
+    if failed:
+        yield ImageResult(path, [], str(failed[0]))
 
 
 def predict_files(predictor: Predictor, paths: list[str], output: str | None = None, output_format: str = "jsonl",
@@ -129,20 +141,14 @@ def predict_files(predictor: Predictor, paths: list[str], output: str | None = N
         raise AgeGenderError(f"--every must be at least 1, got {every}")
     if output_format not in ("jsonl", "csv"):
         raise AgeGenderError(f"unknown output format {output_format!r}; choose jsonl or csv")
-    folder = Path(annotate) if annotate else None
-    if folder is not None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise AgeGenderError(f"{folder}: cannot create the annotation folder ({e.strerror or e})") from None
     counts: collections.Counter[str] = collections.Counter()
     used: set[str] = set()
 
-    def run(stream: IO[str]) -> None:
+    def run(stream: IO[str], folder: Path | None) -> None:
         writer = _Writer(stream, output_format)
         images = [p for p in paths if not is_video(p)]
         streams = [predictor.predict_many(images, batch_size)] if images else []
-        streams += [_video_results(predictor, p, every, batch_size, folder, used, progress)
+        streams += [_video_results(predictor, p, every, batch_size, folder, used, progress, len(paths) == 1)
                     for p in paths if is_video(p)]
         with Progress(len(images), "predict", "img", enabled=progress and bool(images)) as bar:
             for results in streams:
@@ -156,9 +162,13 @@ def predict_files(predictor: Predictor, paths: list[str], output: str | None = N
                         if folder is not None:
                             _write_annotation(result, folder, used)
 
-    if output:
-        with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            run(f)
-    else:
-        run(sys.stdout)
+    # All or nothing: annotations appear only once every one of them and the output are written.
+    # ``folder``: a temporary folder beside ``annotate``, whose files are moved there at the end.
+    with staged_dir(annotate) if annotate else contextlib.nullcontext() as folder:
+        if output:
+            with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                                  errors="surrogateescape") as f:
+                run(f, folder)
+        else:
+            run(sys.stdout, folder)
     return counts

@@ -91,7 +91,13 @@ class RunDir:
 
     @property
     def train_state(self) -> Path:
+        """The resume state; writing it commits an epoch (see ``train.loop._save_state``)."""
         return self.path / "train_state.pt"
+
+    @property
+    def pending(self) -> Path:
+        """An epoch's weights waiting for its commit, moved to :attr:`last` once the state is written."""
+        return self.path / ".last.pending.safetensors"
 
     @property
     def history(self) -> Path:

@@ -96,7 +96,7 @@ def scan(root: str | os.PathLike[str]) -> Dataset:
     Each record's ``dataset`` is the folder's name (a manifest's folder).
     """
     root = Path(root)
-    return _named(_scan(root), dataset_name(root))
+    return drop_duplicate_files(_named(_scan(root), dataset_name(root)))
 
 
 def dataset_name(root: str | os.PathLike[str]) -> str:
@@ -135,7 +135,7 @@ def scan_all(roots: Sequence[str | os.PathLike[str]]) -> Dataset:
     """
     if len(roots) == 1:
         return scan(roots[0])
-    parts = [scan(r) for r in roots]
+    parts = [_named(_scan(Path(r)), dataset_name(r)) for r in roots]
     plain = [dataset_name(r) for r in roots]
     # Two folders of one name (a/train, b/train) stay two data sets.
     names = [f"{n} ({plain[:i + 1].count(n)})" if plain.count(n) > 1 else n for i, n in enumerate(plain)]
@@ -143,7 +143,86 @@ def scan_all(roots: Sequence[str | os.PathLike[str]]) -> Dataset:
     records = [replace(r, dataset=names[i], identity=r.identity if r.source in global_ids else f"{i}/{r.identity}")
                for i, ds in enumerate(parts) for r in ds.records]
     skipped = Skipped([item for ds in parts for item in ds.skipped.items])
-    return Dataset(records, "+".join(ds.kind for ds in parts), parts[0].root, skipped, tuple(ds.root for ds in parts))
+    return drop_duplicate_files(Dataset(records, "+".join(ds.kind for ds in parts), parts[0].root, skipped,
+                                        tuple(ds.root for ds in parts)))
+
+
+def drop_duplicate_files(ds: Dataset) -> Dataset:
+    """One record per image file, by content: the same file by any name (a link, another spelling, a folder given
+    twice) and copies with identical bytes, in one folder or across several, are one face.
+
+    The first record is kept when the copies' labels agree (the others go to ``skipped``); when they contradict each
+    other, no copy can be trusted and all are left out, each reported. Only files of a size shared with another are
+    read, so a data set without copies costs one ``stat`` per file.
+    """
+    groups = _same_content([r.path for r in ds.records])
+    if not groups:
+        return ds
+    dropped: set[int] = set()
+    conflicts = 0
+    for group in groups:
+        first = ds.records[group[0]]
+        if all(_agree(first, ds.records[i]) for i in group[1:]):
+            for i in group[1:]:
+                dropped.add(i)
+                ds.skipped.add(ds.records[i].path, f"the same image as {safe_name(first.path)}")
+            continue
+        conflicts += 1
+        for i in group:
+            dropped.add(i)
+            other = ds.records[group[1] if i == group[0] else group[0]].path
+            ds.skipped.add(ds.records[i].path, f"the same image as {safe_name(other)}, with other labels")
+    log.warning("%s: %d images are copies of others (identical bytes): counted once%s", ds.root,
+                sum(len(g) - 1 for g in groups),
+                f"; {conflicts} with contradicting labels, left out" if conflicts else "")
+    ds.records = [r for i, r in enumerate(ds.records) if i not in dropped]
+    if not ds.records:
+        raise AgeGenderError(f"{ds.root}: no labelled face images left once copies with contradicting labels are "
+                             f"left out")
+    return ds
+
+
+def _agree(a: FaceRecord, b: FaceRecord) -> bool:
+    """Whether two labels of one image can both be true: the same gender, and ages that fit (an unknown age fits
+    any, an exact age fits an age group that holds it)."""
+    if a.gender != b.gender:
+        return False
+    if a.age is None or b.age is None or a.age == b.age:
+        return True
+    for group, exact in ((a.age_interval, b), (b.age_interval, a)):
+        if group is not None and exact.age_interval is None and exact.age is not None:
+            low, high = group
+            return low <= exact.age and (high is None or exact.age <= high)
+    return False
+
+
+def _same_content(paths: Sequence[Path]) -> list[list[int]]:
+    """Index groups (in order, two or more each) of ``paths`` that are one file or hold identical bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..files import sha256_file
+
+    by_size: dict[int, list[int]] = collections.defaultdict(list)
+    for i, path in enumerate(paths):
+        try:
+            by_size[path.stat().st_size].append(i)
+        except OSError:
+            continue  # unreadable: the decoder reports it later
+    candidates = [i for group in by_size.values() if len(group) > 1 for i in group]
+
+    def digest(i: int) -> str | None:
+        try:
+            return sha256_file(paths[i], chunk=1 << 16)
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="dedupe") as pool:  # the reads wait on the disk
+        digests = list(pool.map(digest, candidates)) if candidates else []
+    by_digest: dict[str, list[int]] = collections.defaultdict(list)
+    for i, d in zip(candidates, digests):
+        if d is not None:
+            by_digest[d].append(i)
+    return sorted((sorted(g) for g in by_digest.values() if len(g) > 1), key=lambda g: g[0])
 
 
 def _finish(ds: Dataset, root: Path) -> Dataset:

@@ -128,6 +128,9 @@ def load_session(model: bytes | str | os.PathLike[str] | None, threads: int, pro
     # Idle pool threads otherwise spin between runs, stealing the cores that the caller's own work (and
     # other sessions) need: with 2 threads on 2 busy cores a 448 px image took 51 ms spinning, 23 ms not.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from ..model.onnx_file import check_self_contained
+
+    check_self_contained(weights, source, malformed=False)  # a model never reads another file
     try:
         session = ort.InferenceSession(weights, options, providers=list(providers))
     except Exception as e:  # onnxruntime raises its own unrelated exception types

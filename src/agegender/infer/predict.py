@@ -25,7 +25,7 @@ from ..faces.framing import FaceFramer, PhotoFramer
 from ..images import ImageInput, load_image
 from ..labels import ADIENCE_GROUP_NAMES, age_group
 from ..model.contract import check_finite_outputs
-from ..model.runtime import Backend, Decoded, load_backend
+from ..model.runtime import Backend, Decoded, ModelCallTimeout, load_backend
 
 __all__ = ["Face", "ImageResult", "Predictor"]
 
@@ -253,6 +253,9 @@ class Predictor:
         try:
             for start in range(0, len(buffer), batch_size):  # the last image may have overfilled the batch
                 faces.extend(self.classify(buffer[start:start + batch_size], boxes[start:start + batch_size]))
+        except ModelCallTimeout as e:  # the call was stopped: an error for each image in it, none retried alone
+            return [ImageResult(item.path, [], item.error or (f"{item.path}: {e}" if item.boxes else None), item.frame,
+                                item.time) for item in pending]
         except AgeGenderError as e:  # a NaN face: an error for its own image, the others classified alone
             if len(pending) == 1:
                 return [ImageResult(pending[0].path, [], f"{pending[0].path}: {e}", pending[0].frame, pending[0].time)]

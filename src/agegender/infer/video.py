@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .. import images
 from ..errors import AgeGenderError
 
 if TYPE_CHECKING:
@@ -36,7 +37,13 @@ def frames(source: str | int, every: int = 1, progress: bool = True) -> Iterator
         raise AgeGenderError(f"{source}: no such video file")
     capture = cv2.VideoCapture(source)
     if not capture.isOpened():
+        capture.release()
         raise AgeGenderError(f"{name}: OpenCV cannot open this video (unsupported codec or not a video)")
+    # The frame size the container declares, checked before a frame is decoded: the pixel cap photos get.
+    width, height = (int(capture.get(p) or 0) for p in (cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT))
+    if width * height > images.MAX_PIXELS:
+        capture.release()
+        raise AgeGenderError(f"{name}: {width}x{height} video frames exceed the {images.MAX_PIXELS:,} pixel limit")
     fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) or None
     bar = Progress(total, Path(str(name)).name, "frame", enabled=progress)
@@ -48,6 +55,9 @@ def frames(source: str | int, every: int = 1, progress: bool = True) -> Iterator
                 break
             read += 1
             bar.update(1)
+            if bgr is not None and bgr.shape[0] * bgr.shape[1] > images.MAX_PIXELS:  # a header that lied
+                raise AgeGenderError(f"{name}: frame {index} is {bgr.shape[1]}x{bgr.shape[0]}, past the "
+                                     f"{images.MAX_PIXELS:,} pixel limit")
             if index % every == 0:
                 if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.size == 0:
                     log.warning("%s: frame %d is not a colour image; skipped", name, index)

@@ -125,14 +125,29 @@ class TorchBackend:
         torch.set_num_threads(threads)
 
 
+class ModelCallTimeout(AgeGenderError):
+    """One call of the model ran past its time limit and was stopped: the error of every face in that call."""
+
+
+# The time one ONNX session call may take before it is stopped. Generous: a batch of 64 VGG-Face crops (1 TFLOP)
+# on one slow core takes tens of seconds; a hostile graph (a Loop of 10^15 turns) would otherwise hold predict for
+# good.
+CALL_TIMEOUT_S = 120.0
+
+
 class OnnxBackend:
-    """onnxruntime only; sessions are thread-safe, and preprocessing is numpy."""
+    """onnxruntime only; sessions are thread-safe, and preprocessing is numpy.
+
+    The file must hold all its tensors (:func:`check_self_contained`: a model never reads another file), and each
+    call is stopped after ``call_timeout`` seconds (onnxruntime checks its terminate flag between operators).
+    """
 
     name = "onnx"
     precision = "as exported"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, call_timeout: float | None = None) -> None:
         self.path = path
+        self.call_timeout = CALL_TIMEOUT_S if call_timeout is None else call_timeout
         self.session = self._session(None)
         self.meta = read_onnx_meta(self.session, path)
         check_onnx_contract(self.session, self.meta, path)
@@ -147,6 +162,9 @@ class OnnxBackend:
     def _session(self, threads: int | None) -> Any:
         import onnxruntime as ort
 
+        from .onnx_file import check_self_contained
+
+        check_self_contained(self.path)  # before onnxruntime opens any file the model names
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
@@ -161,10 +179,31 @@ class OnnxBackend:
         self.session = self._session(threads)
 
     def run(self, crops: np.ndarray) -> Decoded:
-        got = Decoded.of(self.outputs, self.session.run(self.outputs, {"input": self.meta.preprocess.normalize_numpy(crops)}))
+        got = Decoded.of(self.outputs, self._call({"input": self.meta.preprocess.normalize_numpy(crops)}))
         if got.age is not None:  # exports older than decode() did not clamp a regression head's ages
             got.age = np.clip(got.age, *self._age_range)
         return got
+
+    def _call(self, feeds: dict[str, np.ndarray]) -> list[Any]:
+        """One session run, stopped by a watchdog after ``call_timeout`` seconds."""
+        import threading
+
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # the stop is reported once, as our error, not also in onnxruntime's log
+        watchdog = threading.Timer(self.call_timeout, setattr, (options, "terminate", True))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return self.session.run(self.outputs, feeds, options)
+        except Exception:
+            if options.terminate:
+                raise ModelCallTimeout(f"{self.path}: the model took longer than {self.call_timeout:g} s on one "
+                                       f"batch of {len(next(iter(feeds.values())))} and was stopped") from None
+            raise
+        finally:
+            watchdog.cancel()
 
 
 def read_onnx_meta(session: Any, path: str | os.PathLike[str]) -> CheckpointMeta:

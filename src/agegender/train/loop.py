@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from ..distributed import World, close_world, init_world
 from ..errors import AgeGenderError
 from ..faces.detect import photo_framer
 from ..files import atomic_path, folder_lock, safe_name
+from ..killpoints import kill_point
 from ..model.age_head import age_head
 from ..model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from ..model.config import ModelConfig, Preprocess
@@ -204,6 +206,7 @@ def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            kill_point("train:step")
             total += loss.detach() * len(chunk)
             gender_sum += gender_loss.detach() * len(chunk)
             if age_loss is not None:
@@ -309,6 +312,7 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
     check_splits(splits, str(dataset.root))
     log.info("data: %s (%s), split %s: %s", dataset.root, dataset.kind, cfg.split, splits.summary())
     model, pre, weights_sha = build_model(replace(cfg, device=world.device), age_range(splits.train))
+    _seed_other_generators(cfg.seed)
     if world.is_main:  # only now that data, splits and weights all check out
         run.path.mkdir(parents=True, exist_ok=True)
         run.write_config(cfg.applicable_dict())
@@ -333,12 +337,19 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
                           extra={"data": {"root": str(dataset.root), "kind": dataset.kind, "split": cfg.split,
                                           "summary": splits.summary()}, "train": cfg.applicable_dict()})
 
-    history: list[dict[str, float]] = []
-    start_epoch, best, stale = 1, (-math.inf, math.inf), 0
+    standing = RunState()
     if resume and run.train_state.is_file():
-        start_epoch, best, history = _restore(run, model, optimizer)
-        log.info("resuming at epoch %d", start_epoch)
-    for epoch in range(start_epoch, cfg.epochs + 1):
+        if world.is_main:
+            _finish_commit(run, model)
+        world.barrier()  # every rank reads the files once rank 0 has brought them up to the committed state
+        standing = _restore(run, model, optimizer)
+        if standing.best_epoch:  # states written before it was recorded lack it
+            meta.extra["best_epoch"] = standing.best_epoch
+        log.info("resuming at epoch %d", standing.epoch + 1)
+    history, best, stale = standing.history, standing.best, standing.stale
+    for epoch in range(standing.epoch + 1, cfg.epochs + 1):
+        if cfg.patience and stale >= cfg.patience:  # a resumed run that had already stopped early
+            break
         t0 = time.perf_counter()
         train_losses = train_one_epoch(model, step, batches, train_idx, labels, optimizer, cfg, epoch)
         train_loss = train_losses["train_loss"]
@@ -359,10 +370,8 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
         else:
             stale += 1
         if world.is_main:
-            _save_state(run, model, meta, optimizer, epoch, best, history)
-            if improved:  # the checkpoint just written as last.safetensors, not serialised again
-                with atomic_path(run.checkpoint) as tmp:
-                    shutil.copyfile(run.last, tmp)
+            _save_state(run, model, meta, optimizer,
+                        RunState(epoch, best, meta.extra.get("best_epoch", 0), stale, history))
         if cfg.patience and stale >= cfg.patience:
             log.info("early stop: no validation improvement in %d epochs", cfg.patience)
             break
@@ -403,6 +412,7 @@ def _calibrate_and_report(run: RunDir, cfg: TrainConfig, world: World, dataset: 
     from .report import plot_training_curves
 
     calibrate_checkpoint(run.checkpoint, *_gender_logits(run.checkpoint, batches, idx_val, labels))
+    kill_point("train:calibrated")
     plot_training_curves(history, run.curves)
     # The test split goes through predict's own path (framing, full decode, trunk at cfg.precision), as
     # `agegender evaluate` does: the cached training features are rounded differently (autocast, draft decodes),
@@ -474,21 +484,138 @@ def _cannot_resume(out: Path, why: str) -> AgeGenderError:
                                     f"and train anew"))
 
 
+# The resume state of a run directory. train_state.pt is the commit point: an epoch is done once it is written.
+# It is written after the epoch's weights, which wait beside it under ``RunDir.pending`` until then, so a process killed at
+# any moment (SIGKILL runs no cleanup) leaves either the previous epoch's state or this one's, whole:
+#   1. the weights -> run.pending        killed after: an uncommitted epoch, removed on resume
+#   2. train_state.pt (the commit)       killed after: resume moves run.pending to last.safetensors itself
+#   3. run.pending -> last.safetensors
+#   4. last -> model.safetensors when the epoch is the best; history.jsonl (both redone on resume from the state)
+# Each file is written through atomic_path, so none is ever half there.
+
+
+@dataclass
+class RunState:
+    """Where a run stands after ``epoch``: everything early stopping and the best-checkpoint choice depend on."""
+
+    epoch: int = 0
+    best: tuple[float, float] = (-math.inf, math.inf)  # (val accuracy, val loss) of the best epoch
+    best_epoch: int = 0
+    stale: int = 0  # epochs since the best one: the early-stopping counter
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _rng_state() -> dict[str, Any]:
+    """The random generators an epoch may draw from besides torch's own (saved as ``torch_rng``), as tensors and
+    plain values that ``torch.load`` with ``weights_only`` reads back. The batch order and augmentations need
+    none: their generator is seeded from (seed, epoch) afresh each epoch."""
+    import random
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(torch_rng: torch.Tensor, state: dict[str, Any]) -> None:
+    import random
+
+    torch.set_rng_state(torch_rng)
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "python" in state:
+        p = state["python"]
+        random.setstate((p["version"], tuple(int(v) for v in p["mt"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_other_generators(seed: int) -> None:
+    """Seed numpy's and Python's global generators as build_model seeds torch's, so that the state saved with
+    each epoch (and restored on resume) is a function of the seed, like everything else the run writes."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def _save_state(run: RunDir, model: AgeGenderNet, meta: CheckpointMeta, optimizer: torch.optim.Optimizer,
-                epoch: int, best: tuple[float, float], history: list[dict[str, float]]) -> None:
-    meta.extra["epoch"] = epoch  # the state below is for these weights: resume checks they belong together
-    save_checkpoint(run.last, model, meta)
-    state = {"epoch": epoch, "best": list(best), "optimizer": optimizer.state_dict(),
-             "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
+                progress: RunState) -> None:
+    """Commit ``progress.epoch``: the steps of the comment above, in that order."""
+    meta.extra["epoch"] = progress.epoch  # the state below is for these weights: resume checks they belong together
+    save_checkpoint(run.pending, model, meta)
+    kill_point("state:weights")
+    state = {"epoch": progress.epoch, "best": list(progress.best), "best_epoch": progress.best_epoch,
+             "stale": progress.stale, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+             "torch_rng": torch.get_rng_state(), "history": json.dumps(progress.history),
              "model_config": json.dumps({**model.config.to_dict(), "temperature": 1.0}, sort_keys=True)}
     with atomic_path(run.train_state) as tmp:
         torch.save(state, tmp)
-    run.write_history(history)
+    kill_point("state:committed")
+    _settle(run, progress)
 
 
-def _restore(run: RunDir, model: AgeGenderNet, optimizer: torch.optim.Optimizer
-             ) -> tuple[int, tuple[float, float], list[dict[str, float]]]:
-    """The epoch to resume at, the best score and the history, with the weights, optimizer and RNG restored.
+def _settle(run: RunDir, progress: RunState) -> None:
+    """Bring the files derived from the committed state up to it: steps 3 and 4, each redone only if not yet done.
+
+    Run after every commit, and on resume, where it finishes what a killed process left undone. Nothing is copied
+    from weights of another epoch than the state's: a damaged run stays as it was, for ``_restore`` to name.
+    """
+    from ..model.checkpoint import read_meta
+
+    def epoch_of(path: Path) -> int | None:
+        try:
+            return read_meta(path).extra.get("epoch") if path.is_file() else None
+        except AgeGenderError:
+            return None
+
+    if epoch_of(run.pending) == progress.epoch and epoch_of(run.last) != progress.epoch:
+        os.replace(run.pending, run.last)
+        kill_point("state:last")
+    elif (run.pending).exists():  # an epoch that never committed
+        (run.pending).unlink()
+    if epoch_of(run.last) != progress.epoch:
+        return
+    if progress.best_epoch == progress.epoch and epoch_of(run.checkpoint) != progress.epoch:
+        with atomic_path(run.checkpoint) as tmp:  # the checkpoint just written, not serialised again
+            shutil.copyfile(run.last, tmp)
+        kill_point("state:best")
+    run.write_history(progress.history)
+
+
+def _finish_commit(run: RunDir, model: AgeGenderNet) -> None:
+    """Finish what a process killed between an epoch's commit and its last steps left undone (:func:`_settle`).
+
+    Run by one process (rank 0) before any reads the run's files; never raises: a state it cannot use is left as
+    it is, for :func:`_restore` to name.
+    """
+    try:
+        _settle(run, _committed(run, model)[1])
+    except (OSError, AgeGenderError):
+        pass
+
+
+def _committed(run: RunDir, model: AgeGenderNet) -> tuple[dict[str, Any], RunState]:
+    """The committed state of ``run`` (checked: one of this run's model) and where it says the run stands."""
+    out = run.path
+    state = _read_state(run.train_state, out)
+    # The calibration temperature is fitted after the last epoch, so it never tells two training runs apart.
+    this_model = json.dumps({**model.config.to_dict(), "temperature": 1.0}, sort_keys=True)
+    if state.get("model_config", this_model) != this_model:
+        raise _cannot_resume(out, "train_state.pt is from a run with another model")
+    return state, RunState(state["epoch"], (float(state["best"][0]), float(state["best"][1])),
+                           state.get("best_epoch", 0), state.get("stale", 0), state["history"])
+
+
+def _restore(run: RunDir, model: AgeGenderNet, optimizer: torch.optim.Optimizer) -> RunState:
+    """Where ``run`` stands, with the weights, optimizer and random generators restored.
 
     Everything is checked before it is used: a damaged, foreign or incomplete state is refused in one line (a
     pickle payload never runs: torch reads the state with ``weights_only``).
@@ -496,17 +623,13 @@ def _restore(run: RunDir, model: AgeGenderNet, optimizer: torch.optim.Optimizer
     from ..model.checkpoint import read_meta
 
     out, last = run.path, run.last
-    state = _read_state(run.train_state, out)
+    state, progress = _committed(run, model)
     if not last.is_file():
         raise _cannot_resume(out, f"{last.name} is missing")
     try:
         meta = read_meta(last)
     except AgeGenderError as e:
-        raise _cannot_resume(out, f"{last.name} is damaged ({e})") from None
-    # The calibration temperature is fitted after the last epoch, so it never tells two training runs apart.
-    this_model = json.dumps({**model.config.to_dict(), "temperature": 1.0}, sort_keys=True)
-    if state.get("model_config", this_model) != this_model:
-        raise _cannot_resume(out, "train_state.pt is from a run with another model")
+        raise _cannot_resume(out, f"last.safetensors is damaged ({e})") from None
     if meta.extra.get("epoch", state["epoch"]) != state["epoch"]:
         raise _cannot_resume(out, f"last.safetensors is from epoch {meta.extra.get('epoch')}, train_state.pt from "
                                   f"epoch {state['epoch']}")
@@ -520,11 +643,11 @@ def _restore(run: RunDir, model: AgeGenderNet, optimizer: torch.optim.Optimizer
                 moments = optimizer.state.get(p, {})
                 if any(isinstance(t, torch.Tensor) and t.dim() and t.shape != p.shape for t in moments.values()):
                     raise ValueError("optimizer moments of another shape than the weights")
-        torch.set_rng_state(state["torch_rng"])
+        _set_rng_state(state["torch_rng"], state.get("rng", {}))
     except Exception as e:  # a state that does not fit this model: name it, never a traceback
         raise _cannot_resume(out, f"the saved state does not fit this run's model ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    return state["epoch"] + 1, (float(state["best"][0]), float(state["best"][1])), state["history"]
+    return progress
 
 
 def _read_state(path: Path, out: Path) -> dict[str, Any]:
@@ -550,8 +673,24 @@ def _read_state(path: Path, out: Path) -> dict[str, Any]:
     except (ValueError, RecursionError):
         history = None
     best = state["best"]
+    counters = [state.get(k, 0) for k in ("best_epoch", "stale")]
     if (not isinstance(history, list) or not all(isinstance(r, dict) for r in history) or state["epoch"] < 1
             or len(best) != 2 or not all(isinstance(b, int | float) for b in best)
-            or state["torch_rng"].dtype != torch.uint8):
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= state["epoch"] for c in counters)
+            or state["torch_rng"].dtype != torch.uint8 or not _rng_fields_ok(state.get("rng", {}))):
         raise _cannot_resume(out, "train_state.pt has fields of the right names but not a training state's values")
     return {**state, "history": history}
+
+
+def _rng_fields_ok(rng: Any) -> bool:
+    """The random generators' states have the types :func:`_rng_state` writes (their values are checked by the
+    generators themselves, inside ``_restore``'s one-line error)."""
+    if not isinstance(rng, dict):
+        return False
+    n, p = rng.get("numpy"), rng.get("python")
+    numpy_ok = n is None or (isinstance(n, dict) and isinstance(n.get("keys"), torch.Tensor)
+                             and all(isinstance(n.get(k), t) for k, t in (("kind", str), ("pos", int),
+                                                                          ("has_gauss", int), ("gauss", float))))
+    python_ok = p is None or (isinstance(p, dict) and isinstance(p.get("mt"), torch.Tensor)
+                              and isinstance(p.get("version"), int) and isinstance(p.get("gauss"), float | None))
+    return numpy_ok and python_ok
