@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from agegender.backbones.vgg_face import VGG_FACE_PREPROCESS
 from agegender.cli import main
 from agegender.errors import AgeGenderError
 from agegender.infer.predict import Predictor
 from agegender.model import runtime
-from agegender.model.config import VGG_FACE_PREPROCESS, ModelConfig
+from agegender.model.config import ModelConfig
 from agegender.model.meta import CheckpointMeta
 from agegender.model.onnx_file import check_self_contained
 
@@ -184,10 +185,10 @@ def test_predict_command_with_a_slow_model_gives_error_records(tmp_path: Path, m
 
 
 def test_a_detector_model_with_external_data_is_refused(tmp_path: Path) -> None:
-    from agegender.faces.retinaface import RetinaFaceDetector
+    from agegender.faces.detect import RetinaFace
 
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"\x00\x00\x80\x3f")
     model = _model_with_external(tmp_path, "initializer", str(secret))
     with pytest.raises(AgeGenderError, match="keeps 1 tensor"):
-        RetinaFaceDetector(model=model.read_bytes()).detect(np.zeros((64, 64, 3), np.uint8))
+        RetinaFace(model.read_bytes()).detect(np.zeros((64, 64, 3), np.uint8))

@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from agegender import images
+from agegender import images, output
+from agegender.backbones.vgg_face import VGG_FACE_PREPROCESS
 from agegender.cli import main
 from agegender.errors import AgeGenderError
-from agegender.infer import predict
 from agegender.infer.video import frames
 from agegender.model.checkpoint import CheckpointMeta, save_checkpoint
-from agegender.model.config import VGG_FACE_PREPROCESS, ModelConfig
+from agegender.model.config import ModelConfig
 from agegender.model.net import AgeGenderNet
 
 cv2 = pytest.importorskip("cv2")
@@ -132,7 +132,7 @@ def test_a_bad_video_alone_is_the_commands_error(tmp_path: Path, model: Path, ca
 # -- annotations: all or nothing ------------------------------------------------------------------------------
 def _failing_annotations(monkeypatch: pytest.MonkeyPatch, fail_at: int) -> None:
     """The ``fail_at``-th annotated copy cannot be written: the disk is full by then."""
-    real = predict.annotate
+    real = output.annotate
     count = [0]
 
     def annotate(rgb: np.ndarray, faces: list[Any]) -> Any:
@@ -146,7 +146,7 @@ def _failing_annotations(monkeypatch: pytest.MonkeyPatch, fail_at: int) -> None:
             image.save = full
         return image
 
-    monkeypatch.setattr(predict, "annotate", annotate)
+    monkeypatch.setattr(output, "annotate", annotate)
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
