@@ -29,6 +29,7 @@ from agegender.faces.align import (
     similarity_transform,
     warp_chip,
 )
+from agegender.images import ImageError
 from agegender.weights.dlib_shape import _token_starts, read_shape_predictor
 from dlib_shape_writer import ModelSpec, float_parts, pack_float, pack_int, random_model, tiny_model, write_model
 
@@ -253,7 +254,7 @@ def test_chip_inputs_are_checked() -> None:
     img = np.zeros((50, 50, 3), np.uint8)
     with pytest.raises(ValueError):
         face_chip(img, np.zeros((68, 2)))
-    with pytest.raises(ValueError):
+    with pytest.raises(ImageError):
         face_chip(img.astype(np.float32), np.zeros((5, 2)))
 
 

@@ -18,6 +18,7 @@ from agegender.faces.detect import (
     crop_box,
     crop_face,
 )
+from agegender.images import ImageError
 
 
 def _rgb(path: Path) -> np.ndarray:
@@ -122,7 +123,7 @@ def test_crop_face_matches_a_plain_crop_inside_the_image() -> None:
 def test_haar_finds_nothing_in_a_blank_image_and_checks_input() -> None:
     detector = HaarDetector()
     assert detector.detect(np.full((120, 160, 3), 128, np.uint8)) == []
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(ImageError, match="uint8"):
         detector.detect(np.zeros((10, 10), np.float32))
 
 

@@ -149,7 +149,7 @@ def test_a_damaged_state_gives_one_line(runs: dict[str, Path], tmp_path: Path, m
     with pytest.raises(AgeGenderError) as e:
         _resume(out)
     message = str(e.value)
-    assert DAMAGES[how] in message and "cannot resume" in message and "start again with another --out" in message
+    assert DAMAGES[how] in message and "cannot resume" in message and "start again with another out," in message
     assert "\n" not in message
     assert not marker.exists()  # the payload never ran
 
@@ -212,7 +212,7 @@ def test_a_lock_held_by_a_killed_process_is_taken_over(tmp_path: Path) -> None:
 def test_training_that_diverges_says_so(world: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "wild"
     start = time.perf_counter()
-    with pytest.raises(AgeGenderError, match=r"training diverged at epoch 1 \(loss .*\), lower --lr \(now 1e\+06\)"):
+    with pytest.raises(AgeGenderError, match=r"training diverged at epoch 1 \(loss .*\), lower lr \(now 1e\+06\)"):
         fit(config(world, out, lr=1e6))
     assert not out.exists()  # a new run that failed leaves nothing behind
     assert time.perf_counter() - start < 120

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from .errors import AgeGenderError
+from .errors import AgeGenderError, InputError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -34,7 +34,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".
                             ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"})
 
 
-class ImageError(AgeGenderError):
+class ImageError(InputError):
     """An input that cannot be used as an image; ``kind`` is ``unsupported``, ``corrupt`` or ``too_large``."""
 
     def __init__(self, message: str, kind: str) -> None:

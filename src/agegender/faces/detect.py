@@ -25,7 +25,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, OptionError
+from ..images import ImageError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def _gray(rgb: np.ndarray) -> np.ndarray:
     import cv2
 
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.dtype} {rgb.shape}")
+        raise ImageError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.dtype} {rgb.shape}", "unsupported")
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
 
 
@@ -141,7 +142,7 @@ class HaarDetector:
             for path in self.cascades:
                 classifier = cv2.CascadeClassifier(str(path))
                 if classifier.empty():
-                    raise RuntimeError(f"{path}: OpenCV could not load the cascade")
+                    raise AgeGenderError(f"{path}: OpenCV could not load the cascade")
                 loaded.append(classifier)
             self._local.classifiers = loaded
         return loaded
@@ -251,7 +252,7 @@ class RetinaFace:
         if not 0 < score_threshold < 1:
             raise AgeGenderError(f"the score threshold must be in (0, 1), got {score_threshold}")
         if max_faces is not None and max_faces < 1:
-            raise AgeGenderError(f"--max-faces must be at least 1, got {max_faces}")
+            raise OptionError(f"`max_faces` must be at least 1, got {max_faces}", "max_faces")
         self.min_face_px, self.max_faces = min_face_px, max_faces
         self.net = RetinaFaceDetector(weights, score_threshold=score_threshold, min_face=min_face_px,
                                       intra_op_num_threads=threads)

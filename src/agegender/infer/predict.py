@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from ..devices import usable_cores
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, OptionError
 from ..faces.detect import Box, FaceDetector, default_detector
 from ..faces.framing import FaceFramer, PhotoFramer
 from ..files import atomic_path, regular_file
@@ -27,6 +27,7 @@ from ..images import IMAGE_SUFFIXES, ImageInput, load_image
 from ..labels import ADIENCE_GROUP_NAMES, age_group
 from ..model.contract import check_finite_outputs
 from ..model.runtime import Backend, Decoded, OnnxBackend, TorchBackend, load_backend
+from ..process import ThreadScope, set_process_threads
 
 __all__ = ["Backend", "Face", "ImageResult", "OnnxBackend", "Predictor", "TorchBackend", "load_backend"]
 
@@ -269,24 +270,26 @@ class Predictor:
                             item.time) for item in pending]
 
 
-def share_cores_for_batches(predictor: Predictor) -> None:
-    """Size the process-wide thread pools for :meth:`Predictor.predict_many` (the CLI does): one thread each.
+def share_cores_for_batches(predictor: Predictor) -> ThreadScope:
+    """Size the thread pools for :meth:`Predictor.predict_many` (the CLI does): one thread each.
 
     Its ``workers`` threads already keep every core busy, one task (find an image's faces, or classify a batch)
     each, and OpenCV's, onnxruntime's and PyTorch's own pools on top of them only oversubscribe the cores: two
     threads per classifier call beside the detectors cost 1.4x the CPU time per image on 2 cores. Without
     detection the classifier is the work, and keeps every core. A thread count set with ``OMP_NUM_THREADS``
     is left alone.
+
+    Returns the process-wide pools' scope from before: ``with share_cores_for_batches(predictor): ...`` puts
+    OpenCV's and torch's pools back after the block (the predictor's own sessions keep one thread each).
     """
     if predictor.detector is None:
-        return
-    import cv2
-
-    cv2.setNumThreads(1)
+        return ThreadScope()
+    scope = set_process_threads(1, torch=False)  # torch's pool is the backend's: OMP_NUM_THREADS wins there
     set_threads = getattr(predictor.detector, "set_threads", None)
     if set_threads is not None:
         set_threads(1)
     predictor.backend.set_threads(1)
+    return scope
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -416,7 +419,7 @@ def predict_files(predictor: Predictor, paths: list[str], output: str | None = N
     from .video import is_video
 
     if every < 1:
-        raise AgeGenderError(f"--every must be at least 1, got {every}")
+        raise OptionError(f"`every` must be at least 1, got {every}", "every")
     if output_format not in ("jsonl", "csv"):
         raise AgeGenderError(f"unknown output format {output_format!r}; choose jsonl or csv")
     folder = Path(annotate) if annotate else None

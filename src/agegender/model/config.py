@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, InputError
 
 if TYPE_CHECKING:
     import torch
@@ -114,9 +114,9 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.channel_order not in ("RGB", "BGR"):
-            raise ValueError(f"channel_order must be RGB or BGR, not {self.channel_order!r}")
+            raise InputError(f"channel_order must be RGB or BGR, not {self.channel_order!r}")
         if self.alignment not in ALIGNMENTS:
-            raise ValueError(f"alignment must be one of {ALIGNMENTS}, not {self.alignment!r}")
+            raise InputError(f"alignment must be one of {ALIGNMENTS}, not {self.alignment!r}")
 
     def resized(self, size: int) -> Preprocess:
         return replace(self, size=int(size))

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, InputError
+from ..images import ImageError
 
 # Input convention of the released model (its input layer is input_rgb_image_sized<150>).
 INPUT_SIZE = 150
@@ -41,7 +42,7 @@ def normalize_chips(chips: np.ndarray | torch.Tensor,
     """
     x = torch.as_tensor(chips)
     if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"expected (N, H, W, 3) RGB chips, got shape {tuple(x.shape)}")
+        raise ImageError(f"expected (N, H, W, 3) RGB chips, got shape {tuple(x.shape)}", "unsupported")
     mean = torch.tensor(INPUT_MEAN_RGB, dtype=torch.float32)
     return ((x.to(torch.float32) - mean) * INPUT_SCALE).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
 
@@ -120,7 +121,7 @@ class DlibResNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(widths) != len(LEVEL_BLOCKS):
-            raise ValueError(f"expected {len(LEVEL_BLOCKS)} level widths, got {widths}")
+            raise InputError(f"expected {len(LEVEL_BLOCKS)} level widths, got {widths}")
         self.widths = tuple(widths)
         self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2)
         self.conv1_affine = Affine(widths[0])

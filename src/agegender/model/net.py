@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .config import ModelConfig
 from .decode import decode
 from .dlib_resnet import DlibResNet
@@ -155,9 +156,9 @@ class AgeGenderNet(nn.Module):
             for part in ("weight", "bias"):
                 key = f"{name}.{part}"
                 if key not in state:
-                    raise KeyError(f"weights lack {key}")
+                    raise InputError(f"weights lack {key}")
                 if tuple(state[key].shape) != tuple(own[key].shape):
-                    raise ValueError(f"{key}: weights have shape {tuple(state[key].shape)}, "
+                    raise InputError(f"{key}: weights have shape {tuple(state[key].shape)}, "
                                      f"model expects {tuple(own[key].shape)}")
         with torch.no_grad():
             for name in CONV_NAMES:
@@ -169,7 +170,7 @@ class AgeGenderNet(nn.Module):
 def decode_age(config: ModelConfig, age_logits: torch.Tensor) -> torch.Tensor:
     """Age in years from the age head's outputs, as :func:`~agegender.model.decode.decode` gives it."""
     if config.age_head == "none":
-        raise ValueError("this model has no age head")
+        raise InputError("this model has no age head")
     return decode(config, age_logits.new_zeros(age_logits.shape[0]), age_logits)[1]
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..data.records import Dataset, FaceRecord, scan_all
 from ..data.splits import make_splits
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, OptionError
 from ..faces.framing import PhotoFramer, photo_framer
 from ..files import refuse_overwrite
 from ..images import Skipped, load_rgb
@@ -114,7 +114,7 @@ def evaluate_model(model: str | os.PathLike[str] | None, data: str | Sequence[st
     ckpt = resolve_model(model)
     run = ckpt.parent if (ckpt.parent / "config.json").is_file() else None
     if data is None and run is None:
-        raise AgeGenderError(f"{model}: a checkpoint outside its run directory needs --data (which images to use)")
+        raise OptionError(f"{model}: a checkpoint outside its run directory needs `data` (which images to use)", "data")
     if subset is not None and subset not in SUBSETS:
         raise AgeGenderError(f"unknown subset {subset!r}; choose from {', '.join(SUBSETS)}")
     if batch_size < 1 or workers < 1:
