@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from agegender.model.dlib_resnet import DlibResNet, normalize_chips
+from agegender.process import set_process_threads
 from agegender.weights.dlib_dat import read_dlib_resnet
 
 
@@ -47,14 +48,10 @@ def bf16_is_fast() -> bool:
 def _torch_runner(model: DlibResNet, chips: np.ndarray, bf16: bool, threads: int,
                   batch: int) -> Callable[[], np.ndarray]:
     def run() -> np.ndarray:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = [model(normalize_chips(chips[i:i + batch], torch.channels_last)).float()
-                       for i in range(0, len(chips), batch)]
-        finally:
-            torch.set_num_threads(before)
+        with (set_process_threads(threads, opencv=False), torch.inference_mode(),
+              torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)):
+            out = [model(normalize_chips(chips[i:i + batch], torch.channels_last)).float()
+                   for i in range(0, len(chips), batch)]
         return torch.cat(out).numpy()
 
     return run
