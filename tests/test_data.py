@@ -263,6 +263,7 @@ def test_scan_without_labels_says_what_was_expected(tmp_path: Path) -> None:
         scan(tmp_path)
 
 
+@pytest.mark.slow
 def test_shared_lfw_and_wiki_scan_and_every_image_loads(shared_faces: Path) -> None:
     for name in ("lfw", "wiki"):
         with (shared_faces / name / "labels.csv").open(newline="") as f:

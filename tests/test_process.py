@@ -83,6 +83,7 @@ def test_the_predict_command_leaves_the_pools_as_it_found_them(known_pools: tupl
     assert _pools() == known_pools
 
 
+@pytest.mark.slow
 def test_training_restores_torch_threads(known_pools: tuple[int, int], tmp_path: Path) -> None:
     from agegender.data.synthetic import make_agegender_tree
 

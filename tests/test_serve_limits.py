@@ -291,6 +291,7 @@ def _peak_rss(pid: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc to read the server's peak memory")
+@pytest.mark.slow
 def test_fifty_concurrent_bombs_stay_under_2_gb(checkpoint: Path, tmp_path: Path) -> None:
     # 7000 x 7000 = 49M pixels, under MAX_PIXELS, in a ~160 kB PNG: ~150 MB decoded, seconds of work each.
     bomb = _png((7000, 7000))
