@@ -175,6 +175,7 @@ def test_onnx_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], age_he
     assert np.std(got[0]) > 0  # the model is not saturated, so parity means something
 
 
+@pytest.mark.slow
 def test_onnx_torchscript_exporter(tmp_path: Path) -> None:
     import onnxruntime as ort
 
