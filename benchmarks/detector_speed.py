@@ -123,9 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.faces.is_dir():
         print(f"{args.faces}: no such folder (set AGEGENDER_FACES)", file=sys.stderr)
         return 1
-    import cv2
+    from agegender.process import set_process_threads
 
-    cv2.setNumThreads(1)
+    set_process_threads(1, torch=False)  # for this process's life: one core per detector call, as predict runs them
     detectors = {
         "Haar (1.1, 2, 40 px, shrunk)": haar_detector(),
         "RetinaFace (max_side 640)": retinaface_detector(),

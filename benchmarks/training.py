@@ -183,9 +183,9 @@ def _gemm_rate(m: int, k: int, n: int, dtype: str, threads: int, device: str, se
     """FLOP/s of torch.mm at (m x k) @ (k x n): as many calls as fill ``seconds`` (at least two), after one."""
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    from agegender.process import set_process_threads
+
+    with set_process_threads(threads, opencv=False):
         kind = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         a, b = torch.randn(m, k, device=device).to(kind), torch.randn(k, n, device=device).to(kind)
         c = torch.mm(a, b)
@@ -196,8 +196,6 @@ def _gemm_rate(m: int, k: int, n: int, dtype: str, threads: int, device: str, se
             sync(device)
             count += 1
         return 2 * m * k * n * count / (time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _largest_layer(model: Any) -> tuple[int, int]:

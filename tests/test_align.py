@@ -93,6 +93,7 @@ def test_round_trip_edge_shapes(tmp_path: Path) -> None:
     assert model.cascades[1].split_idx1.shape[0] == 0
 
 
+@pytest.mark.slow
 def test_truncated_at_every_offset(tmp_path: Path) -> None:
     data = write_model(random_model(np.random.default_rng(1), parts=2, cascades=2, trees=2, depth=1, pixels=3))
     path = tmp_path / "cut.dat"

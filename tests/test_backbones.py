@@ -73,6 +73,7 @@ def test_bad_model_configs_are_one_line_errors(kw: dict[str, object], message: s
         ModelConfig(**kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_a_dlib_run_describes_itself(tiny_run: Path) -> None:
     meta = read_meta(tiny_run / "model.safetensors")
     assert meta.config.backbone == "dlib-resnet" and meta.config.image_size == 150
@@ -82,6 +83,7 @@ def test_a_dlib_run_describes_itself(tiny_run: Path) -> None:
     assert 0 <= report["gender"]["accuracy"] <= 1 and report["age"]["mae"] >= 0
 
 
+@pytest.mark.slow
 def test_export_and_predict_carry_the_backbone(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                                ) -> None:
     onnx = tmp_path / "dlib.onnx"
@@ -108,6 +110,7 @@ def _clip(path: Path, frames: list[np.ndarray], fps: float = 5.0) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_video_gives_one_record_per_sampled_frame(tiny_run: Path, shared_faces: Path, tmp_path: Path) -> None:
     photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((shared_faces / "lfw").rglob("*.jpg"))[:4]]
     clip = _clip(tmp_path / "clip.avi", [p for p in photos for _ in range(3)])  # 12 frames
@@ -120,6 +123,7 @@ def test_video_gives_one_record_per_sampled_frame(tiny_run: Path, shared_faces: 
 
 
 @pytest.mark.parametrize("content", [b"", b"not a video at all" * 100])
+@pytest.mark.slow
 def test_bad_videos_are_clear_errors(tiny_run: Path, tmp_path: Path, content: bytes,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.mp4"

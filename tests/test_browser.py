@@ -79,6 +79,7 @@ DONE = "[...document.querySelectorAll('.photo .status')].length === {n} && " \
        ".startsWith('Analys'))"
 
 
+@pytest.mark.slow
 def test_page_numbers_boxes_lists_faces_and_takes_several_photos(server: tuple[str, Predictor, Path],
                                                                  tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")

@@ -53,6 +53,7 @@ def test_default_predictor_runs_the_bundled_model(shared_faces: Path) -> None:
     assert face.age_low <= face.age + 1 and face.age - 1 <= face.age_high
 
 
+@pytest.mark.slow
 def test_predict_cli_without_a_model_imports_no_torch(shared_faces: Path, tmp_path: Path) -> None:
     photo = sorted((shared_faces / "wiki").rglob("*.jpg"))[0]
     out = tmp_path / "out.jsonl"

@@ -10,6 +10,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -269,6 +270,7 @@ def test_scan_without_labels_says_what_was_expected(tmp_path: Path) -> None:
         scan(tmp_path)
 
 
+@pytest.mark.slow
 def test_shared_lfw_and_wiki_scan_and_every_image_loads(shared_faces: Path) -> None:
     for name in ("lfw", "wiki"):
         with (shared_faces / name / "labels.csv").open(newline="") as f:
@@ -567,6 +569,7 @@ def test_iter_batches_prefetches_in_order_and_skips_bad(tmp_path: Path) -> None:
 def test_iter_batches_decodes_prefetch_batches_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     from agegender.data import batches as data
 
@@ -578,14 +581,29 @@ def test_iter_batches_decodes_prefetch_batches_ahead(tmp_path: Path, monkeypatch
             calls.append(path)
         return np.zeros((size, size, 3), np.uint8)
 
+    pools: list[CountingPool] = []
+
+    class CountingPool(ThreadPoolExecutor):
+        """The decode pool, counting the tasks handed to it: what it will decode, whenever it gets to it."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.submitted = 0
+            pools.append(self)
+
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            self.submitted += 1
+            return super().submit(*args, **kwargs)
+
     monkeypatch.setattr(data, "load_rgb", counting)
+    monkeypatch.setattr(data, "ThreadPoolExecutor", CountingPool)
     batches = iter_batches([tmp_path / f"{i}.jpg" for i in range(20)], 8, batch_size=2, workers=2, prefetch=2)
     next(batches)
+    assert pools[0].submitted == 6  # the batch handed over plus two decoded ahead, no more
     deadline = time.monotonic() + 5
-    while len(calls) < 6 and time.monotonic() < deadline:
+    while len(calls) < 6:  # and they are decoded without being asked for
+        assert time.monotonic() < deadline, f"{len(calls)} of 6 decoded"
         time.sleep(0.01)
-    time.sleep(0.05)
-    assert len(calls) == 6  # the batch handed over plus two decoded ahead, no more
     assert sum(1 for _ in batches) == 9
     assert len(calls) == 20
 

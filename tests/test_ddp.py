@@ -12,7 +12,7 @@ import pytest
 
 from agegender.data.synthetic import make_agegender_tree, make_vgg_face_state, save_vgg_face
 
-pytestmark = pytest.mark.ddp
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]  # processes of their own, a minute of training
 
 WIDTHS = (16, 32, 32, 64, 64)
 

@@ -82,6 +82,7 @@ def test_canonical_names_match_the_model(tiny: tuple[bytes, dict[str, np.ndarray
         DlibResNet(widths=(3, 3, 4, 5, 5), descriptor_dim=4).load_canonical(state)
 
 
+@pytest.mark.slow
 def test_every_truncation_is_one_line(tiny: tuple[bytes, dict[str, np.ndarray]]) -> None:
     data = tiny[0]
     offsets = sorted({*range(120), *range(0, len(data), len(data) // 150), *range(len(data) - 40, len(data))})
@@ -198,6 +199,7 @@ def test_mutated_file_parses_or_raises_one_line(edits: list[tuple[int, int]]) ->
 
 
 # -- The PyTorch port on the tiny fixture ---------------------------------------------------------
+@pytest.mark.slow
 def test_batch_channels_last_and_bf16(tiny: tuple[bytes, dict[str, np.ndarray]]) -> None:
     model = DlibResNet.from_canonical(parse_dlib_resnet(tiny[0]).state).eval()
     x = torch.randn(3, 3, 150, 150, generator=torch.Generator().manual_seed(0))
@@ -308,6 +310,7 @@ def _compare_with_dlib(release: tuple[Path, DlibResNet], chips: np.ndarray, sing
     return float(np.abs(got - want).max())
 
 
+@pytest.mark.slow
 def test_release_matches_dlib_on_generated_chips(release: tuple[Path, DlibResNet]) -> None:
     assert _compare_with_dlib(release, _random_chips(4, seed=11), singles=True) < 1e-4
 
@@ -330,6 +333,7 @@ def _face_chips(photos: list[Path]) -> np.ndarray:
     return np.stack(chips)
 
 
+@pytest.mark.slow
 def test_release_matches_dlib_on_real_faces(release: tuple[Path, DlibResNet], shared_faces: Path) -> None:
     photos = sorted((shared_faces / "lfw").rglob("*.jpg"))[::1200][:4]
     if not photos:

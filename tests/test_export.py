@@ -133,6 +133,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 
 @pytest.mark.parametrize(("age_head", "block_bn"), HEADS)
+@pytest.mark.slow
 def test_onnx_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], age_head: str, block_bn: bool) -> None:
     import onnx
     import onnxruntime as ort
@@ -176,6 +177,7 @@ def test_onnx_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], age_he
     assert np.std(got[0]) > 0  # the model is not saturated, so parity means something
 
 
+@pytest.mark.slow
 def test_onnx_torchscript_exporter(tmp_path: Path) -> None:
     import onnxruntime as ort
 
@@ -222,12 +224,14 @@ def test_keras_export_dex(keras_dex: tuple[Path, Path, dict]) -> None:
 
 
 @pytest.mark.parametrize(("age_head", "block_bn", "feature_bn"), [("regression", False, True), ("none", True, False)])
+@pytest.mark.slow
 def test_keras_export(tmp_path: Path, age_head: str, block_bn: bool, feature_bn: bool) -> None:
     run = make_run(tmp_path, age_head, block_bn, feature_bn=feature_bn)
     check_keras_export(run, tmp_path / "model.keras", ex.export(run, "keras", tmp_path / "model.keras"), age_head)
 
 
 @pytest.mark.tf
+@pytest.mark.slow
 def test_keras_export_runs_in_tensorflow(keras_dex: tuple[Path, Path, dict]) -> None:
     if importlib.util.find_spec("tensorflow") is None:
         pytest.skip("tensorflow is not installed")
@@ -240,6 +244,7 @@ def test_keras_export_runs_in_tensorflow(keras_dex: tuple[Path, Path, dict]) -> 
 
 
 @pytest.mark.parametrize(("age_head", "block_bn"), [("dex", True), ("none", False)])
+@pytest.mark.slow
 def test_torch_export(tmp_path: Path, age_head: str, block_bn: bool) -> None:
     run = make_run(tmp_path, age_head, block_bn)
     out = tmp_path / "model.pt2"
@@ -265,6 +270,7 @@ def test_verification_inputs_must_match_the_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "keras"])
+@pytest.mark.slow
 def test_failed_parity_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
     run = make_run(tmp_path)
     for name in ("ONNX_TOLERANCE", "KERAS_TOLERANCE", "TORCH_TOLERANCE"):
@@ -359,6 +365,7 @@ def test_onnx_metadata_reader_rejects_other_files(tmp_path: Path) -> None:
         load_backend(tmp_path / "plain.onnx")
 
 
+@pytest.mark.slow
 def test_real_faces_onnx_parity(tmp_path: Path, shared_faces: Path) -> None:
     from PIL import Image
 

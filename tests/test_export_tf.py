@@ -54,6 +54,7 @@ def tf() -> Any:
 # -- Keras: dlib-resnet -------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("layer", "age_head"), [("pooled", "dex"), ("descriptor", "regression"), ("both", "none")])
+@pytest.mark.slow
 def test_keras_export_dlib(tmp_path: Path, layer: str, age_head: str) -> None:
     run = _run(tmp_path, DLIB, layer, age_head)
     out = tmp_path / "model.keras"
@@ -85,6 +86,7 @@ def _tf_pad_at_start(tf: Any, x: Any, pads: tuple[int, ...]) -> Any:
 
 
 @pytest.mark.parametrize("fmt", ["keras", pytest.param("savedmodel", marks=pytest.mark.tf)])
+@pytest.mark.slow
 def test_parity_catches_a_misplaced_residual_pad(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
     """The tiny dlib models are sensitive enough: a pad on the wrong side fails the export, leaving nothing."""
     if fmt == "savedmodel":
@@ -102,6 +104,7 @@ def test_parity_catches_a_misplaced_residual_pad(tmp_path: Path, monkeypatch: py
 
 
 @pytest.mark.tf
+@pytest.mark.slow
 def test_keras_dlib_export_runs_in_tensorflow(tmp_path: Path) -> None:
     if importlib.util.find_spec("tensorflow") is None:
         pytest.skip("tensorflow is not installed")
@@ -141,6 +144,7 @@ def _check_serving_format(tf: Any, out: Path, size: int, names: list[str]) -> No
 
 @pytest.mark.tf
 @pytest.mark.parametrize(("backbone", "layer", "age_head"), SAVEDMODEL_CASES)
+@pytest.mark.slow
 def test_savedmodel_export(tmp_path: Path, tf: Any, backbone: str, layer: str, age_head: str) -> None:
     run = _run(tmp_path, backbone, layer, age_head)
     meta = load_checkpoint(run / "model.safetensors")[1]
@@ -194,6 +198,7 @@ def test_age_percentiles(tf: Any) -> None:
 
 
 @pytest.mark.tf
+@pytest.mark.slow
 def test_savedmodel_via_cli(tmp_path: Path, tf: Any, capsys: pytest.CaptureFixture[str]) -> None:
     run = _run(tmp_path, DLIB, "pooled", "dex")
     out = tmp_path / "serving" / "7"
@@ -209,6 +214,7 @@ def test_savedmodel_via_cli(tmp_path: Path, tf: Any, capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.tf
+@pytest.mark.slow
 def test_failed_savedmodel_checks_leave_nothing(tmp_path: Path, tf: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     run = _run(tmp_path, DLIB, "both", "dex")
     with monkeypatch.context() as m:
@@ -235,6 +241,7 @@ def test_exports_leave_the_environment_as_it_was(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.tf
+@pytest.mark.slow
 def test_savedmodel_predicts_like_pytorch_on_real_faces(tmp_path: Path, tf: Any, shared_faces: Path) -> None:
     """Chips framed the way Predictor frames them (detector, 5-point alignment), served by TensorFlow."""
     from PIL import Image
@@ -327,6 +334,7 @@ def test_full_size_exports_match_pytorch(tmp_path: Path, tf: Any, backbone: str)
 
 @pytest.mark.parametrize("fmt", ["onnx", "keras", pytest.param("savedmodel", marks=pytest.mark.tf)])
 @pytest.mark.parametrize("age_head", ["dex", "regression"])
+@pytest.mark.slow
 def test_exports_apply_the_calibration_temperature(tmp_path: Path, fmt: str, age_head: str) -> None:
     """A calibrated checkpoint exports with P(male) = sigmoid(logit / T) and clamped ages in every format: each
     export's own parity check compares it with the decode that predict uses, and refuses a mismatch."""

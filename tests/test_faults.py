@@ -130,6 +130,7 @@ def _limited(script: str, limit: int, cwd: Path) -> subprocess.CompletedProcess[
                           cwd=cwd, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
 
 
+@pytest.mark.slow
 def test_convert_past_the_file_size_limit(tmp_path: Path) -> None:
     from agegender.data.synthetic import make_vgg_face_state
 
@@ -147,6 +148,7 @@ def test_convert_past_the_file_size_limit(tmp_path: Path) -> None:
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_predict_output_past_the_file_size_limit(tmp_path: Path, model: Path, photos: Path) -> None:
     run = _limited(f"""
         import sys

@@ -151,6 +151,7 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> object:
 
 
 @quiet
+@pytest.mark.slow
 def test_api_never_answers_5xx(api_schema: object) -> None:
     """Positive and negative requests for every operation; some uploads carry real (mutated) images.
 

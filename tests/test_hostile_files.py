@@ -66,6 +66,7 @@ def test_h5_external_storage_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
     assert "TOP-SECRET" not in err
 
 
+@pytest.mark.slow
 def test_h5_external_storage_on_a_fifo_does_not_hang(tmp_path: Path, params: dict[str, np.ndarray]) -> None:
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -187,6 +188,7 @@ def test_caffe_blob_declaring_a_huge_shape_is_refused(tmp_path: Path, capsys: py
     _refused(capsys, src, tmp_path / "out.safetensors", "has shape", "not a valid Caffe model")
 
 
+@pytest.mark.slow
 def test_pt_deflate_bomb_is_refused_before_inflating(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plain = tmp_path / "plain.pt"
     torch.save({"conv1_1.weight": torch.zeros(4, 3, 3, 3)}, plain)

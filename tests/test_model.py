@@ -111,6 +111,7 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path) -> None:  # type: ignore[
 
 
 @pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.slow
 def test_feature_extractor_matches_forward_features(bf16: bool) -> None:
     from agegender.model.net import feature_extractor
 

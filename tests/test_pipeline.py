@@ -11,6 +11,7 @@ from agegender.data.synthetic import make_agegender_tree
 from t7_writer import write_vgg_face_t7
 
 
+@pytest.mark.slow
 def test_reproduce_converts_a_t7_trains_evaluates_and_exports(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     make_agegender_tree(tmp_path / "data", per_folder=1, seed=2)
     write_vgg_face_t7(tmp_path / "VGG_FACE.t7", widths=(8, 16, 16, 32, 32), fc=16, classes=4)

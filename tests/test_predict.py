@@ -181,6 +181,7 @@ def test_faces_and_age_groups(models: dict[str, Path], tmp_path: Path) -> None:
     assert face.age is None and face.age_group is None and face.label() in ("M", "F")
 
 
+@pytest.mark.slow
 def test_batching_across_images_matches_one_by_one(models: dict[str, Path], photo_folder: Path) -> None:
     paths = expand_paths([str(photo_folder)])
     predictor = Predictor.from_path(models["checkpoint"])

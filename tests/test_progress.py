@@ -86,6 +86,7 @@ def test_predict_reports_progress_and_counts_frames(model: Path, tmp_path: Path,
     assert main([*args, "--force"]) == 0
 
 
+@pytest.mark.slow
 def test_export_is_quiet_unless_verbose(model: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")

@@ -102,6 +102,7 @@ def test_shard_names_depend_only_on_their_paths() -> None:
 
 # -- on a local Ray -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ray_records_equal_plain_records_and_bad_images_are_errors(local_ray: None, onnx_model: Path,
                                                                     photos: Path, tmp_path: Path) -> None:
     paths = expand_paths([str(photos)])
@@ -147,6 +148,7 @@ class CrashOnce:
         return predictor
 
 
+@pytest.mark.slow
 def test_a_killed_worker_leaves_complete_output_without_duplicates(local_ray: None, onnx_model: Path,
                                                                     photos: Path, tmp_path: Path) -> None:
     paths = expand_paths([str(photos)])
@@ -162,6 +164,7 @@ def test_a_killed_worker_leaves_complete_output_without_duplicates(local_ray: No
     assert not list((tmp_path / "out").glob(".part-*"))  # the dead attempt's temp file is gone
 
 
+@pytest.mark.slow
 def test_resume_skips_what_is_written_and_parquet_gives_the_same_records(local_ray: None, onnx_model: Path,
                                                                         photos: Path, tmp_path: Path) -> None:
     paths = expand_paths([str(photos)])
@@ -213,6 +216,7 @@ def test_a_bad_model_is_one_clear_error_before_ray_starts(photos: Path, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_predict_ray_writes_the_plain_commands_records(local_ray: None, onnx_model: Path, photos: Path,
                                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json

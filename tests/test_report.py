@@ -74,6 +74,7 @@ def test_build_report_sections_and_values():
         build_report(pred, PROTOCOL, threshold=1.0)
 
 
+@pytest.mark.slow
 def test_write_report_files(tmp_path):
     pred = _predictions()
     r = build_report(pred, PROTOCOL)

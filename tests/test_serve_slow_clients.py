@@ -20,6 +20,7 @@ import httpx
 from agegender.infer.serve import ERROR_RESPONSES, ServiceLimits, create_app
 from test_predict import make_checkpoint
 from test_serve_limits import LiveServer as ServerThread
+from test_serve_limits import _wait_until
 
 HEADER_TIMEOUT = 1.5
 
@@ -35,6 +36,10 @@ class LiveServer(ServerThread):
 
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+    def open_connections(self) -> int:
+        """The connections uvicorn holds open now (its own count)."""
+        return len(self.server.server_state.connections)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +79,7 @@ def test_slow_header_clients_do_not_hold_the_service(live: LiveServer) -> None:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + str(i).encode())
         slow.append(sock)
     try:
-        time.sleep(0.3)
+        _wait_until(lambda: live.open_connections() >= len(slow))  # the server holds every one of them
         with httpx.Client(base_url=f"http://127.0.0.1:{live.port}", timeout=5) as client:
             t0 = time.monotonic()
             health = client.get("/health")
@@ -139,7 +144,7 @@ def test_one_address_cannot_take_every_connection(predictor: Any) -> None:
         finally:
             for sock in held:
                 sock.close()
-        time.sleep(0.3)
+        _wait_until(lambda: srv.open_connections() == 0)
         r = httpx.get(f"http://127.0.0.1:{srv.port}/health", timeout=5)  # the slots are free again
         assert r.status_code == 200
 

@@ -99,6 +99,7 @@ def _ridge(x: torch.Tensor, y: torch.Tensor, x_new: torch.Tensor, lam: float = 1
     return torch.cat([x_new, torch.ones(len(x_new), 1)], 1) @ w
 
 
+@pytest.mark.slow
 def test_gender_and_age_are_learnable_by_a_random_conv_net(tree: Path) -> None:
     torch.manual_seed(0)  # the trunk's default init; the rest uses explicit generators
     trunk = VGGTrunk((8, 16, 16, 32, 32)).eval()

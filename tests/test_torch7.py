@@ -121,6 +121,7 @@ def test_four_byte_longs(tmp_path: Path) -> None:
         read_t7(four)  # the wrong long size must fail cleanly, not crash or mis-read silently
 
 
+@pytest.mark.slow
 def test_every_truncation_is_reported(tmp_path: Path) -> None:
     full = tmp_path / "full.t7"
     write_t7(full, sample())
@@ -132,6 +133,7 @@ def test_every_truncation_is_reported(tmp_path: Path) -> None:
             read_t7(cut)
 
 
+@pytest.mark.slow
 def test_random_bytes_raise_clean_errors(tmp_path: Path) -> None:
     path = tmp_path / "noise.t7"
     rng = np.random.default_rng(0)

@@ -37,6 +37,7 @@ def config(world: dict[str, Path], out: Path, **kw: object) -> TrainConfig:
     return TrainConfig.from_preset(str(kw.pop("preset", "default")), **{**base, **kw})
 
 
+@pytest.mark.slow
 def test_default_preset_learns_the_signal_and_writes_a_full_report(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
     run = fit(config(world, tmp_path / "run", epochs=5))
     assert run.report["gender"]["accuracy"] > 0.75  # chance is ~0.5 on the balanced generated tree
@@ -52,6 +53,7 @@ def test_default_preset_learns_the_signal_and_writes_a_full_report(world, tmp_pa
     assert len(run.history) == 5
 
 
+@pytest.mark.slow
 def test_trunk_weights_never_change_when_frozen(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
     run = fit(config(world, tmp_path / "run", epochs=2))
     trained = load_file(str(run.checkpoint))
@@ -60,6 +62,7 @@ def test_trunk_weights_never_change_when_frozen(world, tmp_path) -> None:  # typ
         assert torch.equal(trained[f"trunk.{name}.weight"], source[f"{name}.weight"])
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_training_give_the_same_head(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
     cached = fit(config(world, tmp_path / "cached", epochs=2, precision="fp32"))
     naive = fit(config(world, tmp_path / "naive", epochs=2, cache=False, precision="fp32"))
@@ -80,6 +83,7 @@ def test_cached_and_uncached_training_give_the_same_head(world, tmp_path) -> Non
     assert cached.report["gender"]["accuracy"] == pytest.approx(naive.report["gender"]["accuracy"], abs=0.03)
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
     whole = fit(config(world, tmp_path / "whole", epochs=4))
     fit(config(world, tmp_path / "part", epochs=2))
@@ -92,12 +96,14 @@ def test_resume_equals_an_uninterrupted_run(world, tmp_path) -> None:  # type: i
                                [h["train_loss"] for h in resumed.history], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_same_seed_same_result(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
     a = fit(config(world, tmp_path / "a", epochs=2, seed=5))
     b = fit(config(world, tmp_path / "b", epochs=2, seed=5))
     assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
 
 
+@pytest.mark.slow
 def test_seed_preset_trains_trunk_batchnorm_but_not_convs(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
     run = fit(config(world, tmp_path / "seed", preset="seed", epochs=1, hidden=(32, 32)))
     state = load_file(str(run.checkpoint))
@@ -107,12 +113,14 @@ def test_seed_preset_trains_trunk_batchnorm_but_not_convs(world, tmp_path) -> No
     assert "age" not in run.report or not run.report["age"]
 
 
+@pytest.mark.slow
 def test_unfreeze_fine_tunes_the_convs(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
     run = fit(config(world, tmp_path / "ft", epochs=1, unfreeze=True, limit=120))
     state, source = load_file(str(run.checkpoint)), load_file(str(world["weights"]))
     assert not torch.equal(state["trunk.conv1_1.weight"], source["conv1_1.weight"])
 
 
+@pytest.mark.slow
 def test_cli_train_then_evaluate(world, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "cli"
     assert main(["train", "--backbone", "vgg-face", "--data", str(world["data"]), "--weights", str(world["weights"]),
@@ -173,6 +181,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow
 def test_retained_memory_stops_the_page_faults_of_training_steps() -> None:
     import platform
     import subprocess
@@ -196,6 +205,7 @@ def test_retained_memory_stops_the_page_faults_of_training_steps() -> None:
     assert retained < plain / 4
 
 
+@pytest.mark.slow
 def test_training_report_and_evaluate_agree_at_the_same_precision(world, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     import json
 
@@ -218,6 +228,7 @@ def test_training_report_and_evaluate_agree_at_the_same_precision(world, tmp_pat
         "torch: trunk fp32")
 
 
+@pytest.mark.slow
 def test_a_run_records_its_losses_apart_and_only_the_options_that_apply(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
@@ -235,6 +246,7 @@ def test_a_run_records_its_losses_apart_and_only_the_options_that_apply(world, t
     assert "seed notebook" in (run.out / "report" / "report.md").read_text()  # agegender_cleaned's layout
 
 
+@pytest.mark.slow
 def test_evaluations_go_to_a_folder_per_data_set_and_never_overwrite(world, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     from agegender.data.synthetic import make_csv_folder, make_utkface_folder
 
@@ -269,6 +281,7 @@ def test_evaluations_go_to_a_folder_per_data_set_and_never_overwrite(world, tmp_
     assert (run.out / "eval-utk").is_dir()
 
 
+@pytest.mark.slow
 def test_two_data_folders_train_evaluate_and_match_predict_and_onnx(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A run on two --data folders evaluates from its recorded splits (no --data); the per-face predictions the
     report wrote, predict on the checkpoint and predict on the ONNX export give the same P(male) and ages."""
@@ -341,6 +354,7 @@ def test_fit_trains_on_the_features_handed_to_it(world, tmp_path) -> None:  # ty
     assert not (tmp_path / "d").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_fit_calibrates_p_male_on_validation(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from agegender.model.checkpoint import read_meta
 

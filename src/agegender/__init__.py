@@ -19,21 +19,24 @@ _LAZY = {
     "convert_weights": ("agegender.weights.convert", "convert_weights"),
     "load_checkpoint": ("agegender.model.checkpoint", "load_checkpoint"),
     "Predictor": ("agegender.infer.predict", "Predictor"),
+    "configure": ("agegender.process", "configure"),
+    "OptionError": ("agegender.errors", "OptionError"),
 }
 
 __all__ = [  # noqa: RUF022 - the lazy names, in _LAZY's order
-    "AgeGenderError", "AgeGenderNet", "ModelConfig", "Predictor", "Preprocess", "VGGFace", "VGG_FACE",
-    "__version__", "convert_weights", "load_checkpoint",
+    "AgeGenderError", "AgeGenderNet", "ModelConfig", "OptionError", "Predictor", "Preprocess", "VGGFace", "VGG_FACE",
+    "__version__", "configure", "convert_weights", "load_checkpoint",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backbones import Preprocess
-    from .errors import AgeGenderError
+    from .errors import AgeGenderError, OptionError
     from .infer.predict import Predictor
     from .model.checkpoint import load_checkpoint
     from .model.config import ModelConfig
     from .model.net import AgeGenderNet
     from .model.vgg import VGGFace
+    from .process import configure
     from .weights.convert import convert_weights
     from .weights.zoo import VGG_FACE
 

@@ -11,11 +11,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from .errors import AgeGenderError
+from .errors import AgeGenderError, OptionError
 from .files import safe_name
 
 if TYPE_CHECKING:
     from .faces.detect import FaceDetector
+    from .infer.predict import Predictor
     from .train.config import TrainConfig
 
 log = logging.getLogger("agegender")
@@ -129,7 +130,6 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     from .files import check_outputs
     from .images import expand_paths
     from .infer.predict import Predictor, share_cores_for_batches
-    from .output import predict_files
 
     if a.ray is not None:
         return _cmd_predict_ray(a)
@@ -143,7 +143,13 @@ def _cmd_predict(a: argparse.Namespace) -> int:
                              "or choose another folder")
     predictor = Predictor.from_path(a.model, _detector(a), device=a.device, no_detect=a.no_detect,
                                     precision=a.precision, min_confidence=a.min_confidence)
-    share_cores_for_batches(predictor)
+    with share_cores_for_batches(predictor):  # the pools come back afterwards: a caller's process stays its own
+        return _predict_outputs(a, predictor, paths)
+
+
+def _predict_outputs(a: argparse.Namespace, predictor: Predictor, paths: list[str]) -> int:
+    from .output import predict_files
+
     if a.camera is not None:  # until interrupted; not testable without a camera
         from .infer.video import predict_video
 
@@ -348,9 +354,9 @@ def _command(argv: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # OpenMP threads that spin at barriers lose most of their speed when other processes share the cores
-    # (dlib ResNet, 2 threads on a busy 2-core machine: 55 img/s spinning, 267 passive). Set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .process import configure
+
+    configure()  # before torch loads: OpenMP reads its settings once
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser(_command(argv)).parse_args(argv)
@@ -361,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         force=True)  # each call logs to the stderr of its own time (tests call main often)
     try:
         return int(args.func(args) or 0)
+    except OptionError as e:  # the library names its parameters; here they are the flags the user typed
+        print(f"agegender: error: {safe_name(e.for_cli())}", file=sys.stderr)
+        return 2
     except AgeGenderError as e:
         print(f"agegender: error: {safe_name(e)}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from .errors import AgeGenderError
+from .errors import AgeGenderError, OptionError
 from .killpoints import kill_point
 
 
@@ -225,13 +225,15 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 def refuse_overwrite(folder: str | os.PathLike[str], markers: Sequence[str], force: bool = False,
                      also: str = "") -> None:
     """Refuse to write into ``folder`` when it already holds one of ``markers`` (an earlier result), unless
-    ``force``: a second run with other inputs must never silently replace the first one's output."""
+    ``force``: a second run with other inputs must never silently replace the first one's output. ``also`` adds to
+    the advice; a parameter in it is written in backticks, as :class:`~agegender.errors.OptionError` wants."""
     if force:
         return
     found = next((m for m in markers if (Path(folder) / m).exists()), None)
     if found is not None:
-        raise AgeGenderError(f"{Path(folder) / found}: already there from an earlier run; "
-                             f"pass --force to replace it{also}, or choose another output folder")
+        raise OptionError(f"{Path(folder) / found}: already there from an earlier run; "
+                          f"pass `force` to replace it{also}, or choose another output folder",
+                          "force", *re.findall(r"`(\w+)`", also))
 
 
 def safe_name(text: object) -> str:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from .errors import AgeGenderError
+from .errors import AgeGenderError, InputError
 from .files import regular_file
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".
                             ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"})
 
 
-class ImageError(AgeGenderError):
+class ImageError(InputError):
     """An input that cannot be used as an image; ``kind`` is ``unsupported``, ``corrupt`` or ``too_large``."""
 
     def __init__(self, message: str, kind: str) -> None:

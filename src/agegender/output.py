@@ -16,7 +16,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import AgeGenderError
+from .errors import AgeGenderError, OptionError
 from .files import atomic_path, staged_dir
 from .images import load_image
 from .infer.predict import Face, ImageResult, Predictor
@@ -138,7 +138,7 @@ def predict_files(predictor: Predictor, paths: list[str], output: str | None = N
     from .progress import Progress
 
     if every < 1:
-        raise AgeGenderError(f"--every must be at least 1, got {every}")
+        raise OptionError(f"`every` must be at least 1, got {every}", "every")
     if output_format not in ("jsonl", "csv"):
         raise AgeGenderError(f"unknown output format {output_format!r}; choose jsonl or csv")
     counts: collections.Counter[str] = collections.Counter()

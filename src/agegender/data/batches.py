@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..distributed import World
-from ..errors import AgeGenderError
+from ..errors import OptionError
 from ..images import Framer, Skipped, load_rgb
 from ..model.config import Preprocess
 from .records import FaceRecord
@@ -120,7 +120,8 @@ class Batches:
                  features: FeatureSet | None = None, world: World = World(), keep_images: bool = False,
                  frame: Framer | None = None) -> None:
         if batch_size < 1 or workers < 1:  # options reach here from several commands: one line, not a range() error
-            raise AgeGenderError(f"--batch-size and --workers must be at least 1, got {batch_size} and {workers}")
+            raise OptionError(f"`batch_size` and `workers` must be at least 1, got {batch_size} and {workers}",
+                              "batch_size", "workers")
         self.frame = frame
         self.records, self.pre, self.features, self.world = records, preprocess, features, world
         self.batch_size, self.workers, size = batch_size, workers, preprocess.size

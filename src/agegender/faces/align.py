@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from ..images import as_rgb
 from ..weights.dlib_shape import ShapePredictorModel, read_shape_predictor
 
@@ -206,7 +207,7 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     src = np.asarray(src, np.float64).reshape(-1, 2)
     dst = np.asarray(dst, np.float64).reshape(-1, 2)
     if len(src) != len(dst) or len(src) < 2:
-        raise ValueError(f"similarity_transform needs two matching sets of >= 2 points, got {len(src)}, {len(dst)}")
+        raise InputError(f"similarity_transform needs two matching sets of >= 2 points, got {len(src)}, {len(dst)}")
     src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
     src_c = src - src_mean
     linear = _similarity_linear(src_c, dst - dst_mean, float((src_c ** 2).sum() / len(src)))
@@ -248,9 +249,9 @@ class _Chip:
 def _face_chip_details(landmarks: np.ndarray, size: int, padding: float) -> _Chip:
     landmarks = np.asarray(landmarks, np.float64)
     if landmarks.shape != (5, 2):
-        raise ValueError(f"face chips need the 5 landmarks of the 5-point model, got shape {landmarks.shape}")
+        raise InputError(f"face chips need the 5 landmarks of the 5-point model, got shape {landmarks.shape}")
     if size < 2 or padding < 0:
-        raise ValueError(f"face chip size must be >= 2 and padding >= 0, got {size}, {padding}")
+        raise InputError(f"face chip size must be >= 2 and padding >= 0, got {size}, {padding}")
     padding = float(np.float32(padding))  # dlib's Python binding takes padding as a C float
     template = (padding + FACE_CHIP_TEMPLATE) / (2 * padding + 1) * size
     to_image = similarity_transform(template, landmarks)
@@ -281,12 +282,12 @@ def warp_chip(image: np.ndarray, transform: np.ndarray, size: int) -> np.ndarray
     black outside the image, and from a blurred image pyramid when the chip shrinks the face more than 2x."""
     transform = np.asarray(transform, np.float64)
     if transform.shape != (2, 3) or size < 2:
-        raise ValueError(f"warp_chip needs a 2x3 transform and size >= 2, got {transform.shape}, {size}")
+        raise InputError(f"warp_chip needs a 2x3 transform and size >= 2, got {transform.shape}, {size}")
     to_image = _invert_affine(transform)
     (a, b), (c, d) = to_image[:, :2]
     k = math.sqrt(a * a + c * c)
     if not k or abs(a - d) > 1e-6 * k or abs(b + c) > 1e-6 * k:
-        raise ValueError("warp_chip needs a similarity transform (rotation, uniform scale, shift), "
+        raise InputError("warp_chip needs a similarity transform (rotation, uniform scale, shift), "
                          "without shear or reflection")
     centre = to_image[:, :2] @ np.full(2, (size - 1) / 2) + to_image[:, 2]
     half = (size - 1) * k / 2
@@ -298,7 +299,7 @@ def _invert_affine(m: np.ndarray) -> np.ndarray:
     try:
         linear = np.linalg.inv(m[:, :2])
     except np.linalg.LinAlgError:
-        raise ValueError("transform is singular") from None
+        raise InputError("transform is singular") from None
     return np.hstack([linear, (-linear @ m[:, 2])[:, None]])
 
 
@@ -435,6 +436,6 @@ def _copy_rect(image: np.ndarray, rect: _Rect) -> np.ndarray:
 def _as_rect(rect: Rect) -> tuple[float, float, float, float]:
     values = np.asarray(rect, np.float64).reshape(-1)
     if values.shape != (4,) or not np.isfinite(values).all():
-        raise ValueError(f"box must be four finite numbers (left, top, right, bottom), got {rect!r}")
+        raise InputError(f"box must be four finite numbers (left, top, right, bottom), got {rect!r}")
     left, top, right, bottom = (float(v) for v in values)
     return left, top, right, bottom

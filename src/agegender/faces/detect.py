@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..devices import usable_cores
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, OptionError
 from ..images import as_rgb
 from . import retinaface as rf
 from .face import Detection, FaceDetector
@@ -74,7 +74,7 @@ class HaarDetector:
             for path in self.cascades:
                 classifier = cv2.CascadeClassifier(str(path))
                 if classifier.empty():
-                    raise RuntimeError(f"{path}: OpenCV could not load the cascade")
+                    raise AgeGenderError(f"{path}: OpenCV could not load the cascade")
                 loaded.append(classifier)
             self._local.classifiers = loaded
         return loaded
@@ -135,7 +135,7 @@ class RetinaFace:
         if not 0 < score_threshold < 1:
             raise AgeGenderError(f"the score threshold must be in (0, 1), got {score_threshold}")
         if max_faces is not None and max_faces < 1:
-            raise AgeGenderError(f"--max-faces must be at least 1, got {max_faces}")
+            raise OptionError(f"`max_faces` must be at least 1, got {max_faces}", "max_faces")
         if not 0 < nms_threshold <= 1:
             raise AgeGenderError(f"nms_threshold must be in (0, 1], got {nms_threshold}")
         if max_side is not None and max_side < 32:

@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from ..backbones import backbone
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, one_line
 from ..files import atomic_path, write_text_atomic
 from ..model.checkpoint import CheckpointMeta, load_checkpoint
 from ..model.config import ModelConfig
 from ..model.decode import decode, output_names
 from ..model.meta import resolve_model
 from ..model.net import AgeGenderNet
+from ..process import env_defaults
 from .formats import SUFFIXES
 from .graph_weights import Weights, age_values, bn_arrays, dense_arrays, regression_affine
 
@@ -274,8 +275,7 @@ def export_onnx(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLi
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise AgeGenderError(f"{output}: exported graph fails the ONNX checker ({first})") from None
+            raise AgeGenderError(f"{output}: exported graph fails the ONNX checker ({one_line(e)})") from None
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         got = session.run(model.output_names, {INPUT_NAME: x.numpy()})
         diffs = _parity(expected, got, model.output_names, ONNX_TOLERANCE, output, "onnxruntime")
@@ -321,22 +321,6 @@ def store_weights_fp16(source: str | os.PathLike[str], output: str | os.PathLike
 
 
 # -- Keras --------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def env_defaults(**values: str) -> Iterator[None]:
-    """Set the environment variables not already set, for the block only, then put the environment back.
-
-    For settings read once at import (Keras's backend, TensorFlow's log level): the import sees them, and
-    nothing of them is left behind for the rest of the process or the processes it starts.
-    """
-    added = [k for k in values if k not in os.environ]
-    os.environ.update({k: values[k] for k in added})
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
-
 
 # TensorFlow prints its oneDNN and CPU notes on import unless told not to; Keras's saving imports it when present.
 QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2"}

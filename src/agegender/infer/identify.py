@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..backbones.vgg_face import VGG_FACE, VGG_FACE_PREPROCESS
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, OptionError
 from ..images import load_image
 from ..model.vgg import VGGFace
 
@@ -23,7 +23,7 @@ def identify(image: str | os.PathLike[str], weights: str | os.PathLike[str], nam
     from ..weights.pretrained import load_pretrained
 
     if top < 1:
-        raise AgeGenderError(f"--top must be at least 1, not {top}")
+        raise OptionError(f"`top` must be at least 1, not {top}", "top")
     # full: a trunk-only (notop) file is refused with a message that says the fc layers are missing.
     pretrained = load_pretrained(VGG_FACE, weights, full=True)
     state = pretrained.state

@@ -26,6 +26,7 @@ from ..images import ImageInput, load_image
 from ..labels import ADIENCE_GROUP_NAMES, age_group
 from ..model.contract import check_finite_outputs
 from ..model.runtime import Backend, Decoded, ModelCallTimeout, load_backend
+from ..process import ThreadScope, set_process_threads
 
 __all__ = ["Face", "ImageResult", "Predictor"]
 
@@ -265,21 +266,23 @@ class Predictor:
                             item.time) for item in pending]
 
 
-def share_cores_for_batches(predictor: Predictor) -> None:
-    """Size the process-wide thread pools for :meth:`Predictor.predict_many` (the CLI does): one thread each.
+def share_cores_for_batches(predictor: Predictor) -> ThreadScope:
+    """Size the thread pools for :meth:`Predictor.predict_many` (the CLI does): one thread each.
 
     Its ``workers`` threads already keep every core busy, one task (find an image's faces, or classify a batch)
     each, and OpenCV's, onnxruntime's and PyTorch's own pools on top of them only oversubscribe the cores: two
     threads per classifier call beside the detectors cost 1.4x the CPU time per image on 2 cores. Without
     detection the classifier is the work, and keeps every core. A thread count set with ``OMP_NUM_THREADS``
     is left alone.
+
+    Returns the process-wide pools' scope from before: ``with share_cores_for_batches(predictor): ...`` puts
+    OpenCV's and torch's pools back after the block (the predictor's own sessions keep one thread each).
     """
     if predictor.detector is None:
-        return
-    import cv2
-
-    cv2.setNumThreads(1)
+        return ThreadScope()
+    scope = set_process_threads(1, torch=False)  # torch's pool is the backend's: OMP_NUM_THREADS wins there
     set_threads = getattr(predictor.detector, "set_threads", None)
     if set_threads is not None:
         set_threads(1)
     predictor.backend.set_threads(1)
+    return scope

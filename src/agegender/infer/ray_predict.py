@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, one_line
 from ..faces.detect import MIN_FACE_PX, SCORE_THRESHOLD, FaceDetector
 from ..files import atomic_path, write_text_atomic
 from ..images import expand_paths
@@ -132,7 +132,7 @@ def _parquet_paths(path: Path) -> list[str]:
     except AgeGenderError:
         raise
     except Exception as e:  # pyarrow raises its own many kinds for a file that is not Parquet
-        raise AgeGenderError(f"{path}: not a readable Parquet list of paths ({str(e).splitlines()[0][:200]})") from None
+        raise AgeGenderError(f"{path}: not a readable Parquet list of paths ({one_line(e)})") from None
     return [str(s) for s in column.to_pylist() if s]
 
 
@@ -209,10 +209,10 @@ def _write_shard(path: Path, records: list[dict[str, Any]]) -> None:
 
 def _one_thread_each(predictor: Predictor) -> None:
     """An actor holds one core: OpenCV's, the detector's and the classifier's own pools only oversubscribe it."""
-    import cv2
+    from ..process import set_process_threads
 
     predictor.workers = 1
-    cv2.setNumThreads(1)
+    set_process_threads(1, torch=False)  # for the actor's life: its process is its own
     set_threads = getattr(predictor.detector, "set_threads", None)
     if set_threads is not None:
         set_threads(1)
@@ -300,7 +300,7 @@ def _check_output(output_dir: Path, fmt: str, resume: bool) -> set[str]:
         try:
             done.update(r["path"] for r in _read_shard(f))
         except Exception as e:  # a shard is renamed in whole, so this is someone else's file
-            raise AgeGenderError(f"{f}: unreadable shard ({str(e).splitlines()[0][:200]})") from None
+            raise AgeGenderError(f"{f}: unreadable shard ({one_line(e)})") from None
     return done
 
 

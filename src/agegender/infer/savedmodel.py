@@ -30,6 +30,7 @@ from ..files import atomic_dir
 from ..model.config import ModelConfig, Preprocess
 from ..model.meta import CheckpointMeta
 from ..model.net import AgeGenderNet
+from ..process import env_defaults
 from .export import (
     INPUT_NAME,
     KERAS_DEFAULT_BACKEND,
@@ -38,7 +39,6 @@ from .export import (
     _prepare,
     _result,
     _torch_outputs,
-    env_defaults,
     export_metadata,
     output_names,
     verification_images,

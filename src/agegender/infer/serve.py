@@ -31,7 +31,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from ..devices import usable_cores
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, OptionError
 from ..faces.detect import FaceDetector, default_detector
 from ..images import IMAGE_FORMATS, MAX_PIXELS, ImageError, load_image
 from .predict import Predictor
@@ -178,6 +178,7 @@ class DecodeLimiter:
         self.limits = limits
         self.admitted = 0  # running + waiting
         self.running = 0
+        self.queued = 0  # waiting for a slot or for pixels of the budget
         self.pixels = 0  # declared pixels of the running uploads
         self._condition: tuple[asyncio.AbstractEventLoop, asyncio.Condition] | None = None
 
@@ -213,11 +214,14 @@ class DecodeLimiter:
                                                           self.pixels + cost <= self.limits.decode_pixels)
 
         async with cond:
+            self.queued += 1
             try:
                 await asyncio.wait_for(cond.wait_for(free), self.limits.queue_wait)
             except TimeoutError:
                 raise _Busy(f"busy: no decode slot free within {self.limits.queue_wait:g} s; "
                             f"retry in a few seconds") from None
+            finally:
+                self.queued -= 1
             self.running += 1
             self.pixels += cost
         try:
@@ -269,6 +273,7 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_n
     limiter = DecodeLimiter(limits)
     page = resources.files("agegender.infer").joinpath("static/index.html").read_text(encoding="utf-8")
     app = FastAPI(title="agegender", docs_url="/docs", redoc_url=None)
+    app.state.limiter = limiter  # its counters, for monitoring and for tests that wait on them
     app.add_middleware(BodyGuard, max_bytes=max_bytes, body_timeout=limits.body_timeout,
                        read_timeout=limits.read_timeout)
 
@@ -325,7 +330,7 @@ def _is_loopback(host: str) -> bool:
 def check_address(host: str, port: int) -> None:
     """Raise :class:`AgeGenderError` unless ``port`` is 1-65535 and ``host`` is an IP address or a host name."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise AgeGenderError(f"--port must be between 1 and 65535, got {port}")
+        raise OptionError(f"`port` must be between 1 and 65535, got {port}", "port")
     try:
         ipaddress.ip_address(host.strip("[]") if host.startswith("[") else host)
         return
@@ -333,7 +338,7 @@ def check_address(host: str, port: int) -> None:
         pass
     name = host[:-1] if host.endswith(".") else host
     if not name or len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in name.split(".")):
-        raise AgeGenderError(f"--host {host!r} is not an IP address or a host name")
+        raise OptionError(f"`host` {host!r} is not an IP address or a host name", "host")
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -342,7 +347,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
-        raise AgeGenderError(f"--host {host}: cannot resolve it ({getattr(e, 'strerror', None) or e})") from None
+        raise OptionError(f"`host` {host}: cannot resolve it ({getattr(e, 'strerror', None) or e})", "host") from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -350,10 +355,13 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as e:
         sock.close()
-        hint = {errno.EADDRINUSE: "; another program uses this port: choose another --port",
-                errno.EACCES: "; ports below 1024 need privileges: choose another --port",
-                errno.EADDRNOTAVAIL: "; this machine has no such address: choose another --host"}.get(e.errno or 0, "")
-        raise AgeGenderError(f"cannot listen on {host}:{port} ({e.strerror or e}){hint}") from None
+        why = f"cannot listen on {host}:{port} ({e.strerror or e})"
+        hint = {errno.EADDRINUSE: ("another program uses this port", "port"),
+                errno.EACCES: ("ports below 1024 need privileges", "port"),
+                errno.EADDRNOTAVAIL: ("this machine has no such address", "host")}.get(e.errno or 0)
+        if hint is None:
+            raise AgeGenderError(why) from None
+        raise OptionError(f"{why}; {hint[0]}: choose another `{hint[1]}`", hint[1]) from None
     return sock
 
 
@@ -469,7 +477,7 @@ def serve(model: str | os.PathLike[str] | None = None, host: str = "127.0.0.1", 
     if missing:
         raise AgeGenderError(f"serve needs {', '.join(missing)}: pip install agegender (its default install has the service)")
     if max_bytes < 1:
-        raise AgeGenderError(f"--max-bytes must be positive, got {max_bytes}")
+        raise OptionError(f"`max_bytes` must be positive, got {max_bytes}", "max_bytes")
     limits = limits or ServiceLimits()
     limits.check()
     sock = listen(host, port)

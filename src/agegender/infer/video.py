@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import images
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, OptionError
 
 if TYPE_CHECKING:
     from .predict import ImageResult, Predictor
@@ -31,7 +31,7 @@ def frames(source: str | int, every: int = 1, progress: bool = True) -> Iterator
     from ..progress import Progress
 
     if every < 1:
-        raise AgeGenderError(f"--every must be at least 1, got {every}")
+        raise OptionError(f"`every` must be at least 1, got {every}", "every")
     name = f"camera {source}" if isinstance(source, int) else source
     if isinstance(source, str) and not Path(source).is_file():
         raise AgeGenderError(f"{source}: no such video file")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, one_line
 from ..files import atomic_path, safe_name
 from .meta import CheckpointMeta
 from .net import AgeGenderNet
@@ -80,5 +80,5 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     try:
         model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
     except RuntimeError as e:
-        raise AgeGenderError(f"{path}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
+        raise AgeGenderError(f"{path}: weights do not match the stored config ({one_line(e)})") from None
     return model.to(device).eval(), meta

@@ -28,7 +28,7 @@ from ..backbones.dlib_resnet import (
     LEVEL_BLOCKS,
     dlib_shape_of,
 )
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, InputError
 from .trunk import Trunk
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class DlibResNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(widths) != len(LEVEL_BLOCKS):
-            raise ValueError(f"expected {len(LEVEL_BLOCKS)} level widths, got {widths}")
+            raise InputError(f"expected {len(LEVEL_BLOCKS)} level widths, got {widths}")
         self.widths = tuple(widths)
         self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2)
         self.conv1_affine = Affine(widths[0])

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, InputError
 from ..files import os_reason
 from ..labels import GENDERS
 from ..rundir import RunDir
@@ -42,16 +42,16 @@ class CheckpointMeta:
         try:
             d = json.loads(text)
         except RecursionError:
-            raise ValueError("metadata nested too deeply to be a checkpoint's") from None
+            raise InputError("metadata nested too deeply to be a checkpoint's") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             fmt = d.get("format") if isinstance(d, dict) else None
-            raise ValueError(f"not an agegender checkpoint (format {str(fmt)[:40]!r})")
+            raise InputError(f"not an agegender checkpoint (format {str(fmt)[:40]!r})")
         check_meta_document(d)  # types and ranges, before anything is built from them
         try:
             return cls(ModelConfig.from_dict(d["config"]), Preprocess.from_dict(d["preprocess"]),
                        tuple(d["genders"]), d.get("weights_sha256"), d.get("extra", {}))
         except AgeGenderError as e:  # the config's own checks; the caller names the file
-            raise ValueError(f"metadata: {e}") from None
+            raise InputError(f"metadata: {e}") from None
 
 
 def resolve_model(model: str | os.PathLike[str]) -> Path:

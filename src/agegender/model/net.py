@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..backbones import backbone
+from ..errors import InputError
 from .age_head import age_head
 from .config import ModelConfig
 from .trunk import Trunk
@@ -137,7 +138,7 @@ def decode_age(config: ModelConfig, age_logits: torch.Tensor) -> torch.Tensor:
     """Age in years from the age head's outputs, as :func:`~agegender.model.decode.decode` gives it."""
     head = age_head(config)
     if head is None:
-        raise ValueError("this model has no age head")
+        raise InputError("this model has no age head")
     return head.decode(age_logits)[0]
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..devices import PRECISIONS, use_bf16
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, one_line
 from .contract import check_onnx_contract
 from .decode import output_names
 from .meta import CheckpointMeta, resolve_model
@@ -118,11 +118,12 @@ class TorchBackend:
         return Decoded.of(output_names(self.meta.config), [t.float().cpu().numpy() for t in decoded])
 
     def set_threads(self, threads: int) -> None:
+        """Torch's one pool, process-wide: callers scope it (:class:`~agegender.process.ThreadScope`)."""
         if "OMP_NUM_THREADS" in os.environ:  # the user's explicit choice wins
             return
-        import torch
+        from ..process import set_process_threads
 
-        torch.set_num_threads(threads)
+        set_process_threads(threads, opencv=False)
 
 
 class ModelCallTimeout(AgeGenderError):
@@ -172,7 +173,7 @@ class OnnxBackend:
         try:
             return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise AgeGenderError(f"{self.path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+            raise AgeGenderError(f"{self.path}: not a loadable ONNX model ({one_line(e)})") from None
 
     def set_threads(self, threads: int) -> None:
         """Threads for each run (a new session); by default onnxruntime's own choice, every core."""

@@ -11,6 +11,7 @@ import math
 from dataclasses import MISSING, fields
 from typing import Any
 
+from ..errors import InputError
 from .config import ModelConfig
 
 # Far above every real model (VGG-Face: widths 512, hidden 4096, 224 px; UTKFace ages reach 116), far below
@@ -31,12 +32,12 @@ def _where(name: str, section: str) -> str:
 def _number(value: Any, name: str, section: str, integer: bool) -> None:
     ok = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not ok:
-        raise ValueError(f"{_where(name, section)} is {_shown(value)}, expected {'an integer' if integer else 'a number'}")
+        raise InputError(f"{_where(name, section)} is {_shown(value)}, expected {'an integer' if integer else 'a number'}")
     if not math.isfinite(value):
-        raise ValueError(f"{_where(name, section)} is {value}, expected a finite number")
+        raise InputError(f"{_where(name, section)} is {value}, expected a finite number")
     low, high = LIMITS.get(name, (-math.inf, math.inf))
     if not low <= value <= high:
-        raise ValueError(f"{_where(name, section)} is {value}, outside the sane range [{low:g}, {high:g}]")
+        raise InputError(f"{_where(name, section)} is {value}, outside the sane range [{low:g}, {high:g}]")
 
 
 def _shown(value: Any) -> str:
@@ -50,15 +51,15 @@ def _field(value: Any, default: Any, name: str, section: str) -> None:
     """``value`` has the JSON type of the field's default (a list for a tuple) and lies within its limits."""
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ValueError(f"{_where(name, section)} is {_shown(value)}, expected true or false")
+            raise InputError(f"{_where(name, section)} is {_shown(value)}, expected true or false")
     elif isinstance(default, int | float):
         _number(value, name, section, integer=isinstance(default, int))
     elif isinstance(default, str):
         if not isinstance(value, str) or len(value) > MAX_TEXT:
-            raise ValueError(f"{_where(name, section)} is {_shown(value)}, expected a short string")
+            raise InputError(f"{_where(name, section)} is {_shown(value)}, expected a short string")
     elif isinstance(default, tuple):
         if not isinstance(value, list) or len(value) > MAX_LIST.get(name, 16):
-            raise ValueError(f"{_where(name, section)} is {_shown(value)}, expected a list of at most "
+            raise InputError(f"{_where(name, section)} is {_shown(value)}, expected a list of at most "
                              f"{MAX_LIST.get(name, 16)} numbers")
         integer = bool(default) and isinstance(default[0], int)
         for v in value:
@@ -68,11 +69,11 @@ def _field(value: Any, default: Any, name: str, section: str) -> None:
 def _section(d: Any, cls: type, section: str, required: tuple[str, ...] = (), example: Any = None) -> None:
     """``d``'s fields against ``cls``'s, each typed like its default (or like ``example``'s value)."""
     if not isinstance(d, dict):
-        raise ValueError(f"metadata {section} is {_shown(d)}, expected an object")
+        raise InputError(f"metadata {section} is {_shown(d)}, expected an object")
     for f in fields(cls):
         if f.name not in d:
             if f.name in required:
-                raise ValueError(f"metadata {section}.{f.name} is missing")
+                raise InputError(f"metadata {section}.{f.name} is missing")
             continue
         default = (getattr(example, f.name) if example is not None else
                    f.default if f.default is not MISSING else f.default_factory())  # type: ignore[operator]
@@ -84,17 +85,17 @@ def check_meta_document(d: Any) -> None:
     from .config import Preprocess
 
     if not isinstance(d, dict):
-        raise ValueError(f"metadata is {_shown(d)}, expected a JSON object")
+        raise InputError(f"metadata is {_shown(d)}, expected a JSON object")
     _section(d.get("config"), ModelConfig, "config")
     _section(d.get("preprocess"), Preprocess, "preprocess", required=("size", "mean_rgb"),
              example=Preprocess(size=1, mean_rgb=(0.0, 0.0, 0.0)))
     if len(d["preprocess"]["mean_rgb"]) != 3:
-        raise ValueError("metadata preprocess.mean_rgb needs 3 numbers (R, G, B)")
+        raise InputError("metadata preprocess.mean_rgb needs 3 numbers (R, G, B)")
     genders = d.get("genders")
     if not (isinstance(genders, list) and len(genders) == 2 and all(isinstance(g, str) and 0 < len(g) <= 32
                                                                    for g in genders)):
-        raise ValueError(f"metadata genders is {_shown(genders)}, expected a list of 2 short names")
+        raise InputError(f"metadata genders is {_shown(genders)}, expected a list of 2 short names")
     if not isinstance(d.get("weights_sha256"), str | None):
-        raise ValueError(f"metadata weights_sha256 is {_shown(d['weights_sha256'])}, expected a string or null")
+        raise InputError(f"metadata weights_sha256 is {_shown(d['weights_sha256'])}, expected a string or null")
     if not isinstance(d.get("extra", {}), dict):
-        raise ValueError(f"metadata extra is {_shown(d['extra'])}, expected an object")
+        raise InputError(f"metadata extra is {_shown(d['extra'])}, expected an object")

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..backbones import BACKBONE_OPTIONS, BACKBONES, DEFAULT_BACKBONE, OWN_PIXELS, backbone
 from ..devices import use_bf16
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, OptionError
 from ..model.config import ModelConfig
 
 # Presets are defined once here; CLI flags override individual fields.
@@ -93,33 +93,34 @@ class TrainConfig:
         from ..devices import PRECISIONS
 
         spec = backbone(self.backbone)
-        checks = [
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs two faces), got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
-            (self.limit >= 0, f"--limit must be 0 (all) or positive, got {self.limit}"),
-            (self.patience >= 0, f"--patience must be 0 (off) or positive, got {self.patience}"),
-            (self.split in PROTOCOLS, f"--split must be one of {', '.join(PROTOCOLS)}, got {self.split!r}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
-            (self.init in ("pretrained", "scratch"), f"--init must be pretrained or scratch, got {self.init!r}"),
+        checks = [  # (fine, the problem with the parameter in backticks, the parameter)
+            (self.epochs >= 1, f"`epochs` must be at least 1, got {self.epochs}", "epochs"),
+            (self.batch_size >= 2, f"`batch_size` must be at least 2 (BatchNorm needs two faces), got {self.batch_size}",
+             "batch_size"),
+            (self.lr > 0, f"`lr` must be positive, got {self.lr}", "lr"),
+            (self.workers >= 1, f"`workers` must be at least 1, got {self.workers}", "workers"),
+            (self.limit >= 0, f"`limit` must be 0 (all) or positive, got {self.limit}", "limit"),
+            (self.patience >= 0, f"`patience` must be 0 (off) or positive, got {self.patience}", "patience"),
+            (self.split in PROTOCOLS, f"`split` must be one of {', '.join(PROTOCOLS)}, got {self.split!r}", "split"),
+            (self.precision in PRECISIONS, f"`precision` must be one of {', '.join(PRECISIONS)}", "precision"),
+            (self.init in ("pretrained", "scratch"), f"`init` must be pretrained or scratch, got {self.init!r}", "init"),
             (not self.alignment or self.alignment in spec.alignments,
-             f"--alignment {self.alignment}: {spec.name} takes "
-             f"{' or '.join(spec.alignments) if spec.alignments else 'no other alignment than its own'}"),
+             f"`alignment` {self.alignment}: {spec.name} takes "
+             f"{' or '.join(spec.alignments) if spec.alignments else 'no other alignment than its own'}", "alignment"),
             (self.pixels == OWN_PIXELS or self.pixels in spec.pixels,
-             f"--preset {self.preset}: its {self.pixels!r} pixels are not a recipe of {spec.name}"),
+             f"`preset` {self.preset}: its {self.pixels!r} pixels are not a recipe of {spec.name}", "preset"),
         ]
-        for ok, message in checks:
+        for ok, message, parameter in checks:
             if not ok:
-                raise AgeGenderError(message)
+                raise OptionError(message, parameter)
         out = Path(self.out)
         if out.exists() and not out.is_dir():
-            raise AgeGenderError(f"{out}: --out names a run directory, but this is a file")
+            raise OptionError(f"{out}: `out` names a run directory, but this is a file", "out")
         for data in ([self.data] if isinstance(self.data, str) else list(self.data)):
             if not Path(data).exists():
-                raise AgeGenderError(f"{data}: no such file or directory (--data)")
+                raise OptionError(f"{data}: no such file or directory (`data`)", "data")
         if self.weights is not None and not Path(self.weights).is_file():
-            raise AgeGenderError(f"{self.weights}: no such weights file (--weights)")
+            raise OptionError(f"{self.weights}: no such weights file (`weights`)", "weights")
 
         # The model config checks sizes, widths and head shapes in one place; the backbone says which of them
         # come from the options.
@@ -173,5 +174,6 @@ def _check_fits_memory(model: ModelConfig, batch_size: int) -> None:
     activations = batch_size * (sum(widths) + model.ages) * 4 * 3
     need = 16 * weights + activations
     if need > memory:
-        raise AgeGenderError(f"--hidden {' '.join(map(str, model.hidden))} with --batch-size {batch_size} needs at "
-                             f"least {need / 2**30:.1f} GiB to train, more than this machine's {memory / 2**30:.1f} GiB")
+        raise OptionError(f"`hidden` {' '.join(map(str, model.hidden))} with `batch_size` {batch_size} needs at "
+                          f"least {need / 2**30:.1f} GiB to train, more than this machine's {memory / 2**30:.1f} GiB",
+                          "hidden", "batch_size")

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..data.records import Dataset, FaceRecord, scan_all
 from ..data.splits import SPLIT_NAMES, Splits, make_splits
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, OptionError
 from ..faces.detect import photo_framer
 from ..faces.framing import PhotoFramer
 from ..files import refuse_overwrite
@@ -117,7 +117,7 @@ def evaluate_model(model: RunDir | str | os.PathLike[str] | None, data: str | Se
     ckpt = resolve_model(model.checkpoint if isinstance(model, RunDir) else model)
     run = RunDir.holding(ckpt)
     if data is None and run is None:
-        raise AgeGenderError(f"{ckpt}: a checkpoint outside its run directory needs --data (which images to use)")
+        raise OptionError(f"{ckpt}: a checkpoint outside its run directory needs `data` (which images to use)", "data")
     if subset is not None and subset not in SUBSETS:
         raise AgeGenderError(f"unknown subset {subset!r}; choose from {', '.join(SUBSETS)}")
     if batch_size < 1 or workers < 1:

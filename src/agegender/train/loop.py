@@ -27,7 +27,7 @@ from ..data.records import Dataset, FaceRecord, scan_all
 from ..data.splits import Splits, make_splits
 from ..devices import retain_freed_memory
 from ..distributed import World, close_world, init_world
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, OptionError, one_line
 from ..faces.detect import photo_framer
 from ..files import atomic_path, folder_lock, safe_name
 from ..killpoints import kill_point
@@ -36,6 +36,7 @@ from ..model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from ..model.config import ModelConfig, Preprocess
 from ..model.decode import decode
 from ..model.net import AgeGenderNet, Outputs
+from ..process import set_process_threads
 from ..rundir import RunDir
 from .config import TrainConfig
 from .metrics import mae
@@ -95,8 +96,8 @@ def check_splits(splits: Splits, data: str) -> None:
     sizes = {name: len(splits[name]) for name in MIN_SPLIT}
     for name, least in MIN_SPLIT.items():
         if sizes[name] < least:
-            raise AgeGenderError(f"{data}: the {name} split has {sizes[name]} images, at least {least} are needed "
-                                 f"(splits {sizes}); add images or use another --split")
+            raise OptionError(f"{data}: the {name} split has {sizes[name]} images, at least {least} are needed "
+                              f"(splits {sizes}); add images or use another `split`", "split")
     genders = collections.Counter(r.gender for r in splits.train)
     if len(genders) < 2:
         log.warning("%s: every training face has the same gender; the gender head cannot learn", data)
@@ -195,8 +196,7 @@ def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx:
     total, count = torch.zeros((), device=device), 0
     gender_sum, age_sum, age_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
     bar = Progress(len(order), f"epoch {epoch}", "img", enabled=cfg.progress and batches.world.is_main)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or train_threads())
+    pools = set_process_threads(threads or train_threads(), opencv=False)
     try:
         for x, chunk, global_size in batches(order, augment, shard=True):
             if global_size < 2 * batches.world.size:
@@ -219,7 +219,7 @@ def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx:
             out["train_age_loss"] = float(age_sum) / age_count
         return out
     finally:
-        torch.set_num_threads(before)
+        pools.restore()
         bar.close()
 
 
@@ -278,7 +278,7 @@ def fit(cfg: TrainConfig, resume: bool = False, force: bool = False, *,
     if resume:
         cfg = replace(cfg, **_stored_config(run, cfg))
     elif run.path.is_dir():
-        refuse_overwrite(run.path, run.markers, force, also=" (--resume to continue it)")
+        refuse_overwrite(run.path, run.markers, force, also=" (`resume` to continue it)")
     cfg.validate()
     if features is not None and cfg.trunk_trains:
         raise AgeGenderError("features were given, but this run trains its trunk: they would be stale after one step")
@@ -354,8 +354,8 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
         train_losses = train_one_epoch(model, step, batches, train_idx, labels, optimizer, cfg, epoch)
         train_loss = train_losses["train_loss"]
         if not math.isfinite(train_loss) or train_loss > DIVERGED_LOSS:
-            raise AgeGenderError(f"training diverged at epoch {epoch} (loss {train_loss:.4g}), lower --lr "
-                                 f"(now {cfg.lr:g})")
+            raise OptionError(f"training diverged at epoch {epoch} (loss {train_loss:.4g}), lower `lr` "
+                              f"(now {cfg.lr:g})", "lr")
         world.sync_buffers(model)
         # Every rank validates on the whole val split, so early-stopping decisions agree without messages.
         row = {"epoch": epoch, **train_losses, **validate(model, batches, idx_val, labels, cfg),
@@ -480,8 +480,8 @@ def _stored_config(run: RunDir, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _cannot_resume(out: Path, why: str) -> AgeGenderError:
-    return AgeGenderError(safe_name(f"{out}: cannot resume: {why}; start again with another --out, or delete {out} "
-                                    f"and train anew"))
+    return OptionError(safe_name(f"{out}: cannot resume: {why}; start again with another `out`, or delete {out} "
+                                 f"and train anew"), "out")
 
 
 # The resume state of a run directory. train_state.pt is the commit point: an epoch is done once it is written.
@@ -645,8 +645,8 @@ def _restore(run: RunDir, model: AgeGenderNet, optimizer: torch.optim.Optimizer)
                     raise ValueError("optimizer moments of another shape than the weights")
         _set_rng_state(state["torch_rng"], state.get("rng", {}))
     except Exception as e:  # a state that does not fit this model: name it, never a traceback
-        raise _cannot_resume(out, f"the saved state does not fit this run's model ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+        raise _cannot_resume(out, f"the saved state does not fit this run's model ("
+                                  f"{one_line(e, 120, with_type=True)})") from None
     return progress
 
 
@@ -660,7 +660,7 @@ def _read_state(path: Path, out: Path) -> dict[str, Any]:
     except AgeGenderError as e:
         raise _cannot_resume(out, f"train_state.pt is refused ({str(e).split(': ', 1)[-1]})") from None
     except Exception as e:  # truncated, empty, a pickle with code in it, not a torch file at all
-        reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:120] if str(e) else ""
+        reason = one_line(str(e).split("WeightsUnpickler error:")[-1], 120)
         raise _cannot_resume(out, f"train_state.pt is damaged or foreign ({type(e).__name__}: {reason})") from None
     if not isinstance(state, dict):
         raise _cannot_resume(out, f"train_state.pt holds a {type(state).__name__}, not a training state")

@@ -8,7 +8,6 @@ input, fc6 expecting the C,H,W flatten order of ``torch.flatten``. A trunk-only 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,6 @@ FC_KEYS = tuple(f"{n}.{p}" for n in FC_NAMES for p in ("weight", "bias"))
 KEYS = frozenset((*TRUNK_KEYS, *FC_KEYS))
 FC_KERNELS = {"fc6": 7, "fc7": 1, "fc8": 1}  # fc layers stored as convolutions: fc6 sees the 7x7 map
 Params = dict[str, Any]  # canonical name -> numpy array or tensor, before the final checks
-
-
-def one_line(e: BaseException) -> str:
-    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 def printable(text: str) -> str:

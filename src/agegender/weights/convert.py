@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from ..backbones import BACKBONES, LEGACY_BACKBONE, backbone_for_format
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, one_line
 from ..files import atomic_path, regular_file, sha256_file
-from .canonical import KEYS, Params, check, check_finite, float32, has_fc, infer_widths, one_line, printable
+from .canonical import KEYS, Params, check, check_finite, float32, has_fc, infer_widths, printable
 from .pytorch import canonical_key
 from .sniff import read_head, sniff
 
@@ -124,7 +124,7 @@ def load_canonical(path: str | os.PathLike[str], *, full: bool = False,
             meta = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for a file that is not safetensors
-        raise AgeGenderError(f"{path}: not a safetensors file ({one_line(e)})") from None
+        raise AgeGenderError(f"{path}: not a safetensors file ({one_line(e, with_type=True)})") from None
     if "source_format" not in meta:
         raise AgeGenderError(f"{path}: not converted VGG-Face weights (run `agegender convert` first)")
     kind = meta.get("backbone", LEGACY_BACKBONE)  # files converted before dlib's ResNet held VGG-Face

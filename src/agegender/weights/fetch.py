@@ -17,7 +17,7 @@ import urllib.request
 import zlib
 from pathlib import Path, PurePosixPath
 
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, one_line
 from ..files import os_reason, sha256_file, write_text_atomic
 from .zoo import ZooFile
 
@@ -28,6 +28,7 @@ _CHUNK = 1 << 16
 _MARKER = ".agegender-extracted"  # written last, so its presence means the extraction is complete
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+LONG = 1000  # characters of a mirror's reason kept: URLs and two sha256 sums must fit
 
 
 def default_cache_dir() -> Path:
@@ -115,10 +116,10 @@ def _advice(archive: ZooFile, path: Path, failures: list[tuple[str, _MirrorFaile
     """One line: what each mirror did, then what the user can do next."""
     part = _part_path(path)
     if len(failures) == 1:
-        what = _one_line(str(failures[0][1]))
+        what = one_line(failures[0][1], LONG)
     else:
         what = f"no mirror gave a good copy of {archive.filename} (" + "; ".join(
-            _one_line(str(e)) for _, e in failures) + ")"
+            one_line(e, LONG) for _, e in failures) + ")"
     steps = []
     if part.is_file():
         steps.append(f"the partial download is kept in {part}: rerun the same command to resume")
@@ -132,10 +133,6 @@ def _advice(archive: ZooFile, path: Path, failures: list[tuple[str, _MirrorFaile
     if archive.instead:
         steps.append(f"or skip the download: train and reproduce take {archive.instead}")
     return f"{what}; " + "; ".join(steps)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def locate(archive: ZooFile, dest: str | os.PathLike[str] | None = None) -> Path:
@@ -306,7 +303,7 @@ def _check_members(archive: ZooFile, path: Path) -> Path:
         with tarfile.open(path, "r:*") as tar:
             names = {os.path.normpath(m.name) for m in _safe_members(tar, root, path, _Rejected)}
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise _Rejected(f"{path}: not a readable tar archive ({_one_line(str(e))})") from None
+        raise _Rejected(f"{path}: not a readable tar archive ({one_line(e, LONG)})") from None
     wanted = os.path.normpath(archive.extracted)
     if wanted not in names and not any(n.startswith(wanted + "/") for n in names):
         raise _Rejected(f"{path}: has no {archive.extracted}; is this the right archive?")

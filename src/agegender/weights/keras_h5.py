@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, one_line
 from ..model.vgg import CONV_NAMES
-from .canonical import Params, assign_layers, fail, one_line, printable
+from .canonical import Params, assign_layers, fail, printable
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def read_h5(path: Path, trust_pickle: bool = False) -> Params:
     try:
         f = h5py.File(path, "r")
     except Exception as e:  # OSError for non-HDF5 bytes; h5py raises others for odd files
-        raise AgeGenderError(f"{path}: not a readable HDF5 file ({one_line(e)})") from None
+        raise AgeGenderError(f"{path}: not a readable HDF5 file ({one_line(e, with_type=True)})") from None
     budget = [2 * path.stat().st_size + SLACK_BYTES]
     try:
         with f:
@@ -60,7 +60,7 @@ def read_h5(path: Path, trust_pickle: bool = False) -> Params:
     except AgeGenderError:
         raise
     except Exception as e:  # a corrupt file can make h5py raise almost anything (OSError, KeyError, ...)
-        raise AgeGenderError(f"{path}: unreadable HDF5 content ({one_line(e)})") from None
+        raise AgeGenderError(f"{path}: unreadable HDF5 content ({one_line(e, with_type=True)})") from None
     return _to_canonical(path, layers)
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AgeGenderError
+from ..errors import AgeGenderError, one_line
 from ..model.vgg import CONV_NAMES
-from .canonical import LAYERS, Params, assign_layers, flip_to_bgr, one_line
+from .canonical import LAYERS, Params, assign_layers, flip_to_bgr
 
 MI_MATRIX, MI_COMPRESSED = 14, 15
 _ITEM = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4, 7: 4, 9: 8, 12: 8, 13: 8, 16: 1, 17: 2, 18: 4}  # mi type -> bytes
@@ -154,7 +154,7 @@ def read_mat(path: Path, trust_pickle: bool = False) -> Params:
     except NotImplementedError:  # scipy's message for v7.3 files
         raise AgeGenderError(f"{path}: MATLAB v7.3 files are not supported; re-save with save(..., '-v7')") from None
     except Exception as e:  # scipy raises ValueError, TypeError, ... for non-MATLAB bytes
-        raise AgeGenderError(f"{path}: not a readable MATLAB file ({one_line(e)})") from None
+        raise AgeGenderError(f"{path}: not a readable MATLAB file ({one_line(e, with_type=True)})") from None
     root: Any = mat.get("net", mat)
     get = root.get if isinstance(root, dict) else lambda k: getattr(root, k, None)
     layers, dag_params = get("layers"), get("params")

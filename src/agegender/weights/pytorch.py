@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from ..backbones.vgg_face import VGG16_BLOCKS
+from ..errors import one_line
 from ..model.vgg import FC_NAMES
-from .canonical import Params, fail, flip_to_bgr, linear_from_conv, one_line
+from .canonical import Params, fail, flip_to_bgr, linear_from_conv
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ def _torch_reason(e: BaseException) -> str:
     text = str(e)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
-        return one_line(type(e)(text.strip()))
-    return one_line(e)
+        reason = one_line(text)
+        return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+    return one_line(e, with_type=True)
 
 
 SLACK_BYTES = 1 << 20  # what a torch.save archive's small records may add beyond the file's own size
