@@ -329,7 +329,7 @@ def fit(cfg: TrainConfig, resume: bool = False, force: bool = False) -> RunResul
 
 
 def _fit(cfg: TrainConfig, resume: bool, out: Path, world: World) -> RunResult:
-    dataset = scan_all([cfg.data] if isinstance(cfg.data, str) else list(cfg.data))
+    dataset = scan_all([cfg.data] if isinstance(cfg.data, str) else list(cfg.data), exclude=cfg.exclude)
     splits = make_splits(dataset, cfg.split, cfg.seed, limit=cfg.limit)
     records = splits.train + splits.val + splits.test
     n_train, n_val = len(splits.train), len(splits.val)
