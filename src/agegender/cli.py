@@ -83,8 +83,11 @@ def _cmd_audit(a: argparse.Namespace) -> int:
                       precision=a.precision, device=a.device)
     result = audit(cfg, force=a.force)
     counts = {label: sum(i.label == label for i in result.issues) for label in ("gender", "age")}
-    print(f"label issues: {counts['gender']} gender, {counts['age']} age group, in {result.summary['images']} "
-          f"images\nlist: {result.out / 'label_issues.csv'}\nsheet: {result.out / 'label_issues.jpg'}")
+    print(f"label issues: {counts['gender']} gender, {counts['age']} age group, in {result.summary['images']} images")
+    print(f"list: {result.out / 'label_issues.csv'}")
+    for sheet in ("label_issues.jpg", "age_issues.jpg"):
+        if (result.out / sheet).is_file():
+            print(f"sheet: {result.out / sheet}")
     return 0
 
 

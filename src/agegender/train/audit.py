@@ -123,10 +123,11 @@ def out_of_sample_probs(x: np.ndarray, y: np.ndarray, groups: Sequence[str] | No
     k = int(classes if classes is not None else y.max() + 1)
     counts = np.bincount(y, minlength=k)
     present = counts[counts > 0]
-    if len(present) < 2:
-        raise AgeGenderError("the audit needs at least two different labels")
-    folds = min(folds, int(present.min())) if present.min() >= 2 else folds
+    if len(present) < 2 or present.min() < 2:
+        raise AgeGenderError(f"cross-validation needs two labels with at least two faces each (faces per label: "
+                             f"{', '.join(map(str, counts))})")
     repeated = groups is not None and len(set(groups)) < len(groups)
+    folds = max(2, min(folds, len(set(groups)) if groups is not None and repeated else len(y)))
     splitter = (StratifiedGroupKFold(folds, shuffle=True, random_state=seed) if repeated
                 else StratifiedKFold(folds, shuffle=True, random_state=seed))
     probs = np.zeros((len(y), k))
@@ -193,24 +194,42 @@ def audit(cfg: AuditConfig, force: bool = False) -> AuditResult:
     summary: dict[str, Any] = {"images": len(records), "unreadable": len(unread), "folds": cfg.folds,
                                "gender": _scores(records, y, p, found)}
     log.info("gender: out-of-sample accuracy %.3f, %d label issues", summary["gender"]["cv_accuracy"], len(found))
-    aged = [i for i, r in enumerate(records) if age_group_of(r) is not None]
-    if cfg.ages and aged:
-        a = np.array([age_group_of(records[i]) for i in aged])
-        pa = out_of_sample_probs(x[aged], a, [groups[i] for i in aged], folds=cfg.folds, seed=cfg.seed,
-                                 classes=len(AGE_GROUPS))
-        found_age = find_issues(a, pa)
-        age_issues = [_issue(records[aged[j]], files[aged[j]], "age", AGE_GROUP_NAMES, a[j], pa[j]) for j in found_age]
-        apart = [abs(AGE_GROUP_NAMES.index(i.suggested) - AGE_GROUP_NAMES.index(i.given)) for i in age_issues]
-        listed = [j for j, gap in zip(found_age, apart) if gap >= cfg.age_gap]
-        issues += [i for i, gap in zip(age_issues, apart) if gap >= cfg.age_gap]
-        summary["age"] = {**_scores([records[i] for i in aged], a, pa, np.array(listed, dtype=np.int64)),
-                          "cleanlab_issues": len(found_age), "age_gap": cfg.age_gap,
-                          "cleanlab_issues_by_groups_apart": {str(k): v for k, v in sorted(collections.Counter(apart).items())}}
-        log.info("age groups: out-of-sample accuracy %.3f, %d label issues, %d of them %d or more groups away",
-                 summary["age"]["cv_accuracy"], len(found_age), len(listed), cfg.age_gap)
+    if cfg.ages:
+        age_issues, age_summary = _audit_ages(cfg, records, files, x, groups)
+        issues += age_issues
+        if age_summary:
+            summary["age"] = age_summary
     summary["config"] = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "workers")}
     _write(out, issues, summary, cfg, frame, size)
     return AuditResult(out, issues, summary)
+
+
+def _audit_ages(cfg: AuditConfig, records: Sequence[FaceRecord], files: Sequence[str], x: np.ndarray,
+                groups: Sequence[str]) -> tuple[list[Issue], dict[str, Any]]:
+    """Age-group issues at least ``cfg.age_gap`` groups from the given label, and their summary (empty when fewer
+    than two groups have a face for every fold)."""
+    aged = [i for i, r in enumerate(records) if age_group_of(r) is not None]
+    per_group = collections.Counter(int(age_group_of(records[i]) or 0) for i in aged)
+    rare = {g for g, n in per_group.items() if n < cfg.folds}  # too few faces to stand in every fold
+    if rare:
+        log.info("age groups with fewer than %d faces are not audited: %s", cfg.folds,
+                 ", ".join(AGE_GROUP_NAMES[g] for g in sorted(rare)))
+        aged = [i for i in aged if age_group_of(records[i]) not in rare]
+    if len(per_group) - len(rare) < 2:
+        return [], {}
+    a = np.array([age_group_of(records[i]) for i in aged])
+    pa = out_of_sample_probs(x[aged], a, [groups[i] for i in aged], folds=cfg.folds, seed=cfg.seed,
+                             classes=len(AGE_GROUPS))
+    found = find_issues(a, pa)
+    every = [_issue(records[aged[j]], files[aged[j]], "age", AGE_GROUP_NAMES, a[j], pa[j]) for j in found]
+    apart = [abs(AGE_GROUP_NAMES.index(i.suggested) - AGE_GROUP_NAMES.index(i.given)) for i in every]
+    listed = np.array([j for j, gap in zip(found, apart) if gap >= cfg.age_gap], dtype=np.int64)
+    summary = {**_scores([records[i] for i in aged], a, pa, listed), "cleanlab_issues": len(found),
+               "age_gap": cfg.age_gap,
+               "cleanlab_issues_by_groups_apart": {str(k): v for k, v in sorted(collections.Counter(apart).items())}}
+    log.info("age groups: out-of-sample accuracy %.3f, %d label issues, %d of them %d or more groups away",
+             summary["cv_accuracy"], len(found), len(listed), cfg.age_gap)
+    return [i for i, gap in zip(every, apart) if gap >= cfg.age_gap], summary
 
 
 def _check_installed() -> None:
