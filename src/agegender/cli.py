@@ -75,6 +75,23 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(a: argparse.Namespace) -> int:
+    from .train.audit import AuditConfig, audit
+
+    cfg = AuditConfig(data=tuple(a.data), out=a.out, folds=a.folds, cache_dir=a.cache_dir, backbone=a.backbone,
+                      alignment=a.alignment or "", weights=a.weights, limit=a.limit, exclude=a.exclude,
+                      ages=not a.no_ages, age_gap=a.age_gap, sheet=a.sheet, seed=a.seed, workers=a.workers,
+                      precision=a.precision, device=a.device)
+    result = audit(cfg, force=a.force)
+    counts = {label: sum(i.label == label for i in result.issues) for label in ("gender", "age")}
+    print(f"label issues: {counts['gender']} gender, {counts['age']} age group, in {result.summary['images']} images")
+    print(f"list: {result.out / 'label_issues.csv'}")
+    for sheet in ("label_issues.jpg", "age_issues.jpg"):
+        if (result.out / sheet).is_file():
+            print(f"sheet: {result.out / sheet}")
+    return 0
+
+
 def _cmd_reproduce(a: argparse.Namespace) -> int:
     from .pipeline import reproduce
 
@@ -197,7 +214,8 @@ def _train_config(a: argparse.Namespace, data: str | tuple[str, ...], out: str) 
                  batch_size=a.batch_size, lr=a.lr, image_size=a.image_size, age_head=a.age_head,
                  hidden=tuple(a.hidden) if a.hidden else None, widths=tuple(a.widths) if a.widths else None,
                  unfreeze=a.unfreeze or None, cache=not a.no_cache, cache_dir=a.cache_dir,
-                 precision=a.precision, patience=a.patience, limit=a.limit, workers=a.workers, device=a.device)
+                 precision=a.precision, patience=a.patience, limit=a.limit, workers=a.workers, device=a.device,
+                 exclude=a.exclude)
     return TrainConfig.from_preset(a.preset, **given)
 
 
@@ -271,6 +289,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="feature cache directory (default: cache/ beside the --out folder)")
     p.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")
     p.add_argument("--limit", type=int, default=0, help="use at most this many images (for quick runs)")
+    p.add_argument("--exclude", metavar="FILE", help="leave out the files listed here, one a line, relative to their "
+                                                     "data folder (e.g. from `agegender audit`)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads")
     _add_device_options(p)
 
@@ -514,6 +534,36 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+def _audit_options(p: argparse.ArgumentParser) -> None:
+    from .backbones import BACKBONES, DEFAULT_BACKBONE
+
+    p.add_argument("--data", required=True, action="append",
+                   help="a labelled folder as `train` reads it; repeat to audit several together")
+    p.add_argument("--out", required=True, help="folder for label_issues.csv, the contact sheets and summary.json")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (by person where the data names people)")
+    p.add_argument("--cache-dir", "--cache", dest="cache_dir",
+                   help="feature cache directory, shared with `train` (default: cache/ beside the --out folder)")
+    p.add_argument("--backbone", choices=(DEFAULT_BACKBONE, *(b for b in BACKBONES if b != DEFAULT_BACKBONE)),
+                   default=DEFAULT_BACKBONE, help="the face descriptor whose features the audit's model reads")
+    p.add_argument("--alignment", choices=("chip5", "landmarks5"), default=None,
+                   help="dlib-resnet only: how faces are framed, as for `train` (default: chip5)")
+    p.add_argument("--weights", help="the backbone's weights, as for `train` (default for dlib-resnet: the installed "
+                                     "package's file)")
+    p.add_argument("--exclude", metavar="FILE", help="leave out the files listed here, as `train --exclude`")
+    p.add_argument("--no-ages", action="store_true", help="audit gender only")
+    p.add_argument("--age-gap", type=int, default=2, metavar="N",
+                   help="list an age issue only where the suggested group is N or more groups from the given one "
+                        "(1: every issue cleanlab finds)")
+    p.add_argument("--sheet", type=int, default=48, metavar="N", help="thumbnails on each contact sheet")
+    p.add_argument("--limit", type=int, default=0,
+                   help="audit a seeded sample of at most this many images (for quick runs; 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds and of --limit's sample")
+    p.add_argument("--force", action="store_true", help="replace an audit already in --out")
+    p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    _add_device_options(p)
+    p.set_defaults(func=_cmd_audit)
+
+
 # name -> (one-line help, the function adding its options)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "predict": ("gender and age for every face in images, folders, globs or videos", _predict_options),
@@ -528,6 +578,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "identify": ("top VGG-Face identities for a face image (the weights' own check)", _identify_options),
     "reproduce": ("the seed's job: fetch, convert, train, evaluate, export", _reproduce_options),
     "demo": ("the whole pipeline in seconds on generated data and weights (numbers mean nothing)", _demo_options),
+    "audit": ("list the images whose label a cross-validated model contradicts, with a contact sheet (cleanlab; "
+              "pip install 'agegender[audit]')", _audit_options),
 }
 
 
@@ -552,6 +604,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "reproduce": ("agegender reproduce --out work/              # dlib-resnet on agegender_cleaned (fetched)",
                   "agegender reproduce --backbone vgg-face --out work-vgg/"),
     "demo": ("agegender demo --out /tmp/agegender-demo     # about 15 s; generated data, meaningless numbers",),
+    "audit": ("agegender audit --data UTKFace/ --out audit-utk   # -> audit-utk/label_issues.csv, label_issues.jpg",
+              "agegender audit --data lfw/ --data wiki/ --out audit --cache-dir runs/cache --folds 10"),
 }
 
 

@@ -127,15 +127,17 @@ def _scan(root: Path) -> Dataset:
     return _finish(Dataset(_scan_utkface(root, skipped), "utkface", root, skipped), root)
 
 
-def scan_all(roots: Sequence[str | os.PathLike[str]]) -> Dataset:
+def scan_all(roots: Sequence[str | os.PathLike[str]], exclude: str | os.PathLike[str] | None = None) -> Dataset:
     """One dataset from several labelled folders (``--data`` given more than once).
 
     Identities stay apart across folders: a name that only identifies a person within its own folder
-    (``unknown`` and manifest sources) is prefixed with the folder's index.
+    (``unknown`` and manifest sources) is prefixed with the folder's index. ``exclude`` names a list of files
+    to leave out (:func:`read_exclusions`).
     """
+    excluded = read_exclusions(exclude) if exclude else None
     if len(roots) == 1:
-        return scan(roots[0])
-    parts = [_named(_scan(Path(r)), dataset_name(r)) for r in roots]
+        return _excluded(scan(roots[0]), excluded)
+    parts = [_excluded(_named(_scan(Path(r)), dataset_name(r)), excluded) for r in roots]
     plain = [dataset_name(r) for r in roots]
     # Two folders of one name (a/train, b/train) stay two data sets.
     names = [f"{n} ({plain[:i + 1].count(n)})" if plain.count(n) > 1 else n for i, n in enumerate(plain)]
@@ -223,6 +225,33 @@ def _same_content(paths: Sequence[Path]) -> list[list[int]]:
         if d is not None:
             by_digest[d].append(i)
     return sorted((sorted(g) for g in by_digest.values() if len(g) > 1), key=lambda g: g[0])
+
+
+def read_exclusions(path: str | os.PathLike[str]) -> frozenset[str]:
+    """The files an exclusion list names, one a line, each relative to its data folder and optionally led by the
+    data set's name (``utkface/1_0_0_x.jpg`` or ``1_0_0_x.jpg``); ``#`` starts a comment. Labels known to be wrong
+    are left out this way without editing the data."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise AgeGenderError(f"{path}: cannot read the exclusion list ({type(e).__name__})") from None
+    return frozenset(line.split("#", 1)[0].strip().replace("\\", "/") for line in text.splitlines()) - {""}
+
+
+def _excluded(ds: Dataset, names: frozenset[str] | None) -> Dataset:
+    if not names:
+        return ds
+    root = ds.root if ds.root.is_dir() else ds.root.parent
+
+    def listed(r: FaceRecord) -> bool:
+        rel = r.path.relative_to(root).as_posix() if r.path.is_relative_to(root) else r.path.name
+        return rel in names or f"{r.dataset}/{rel}" in names
+
+    kept = [r for r in ds.records if not listed(r)]
+    if len(kept) < len(ds.records):
+        log.info("%s: %d images left out by the exclusion list", ds.root, len(ds.records) - len(kept))
+        ds.records = kept
+    return ds
 
 
 def _finish(ds: Dataset, root: Path) -> Dataset:

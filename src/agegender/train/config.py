@@ -65,6 +65,7 @@ class TrainConfig:
     precision: str = "auto"  # trunk precision: auto = bf16 where the hardware has bf16 units
     patience: int = 0
     limit: int = 0
+    exclude: str | None = None  # a list of files to leave out (data.records.read_exclusions)
     workers: int = 2
     device: str = "cpu"
     progress: bool = True
@@ -119,6 +120,8 @@ class TrainConfig:
         for data in ([self.data] if isinstance(self.data, str) else list(self.data)):
             if not Path(data).exists():
                 raise OptionError(f"{data}: no such file or directory (`data`)", "data")
+        if self.exclude is not None and not Path(self.exclude).is_file():
+            raise OptionError(f"{self.exclude}: no such file (`exclude`)", "exclude")
         if self.weights is not None and not Path(self.weights).is_file():
             raise OptionError(f"{self.weights}: no such weights file (`weights`)", "weights")
 

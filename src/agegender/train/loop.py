@@ -299,7 +299,7 @@ def fit(cfg: TrainConfig, resume: bool = False, force: bool = False, *,
 
 def fit_splits(cfg: TrainConfig) -> tuple[Dataset, Splits]:
     """The data ``cfg`` names and its splits, as ``fit`` trains on them (records in order: train, val, test)."""
-    dataset = scan_all([cfg.data] if isinstance(cfg.data, str) else list(cfg.data))
+    dataset = scan_all([cfg.data] if isinstance(cfg.data, str) else list(cfg.data), exclude=cfg.exclude)
     return dataset, make_splits(dataset, cfg.split, cfg.seed, limit=cfg.limit)
 
 
