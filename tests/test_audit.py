@@ -168,6 +168,6 @@ def test_train_takes_an_exclusion_list(tmp_path: Path) -> None:
 
     cfg = _train_config(build_parser("train").parse_args(args), str(tmp_path), str(tmp_path / "run"))
     assert cfg.exclude == str(tmp_path / "x.txt")
-    with pytest.raises(AgeGenderError, match="--exclude"):
+    with pytest.raises(AgeGenderError, match="exclude"):
         TrainConfig.from_preset("default", data=str(tmp_path), init="scratch", exclude=str(tmp_path / "x.txt")
                                 ).validate()

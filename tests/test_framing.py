@@ -159,7 +159,7 @@ class _Aligner:
 
 
 def _pre(alignment: str) -> Preprocess:
-    return Preprocess(size=16, alignment=alignment)
+    return Preprocess(size=16, mean_rgb=(0.0, 0.0, 0.0), alignment=alignment)
 
 
 def test_face_framer_follows_the_backbones_alignment() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +365,18 @@ def test_fit_calibrates_p_male_on_validation(world, tmp_path) -> None:  # type: 
     assert cal["temperature"] == pytest.approx(meta.config.temperature, abs=1e-4)
     assert 0.05 <= meta.config.temperature <= 20 and cal["fitted_on"] == "val" and cal["faces"] > 0
     assert cal["nll_after"] <= cal["nll_before"] + 1e-9
+
+
+def test_the_best_epoch_covers_both_heads() -> None:
+    """A gender point weighs as much as a year of age MAE: an epoch a hair better on gender but with an age head
+    that had not converged loses; without ages, gender alone decides. Old states are rescored the new way."""
+    from agegender.train.loop import _rescored_best, epoch_score
+
+    early = {"val_accuracy": 0.951, "val_loss": 0.12, "val_age_mae": 8.1}
+    later = {"val_accuracy": 0.950, "val_loss": 0.13, "val_age_mae": 4.8}
+    assert epoch_score(later) > epoch_score(early)
+    assert epoch_score({"val_accuracy": 0.9, "val_loss": 0.2}) > epoch_score({"val_accuracy": 0.8, "val_loss": 0.1})
+    history = [{"epoch": 1, **early}, {"epoch": 2, **later}, {"epoch": 3, "val_accuracy": 0.99, "val_loss": 0.1}]
+    # The old rule kept epoch 1 (the best accuracy up to epoch 2); its score is what epoch 3 must beat.
+    assert _rescored_best(history, 2) == (epoch_score(early), 0.12)
+    assert _rescored_best([{"epoch": "x"}], 2) == (-math.inf, math.inf)

@@ -52,7 +52,7 @@ def retain_freed_memory(limit: int = 1 << 30) -> bool:
 
     Training frees and allocates the same ~150 MB of gradients and bf16 weight casts on every head step.
     glibc returns blocks above its mmap threshold to the kernel at once, and the next step faults every page in
-    again: 43k page faults, 35 ms of a 185 ms step on 2 cores. Blocks under ``limit`` then come from the heap,
+    again (DECISIONS.md: freed memory kept for reuse). Blocks under ``limit`` then come from the heap,
     and the heap keeps up to ``limit`` of free memory. Process-wide; returns whether it took effect (False
     where the C library is not glibc).
     """

@@ -38,12 +38,9 @@ class HaarDetector:
     so the image is first shrunk until that size meets the cascade's 24 px window: big photos cost no more
     than small ones, and a 250 px portrait is not searched for 24 px faces (a 40 px face already fills the
     classifier's 64 px crop). The cascade's cost is mostly its smallest windows, so ``min_face_px`` is the
-    speed knob: on LFW, 40 px with the coarser ``scale_factor`` 1.1 and ``min_neighbors`` 2 (a coarser pyramid
-    gives each face fewer neighbouring hits) made detection 5x faster than the former 1.05/4 with no floor in
-    pixels, finding a face in 99.7% of LFW photos (before: 99.7%), 87.0% of FairFace (87.4%) and 97.5% of
-    WIKI (98.2%), and all 6 faces in 2x3 group collages; equalising the histogram first adds 2 points on
-    FairFace. Cascades are per thread: OpenCV's ``CascadeClassifier`` is not safe to share between threads.
-    Faces come most neighbours first; the score is the neighbour count.
+    speed knob (DECISIONS.md: the Haar cascade's settings). Cascades are per thread: OpenCV's
+    ``CascadeClassifier`` is not safe to share between threads. Faces come most neighbours first; the score is
+    the neighbour count.
     """
 
     name = "haar"
@@ -111,12 +108,8 @@ class RetinaFace:
     measured; landmarks keep their sub-pixel positions.
 
     Images whose long side exceeds ``max_side`` are shrunk to it first, keeping the aspect ratio (None: never);
-    nothing is enlarged. The cost grows with the pixel count, but so does the smallest face found: 99% of LFW
-    faces are found 23 px wide at the network input, 94% at 20 px, 71% at 16 px (the smallest prior). Portraits
-    lose nothing to a low cap (LFW, WIKI and FairFace: a face in every photo down to 160 px), but group photos
-    do: 4x4 collages of 100-250 px photos kept 160/160 faces at 640 and 154/160 at 320. Hence 640 by default,
-    and ``max_side=320`` for portraits when speed matters (448 px FairFace: about 10 ms instead of 16 ms on one
-    thread). No padding: the graph accepts any size, and the priors follow its rounding.
+    nothing is enlarged: 640 keeps the small faces of group photos, 320 is faster for portraits (DECISIONS.md:
+    RetinaFace's input cap). No padding: the graph accepts any size, and the priors follow its rounding.
 
     The onnxruntime session is made on first use, with ``threads`` threads (default: the cores this process may
     use), and may be shared between threads.

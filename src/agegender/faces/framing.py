@@ -5,18 +5,7 @@
 chip. ``landmarks5``: the chip placed by the detector's own 5 points where it gives them. Training photos go
 through the same path (:class:`PhotoFramer`), so train and predict see the same faces.
 
-The crop convention was measured on the training set's WIKI/IMDB crops, 128x128 squares with margin around the
-face. With the Haar detector on 1,108 WIKI crops made the IMDB-WIKI way (the largest box per image; a face was
-found in 1,063), the image side is a median 1.82x the box side (IQR 1.72-1.95), and the image centre lies 0.074
-box heights below the box centre (IQR 0.051-0.096). The detector's former, finer settings (scale 1.05, 4
-neighbours) gave the same: 1.83x and 0.074. Horizontally it lies 0.034 box widths right (median), but that is
-head pose, not framing: on mirrored images it is -0.030 and its mean is 0.005, so the crop is centred
-horizontally. Hence :data:`CROP_SCALE` and :data:`CROP_SHIFT_Y`.
-
-RetinaFace boxes are narrower and taller than Haar's (median 0.81x as wide and 1.12x as tall on 285 WIKI and
-LFW photos, same centre). Re-derived on all 1,108 WIKI crops, the image side is a median 1.659x the RetinaFace
-box height (IQR 1.566-1.748) and the image centre lies 0.069 box heights below the box centre (IQR
-0.046-0.088): :data:`RETINAFACE`'s crop terms.
+The crop terms of each detector were measured on the training photos (DECISIONS.md: the crop convention).
 """
 
 from __future__ import annotations
@@ -36,10 +25,7 @@ if TYPE_CHECKING:
 CROP_SCALE = 1.83  # crop side / detected box side (Haar)
 CROP_SHIFT_Y = 0.074  # crop centre below the box centre, in box heights (Haar)
 
-# The dlib terms, from RetinaFace vs dlib's HOG boxes on 623 LFW/WIKI/FairFace photos where each found one face:
-# dlib's square is a median 0.80 RetinaFace box heights (IQR 0.76-0.86) with its centre 0.049 heights lower
-# (IQR 0.018-0.079). Haar's side is a median 1/1.116 of RetinaFace's height with the same centre, which gives
-# Haar's dlib terms.
+# The dlib terms: where dlib's own detector would have put its square (DECISIONS.md: the crop convention).
 HAAR = Framing("haar", CROP_SCALE, CROP_SHIFT_Y, 0.893, 0.047)
 RETINAFACE = Framing("retinaface", 1.659, 0.069, 0.80, 0.049)
 # The whole picture of a face crop that no detector framed (tight, aligned training crops).
@@ -100,8 +86,8 @@ class ChipAligner:
         to_chip = chip_transform(landmarks, self.size, self.padding)
         if np.hypot(*to_chip[0, :2]) < 0.5:  # the face shrinks more than 2x: dlib's blurred pyramid, exactly
             return face_chip(rgb, landmarks, self.size, self.padding)
-        # Otherwise OpenCV's bilinear warp through the same transform: 0.3 ms instead of 3.9 per face, within
-        # 3 grey levels (median 2) of dlib's own chip on 40 LFW photos.
+        # Otherwise OpenCV's bilinear warp through the same transform: 13x faster, within 3 grey levels of dlib's
+        # (DECISIONS.md: chips by OpenCV's warp).
         return fast_warp(rgb, to_chip, self.size)
 
 
@@ -176,8 +162,7 @@ def subject(faces: Sequence[Detection], height: int, width: int) -> Detection | 
     """The subject of a one-person photo: large, confident and near the centre; None when there are no faces.
 
     Ranked by ``area * score * exp(-2 d^2)``, ``d`` the box centre's distance from the image centre in
-    half-diagonals: a face in a corner must have 7x the area of a centred one to win. On the FairFace photos with
-    several faces the largest box alone was right on 88%, area x score on 91%, this rule on 98.7%.
+    half-diagonals: a face in a corner must have 7x the area of a centred one to win (DECISIONS.md: the subject).
     """
     if not faces:
         return None

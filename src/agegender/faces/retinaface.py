@@ -125,8 +125,7 @@ def load_session(model: bytes | str | os.PathLike[str] | None, threads: int, pro
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1  # a chain of convolutions: nothing runs in parallel between ops
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Idle pool threads otherwise spin between runs, stealing the cores that the caller's own work (and
-    # other sessions) need: with 2 threads on 2 busy cores a 448 px image took 51 ms spinning, 23 ms not.
+    # Idle pool threads otherwise spin between runs, stealing the caller's cores (DECISIONS.md: does not spin).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     from ..model.onnx_file import check_self_contained
 

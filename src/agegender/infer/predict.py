@@ -193,8 +193,7 @@ class Predictor:
 
         Finding faces (decode, detect, crop) and classifying a batch are tasks of one pool of ``workers``
         threads, each task on one core (:func:`share_cores_for_batches`), so every core is busy until the last
-        batch whichever stage is slower. A classifier on a thread of its own, beside the detecting ones, got a
-        third of the cores for 40% of the work, and the detectors waited on it. At most ``ahead`` images are
+        batch whichever stage is slower (DECISIONS.md: one pool for finding and classifying faces). At most ``ahead`` images are
         queued or being found; found ones wait as crops, so memory stays small.
         """
         if batch_size < 1:

@@ -24,10 +24,9 @@ from .trunk import Trunk
 class Dropout(nn.Dropout):
     """nn.Dropout whose training mask on the CPU comes from 16 random bits per element.
 
-    torch's CPU dropout draws its mask with ``bernoulli_``, element by element on one thread: 23 ms for a
-    512 x 4096 batch, a quarter of the cached head step. Bits from ``torch.randint`` (the same default generator,
-    so seeds and resumes repeat exactly) compared against the keep probability, in steps of 1/65536, take
-    under a third of that. Elsewhere (evaluation, p = 0, in place, GPUs) it is nn.Dropout.
+    torch's CPU dropout draws its mask element by element on one thread; bits from ``torch.randint`` (the same
+    generator, so seeds and resumes repeat) take under a third of that (DECISIONS.md: dropout masks).
+    Elsewhere (evaluation, p = 0, in place, GPUs) it is nn.Dropout.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

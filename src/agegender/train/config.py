@@ -15,11 +15,8 @@ from ..model.config import ModelConfig
 PRESETS: dict[str, dict[str, Any]] = {
     # Frozen VGG-Face trunk with no BatchNorm inside it (VGG-Face never had any, and BN between frozen convs
     # shifts the activations each conv was trained on and forbids the feature cache); BN lives in the head.
-    # Batch 512 at lr 2e-3 (issue 13): the fastest cached head step measured (BENCHMARKS.md, section 3: the
-    # [4096, 4096] head in bf16 runs ~1.7x the images/s of batch 128; 1024 only ~5% more than 512) with the rate
-    # scaled by sqrt(512 / 128). dlib-resnet on UTKFace, seeds 0-3 (each its own split): gender 0.885 vs 0.880 and
-    # age MAE 5.05 vs 5.14 for batch 128 at lr 1e-3; batch 512 at 1e-3 gave MAE 5.23, and batch 1024 once broke
-    # the age head (MAE 8.1).
+    # Batch 512 at lr 2e-3: the fastest cached head step, as accurate as batch 128 (DECISIONS.md: the default
+    # training preset).
     "default": dict(epochs=25, batch_size=512, lr=2e-3, weight_decay=1e-4, head_bn=True, feature_bn=True, block_bn=False,
                     dropout=(0.5, 0.5), age_head="regression", age_weight=1.0, pixels=OWN_PIXELS),
     # The seed notebook: /255 RGB pixels, BN after each conv block, dropout after fc1 only, one sigmoid, no age.
