@@ -63,8 +63,8 @@ def export(run: Path, work: Path) -> tuple[Path, Path]:
     """The fp32 ONNX export and its float16-weights copy, both named and described in their metadata."""
     import onnx
 
-    from agegender.infer.export import export as export_model
     from agegender.infer.export import store_weights_fp16
+    from agegender.infer.exporters import export as export_model
 
     fp32, fp16 = work / f"{NAME}-fp32.onnx", work / f"{NAME}-fp16.onnx"
     for path in (fp32, fp16):

@@ -16,6 +16,7 @@ from agegender.backbones import BACKBONES
 from agegender.backbones.vgg_face import VGG_FACE_PREPROCESS
 from agegender.errors import AgeGenderError
 from agegender.infer import export as ex
+from agegender.infer import exporters
 from agegender.model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from agegender.model.config import ModelConfig
 from agegender.model.dlib_resnet import Affine
@@ -195,7 +196,7 @@ def test_onnx_torchscript_exporter(tmp_path: Path) -> None:
 def keras_dex(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     root = tmp_path_factory.mktemp("keras_dex")
     run = make_run(root, "dex", block_bn=True)
-    return run, root / "model.keras", ex.export(run, "keras", root / "model.keras")
+    return run, root / "model.keras", exporters.export(run, "keras", root / "model.keras")
 
 
 def check_keras_export(run: Path, out: Path, result: dict, age_head: str) -> None:
@@ -227,7 +228,7 @@ def test_keras_export_dex(keras_dex: tuple[Path, Path, dict]) -> None:
 @pytest.mark.slow
 def test_keras_export(tmp_path: Path, age_head: str, block_bn: bool, feature_bn: bool) -> None:
     run = make_run(tmp_path, age_head, block_bn, feature_bn=feature_bn)
-    check_keras_export(run, tmp_path / "model.keras", ex.export(run, "keras", tmp_path / "model.keras"), age_head)
+    check_keras_export(run, tmp_path / "model.keras", exporters.export(run, "keras", tmp_path / "model.keras"), age_head)
 
 
 @pytest.mark.tf
@@ -249,7 +250,7 @@ def test_torch_export(tmp_path: Path, age_head: str, block_bn: bool) -> None:
     run = make_run(tmp_path, age_head, block_bn)
     out = tmp_path / "model.pt2"
     x_verify = inputs(run, 3, seed=7)  # the caller's own verification batch
-    result = ex.export(run, "torch", out, verify_inputs=x_verify)
+    result = exporters.export(run, "torch", out, verify_inputs=x_verify)
     assert_result_parity(result, run, 1e-5, x_verify)
     assert files_in(tmp_path) == {run.name, "model.pt2", "model.pt2.json"}
     extra = {"agegender.json": ""}
@@ -265,7 +266,7 @@ def test_torch_export(tmp_path: Path, age_head: str, block_bn: bool) -> None:
 def test_verification_inputs_must_match_the_model(tmp_path: Path) -> None:
     run = make_run(tmp_path)
     with pytest.raises(AgeGenderError, match="float32"):
-        ex.export(run, "torch", tmp_path / "m.pt2", verify_inputs=torch.zeros(2, 3, 32, 32))
+        exporters.export(run, "torch", tmp_path / "m.pt2", verify_inputs=torch.zeros(2, 3, 32, 32))
     assert files_in(tmp_path) == {run.name}
 
 
@@ -276,7 +277,7 @@ def test_failed_parity_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     for name in ("ONNX_TOLERANCE", "KERAS_TOLERANCE", "TORCH_TOLERANCE"):
         monkeypatch.setattr(ex, name, -1.0)  # no difference can pass
     with pytest.raises(AgeGenderError, match="differs from PyTorch"):
-        ex.export(run, fmt, tmp_path / f"m{ex.SUFFIXES[fmt]}")
+        exporters.export(run, fmt, tmp_path / f"m{ex.SUFFIXES[fmt]}")
     assert files_in(tmp_path) == {run.name}
 
 
@@ -331,7 +332,7 @@ def test_report_predict_and_onnx_clamp_ages_alike(tmp_path: Path, bias: float) -
     with torch.no_grad():
         net.age.bias.fill_(bias)  # type: ignore[union-attr]
     save_checkpoint(run / "model.safetensors", net, meta)
-    ex.export(run, "onnx", tmp_path / "m.onnx")
+    exporters.export(run, "onnx", tmp_path / "m.onnx")
     photos = make_utkface_folder(tmp_path / "utk", n=6, seed=2)
     report = ReportDir(tmp_path / "eval")
     evaluate_model(run / "model.safetensors", data=str(photos), subset="all", out=str(report.path), precision="fp32",
@@ -375,6 +376,6 @@ def test_real_faces_onnx_parity(tmp_path: Path, shared_faces: Path) -> None:
     rgb = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)) for p in photos])
     x = torch.from_numpy(VGG_FACE_PREPROCESS.resized(size).normalize_numpy(rgb))
     run = make_run(tmp_path, "dex", block_bn=True, image_size=size)
-    result = ex.export(run, "onnx", tmp_path / "faces.onnx", verify_inputs=x)
+    result = exporters.export(run, "onnx", tmp_path / "faces.onnx", verify_inputs=x)
     assert_result_parity(result, run, 1e-4, x)
     assert result["diffs"]["p_male"] <= 1e-4 and result["diffs"]["age_probs"] <= 1e-4

@@ -16,6 +16,7 @@ import torch
 from agegender import cli
 from agegender.errors import AgeGenderError
 from agegender.infer import export as ex
+from agegender.infer import exporters
 from agegender.infer import savedmodel as sm
 from agegender.infer.tf_graph import age_percentile, age_percentile_numpy
 from agegender.model.checkpoint import load_checkpoint
@@ -58,7 +59,7 @@ def tf() -> Any:
 def test_keras_export_dlib(tmp_path: Path, layer: str, age_head: str) -> None:
     run = _run(tmp_path, DLIB, layer, age_head)
     out = tmp_path / "model.keras"
-    result = ex.export(run, "keras", out)
+    result = exporters.export(run, "keras", out)
     check_keras_export(run, out, result, age_head)
     # The tiny widths grow at every level and the last two levels' maps differ in size: every residual pad is
     # exercised (channels and rows, rows only), so parity covers them all.
@@ -99,7 +100,7 @@ def test_parity_catches_a_misplaced_residual_pad(tmp_path: Path, monkeypatch: py
         monkeypatch.setattr(keras_dlib, "_pad_end", _keras_pad_at_start)
     run = _run(tmp_path, DLIB, "both", "dex")
     with pytest.raises(AgeGenderError, match="differs from PyTorch"):
-        ex.export(run, fmt, tmp_path / ("m.keras" if fmt == "keras" else "m"))
+        exporters.export(run, fmt, tmp_path / ("m.keras" if fmt == "keras" else "m"))
     assert files_in(tmp_path) == {run.name}
 
 
@@ -110,7 +111,7 @@ def test_keras_dlib_export_runs_in_tensorflow(tmp_path: Path) -> None:
         pytest.skip("tensorflow is not installed")
     run = _run(tmp_path, DLIB, "both", "dex")
     out = tmp_path / "model.keras"
-    ex.export(run, "keras", out)
+    exporters.export(run, "keras", out)
     x = inputs(run, 5)
     got = ex.check_keras_in_tensorflow(out, x)
     assert list(got) == ["p_male", "age", "age_probs"]
@@ -149,7 +150,7 @@ def test_savedmodel_export(tmp_path: Path, tf: Any, backbone: str, layer: str, a
     run = _run(tmp_path, backbone, layer, age_head)
     meta = load_checkpoint(run / "model.safetensors")[1]
     out = tmp_path / "models" / "agegender" / "1"  # TF Serving's <base path>/<version>
-    result = ex.export(run, "savedmodel", out)
+    result = exporters.export(run, "savedmodel", out)
     names = sm.savedmodel_output_names(meta.config)
     assert result["format"] == "savedmodel" and result["path"] == str(out) and result["outputs"] == names
     assert names[:3] == ex.output_names(meta.config)[:3] and (("age_low" in names) == (age_head == "dex"))
@@ -220,11 +221,11 @@ def test_failed_savedmodel_checks_leave_nothing(tmp_path: Path, tf: Any, monkeyp
     with monkeypatch.context() as m:
         m.setattr(sm, "SAVEDMODEL_TOLERANCE", -1.0)  # no difference can pass
         with pytest.raises(AgeGenderError, match="differs from PyTorch"):
-            ex.export(run, "savedmodel", tmp_path / "a" / "1")
+            exporters.export(run, "savedmodel", tmp_path / "a" / "1")
     with monkeypatch.context() as m:  # the percentiles have a gate of their own
         m.setattr(sm, "age_percentile_numpy", lambda probs, q, age_min: age_percentile_numpy(probs, q, age_min) + 3)
         with pytest.raises(AgeGenderError, match="percentile"):
-            ex.export(run, "savedmodel", tmp_path / "a" / "1")
+            exporters.export(run, "savedmodel", tmp_path / "a" / "1")
     assert files_in(tmp_path) == {run.name, "a"} and files_in(tmp_path / "a") == set()
 
 
@@ -273,7 +274,7 @@ def test_savedmodel_predicts_like_pytorch_on_real_faces(tmp_path: Path, tf: Any,
     save_checkpoint(run / "model.safetensors", net, meta)
     predictor = Predictor(load_backend(run, precision="fp32"), framing.detector)
     out_dir = tmp_path / "served" / "1"
-    ex.export(run, "savedmodel", out_dir, verify_inputs=torch.from_numpy(meta.preprocess.normalize_numpy(chips)))
+    exporters.export(run, "savedmodel", out_dir, verify_inputs=torch.from_numpy(meta.preprocess.normalize_numpy(chips)))
 
     faces = predictor.classify(chips)
     got = {k: v.numpy() for k, v in tf.saved_model.load(str(out_dir)).signatures["serving_default"](
@@ -328,7 +329,7 @@ def test_full_size_exports_match_pytorch(tmp_path: Path, tf: Any, backbone: str)
     save_checkpoint(tmp_path / "run" / "model.safetensors", net, meta)
     x = ex.verification_batch(meta)
     for fmt, out in [("keras", tmp_path / "model.keras"), ("savedmodel", tmp_path / "sm" / "1")]:
-        result = ex.export(tmp_path / "run", fmt, out, verify_inputs=x)
+        result = exporters.export(tmp_path / "run", fmt, out, verify_inputs=x)
         assert_result_parity(result, tmp_path / "run", 1e-4, x)
 
 
@@ -347,7 +348,7 @@ def test_exports_apply_the_calibration_temperature(tmp_path: Path, fmt: str, age
     meta.config.temperature = net.config.temperature = 2.5
     save_checkpoint(run / "model.safetensors", net, meta)
     out = tmp_path / ("m" if fmt == "savedmodel" else f"m{ex.SUFFIXES[fmt]}")
-    result = ex.export(run, fmt, out)
+    result = exporters.export(run, fmt, out)
     assert result["diffs"]["p_male"] <= 1e-4
     x = inputs(run, 4)
     with torch.no_grad():

@@ -160,7 +160,7 @@ def test_exports_to_onnx(spec: BackboneSpec, published: tuple[Path, dict[str, np
 @pytest.mark.parametrize("fmt", ["keras", "savedmodel"])
 def test_exports_to_its_graphs(spec: BackboneSpec, published: tuple[Path, dict[str, np.ndarray]], tmp_path: Path,
                                fmt: str) -> None:
-    from agegender.infer.export import EXPORTERS
+    from agegender.infer.exporters import EXPORTERS
 
     if fmt not in spec.exports:
         with pytest.raises(AgeGenderError, match=f"no {fmt}"):

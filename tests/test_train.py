@@ -288,7 +288,7 @@ def test_two_data_folders_train_evaluate_and_match_predict_and_onnx(world, tmp_p
     report wrote, predict on the checkpoint and predict on the ONNX export give the same P(male) and ages."""
     import json
 
-    from agegender.infer.export import export
+    from agegender.infer.exporters import export
     from agegender.infer.predict import Predictor
     from agegender.rundir import RunDir
     from agegender.train.report import Predictions
@@ -326,7 +326,8 @@ def test_fit_trains_on_the_features_handed_to_it(world, tmp_path) -> None:  # ty
     same weights, nothing is extracted; a source lacking an image leaves it to the cache; a wrong one is refused."""
     from dataclasses import replace
 
-    from agegender.data.features import FeatureBank, FeatureSet, cached_features
+    from agegender.data.batches import FeatureSet
+    from agegender.data.features import FeatureBank, cached_features
     from agegender.errors import AgeGenderError
     from agegender.faces.detect import photo_framer
     from agegender.train.loop import age_range, build_model, fit_splits

@@ -108,7 +108,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 def _cmd_export(a: argparse.Namespace) -> int:
     from .files import check_outputs
-    from .infer.export import export
+    from .infer.exporters import export
 
     if a.precision == "bf16" or a.device != "cpu":
         raise AgeGenderError("export traces and checks an fp32 graph on the CPU (--precision fp32 or auto, "

@@ -32,7 +32,7 @@ def _export_all(run: RunDir, dest: Path) -> dict[str, Any]:
     """Export to every format whose packages are installed; say which were skipped."""
     import importlib.util
 
-    from .infer.export import export
+    from .infer.exporters import export
 
     results: dict[str, Any] = {}
     for fmt, name, needs in (("onnx", "model.onnx", "onnxruntime"), ("keras", "model.keras", "keras"),

@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,8 +19,6 @@ from ..images import Framer, Skipped, load_rgb
 from ..model.config import Preprocess
 from .records import FaceRecord
 
-if TYPE_CHECKING:
-    from .features import FeatureSet
 
 def decode_batch(paths: Sequence[str | os.PathLike[str]], size: int, workers: int = 2, frame: Framer | None = None,
                  skipped: Skipped | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -96,6 +94,20 @@ def augment_images(batch: torch.Tensor, generator: torch.Generator, max_shift: i
     cols = torch.where(flip[:, None], w - 1 - cols, cols)
     cols = (cols + shift_x).clamp_(0, w - 1)
     return batch[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+@dataclass
+class FeatureSet:
+    """Trunk features of some records, in their order: what a cached run trains on."""
+
+    features: torch.Tensor  # (N, D) float32, rows of unreadable images are zero
+    ok: torch.Tensor  # (N,) bool, False where the image could not be decoded
+    seconds: float = 0.0
+    cached: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        return float(self.ok.sum()) / self.seconds if self.seconds else float("nan")
 
 
 @dataclass

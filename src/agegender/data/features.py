@@ -8,7 +8,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,22 +17,10 @@ from ..files import atomic_path
 from ..images import Framer
 from ..model.config import Preprocess
 from ..model.net import AgeGenderNet, feature_extractor
-from .batches import iter_batches
+from .batches import FeatureSet, iter_batches
 from .records import FaceRecord
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FeatureSet:
-    features: torch.Tensor  # (N, D) float32, rows of unreadable images are zero
-    ok: torch.Tensor  # (N,) bool, False where the image could not be decoded
-    seconds: float = 0.0
-    cached: bool = False
-
-    @property
-    def images_per_second(self) -> float:
-        return float(self.ok.sum()) / self.seconds if self.seconds else float("nan")
 
 
 # Trunk features for ``records``, in their order, from somewhere other than the run's own cache; None where the

@@ -25,10 +25,9 @@ from torch import nn
 from ..backbones import backbone
 from ..errors import AgeGenderError, one_line
 from ..files import atomic_path, write_text_atomic
-from ..model.checkpoint import CheckpointMeta, load_checkpoint
+from ..model.checkpoint import CheckpointMeta
 from ..model.config import ModelConfig
 from ..model.decode import decode, output_names
-from ..model.meta import resolve_model
 from ..model.net import AgeGenderNet
 from ..process import env_defaults
 from .formats import SUFFIXES
@@ -108,7 +107,7 @@ def sidecar_path(output: str | os.PathLike[str]) -> Path:
 _FILE_SUFFIXES = {s for s in SUFFIXES.values() if s} | {".safetensors", ".json", ".h5", ".pb", ".tflite"}
 
 
-def _check_output(output: str | os.PathLike[str], fmt: str) -> Path:
+def check_output(output: str | os.PathLike[str], fmt: str) -> Path:
     path = Path(output)
     # A parent that is a file fails only at the write, after minutes of tracing: say so first.
     blocker = next((a for a in path.absolute().parents if a.exists() and not a.is_dir()), None)
@@ -410,7 +409,7 @@ def _keras_outputs(model: Any, x: np.ndarray) -> list[np.ndarray]:
 def _prepare(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str], fmt: str,
              verify_inputs: torch.Tensor | None) -> tuple[Path, torch.Tensor, InferenceModel, list[np.ndarray]]:
     """The checked output path, the verification batch, the wrapped model and its PyTorch reference outputs."""
-    out = _check_output(output, fmt)
+    out = check_output(output, fmt)
     x = _check_inputs(verify_inputs, meta)
     model = InferenceModel(net)
     return out, x, model, _torch_outputs(model, x)
@@ -493,45 +492,3 @@ def export_torch(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathL
                         "torch.export program (reloaded)")
     side = _write_sidecar(output, meta_json)
     return _result("torch", output, meta.config, diffs, started, metadata=str(side))
-
-
-# -- TensorFlow SavedModel ----------------------------------------------------------------------
-
-def export_savedmodel(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str],
-                      verify_inputs: torch.Tensor | None = None) -> dict[str, Any]:
-    """A SavedModel directory for TF Serving; see :mod:`agegender.infer.savedmodel`."""
-    from .savedmodel import export_savedmodel as write
-
-    return write(net, meta, output, verify_inputs)
-
-
-# -- entry point --------------------------------------------------------------------------------
-
-EXPORTERS = {"onnx": export_onnx, "keras": export_keras, "torch": export_torch, "savedmodel": export_savedmodel}
-
-
-def export(run: str | os.PathLike[str] | None, fmt: str, output: str | os.PathLike[str],
-           verify_inputs: torch.Tensor | None = None) -> dict[str, Any]:
-    """Export a run directory (its ``model.safetensors``), a checkpoint file, or with None the bundled model (its
-    float32 network: the heads shipped beside it on dlib's ResNet); see ``EXPORTERS``."""
-    if fmt not in EXPORTERS:
-        raise AgeGenderError(f"unknown export format {fmt!r} (choose from {', '.join(EXPORTERS)})")
-    _check_output(output, fmt)  # fail before the slow load
-    if run is None:
-        from .bundled import bundled_network
-
-        net, meta = bundled_network()
-    else:
-        net, meta = load_checkpoint(resolve_model(run))
-    spec = backbone(meta.config.backbone)
-    if fmt not in spec.exports:
-        raise AgeGenderError(f"{run or 'the bundled model'}: the {spec.name} backbone has no {fmt} export; it "
-                             f"exports to {', '.join(spec.exports)}")
-    log.info("exporting %s to %s: trace, write, then a parity check on the reloaded file", run or "the bundled model",
-             output)
-    if meta.config.age_head == "none":
-        log.warning("%s: the model has no age head; exporting p_male only (\"age\": null in metadata)", run)
-    try:
-        return EXPORTERS[fmt](net, meta, output, verify_inputs)
-    except OSError as e:
-        raise AgeGenderError(f"{output}: cannot write the export ({e.strerror or e})") from None

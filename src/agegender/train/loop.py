@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import LEGACY_BACKBONE, backbone
-from ..data.batches import Batches, Labels
-from ..data.features import FeatureSet, FeatureSource, cached_features
+from ..data.batches import Batches, FeatureSet, Labels
+from ..data.features import FeatureSource, cached_features
 from ..data.records import Dataset, FaceRecord, scan_all
 from ..data.splits import Splits, make_splits
 from ..devices import retain_freed_memory
