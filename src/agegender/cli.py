@@ -373,6 +373,10 @@ def _command(argv: Sequence[str]) -> str:
     return next((arg for arg in argv if not arg.startswith("-")), "")
 
 
+# Library parameters whose flag is not their name with dashes.
+CLI_FLAGS = {"fmt": "--input-format"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .process import configure
 
@@ -388,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except OptionError as e:  # the library names its parameters; here they are the flags the user typed
-        print(f"agegender: error: {safe_name(e.for_cli())}", file=sys.stderr)
+        print(f"agegender: error: {safe_name(e.for_cli(CLI_FLAGS))}", file=sys.stderr)
         return 2
     except AgeGenderError as e:
         print(f"agegender: error: {safe_name(e)}", file=sys.stderr)

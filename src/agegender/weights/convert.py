@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..backbones import BACKBONES, LEGACY_BACKBONE, backbone_for_format
-from ..errors import AgeGenderError, one_line
+from ..errors import AgeGenderError, OptionError, one_line
 from ..files import atomic_path, regular_file, sha256_file
 from .canonical import KEYS, Params, check, check_finite, float32, has_fc, infer_widths, printable
 from .pytorch import canonical_key
@@ -49,8 +49,8 @@ def read_weights(src: str | os.PathLike[str], *, trust_pickle: bool = False, fmt
     fmt = _format(path, fmt)
     if fmt not in _readers():
         other = backbone_for_format(fmt).name
-        raise AgeGenderError(f"{path}: {FORMAT_NAMES[fmt]} of {other} weights, not VGG-Face (use it with "
-                             f"--backbone {other})")
+        raise OptionError(f"{path}: {FORMAT_NAMES[fmt]} of {other} weights, not VGG-Face (use it with "
+                          f"`backbone` {other})", "backbone")
     return _read(path, fmt, trust_pickle, full)[0]
 
 
@@ -174,15 +174,15 @@ def _format(path: Path, fmt: str) -> str:
     by_suffix = _SUFFIXES.get(path.suffix.lower())
     wanted = fmt if fmt != "auto" else by_suffix
     if found is not None and found.fmt and wanted and found.fmt != wanted and (found.strong or fmt == "auto"):
-        said = f"--input-format {fmt} was given" if fmt != "auto" else f"its name says {FORMAT_NAMES[wanted]}"
+        said = f"`fmt` {fmt} was given" if fmt != "auto" else f"its name says {FORMAT_NAMES[wanted]}"
         verb = "is" if found.strong else "looks like"
-        raise AgeGenderError(f"{path}: {verb} {found.what}, though {said}; read it with --input-format {found.fmt}")
+        raise OptionError(f"{path}: {verb} {found.what}, though {said}; read it with `fmt` {found.fmt}", "fmt")
     if wanted:
         return wanted
     if found is not None and found.fmt:
         return found.fmt
-    raise AgeGenderError(f"{path}: unrecognised weights format (expected .t7, .pt/.pth, .mat, .h5, .caffemodel "
-                         f"or .dat; or pass --input-format)")
+    raise OptionError(f"{path}: unrecognised weights format (expected .t7, .pt/.pth, .mat, .h5, .caffemodel "
+                      f"or .dat; or pass `fmt`)", "fmt")
 
 
 def _readers() -> dict[str, Callable[[Path, bool], Params]]:

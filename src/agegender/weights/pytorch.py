@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from ..backbones.vgg_face import VGG16_BLOCKS
-from ..errors import one_line
+from ..errors import OptionError, one_line
 from ..model.vgg import FC_NAMES
-from .canonical import Params, fail, flip_to_bgr, linear_from_conv
+from .canonical import Params, fail, flip_to_bgr, linear_from_conv, printable
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,11 @@ def _load(path: Path, trust_pickle: bool) -> Any:
         safe_error = e
     if not trust_pickle:
         if isinstance(safe_error, pickle.UnpicklingError) and "Unsupported global" in str(safe_error):
-            raise fail(path, "holds a pickled Python object (e.g. a whole nn.Module), and loading it runs code from "
-                             "the file; pass --trust-pickle only if you trust its source") from None
+            raise OptionError(printable(f"{path}: holds a pickled Python object (e.g. a whole nn.Module), and loading "
+                                        "it runs code from the file; pass `trust_pickle` only if you trust its "
+                                        "source"), "trust_pickle") from None
         raise fail(path, f"not a readable PyTorch file ({_torch_reason(safe_error)})") from None
-    log.warning("%s: unpickling with --trust-pickle", path)
+    log.warning("%s: unpickling it, as trust_pickle asks", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e2:  # arbitrary code ran; whatever it raised, report it on one line
