@@ -32,29 +32,52 @@ PROG = "python -m benchmarks"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG,
-                                description="Measure every benchmark figure; write BENCHMARKS.md and bench.json.")
+    p = argparse.ArgumentParser(prog=PROG, description="Measure every benchmark figure; write BENCHMARKS.md and bench.json.")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
-                      help="a reduced version of every figure (1-3 minutes)")
-    mode.add_argument("--tiny", action="store_const", dest="mode", const="tiny",
-                      help="smallest run, tiny channel widths: checks the machinery only (tests)")
-    p.add_argument("--out", default=str(bench_home() / "report"),
-                   help="where BENCHMARKS.md and bench.json go (default: %(default)s; `--out .` rewrites the "
-                        "repository's BENCHMARKS.md)")
-    p.add_argument("--work", default=str(bench_home() / "work"),
-                   help="cache of the generated tree, weights and peer venv (default: %(default)s)")
+    mode.add_argument(
+        "--quick", action="store_const", dest="mode", const="quick", help="a reduced version of every figure (1-3 minutes)"
+    )
+    mode.add_argument(
+        "--tiny",
+        action="store_const",
+        dest="mode",
+        const="tiny",
+        help="smallest run, tiny channel widths: checks the machinery only (tests)",
+    )
+    p.add_argument(
+        "--out",
+        default=str(bench_home() / "report"),
+        help="where BENCHMARKS.md and bench.json go (default: %(default)s; `--out .` rewrites the repository's BENCHMARKS.md)",
+    )
+    p.add_argument(
+        "--work",
+        default=str(bench_home() / "work"),
+        help="cache of the generated tree, weights and peer venv (default: %(default)s)",
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--faces", help="real photos (default: $AGEGENDER_FACES, else ../shared/faces beside the "
-                                   "checkout as the tests find it, else synthetic faces)")
+    p.add_argument(
+        "--faces",
+        help="real photos (default: $AGEGENDER_FACES, else ../shared/faces beside the "
+        "checkout as the tests find it, else synthetic faces)",
+    )
     p.add_argument("--synthetic", action="store_true", help="generated faces even where real photos are found")
     p.add_argument("--no-peer", action="store_true", help=f"skip the {PEER} comparison")
-    p.add_argument("--reuse", nargs="*", metavar="PHASE", choices=[*PHASES, "peer"],
-                   help="keep these phases (none named: all) from --out's bench.json where they succeeded in the "
-                        "same mode, and run the rest; phases that share state are kept or rerun together")
-    p.add_argument("--only", nargs="+", metavar="PHASE", choices=[*PHASES, "peer"],
-                   help="run only the phase groups holding these phases (e.g. --only accuracy); the others are kept "
-                        "from --out's bench.json where it has them in the same mode, else reported as not run")
+    p.add_argument(
+        "--reuse",
+        nargs="*",
+        metavar="PHASE",
+        choices=[*PHASES, "peer"],
+        help="keep these phases (none named: all) from --out's bench.json where they succeeded in the "
+        "same mode, and run the rest; phases that share state are kept or rerun together",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="PHASE",
+        choices=[*PHASES, "peer"],
+        help="run only the phase groups holding these phases (e.g. --only accuracy); the others are kept "
+        "from --out's bench.json where it has them in the same mode, else reported as not run",
+    )
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -82,11 +105,11 @@ def prepare(a: argparse.Namespace, sizes: Sizes, device: str) -> tuple[dict[str,
     tree: Path | None = None
     weights: Path | None = None
     if any(n != "accuracy" for g in selected(a) for n in g):  # figure 7 reads the real photos only
-        tree = build_tree(work / f"tree-{'photos' if photos else 'synthetic'}-{sizes.images}", sizes.images,
-                          spread(photos, sizes.images))
+        tree = build_tree(
+            work / f"tree-{'photos' if photos else 'synthetic'}-{sizes.images}", sizes.images, spread(photos, sizes.images)
+        )
         widths = sizes.widths
-        weights = bench_weights(
-            work / f"vgg-face-bench-{'-'.join(map(str, widths)) if widths else 'vgg16'}.safetensors", widths)
+        weights = bench_weights(work / f"vgg-face-bench-{'-'.join(map(str, widths)) if widths else 'vgg16'}.safetensors", widths)
     photo_paths = [str(p.path) for p in photos]
     lfw = sorted(str(p) for p in (faces / "lfw").glob("*.jpg")) if faces else []
     predict_paths = spread(lfw or photo_paths, sizes.predict_images)
@@ -94,20 +117,40 @@ def prepare(a: argparse.Namespace, sizes: Sizes, device: str) -> tuple[dict[str,
         predict_paths = spread([str(x.path) for x in scan(tree).records], sizes.predict_images)
     sizes_doc = asdict(sizes)
     sizes_doc["hidden"] = list(sizes.hidden or TrainConfig.hidden)
-    ctx: dict[str, Any] = {"tree": tree and str(tree), "weights": weights and str(weights), "work": str(work),
-                           "device": device,
-                           "sizes": sizes_doc, "cache_dir": str(work / f"cache-{a.mode}"),
-                           "run_dir": str(work / f"run-{a.mode}"),
-                           "photos": spread(photo_paths or predict_paths, 2 * sizes.quant_images),
-                           "photo_genders": {str(p.path): p.gender for p in photos},
-                           "predict_paths": predict_paths, "faces": str(faces) if faces else None,
-                           "mode": a.mode, "peer": not a.no_peer}
+    ctx: dict[str, Any] = {
+        "tree": tree and str(tree),
+        "weights": weights and str(weights),
+        "work": str(work),
+        "device": device,
+        "sizes": sizes_doc,
+        "cache_dir": str(work / f"cache-{a.mode}"),
+        "run_dir": str(work / f"run-{a.mode}"),
+        "photos": spread(photo_paths or predict_paths, 2 * sizes.quant_images),
+        "photo_genders": {str(p.path): p.gender for p in photos},
+        "predict_paths": predict_paths,
+        "faces": str(faces) if faces else None,
+        "mode": a.mode,
+        "peer": not a.no_peer,
+    }
     source = f"{len(photos):,} labelled photos from the faces folder" if photos else "synthetic.render_face images"
-    data = (f"an agegender_cleaned-layout tree of {sizes.images:,} {TREE_SIDE}x{TREE_SIDE} JPEGs made from {source}"
-            if tree else "no benchmark tree (this invocation ran figure 7 only, on the real photos)")
-    about = {"faces": faces, "sizes_doc": sizes_doc, "data": data,
-             "predict_set": f"{len(predict_paths)} " + ("LFW photos (evenly spaced through the sorted folder)" if lfw else
-                                                        "photos" if photo_paths else "synthetic tree images")}
+    data = (
+        f"an agegender_cleaned-layout tree of {sizes.images:,} {TREE_SIDE}x{TREE_SIDE} JPEGs made from {source}"
+        if tree
+        else "no benchmark tree (this invocation ran figure 7 only, on the real photos)"
+    )
+    about = {
+        "faces": faces,
+        "sizes_doc": sizes_doc,
+        "data": data,
+        "predict_set": f"{len(predict_paths)} "
+        + (
+            "LFW photos (evenly spaced through the sorted folder)"
+            if lfw
+            else "photos"
+            if photo_paths
+            else "synthetic tree images"
+        ),
+    }
     return ctx, about
 
 
@@ -141,8 +184,7 @@ def run_all(a: argparse.Namespace, ctx: dict[str, Any], stamp: dict[str, str]) -
                 kept = previous.get(name, {})
                 raw[name] = kept if "measured" in kept else {"skipped": f"not run (--only {' '.join(a.only)})"}
             continue
-        reuse = all(name in wanted and "measured" in previous.get(name, {}) and "error" not in previous[name]
-                    for name in group)
+        reuse = all(name in wanted and "measured" in previous.get(name, {}) and "error" not in previous[name] for name in group)
         if i == 1:
             reuse = chain_reused = reuse and Path(previous["train"].get("checkpoint", "")).is_file()
         elif AFTER_TRAIN & set(group):
@@ -181,11 +223,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs = int(PRESETS["default"]["epochs"])
     summary = summarise(raw, epochs)
     sizes_doc = about["sizes_doc"]
-    doc = {**{k: summary[k] for k in TARGETS}, "predict_ratio_vs_peer": summary["predict_ratio_vs_peer"],
-           "summary": summary, "targets": TARGETS, "mode": a.mode, "epochs": epochs,
-           "command": command, "date": stamp["date"], "machine": machine, "sizes": sizes_doc,
-           "hidden": sizes_doc["hidden"], "image_size": TrainConfig.image_size,
-           "data": about["data"], "predict_set": about["predict_set"], "raw": raw}
+    doc = {
+        **{k: summary[k] for k in TARGETS},
+        "predict_ratio_vs_peer": summary["predict_ratio_vs_peer"],
+        "summary": summary,
+        "targets": TARGETS,
+        "mode": a.mode,
+        "epochs": epochs,
+        "command": command,
+        "date": stamp["date"],
+        "machine": machine,
+        "sizes": sizes_doc,
+        "hidden": sizes_doc["hidden"],
+        "image_size": TrainConfig.image_size,
+        "data": about["data"],
+        "predict_set": about["predict_set"],
+        "raw": raw,
+    }
     doc["wall_minutes"] = (time.perf_counter() - started) / 60
     out = Path(a.out)
     write_text_atomic(out / "bench.json", json.dumps(doc, indent=2, default=str))
@@ -197,8 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         sys.exit(main())
     except AgeGenderError as e:

@@ -49,7 +49,8 @@ NO_FACE_RULE = (
     "evaluation aligns the whole frame as the face; the peer's predict_face does the same) and scored like any "
     "other; the 'no face = wrong' column instead counts every such photo as a wrong gender answer. Age MAE is "
     "over every photo with an exact age, whole-frame predictions included. A photo a tool could not read or "
-    "failed on counts as wrong in both columns.")
+    "failed on counts as wrong in both columns."
+)
 
 
 @dataclass
@@ -115,8 +116,17 @@ def load_sets(faces: Path, limit: int, manifests: Path) -> dict[str, PhotoSet]:
 def truth_rows(ps: PhotoSet, paths: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One row per photo (all of ``ps``, or those in ``paths``): path, male (0/1), exact age or None, group, race."""
     keep = None if paths is None else set(paths)
-    return [{"path": str(r.path), "male": r.gender, "age": r.age if ps.name in EXACT_AGES else None,
-             "group": ps.groups[str(r.path)], "race": r.race} for r in ps.records if keep is None or str(r.path) in keep]
+    return [
+        {
+            "path": str(r.path),
+            "male": r.gender,
+            "age": r.age if ps.name in EXACT_AGES else None,
+            "group": ps.groups[str(r.path)],
+            "race": r.race,
+        }
+        for r in ps.records
+        if keep is None or str(r.path) in keep
+    ]
 
 
 # -- scoring (pure) -----------------------------------------------------------------------------
@@ -138,8 +148,11 @@ def _slices(labels: np.ndarray, hit: np.ndarray, err: np.ndarray) -> dict[str, d
     for v in sorted(set(labels.tolist()), key=_order):
         m = labels == v
         e = err[m]
-        out[v] = {"n": int(m.sum()), "accuracy": float(hit[m].mean()),
-                  "mae": float(np.nanmean(e)) if np.isfinite(e).any() else None}
+        out[v] = {
+            "n": int(m.sum()),
+            "accuracy": float(hit[m].mean()),
+            "mae": float(np.nanmean(e)) if np.isfinite(e).any() else None,
+        }
     return out
 
 
@@ -155,39 +168,59 @@ def score(truth: Sequence[dict[str, Any]], preds: dict[str, dict[str, Any]], exa
     hit = y == y_hat
     lo, hi = bootstrap_ci(y, y_hat)
     out: dict[str, Any] = {
-        "images": len(truth), "no_face": sum(g is not None and not g["found"] for g in got),
-        "unscored": sum(g is None for g in got), "accuracy": float(hit.mean()), "accuracy_ci95": [lo, hi],
-        "accuracy_no_face_wrong": float((hit & found).mean())}
-    err = np.array([abs(float(g["age"]) - t["age"]) if g is not None and g.get("age") is not None
-                    and t["age"] is not None else np.nan for t, g in zip(truth, got)])
+        "images": len(truth),
+        "no_face": sum(g is not None and not g["found"] for g in got),
+        "unscored": sum(g is None for g in got),
+        "accuracy": float(hit.mean()),
+        "accuracy_ci95": [lo, hi],
+        "accuracy_no_face_wrong": float((hit & found).mean()),
+    }
+    err = np.array(
+        [
+            abs(float(g["age"]) - t["age"]) if g is not None and g.get("age") is not None and t["age"] is not None else np.nan
+            for t, g in zip(truth, got)
+        ]
+    )
     if exact_ages and np.isfinite(err).any():
         out["mae"], out["age_n"] = float(np.nanmean(err)), int(np.isfinite(err).sum())
     ranges = [group_range(t["group"]) for t in truth]
     if not exact_ages and any(ranges):
-        inside = [r[0] <= round(float(g["age"])) <= r[1] for r, g in zip(ranges, got)
-                  if r is not None and g is not None and g.get("age") is not None]
+        inside = [
+            r[0] <= round(float(g["age"])) <= r[1]
+            for r, g in zip(ranges, got)
+            if r is not None and g is not None and g.get("age") is not None
+        ]
         out["age_group_hit"] = float(np.mean(inside)) if inside else None
-    out["slices"] = {key: _slices(np.array([str(t[key]) for t in truth]), hit, err)
-                     for key in ("group", "race") if any(t[key] not in (None, "", "unknown") for t in truth)}
+    out["slices"] = {
+        key: _slices(np.array([str(t[key]) for t in truth]), hit, err)
+        for key in ("group", "race")
+        if any(t[key] not in (None, "", "unknown") for t in truth)
+    }
     return out
 
 
 def ours_preds(pred: Any, found: dict[str, bool]) -> dict[str, dict[str, Any]]:
     """evaluate's per-photo Predictions as :func:`score` reads them (P(male) >= 0.5 is male, as the report)."""
     ages = pred.age_pred if pred.age_pred is not None else [None] * len(pred.paths)
-    return {p: {"male": int(pm >= 0.5), "age": None if a is None else float(a), "found": found.get(p, True)}
-            for p, pm, a in zip(pred.paths, pred.p_male, ages)}
+    return {
+        p: {"male": int(pm >= 0.5), "age": None if a is None else float(a), "found": found.get(p, True)}
+        for p, pm, a in zip(pred.paths, pred.p_male, ages)
+    }
 
 
 def peer_preds(peer: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {p: {"male": r["male"], "age": r["age"], "found": r["faces"] > 0}
-            for p, r in peer.get("rows", {}).items() if "error" not in r}
+    return {
+        p: {"male": r["male"], "age": r["age"], "found": r["faces"] > 0}
+        for p, r in peer.get("rows", {}).items()
+        if "error" not in r
+    }
 
 
-def _pair(truth: list[dict[str, Any]], ours: dict[str, dict[str, Any]], peer: dict[str, Any], exact: bool
-          ) -> dict[str, Any]:
-    return {"ours": score(truth, ours, exact),
-            "peer": score(truth, peer_preds(peer), exact) if "rows" in peer else {"error": peer.get("error")}}
+def _pair(truth: list[dict[str, Any]], ours: dict[str, dict[str, Any]], peer: dict[str, Any], exact: bool) -> dict[str, Any]:
+    return {
+        "ours": score(truth, ours, exact),
+        "peer": score(truth, peer_preds(peer), exact) if "rows" in peer else {"error": peer.get("error")},
+    }
 
 
 # -- judging (pure) -----------------------------------------------------------------------------
@@ -206,14 +239,14 @@ def _gender_row(key: str, label: str, x: dict[str, Any]) -> dict[str, Any]:
         why = x.get("error") or peer.get("error") or ours.get("error") or "not measured"
         return {"key": f"gender:{key}", "target": target, "value": f"not measured: {why}", "met": None}
     a, b = (ours[k] - peer[k] for k in ("accuracy", "accuracy_no_face_wrong"))
-    value = (f"{ours['accuracy']:.3f} vs {peer['accuracy']:.3f} ({a:+.3f}); no face = wrong: "
-             f"{ours['accuracy_no_face_wrong']:.3f} vs {peer['accuracy_no_face_wrong']:.3f} ({b:+.3f})")
-    return {"key": f"gender:{key}", "target": target + " (both scorings)", "value": value,
-            "met": a >= margin and b >= margin}
+    value = (
+        f"{ours['accuracy']:.3f} vs {peer['accuracy']:.3f} ({a:+.3f}); no face = wrong: "
+        f"{ours['accuracy_no_face_wrong']:.3f} vs {peer['accuracy_no_face_wrong']:.3f} ({b:+.3f})"
+    )
+    return {"key": f"gender:{key}", "target": target + " (both scorings)", "value": value, "met": a >= margin and b >= margin}
 
 
-def _threshold_row(key: str, target: str, value: float | None, goal: float, higher: bool, why: str,
-                   fmt: str) -> dict[str, Any]:
+def _threshold_row(key: str, target: str, value: float | None, goal: float, higher: bool, why: str, fmt: str) -> dict[str, Any]:
     if value is None:
         return {"key": key, "target": target, "value": f"not measured: {why}", "met": None}
     return {"key": key, "target": target, "value": format(value, fmt), "met": value >= goal if higher else value <= goal}
@@ -224,22 +257,54 @@ def judge(r: dict[str, Any]) -> list[dict[str, Any]]:
     t = ACCURACY_TARGETS
     rows = [_gender_row(key, label, x) for key, label, x in compared(r)]
     ff = r.get("cross", {}).get("fairface", {})
-    rows.append(_threshold_row("fairface_gender", f"gender accuracy >= {t['fairface_gender']:.2f} on FairFace (held out)",
-                               ff.get("ours", {}).get("accuracy"), t["fairface_gender"], True,
-                               ff.get("error", "FairFace not evaluated"), ".3f"))
+    rows.append(
+        _threshold_row(
+            "fairface_gender",
+            f"gender accuracy >= {t['fairface_gender']:.2f} on FairFace (held out)",
+            ff.get("ours", {}).get("accuracy"),
+            t["fairface_gender"],
+            True,
+            ff.get("error", "FairFace not evaluated"),
+            ".3f",
+        )
+    )
     dom = r.get("in_domain", {})
-    rows.append(_threshold_row("utkface_age_mae", f"UTKFace age MAE <= {t['utkface_age_mae']} years (in-domain test)",
-                               dom.get("ours", {}).get("mae"), t["utkface_age_mae"], False,
-                               dom.get("error") or dom.get("skipped") or "UTKFace not trained", ".2f"))
+    rows.append(
+        _threshold_row(
+            "utkface_age_mae",
+            f"UTKFace age MAE <= {t['utkface_age_mae']} years (in-domain test)",
+            dom.get("ours", {}).get("mae"),
+            t["utkface_age_mae"],
+            False,
+            dom.get("error") or dom.get("skipped") or "UTKFace not trained",
+            ".2f",
+        )
+    )
     d = r.get("speed", {}).get("descriptor", {})
-    rows.append(_threshold_row("descriptor", f"descriptor >= {t['descriptor_ratio']:.0f}x dlib-bin's "
-                               "compute_face_descriptor", d.get("ratio"), t["descriptor_ratio"], True,
-                               d.get("error", "not measured"), ".1f"))
+    rows.append(
+        _threshold_row(
+            "descriptor",
+            f"descriptor >= {t['descriptor_ratio']:.0f}x dlib-bin's compute_face_descriptor",
+            d.get("ratio"),
+            t["descriptor_ratio"],
+            True,
+            d.get("error", "not measured"),
+            ".1f",
+        )
+    )
     for name in SPEED_SETS:
         p = r.get("speed", {}).get("predict", {}).get(name, {})
-        rows.append(_threshold_row(f"predict:{name}", f"predict >= {t['predict_ratio_vs_peer']:.0f}x {PEER}'s "
-                                   f"images/s on {name}", p.get("ratio"), t["predict_ratio_vs_peer"], True,
-                                   p.get("error", "not measured"), ".2f"))
+        rows.append(
+            _threshold_row(
+                f"predict:{name}",
+                f"predict >= {t['predict_ratio_vs_peer']:.0f}x {PEER}'s images/s on {name}",
+                p.get("ratio"),
+                t["predict_ratio_vs_peer"],
+                True,
+                p.get("error", "not measured"),
+                ".2f",
+            )
+        )
     return rows
 
 
@@ -247,8 +312,7 @@ def judge(r: dict[str, Any]) -> list[dict[str, Any]]:
 def _config(data: str | tuple[str, ...], out: Path, cache: Path) -> Any:
     from agegender.train.config import TrainConfig
 
-    return TrainConfig.from_preset("default", data=data, out=str(out), backbone=BACKBONE, cache_dir=str(cache),
-                                   progress=False)
+    return TrainConfig.from_preset("default", data=data, out=str(out), backbone=BACKBONE, cache_dir=str(cache), progress=False)
 
 
 def features_bank(sets: dict[str, PhotoSet], cache: Path) -> tuple[Any, dict[str, Any]]:
@@ -263,8 +327,19 @@ def features_bank(sets: dict[str, PhotoSet], cache: Path) -> tuple[Any, dict[str
     bank, timing = FeatureBank(), {}
     for name, ps in sets.items():
         start = time.perf_counter()
-        fs = cached_features(model, ps.records, pre, cache, weights_sha256=sha, bf16=cfg.bf16, frame=photo_framer(pre),
-                             batch_size=max(cfg.batch_size, 64), workers=cfg.workers, device=cfg.device, progress=False)
+        fs = cached_features(
+            model,
+            ps.records,
+            pre,
+            cache,
+            weights_sha256=sha,
+            bf16=cfg.bf16,
+            frame=photo_framer(pre),
+            batch_size=max(cfg.batch_size, 64),
+            workers=cfg.workers,
+            device=cfg.device,
+            progress=False,
+        )
         timing[name] = {"images": len(ps.records), "seconds": time.perf_counter() - start, "from_cache": fs.cached}
         bank.add(ps.records, fs)
     return bank, timing
@@ -285,16 +360,23 @@ def train_one(data: str | tuple[str, ...], out: Path, cache: Path, bank: Any) ->
 
     start = time.perf_counter()
     run = fit(_config(data, out, cache), features=source)
-    info = {"fit_seconds": time.perf_counter() - start, "train_images": run.report["protocol"]["splits"]["train"]["images"],
-            "features": "per-set extraction (cache hit)" if all(covered) and covered else "extracted by fit",
-            "checkpoint": str(run.checkpoint)}
+    info = {
+        "fit_seconds": time.perf_counter() - start,
+        "train_images": run.report["protocol"]["splits"]["train"]["images"],
+        "features": "per-set extraction (cache hit)" if all(covered) and covered else "extracted by fit",
+        "checkpoint": str(run.checkpoint),
+    }
     return run, Predictions.load_csv(run.run.report.predictions), info
 
 
 def _report_summary(rep: dict[str, Any], exact: bool) -> dict[str, Any]:
     g = rep["gender"]
-    out = {"n": g["n"], "accuracy": g["accuracy"], "accuracy_ci95": g["accuracy_ci95"],
-           "skipped": rep["protocol"].get("skipped", {}).get("count", 0)}
+    out = {
+        "n": g["n"],
+        "accuracy": g["accuracy"],
+        "accuracy_ci95": g["accuracy_ci95"],
+        "skipped": rep["protocol"].get("skipped", {}).get("count", 0),
+    }
     if exact and "age" in rep:
         out["mae"] = rep["age"]["mae"]
     return out
@@ -320,8 +402,12 @@ def held_out(sets: dict[str, PhotoSet], held: str, work: Path, bank: Any) -> Pen
     evaluation = run.run.evaluation(held)
     evaluate_model(run.run, data=sets[held].data, subset="all", out=str(evaluation.path))
     rep = json.loads(evaluation.json.read_text())
-    out = {"trained_on": others, **info, "eval_seconds": time.perf_counter() - start,
-           "report": _report_summary(rep, held in EXACT_AGES)}
+    out = {
+        "trained_on": others,
+        **info,
+        "eval_seconds": time.perf_counter() - start,
+        "report": _report_summary(rep, held in EXACT_AGES),
+    }
     return out, truth_rows(sets[held]), Predictions.load_csv(evaluation.predictions), held in EXACT_AGES
 
 
@@ -364,8 +450,9 @@ def descriptor_speed(faces: Path, chips: int, reps: int) -> dict[str, Any]:
 
 
 # -- the phase ----------------------------------------------------------------------------------
-def _train_all(sets: dict[str, PhotoSet], work: Path, found: Future[dict[str, bool]],
-               peer: Future[dict[str, Any]]) -> dict[str, Any]:
+def _train_all(
+    sets: dict[str, PhotoSet], work: Path, found: Future[dict[str, bool]], peer: Future[dict[str, Any]]
+) -> dict[str, Any]:
     """Every run, then (once the peer's pass and the face census are in) every score."""
     bank, timing = features_bank(sets, work / "cache")
     runs = {"in_domain": in_domain(sets[IN_DOMAIN], work, bank)} if IN_DOMAIN in sets else {}
@@ -399,15 +486,24 @@ def phase_accuracy(ctx: dict[str, Any]) -> dict[str, Any]:
         found = pool.submit(face_found, paths, 1)
         result = _train_all(sets, work, found, peer)
         peer_doc = peer.result()
-    result.update({
-        "sets": {n: {"images": len(ps.records), "of": ps.total, "data": ps.data} for n, ps in sets.items()},
-        "subsample": s["accuracy_images"], "peer_version": peer_doc.get("version"), "peer_error": peer_doc.get("error"),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "no_face_rule": NO_FACE_RULE,
-        "accuracy_minutes": (time.perf_counter() - started) / 60})
+    result.update(
+        {
+            "sets": {n: {"images": len(ps.records), "of": ps.total, "data": ps.data} for n, ps in sets.items()},
+            "subsample": s["accuracy_images"],
+            "peer_version": peer_doc.get("version"),
+            "peer_error": peer_doc.get("error"),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "no_face_rule": NO_FACE_RULE,
+            "accuracy_minutes": (time.perf_counter() - started) / 60,
+        }
+    )
     model = next((x["checkpoint"] for x in (result["in_domain"], *result["cross"].values()) if "checkpoint" in x), None)
-    result["speed"] = {"descriptor": descriptor_speed(faces, s["descriptor_chips"], s["descriptor_reps"]),
-                       "predict": predict_vs_peer(Path(model), faces, s["speed_images"], s["speed_reps"], venv)
-                       if model else {"error": "no trained model"}}
+    result["speed"] = {
+        "descriptor": descriptor_speed(faces, s["descriptor_chips"], s["descriptor_reps"]),
+        "predict": predict_vs_peer(Path(model), faces, s["speed_images"], s["speed_reps"], venv)
+        if model
+        else {"error": "no trained model"},
+    }
     result["targets"] = judge(result)
     result["wall_minutes"] = (time.perf_counter() - started) / 60
     return result

@@ -42,26 +42,38 @@ def cli_latency(photo: Path, reps: int) -> dict[str, Any]:
             runs[name].append(time.perf_counter() - start)
             if proc.returncode != 0:
                 raise SystemExit(f"agegender {' '.join(args)} failed: {proc.stderr.strip()[-300:]}")
-    return {"reps": reps, "help_runs": runs["help"], "predict_runs": runs["predict"],
-            "help_seconds": median(runs["help"]), "one_photo_seconds": median(runs["predict"])}
+    return {
+        "reps": reps,
+        "help_runs": runs["help"],
+        "predict_runs": runs["predict"],
+        "help_seconds": median(runs["help"]),
+        "one_photo_seconds": median(runs["predict"]),
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
     cli, speed = result["cli"], result["predict"]
-    lines = ["## 8. The bundled model, as the default install runs it", "",
-             f"Measured with `python -m benchmarks.bundled` on {result['machine']}; medians of interleaved runs.", "",
-             "| figure | target | measured |", "|---|---|---|",
-             f"| `agegender --help`, fresh process | ≤ {TARGETS['help_seconds']} s | {cli['help_seconds']:.2f} s |",
-             f"| `agegender predict PHOTO`, fresh process, one LFW photo | ≤ {TARGETS['one_photo_seconds']} s "
-             f"| {cli['one_photo_seconds']:.2f} s |"]
+    lines = [
+        "## 8. The bundled model, as the default install runs it",
+        "",
+        f"Measured with `python -m benchmarks.bundled` on {result['machine']}; medians of interleaved runs.",
+        "",
+        "| figure | target | measured |",
+        "|---|---|---|",
+        f"| `agegender --help`, fresh process | ≤ {TARGETS['help_seconds']} s | {cli['help_seconds']:.2f} s |",
+        f"| `agegender predict PHOTO`, fresh process, one LFW photo | ≤ {TARGETS['one_photo_seconds']} s "
+        f"| {cli['one_photo_seconds']:.2f} s |",
+    ]
     for name, row in speed.items():
         if not isinstance(row, dict) or "ours_images_per_second" not in row:
             continue
         peer = row.get("peer_images_per_second")
         ratio = row.get("ratio")
-        lines.append(f"| predict on {row['images']} {name} photos: ours / peer images per second | ≥ "
-                     f"{TARGETS['ratio_vs_peer']}× | {row['ours_images_per_second']:.1f} / "
-                     f"{'–' if peer is None else f'{peer:.1f}'} = {'–' if ratio is None else f'{ratio:.2f}×'} |")
+        lines.append(
+            f"| predict on {row['images']} {name} photos: ours / peer images per second | ≥ "
+            f"{TARGETS['ratio_vs_peer']}× | {row['ours_images_per_second']:.1f} / "
+            f"{'–' if peer is None else f'{peer:.1f}'} = {'–' if ratio is None else f'{ratio:.2f}×'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -81,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     photo = sorted((a.faces / "lfw").glob("*.jpg"))[0]
-    result = {"machine": f"{_cpu_name()}, {os.cpu_count()} logical cores, load {loadavg()}",
-              "cli": cli_latency(photo, max(5, a.reps)),
-              "predict": predict_vs_peer(bundled_model(), a.faces, a.photos, a.reps, a.peer_venv)}
+    result = {
+        "machine": f"{_cpu_name()}, {os.cpu_count()} logical cores, load {loadavg()}",
+        "cli": cli_latency(photo, max(5, a.reps)),
+        "predict": predict_vs_peer(bundled_model(), a.faces, a.photos, a.reps, a.peer_venv),
+    }
     a.out.write_text(json.dumps(result, indent=2, default=str))
     if a.md:
         a.md.write_text(markdown(result))

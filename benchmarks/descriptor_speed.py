@@ -51,8 +51,16 @@ def product_descriptor(dat: Path, bf16: bool) -> tuple[Callable[[torch.Tensor], 
     from agegender.train.config import TrainConfig
     from agegender.train.loop import build_model
 
-    cfg = TrainConfig.from_preset("default", data="", backbone="dlib-resnet", weights=str(dat),
-                                  feature_layer="descriptor", age_head="none", hidden=(8,), progress=False)
+    cfg = TrainConfig.from_preset(
+        "default",
+        data="",
+        backbone="dlib-resnet",
+        weights=str(dat),
+        feature_layer="descriptor",
+        age_head="none",
+        hidden=(8,),
+        progress=False,
+    )
     model, pre, _ = build_model(cfg)
     return feature_extractor(model.eval(), bf16, "cpu", in_place=True), pre
 
@@ -65,8 +73,9 @@ def _torch_runner(dat: Path, chips: np.ndarray, bf16: bool, threads: int, batch:
         torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
-                out = [features(pre.normalize(torch.from_numpy(chips[i:i + batch]))).float()
-                       for i in range(0, len(chips), batch)]
+                out = [
+                    features(pre.normalize(torch.from_numpy(chips[i : i + batch]))).float() for i in range(0, len(chips), batch)
+                ]
         finally:
             torch.set_num_threads(before)
         return torch.cat(out).numpy()

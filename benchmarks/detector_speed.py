@@ -30,8 +30,12 @@ def centred(boxes: Sequence[Box], height: int, width: int, tolerance: float = 0.
 
     The test in tests/test_detect.py, so that the numbers compare with the Haar ones measured there.
     """
-    return any(abs(x + w / 2 - width / 2) < tolerance * width and abs(y + h / 2 - height / 2) < tolerance * height
-               and 0.2 < w / width < 0.8 for x, y, w, h in boxes)
+    return any(
+        abs(x + w / 2 - width / 2) < tolerance * width
+        and abs(y + h / 2 - height / 2) < tolerance * height
+        and 0.2 < w / width < 0.8
+        for x, y, w, h in boxes
+    )
 
 
 def measure(images: Sequence[np.ndarray], detectors: Mapping[str, Detect]) -> dict[str, dict[str, float]]:
@@ -49,15 +53,22 @@ def measure(images: Sequence[np.ndarray], detectors: Mapping[str, Detect]) -> di
     times: dict[str, list[float]] = {n: [] for n in names}
     for k, image in enumerate(images):
         h, w = image.shape[:2]
-        for name in names[k % len(names):] + names[:k % len(names)]:
+        for name in names[k % len(names) :] + names[: k % len(names)]:
             start = time.perf_counter()
             boxes = detectors[name](image)
             times[name].append(time.perf_counter() - start)
             hits[name] += bool(boxes)
             central[name] += centred(boxes, h, w)
     n = len(images)
-    return {name: {"hit_rate": hits[name] / n, "centred_rate": central[name] / n,
-                   "ms": 1000 * statistics.median(times[name]), "images": n} for name in names}
+    return {
+        name: {
+            "hit_rate": hits[name] / n,
+            "centred_rate": central[name] / n,
+            "ms": 1000 * statistics.median(times[name]),
+            "images": n,
+        }
+        for name in names
+    }
 
 
 def haar_detector(scale_factor: float = 1.1, min_neighbors: int = 2, min_size: int = 40, shrink: bool = True) -> Detect:
@@ -80,8 +91,9 @@ def haar_detector(scale_factor: float = 1.1, min_neighbors: int = 2, min_size: i
         if scale != 1.0:
             h, w = gray.shape
             gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
-        found = cascade.detectMultiScale(cv2.equalizeHist(gray), scaleFactor=scale_factor,
-                                         minNeighbors=min_neighbors, minSize=(round(min_size * scale),) * 2)
+        found = cascade.detectMultiScale(
+            cv2.equalizeHist(gray), scaleFactor=scale_factor, minNeighbors=min_neighbors, minSize=(round(min_size * scale),) * 2
+        )
         return [tuple(float(v) / scale for v in box) for box in found]
 
     return detect
@@ -136,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sets = {
         "FairFace": sorted((args.faces / "fairface").glob("*.jpg")),
         "WIKI": sorted((args.faces / "wiki").rglob("*.jpg")),
-        "LFW": sorted((args.faces / "lfw").glob("*.jpg"))[:args.lfw],
+        "LFW": sorted((args.faces / "lfw").glob("*.jpg"))[: args.lfw],
     }
     print("| set | images | detector | a face | a centred face | ms / image |")
     print("|---|---:|---|---:|---:|---:|")
@@ -144,8 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not files:
             continue
         for name, row in measure(load(files), detectors).items():
-            print(f"| {set_name} | {row['images']} | {name} | {100 * row['hit_rate']:.1f}% "
-                  f"| {100 * row['centred_rate']:.1f}% | {row['ms']:.1f} |", flush=True)
+            print(
+                f"| {set_name} | {row['images']} | {name} | {100 * row['hit_rate']:.1f}% "
+                f"| {100 * row['centred_rate']:.1f}% | {row['ms']:.1f} |",
+                flush=True,
+            )
     return 0
 
 

@@ -71,9 +71,11 @@ GROW = 1.6  # a face box grown this much (about its centre) covers the hair, ear
 SURE_FACE = 0.9  # a RetinaFace box at or above this score is taken for a face (painted out; moved with a hard copy)
 TILE_PX = 24
 REVIEW = Path(__file__).with_name("face_free_review.json")
-RULE = ("the threshold with the fewest misses plus false positives, each per image of its own set (the miss rate "
-        "over every labelled face, portraits and hard copies alike, plus the false positives per face-free image); a "
-        "tie goes to the lower threshold")
+RULE = (
+    "the threshold with the fewest misses plus false positives, each per image of its own set (the miss rate "
+    "over every labelled face, portraits and hard copies alike, plus the false positives per face-free image); a "
+    "tie goes to the lower threshold"
+)
 
 Box = tuple[float, float, float, float, float]  # x, y, w, h, score
 Rect = tuple[float, float, float, float]  # x1, y1, x2, y2
@@ -108,8 +110,9 @@ def face_found(image: Scanned, t: float, min_face: float) -> bool:
     return image.target is not None and any(contains(b, image.target) for b in kept(image.boxes, t, min_face))
 
 
-def sweep(faces: Sequence[Scanned], free: Sequence[Scanned], min_face: float,
-          thresholds: Sequence[float] = THRESHOLDS) -> list[dict[str, Any]]:
+def sweep(
+    faces: Sequence[Scanned], free: Sequence[Scanned], min_face: float, thresholds: Sequence[float] = THRESHOLDS
+) -> list[dict[str, Any]]:
     """Per threshold: misses by kind, other boxes on the portraits, false positives on the face-free images by source."""
     rows = []
     for t in thresholds:
@@ -127,9 +130,21 @@ def sweep(faces: Sequence[Scanned], free: Sequence[Scanned], min_face: float,
             fp += n
             fp_images += n > 0
             fp_by[f.kind] = fp_by.get(f.kind, 0) + n
-        rows.append({"threshold": t, "faces": len(faces), "misses": misses, "miss_rate": misses / max(1, len(faces)),
-                     "other_boxes": other, "free_images": len(free), "false_positives": fp, "fp_images": fp_images,
-                     "fp_per_image": fp / max(1, len(free)), "misses_by_kind": miss_by, "fp_by_source": fp_by})
+        rows.append(
+            {
+                "threshold": t,
+                "faces": len(faces),
+                "misses": misses,
+                "miss_rate": misses / max(1, len(faces)),
+                "other_boxes": other,
+                "free_images": len(free),
+                "false_positives": fp,
+                "fp_images": fp_images,
+                "fp_per_image": fp / max(1, len(free)),
+                "misses_by_kind": miss_by,
+                "fp_by_source": fp_by,
+            }
+        )
     return rows
 
 
@@ -153,8 +168,9 @@ def split_counts(total: int, shares: dict[str, float], available: dict[str, int]
     return {k: min(n, available[k]) for k, n in counts.items()}
 
 
-def pick(files: dict[str, list[Path]], counts: dict[str, int], rng: np.random.Generator,
-         taken: Collection[Path] = ()) -> list[tuple[str, Path]]:
+def pick(
+    files: dict[str, list[Path]], counts: dict[str, int], rng: np.random.Generator, taken: Collection[Path] = ()
+) -> list[tuple[str, Path]]:
     """A seeded sample of ``counts[name]`` files of each set, none of them in ``taken``."""
     taken = set(taken)
     out = []
@@ -186,11 +202,11 @@ def shuffle_tiles(rgb: np.ndarray, rng: np.random.Generator, tile_px: int = TILE
     tile = min(h, w) // grid
     side = tile * grid
     top, left = (h - side) // 2, (w - side) // 2
-    square = rgb[top:top + side, left:left + side]
-    tiles = [square[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(grid) for c in range(grid)]
+    square = rgb[top : top + side, left : left + side]
+    tiles = [square[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] for r in range(grid) for c in range(grid)]
     order = rng.permutation(len(tiles))
     turned = [np.rot90(tiles[i], int(rng.integers(4))) for i in order]
-    rows = [np.concatenate(turned[r * grid:(r + 1) * grid], axis=1) for r in range(grid)]
+    rows = [np.concatenate(turned[r * grid : (r + 1) * grid], axis=1) for r in range(grid)]
     return np.ascontiguousarray(np.concatenate(rows, axis=0))
 
 
@@ -207,12 +223,11 @@ def paint_out(rgb: np.ndarray, rects: Sequence[Rect]) -> np.ndarray:
     fill = rgb.reshape(-1, 3).mean(axis=0).round().astype(np.uint8)
     h, w = rgb.shape[:2]
     for x1, y1, x2, y2 in rects:
-        out[max(0, math.floor(y1)):min(h, math.ceil(y2)), max(0, math.floor(x1)):min(w, math.ceil(x2))] = fill
+        out[max(0, math.floor(y1)) : min(h, math.ceil(y2)), max(0, math.floor(x1)) : min(w, math.ceil(x2))] = fill
     return out
 
 
-def harder(rgb: np.ndarray, face: Sequence[float], kind: str, rng: np.random.Generator
-           ) -> tuple[np.ndarray, tuple[float, float]]:
+def harder(rgb: np.ndarray, face: Sequence[float], kind: str, rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float]]:
     """A harder copy of a portrait whose face is ``face`` (x, y, w, h), and the point a detection must cover."""
     import cv2
 
@@ -236,8 +251,7 @@ def harder(rgb: np.ndarray, face: Sequence[float], kind: str, rng: np.random.Gen
             bottom = round(y + keep * h)
         vx1, vy1 = max(x, left), max(y, top)
         vx2, vy2 = min(x + w, right), min(y + h, bottom)
-        return (np.ascontiguousarray(rgb[top:bottom, left:right]),
-                ((vx1 + vx2) / 2 - left, (vy1 + vy2) / 2 - top))
+        return (np.ascontiguousarray(rgb[top:bottom, left:right]), ((vx1 + vx2) / 2 - left, (vy1 + vy2) / 2 - top))
     if kind == "blurred":
         return cv2.GaussianBlur(rgb, (0, 0), rng.uniform(0.03, 0.08) * h), centre
     if kind == "dark":
@@ -267,8 +281,9 @@ class Scanner:
         h, w = rgb.shape[:2]
         found = self.net.detect(rgb)
         subject = choose_subject([d for d in found if d.score > THRESHOLDS[0]], h, w)
-        rects = [grown((subject.x, subject.y, subject.w, subject.h)) if subject is not None
-                 else (0.3 * w, 0.3 * h, 0.7 * w, 0.7 * h)]
+        rects = [
+            grown((subject.x, subject.y, subject.w, subject.h)) if subject is not None else (0.3 * w, 0.3 * h, 0.7 * w, 0.7 * h)
+        ]
         rects += [grown((d.x, d.y, d.w, d.h)) for d in found if d.score >= SURE_FACE]
         rects += [grown((b.x, b.y, b.w, b.h)) for b in self.haar.detect(rgb)]
         return rects
@@ -300,7 +315,8 @@ def make(item: Item, scanner: Scanner) -> tuple[np.ndarray, tuple[float, float] 
     makers: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "background": lambda im: paint_out(im, scanner.faces_to_paint(im)),
         "phase": lambda im: phase_scramble(im, rng),
-        "tiles": lambda im: shuffle_tiles(im, rng)}
+        "tiles": lambda im: shuffle_tiles(im, rng),
+    }
     return makers[item.kind](rgb), None
 
 
@@ -318,8 +334,9 @@ def face_free_items(files: dict[str, list[Path]], n: int, seed: int, taken: Coll
     return items
 
 
-def measure(faces: Path, photos: int, free: int, seed: int, threads: int = 1
-            ) -> tuple[list[Scanned], list[Scanned], dict[str, Item], Scanner]:
+def measure(
+    faces: Path, photos: int, free: int, seed: int, threads: int = 1
+) -> tuple[list[Scanned], list[Scanned], dict[str, Item], Scanner]:
     """Scan the portraits, their hard copies and the face-free images; also how to make each one again."""
     from agegender.errors import AgeGenderError
 
@@ -327,8 +344,9 @@ def measure(faces: Path, photos: int, free: int, seed: int, threads: int = 1
     if not files:
         raise AgeGenderError(f"{faces}: none of {', '.join(PHOTO_SHARES)} is there")
     scanner = Scanner(threads)
-    sample = pick(files, split_counts(photos, PHOTO_SHARES, {k: len(v) for k, v in files.items()}),
-                  np.random.default_rng([seed, 1]))
+    sample = pick(
+        files, split_counts(photos, PHOTO_SHARES, {k: len(v) for k, v in files.items()}), np.random.default_rng([seed, 1])
+    )
     labelled: list[Scanned] = []
     items: dict[str, Item] = {}
     for i, (source, path) in enumerate(sample):
@@ -357,15 +375,15 @@ def measure(faces: Path, photos: int, free: int, seed: int, threads: int = 1
     return labelled, scanned_free, items, scanner
 
 
-def reviewed(free: Sequence[Scanned], review: dict[str, Any], min_face: float
-             ) -> tuple[list[Scanned], list[str], list[str]]:
+def reviewed(free: Sequence[Scanned], review: dict[str, Any], min_face: float) -> tuple[list[Scanned], list[str], list[str]]:
     """The face-free images less those the review found a face in; the names left out, and those with a box
     that counts (above the lowest threshold swept, ``min_face`` or more) that nobody reviewed."""
     with_face = set(review.get("holds_a_face", {}))
     looked = with_face | set(review.get("no_face", {}))
     kept_images = [f for f in free if f.name not in with_face]
-    unreviewed = [f.name for f in kept_images if f.kind == "background" and f.name not in looked
-                  and kept(f.boxes, THRESHOLDS[0], min_face)]
+    unreviewed = [
+        f.name for f in kept_images if f.kind == "background" and f.name not in looked and kept(f.boxes, THRESHOLDS[0], min_face)
+    ]
     return kept_images, sorted(with_face & {f.name for f in free}), unreviewed
 
 
@@ -391,11 +409,13 @@ def markdown(result: dict[str, Any]) -> str:
     sets = ", ".join(f"{n:,} {k}" for k, n in sorted(result["face_counts"].items(), key=lambda kv: order.index(kv[0])))
     sources = ", ".join(f"{n} {k}" for k, n in result["free_counts"].items())
     lines = [
-        "## 9. RetinaFace's score threshold: misses and false positives", "",
+        "## 9. RetinaFace's score threshold: misses and false positives",
+        "",
         f"Measured with `{result['command']}` ({result['seconds']:.0f} s on {result['machine']}): the bundled "
         f"RetinaFace as `predict` runs it (`max_side` 640, faces under {result['min_face']} px dropped), seed "
         f"{result['seed']}. How the images are made, and why one pass gives the count at every threshold exactly: "
-        "the docstring of `benchmarks/detector_threshold.py`.", "",
+        "the docstring of `benchmarks/detector_threshold.py`.",
+        "",
         f"- Misses: {result['faces']:,} labelled faces ({sets}): the photos as they are, and each photo once more "
         "shrunk to a 48-80 px face, cut by the border, blurred or darkened. A miss is a face that no box above the "
         "threshold covers (its centre). *Other boxes* are boxes elsewhere on the portraits: bystanders or false "
@@ -405,26 +425,29 @@ def markdown(result: dict[str, Any]) -> str:
         f"turned 24 px tiles. Every box on them counts. {len(result['left_out'])} painted photos that a person found "
         f"still holding a face (a bystander in profile, blurred or cut by the border) are left out; "
         f"{len(result['unreviewed'])} with boxes were not reviewed (their boxes count).",
-        f"- Rule: {RULE}.", "",
+        f"- Rule: {RULE}.",
+        "",
         "| threshold | misses: portraits / small / partial / blurred / dark | miss rate | other boxes on the portraits "
         "| false positives: background / phase / tiles | false positives per face-free image | face-free images "
         "with one |",
-        "|---:|---|---:|---:|---|---:|---:|"]
+        "|---:|---|---:|---:|---|---:|---:|",
+    ]
     for r in rows:
         mark = "**" if r["threshold"] == chosen["threshold"] else ""
         by = r["misses_by_kind"]
         portraits = sum(by.get(k, 0) for k in PHOTO_SHARES)
         misses = " / ".join(str(v) for v in [portraits, *(by.get(k, 0) for k in HARD)])
         fps = " / ".join(str(r["fp_by_source"].get(k, 0)) for k in FREE_SHARES)
-        lines.append(f"| {mark}{r['threshold']:.2f}{mark} | {r['misses']} = {misses} | {100 * r['miss_rate']:.2f}% "
-                     f"| {r['other_boxes']} | {r['false_positives']} = {fps} | {r['fp_per_image']:.4f} "
-                     f"| {r['fp_images']} |")
+        lines.append(
+            f"| {mark}{r['threshold']:.2f}{mark} | {r['misses']} = {misses} | {100 * r['miss_rate']:.2f}% "
+            f"| {r['other_boxes']} | {r['false_positives']} = {fps} | {r['fp_per_image']:.4f} "
+            f"| {r['fp_images']} |"
+        )
     lines += ["", f"Chosen: **{chosen['threshold']:.2f}**."]
     return "\n".join(lines) + "\n"
 
 
-def review_sheet(items: Sequence[tuple[str, np.ndarray, Box | None]], dest: Path, cell: int = 200,
-                 columns: int = 6) -> None:
+def review_sheet(items: Sequence[tuple[str, np.ndarray, Box | None]], dest: Path, cell: int = 200, columns: int = 6) -> None:
     """A contact sheet: each image around its box (twice the box's size, else whole), the box in red, a label."""
     from PIL import Image, ImageDraw
 
@@ -440,21 +463,36 @@ def review_sheet(items: Sequence[tuple[str, np.ndarray, Box | None]], dest: Path
             x, y, w, h, _ = box
             m = max(w, h)
             x1, y1 = max(0, int(x - m)), max(0, int(y - m))
-            rgb = rgb[y1:max(y1 + 1, int(y + h + m)), x1:max(x1 + 1, int(x + w + m))]
+            rgb = rgb[y1 : max(y1 + 1, int(y + h + m)), x1 : max(x1 + 1, int(x + w + m))]
         im = Image.fromarray(np.ascontiguousarray(rgb))
         scale = cell / max(im.size)
         sheet.paste(im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale)))), (ox, oy))
         if box is not None:
             x, y, w, h, _ = box
-            draw.rectangle([ox + max(0, (x - x1) * scale), oy + max(0, (y - y1) * scale),
-                            ox + min(cell - 1, (x + w - x1) * scale), oy + min(cell - 1, (y + h - y1) * scale)],
-                           outline="red", width=2)
+            draw.rectangle(
+                [
+                    ox + max(0, (x - x1) * scale),
+                    oy + max(0, (y - y1) * scale),
+                    ox + min(cell - 1, (x + w - x1) * scale),
+                    oy + min(cell - 1, (y + h - y1) * scale),
+                ],
+                outline="red",
+                width=2,
+            )
         draw.text((ox + 2, oy + cell), f"{k} {label}"[:34], fill="black")
     sheet.save(dest)
 
 
-def write_sheets(out: Path, labelled: Sequence[Scanned], free: Sequence[Scanned], items: dict[str, Item],
-                 scanner: Scanner, chosen: float, min_face: float, limit: int = 300) -> None:
+def write_sheets(
+    out: Path,
+    labelled: Sequence[Scanned],
+    free: Sequence[Scanned],
+    items: dict[str, Item],
+    scanner: Scanner,
+    chosen: float,
+    min_face: float,
+    limit: int = 300,
+) -> None:
     """false_positives.png: every box on a face-free image above the lowest threshold swept, best first (the
     background ones first: those are the ones to review). misses.png: the faces missed at the chosen threshold."""
     boxes = [(f.kind != "background", -b[4], f.name, b) for f in free for b in kept(f.boxes, THRESHOLDS[0], min_face)]
@@ -468,29 +506,41 @@ def write_sheets(out: Path, labelled: Sequence[Scanned], free: Sequence[Scanned]
 
     review_sheet([(f"{-s:.3f} {name}", pixels(name), b) for _, s, name, b in fps], out / "false_positives.png")
     missed = [f for f in labelled if not face_found(f, chosen, min_face)][:limit]
-    review_sheet([(f"{max((b[4] for b in f.boxes), default=0):.3f} {f.name}", pixels(f.name), None) for f in missed],
-                 out / "misses.png")
+    review_sheet(
+        [(f"{max((b[4] for b in f.boxes), default=0):.3f} {f.name}", pixels(f.name), None) for f in missed], out / "misses.png"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     from agegender.faces.detect import MIN_FACE_PX
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--faces", help="the labelled photos (default: $AGEGENDER_FACES, else ../shared/faces beside "
-                                   "the checkout, as the tests find it)")
-    p.add_argument("--photos", type=int, default=600,
-                   help="labelled photos; each also gives one hard copy (default: %(default)s)")
-    p.add_argument("--free", type=int, default=600, help="face-free images for the false positives "
-                                                         "(default: %(default)s)")
-    p.add_argument("--min-face", type=int, default=MIN_FACE_PX,
-                   help="boxes shorter than this on their longer side are dropped, as in predict "
-                        "(default: %(default)s)")
+    p.add_argument(
+        "--faces",
+        help="the labelled photos (default: $AGEGENDER_FACES, else ../shared/faces beside the checkout, as the tests find it)",
+    )
+    p.add_argument(
+        "--photos", type=int, default=600, help="labelled photos; each also gives one hard copy (default: %(default)s)"
+    )
+    p.add_argument("--free", type=int, default=600, help="face-free images for the false positives (default: %(default)s)")
+    p.add_argument(
+        "--min-face",
+        type=int,
+        default=MIN_FACE_PX,
+        help="boxes shorter than this on their longer side are dropped, as in predict (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default: %(default)s)")
-    p.add_argument("--review", default=str(REVIEW),
-                   help="the painted photos a person found holding a face (default: the one beside this script)")
-    p.add_argument("--out", default=str(bench_home() / "detector-threshold"),
-                   help="where threshold.md, threshold.json and the review sheets go (default: %(default)s)")
+    p.add_argument(
+        "--review",
+        default=str(REVIEW),
+        help="the painted photos a person found holding a face (default: the one beside this script)",
+    )
+    p.add_argument(
+        "--out",
+        default=str(bench_home() / "detector-threshold"),
+        help="where threshold.md, threshold.json and the review sheets go (default: %(default)s)",
+    )
     return p
 
 
@@ -520,12 +570,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = sweep(labelled, free, a.min_face)
     chosen = choose(rows)
     command = f"{PROG} --faces FACES --photos {a.photos} --free {a.free} --seed {a.seed}"
-    result = {"command": command, "machine": f"{_cpu_name()}, load {' '.join(f'{x:.1f}' for x in loadavg() or [])}",
-              "seconds": seconds, "seed": a.seed, "min_face": a.min_face, "floor": FLOOR, "rule": RULE,
-              "code_default": SCORE_THRESHOLD, "faces": len(labelled), "free": len(free),
-              "face_counts": _counts(labelled), "free_counts": _counts(free), "left_out": left_out,
-              "unreviewed": unreviewed, "rows": rows, "chosen": chosen,
-              "images": [asdict(s) for s in [*labelled, *all_free]]}
+    result = {
+        "command": command,
+        "machine": f"{_cpu_name()}, load {' '.join(f'{x:.1f}' for x in loadavg() or [])}",
+        "seconds": seconds,
+        "seed": a.seed,
+        "min_face": a.min_face,
+        "floor": FLOOR,
+        "rule": RULE,
+        "code_default": SCORE_THRESHOLD,
+        "faces": len(labelled),
+        "free": len(free),
+        "face_counts": _counts(labelled),
+        "free_counts": _counts(free),
+        "left_out": left_out,
+        "unreviewed": unreviewed,
+        "rows": rows,
+        "chosen": chosen,
+        "images": [asdict(s) for s in [*labelled, *all_free]],
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "threshold.json", json.dumps(result, indent=1))
@@ -533,8 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_sheets(out, labelled, free, items, scanner, chosen["threshold"], a.min_face)
     print(markdown(result))
     if unreviewed:
-        print(f"{len(unreviewed)} painted photos with boxes were not reviewed: see false_positives.png and "
-              f"{Path(a.review).name}")
+        print(f"{len(unreviewed)} painted photos with boxes were not reviewed: see false_positives.png and {Path(a.review).name}")
     print(f"written: {out / 'threshold.md'}, threshold.json, false_positives.png, misses.png")
     return 0
 

@@ -42,8 +42,9 @@ def raw_trunk(model: Any, batch: int, batches: int, bf16: bool, device: str, lay
     return batch * batches / (time.perf_counter() - start)
 
 
-def extract_loop(model: Any, records: Sequence[Any], pre: Any, batch: int, workers: int, prefetch: int,
-                 bf16: bool, device: str) -> float:
+def extract_loop(
+    model: Any, records: Sequence[Any], pre: Any, batch: int, workers: int, prefetch: int, bf16: bool, device: str
+) -> float:
     """extract_features' own steps (iter_batches -> normalize -> trunk), with the prefetch depth exposed."""
     import torch
 
@@ -75,8 +76,9 @@ def decode_ms(paths: Sequence[Path], size: int, draft: bool) -> float:
     return 1000 * best / len(paths)
 
 
-def _grid(model: Any, pre: Any, sample: Sequence[Any], s: dict[str, Any], workers: int, device: str,
-          threads: int) -> list[dict[str, Any]]:
+def _grid(
+    model: Any, pre: Any, sample: Sequence[Any], s: dict[str, Any], workers: int, device: str, threads: int
+) -> list[dict[str, Any]]:
     """Raw trunk and extract_features per dtype, memory format and torch thread count, interleaved over reps."""
     import torch
 
@@ -98,18 +100,36 @@ def _grid(model: Any, pre: Any, sample: Sequence[Any], s: dict[str, Any], worker
             bf16 = dtype == "bf16"
             raw[c].append(raw_trunk(model, s["batch"], s["raw_batches"], bf16, device, fmt))
             if fmt == extracts[dtype]:  # the layout extract_features runs this dtype in, whatever it gets
-                fs = extract_features(model, sample, pre, batch_size=s["batch"], workers=workers, bf16=bf16,
-                                      device=device, progress=False)
+                fs = extract_features(
+                    model, sample, pre, batch_size=s["batch"], workers=workers, bf16=bf16, device=device, progress=False
+                )
                 ext[c].append(fs.images_per_second)
-            log.info("rep %d %s %s %d threads: raw %.1f img/s, extract_features %s img/s", rep + 1, dtype, fmt, t,
-                     raw[c][-1], fmt_num(ext[c][-1] if ext[c] else None))
-    return [{"dtype": d, "format": f, "threads": t, "raw": median(raw[(d, f, t)]),
-             "extract": median(ext[(d, f, t)]) if ext[(d, f, t)] else None,
-             "raw_all": raw[(d, f, t)], "extract_all": ext[(d, f, t)]} for d, f, t in configs]
+            log.info(
+                "rep %d %s %s %d threads: raw %.1f img/s, extract_features %s img/s",
+                rep + 1,
+                dtype,
+                fmt,
+                t,
+                raw[c][-1],
+                fmt_num(ext[c][-1] if ext[c] else None),
+            )
+    return [
+        {
+            "dtype": d,
+            "format": f,
+            "threads": t,
+            "raw": median(raw[(d, f, t)]),
+            "extract": median(ext[(d, f, t)]) if ext[(d, f, t)] else None,
+            "raw_all": raw[(d, f, t)],
+            "extract_all": ext[(d, f, t)],
+        }
+        for d, f, t in configs
+    ]
 
 
-def _sweep(model: Any, pre: Any, records: Sequence[Any], batch: int, workers: int, bf16: bool, device: str,
-           threads: int) -> list[dict[str, Any]]:
+def _sweep(
+    model: Any, pre: Any, records: Sequence[Any], batch: int, workers: int, bf16: bool, device: str, threads: int
+) -> list[dict[str, Any]]:
     """Extraction images/s over torch threads x decode workers, then the prefetch depth at the best of those."""
     import torch
 
@@ -131,8 +151,17 @@ def _sweep(model: Any, pre: Any, records: Sequence[Any], batch: int, workers: in
     return rows
 
 
-def _pairs(model: Any, pre: Any, sample: Sequence[Any], best: dict[str, Any], batch: int, s: dict[str, Any],
-           workers: int, device: str, threads: int) -> dict[str, Any]:
+def _pairs(
+    model: Any,
+    pre: Any,
+    sample: Sequence[Any],
+    best: dict[str, Any],
+    batch: int,
+    s: dict[str, Any],
+    workers: int,
+    device: str,
+    threads: int,
+) -> dict[str, Any]:
     """The headline comparison, interleaved ``pairs`` times (A B, B A, ...): the raw bf16 trunk at the grid's
     fastest raw setting beside extract_features as train.fit runs it (bf16, its batch, its decode workers, the
     default thread count), both at train.fit's extraction batch; each repetition's ratio is one sample."""
@@ -147,13 +176,20 @@ def _pairs(model: Any, pre: Any, sample: Sequence[Any], best: dict[str, Any], ba
 
     def extract() -> float:
         torch.set_num_threads(threads)
-        return extract_features(model, sample, pre, batch_size=batch, workers=workers, bf16=True, device=device,
-                                progress=False).images_per_second
+        return extract_features(
+            model, sample, pre, batch_size=batch, workers=workers, bf16=True, device=device, progress=False
+        ).images_per_second
 
     res = interleave({"raw": raw, "extract": extract}, s["pairs"], "raw vs extraction")
     torch.set_num_threads(threads)
-    return {"batch": batch, "images": len(sample), "raw_setting": {k: best[k] for k in ("dtype", "format", "threads")},
-            "raw": res["raw"], "extract": res["extract"], "ratio": ratio(res["extract"], res["raw"])}
+    return {
+        "batch": batch,
+        "images": len(sample),
+        "raw_setting": {k: best[k] for k in ("dtype", "format", "threads")},
+        "raw": res["raw"],
+        "extract": res["extract"],
+        "ratio": ratio(res["extract"], res["raw"]),
+    }
 
 
 def phase_throughput(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -173,17 +209,28 @@ def phase_throughput(ctx: dict[str, Any]) -> dict[str, Any]:
     sample = [records[i] for i in rng.choice(len(records), min(s["extract_images"], len(records)), replace=False)]
     threads = torch.get_num_threads()
     grid = _grid(model, pre, sample, s, cfg.workers, device, threads)
-    out: dict[str, Any] = {"grid": grid, "images": len(sample), "batch": s["batch"], "workers": cfg.workers,
-                           "default_threads": threads}
+    out: dict[str, Any] = {
+        "grid": grid,
+        "images": len(sample),
+        "batch": s["batch"],
+        "workers": cfg.workers,
+        "default_threads": threads,
+    }
 
     # The headline pair: train.fit extracts at max(batch_size, 64) (features.cached_features' caller).
     batch = max(cfg.batch_size, 64)
-    pair_sample = [records[i] for i in rng.choice(len(records), min(max(s["extract_images"], 3 * batch), len(records)),
-                                                  replace=False)]
+    pair_sample = [
+        records[i] for i in rng.choice(len(records), min(max(s["extract_images"], 3 * batch), len(records)), replace=False)
+    ]
     best_bf16 = max((g for g in grid if g["dtype"] == "bf16"), key=lambda g: g["raw"])
     out["pairs"] = _pairs(model, pre, pair_sample, best_bf16, batch, s, cfg.workers, device, threads)
-    log.info("raw vs extraction: ratio %.2f (median of %d; min %.2f, max %.2f)", out["pairs"]["ratio"]["median"],
-             s["pairs"], out["pairs"]["ratio"]["min"], out["pairs"]["ratio"]["max"])
+    log.info(
+        "raw vs extraction: ratio %.2f (median of %d; min %.2f, max %.2f)",
+        out["pairs"]["ratio"]["median"],
+        s["pairs"],
+        out["pairs"]["ratio"]["min"],
+        out["pairs"]["ratio"]["max"],
+    )
 
     # The sweep keeps the fastest raw configuration's dtype and format and moves the data-path knobs.
     best = max(grid, key=lambda g: g["raw"])
@@ -192,6 +239,8 @@ def phase_throughput(ctx: dict[str, Any]) -> dict[str, Any]:
     rows = _sweep(model, pre, sweep_records, s["batch"], cfg.workers, best["dtype"] == "bf16", device, threads)
     paths = [r.path for r in sweep_records]
     out["sweep"] = {"dtype": best["dtype"], "format": best["format"], "images": len(sweep_records), "rows": rows}
-    out["decode_ms"] = {"draft": decode_ms(paths, model.config.image_size, True),
-                        "no_draft": decode_ms(paths, model.config.image_size, False)}
+    out["decode_ms"] = {
+        "draft": decode_ms(paths, model.config.image_size, True),
+        "no_draft": decode_ms(paths, model.config.image_size, False),
+    }
     return out

@@ -19,13 +19,15 @@ def extraction_findings(tp: dict[str, Any]) -> list[str]:
     same = {g["format"]: g for g in dtype_rows(tp, "bf16") if g["threads"] == tp["default_threads"]}
     few = {g["threads"]: g for g in dtype_rows(tp, "bf16") if g["format"] == "channels_last"}
     lines = [
-        "Findings:", "",
+        "Findings:",
+        "",
         f"- Memory format: at {tp['default_threads']} threads the raw bf16 trunk runs "
         f"{same['channels_last']['raw'] / same['nchw']['raw']:.2f}x as fast in channels_last as in NCHW "
         "(oneDNN's bf16 kernels want NHWC). Converting the trunk (`model.to(memory_format=torch.channels_last)`) "
         "is enough; inputs can stay NCHW.",
-        "- Torch threads: in channels_last bf16, " + ", ".join(f"{t} thread{'s' if t > 1 else ''} {g['raw']:.1f} img/s"
-                                                          for t, g in sorted(few.items())) + " raw.",
+        "- Torch threads: in channels_last bf16, "
+        + ", ".join(f"{t} thread{'s' if t > 1 else ''} {g['raw']:.1f} img/s" for t, g in sorted(few.items()))
+        + " raw.",
         f"- bf16 autocast vs fp32 (fastest raw of each): {best_raw['raw'] / best(tp, 'fp32', 'raw')['raw']:.2f}x.",
         f"- Through extract_features the best setting was {setting(best_ext)}: {best_ext['extract']:.1f} img/s, "
         f"{best_ext['extract'] / best_raw['raw']:.2f} of the best raw bf16 ({setting(best_raw)}); as train.fit runs "
@@ -60,7 +62,8 @@ def _missed_extraction(doc: dict[str, Any], ratio: float) -> str:
         f"OpenMP threads (each parallel region waits for its slowest thread) and other work on the machine. In the "
         f"grid: as train.fit runs it ({setting(fit_bf16)}) {fit_bf16['extract'] / fit_bf16['raw']:.2f} of the raw "
         f"trunk at the same settings; the best setting {best_ext['extract'] / best_raw['raw']:.2f} "
-        f"({setting(best_ext)}). Close it: cores to spare for decoding, or the trunk on a GPU.")
+        f"({setting(best_ext)}). Close it: cores to spare for decoding, or the trunk on a GPU."
+    )
 
 
 def _needed_step(st: dict[str, Any], tr: dict[str, Any], target: float) -> float:
@@ -78,17 +81,21 @@ def _missed_speedup(doc: dict[str, Any], speed: float) -> str:
     flops, peak = h["variants"][0]["flops_per_image"], h["peak"]["flops_per_second"]
     need = _needed_step(st, tr, goal)
     share = need * flops / peak
-    close = ("more than the machine's matmuls reach, so no setting of this head step closes it: it takes fewer FLOPs "
-             "per image (a smaller head) or faster matmuls (AMX, a GPU)" if share > 1 else
-             "within the matmul peak: a quieter machine (these figures are at the load shown) or a leaner step "
-             "(dropout masks, weight casts and Adam are the rest of its time)")
+    close = (
+        "more than the machine's matmuls reach, so no setting of this head step closes it: it takes fewer FLOPs "
+        "per image (a smaller head) or faster matmuls (AMX, a GPU)"
+        if share > 1
+        else "within the matmul peak: a quieter machine (these figures are at the load shown) or a leaner step "
+        "(dropout masks, weight casts and Adam are the rest of its time)"
+    )
     return (
         f"- **train_speedup_vs_naive {speed:.1f}x ({_spread_text(st['pairs']['speedup'], '.1f')}), target "
         f"{goal:g}x.** Why: the cached epoch is the head step's: {flops / 1e6:.0f} MFLOP per image ({doc['hidden']} "
         f"fc stack, Adam over all its weights) at {cached:.0f} img/s, {1000 / cached:.2f} ms/image, while the naive "
         f"path (decode + the trunk, at the same settings) takes {1000 / naive:.1f} ms/image. {goal:g}x needs the "
         f"train steps at {need:.0f} img/s, {need * flops / 1e9:.0f} GFLOP/s: {share:.2f} of the best matmul median "
-        f"this run measured ({peak / 1e9:.0f} GFLOP/s), {close}.")
+        f"this run measured ({peak / 1e9:.0f} GFLOP/s), {close}."
+    )
 
 
 def _missed_minutes(doc: dict[str, Any], minutes: float) -> str:
@@ -108,21 +115,27 @@ def _missed_minutes(doc: dict[str, Any], minutes: float) -> str:
     if "pairs" in tp and "pairs" in st:  # the same run's interleaved medians, measured at lower load here
         ext_pairs = ex["images"] / tp["pairs"]["extract"]["median"] / 60
         epoch_pairs = epochs * (st["pairs"]["cached_epoch_seconds"]["median"] + tr["checkpoint_seconds"]) / 60
-        quieter = (f" At the interleaved medians of figures 2 and 3 instead (extraction "
-                   f"{tp['pairs']['extract']['median']:.0f} img/s at load {tp['pairs']['extract']['load']:.1f}, "
-                   f"cached epoch {st['pairs']['cached_epoch_seconds']['median']:.1f} s at load "
-                   f"{st['pairs']['cached_epoch_seconds']['load']:.1f}): {ext_pairs:.1f} + {epoch_pairs:.1f} = "
-                   f"{ext_pairs + epoch_pairs:.1f} min.")
+        quieter = (
+            f" At the interleaved medians of figures 2 and 3 instead (extraction "
+            f"{tp['pairs']['extract']['median']:.0f} img/s at load {tp['pairs']['extract']['load']:.1f}, "
+            f"cached epoch {st['pairs']['cached_epoch_seconds']['median']:.1f} s at load "
+            f"{st['pairs']['cached_epoch_seconds']['load']:.1f}): {ext_pairs:.1f} + {epoch_pairs:.1f} = "
+            f"{ext_pairs + epoch_pairs:.1f} min."
+        )
     floor = floor_ext + floor_head
-    verdict = ("above the target before any overhead: not reachable with this head on this CPU" if floor > goal else
-               f"leaving {goal - floor:.1f} min of the {goal:g} for all of that")
+    verdict = (
+        "above the target before any overhead: not reachable with this head on this CPU"
+        if floor > goal
+        else f"leaving {goal - floor:.1f} min of the {goal:g} for all of that"
+    )
     return (
         f"- **full_run_minutes {minutes:.1f}{rng}, target <= {goal:g}.** Why: extraction "
         f"{ex['wall_seconds'] / 60:.1f} min ({ex['images_per_second']:.0f} img/s{loads}) + {epochs} epochs x "
         f"{(tr['epoch_seconds'] + tr['checkpoint_seconds']) / 60:.2f} min (train.fit epoch + checkpoint writes).{quieter} "
         f"The floor on this machine: extraction at the fastest raw trunk rate {floor_ext:.1f} min, and the {epochs} "
         f"epochs' head steps at this run's best matmul median {floor_head:.1f} min: {floor:.1f} min "
-        f"before any overhead (dropout masks, weight casts, Adam, validation, checkpoints), {verdict}.")
+        f"before any overhead (dropout masks, weight casts, Adam, validation, checkpoints), {verdict}."
+    )
 
 
 def head_findings(h: dict[str, Any], default: dict[str, Any] | None, fastest: dict[str, Any]) -> list[str]:
@@ -134,24 +147,31 @@ def head_findings(h: dict[str, Any], default: dict[str, Any] | None, fastest: di
         return v["images_per_second"]["median"] if v else None
 
     f = fastest["images_per_second"]
-    lines = ["Head-step findings:", "",
-             f"- Fastest measured: {fastest['name']}, {f['median']:.0f} img/s (range {f['min']:.0f}-{f['max']:.0f})."]
+    lines = [
+        "Head-step findings:",
+        "",
+        f"- Fastest measured: {fastest['name']}, {f['median']:.0f} img/s (range {f['min']:.0f}-{f['max']:.0f}).",
+    ]
     if default is None:
         return lines
     d = default["images_per_second"]
     overlap = "overlap" if d["max"] >= f["min"] else "do not overlap"
     base = {k: default[k] for k in ("precision", "batch", "threads")}
-    lines.append(f"- The library's default ({default['name']}): {d['median']:.0f} img/s (range {d['min']:.0f}-"
-                 f"{d['max']:.0f}), {d['median'] / f['median']:.2f} of the fastest median; the two ranges {overlap}. "
-                 f"It runs at {default['fraction_of_peak']:.2f} of this run's matmul peak "
-                 f"({default['fraction_of_dtype_peak']:.2f} of the {default['precision']} peak).")
+    lines.append(
+        f"- The library's default ({default['name']}): {d['median']:.0f} img/s (range {d['min']:.0f}-"
+        f"{d['max']:.0f}), {d['median'] / f['median']:.2f} of the fastest median; the two ranges {overlap}. "
+        f"It runs at {default['fraction_of_peak']:.2f} of this run's matmul peak "
+        f"({default['fraction_of_dtype_peak']:.2f} of the {default['precision']} peak)."
+    )
     batches = sorted({v["batch"] for v in vs})
-    by_batch = ", ".join(f"{b}: {rate(precision=base['precision'], batch=b, threads=base['threads'], adam='fused'):.0f}"
-                         for b in batches)
+    by_batch = ", ".join(
+        f"{b}: {rate(precision=base['precision'], batch=b, threads=base['threads'], adam='fused'):.0f}" for b in batches
+    )
     lines.append(f"- Batch ({base['precision']}, {base['threads']} threads, fused Adam), img/s: {by_batch}.")
     threads = sorted({v["threads"] for v in vs})
-    by_threads = ", ".join(f"{t}: {rate(precision=base['precision'], batch=base['batch'], threads=t, adam='fused'):.0f}"
-                           for t in threads)
+    by_threads = ", ".join(
+        f"{t}: {rate(precision=base['precision'], batch=base['batch'], threads=t, adam='fused'):.0f}" for t in threads
+    )
     lines.append(f"- Torch threads ({base['precision']}, batch {base['batch']}), img/s: {by_threads}.")
     fp32, bf16 = (rate(precision=p, batch=base["batch"], threads=base["threads"], adam="fused") for p in ("fp32", "bf16"))
     foreach = rate(**base, adam="foreach")
@@ -164,16 +184,22 @@ def head_findings(h: dict[str, Any], default: dict[str, Any] | None, fastest: di
 
 def _missed_predict(pr: dict[str, Any], peer: dict[str, Any], pred: float) -> str:
     peer_ms = 1000 / peer["images_per_second"] if peer.get("images_per_second") else float("nan")
-    same_floor = next((x for label, x in pr.get("models", {}).items()
-                       if "--min-face 80" in label and "images_per_second" in x), None)
-    floor = (f" At the peer's 80 px floor (`--min-face 80`) agegender runs {same_floor['images_per_second']:.1f} "
-             f"images/s, {peer_ratio(same_floor, peer):.2f}x the peer." if same_floor and peer_ms == peer_ms else "")
+    same_floor = next(
+        (x for label, x in pr.get("models", {}).items() if "--min-face 80" in label and "images_per_second" in x), None
+    )
+    floor = (
+        f" At the peer's 80 px floor (`--min-face 80`) agegender runs {same_floor['images_per_second']:.1f} "
+        f"images/s, {peer_ratio(same_floor, peer):.2f}x the peer."
+        if same_floor and peer_ms == peer_ms
+        else ""
+    )
     return (
         f"- **predict_ratio_vs_peer {pred:.2f}, target >= {TARGETS['predict_ratio_vs_peer']:g}.** Why: decode + "
         f"{pr.get('detector', 'face')} detection + crop take {pr['detect_crop_ms']:.1f} ms/image of one core "
         f"against {peer_ms:.1f} ms/image for the peer's whole pipeline, whose dlib HOG detector skips faces under "
         f"80 px, while the default searches down to 40 px and classifies every face it finds.{floor} Close it: "
-        "`--min-face` trades small faces for speed, and an int8 ONNX export (figure 4) cuts the classifier's cost.")
+        "`--min-face` trades small faces for speed, and an int8 ONNX export (figure 4) cuts the classifier's cost."
+    )
 
 
 def missed(doc: dict[str, Any]) -> list[str]:
@@ -195,23 +221,32 @@ def missed(doc: dict[str, Any]) -> list[str]:
         lines.append(_missed_predict(pr, peer, pred))
     peak = s["peak_rss_gib"]
     if peak is not None and peak >= TARGETS["peak_rss_gib"]:
-        lines.append(f"- **peak_rss_gib {peak:.2f}, target < 4** (extraction {ex['peak_rss_gib']:.2f}, "
-                     f"training {tr['peak_rss_gib']:.2f}).")
+        lines.append(
+            f"- **peak_rss_gib {peak:.2f}, target < 4** (extraction {ex['peak_rss_gib']:.2f}, training {tr['peak_rss_gib']:.2f})."
+        )
     return ["Missed targets:", ""] + lines if lines else ["Every target in the table above with a measured figure is met."]
 
 
 # -- figure 7 -----------------------------------------------------------------------------------
 def _peer_leads(ours: dict[str, Any], peer: dict[str, Any], least: int = 30) -> str:
     """The two slices (of ``least`` photos or more) where the peer's gender accuracy leads ours most."""
-    gaps = [(d["accuracy"] - peer["slices"][key][v]["accuracy"], key, v, d)
-            for key, groups in ours.get("slices", {}).items() for v, d in groups.items()
-            if d["n"] >= least and v in peer.get("slices", {}).get(key, {})]
+    gaps = [
+        (d["accuracy"] - peer["slices"][key][v]["accuracy"], key, v, d)
+        for key, groups in ours.get("slices", {}).items()
+        for v, d in groups.items()
+        if d["n"] >= least and v in peer.get("slices", {}).get(key, {})
+    ]
     behind = sorted(g for g in gaps if g[0] < 0)[:2]
     if not behind:
         return f"The peer leads on no slice of {least} photos or more."
-    return "The peer leads most on " + " and ".join(
-        f"{'age' if key == 'group' else key} {v} ({d['accuracy']:.3f} vs {d['accuracy'] - gap:.3f}, {d['n']} photos)"
-        for gap, key, v, d in behind) + "."
+    return (
+        "The peer leads most on "
+        + " and ".join(
+            f"{'age' if key == 'group' else key} {v} ({d['accuracy']:.3f} vs {d['accuracy'] - gap:.3f}, {d['n']} photos)"
+            for gap, key, v, d in behind
+        )
+        + "."
+    )
 
 
 def _missed_gender(label: str, x: dict[str, Any]) -> str:
@@ -219,10 +254,12 @@ def _missed_gender(label: str, x: dict[str, Any]) -> str:
     gap = ours["accuracy"] - peer["accuracy"]
     (a, b), (c, d) = ours["accuracy_ci95"], peer["accuracy_ci95"]
     overlap = "overlap" if a <= d and c <= b else "do not overlap"
-    return (f"- **{label}: gender {ours['accuracy']:.3f} vs the peer's {peer['accuracy']:.3f}** ({gap:+.3f}, "
-            f"{round(-gap * ours['images']) if gap < 0 else 0} of {ours['images']:,} photos; 95% CIs {a:.3f}-{b:.3f} and "
-            f"{c:.3f}-{d:.3f} {overlap}); no face = wrong: {ours['accuracy_no_face_wrong']:.3f} vs "
-            f"{peer['accuracy_no_face_wrong']:.3f}. {_peer_leads(ours, peer)}")
+    return (
+        f"- **{label}: gender {ours['accuracy']:.3f} vs the peer's {peer['accuracy']:.3f}** ({gap:+.3f}, "
+        f"{round(-gap * ours['images']) if gap < 0 else 0} of {ours['images']:,} photos; 95% CIs {a:.3f}-{b:.3f} and "
+        f"{c:.3f}-{d:.3f} {overlap}); no face = wrong: {ours['accuracy_no_face_wrong']:.3f} vs "
+        f"{peer['accuracy_no_face_wrong']:.3f}. {_peer_leads(ours, peer)}"
+    )
 
 
 def _by_age(groups: dict[str, Any], adult: bool) -> tuple[float, int]:
@@ -238,26 +275,31 @@ def _missed_fairface(x: dict[str, Any]) -> str:
     groups = ours.get("slices", {}).get("group", {})
     (kids, n_kids), (adults, n_adults) = _by_age(groups, False), _by_age(groups, True)
     peer_groups = peer.get("slices", {}).get("group", {})
-    peer_part = (f" (the peer: {_by_age(peer_groups, False)[0]:.3f} and {_by_age(peer_groups, True)[0]:.3f})"
-                 if peer_groups else "")
-    return (f"- **FairFace gender {ours['accuracy']:.3f}, target {TARGETS_7['fairface_gender']:.2f}** (trained on "
-            f"{' + '.join(x['trained_on'])}). Where it falls short: FairFace is balanced over its age groups, and on "
-            f"the {n_kids} photos under 20 ours reaches {kids:.3f}, on the {n_adults} aged 20 and over "
-            f"{adults:.3f}{peer_part}.")
+    peer_part = (
+        f" (the peer: {_by_age(peer_groups, False)[0]:.3f} and {_by_age(peer_groups, True)[0]:.3f})" if peer_groups else ""
+    )
+    return (
+        f"- **FairFace gender {ours['accuracy']:.3f}, target {TARGETS_7['fairface_gender']:.2f}** (trained on "
+        f"{' + '.join(x['trained_on'])}). Where it falls short: FairFace is balanced over its age groups, and on "
+        f"the {n_kids} photos under 20 ours reaches {kids:.3f}, on the {n_adults} aged 20 and over "
+        f"{adults:.3f}{peer_part}."
+    )
 
 
 def _missed_photo_predict(name: str, x: dict[str, Any]) -> str:
     s = x["split_ms"]
     per_face = s["align"] + s["classify"]
     total = s["decode"] + s["detect"] + s["faces_per_photo"] * per_face
-    return (f"- **predict on {name}: {x['ratio']:.2f}x the peer, target {TARGETS_7['predict_ratio_vs_peer']:.0f}x** "
-            f"({x['ours_images_per_second']:.1f} vs {x['peer_images_per_second']:.1f} images/s). Where our time goes, "
-            f"step by step on one thread over {s['photos']} of the photos: decode {s['decode']:.1f} ms and RetinaFace "
-            f"{s['detect']:.1f} ms per photo, then per face alignment {s['align']:.1f} ms and descriptor + heads "
-            f"{s['classify']:.1f} ms (batch 32), {s['faces_per_photo']:.2f} faces per photo: detection is "
-            f"{s['detect'] / total:.0%} of {total:.1f} ms. The peer's whole pipeline takes "
-            f"{1000 / x['peer_images_per_second']:.1f} ms per photo, and its detector found {x['peer_faces']} faces "
-            f"where ours found {x['ours_faces']} (ours classifies every face of 40 px and more).")
+    return (
+        f"- **predict on {name}: {x['ratio']:.2f}x the peer, target {TARGETS_7['predict_ratio_vs_peer']:.0f}x** "
+        f"({x['ours_images_per_second']:.1f} vs {x['peer_images_per_second']:.1f} images/s). Where our time goes, "
+        f"step by step on one thread over {s['photos']} of the photos: decode {s['decode']:.1f} ms and RetinaFace "
+        f"{s['detect']:.1f} ms per photo, then per face alignment {s['align']:.1f} ms and descriptor + heads "
+        f"{s['classify']:.1f} ms (batch 32), {s['faces_per_photo']:.2f} faces per photo: detection is "
+        f"{s['detect'] / total:.0%} of {total:.1f} ms. The peer's whole pipeline takes "
+        f"{1000 / x['peer_images_per_second']:.1f} ms per photo, and its detector found {x['peer_faces']} faces "
+        f"where ours found {x['ours_faces']} (ours classifies every face of 40 px and more)."
+    )
 
 
 def accuracy_findings(a: dict[str, Any]) -> list[str]:

@@ -49,9 +49,16 @@ def quantize_int8(fp32_onnx: Path, int8_onnx: Path, calib: Any) -> None:
             batch = next(self.batches, None)
             return None if batch is None else {INPUT_NAME: batch}
 
-    quantize_static(str(fp32_onnx), str(int8_onnx), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.Percentile)
+    quantize_static(
+        str(fp32_onnx),
+        str(int8_onnx),
+        Calibration(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.Percentile,
+    )
 
 
 def _backends(net: Any, checkpoint: Path, device: str, fp32_onnx: Path, int8_onnx: Path) -> dict[str, Runner]:
@@ -73,6 +80,7 @@ def _backends(net: Any, checkpoint: Path, device: str, fp32_onnx: Path, int8_onn
             with torch.no_grad(), autocast(device, bf16):
                 p = model(torch.from_numpy(x).to(device))[0]
             return p.float().cpu().numpy()
+
         return run
 
     def bf16_trunk(x: np.ndarray) -> np.ndarray:
@@ -82,10 +90,14 @@ def _backends(net: Any, checkpoint: Path, device: str, fp32_onnx: Path, int8_onn
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda x: session.run(["p_male"], {INPUT_NAME: x})[0]
 
-    return {"PyTorch fp32": torch_runner(False, False), "PyTorch bf16 autocast": torch_runner(True, False),
-            "PyTorch bf16 autocast, channels_last": torch_runner(True, True),
-            "PyTorch bf16 trunk weights, channels_last, fp32 head (predict --precision bf16)": bf16_trunk,
-            "ONNX Runtime fp32 (CPU)": ort_runner(fp32_onnx), "ONNX Runtime int8 static QDQ (CPU)": ort_runner(int8_onnx)}
+    return {
+        "PyTorch fp32": torch_runner(False, False),
+        "PyTorch bf16 autocast": torch_runner(True, False),
+        "PyTorch bf16 autocast, channels_last": torch_runner(True, True),
+        "PyTorch bf16 trunk weights, channels_last, fp32 head (predict --precision bf16)": bf16_trunk,
+        "ONNX Runtime fp32 (CPU)": ort_runner(fp32_onnx),
+        "ONNX Runtime int8 static QDQ (CPU)": ort_runner(int8_onnx),
+    }
 
 
 def _backend_row(run: Runner, x32: Any, x_eval: Any, reference: Any, male: Any, reps: int) -> dict[str, Any]:
@@ -139,17 +151,22 @@ def phase_inference(ctx: dict[str, Any]) -> dict[str, Any]:
     for name, run in backends.items():
         rows[name] = _backend_row(run, x32, x_eval, reference, male, s["infer_reps"])
         log.info("%s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in rows[name].items()))
-    return {"backends": rows, "eval_images": len(x_eval), "labelled_images": int((male >= 0).sum()),
-            "calibration_images": len(calib),
-            "onnx_mb": {"fp32": fp32_onnx.stat().st_size / 1e6, "int8": int8_onnx.stat().st_size / 1e6},
-            "p_male_range": [float(reference.min()), float(reference.max())]}
+    return {
+        "backends": rows,
+        "eval_images": len(x_eval),
+        "labelled_images": int((male >= 0).sum()),
+        "calibration_images": len(calib),
+        "onnx_mb": {"fp32": fp32_onnx.stat().st_size / 1e6, "int8": int8_onnx.stat().st_size / 1e6},
+        "p_male_range": [float(reference.min()), float(reference.max())],
+    }
 
 
-def _predict_label(model: Path, backend_precision: str, precision: str, detector: str, min_face: int,
-                   default_px: int) -> str:
-    label = (f"checkpoint, PyTorch {backend_precision} (--precision {precision}"
-             f"{', the default' if precision == 'auto' else ''})" if model.suffix == ".safetensors"
-             else f"{'ONNX int8' if 'int8' in model.name else 'ONNX fp32'} export")
+def _predict_label(model: Path, backend_precision: str, precision: str, detector: str, min_face: int, default_px: int) -> str:
+    label = (
+        f"checkpoint, PyTorch {backend_precision} (--precision {precision}{', the default' if precision == 'auto' else ''})"
+        if model.suffix == ".safetensors"
+        else f"{'ONNX int8' if 'int8' in model.name else 'ONNX fp32'} export"
+    )
     return label + f", {detector}, --min-face {min_face}{' (the default)' if min_face == default_px else ''}"
 
 
@@ -159,8 +176,13 @@ def _predict_row(predictor: Any, paths: Sequence[str]) -> dict[str, Any]:
     start = time.perf_counter()
     results = list(predictor.predict_many(paths, batch_size=32))
     seconds = time.perf_counter() - start
-    return {"images": len(results), "seconds": seconds, "images_per_second": len(results) / seconds,
-            "faces": sum(len(r.faces) for r in results), "errors": sum(r.error is not None for r in results)}
+    return {
+        "images": len(results),
+        "seconds": seconds,
+        "images_per_second": len(results) / seconds,
+        "faces": sum(len(r.faces) for r in results),
+        "errors": sum(r.error is not None for r in results),
+    }
 
 
 def phase_predict(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -174,9 +196,14 @@ def phase_predict(ctx: dict[str, Any]) -> dict[str, Any]:
     # (model, --precision, --min-face): the first is what `agegender predict --model model.safetensors` runs;
     # the last searches only faces the peer's detector can find (dlib's HOG window is 80 px).
     ckpt, default_px = Path(ctx["checkpoint"]), MIN_FACE_PX
-    variants = [(ckpt, "auto", default_px, "auto"), (ckpt, "fp32", default_px, "auto"),
-                (work / "bench-fp32.onnx", "auto", default_px, "auto"), (work / "bench-int8.onnx", "auto", default_px, "auto"),
-                (ckpt, "auto", 80, "auto"), (ckpt, "auto", default_px, "haar")]
+    variants = [
+        (ckpt, "auto", default_px, "auto"),
+        (ckpt, "fp32", default_px, "auto"),
+        (work / "bench-fp32.onnx", "auto", default_px, "auto"),
+        (work / "bench-int8.onnx", "auto", default_px, "auto"),
+        (ckpt, "auto", 80, "auto"),
+        (ckpt, "auto", default_px, "haar"),
+    ]
     rows: dict[str, Any] = {}
     for model, precision, min_face, detector in variants:
         if not model.is_file():
@@ -198,5 +225,10 @@ def phase_predict(ctx: dict[str, Any]) -> dict[str, Any]:
         predictor.crops(load_image(p))
     detect_ms = 1000 * (time.perf_counter() - start) / len(sample)
     headline = next(iter(rows.values()))
-    return {**headline, "models": rows, "detect_crop_ms": detect_ms, "workers": predictor.workers,
-            "detector": getattr(predictor.detector, "name", "custom")}
+    return {
+        **headline,
+        "models": rows,
+        "detect_crop_ms": detect_ms,
+        "workers": predictor.workers,
+        "detector": getattr(predictor.detector, "name", "custom"),
+    }

@@ -82,8 +82,12 @@ def _tree_image(i: int, photos: Sequence[Any], n_aligned: int, seed: int, tmp: P
             im = ImageOps.exif_transpose(opened).convert("RGB")
         side = 0.85 * min(im.size)
         cx, cy = (s / 2 + rng.uniform(-0.03, 0.03) * side for s in im.size)
-        im = im.resize((TREE_SIDE, TREE_SIDE), Image.Resampling.BILINEAR, reducing_gap=3.0,
-                       box=(cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+        im = im.resize(
+            (TREE_SIDE, TREE_SIDE),
+            Image.Resampling.BILINEAR,
+            reducing_gap=3.0,
+            box=(cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2),
+        )
         if repeat % 2:
             im = ImageOps.mirror(im)
         ident = i % len(photos)
@@ -92,8 +96,7 @@ def _tree_image(i: int, photos: Sequence[Any], n_aligned: int, seed: int, tmp: P
         im = Image.fromarray(render_face(rng, TREE_SIDE, gender, age))
     folder = tmp / "combined" / ("aligned" if i < n_aligned else "valid") / f"{age:02d}_{'FM'[gender]}"
     folder.mkdir(parents=True, exist_ok=True)
-    im.save(folder / f"nm{ident:07d}_rm{repeat:07d}_{2000 - age}-1-1_2000.jpg", "JPEG", quality=90,
-            progressive=True)
+    im.save(folder / f"nm{ident:07d}_rm{repeat:07d}_{2000 - age}-1-1_2000.jpg", "JPEG", quality=90, progressive=True)
 
 
 def build_tree(dest: Path, n: int, photos: Sequence[Any] = (), seed: int = 0) -> Path:

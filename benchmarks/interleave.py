@@ -20,13 +20,17 @@ def load1() -> float | None:
 def spread(values: Sequence[float], loads: Sequence[float | None] = ()) -> dict[str, Any]:
     """``values`` as median, min and max, with the runs themselves and the median 1-minute load they ran under."""
     known = [x for x in loads if x is not None]
-    return {"median": float(statistics.median(values)), "min": float(min(values)), "max": float(max(values)),
-            "runs": [float(v) for v in values], "load": float(statistics.median(known)) if known else None,
-            "loads": [None if x is None else round(x, 2) for x in loads]}
+    return {
+        "median": float(statistics.median(values)),
+        "min": float(min(values)),
+        "max": float(max(values)),
+        "runs": [float(v) for v in values],
+        "load": float(statistics.median(known)) if known else None,
+        "loads": [None if x is None else round(x, 2) for x in loads],
+    }
 
 
-def interleave(measures: Mapping[str, Callable[[], float]], reps: int,
-               label: str = "") -> dict[str, dict[str, Any]]:
+def interleave(measures: Mapping[str, Callable[[], float]], reps: int, label: str = "") -> dict[str, dict[str, Any]]:
     """Run every measure once per repetition, the order reversed every other repetition (so each neighbour pair
     runs A B, then B A: a load that drifts through the run hits both sides alike); each measure's spread."""
     names = list(measures)
@@ -36,8 +40,15 @@ def interleave(measures: Mapping[str, Callable[[], float]], reps: int,
         for name in names if rep % 2 == 0 else names[::-1]:
             loads[name].append(load1())
             values[name].append(measures[name]())
-            log.info("%srep %d/%d %s: %.4g (load %s)", f"{label}: " if label else "", rep + 1, reps, name,
-                     values[name][-1], loads[name][-1])
+            log.info(
+                "%srep %d/%d %s: %.4g (load %s)",
+                f"{label}: " if label else "",
+                rep + 1,
+                reps,
+                name,
+                values[name][-1],
+                loads[name][-1],
+            )
     return {n: spread(values[n], loads[n]) for n in names}
 
 

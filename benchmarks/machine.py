@@ -30,8 +30,11 @@ def peak_rss_gib() -> float:
 def _cpu_name() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     except OSError:
         pass
@@ -46,8 +49,9 @@ def _bf16_units() -> str:
         probe = getattr(torch.cpu, name, None)
         return bool(probe and probe())
 
-    units = [label for name, label in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16"))
-             if has(name)]
+    units = [
+        label for name, label in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")) if has(name)
+    ]
     return " + ".join(units) or "none"
 
 
@@ -59,14 +63,24 @@ def machine_info(device: str) -> dict[str, Any]:
 
     try:
         import onnxruntime
+
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = "not installed"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU available"
-    return {"cpu": _cpu_name(), "logical_cores": os.cpu_count(),
-            "usable_cores": usable_cores(),
-            "load_average_start": loadavg(),
-            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_units": _bf16_units(),
-            "onnxruntime": ort_version,
-            "pillow": PIL.__version__, "gpu": gpu, "device": device, "platform": platform.platform()}
+    return {
+        "cpu": _cpu_name(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "load_average_start": loadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_units": _bf16_units(),
+        "onnxruntime": ort_version,
+        "pillow": PIL.__version__,
+        "gpu": gpu,
+        "device": device,
+        "platform": platform.platform(),
+    }

@@ -81,8 +81,10 @@ def peer_python(venv: Path) -> tuple[Path | None, str]:
     if python.is_file() and subprocess.run(probe, capture_output=True, check=False).returncode == 0:
         return python, ""
     log.info("creating %s with `pip install %s` ...", venv, PEER)
-    steps = ([sys.executable, "-m", "venv", "--clear", str(venv)],
-             [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", PEER])
+    steps = (
+        [sys.executable, "-m", "venv", "--clear", str(venv)],
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", PEER],
+    )
     for cmd in steps:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
@@ -106,8 +108,7 @@ def _run_script(venv: Path, script: str, paths: Sequence[str]) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="agegender-peer-") as tmp:
         listing, result = Path(tmp) / "paths.json", Path(tmp) / "result.json"
         listing.write_text(json.dumps(list(paths)))
-        proc = subprocess.run([str(python), "-c", script, str(listing), str(result)], capture_output=True,
-                              text=True, check=False)
+        proc = subprocess.run([str(python), "-c", script, str(listing), str(result)], capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not result.is_file():
             return {"error": f"the peer failed on the photos: {_last_line(proc.stderr)}"}
         out: dict[str, Any] = json.loads(result.read_text())
@@ -129,17 +130,24 @@ def _time_predict(predictor: Any, paths: Sequence[str]) -> dict[str, Any]:
     start = time.perf_counter()
     results = list(predictor.predict_many(paths, batch_size=32))
     seconds = time.perf_counter() - start
-    return {"images_per_second": len(results) / seconds, "faces": sum(len(r.faces) for r in results),
-            "no_face": sum(not r.faces for r in results)}
+    return {
+        "images_per_second": len(results) / seconds,
+        "faces": sum(len(r.faces) for r in results),
+        "no_face": sum(not r.faces for r in results),
+    }
 
 
 def speed_row(ours: Sequence[dict[str, Any]], peer: Sequence[dict[str, Any]], images: int) -> dict[str, Any]:
     """Medians of each side's interleaved runs, and their ratio (None where the peer gave no figure)."""
     peer_ok = [x for x in peer if "images_per_second" in x]
-    row: dict[str, Any] = {"images": images, "ours_runs": [x["images_per_second"] for x in ours],
-                           "peer_runs": [x["images_per_second"] for x in peer_ok],
-                           "ours_images_per_second": median([x["images_per_second"] for x in ours]),
-                           "ours_faces": ours[-1]["faces"], "ours_no_face": ours[-1]["no_face"]}
+    row: dict[str, Any] = {
+        "images": images,
+        "ours_runs": [x["images_per_second"] for x in ours],
+        "peer_runs": [x["images_per_second"] for x in peer_ok],
+        "ours_images_per_second": median([x["images_per_second"] for x in ours]),
+        "ours_faces": ours[-1]["faces"],
+        "ours_no_face": ours[-1]["no_face"],
+    }
     if peer_ok:
         row["peer_images_per_second"] = median(row["peer_runs"])
         row["peer_faces"] = peer_ok[-1]["faces"]
@@ -167,11 +175,13 @@ def split_ms(predictor: Any, paths: Sequence[str]) -> dict[str, float]:
         spent["align"] += time.perf_counter() - t2
     t0 = time.perf_counter()
     for i in range(0, len(crops), 32):
-        predictor.classify(crops[i:i + 32])
+        predictor.classify(crops[i : i + 32])
     spent["classify"] = time.perf_counter() - t0
     per = {"decode": len(paths), "detect": len(paths), "align": len(crops), "classify": len(crops)}
     return {k: 1000 * v / max(per[k], 1) for k, v in spent.items()} | {
-        "photos": len(paths), "faces_per_photo": len(crops) / max(len(paths), 1)}
+        "photos": len(paths),
+        "faces_per_photo": len(crops) / max(len(paths), 1),
+    }
 
 
 def predict_vs_peer(model: Path, faces: Path, n: int, reps: int, venv: Path | None) -> dict[str, Any]:

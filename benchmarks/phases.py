@@ -31,8 +31,14 @@ log = logging.getLogger(__name__)
 GROUPS = (("throughput",), ("extract", "train", "steps"), ("inference",), ("peer", "predict"), ("accuracy",))
 AFTER_TRAIN = frozenset({"inference", "predict"})  # phases that read the train phase's checkpoint
 PHASES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "throughput": phase_throughput, "extract": phase_extract, "train": phase_train, "steps": phase_steps,
-    "inference": phase_inference, "predict": phase_predict, "accuracy": phase_accuracy}
+    "throughput": phase_throughput,
+    "extract": phase_extract,
+    "train": phase_train,
+    "steps": phase_steps,
+    "inference": phase_inference,
+    "predict": phase_predict,
+    "accuracy": phase_accuracy,
+}
 # Environment a phase's interpreter starts with (a value already set by the user wins). OpenMP threads that spin at
 # barriers lose most of their speed on shared cores; the agegender CLI sets PASSIVE before torch loads, and figure
 # 7 times the product as the CLI runs it; so do figures 1-3 (extraction and training as `agegender train` runs them).
@@ -69,8 +75,12 @@ def run_phase(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="agegender-bench-") as tmp:
         spec, result = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps(ctx))
-        proc = subprocess.run([sys.executable, "-m", "benchmarks", "--phase", name, "--spec", str(spec),
-                               "--result", str(result)], check=False, stdout=subprocess.DEVNULL, env=_child_env(name))
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "--phase", name, "--spec", str(spec), "--result", str(result)],
+            check=False,
+            stdout=subprocess.DEVNULL,
+            env=_child_env(name),
+        )
         if proc.returncode != 0 or not result.is_file():
             log.error("phase %s failed (exit %d)", name, proc.returncode)
             return {"error": f"phase {name} exited with status {proc.returncode} (its log is above)"}

@@ -21,8 +21,7 @@ def random_onnx(dest: Path, backbone: str = "dlib-resnet", seed: int = 0) -> Pat
     from agegender.model.net import AgeGenderNet
 
     spec = spec_of(backbone)
-    config = ModelConfig(backbone=backbone, widths=spec.widths, image_size=spec.preprocess.size, hidden=(256,),
-                         dropout=(0.0,))
+    config = ModelConfig(backbone=backbone, widths=spec.widths, image_size=spec.preprocess.size, hidden=(256,), dropout=(0.0,))
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "random.safetensors"

@@ -80,17 +80,24 @@ def report(runs: dict[str, list[tuple[float, float]]], n: int) -> dict[str, Any]
         ratios = [x[0] / y[0] for x, y in zip(runs[a], runs[b], strict=True)]
         return {"median": median(ratios), "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
 
-    out: dict[str, Any] = {name: {"seconds": median([s for s, _ in r]), "runs": [round(s, 2) for s, _ in r],
-                                  "load": median([x for _, x in r])} for name, r in runs.items()}
+    out: dict[str, Any] = {
+        name: {"seconds": median([s for s, _ in r]), "runs": [round(s, 2) for s, _ in r], "load": median([x for _, x in r])}
+        for name, r in runs.items()
+    }
     for name in ("plain", "ray", "ray1"):
         out[name]["images_per_s"] = round(n / out[name]["seconds"], 2)
     out["overhead_ray_vs_plain"] = paired("ray", "plain")
     out["speedup_2_vs_1_workers"] = paired("ray1", "ray")
     if "ray_small" in runs:
-        marginal = [(r[0] - rs[0]) / (p[0] - ps[0]) for r, rs, p, ps in
-                    zip(runs["ray"], runs["ray_small"], runs["plain"], runs["plain_small"], strict=True)]
-        out["marginal_overhead_ray_vs_plain"] = {"median": median(marginal), "min": round(min(marginal), 3),
-                                                 "max": round(max(marginal), 3)}
+        marginal = [
+            (r[0] - rs[0]) / (p[0] - ps[0])
+            for r, rs, p, ps in zip(runs["ray"], runs["ray_small"], runs["plain"], runs["plain_small"], strict=True)
+        ]
+        out["marginal_overhead_ray_vs_plain"] = {
+            "median": median(marginal),
+            "min": round(min(marginal), 3),
+            "max": round(max(marginal), 3),
+        }
     return out
 
 
@@ -118,17 +125,26 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             scratch = Path(tmp)
-            measures = {"plain": lambda: plain(a.model, paths),
-                        "ray": lambda: on_ray(a.model, paths, cores, scratch),
-                        "ray1": lambda: on_ray(a.model, paths, 1, scratch)}
+            measures = {
+                "plain": lambda: plain(a.model, paths),
+                "ray": lambda: on_ray(a.model, paths, cores, scratch),
+                "ray1": lambda: on_ray(a.model, paths, 1, scratch),
+            }
             if a.small:
-                measures |= {"plain_small": lambda: plain(a.model, paths[:a.small]),
-                             "ray_small": lambda: on_ray(a.model, paths[:a.small], cores, scratch)}
+                measures |= {
+                    "plain_small": lambda: plain(a.model, paths[: a.small]),
+                    "ray_small": lambda: on_ray(a.model, paths[: a.small], cores, scratch),
+                }
             runs = interleave(measures, a.reps)
     finally:
         ray.shutdown()
-    figures = {"photos": len(paths), "cores": cores, "ray_start_s": round(ray_start, 2), "model": a.model,
-               **report(runs, len(paths))}
+    figures = {
+        "photos": len(paths),
+        "cores": cores,
+        "ray_start_s": round(ray_start, 2),
+        "model": a.model,
+        **report(runs, len(paths)),
+    }
     text = json.dumps(figures, indent=2)
     print(text)
     if a.json:

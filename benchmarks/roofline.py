@@ -67,8 +67,7 @@ def flops_per_face(path: Path) -> dict[str, float]:
     for dim in model.graph.input[0].type.tensor_type.shape.dim[:1]:
         dim.dim_value = 1  # a fixed batch, so inference gives every output a concrete size
     model = shape_inference.infer_shapes(model)
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in (*model.graph.value_info, *model.graph.output)}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*model.graph.value_info, *model.graph.output)}
     inits = _initializers(model)
     producers = {out: n for n in model.graph.node for out in n.output}
     conv = gemm = 0.0
@@ -113,8 +112,13 @@ def _matmul_model(kind: str, m: int, k: int, n: int) -> tuple[bytes, dict[str, n
         b = numpy_helper.from_array(rng.integers(-127, 127, (k, n), dtype=np.int8), "B")
         node = helper.make_node("MatMulInteger", ["A", "B"], ["Y"])
         a_type, y_type = TensorProto.UINT8, TensorProto.INT32
-    graph = helper.make_graph([node], "matmul", [helper.make_tensor_value_info("A", a_type, [m, k])],
-                              [helper.make_tensor_value_info("Y", y_type, [m, n])], initializer=[b])
+    graph = helper.make_graph(
+        [node],
+        "matmul",
+        [helper.make_tensor_value_info("A", a_type, [m, k])],
+        [helper.make_tensor_value_info("Y", y_type, [m, n])],
+        initializer=[b],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     return model.SerializeToString(), {"A": a}
 
@@ -168,34 +172,51 @@ def run(model: Path, reps: int, seconds: float) -> dict[str, Any]:
     spreads = interleave(fns, reps, label="roofline")
     faces = spreads.pop("model")
     achieved = faces["median"] * counted["total_flops"]
-    result: dict[str, Any] = {"machine": f"{_cpu_name()}, {os.cpu_count()} logical cores, load {loadavg()}",
-                              "model": model.name, "batch": BATCH, "threads": 1, **counted, **notes,
-                              "faces_per_second": faces, "ms_per_face": 1000.0 / faces["median"],
-                              "achieved_flops_per_second": achieved, "matmul": spreads}
+    result: dict[str, Any] = {
+        "machine": f"{_cpu_name()}, {os.cpu_count()} logical cores, load {loadavg()}",
+        "model": model.name,
+        "batch": BATCH,
+        "threads": 1,
+        **counted,
+        **notes,
+        "faces_per_second": faces,
+        "ms_per_face": 1000.0 / faces["median"],
+        "achieved_flops_per_second": achieved,
+        "matmul": spreads,
+    }
     result["fraction_of"] = {kind.removeprefix("matmul_"): achieved / s["median"] for kind, s in spreads.items()}
     return result
 
 
 def markdown(r: dict[str, Any]) -> str:
     g = r["gemm"]
-    lines = ["## 10. The bundled model against the machine's matmul limit", "",
-             f"Measured with `python -m benchmarks.roofline` on {r['machine']}; one thread, medians of "
-             f"interleaved runs (min-max).", "",
-             f"- FLOPs per face, counted from the graph (2 per multiply-add): trunk convs "
-             f"{r['trunk_flops'] / 1e9:.2f} GFLOP, heads {r['head_flops'] / 1e6:.1f} MFLOP.",
-             f"- `{r['model']}` at batch {r['batch']}: {r['faces_per_second']['median']:.0f} faces/s "
-             f"({r['faces_per_second']['min']:.0f}-{r['faces_per_second']['max']:.0f}), {r['ms_per_face']:.2f} ms "
-             f"per face, so {r['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s.", "",
-             f"| one-thread matmul ({g['m']}x{g['k']} by {g['k']}x{g['n']}) | GFLOP/s (GOP/s for int8) | min-max "
-             f"| the model's rate as a fraction |", "|---|---|---|---|"]
+    lines = [
+        "## 10. The bundled model against the machine's matmul limit",
+        "",
+        f"Measured with `python -m benchmarks.roofline` on {r['machine']}; one thread, medians of interleaved runs (min-max).",
+        "",
+        f"- FLOPs per face, counted from the graph (2 per multiply-add): trunk convs "
+        f"{r['trunk_flops'] / 1e9:.2f} GFLOP, heads {r['head_flops'] / 1e6:.1f} MFLOP.",
+        f"- `{r['model']}` at batch {r['batch']}: {r['faces_per_second']['median']:.0f} faces/s "
+        f"({r['faces_per_second']['min']:.0f}-{r['faces_per_second']['max']:.0f}), {r['ms_per_face']:.2f} ms "
+        f"per face, so {r['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s.",
+        "",
+        f"| one-thread matmul ({g['m']}x{g['k']} by {g['k']}x{g['n']}) | GFLOP/s (GOP/s for int8) | min-max "
+        f"| the model's rate as a fraction |",
+        "|---|---|---|---|",
+    ]
     for kind, s in r["matmul"].items():
         name = kind.removeprefix("matmul_")
-        lines.append(f"| {name} | {s['median'] / 1e9:.1f} | {s['min'] / 1e9:.1f}-{s['max'] / 1e9:.1f} "
-                     f"| {r['fraction_of'][name]:.2f} |")
+        lines.append(
+            f"| {name} | {s['median'] / 1e9:.1f} | {s['min'] / 1e9:.1f}-{s['max'] / 1e9:.1f} | {r['fraction_of'][name]:.2f} |"
+        )
     if "bf16" in r:
         lines.append(f"\n{r['bf16']}.")
-    lines += ["", "The shipped model runs its convs in int8 (QDQ, the first conv in float), so the int8 row is its "
-              "limit; the float32 and bfloat16 rows say what the same work would reach in those precisions."]
+    lines += [
+        "",
+        "The shipped model runs its convs in int8 (QDQ, the first conv in float), so the int8 row is its "
+        "limit; the float32 and bfloat16 rows say what the same work would reach in those precisions.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -41,8 +41,10 @@ def free_port() -> int:
 
 def multipart(data: bytes, name: str) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
@@ -52,8 +54,10 @@ def start_service(model: str, port: int, timeout: float) -> subprocess.Popen[byt
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the service exited with {proc.returncode}: "
-                             f"{(proc.stderr.read() if proc.stderr else b'').decode(errors='replace')[-2000:]}")
+            raise SystemExit(
+                f"the service exited with {proc.returncode}: "
+                f"{(proc.stderr.read() if proc.stderr else b'').decode(errors='replace')[-2000:]}"
+            )
         try:
             conn = http.client.HTTPConnection(HOST, port, timeout=2)
             conn.request("GET", "/health")
@@ -76,8 +80,9 @@ def stop_service(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
-def run_level(port: int, uploads: list[tuple[bytes, str]], clients: int, requests: int, seconds: float,
-              backoff: float) -> dict[str, Any]:
+def run_level(
+    port: int, uploads: list[tuple[bytes, str]], clients: int, requests: int, seconds: float, backoff: float
+) -> dict[str, Any]:
     """``clients`` threads posting until ``requests`` uploads succeeded or ``seconds`` passed; a client whose
     upload was shed waits ``backoff`` seconds before the next, so it keeps the pressure on without spinning."""
     latencies: list[float] = []
@@ -127,9 +132,17 @@ def run_level(port: int, uploads: list[tuple[bytes, str]], clients: int, request
     def pct(q: float) -> float | None:
         return round(1000 * ok[min(len(ok) - 1, round(q * (len(ok) - 1)))], 1) if ok else None
 
-    return {"clients": clients, "ok": len(ok), "statuses": statuses, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
-            "mean_ms": round(1000 * statistics.fmean(ok), 1) if ok else None, "ok_per_s": round(len(ok) / wall, 2),
-            "seconds": round(wall, 1), "load": round(os.getloadavg()[0], 2)}
+    return {
+        "clients": clients,
+        "ok": len(ok),
+        "statuses": statuses,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "mean_ms": round(1000 * statistics.fmean(ok), 1) if ok else None,
+        "ok_per_s": round(len(ok) / wall, 2),
+        "seconds": round(wall, 1),
+        "load": round(os.getloadavg()[0], 2),
+    }
 
 
 def main() -> None:
@@ -146,7 +159,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures here")
     a = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    photos = sorted(p for p in Path(a.faces).rglob("*") if p.suffix.lower() in SUFFIXES)[:a.n]
+    photos = sorted(p for p in Path(a.faces).rglob("*") if p.suffix.lower() in SUFFIXES)[: a.n]
     if not photos:
         raise SystemExit(f"{a.faces}: no photos")
     uploads = [multipart(p.read_bytes(), p.name) for p in photos]

@@ -40,8 +40,7 @@ def setting(g: dict[str, Any]) -> str:
 
 def _load_of(*phases: dict[str, Any]) -> float | None:
     """The median 1-minute load average recorded at the start and end of ``phases``."""
-    loads = [x for ph in phases for x in ((ph.get("load_average_start") or [None])[0], ph.get("load_end"))
-             if x is not None]
+    loads = [x for ph in phases for x in ((ph.get("load_average_start") or [None])[0], ph.get("load_end")) if x is not None]
     return float(statistics.median(loads)) if loads else None
 
 
@@ -67,8 +66,9 @@ def summarise(r: dict[str, Any], epochs: int) -> dict[str, Any]:
         if "epoch_seconds" in tr:
             s["train_speedup_fit_epochs"] = s["naive_epoch_seconds"] / tr["epoch_seconds"]
     elif "epoch_seconds" in tr and "naive" in st:  # a run from before the interleaved pairs
-        naive = (tr["train_images"] / st["naive"]["train_images_per_second"]
-                 + tr["val_images"] / st["naive"]["val_images_per_second"])
+        naive = (
+            tr["train_images"] / st["naive"]["train_images_per_second"] + tr["val_images"] / st["naive"]["val_images_per_second"]
+        )
         s["naive_epoch_seconds"] = naive
         s["train_speedup_vs_naive"] = naive / tr["epoch_seconds"]
     if "wall_seconds" in ex and "epoch_seconds" in tr:
@@ -80,8 +80,12 @@ def summarise(r: dict[str, Any], epochs: int) -> dict[str, Any]:
         s["full_run_minutes"] = minutes(tr["epoch_seconds"])
         if "epochs" in tr:
             e = tr["epochs"]
-            s["spread"]["full_run_minutes"] = {"median": minutes(e["median"]), "min": minutes(e["min"]),
-                                               "max": minutes(e["max"]), "load": _load_of(ex, tr)}
+            s["spread"]["full_run_minutes"] = {
+                "median": minutes(e["median"]),
+                "min": minutes(e["min"]),
+                "max": minutes(e["max"]),
+                "load": _load_of(ex, tr),
+            }
     if "images_per_second" in pr and "images_per_second" in peer:
         s["predict_ratio_vs_peer"] = pr["images_per_second"] / peer["images_per_second"]
     else:

@@ -23,10 +23,19 @@ def train_config(ctx: dict[str, Any], **overrides: Any) -> Any:
     from agegender.train.config import TrainConfig
 
     precision = {True: "bf16", False: "fp32"}.get(ctx.get("extract_bf16"), "auto")
-    return TrainConfig.from_preset("default", data=ctx["tree"], backbone="vgg-face", weights=ctx["weights"],
-                                   out=ctx["run_dir"], cache_dir=ctx["cache_dir"], precision=precision,
-                                   hidden=tuple(ctx["sizes"]["hidden"]), device=ctx["device"], progress=False,
-                                   **overrides)
+    return TrainConfig.from_preset(
+        "default",
+        data=ctx["tree"],
+        backbone="vgg-face",
+        weights=ctx["weights"],
+        out=ctx["run_dir"],
+        cache_dir=ctx["cache_dir"],
+        precision=precision,
+        hidden=tuple(ctx["sizes"]["hidden"]),
+        device=ctx["device"],
+        progress=False,
+        **overrides,
+    )
 
 
 def fit_records(cfg: Any) -> tuple[list[Any], int, int]:
@@ -41,8 +50,18 @@ def cached_features(model: Any, records: Any, pre: Any, sha: str | None, cfg: An
     """The feature cache exactly as `train.fit` builds (or finds) it."""
     from agegender.data.features import cached_features as cached
 
-    return cached(model, records, pre, cfg.cache_dir, weights_sha256=sha, bf16=cfg.bf16,
-                  batch_size=max(cfg.batch_size, 64), workers=cfg.workers, device=cfg.device, progress=False)
+    return cached(
+        model,
+        records,
+        pre,
+        cfg.cache_dir,
+        weights_sha256=sha,
+        bf16=cfg.bf16,
+        batch_size=max(cfg.batch_size, 64),
+        workers=cfg.workers,
+        device=cfg.device,
+        progress=False,
+    )
 
 
 def phase_extract(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -55,8 +74,14 @@ def phase_extract(ctx: dict[str, Any]) -> dict[str, Any]:
     records, _, _ = fit_records(cfg)
     start = time.perf_counter()
     fs = cached_features(model, records, pre, sha, cfg)
-    return {"images": int(fs.ok.sum()), "seconds": fs.seconds, "wall_seconds": time.perf_counter() - start,
-            "images_per_second": fs.images_per_second, "bf16": cfg.bf16, "load_end": load1()}
+    return {
+        "images": int(fs.ok.sum()),
+        "seconds": fs.seconds,
+        "wall_seconds": time.perf_counter() - start,
+        "images_per_second": fs.images_per_second,
+        "bf16": cfg.bf16,
+        "load_end": load1(),
+    }
 
 
 def _checkpoint_seconds(written: list[Path], folder: Path) -> float:
@@ -86,16 +111,28 @@ def phase_train(ctx: dict[str, Any]) -> dict[str, Any]:
     written = [result.run.checkpoint, result.run.last, result.run.train_state]
     checkpoint_s = _checkpoint_seconds(written, result.out)
     epochs = spread([row["seconds"] for row in result.history], [load, load1()])
-    return {"cache_hit": bool(result.features_cached), "epoch_seconds": epochs["median"], "epochs": epochs,
-            "epochs_measured": len(result.history), "fit_wall_seconds": wall,
-            "checkpoint_seconds": checkpoint_s, "checkpoint_mb": sum(f.stat().st_size for f in written) / 1e6,
-            "train_images": n_train, "val_images": n_val, "history": result.history,
-            "batch": cfg.batch_size, "bf16": cfg.bf16, "threads": train_threads(), "checkpoint": str(result.checkpoint)}
+    return {
+        "cache_hit": bool(result.features_cached),
+        "epoch_seconds": epochs["median"],
+        "epochs": epochs,
+        "epochs_measured": len(result.history),
+        "fit_wall_seconds": wall,
+        "checkpoint_seconds": checkpoint_s,
+        "checkpoint_mb": sum(f.stat().st_size for f in written) / 1e6,
+        "train_images": n_train,
+        "val_images": n_val,
+        "history": result.history,
+        "batch": cfg.batch_size,
+        "bf16": cfg.bf16,
+        "threads": train_threads(),
+        "checkpoint": str(result.checkpoint),
+    }
 
 
 # -- cached vs naive epochs, interleaved ------------------------------------------------------
-def _epoch_pairs(model: Any, paths: dict[str, Any], labels: Any, cfg: Any, train_idx: Any, val_idx: Any, n: int,
-                 reps: int) -> dict[str, Any]:
+def _epoch_pairs(
+    model: Any, paths: dict[str, Any], labels: Any, cfg: Any, train_idx: Any, val_idx: Any, n: int, reps: int
+) -> dict[str, Any]:
     """A cached epoch exactly as train.fit runs it (every train image, then validation), and beside it the
     --no-cache epoch extrapolated from ``n`` train and ``n`` validation images through the naive path: A B, B A,
     ... ``reps`` times. Each repetition's naive/cached ratio is one speedup sample."""
@@ -106,7 +143,7 @@ def _epoch_pairs(model: Any, paths: dict[str, Any], labels: Any, cfg: Any, train
     opt = make_optimizer(model, cfg)
     steps = {name: Step(model, b.cached, cfg.bf16) for name, b in paths.items()}
     for name, b in paths.items():  # warm-up: one batch on each path
-        train_one_epoch(model, steps[name], b, train_idx[:cfg.batch_size], labels, opt, cfg, 0)
+        train_one_epoch(model, steps[name], b, train_idx[: cfg.batch_size], labels, opt, cfg, 0)
     parts: dict[str, dict[str, list[float]]] = {k: {"train": [], "val": []} for k in paths}
     calls = {"cached": 0, "naive": 0}
 
@@ -135,14 +172,20 @@ def _epoch_pairs(model: Any, paths: dict[str, Any], labels: Any, cfg: Any, train
 
     res = interleave({"cached": cached, "naive": naive}, reps, "epoch pair")
     rates = {k: {f"{part}_images_per_second": float(np.median(v)) for part, v in p.items()} for k, p in parts.items()}
-    return {"reps": reps, "cached_epoch_seconds": res["cached"], "naive_epoch_seconds": res["naive"],
-            "speedup": ratio(res["naive"], res["cached"]), "rates": rates,
-            "rates_all": {k: p for k, p in parts.items()}}
+    return {
+        "reps": reps,
+        "cached_epoch_seconds": res["cached"],
+        "naive_epoch_seconds": res["naive"],
+        "speedup": ratio(res["naive"], res["cached"]),
+        "rates": rates,
+        "rates_all": {k: p for k, p in parts.items()},
+    }
 
 
 # -- head-step variants and the matmul peak, interleaved --------------------------------------
-def _head_rate(model: Any, batches: Any, labels: Any, cfg: Any, train_idx: Any, bf16: bool, threads: int,
-               opt: Any, images: int) -> float:
+def _head_rate(
+    model: Any, batches: Any, labels: Any, cfg: Any, train_idx: Any, bf16: bool, threads: int, opt: Any, images: int
+) -> float:
     """Cached head steps/s through the library's own train_one_epoch and Step (one warm-up batch first)."""
     import numpy as np
 
@@ -172,8 +215,7 @@ def _step_flops(model: Any, features: Any, labels: Any, cfg: Any, batch: int) ->
     idx = np.arange(batch) % len(features)
     model.train()
     with FlopCounterMode(display=False) as counter:
-        loss = loss_fn(Outputs(*Step(model, True, False)(features[torch.as_tensor(idx)].to(cfg.device))), labels,
-                       idx, model, cfg)
+        loss = loss_fn(Outputs(*Step(model, True, False)(features[torch.as_tensor(idx)].to(cfg.device))), labels, idx, model, cfg)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch
@@ -202,12 +244,14 @@ def _largest_layer(model: Any) -> tuple[int, int]:
     """(in, out) of the head's largest Linear layer: the shapes the head's matmuls run at."""
     from torch import nn
 
-    return max(((m.in_features, m.out_features) for m in model.fc.modules() if isinstance(m, nn.Linear)),
-               key=lambda io: io[0] * io[1])
+    return max(
+        ((m.in_features, m.out_features) for m in model.fc.modules() if isinstance(m, nn.Linear)), key=lambda io: io[0] * io[1]
+    )
 
 
-def _head_variants(model: Any, records: Any, pre: Any, features: Any, labels: Any, cfg: Any, train_idx: Any,
-                   s: dict[str, Any]) -> dict[str, Any]:
+def _head_variants(
+    model: Any, records: Any, pre: Any, features: Any, labels: Any, cfg: Any, train_idx: Any, s: dict[str, Any]
+) -> dict[str, Any]:
     """Head-step images/s for every precision x batch x thread count (fused Adam), and torch's multi-tensor Adam
     at the defaults; interleaved over ``head_reps`` repetitions with fp32 and bf16 matmuls at the head's shapes
     and at a large square size, which give the machine's matmul peak in the same run."""
@@ -218,12 +262,15 @@ def _head_variants(model: Any, records: Any, pre: Any, features: Any, labels: An
     from agegender.distributed import World
     from agegender.train.loop import make_optimizer, train_threads
 
-    default = {"precision": "bf16" if cfg.bf16 else "fp32", "batch": cfg.batch_size, "threads": train_threads(),
-               "adam": "fused"}
+    default = {"precision": "bf16" if cfg.bf16 else "fp32", "batch": cfg.batch_size, "threads": train_threads(), "adam": "fused"}
     thread_counts = list(dict.fromkeys((1, 2, default["threads"])))
     sizes = list(dict.fromkeys((*s["head_batches"], cfg.batch_size)))
-    variants = [{"precision": p, "batch": b, "threads": t, "adam": "fused"}
-                for p in ("fp32", "bf16") for b in sizes for t in thread_counts]
+    variants = [
+        {"precision": p, "batch": b, "threads": t, "adam": "fused"}
+        for p in ("fp32", "bf16")
+        for b in sizes
+        for t in thread_counts
+    ]
     variants.append({**default, "adam": "foreach"})
     opts = {"fused": make_optimizer(model, cfg), "foreach": make_optimizer(model, cfg, fused=False)}
     world = World(device=cfg.device)
@@ -231,19 +278,35 @@ def _head_variants(model: Any, records: Any, pre: Any, features: Any, labels: An
     flops = {b: _step_flops(model, features.features, labels, cfg, b) for b in sizes}
     measures = {}
     for v in variants:
-        v["name"] = (f"{v['precision']}, batch {v['batch']}, {v['threads']} thread{'s' if v['threads'] > 1 else ''}, "
-                     f"{v['adam']} Adam")
+        v["name"] = (
+            f"{v['precision']}, batch {v['batch']}, {v['threads']} thread{'s' if v['threads'] > 1 else ''}, {v['adam']} Adam"
+        )
         v["default"] = all(v[k] == default[k] for k in default)
-        measures[v["name"]] = partial(_head_rate, model, paths[v["batch"]], labels, replace(cfg, batch_size=v["batch"]),
-                                      train_idx, v["precision"] == "bf16", v["threads"], opts[v["adam"]],
-                                      s["head_images"])
+        measures[v["name"]] = partial(
+            _head_rate,
+            model,
+            paths[v["batch"]],
+            labels,
+            replace(cfg, batch_size=v["batch"]),
+            train_idx,
+            v["precision"] == "bf16",
+            v["threads"],
+            opts[v["adam"]],
+            s["head_images"],
+        )
     k, n = _largest_layer(model)
     square = min(2048, max(512, 2 * n))
-    shapes = {f"head forward ({cfg.batch_size} x {k}) @ ({k} x {n})": (cfg.batch_size, k, n),
-              f"head weight gradient ({k} x {cfg.batch_size}) @ ({cfg.batch_size} x {n})": (k, cfg.batch_size, n),
-              f"square {square}": (square, square, square)}
-    gemms = [{"shape": label, "mkn": mkn, "dtype": d, "threads": t} for label, mkn in shapes.items()
-             for d in ("fp32", "bf16") for t in thread_counts]
+    shapes = {
+        f"head forward ({cfg.batch_size} x {k}) @ ({k} x {n})": (cfg.batch_size, k, n),
+        f"head weight gradient ({k} x {cfg.batch_size}) @ ({cfg.batch_size} x {n})": (k, cfg.batch_size, n),
+        f"square {square}": (square, square, square),
+    }
+    gemms = [
+        {"shape": label, "mkn": mkn, "dtype": d, "threads": t}
+        for label, mkn in shapes.items()
+        for d in ("fp32", "bf16")
+        for t in thread_counts
+    ]
     for g in gemms:
         g["name"] = f"matmul {g['dtype']}, {g['shape']}, {g['threads']} thread{'s' if g['threads'] > 1 else ''}"
         m, kk, nn = g["mkn"]
@@ -259,10 +322,19 @@ def _head_variants(model: Any, records: Any, pre: Any, features: Any, labels: An
         v["flops_per_second"] = v["images_per_second"]["median"] * v["flops_per_image"]
         v["fraction_of_peak"] = v["flops_per_second"] / peak["flops_per_second"]["median"]
         v["fraction_of_dtype_peak"] = v["flops_per_second"] / dtype_peak[v["precision"]]
-    return {"variants": variants, "gemm": gemms, "default": default, "reps": s["head_reps"],
-            "images": s["head_images"],
-            "peak": {"name": peak["name"], "flops_per_second": peak["flops_per_second"]["median"],
-                     "best_run": max(max(g["flops_per_second"]["runs"]) for g in gemms), "by_dtype": dtype_peak}}
+    return {
+        "variants": variants,
+        "gemm": gemms,
+        "default": default,
+        "reps": s["head_reps"],
+        "images": s["head_images"],
+        "peak": {
+            "name": peak["name"],
+            "flops_per_second": peak["flops_per_second"]["median"],
+            "best_run": max(max(g["flops_per_second"]["runs"]) for g in gemms),
+            "by_dtype": dtype_peak,
+        },
+    }
 
 
 def phase_steps(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -281,18 +353,32 @@ def phase_steps(ctx: dict[str, Any]) -> dict[str, Any]:
     features = cached_features(model, records, pre, sha, cfg)
     world = World(device=cfg.device)
     # The naive path is what `--no-cache` trains on: no features, images decoded batch by batch.
-    paths = {"cached": Batches(records, pre, cfg.batch_size, cfg.workers, features, world),
-             "naive": Batches(records, pre, cfg.batch_size, cfg.workers, None, world)}
+    paths = {
+        "cached": Batches(records, pre, cfg.batch_size, cfg.workers, features, world),
+        "naive": Batches(records, pre, cfg.batch_size, cfg.workers, None, world),
+    }
     train_idx = np.intersect1d(np.arange(n_train), paths["cached"].valid)
     val_idx = np.arange(n_train, n_train + n_val)
     # About step_batches x 128 naive images a side, in whole batches of the default size.
     n = min(max(1, round(s["step_batches"] * 128 / cfg.batch_size)) * cfg.batch_size, len(train_idx))
     pairs = _epoch_pairs(model, paths, labels, cfg, train_idx, val_idx, n, s["epoch_pairs"])
-    log.info("epoch pairs: cached %.1f s, naive %.1f s, speedup %.1fx (median of %d)",
-             pairs["cached_epoch_seconds"]["median"], pairs["naive_epoch_seconds"]["median"],
-             pairs["speedup"]["median"], s["epoch_pairs"])
-    out: dict[str, Any] = {"batch": cfg.batch_size, "bf16": cfg.bf16, "threads": train_threads(),
-                           "train_images": n_train, "val_images": n_val, "timed_images": n,
-                           "cache_hit": features.cached, "pairs": pairs, **pairs["rates"]}
+    log.info(
+        "epoch pairs: cached %.1f s, naive %.1f s, speedup %.1fx (median of %d)",
+        pairs["cached_epoch_seconds"]["median"],
+        pairs["naive_epoch_seconds"]["median"],
+        pairs["speedup"]["median"],
+        s["epoch_pairs"],
+    )
+    out: dict[str, Any] = {
+        "batch": cfg.batch_size,
+        "bf16": cfg.bf16,
+        "threads": train_threads(),
+        "train_images": n_train,
+        "val_images": n_val,
+        "timed_images": n,
+        "cache_hit": features.cached,
+        "pairs": pairs,
+        **pairs["rates"],
+    }
     out["head"] = _head_variants(model, records, pre, features, labels, cfg, train_idx, s)
     return out

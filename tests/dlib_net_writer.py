@@ -119,7 +119,7 @@ class Net:
 
     def fc(self, outputs: int) -> None:
         inputs = self.channels
-        w = self.rng.normal(0, inputs ** -0.5, (inputs, outputs)).astype(np.float32)  # dlib's (in, out)
+        w = self.rng.normal(0, inputs**-0.5, (inputs, outputs)).astype(np.float32)  # dlib's (in, out)
         self.state["fc.weight"] = np.ascontiguousarray(w.T)
         version = self.style["fc"]
         body = dlib_str(version) + dlib_int(outputs) + dlib_int(inputs) + dlib_tensor(w[:, :, None, None])
@@ -159,8 +159,13 @@ def _ares_down(net: Net, name: str, width: int) -> None:
     net.channels = max(net.channels, input_channels)
 
 
-def build_net(widths: tuple[int, ...] = TINY_WIDTHS, descriptor_dim: int = 4, style: str = "2017",
-              seed: int = 0, net_type: Callable[..., Net] = Net) -> Net:
+def build_net(
+    widths: tuple[int, ...] = TINY_WIDTHS,
+    descriptor_dim: int = 4,
+    style: str = "2017",
+    seed: int = 0,
+    net_type: Callable[..., Net] = Net,
+) -> Net:
     """The face-recognition ResNet at any widths; ``net_type`` lets a test write some layer wrong."""
     net = net_type(STYLES[style], np.random.default_rng(seed))
     net.con("conv1", widths[0], 7, 2)
@@ -204,8 +209,9 @@ def serialize(net: Net) -> bytes:
     return loss + wrapped(len(net.layers) - 1)
 
 
-def write_dlib_resnet(widths: tuple[int, ...] = TINY_WIDTHS, descriptor_dim: int = 4, style: str = "2017",
-                      seed: int = 0) -> tuple[bytes, dict[str, np.ndarray]]:
+def write_dlib_resnet(
+    widths: tuple[int, ...] = TINY_WIDTHS, descriptor_dim: int = 4, style: str = "2017", seed: int = 0
+) -> tuple[bytes, dict[str, np.ndarray]]:
     """A complete ``.dat`` file's bytes and the canonical state dict it should read back as."""
     net = build_net(widths, descriptor_dim, style, seed)
     return serialize(net), net.state

@@ -96,8 +96,16 @@ def write_model(spec: ModelSpec, *, version: int = 1, old_matrix_format: bool = 
     return bytes(out)
 
 
-def random_model(rng: np.random.Generator, *, parts: int = 5, cascades: int = 3, trees: int = 12,
-                 depth: int = 3, pixels: int = 24, leaf_scale: float = 0.01) -> ModelSpec:
+def random_model(
+    rng: np.random.Generator,
+    *,
+    parts: int = 5,
+    cascades: int = 3,
+    trees: int = 12,
+    depth: int = 3,
+    pixels: int = 24,
+    leaf_scale: float = 0.01,
+) -> ModelSpec:
     """A model whose predictions move around plausibly: shape in the unit box, small feature offsets,
     thresholds in grey-level differences, small leaf updates (some exactly zero, some negative)."""
     splits = (1 << depth) - 1
@@ -106,10 +114,16 @@ def random_model(rng: np.random.Generator, *, parts: int = 5, cascades: int = 3,
     for _ in range(cascades):
         leaves = (rng.standard_normal((trees, splits + 1, parts, 2)) * leaf_scale).astype(f32)
         leaves[rng.random(leaves.shape) < 0.05] = 0
-        out.append(CascadeSpec(
-            rng.integers(0, pixels, (trees, splits)), rng.integers(0, pixels, (trees, splits)),
-            rng.uniform(-60, 60, (trees, splits)).astype(f32), leaves,
-            rng.integers(0, parts, pixels), rng.uniform(-0.3, 0.3, (pixels, 2)).astype(f32)))
+        out.append(
+            CascadeSpec(
+                rng.integers(0, pixels, (trees, splits)),
+                rng.integers(0, pixels, (trees, splits)),
+                rng.uniform(-60, 60, (trees, splits)).astype(f32),
+                leaves,
+                rng.integers(0, parts, pixels),
+                rng.uniform(-0.3, 0.3, (pixels, 2)).astype(f32),
+            )
+        )
     return ModelSpec(rng.uniform(0.15, 0.85, (parts, 2)).astype(f32), out)
 
 

@@ -17,8 +17,13 @@ import numpy as np
 
 BLOCK_CONVS = (2, 2, 3, 3, 3)  # convs per VGG16 block
 FC_NAMES = ("fc6", "fc7", "fc8")
-_KIND = {np.dtype("float32"): "Float", np.dtype("float64"): "Double", np.dtype("int64"): "Long",
-         np.dtype("int32"): "Int", np.dtype("uint8"): "Byte"}
+_KIND = {
+    np.dtype("float32"): "Float",
+    np.dtype("float64"): "Double",
+    np.dtype("int64"): "Long",
+    np.dtype("int32"): "Int",
+    np.dtype("uint8"): "Byte",
+}
 
 
 @dataclass(eq=False)
@@ -202,12 +207,17 @@ def vgg_face_params(widths: tuple[int, ...], fc: int, classes: int, seed: int = 
 
 
 def _module(class_name: str, **fields: Any) -> Obj:
-    return Obj(class_name, {**fields, "output": empty(), "gradInput": empty(), "train": False,
-                            "_type": "torch.FloatTensor"})
+    return Obj(class_name, {**fields, "output": empty(), "gradInput": empty(), "train": False, "_type": "torch.FloatTensor"})
 
 
-def vgg_face_model(params: dict[str, np.ndarray], conv_4d: bool = False, shared_storage: bool = False,
-                   cuda: bool = False, old_conv: bool = False, double: bool = False) -> Obj:
+def vgg_face_model(
+    params: dict[str, np.ndarray],
+    conv_4d: bool = False,
+    shared_storage: bool = False,
+    cuda: bool = False,
+    old_conv: bool = False,
+    double: bool = False,
+) -> Obj:
     """``nn.Sequential`` of the 40 VGG_FACE.t7 modules, in the file's order.
 
     ``conv_4d`` writes conv weights as (out, in, 3, 3) instead of SpatialConvolutionMM's 2-D (out, in*9);
@@ -235,12 +245,20 @@ def vgg_face_model(params: dict[str, np.ndarray], conv_4d: bool = False, shared_
         for i in range(1, n + 1):
             w = params[f"conv{b}_{i}.weight"]
             geometry = {} if old_conv else {"dW": 1, "dH": 1, "padW": 1, "padH": 1}
-            modules.append(_module("nn.SpatialConvolutionMM", nInputPlane=w.shape[1], nOutputPlane=w.shape[0],
-                                   kW=3, kH=3, **geometry,
-                                   weight=tensors[f"conv{b}_{i}.weight"], bias=tensors[f"conv{b}_{i}.bias"]))
+            modules.append(
+                _module(
+                    "nn.SpatialConvolutionMM",
+                    nInputPlane=w.shape[1],
+                    nOutputPlane=w.shape[0],
+                    kW=3,
+                    kH=3,
+                    **geometry,
+                    weight=tensors[f"conv{b}_{i}.weight"],
+                    bias=tensors[f"conv{b}_{i}.bias"],
+                )
+            )
             modules.append(_module("nn.ReLU", threshold=0, val=0, inplace=False))
-        modules.append(_module("nn.SpatialMaxPooling", kW=2, kH=2, dW=2, dH=2, padW=0, padH=0,
-                               ceil_mode=False, indices=empty()))
+        modules.append(_module("nn.SpatialMaxPooling", kW=2, kH=2, dW=2, dH=2, padW=0, padH=0, ceil_mode=False, indices=empty()))
     flat = params["fc6.weight"].shape[1]
     modules.append(_module("nn.View", size=Storage(np.array([flat], np.int64)), numElements=flat))
     for name in FC_NAMES:
@@ -252,8 +270,14 @@ def vgg_face_model(params: dict[str, np.ndarray], conv_4d: bool = False, shared_
     return _module("nn.Sequential", modules=modules)
 
 
-def write_vgg_face_t7(path: str | os.PathLike[str], widths: tuple[int, ...] = (4, 8, 8, 16, 16), fc: int = 32,
-                      classes: int = 10, seed: int = 0, **options: Any) -> dict[str, np.ndarray]:
+def write_vgg_face_t7(
+    path: str | os.PathLike[str],
+    widths: tuple[int, ...] = (4, 8, 8, 16, 16),
+    fc: int = 32,
+    classes: int = 10,
+    seed: int = 0,
+    **options: Any,
+) -> dict[str, np.ndarray]:
     """Write a VGG_FACE.t7-shaped file; returns its parameters in PyTorch shapes."""
     params = vgg_face_params(widths, fc, classes, seed)
     write_t7(path, vgg_face_model(params, **options))
@@ -273,8 +297,15 @@ def torch7_forward(model: Obj, x: np.ndarray) -> np.ndarray:
         f = module.fields
         kind = module.class_name
         if kind == "nn.SpatialConvolutionMM":
-            x = _conv_mm(x, np.asarray(f["weight"], np.float64).reshape(f["nOutputPlane"], -1),
-                         np.asarray(f["bias"], np.float64), f["kW"], f["kH"], f["padW"], f["padH"])
+            x = _conv_mm(
+                x,
+                np.asarray(f["weight"], np.float64).reshape(f["nOutputPlane"], -1),
+                np.asarray(f["bias"], np.float64),
+                f["kW"],
+                f["kH"],
+                f["padW"],
+                f["padH"],
+            )
         elif kind == "nn.ReLU":
             x = np.maximum(x, f["threshold"])
         elif kind == "nn.SpatialMaxPooling":
@@ -295,14 +326,13 @@ def torch7_forward(model: Obj, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _conv_mm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, kw: int, kh: int, padw: int,
-             padh: int) -> np.ndarray:
+def _conv_mm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, kw: int, kh: int, padw: int, padh: int) -> np.ndarray:
     c, h, w = x.shape
     xp = np.pad(x, ((0, 0), (padh, padh), (padw, padw)))
     oh, ow = h + 2 * padh - kh + 1, w + 2 * padw - kw + 1
     finput = np.empty((c, kh, kw, oh, ow))
     for i in range(kh):
         for j in range(kw):
-            finput[:, i, j] = xp[:, i:i + oh, j:j + ow]
+            finput[:, i, j] = xp[:, i : i + oh, j : j + ow]
     out = weight @ finput.reshape(c * kh * kw, oh * ow) + bias[:, None]
     return out.reshape(-1, oh, ow)

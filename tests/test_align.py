@@ -113,18 +113,21 @@ def _corrupt(spec: ModelSpec, **changes: np.ndarray) -> ModelSpec:
     return ModelSpec(spec.initial_shape, [replace(spec.cascades[0], **changes), *spec.cascades[1:]])
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("version", "shape_predictor version is 2, expected 1"),
-    ("odd_shape", "initial shape has 9 values"),
-    ("split_index", "splits on feature pixel 3, but it has only 3"),
-    ("anchor", "names landmark 5 of 5"),
-    ("leaves", "tree 0 has 1 splits and 3 leaves"),
-    ("depths", "split count (trees must share one depth) is 3, expected 1"),
-    ("threshold", "split threshold is not a finite number"),
-    ("deltas", "deltas has 2 entries for 3 anchors"),
-    ("bad_control", "not a dlib integer (control byte 0x7f)"),
-    ("negative_count", "number of cascades is not a valid unsigned integer"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("version", "shape_predictor version is 2, expected 1"),
+        ("odd_shape", "initial shape has 9 values"),
+        ("split_index", "splits on feature pixel 3, but it has only 3"),
+        ("anchor", "names landmark 5 of 5"),
+        ("leaves", "tree 0 has 1 splits and 3 leaves"),
+        ("depths", "split count (trees must share one depth) is 3, expected 1"),
+        ("threshold", "split threshold is not a finite number"),
+        ("deltas", "deltas has 2 entries for 3 anchors"),
+        ("bad_control", "not a dlib integer (control byte 0x7f)"),
+        ("negative_count", "number of cascades is not a valid unsigned integer"),
+    ],
+)
 def test_corrupt_fields_name_the_problem(tmp_path: Path, case: str, expected: str) -> None:
     spec = tiny_model()
     c0 = spec.cascades[0]
@@ -140,8 +143,13 @@ def test_corrupt_fields_name_the_problem(tmp_path: Path, case: str, expected: st
         data = write_model(_corrupt(spec, leaves=np.concatenate([c0.leaves, c0.leaves[:, :1]], axis=1)))
     elif case == "depths":
         deeper = random_model(np.random.default_rng(2), cascades=1, trees=2, depth=2, pixels=3).cascades[0]
-        data = _write_mixed_depths(spec, [(c0.idx1[0], c0.idx2[0], c0.thresh[0], c0.leaves[0]),
-                                          (deeper.idx1[1], deeper.idx2[1], deeper.thresh[1], deeper.leaves[1])])
+        data = _write_mixed_depths(
+            spec,
+            [
+                (c0.idx1[0], c0.idx2[0], c0.thresh[0], c0.leaves[0]),
+                (deeper.idx1[1], deeper.idx2[1], deeper.thresh[1], deeper.leaves[1]),
+            ],
+        )
     elif case == "threshold":
         data = write_model(_corrupt(spec, thresh=np.full_like(c0.thresh, np.inf)))
     elif case == "deltas":
@@ -149,7 +157,7 @@ def test_corrupt_fields_name_the_problem(tmp_path: Path, case: str, expected: st
     elif case == "bad_control":
         good = write_model(spec)
         at = _reference_token_starts(good)[10]
-        data = good[:at] + b"\x7f" + good[at + 1:]
+        data = good[:at] + b"\x7f" + good[at + 1 :]
     else:  # a negative number where a length belongs
         head = pack_int(1) + b"".join([pack_int(-10), pack_int(-1)] + [pack_float(v) for v in spec.initial_shape.flat])
         data = head + pack_int(-1)
@@ -214,8 +222,7 @@ def _reference_token_starts(data: bytes) -> list[int]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=3000) | st.lists(st.sampled_from([b"\x01\x00", b"\x83abc", b"\x08" + bytes(8)]))
-       .map(b"".join))
+@given(st.binary(max_size=3000) | st.lists(st.sampled_from([b"\x01\x00", b"\x83abc", b"\x08" + bytes(8)])).map(b"".join))
 def test_vectorised_tokeniser_matches_sequential_walk(data: bytes) -> None:
     got = _token_starts(np.frombuffer(data, np.uint8)).tolist()
     assert got == _reference_token_starts(data)
@@ -260,6 +267,7 @@ def test_chip_inputs_are_checked() -> None:
 
 
 # ------------------------------------------------------------------------------------------ dlib parity
+
 
 @pytest.fixture(scope="module")
 def dlib():
@@ -375,14 +383,13 @@ def _photos(folder: Path, n: int) -> list[Path]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("subset", ["lfw", "fairface"])
-def test_real_photos_match_dlib(dlib, shared_faces: Path, ours: ShapePredictor, theirs, subset: str,
-                               record_property) -> None:
+def test_real_photos_match_dlib(dlib, shared_faces: Path, ours: ShapePredictor, theirs, subset: str, record_property) -> None:
     detector = dlib.get_frontal_face_detector()
     errors, worst, differing, total, faces = [], 0, 0, 0, 0
     for path in _photos(shared_faces / subset, 30):
         img = np.asarray(Image.open(path).convert("RGB"))
         h, w = img.shape[:2]
-        img = np.ascontiguousarray(img[h // 6:h - h // 6, w // 6:w - w // 6])  # faces are central; 2x faster
+        img = np.ascontiguousarray(img[h // 6 : h - h // 6, w // 6 : w - w // 6])  # faces are central; 2x faster
         for rect in detector(img, 0)[:1]:
             faces += 1
             shape = theirs(img, rect)
@@ -392,15 +399,19 @@ def test_real_photos_match_dlib(dlib, shared_faces: Path, ours: ShapePredictor, 
             worst, differing, total = max(worst, int(diff.max())), differing + int((diff > 0).sum()), total + diff.size
     assert faces >= 15, f"dlib found only {faces} faces"
     errors = np.concatenate(errors)
-    for name, value in [("faces", faces), ("landmark_mean_px", errors.mean()), ("landmark_max_px", errors.max()),
-                        ("chip_max_diff", worst), ("chip_fraction_differing", differing / total)]:
+    for name, value in [
+        ("faces", faces),
+        ("landmark_mean_px", errors.mean()),
+        ("landmark_max_px", errors.max()),
+        ("chip_max_diff", worst),
+        ("chip_fraction_differing", differing / total),
+    ]:
         record_property(name, value)
     assert errors.mean() < 0.05, f"mean landmark error {errors.mean():.3f} px, max {errors.max():.2f}"
     assert worst <= 1 and differing <= 1e-3 * total, f"chip max diff {worst}, {differing / total:.2%} differ"
 
 
-def test_upscaled_photo_chip_uses_the_pyramid_like_dlib(dlib, shared_faces: Path, ours: ShapePredictor,
-                                                       theirs) -> None:
+def test_upscaled_photo_chip_uses_the_pyramid_like_dlib(dlib, shared_faces: Path, ours: ShapePredictor, theirs) -> None:
     path = _photos(shared_faces / "fairface", 1)[0]
     img = Image.open(path).convert("RGB")
     big = np.asarray(img.resize((img.width * 4, img.height * 4), Image.BILINEAR))

@@ -62,6 +62,11 @@ def test_the_circle_finder_finds_a_circle() -> None:
 
 def test_only_the_backbone_modules_name_a_backbone() -> None:
     pattern = re.compile(r'"vgg-face"|"dlib-resnet"|isinstance\([\w.]+, *(VGG|Dlib|Vgg)')
-    found = [f"{p.relative_to(SRC)}:{n}" for p in sorted(SRC.rglob("*.py")) if p.parent.name != "backbones"
-             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    found = [
+        f"{p.relative_to(SRC)}:{n}"
+        for p in sorted(SRC.rglob("*.py"))
+        if p.parent.name != "backbones"
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert found == []

@@ -19,7 +19,8 @@ from agegender.errors import AgeGenderError
 TINY = (16, 32, 32, 64, 64)
 needs_cleanlab = pytest.mark.skipif(
     not all(__import__("importlib").util.find_spec(m) for m in ("cleanlab", "sklearn")),
-    reason="cleanlab and scikit-learn are not installed (pip install 'agegender[audit]')")
+    reason="cleanlab and scikit-learn are not installed (pip install 'agegender[audit]')",
+)
 
 
 def _planted(n: int, k: int, flips: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -74,8 +75,7 @@ def test_age_groups_of_exact_ages_and_intervals() -> None:
         g = age_group_of(FaceRecord(Path("a.jpg"), 0, age, "x", age_interval=interval))
         return None if g is None else AGE_GROUP_NAMES[g]
 
-    assert [group(a) for a in (0, 2, 3, 19, 20, 69, 70, 116)] == \
-        ["0-2", "0-2", "3-9", "10-19", "20-29", "60-69", "70+", "70+"]
+    assert [group(a) for a in (0, 2, 3, 19, 20, 69, 70, 116)] == ["0-2", "0-2", "3-9", "10-19", "20-29", "60-69", "70+", "70+"]
     assert group(24, (20, 29)) == "20-29" and group(70, (70, None)) == "70+"
     assert group(None) is None and group(30, (25, 35)) is None  # not one of the groups: not audited for age
 
@@ -93,14 +93,32 @@ def flipped_folder(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         writer.writeheader()
         writer.writerows(rows)
     save_vgg_face(root / "w.safetensors", make_vgg_face_state(widths=TINY, fc=16, classes=4, seed=1))
-    return {"data": data, "weights": root / "w.safetensors", "root": root,
-            "flipped": {r["path"] for r in rows[1:9:2]}}  # type: ignore[dict-item]
+    return {"data": data, "weights": root / "w.safetensors", "root": root, "flipped": {r["path"] for r in rows[1:9:2]}}  # type: ignore[dict-item]
 
 
 def _audit(world: dict[str, Path], out: Path, *extra: str) -> int:
-    return main(["audit", "--data", str(world["data"]), "--out", str(out), "--backbone", "vgg-face",
-                 "--weights", str(world["weights"]), "--folds", "3", "--precision", "fp32", "--sheet", "12",
-                 "--cache-dir", str(world["root"] / "cache"), *extra])
+    return main(
+        [
+            "audit",
+            "--data",
+            str(world["data"]),
+            "--out",
+            str(out),
+            "--backbone",
+            "vgg-face",
+            "--weights",
+            str(world["weights"]),
+            "--folds",
+            "3",
+            "--precision",
+            "fp32",
+            "--sheet",
+            "12",
+            "--cache-dir",
+            str(world["root"] / "cache"),
+            *extra,
+        ]
+    )
 
 
 @needs_cleanlab
@@ -109,8 +127,7 @@ def test_cli_writes_the_list_the_sheet_and_never_overwrites(flipped_folder, tmp_
     assert _audit(flipped_folder, out) == 0
     assert "label issues:" in capsys.readouterr().out
     rows = list(csv.DictReader((out / "label_issues.csv").open()))
-    assert rows and set(rows[0]) == {"rank", "label", "dataset", "file", "given", "suggested", "p_suggested",
-                                     "p_given", "path"}
+    assert rows and set(rows[0]) == {"rank", "label", "dataset", "file", "given", "suggested", "p_suggested", "p_given", "path"}
     gender = [r for r in rows if r["label"] == "gender"]
     assert {r["given"] for r in gender} <= {"F", "M"} and all(r["given"] != r["suggested"] for r in gender)
     # The generated faces carry their gender plainly: the flipped labels are among the issues, first.
@@ -152,8 +169,9 @@ def test_bad_audit_options_are_one_line(flipped_folder, tmp_path, capsys) -> Non
 
 def test_an_exclusion_list_leaves_files_out(tmp_path: Path) -> None:
     data = make_csv_folder(tmp_path / "faces", n=10, seed=0, size=32)
-    (tmp_path / "exclude.txt").write_text("# known wrong labels\nimages/face_0001.jpg   # by its path\n"
-                                          "faces/images/face_0004.jpg\nother/images/face_0005.jpg\n\n")
+    (tmp_path / "exclude.txt").write_text(
+        "# known wrong labels\nimages/face_0001.jpg   # by its path\nfaces/images/face_0004.jpg\nother/images/face_0005.jpg\n\n"
+    )
     kept = {r.path.name for r in scan_all([data], exclude=tmp_path / "exclude.txt").records}
     assert kept == {f"face_{i:04d}.jpg" for i in range(10)} - {"face_0001.jpg", "face_0004.jpg"}
     with pytest.raises(AgeGenderError, match="exclusion list"):
@@ -169,5 +187,4 @@ def test_train_takes_an_exclusion_list(tmp_path: Path) -> None:
     cfg = _train_config(build_parser("train").parse_args(args), str(tmp_path), str(tmp_path / "run"))
     assert cfg.exclude == str(tmp_path / "x.txt")
     with pytest.raises(AgeGenderError, match="exclude"):
-        TrainConfig.from_preset("default", data=str(tmp_path), init="scratch", exclude=str(tmp_path / "x.txt")
-                                ).validate()
+        TrainConfig.from_preset("default", data=str(tmp_path), init="scratch", exclude=str(tmp_path / "x.txt")).validate()

@@ -43,9 +43,19 @@ def tiny_run(tiny_dlib: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dlib-resnet run on generated faces with a tiny ResNet: every code path, numbers meaningless."""
     root = tmp_path_factory.mktemp("run")
     tree = make_agegender_tree(root / "data", per_folder=1, ages=range(20, 30), seed=1)
-    cfg = TrainConfig.from_preset("default", data=str(tree), out=str(root / "run"), backbone="dlib-resnet",
-                                  weights=str(tiny_dlib), epochs=2, batch_size=16, hidden=(16,), dropout=(0.0,),
-                                  progress=False, precision="fp32")
+    cfg = TrainConfig.from_preset(
+        "default",
+        data=str(tree),
+        out=str(root / "run"),
+        backbone="dlib-resnet",
+        weights=str(tiny_dlib),
+        epochs=2,
+        batch_size=16,
+        hidden=(16,),
+        dropout=(0.0,),
+        progress=False,
+        precision="fp32",
+    )
     return fit(cfg).out
 
 
@@ -55,17 +65,22 @@ def test_specs_carry_the_input_contract() -> None:
     assert dlib.preprocess.channel_order == "RGB" and dlib.preprocess.scale == pytest.approx(1 / 256)
     assert backbone("vgg-face").preprocess.alignment == "crop"
     assert ModelConfig(backbone="dlib-resnet", widths=dlib.widths, image_size=150).feature_dim == 256
-    layers = {layer: ModelConfig(backbone="dlib-resnet", widths=dlib.widths, image_size=150,
-                                 feature_layer=layer).feature_dim for layer in dlib.feature_layers}
+    layers = {
+        layer: ModelConfig(backbone="dlib-resnet", widths=dlib.widths, image_size=150, feature_layer=layer).feature_dim
+        for layer in dlib.feature_layers
+    }
     assert layers == {"pooled": 256, "descriptor": 128, "both": 384}
 
 
-@pytest.mark.parametrize(("kw", "message"), [
-    ({"backbone": "resnet50"}, "unknown backbone"),
-    ({"backbone": "dlib-resnet", "image_size": 224, "widths": (32, 64, 128, 256, 256)}, "must be 150"),
-    ({"feature_layer": "fc7"}, "no feature layer"),
-    ({"hidden": (64,)}, "one probability in"),
-])
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"backbone": "resnet50"}, "unknown backbone"),
+        ({"backbone": "dlib-resnet", "image_size": 224, "widths": (32, 64, 128, 256, 256)}, "must be 150"),
+        ({"feature_layer": "fc7"}, "no feature layer"),
+        ({"hidden": (64,)}, "one probability in"),
+    ],
+)
 def test_bad_model_configs_are_one_line_errors(kw: dict[str, object], message: str) -> None:
     from agegender.errors import AgeGenderError
 
@@ -84,8 +99,7 @@ def test_a_dlib_run_describes_itself(tiny_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_export_and_predict_carry_the_backbone(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                               ) -> None:
+def test_export_and_predict_carry_the_backbone(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     onnx = tmp_path / "dlib.onnx"
     assert main(["export", "--model", str(tiny_run), "--format", "onnx", "-o", str(onnx)]) == 0
     capsys.readouterr()
@@ -124,8 +138,7 @@ def test_video_gives_one_record_per_sampled_frame(tiny_run: Path, shared_faces: 
 
 @pytest.mark.parametrize("content", [b"", b"not a video at all" * 100])
 @pytest.mark.slow
-def test_bad_videos_are_clear_errors(tiny_run: Path, tmp_path: Path, content: bytes,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_videos_are_clear_errors(tiny_run: Path, tmp_path: Path, content: bytes, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(content)
     assert main(["predict", str(bad), "--model", str(tiny_run), "-o", str(tmp_path / "out.jsonl")]) == 2
@@ -140,7 +153,7 @@ def _collage(photos: list[np.ndarray], cols: int, sizes: list[int]) -> np.ndarra
     for i, (photo, size) in enumerate(zip(photos, sizes)):
         small = np.asarray(Image.fromarray(photo).resize((size, size), Image.Resampling.BILINEAR))
         r, c = divmod(i, cols)
-        canvas[r * cell:r * cell + size, c * cell:c * cell + size] = small
+        canvas[r * cell : r * cell + size, c * cell : c * cell + size] = small
     return canvas
 
 
@@ -162,8 +175,11 @@ def test_group_photos_give_every_face(tiny_run: Path, shared_faces: Path, tmp_pa
     predictor = Predictor.from_path(tiny_run, RetinaFace(weights, min_face_px=20))
     faces = predictor.predict(group)
     assert len(faces) == n
-    centres = {(int((f.box.y + f.box.h / 2) // (max(sizes) + 20)), int((f.box.x + f.box.w / 2) // (max(sizes) + 20)))
-               for f in faces if f.box is not None}
+    centres = {
+        (int((f.box.y + f.box.h / 2) // (max(sizes) + 20)), int((f.box.x + f.box.w / 2) // (max(sizes) + 20)))
+        for f in faces
+        if f.box is not None
+    }
     assert len(centres) == n  # one face in every cell
     image = annotate(group, faces)
     assert image.size == (group.shape[1], group.shape[0])
@@ -173,9 +189,18 @@ def test_group_photos_give_every_face(tiny_run: Path, shared_faces: Path, tmp_pa
 def test_real_descriptor_features_learn_gender(shared_faces: Path, tmp_path: Path) -> None:
     """The product's promise on real photos: frozen dlib features, a small head, held-out LFW people."""
     weights = _real_dlib_weights()
-    cfg = TrainConfig.from_preset("default", data=str(shared_faces / "lfw"), out=str(tmp_path / "run"),
-                                  backbone="dlib-resnet", weights=str(weights), epochs=8, limit=600,
-                                  hidden=(128,), dropout=(0.2,), progress=False)
+    cfg = TrainConfig.from_preset(
+        "default",
+        data=str(shared_faces / "lfw"),
+        out=str(tmp_path / "run"),
+        backbone="dlib-resnet",
+        weights=str(weights),
+        epochs=8,
+        limit=600,
+        hidden=(128,),
+        dropout=(0.2,),
+        progress=False,
+    )
     report = fit(cfg).report
     # A scratch net on the same people scored 0.795, the majority class is 0.74; dlib's features give 0.95+.
     assert report["gender"]["accuracy"] > 0.9

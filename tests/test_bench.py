@@ -59,8 +59,11 @@ def _grid(raw_fit: float, raw_best: float, ext_fit: float) -> list[dict[str, obj
     for dtype in ("fp32", "bf16"):
         # train.fit's row (its layout at the default 2 threads), the fastest raw row, and an NCHW row with no
         # extraction figure (extract_features runs the trunk in its own layout).
-        for fmt, threads, raw, ext in (("channels_last", 2, raw_fit, ext_fit), ("channels_last", 1, raw_best,
-                                       0.9 * raw_best), ("nchw", 2, raw_fit / 2, None)):
+        for fmt, threads, raw, ext in (
+            ("channels_last", 2, raw_fit, ext_fit),
+            ("channels_last", 1, raw_best, 0.9 * raw_best),
+            ("nchw", 2, raw_fit / 2, None),
+        ):
             rows.append({"dtype": dtype, "format": fmt, "threads": threads, "raw": raw, "extract": ext})
     return rows
 
@@ -69,8 +72,14 @@ def test_summary_arithmetic_and_reasons() -> None:
     raw = {
         "throughput": {"grid": _grid(raw_fit=50.0, raw_best=200.0, ext_fit=40.0), "default_threads": 2},
         "extract": {"wall_seconds": 600.0, "peak_rss_gib": 1.5},
-        "train": {"epoch_seconds": 100.0, "fit_wall_seconds": 130.0, "checkpoint_seconds": 2.0,
-                  "train_images": 700, "val_images": 150, "peak_rss_gib": 2.5},
+        "train": {
+            "epoch_seconds": 100.0,
+            "fit_wall_seconds": 130.0,
+            "checkpoint_seconds": 2.0,
+            "train_images": 700,
+            "val_images": 150,
+            "peak_rss_gib": 2.5,
+        },
         "steps": {"naive": {"train_images_per_second": 10.0, "val_images_per_second": 15.0}},
         "predict": {"images_per_second": 30.0},
         "peer": {"error": "skipped (--no-peer)"},
@@ -124,17 +133,22 @@ def test_tiny_run_writes_both_reports(tmp_path: Path, monkeypatch: pytest.Monkey
 # -- figure 7 (real-photo accuracy beside the peer): its pure arithmetic, judging and section ----------------------
 def _truth() -> list[dict[str, object]]:
     # Four photos: two 20-29 (one exact age each), two 60-69; the last two Asian.
-    return [{"path": f"p{i}", "male": m, "age": a, "group": g, "race": r}
-            for i, (m, a, g, r) in enumerate(((1, 25, "20-29", "white"), (0, 27, "20-29", "white"),
-                                              (1, 61, "60-69", "asian"), (0, 65, "60-69", "asian")))]
+    return [
+        {"path": f"p{i}", "male": m, "age": a, "group": g, "race": r}
+        for i, (m, a, g, r) in enumerate(
+            ((1, 25, "20-29", "white"), (0, 27, "20-29", "white"), (1, 61, "60-69", "asian"), (0, 65, "60-69", "asian"))
+        )
+    ]
 
 
 def test_accuracy_score_applies_one_no_face_rule() -> None:
     from benchmarks.accuracy import score
 
-    preds = {"p0": {"male": 1, "age": 30.0, "found": True},   # right, 5 years off
-             "p1": {"male": 0, "age": 27.0, "found": False},  # right, from the whole frame
-             "p2": {"male": 0, "age": 51.0, "found": True}}   # wrong; p3 missing: unscored, wrong
+    preds = {
+        "p0": {"male": 1, "age": 30.0, "found": True},  # right, 5 years off
+        "p1": {"male": 0, "age": 27.0, "found": False},  # right, from the whole frame
+        "p2": {"male": 0, "age": 51.0, "found": True},
+    }  # wrong; p3 missing: unscored, wrong
     s = score(_truth(), preds, exact_ages=True)
     assert (s["images"], s["no_face"], s["unscored"]) == (4, 1, 1)
     assert s["accuracy"] == pytest.approx(0.5) and s["accuracy_no_face_wrong"] == pytest.approx(0.25)
@@ -167,9 +181,15 @@ def test_accuracy_group_range_and_speed_medians() -> None:
 
 
 def _scored(acc: float, wrong: float, mae: float | None = None) -> dict[str, object]:
-    out: dict[str, object] = {"images": 100, "no_face": 3, "unscored": 0, "accuracy": acc,
-                              "accuracy_ci95": [acc - 0.02, acc + 0.02], "accuracy_no_face_wrong": wrong,
-                              "slices": {"group": {"20-29": {"n": 100, "accuracy": acc, "mae": mae}}}}
+    out: dict[str, object] = {
+        "images": 100,
+        "no_face": 3,
+        "unscored": 0,
+        "accuracy": acc,
+        "accuracy_ci95": [acc - 0.02, acc + 0.02],
+        "accuracy_no_face_wrong": wrong,
+        "slices": {"group": {"20-29": {"n": 100, "accuracy": acc, "mae": mae}}},
+    }
     if mae is not None:
         out["mae"] = mae
     return out
@@ -179,24 +199,56 @@ def _accuracy_result() -> dict[str, object]:
     run = {"train_images": 900, "features": "per-set extraction (cache hit)", "fit_seconds": 10.0}
     return {
         "sets": {n: {"images": 100, "of": 1000, "data": n} for n in ("lfw", "fairface", "utkface")},
-        "subsample": 100, "peer_version": "2.0.0", "no_face_rule": "one rule.", "omp_wait_policy": "PASSIVE",
+        "subsample": 100,
+        "peer_version": "2.0.0",
+        "no_face_rule": "one rule.",
+        "omp_wait_policy": "PASSIVE",
         "feature_extraction": {"lfw": {"images": 100, "seconds": 6.0, "from_cache": False}},
-        "accuracy_minutes": 3.0, "wall_minutes": 4.0, "load_average_start": [1.0, 1.0, 1.0],
-        "in_domain": {"set": "utkface", **run, "test_images": 100, "ours": _scored(0.93, 0.92, 4.8),
-                      "peer": _scored(0.85, 0.80, 6.0)},
-        "cross": {"lfw": {"trained_on": ["fairface", "utkface"], **run, "ours": _scored(0.97, 0.96),
-                          "peer": _scored(0.95, 0.96)},
-                  # Ahead with whole-frame predictions, behind once no face counts as wrong: missed.
-                  "fairface": {"trained_on": ["lfw", "utkface"], **run, "ours": _scored(0.91, 0.80),
-                               "peer": _scored(0.90, 0.85)},
-                  "utkface": {"trained_on": ["lfw", "fairface"], **run, "ours": _scored(0.88, 0.88, 9.0),
-                              "peer": {"error": "the peer failed on the photos: boom"}}},
-        "speed": {"descriptor": {"images": 64, "torch_dtype": "bfloat16", "torch_threads": 2, "torch_images_per_s": 80.0,
-                                 "dlib_images_per_s": 10.0, "ratio": 8.0},
-                  "predict": {"predictor": {"detector": "retinaface", "min_face_px": 40, "precision": "bf16"},
-                              "lfw": {"images": 10, "ours_runs": [40.0], "peer_runs": [10.0], "ours_faces": 10,
-                                      "ours_no_face": 0, "ours_images_per_second": 40.0, "peer_images_per_second": 10.0,
-                                      "peer_faces": 10, "ratio": 4.0}}},
+        "accuracy_minutes": 3.0,
+        "wall_minutes": 4.0,
+        "load_average_start": [1.0, 1.0, 1.0],
+        "in_domain": {
+            "set": "utkface",
+            **run,
+            "test_images": 100,
+            "ours": _scored(0.93, 0.92, 4.8),
+            "peer": _scored(0.85, 0.80, 6.0),
+        },
+        "cross": {
+            "lfw": {"trained_on": ["fairface", "utkface"], **run, "ours": _scored(0.97, 0.96), "peer": _scored(0.95, 0.96)},
+            # Ahead with whole-frame predictions, behind once no face counts as wrong: missed.
+            "fairface": {"trained_on": ["lfw", "utkface"], **run, "ours": _scored(0.91, 0.80), "peer": _scored(0.90, 0.85)},
+            "utkface": {
+                "trained_on": ["lfw", "fairface"],
+                **run,
+                "ours": _scored(0.88, 0.88, 9.0),
+                "peer": {"error": "the peer failed on the photos: boom"},
+            },
+        },
+        "speed": {
+            "descriptor": {
+                "images": 64,
+                "torch_dtype": "bfloat16",
+                "torch_threads": 2,
+                "torch_images_per_s": 80.0,
+                "dlib_images_per_s": 10.0,
+                "ratio": 8.0,
+            },
+            "predict": {
+                "predictor": {"detector": "retinaface", "min_face_px": 40, "precision": "bf16"},
+                "lfw": {
+                    "images": 10,
+                    "ours_runs": [40.0],
+                    "peer_runs": [10.0],
+                    "ours_faces": 10,
+                    "ours_no_face": 0,
+                    "ours_images_per_second": 40.0,
+                    "peer_images_per_second": 10.0,
+                    "peer_faces": 10,
+                    "ratio": 4.0,
+                },
+            },
+        },
     }
 
 
@@ -258,14 +310,29 @@ def test_interleaved_pairs_alternate_and_the_targets_read_their_medians() -> Non
 
     spread = lambda *v: {"median": sorted(v)[len(v) // 2], "min": min(v), "max": max(v), "runs": list(v), "load": 1.0}
     raw = {
-        "throughput": {"grid": _grid(raw_fit=50.0, raw_best=200.0, ext_fit=40.0), "default_threads": 2,
-                       "pairs": {"ratio": spread(0.8, 0.95, 0.9)}},
+        "throughput": {
+            "grid": _grid(raw_fit=50.0, raw_best=200.0, ext_fit=40.0),
+            "default_threads": 2,
+            "pairs": {"ratio": spread(0.8, 0.95, 0.9)},
+        },
         "extract": {"wall_seconds": 120.0, "peak_rss_gib": 1.0},
-        "train": {"epoch_seconds": 10.0, "epochs": spread(9.0, 10.0, 12.0), "epochs_measured": 3,
-                  "fit_wall_seconds": 50.0, "checkpoint_seconds": 1.0, "train_images": 700, "val_images": 150,
-                  "peak_rss_gib": 2.0},
-        "steps": {"pairs": {"cached_epoch_seconds": spread(8.0, 9.0, 10.0), "naive_epoch_seconds": spread(300.0, 320.0, 310.0),
-                            "speedup": spread(31.0, 35.0, 33.0)}},
+        "train": {
+            "epoch_seconds": 10.0,
+            "epochs": spread(9.0, 10.0, 12.0),
+            "epochs_measured": 3,
+            "fit_wall_seconds": 50.0,
+            "checkpoint_seconds": 1.0,
+            "train_images": 700,
+            "val_images": 150,
+            "peak_rss_gib": 2.0,
+        },
+        "steps": {
+            "pairs": {
+                "cached_epoch_seconds": spread(8.0, 9.0, 10.0),
+                "naive_epoch_seconds": spread(300.0, 320.0, 310.0),
+                "speedup": spread(31.0, 35.0, 33.0),
+            }
+        },
     }
     s = summarise(raw, epochs=25)
     assert s["extraction_ratio"] == 0.9 and s["spread"]["extraction_ratio"]["min"] == 0.8  # the pairs, not the grid

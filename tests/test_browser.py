@@ -19,8 +19,15 @@ from test_predict import make_checkpoint
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 
 
 def _chromium() -> str:
@@ -71,24 +78,28 @@ def _drop(page: object, path: Path) -> None:
             dt.items.add(new File([bytes], name, { type: "image/jpeg" }));
             document.getElementById("drop").dispatchEvent(
                 new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
-        }""", [base64.b64encode(path.read_bytes()).decode(), path.name])
+        }""",
+        [base64.b64encode(path.read_bytes()).decode(), path.name],
+    )
 
 
-DONE = "[...document.querySelectorAll('.photo .status')].length === {n} && " \
-       "[...document.querySelectorAll('.photo')].every((s) => !s.querySelector('.status').textContent" \
-       ".startsWith('Analys'))"
+DONE = (
+    "[...document.querySelectorAll('.photo .status')].length === {n} && "
+    "[...document.querySelectorAll('.photo')].every((s) => !s.querySelector('.status').textContent"
+    ".startsWith('Analys'))"
+)
 
 
 @pytest.mark.slow
-def test_page_numbers_boxes_lists_faces_and_takes_several_photos(server: tuple[str, Predictor, Path],
-                                                                 tmp_path: Path) -> None:
+def test_page_numbers_boxes_lists_faces_and_takes_several_photos(server: tuple[str, Predictor, Path], tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     executable = _chromium()
     url, predictor, photo = server
     faces = predictor.predict(photo)
     assert faces, "the test photo should have a face"
-    second = photo.parent / sorted(p.name for p in photo.parent.glob("*" + photo.suffix))[1] \
-        if photo.parent.name == "lfw" else photo
+    second = (
+        photo.parent / sorted(p.name for p in photo.parent.glob("*" + photo.suffix))[1] if photo.parent.name == "lfw" else photo
+    )
     info = predictor.info()
 
     with sync_api.sync_playwright() as p:
@@ -114,9 +125,9 @@ def test_page_numbers_boxes_lists_faces_and_takes_several_photos(server: tuple[s
 
             # A file the server cannot read: its message, and no broken picture.
             page.get_by_label("Choose photos").set_input_files(
-                files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}])
-            page.wait_for_function("document.querySelector('.photo .error')?.textContent.length > 0",
-                                   timeout=30_000)
+                files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}]
+            )
+            page.wait_for_function("document.querySelector('.photo .error')?.textContent.length > 0", timeout=30_000)
             error_text = page.locator(".photo .error").inner_text()
             stage_hidden = page.locator(".photo .stage").is_hidden()
             img_src = page.locator(".photo img").get_attribute("src")

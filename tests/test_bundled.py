@@ -57,9 +57,11 @@ def test_default_predictor_runs_the_bundled_model(shared_faces: Path) -> None:
 def test_predict_cli_without_a_model_imports_no_torch(shared_faces: Path, tmp_path: Path) -> None:
     photo = sorted((shared_faces / "wiki").rglob("*.jpg"))[0]
     out = tmp_path / "out.jsonl"
-    code = ("import sys; from agegender.cli import main; rc = main(['predict', sys.argv[1], '-o', sys.argv[2]]); "
-            "assert rc == 0, rc; heavy = {'torch', 'matplotlib', 'scipy', 'h5py'} & set(sys.modules); "
-            "assert not heavy, heavy")
+    code = (
+        "import sys; from agegender.cli import main; rc = main(['predict', sys.argv[1], '-o', sys.argv[2]]); "
+        "assert rc == 0, rc; heavy = {'torch', 'matplotlib', 'scipy', 'h5py'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code, str(photo), str(out)], check=True, timeout=120)
     record = json.loads(out.read_text())
     assert record["path"] == str(photo) and record["error"] is None and len(record["faces"]) >= 1
@@ -67,8 +69,10 @@ def test_predict_cli_without_a_model_imports_no_torch(shared_faces: Path, tmp_pa
 
 
 def test_help_and_version_import_nothing_heavy() -> None:
-    code = ("import sys; from agegender.cli import main; main(['--help']); main(['--version']); "
-            "heavy = {'torch', 'numpy', 'cv2', 'onnxruntime'} & set(sys.modules); assert not heavy, heavy")
+    code = (
+        "import sys; from agegender.cli import main; main(['--help']); main(['--version']); "
+        "heavy = {'torch', 'numpy', 'cv2', 'onnxruntime'} & set(sys.modules); assert not heavy, heavy"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert "predict" in proc.stdout and "agegender 0." in proc.stdout
 
@@ -131,8 +135,7 @@ def test_bundled_model_held_out_accuracy_floor(shared_faces: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_bundled_model_exports_and_its_savedmodel_predicts_as_predict_does(shared_faces: Path,
-                                                                              tmp_path: Path) -> None:
+def test_the_bundled_model_exports_and_its_savedmodel_predicts_as_predict_does(shared_faces: Path, tmp_path: Path) -> None:
     """`agegender export` with no --model rebuilds the bundled network (its heads on dlib's ResNet); a SavedModel of
     it, loaded in TensorFlow, gives the genders and ages that `predict` gives with the same network."""
     import importlib.util

@@ -78,8 +78,13 @@ def test_bad_arguments_fail_cleanly(world: dict[str, Path], case: str, capsys: p
 
 
 def test_argparse_errors_exit_2_with_one_line(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "agegender", "train", "--epochs", "x"], capture_output=True, text=True,
-                       cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    r = subprocess.run(
+        [sys.executable, "-m", "agegender", "train", "--epochs", "x"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 

@@ -39,8 +39,13 @@ def test_every_help_has_examples_defaults_and_no_stale_alias(command: str, capsy
     assert not [s for s in STALE if s in text], text
     parser = _subparser(command)
     for action in parser._actions:
-        if not action.option_strings or action.help == argparse.SUPPRESS or action.default is None \
-                or action.default is False or action.default is argparse.SUPPRESS:
+        if (
+            not action.option_strings
+            or action.help == argparse.SUPPRESS
+            or action.default is None
+            or action.default is False
+            or action.default is argparse.SUPPRESS
+        ):
             continue
         entry = parser._get_formatter()._expand_help(action)  # the option's help as --help prints it
         assert "default" in entry and _flat(entry) in _flat(text), (command, action.option_strings, entry)
@@ -65,10 +70,18 @@ def test_training_defaults_to_dlib_resnet_and_shows_each_backbones_defaults(caps
     assert "(default: 4096 4096)" not in text  # the old one-size-fits-all claim
 
 
-@pytest.mark.parametrize("argv", [["train", "--data", "x", "--init", "vgg-face"], ["train", "--data", "x", "--bf16"],
-                                  ["demo", "--workdir", "w"], ["reproduce", "--workdir", "w"],
-                                  ["convert", "a.t7", "-o", "b", "--format", "t7"], ["evaluate", "--run", "r"],
-                                  ["export", "--run", "r", "--format", "onnx", "-o", "m.onnx"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--data", "x", "--init", "vgg-face"],
+        ["train", "--data", "x", "--bf16"],
+        ["demo", "--workdir", "w"],
+        ["reproduce", "--workdir", "w"],
+        ["convert", "a.t7", "-o", "b", "--format", "t7"],
+        ["evaluate", "--run", "r"],
+        ["export", "--run", "r", "--format", "onnx", "-o", "m.onnx"],
+    ],
+)
 def test_old_names_are_gone(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         build_parser(argv[0]).parse_args(argv)
@@ -99,7 +112,8 @@ def test_backbone_errors_point_one_flag_away(tmp_path, capsys: pytest.CaptureFix
     assert "\n" not in err and "--backbone dlib-resnet" in err and "--weights" in err
     assert main(["train", "--data", str(tmp_path), "--preset", "seed", "--out", str(tmp_path / "r")]) == 2
     assert "--backbone vgg-face" in capsys.readouterr().err
-    assert main(["export", "--model", str(tmp_path), "--format", "onnx", "-o", str(tmp_path / "m.onnx"),
-                 "--precision", "bf16"]) == 2
+    assert (
+        main(["export", "--model", str(tmp_path), "--format", "onnx", "-o", str(tmp_path / "m.onnx"), "--precision", "bf16"]) == 2
+    )
     assert "fp32" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "m.onnx").exists()

@@ -43,8 +43,9 @@ def assert_equal(state: dict[str, torch.Tensor], params: dict[str, np.ndarray]) 
 
 # -- Torch7 ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("options", [{}, {"conv_4d": True}, {"shared_storage": True}])
-def test_t7_round_trip_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray],
-                                options: dict[str, bool]) -> None:
+def test_t7_round_trip_is_exact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray], options: dict[str, bool]
+) -> None:
     src, out = tmp_path / "VGG_FACE.t7", tmp_path / "out" / "vgg_face.safetensors"
     write_t7(src, vgg_face_model(params, **options))
     rc, stdout, err = convert(capsys, src, "-o", out)
@@ -99,8 +100,15 @@ def torchvision_vgg16(params: dict[str, np.ndarray]) -> nn.Module:
         layers.append(nn.MaxPool2d(2, 2))
     net = nn.Module()
     net.features = nn.Sequential(*layers)
-    net.classifier = nn.Sequential(nn.Linear(cin * 49, FC), nn.ReLU(True), nn.Dropout(),
-                                   nn.Linear(FC, FC), nn.ReLU(True), nn.Dropout(), nn.Linear(FC, CLASSES))
+    net.classifier = nn.Sequential(
+        nn.Linear(cin * 49, FC),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(FC, FC),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(FC, CLASSES),
+    )
     convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
     linears = [m for m in net.classifier if isinstance(m, nn.Linear)]
     with torch.no_grad():
@@ -121,17 +129,18 @@ def _renamed(params: dict[str, np.ndarray], rename: dict[str, str]) -> dict[str,
 SCHEMES = {
     "canonical": {n: n for n in (*CONV_NAMES, *FC_NAMES)},
     "prlz77": {**{n: n.replace("conv", "conv_") for n in CONV_NAMES}, **{n: n for n in FC_NAMES}},
-    "pyvggface": {**{n: "features." + n.replace("conv", "conv_") for n in CONV_NAMES},
-                  **{n: f"fc.{n}" for n in FC_NAMES}},
+    "pyvggface": {**{n: "features." + n.replace("conv", "conv_") for n in CONV_NAMES}, **{n: f"fc.{n}" for n in FC_NAMES}},
 }
 
 
 @pytest.mark.parametrize("scheme", [*SCHEMES, "torchvision"])
 @pytest.mark.parametrize("wrap", ["plain", "state_dict", "module.", "float64"])
-def test_pt_key_schemes(tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray],
-                        scheme: str, wrap: str) -> None:
-    state: dict[str, torch.Tensor] = (dict(torchvision_vgg16(params).state_dict()) if scheme == "torchvision"
-                                      else _renamed(params, SCHEMES[scheme]))
+def test_pt_key_schemes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray], scheme: str, wrap: str
+) -> None:
+    state: dict[str, torch.Tensor] = (
+        dict(torchvision_vgg16(params).state_dict()) if scheme == "torchvision" else _renamed(params, SCHEMES[scheme])
+    )
     if wrap == "module.":
         state = {f"module.{k}": v for k, v in state.items()}
     if wrap == "float64":
@@ -164,8 +173,7 @@ class TinyPort(nn.Module):
             setattr(self, name.replace("conv", "conv_"), layer)
 
 
-def test_pickled_module_needs_trust(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                    params: dict[str, np.ndarray]) -> None:
+def test_pickled_module_needs_trust(tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray]) -> None:
     src, out = tmp_path / "VGG_Face_pytorch.pt", tmp_path / "w.safetensors"
     torch.save(TinyPort(params), src)
     rc, _, err = convert(capsys, src, "-o", out)
@@ -202,8 +210,9 @@ def check_hwio_semantics(params: dict[str, np.ndarray], hwio: dict[str, np.ndarr
         patch = rng.standard_normal((k, k, w_hwio.shape[2]))  # H, W, C as MatConvNet/Keras hold maps
         canonical_in = patch[..., ::-1] if rgb and name == "conv1_1" else patch  # the same pixels in BGR
         w = params[f"{name}.weight"].reshape(w_hwio.shape[3], -1, k, k)
-        np.testing.assert_allclose(np.einsum("hwio,hwi->o", w_hwio, patch),
-                                   np.einsum("oihw,hwi->o", w, canonical_in), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            np.einsum("hwio,hwi->o", w_hwio, patch), np.einsum("oihw,hwi->o", w, canonical_in), rtol=1e-4, atol=1e-4
+        )
 
 
 def _cell(*items: object) -> np.ndarray:
@@ -214,8 +223,7 @@ def _cell(*items: object) -> np.ndarray:
 
 
 @pytest.mark.parametrize("layout", ["simplenn", "dagnn", "flat"])
-def test_matconvnet(tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray],
-                    layout: str) -> None:
+def test_matconvnet(tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray], layout: str) -> None:
     from scipy.io import savemat
 
     mcn = to_matconvnet(params, channels_flip=True)
@@ -241,8 +249,7 @@ def test_matconvnet(tmp_path: Path, capsys: pytest.CaptureFixture[str], params: 
 
 
 @pytest.mark.parametrize("root", ["", "model_weights/"])
-def test_keras_h5(tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray],
-                  root: str) -> None:
+def test_keras_h5(tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray], root: str) -> None:
     import h5py
 
     hwio = {n: w for n, (w, _) in to_matconvnet(params, channels_flip=False).items()}
@@ -304,13 +311,27 @@ def _write_bad(kind: str, directory: Path, params: dict[str, np.ndarray]) -> Pat
     return path
 
 
-BAD = ["truncated", "random.t7", "random.pt", "random.mat", "random.h5", "random.bin", "empty", "39 modules",
-       "conv as linear", "wrong fc6", "not a sequential", "pt without weights", "missing"]
+BAD = [
+    "truncated",
+    "random.t7",
+    "random.pt",
+    "random.mat",
+    "random.h5",
+    "random.bin",
+    "empty",
+    "39 modules",
+    "conv as linear",
+    "wrong fc6",
+    "not a sequential",
+    "pt without weights",
+    "missing",
+]
 
 
 @pytest.mark.parametrize("kind", BAD)
-def test_bad_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray],
-                              kind: str) -> None:
+def test_bad_input_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray], kind: str
+) -> None:
     src = _write_bad(kind, tmp_path, params)
     out = tmp_path / "out" / "w.safetensors"
     rc, stdout, err = convert(capsys, src, "-o", out)
@@ -320,12 +341,19 @@ def test_bad_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
 
 
-@pytest.mark.parametrize(("kind", "expected"), [
-    ("truncated", "truncated at byte"), ("empty", "empty file"), ("39 modules", "39 modules"),
-    ("conv as linear", "12 convolutions, 4 linear layers"), ("wrong fc6", "fc6.weight is (32, 576)"),
-    ("missing", "no such file"), ("random.bin", "unrecognised weights format"),
-    ("pt without weights", "parameters missing: conv1_1.bias, conv1_1.weight"),
-])
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("truncated", "truncated at byte"),
+        ("empty", "empty file"),
+        ("39 modules", "39 modules"),
+        ("conv as linear", "12 convolutions, 4 linear layers"),
+        ("wrong fc6", "fc6.weight is (32, 576)"),
+        ("missing", "no such file"),
+        ("random.bin", "unrecognised weights format"),
+        ("pt without weights", "parameters missing: conv1_1.bias, conv1_1.weight"),
+    ],
+)
 def test_bad_input_messages(tmp_path: Path, params: dict[str, np.ndarray], kind: str, expected: str) -> None:
     from agegender.errors import AgeGenderError
 
@@ -362,8 +390,9 @@ def test_load_canonical_refuses_other_files(tmp_path: Path) -> None:
         load_canonical(plain)
 
 
-def test_explicit_format_overrides_suffix(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                          params: dict[str, np.ndarray]) -> None:
+def test_explicit_format_overrides_suffix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray]
+) -> None:
     src, out = tmp_path / "weights.bin", tmp_path / "w.safetensors"
     write_t7(src, vgg_face_model(params))
     assert convert(capsys, src, "-o", out, "--input-format", "t7")[0] == 0

@@ -32,54 +32,109 @@ from agegender.labels import ADIENCE_GROUP_NAMES, age_group, parse_age
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("nm0000100_rm1001569280_1955-1-6_2011.jpg", ("imdb", "imdb:nm0000100")),
-    ("nm0000100_rm1001569280_1955-1-6_2011-1.jpg", ("imdb", "imdb:nm0000100")),
-    ("nm1234567_rm12_1980-12-31_2009.JPG", ("imdb", "imdb:nm1234567")),
-    ("10000217_1981-05-05_2009.jpg", ("wiki", "wiki:10000217")),
-    ("10000217_1981-05-05_2009-1.jpg", ("wiki", "wiki:10000217")),
-    # malformed birth dates seen in the real WIKI files
-    ("32339345_1994-11-18._2015.jpg", ("wiki", "wiki:32339345")),
-    ("706798_1989-08-019_2009.jpg", ("wiki", "wiki:706798")),
-    ("landmark_aligned_face.2282.11597935265_29bcdfa4a5_o.jpg", ("adience", "adience:2282")),
-    ("landmark_aligned_face.2282.11597935265_29bcdfa4a5_o-1.jpg", ("adience", "adience:2282")),
-    ("combined/valid/25_M/nm0000001_rm1_1950-1-1_1975.jpg", ("imdb", "imdb:nm0000001")),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("nm0000100_rm1001569280_1955-1-6_2011.jpg", ("imdb", "imdb:nm0000100")),
+        ("nm0000100_rm1001569280_1955-1-6_2011-1.jpg", ("imdb", "imdb:nm0000100")),
+        ("nm1234567_rm12_1980-12-31_2009.JPG", ("imdb", "imdb:nm1234567")),
+        ("10000217_1981-05-05_2009.jpg", ("wiki", "wiki:10000217")),
+        ("10000217_1981-05-05_2009-1.jpg", ("wiki", "wiki:10000217")),
+        # malformed birth dates seen in the real WIKI files
+        ("32339345_1994-11-18._2015.jpg", ("wiki", "wiki:32339345")),
+        ("706798_1989-08-019_2009.jpg", ("wiki", "wiki:706798")),
+        ("landmark_aligned_face.2282.11597935265_29bcdfa4a5_o.jpg", ("adience", "adience:2282")),
+        ("landmark_aligned_face.2282.11597935265_29bcdfa4a5_o-1.jpg", ("adience", "adience:2282")),
+        ("combined/valid/25_M/nm0000001_rm1_1950-1-1_1975.jpg", ("imdb", "imdb:nm0000001")),
+    ],
+)
 def test_parse_identity_known_patterns(name: str, expected: tuple[str, str]) -> None:
     assert parse_identity(name) == expected
 
 
-@pytest.mark.parametrize("name", [
-    "AJ_Cook_0001.jpg", "photo.jpg", "nm12_something.jpg", "12345.jpg", "landmark_aligned_face.jpg",
-    "25_0_2_20170116174525125.jpg.chip.jpg", "10000217_1981-05-05_2009.txt",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "AJ_Cook_0001.jpg",
+        "photo.jpg",
+        "nm12_something.jpg",
+        "12345.jpg",
+        "landmark_aligned_face.jpg",
+        "25_0_2_20170116174525125.jpg.chip.jpg",
+        "10000217_1981-05-05_2009.txt",
+    ],
+)
 def test_parse_identity_falls_back_to_the_name(name: str) -> None:
     assert parse_identity(name) == ("unknown", name)
     assert parse_identity(Path("some/dir") / name)[1] == str(Path("some/dir") / name)
 
 
-@pytest.mark.parametrize(("age", "group"), [
-    (0, "0-2"), (2, "0-2"), (3, "0-2"), (4, "4-6"), (7, "4-6"), (8, "8-13"), (13, "8-13"), (14, "8-13"),
-    (15, "15-20"), (22, "15-20"), (23, "25-32"), (35, "25-32"), (36, "38-43"), (45, "38-43"),
-    (46, "48-53"), (56, "48-53"), (57, "60+"), (60, "60+"), (99, "60+"),
-])
+@pytest.mark.parametrize(
+    ("age", "group"),
+    [
+        (0, "0-2"),
+        (2, "0-2"),
+        (3, "0-2"),
+        (4, "4-6"),
+        (7, "4-6"),
+        (8, "8-13"),
+        (13, "8-13"),
+        (14, "8-13"),
+        (15, "15-20"),
+        (22, "15-20"),
+        (23, "25-32"),
+        (35, "25-32"),
+        (36, "38-43"),
+        (45, "38-43"),
+        (46, "48-53"),
+        (56, "48-53"),
+        (57, "60+"),
+        (60, "60+"),
+        (99, "60+"),
+    ],
+)
 def test_age_group_nearest_bracket_ties_to_younger(age: int, group: str) -> None:
     assert ADIENCE_GROUP_NAMES[age_group(age)] == group
 
 
-@pytest.mark.parametrize(("text", "age"), [("29", 29), (" 29.0 ", 29), ("20-29", 24), ("0-2", 1),
-                                           ("70+", 70), ("", None), ("0", 0), ("120", 120), ("100-120", 110),
-                                           ("25 - 32", 28), ("60+", 60)])
+@pytest.mark.parametrize(
+    ("text", "age"),
+    [
+        ("29", 29),
+        (" 29.0 ", 29),
+        ("20-29", 24),
+        ("0-2", 1),
+        ("70+", 70),
+        ("", None),
+        ("0", 0),
+        ("120", 120),
+        ("100-120", 110),
+        ("25 - 32", 28),
+        ("60+", 60),
+    ],
+)
 def test_parse_age(text: str, age: int | None) -> None:
     assert parse_age(text) == age
 
 
-@pytest.mark.parametrize(("text", "reason"), [
-    ("1000-2000", "out of range (0-120)"), ("40-30", "range not ascending (40 > 30)"), ("-5", "out of range"),
-    ("200", "out of range"), ("121", "out of range"), ("0-121", "out of range"), ("130+", "out of range"),
-    ("9" * 5000 + "-1", "out of range"), ("old", "not a number or range"), ("1e3", "not a number or range"),
-    ("nan", "not a number or range"), ("20-", "not a number or range"), ("1_0", "not a number or range"),
-])
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("1000-2000", "out of range (0-120)"),
+        ("40-30", "range not ascending (40 > 30)"),
+        ("-5", "out of range"),
+        ("200", "out of range"),
+        ("121", "out of range"),
+        ("0-121", "out of range"),
+        ("130+", "out of range"),
+        ("9" * 5000 + "-1", "out of range"),
+        ("old", "not a number or range"),
+        ("1e3", "not a number or range"),
+        ("nan", "not a number or range"),
+        ("20-", "not a number or range"),
+        ("1_0", "not a number or range"),
+    ],
+)
 def test_parse_age_refuses_with_the_reason(text: str, reason: str) -> None:
     with pytest.raises(ValueError) as e:
         parse_age(text)
@@ -139,8 +194,7 @@ def test_scan_utkface_names(tmp_path: Path) -> None:
     ds = scan(tmp_path)
     assert ds.kind == "utkface"
     got = {r.path.name.split("_2017")[0]: (r.gender, r.age, r.race, r.source) for r in ds.records}
-    assert got == {"25_0_2": (1, 25, "Asian", "utkface"), "30_1_0": (0, 30, "White", "utkface"),
-                   "61_1": (0, 61, None, "utkface")}
+    assert got == {"25_0_2": (1, 25, "Asian", "utkface"), "30_1_0": (0, 30, "White", "utkface"), "61_1": (0, 61, None, "utkface")}
     assert len({r.identity for r in ds.records}) == 3
 
 
@@ -155,19 +209,22 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
 def test_scan_csv_manifest(tmp_path: Path) -> None:
     for name in ("a.jpg", "b.jpg", "sub/c.jpg", "10000217_1981-05-05_2009.jpg", "d.jpg"):
         _jpeg(tmp_path / name)
-    _write_csv(tmp_path / "labels.csv", ["Path", "gender", "age", "identity", "race"], [
-        ["a.jpg", "F", "29", "alice", "Asian"],
-        ["b.jpg", "male", "20-29", "", ""],
-        ["sub/c.jpg", "Female", "", "alice", ""],
-        ["10000217_1981-05-05_2009.jpg", "m", "28", "10000217", ""],
-        ["d.jpg", "M", "70+", "", ""],
-        ["gone.jpg", "M", "30", "", ""],
-    ])
+    _write_csv(
+        tmp_path / "labels.csv",
+        ["Path", "gender", "age", "identity", "race"],
+        [
+            ["a.jpg", "F", "29", "alice", "Asian"],
+            ["b.jpg", "male", "20-29", "", ""],
+            ["sub/c.jpg", "Female", "", "alice", ""],
+            ["10000217_1981-05-05_2009.jpg", "m", "28", "10000217", ""],
+            ["d.jpg", "M", "70+", "", ""],
+            ["gone.jpg", "M", "30", "", ""],
+        ],
+    )
     for root in (tmp_path, tmp_path / "labels.csv"):
         ds = scan(root)
         assert ds.kind == "csv" and ds.root == tmp_path
-        got = {r.path.relative_to(tmp_path).as_posix(): (r.gender, r.age, r.identity, r.race, r.source)
-               for r in ds.records}
+        got = {r.path.relative_to(tmp_path).as_posix(): (r.gender, r.age, r.identity, r.race, r.source) for r in ds.records}
         assert got == {
             "a.jpg": (0, 29, "csv:alice", "Asian", "csv"),
             "b.jpg": (1, 24, "b.jpg", None, "csv"),
@@ -180,26 +237,33 @@ def test_scan_csv_manifest(tmp_path: Path) -> None:
 def test_scan_json_manifest(tmp_path: Path) -> None:
     _jpeg(tmp_path / "f1.jpg")
     _jpeg(tmp_path / "f2.jpg")
-    (tmp_path / "ground_truth.json").write_text(json.dumps([
-        {"id": "f1", "filename": "f1.jpg", "age": "3-9", "gender": "Female"},
-        {"id": "f2", "filename": "f2.jpg", "age": "70+", "gender": "Male"}]))
+    (tmp_path / "ground_truth.json").write_text(
+        json.dumps(
+            [
+                {"id": "f1", "filename": "f1.jpg", "age": "3-9", "gender": "Female"},
+                {"id": "f2", "filename": "f2.jpg", "age": "70+", "gender": "Male"},
+            ]
+        )
+    )
     ds = scan(tmp_path)
     assert ds.kind == "json"
     assert [(r.gender, r.age) for r in ds.records] == [(0, 6), (1, 70)]
 
 
-@pytest.mark.parametrize(("header", "row", "message"), [
-    (["file", "gender"], ["a.jpg", "F"], "needs a 'path' or 'filename' column"),
-    (["filename", "sex"], ["a.jpg", "F"], "needs a 'path' or 'filename' column"),
-    (["filename", "gender"], ["a.jpg", "X"], "labels.csv:2: gender 'X'"),
-    (["filename", "gender", "age"], ["a.jpg", "F", "old"], "labels.csv:2: age 'old': not a number or range"),
-    (["filename", "gender", "age"], ["a.jpg", "F", "-5"], "labels.csv:2: age '-5': out of range"),
-    (["filename", "gender", "age"], ["a.jpg", "F", "200"], "labels.csv:2: age '200': out of range"),
-    (["filename", "gender", "age"], ["a.jpg", "F", "1000-2000"], "labels.csv:2: age '1000-2000': out of range"),
-    (["filename", "gender", "age"], ["a.jpg", "F", "40-30"], "labels.csv:2: age '40-30': range not ascending"),
-])
-def test_scan_csv_errors_name_file_and_problem(tmp_path: Path, header: list[str], row: list[str],
-                                               message: str) -> None:
+@pytest.mark.parametrize(
+    ("header", "row", "message"),
+    [
+        (["file", "gender"], ["a.jpg", "F"], "needs a 'path' or 'filename' column"),
+        (["filename", "sex"], ["a.jpg", "F"], "needs a 'path' or 'filename' column"),
+        (["filename", "gender"], ["a.jpg", "X"], "labels.csv:2: gender 'X'"),
+        (["filename", "gender", "age"], ["a.jpg", "F", "old"], "labels.csv:2: age 'old': not a number or range"),
+        (["filename", "gender", "age"], ["a.jpg", "F", "-5"], "labels.csv:2: age '-5': out of range"),
+        (["filename", "gender", "age"], ["a.jpg", "F", "200"], "labels.csv:2: age '200': out of range"),
+        (["filename", "gender", "age"], ["a.jpg", "F", "1000-2000"], "labels.csv:2: age '1000-2000': out of range"),
+        (["filename", "gender", "age"], ["a.jpg", "F", "40-30"], "labels.csv:2: age '40-30': range not ascending"),
+    ],
+)
+def test_scan_csv_errors_name_file_and_problem(tmp_path: Path, header: list[str], row: list[str], message: str) -> None:
     _jpeg(tmp_path / "a.jpg")
     _write_csv(tmp_path / "labels.csv", header, [row])
     with pytest.raises(AgeGenderError, match=message):
@@ -212,12 +276,19 @@ def _image(path: Path, fmt: str) -> Path:
     return path
 
 
-OTHER_FORMATS = {".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".bmp": "BMP", ".webp": "WEBP",
-                 ".png": "PNG", ".JPEG": "JPEG"}
+OTHER_FORMATS = {
+    ".gif": "GIF",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".ppm": "PPM",
+    ".bmp": "BMP",
+    ".webp": "WEBP",
+    ".png": "PNG",
+    ".JPEG": "JPEG",
+}
 
 
-def test_scans_take_every_decodable_format_and_record_what_they_skip(tmp_path: Path,
-                                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_scans_take_every_decodable_format_and_record_what_they_skip(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     tree = tmp_path / "tree"
     for i, (suffix, fmt) in enumerate(sorted(OTHER_FORMATS.items())):
         _image(tree / "aligned" / "25_M" / f"nm000000{i}_rm1_1950-1-1_1975{suffix}", fmt)
@@ -243,18 +314,24 @@ def test_scans_take_every_decodable_format_and_record_what_they_skip(tmp_path: P
     assert ds.kind == "utkface" and len(ds.records) == len(OTHER_FORMATS)
     assert sorted((p.name, why) for p, why in ds.skipped.items) == [
         ("holiday.gif", "no UTKFace labels (<age>_<gender>_...) in the name"),
-        ("readme.md", "not an image format the decoder reads")]
+        ("readme.md", "not an image format the decoder reads"),
+    ]
 
 
 def test_manifest_records_missing_images_as_skipped(tmp_path: Path) -> None:
     _image(tmp_path / "a.tif", "TIFF")
     _image(tmp_path / "b.gif", "GIF")
-    _write_csv(tmp_path / "labels.csv", ["path", "gender"],
-               [["a.tif", "F"], ["b.gif", "M"], ["gone.jpg", "M"], ["x" * 5000 + ".jpg", "F"]])
+    _write_csv(
+        tmp_path / "labels.csv",
+        ["path", "gender"],
+        [["a.tif", "F"], ["b.gif", "M"], ["gone.jpg", "M"], ["x" * 5000 + ".jpg", "F"]],
+    )
     ds = scan(tmp_path)
     assert sorted(r.path.name for r in ds.records) == ["a.tif", "b.gif"]
-    assert [why for _, why in ds.skipped.items] == ["listed on line 4 of labels.csv but missing",
-                                                    "listed on line 5 of labels.csv but missing"]
+    assert [why for _, why in ds.skipped.items] == [
+        "listed on line 4 of labels.csv but missing",
+        "listed on line 5 of labels.csv but missing",
+    ]
 
 
 def test_scan_without_labels_says_what_was_expected(tmp_path: Path) -> None:
@@ -304,19 +381,21 @@ def test_shared_fairface_json(shared_faces: Path) -> None:
 
 def _records(spec: list[tuple[int, int, int | None]], group: str = "") -> list[FaceRecord]:
     """(identity, gender, age) triples -> records with unique paths."""
-    return [FaceRecord(Path(f"{group or 'x'}/{i}.jpg"), g, a, f"p:{ident}", group)
-            for i, (ident, g, a) in enumerate(spec)]
+    return [FaceRecord(Path(f"{group or 'x'}/{i}.jpg"), g, a, f"p:{ident}", group) for i, (ident, g, a) in enumerate(spec)]
 
 
-people = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 1), st.one_of(st.none(), st.integers(0, 90))),
-                  max_size=120)
+people = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 1), st.one_of(st.none(), st.integers(0, 90))), max_size=120)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(spec=people, seed=st.integers(0, 2**32 - 1),
-       fractions=st.sampled_from([(0.7, 0.15, 0.15), (0.5, 0.25, 0.25), (1.0, 0.0, 0.0), (0.8, 0.2, 0.0)]))
-def test_identity_split_keeps_every_record_and_shares_no_identity(spec: list, seed: int,
-                                                                   fractions: tuple[float, float, float]) -> None:
+@given(
+    spec=people,
+    seed=st.integers(0, 2**32 - 1),
+    fractions=st.sampled_from([(0.7, 0.15, 0.15), (0.5, 0.25, 0.25), (1.0, 0.0, 0.0), (0.8, 0.2, 0.0)]),
+)
+def test_identity_split_keeps_every_record_and_shares_no_identity(
+    spec: list, seed: int, fractions: tuple[float, float, float]
+) -> None:
     records = _records(spec)
     splits = identity_split(records, fractions, seed)
     combined = [r for part in splits.values() for r in part]
@@ -423,8 +502,12 @@ def _png_header(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _jpeg_bytes(img: Image.Image, **kw: object) -> bytes:
@@ -441,14 +524,17 @@ def _bad(tmp_path: Path, name: str, data: bytes) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("kind", "reason"), [
-    ("zero-byte", "empty file"),
-    ("random bytes", "not an image in a supported format"),
-    ("truncated", "truncated"),
-    ("bomb 100k x 100k", "pixel limit"),
-    ("over the cap", "pixel limit"),
-    ("missing", "no such file"),
-])
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("zero-byte", "empty file"),
+        ("random bytes", "not an image in a supported format"),
+        ("truncated", "truncated"),
+        ("bomb 100k x 100k", "pixel limit"),
+        ("over the cap", "pixel limit"),
+        ("missing", "no such file"),
+    ],
+)
 def test_bad_images_are_skipped_with_a_reason(tmp_path: Path, kind: str, reason: str) -> None:
     rng = np.random.default_rng(0)
     noisy = Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))
@@ -467,8 +553,9 @@ def test_bad_images_are_skipped_with_a_reason(tmp_path: Path, kind: str, reason:
     assert skipped.to_dict()["count"] == 1 and skipped.to_dict()["first"][0].startswith(path.name)
 
 
-@pytest.mark.parametrize("kind", ["png named jpg", "cmyk jpeg", "grayscale", "palette png", "rgba png",
-                                  "progressive jpeg", "mpo-free big jpeg"])
+@pytest.mark.parametrize(
+    "kind", ["png named jpg", "cmyk jpeg", "grayscale", "palette png", "rgba png", "progressive jpeg", "mpo-free big jpeg"]
+)
 def test_odd_but_valid_images_decode(tmp_path: Path, kind: str) -> None:
     red = (200, 30, 30)
     path = tmp_path / "x.jpg"
@@ -636,11 +723,17 @@ def test_manifest_records_say_which_have_person_ids_and_age_groups(tmp_path: Pat
     folder = tmp_path / "fairface"
     for name in ("a.jpg", "b.jpg", "c.jpg"):
         _jpeg(folder / name)
-    _write_csv(folder / "labels.csv", ["path", "gender", "age", "identity"], [
-        ["a.jpg", "F", "20-29", ""], ["b.jpg", "M", "70+", "bob"], ["c.jpg", "M", "31", ""]])
+    _write_csv(
+        folder / "labels.csv",
+        ["path", "gender", "age", "identity"],
+        [["a.jpg", "F", "20-29", ""], ["b.jpg", "M", "70+", "bob"], ["c.jpg", "M", "31", ""]],
+    )
     got = {r.path.name: (r.age, r.age_interval, r.person_id, r.dataset) for r in scan(folder).records}
-    assert got == {"a.jpg": (24, (20, 29), False, "fairface"), "b.jpg": (70, (70, None), True, "fairface"),
-                   "c.jpg": (31, None, False, "fairface")}
+    assert got == {
+        "a.jpg": (24, (20, 29), False, "fairface"),
+        "b.jpg": (70, (70, None), True, "fairface"),
+        "c.jpg": (31, None, False, "fairface"),
+    }
 
 
 def test_leakage_is_not_measurable_without_person_ids(tmp_path: Path) -> None:
@@ -661,16 +754,16 @@ def test_leakage_counts_named_people_and_states_the_rest(tmp_path: Path) -> None
     splits = identity_split(recs, seed=0)
     leak = splits.leakage()
     assert leak["leaked_identities"] == 0
-    assert leak["leakage"] == ("0 of 20 identities in more than one split; "
-                               "not measurable for 20 faces without person ids (20 in utk)")
+    assert leak["leakage"] == (
+        "0 of 20 identities in more than one split; not measurable for 20 faces without person ids (20 in utk)"
+    )
 
 
 def test_scan_all_names_each_data_set_after_its_folder(tmp_path: Path) -> None:
     for folder in ("fairface", "lfw", "other/lfw"):
         for name in ("a.jpg", "b.jpg"):
             _jpeg(tmp_path / folder / name)
-        _write_csv(tmp_path / folder / "labels.csv", ["path", "gender", "identity"],
-                   [["a.jpg", "F", "x"], ["b.jpg", "M", "y"]])
+        _write_csv(tmp_path / folder / "labels.csv", ["path", "gender", "identity"], [["a.jpg", "F", "x"], ["b.jpg", "M", "y"]])
     from agegender.data.records import scan_all
 
     ds = scan_all([tmp_path / "fairface", tmp_path / "lfw", tmp_path / "other" / "lfw"])
@@ -698,23 +791,31 @@ def test_manifest_inside_paths_by_any_spelling_are_accepted(tmp_path: Path) -> N
     assert len(scan(tmp_path).records) == 2
 
 
-def test_a_file_listed_twice_is_counted_once_and_conflicts_are_reported(tmp_path: Path,
-                                                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_a_file_listed_twice_is_counted_once_and_conflicts_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     for name in ("a.jpg", "b.jpg", "c.jpg"):
         _jpeg(tmp_path / name)
     (tmp_path / "sub").mkdir()
     os.link(tmp_path / "c.jpg", tmp_path / "c-hardlink.jpg")
-    _write_csv(tmp_path / "labels.csv", ["path", "gender", "age"], [
-        ["a.jpg", "F", "30"], ["./a.jpg", "F", "30"],  # the same file, the same labels: once
-        ["b.jpg", "F", "30"], ["sub/../b.jpg", "M", "30"],  # the same file, different labels: neither
-        ["c.jpg", "M", "40"], ["c-hardlink.jpg", "M", "41"],  # a hard link is the same file
-    ])
+    _write_csv(
+        tmp_path / "labels.csv",
+        ["path", "gender", "age"],
+        [
+            ["a.jpg", "F", "30"],
+            ["./a.jpg", "F", "30"],  # the same file, the same labels: once
+            ["b.jpg", "F", "30"],
+            ["sub/../b.jpg", "M", "30"],  # the same file, different labels: neither
+            ["c.jpg", "M", "40"],
+            ["c-hardlink.jpg", "M", "41"],  # a hard link is the same file
+        ],
+    )
     with caplog.at_level("WARNING", logger="agegender"):
         ds = scan(tmp_path)
     assert [r.path.name for r in ds.records] == ["a.jpg"]
-    assert [why for _, why in ds.skipped.items] == ["listed again on line 3 of labels.csv (line 2)",
-                                                    "lines 4 and 5 of labels.csv give it different labels",
-                                                    "lines 6 and 7 of labels.csv give it different labels"]
+    assert [why for _, why in ds.skipped.items] == [
+        "listed again on line 3 of labels.csv (line 2)",
+        "lines 4 and 5 of labels.csv give it different labels",
+        "lines 6 and 7 of labels.csv give it different labels",
+    ]
     assert "2 files listed more than once with different labels; left out" in caplog.text
 
 
@@ -733,25 +834,36 @@ def test_splits_never_hold_one_file_twice(tmp_path: Path) -> None:
 
 
 # -- copies: the same bytes under other names, in one folder or across several ----------------------------------
-def test_identical_bytes_are_one_face_and_contradicting_labels_are_reported(tmp_path: Path,
-                                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_identical_bytes_are_one_face_and_contradicting_labels_are_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
         _jpeg(tmp_path / name)
     for src, copy in (("a.jpg", "sub/a-copy.jpg"), ("b.jpg", "b-copy.jpg"), ("c.jpg", "c-copy.jpg")):
         (tmp_path / copy).parent.mkdir(exist_ok=True)
         (tmp_path / copy).write_bytes((tmp_path / src).read_bytes())
-    _write_csv(tmp_path / "labels.csv", ["path", "gender", "age"], [
-        ["a.jpg", "F", "30"], ["sub/a-copy.jpg", "F", ""],  # agree: an unknown age fits any
-        ["b.jpg", "F", "30"], ["b-copy.jpg", "M", "30"],  # contradict: neither is kept
-        ["c.jpg", "M", "24"], ["c-copy.jpg", "M", "20-29"],  # agree: 24 is in the 20-29 group
-        ["d.jpg", "M", "50"],
-    ])
+    _write_csv(
+        tmp_path / "labels.csv",
+        ["path", "gender", "age"],
+        [
+            ["a.jpg", "F", "30"],
+            ["sub/a-copy.jpg", "F", ""],  # agree: an unknown age fits any
+            ["b.jpg", "F", "30"],
+            ["b-copy.jpg", "M", "30"],  # contradict: neither is kept
+            ["c.jpg", "M", "24"],
+            ["c-copy.jpg", "M", "20-29"],  # agree: 24 is in the 20-29 group
+            ["d.jpg", "M", "50"],
+        ],
+    )
     with caplog.at_level("WARNING", logger="agegender"):
         ds = scan(tmp_path)
     assert [r.path.name for r in ds.records] == ["a.jpg", "c.jpg", "d.jpg"]
     assert sorted((p.name, why.replace(str(tmp_path) + os.sep, "")) for p, why in ds.skipped.items) == [
-        ("a-copy.jpg", "the same image as a.jpg"), ("b-copy.jpg", "the same image as b.jpg, with other labels"),
-        ("b.jpg", "the same image as b-copy.jpg, with other labels"), ("c-copy.jpg", "the same image as c.jpg")]
+        ("a-copy.jpg", "the same image as a.jpg"),
+        ("b-copy.jpg", "the same image as b.jpg, with other labels"),
+        ("b.jpg", "the same image as b-copy.jpg, with other labels"),
+        ("c-copy.jpg", "the same image as c.jpg"),
+    ]
     assert "3 images are copies of others (identical bytes): counted once; 1 with contradicting labels" in caplog.text
 
 
@@ -766,12 +878,19 @@ def test_copies_across_data_folders_are_counted_once(tmp_path: Path, caplog: pyt
     (two / "same.jpg").write_bytes((one / "p0.jpg").read_bytes())  # p0 again, labelled alike
     (two / "other.jpg").write_bytes((one / "p1.jpg").read_bytes())  # p1 again, as a woman: neither is kept
     _jpeg(two / "new.jpg")
-    _write_csv(two / "labels.csv", ["path", "gender", "age"], [["same.jpg", "F", "20"], ["other.jpg", "F", "21"],
-                                                               ["new.jpg", "M", "40"]])
+    _write_csv(
+        two / "labels.csv", ["path", "gender", "age"], [["same.jpg", "F", "20"], ["other.jpg", "F", "21"], ["new.jpg", "M", "40"]]
+    )
     with caplog.at_level("WARNING", logger="agegender"):
         ds = scan_all([one, two])
     assert sorted(str(r.path.relative_to(tmp_path)) for r in ds.records) == [
-        "one/p0.jpg", "one/p2.jpg", "one/p3.jpg", "one/p4.jpg", "one/p5.jpg", "two/new.jpg"]
+        "one/p0.jpg",
+        "one/p2.jpg",
+        "one/p3.jpg",
+        "one/p4.jpg",
+        "one/p5.jpg",
+        "two/new.jpg",
+    ]
     assert "2 images are copies of others (identical bytes): counted once; 1 with contradicting labels" in caplog.text
     # The same folder given twice: every file once.
     assert sorted(r.path for r in scan_all([one, one]).records) == sorted(r.path for r in scan(one).records)

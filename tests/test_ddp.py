@@ -26,20 +26,36 @@ def _free_port() -> int:
 
 
 def _train(args: list[str], nproc: int, cwd: Path) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                "--master-port", str(_free_port()), "-m"] if nproc > 1 else [sys.executable, "-m"]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_free_port()), "-m"]
+        if nproc > 1
+        else [sys.executable, "-m"]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*launcher, "agegender", "train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([*launcher, "agegender", "train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_two_process_training_matches_one_process(tmp_path: Path) -> None:
     make_agegender_tree(tmp_path / "data", per_folder=2, seed=3)
     save_vgg_face(tmp_path / "w.safetensors", make_vgg_face_state(widths=WIDTHS, fc=16, classes=4, seed=1))
-    common = ["--backbone", "vgg-face",
-              "--data", str(tmp_path / "data"), "--weights", str(tmp_path / "w.safetensors"), "--epochs", "5",
-              "--batch-size", "32", "--hidden", "32", "32", "--seed", "1"]
+    common = [
+        "--backbone",
+        "vgg-face",
+        "--data",
+        str(tmp_path / "data"),
+        "--weights",
+        str(tmp_path / "w.safetensors"),
+        "--epochs",
+        "5",
+        "--batch-size",
+        "32",
+        "--hidden",
+        "32",
+        "32",
+        "--seed",
+        "1",
+    ]
     _train([*common, "--out", str(tmp_path / "one" / "run")], 1, tmp_path)
     _train([*common, "--out", str(tmp_path / "two" / "run")], 2, tmp_path)
     one = json.loads((tmp_path / "one" / "run" / "report" / "report.json").read_text())

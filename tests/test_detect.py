@@ -28,8 +28,9 @@ def _sample(folder: Path, n: int) -> list[Path]:
 
 def _central_hit(boxes: list[Detection], h: int, w: int) -> bool:
     """A box of plausible size centred near the image centre, where these datasets put the face."""
-    return any(abs(b.x + b.w / 2 - w / 2) < 0.12 * w and abs(b.y + b.h / 2 - h / 2) < 0.12 * h
-               and 0.2 < b.w / w < 0.8 for b in boxes)
+    return any(
+        abs(b.x + b.w / 2 - w / 2) < 0.12 * w and abs(b.y + b.h / 2 - h / 2) < 0.12 * h and 0.2 < b.w / w < 0.8 for b in boxes
+    )
 
 
 def _hit_rate(files: list[Path]) -> float:
@@ -80,10 +81,13 @@ def test_finds_every_face_in_a_group_photo(shared_faces: Path) -> None:
     files = _sample(shared_faces / "lfw", 60)
     detector, found = HaarDetector(), []
     for start in range(0, 60, 6):
-        tiles = [np.asarray(Image.open(f).convert("RGB").resize((200, 200))) for f in files[start:start + 6]]
+        tiles = [np.asarray(Image.open(f).convert("RGB").resize((200, 200))) for f in files[start : start + 6]]
         collage = np.concatenate([np.concatenate(tiles[:3], axis=1), np.concatenate(tiles[3:], axis=1)], axis=0)
-        centres = {(round((b.y + b.h / 2) // 200), round((b.x + b.w / 2) // 200)) for b in detector.detect(collage)
-                   if 0.3 < b.w / 200 < 0.8}
+        centres = {
+            (round((b.y + b.h / 2) // 200), round((b.x + b.w / 2) // 200))
+            for b in detector.detect(collage)
+            if 0.3 < b.w / 200 < 0.8
+        }
         found.append(len(centres))
     assert np.mean(found) >= 5.5, found
 

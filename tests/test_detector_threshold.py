@@ -47,14 +47,17 @@ def test_the_face_is_found_by_a_box_over_its_point() -> None:
 
 
 def test_sweep_counts_misses_others_and_false_positives_per_threshold() -> None:
-    photos = [Scanned("a", "lfw", 200, 200, [(50, 50, 100, 100, 0.97), (0, 0, 50, 50, 0.4)], (100, 100)),
-              Scanned("b", "blurred", 200, 200, [(60, 40, 90, 110, 0.62), (0, 0, 50, 50, 0.4)], (100, 100))]
-    free = [Scanned("c", "background", 300, 300, [(5, 5, 80, 80, 0.52), (100, 100, 50, 50, 0.33)]),
-            Scanned("d", "tiles", 200, 200, [])]
+    photos = [
+        Scanned("a", "lfw", 200, 200, [(50, 50, 100, 100, 0.97), (0, 0, 50, 50, 0.4)], (100, 100)),
+        Scanned("b", "blurred", 200, 200, [(60, 40, 90, 110, 0.62), (0, 0, 50, 50, 0.4)], (100, 100)),
+    ]
+    free = [
+        Scanned("c", "background", 300, 300, [(5, 5, 80, 80, 0.52), (100, 100, 50, 50, 0.33)]),
+        Scanned("d", "tiles", 200, 200, []),
+    ]
     rows = {r["threshold"]: r for r in sweep(photos, free, 40)}
     assert [t for t in rows] == list(THRESHOLDS)
-    assert (rows[0.3]["misses"], rows[0.3]["other_boxes"], rows[0.3]["false_positives"], rows[0.3]["fp_images"]) \
-        == (0, 1, 2, 1)
+    assert (rows[0.3]["misses"], rows[0.3]["other_boxes"], rows[0.3]["false_positives"], rows[0.3]["fp_images"]) == (0, 1, 2, 1)
     assert rows[0.5]["false_positives"] == 1 and rows[0.5]["other_boxes"] == 0
     assert rows[0.65]["misses"] == 1 and rows[0.65]["misses_by_kind"] == {"lfw": 0, "blurred": 1}
     assert rows[0.95]["miss_rate"] == 0.5 and rows[0.95]["fp_per_image"] == 0
@@ -65,8 +68,7 @@ def test_the_rule_minimises_misses_plus_false_positives_and_ties_go_low() -> Non
     def row(t: float, miss: float, fp: float) -> dict[str, float]:
         return {"threshold": t, "miss_rate": miss, "fp_per_image": fp}
 
-    assert choose([row(0.3, 0.01, 0.05), row(0.5, 0.01, 0.02), row(0.7, 0.02, 0.0), row(0.9, 0.05, 0.0)])["threshold"] \
-        == 0.7
+    assert choose([row(0.3, 0.01, 0.05), row(0.5, 0.01, 0.02), row(0.7, 0.02, 0.0), row(0.9, 0.05, 0.0)])["threshold"] == 0.7
     assert choose([row(0.3, 0.0, 0.01), row(0.5, 0.0, 0.0), row(0.7, 0.0, 0.0)])["threshold"] == 0.5
 
 
@@ -82,8 +84,8 @@ def test_face_free_images_keep_the_photos_statistics_but_not_its_layout() -> Non
     side = 80 // 10 * 10
     assert tiles.shape == (side, side, 3)
     top = (96 - side) // 2
-    assert sorted(map(tuple, tiles.reshape(-1, 3))) == sorted(map(tuple, photo[top:top + side].reshape(-1, 3)))
-    assert not np.array_equal(tiles, photo[top:top + side])
+    assert sorted(map(tuple, tiles.reshape(-1, 3))) == sorted(map(tuple, photo[top : top + side].reshape(-1, 3)))
+    assert not np.array_equal(tiles, photo[top : top + side])
     painted = paint_out(photo, [(-5, 10, 20.5, 30)])
     assert (painted[10:30, :21] == painted[10, 0]).all() and np.array_equal(painted[30:], photo[30:])
 
@@ -108,10 +110,12 @@ def test_hard_copies_move_the_face_with_the_image() -> None:
 
 
 def test_a_reviewed_face_leaves_the_face_free_set(tmp_path: Path) -> None:
-    free = [Scanned("background:a", "background", 100, 100, [(0, 0, 50, 50, 0.6)]),
-            Scanned("background:b", "background", 100, 100, [(0, 0, 50, 50, 0.6)]),
-            Scanned("background:c", "background", 100, 100, [(0, 0, 20, 20, 0.6)]),  # under --min-face
-            Scanned("phase:d", "phase", 100, 100, [(0, 0, 50, 50, 0.6)])]
+    free = [
+        Scanned("background:a", "background", 100, 100, [(0, 0, 50, 50, 0.6)]),
+        Scanned("background:b", "background", 100, 100, [(0, 0, 50, 50, 0.6)]),
+        Scanned("background:c", "background", 100, 100, [(0, 0, 20, 20, 0.6)]),  # under --min-face
+        Scanned("phase:d", "phase", 100, 100, [(0, 0, 50, 50, 0.6)]),
+    ]
     left, out, unreviewed = reviewed(free, {"holds_a_face": {"background:a": "a bystander"}}, 40)
     assert [f.name for f in left] == ["background:b", "background:c", "phase:d"] and out == ["background:a"]
     assert unreviewed == ["background:b"]
@@ -123,8 +127,7 @@ def test_a_reviewed_face_leaves_the_face_free_set(tmp_path: Path) -> None:
     assert review["holds_a_face"] and all(name.startswith("background:") for name in review["holds_a_face"])
 
 
-def test_the_sweep_runs_on_a_few_real_photos(shared_faces: Path, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_sweep_runs_on_a_few_real_photos(shared_faces: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--faces", str(shared_faces), "--photos", "5", "--free", "6", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "threshold.json").read_text())
     portraits = sum(n for k, n in result["face_counts"].items() if k not in HARD)
@@ -141,8 +144,9 @@ def test_the_sweep_runs_on_a_few_real_photos(shared_faces: Path, tmp_path: Path,
     assert "| threshold |" in capsys.readouterr().out
 
 
-def test_without_photos_it_says_so_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_without_photos_it_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import benchmarks.detector_threshold as sweep_module
 
     assert main(["--faces", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 2

@@ -66,8 +66,8 @@ def test_the_first_metric_loss_version_has_fixed_constants(tiny: tuple[bytes, di
     data = tiny[0]
     current = dlib_str("loss_metric_2") + dlib_float(0.04) + dlib_float(0.6)
     head = len(dlib_int(1))  # add_loss_layer's version
-    assert data[head:head + len(current)] == current
-    f = parse_dlib_resnet(data[:head] + dlib_str("loss_metric_") + data[head + len(current):])
+    assert data[head : head + len(current)] == current
+    f = parse_dlib_resnet(data[:head] + dlib_str("loss_metric_") + data[head + len(current) :])
     assert (f.loss_margin, f.loss_distance_threshold) == (0.1, 0.75)
 
 
@@ -75,8 +75,7 @@ def test_canonical_names_match_the_model(tiny: tuple[bytes, dict[str, np.ndarray
     state = parse_dlib_resnet(tiny[0]).state
     model = DlibResNet.from_canonical(state)
     assert list(model.state_dict()) == list(state)
-    assert {"conv1.weight", "conv1_affine.scale", "level2.0.conv1.weight", "level5.0.affine2.shift",
-            "fc.weight"} <= state.keys()
+    assert {"conv1.weight", "conv1_affine.scale", "level2.0.conv1.weight", "level5.0.affine2.shift", "fc.weight"} <= state.keys()
     assert sum(len([k for k in state if k.startswith(f"level{i}.")]) for i in range(1, 6)) == 14 * 8
     with pytest.raises(AgeGenderError, match=r"conv1.weight has shape \(2, 3, 7, 7\), expected \(3, 3, 7, 7\)"):
         DlibResNet(widths=(3, 3, 4, 5, 5), descriptor_dim=4).load_canonical(state)
@@ -94,14 +93,16 @@ def test_trailing_bytes_are_refused(tiny: tuple[bytes, dict[str, np.ndarray]]) -
     assert "1 unexpected trailing bytes" in one_line_error(tiny[0] + b"\0")
 
 
-@pytest.mark.parametrize("version", ["loss_metric_2", "input_rgb_image_sized", "con_4", "affine_", "relu_",
-                                     "max_pool_2", "avg_pool_2", "add_prev_", "fc_2"])
+@pytest.mark.parametrize(
+    "version",
+    ["loss_metric_2", "input_rgb_image_sized", "con_4", "affine_", "relu_", "max_pool_2", "avg_pool_2", "add_prev_", "fc_2"],
+)
 def test_unknown_version_strings_are_refused(tiny: tuple[bytes, dict[str, np.ndarray]], version: str) -> None:
     data = tiny[0]
     needle = bytes([len(version)]) + version.encode()
     bad = needle[:-1] + b"9"
     for start in (data.index(needle), data.rindex(needle)):  # first and last occurrence
-        corrupted = data[:start] + bad + data[start + len(needle):]
+        corrupted = data[:start] + bad + data[start + len(needle) :]
         message = one_line_error(corrupted)
         assert f"{bad[1:].decode()!r}" in message and "expected" in message, message
 
@@ -109,8 +110,8 @@ def test_unknown_version_strings_are_refused(tiny: tuple[bytes, dict[str, np.nda
 def test_wrong_wrapper_version_is_refused(tiny: tuple[bytes, dict[str, np.ndarray]]) -> None:
     data = tiny[0]
     head = data.index(b"loss_metric_2") + len(b"loss_metric_2") + len(dlib_float(0.04) + dlib_float(0.6))
-    assert data[head:head + 2] == b"\x01\x02"  # the fc's add_layer, version 2
-    assert "fc: add_layer version 7, expected 1 or 2" in one_line_error(data[:head + 1] + b"\x07" + data[head + 2:])
+    assert data[head : head + 2] == b"\x01\x02"  # the fc's add_layer, version 2
+    assert "fc: add_layer version 7, expected 1 or 2" in one_line_error(data[: head + 1] + b"\x07" + data[head + 2 :])
 
 
 @dataclass
@@ -127,12 +128,14 @@ class _OddNet(Net):
         super().con(name, filters, k, stride)
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"target": "level2.1.conv1", "filters": 7}, "level2.1.conv1: filter count is 7, expected 3"),
-    ({"target": "conv1", "stride": 1},
-     "conv1: kernel, stride, padding is (7, 7, 1, 1, 3, 3), expected (7, 7, 2, 2, 0, 0)"),
-    ({"target": "level3.0.conv1", "stride": 1}, "level3.0.conv1: kernel, stride, padding"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"target": "level2.1.conv1", "filters": 7}, "level2.1.conv1: filter count is 7, expected 3"),
+        ({"target": "conv1", "stride": 1}, "conv1: kernel, stride, padding is (7, 7, 1, 1, 3, 3), expected (7, 7, 2, 2, 0, 0)"),
+        ({"target": "level3.0.conv1", "stride": 1}, "level3.0.conv1: kernel, stride, padding"),
+    ],
+)
 def test_wrong_architecture_is_refused(change: dict[str, object], message: str) -> None:
     net = build_net(net_type=functools.partial(_OddNet, **change))
     assert message in one_line_error(serialize(net))
@@ -161,7 +164,7 @@ def test_huge_declared_tensor_is_refused_before_allocating(tiny: tuple[bytes, di
     conv1_params = dlib_int(2) + dlib_int(2 * 3 * 7 * 7 + 2) + dlib_int(1) * 3
     at = data.index(conv1_params)
     huge = dlib_int(2) + dlib_int(1 << 62) + dlib_int(1) * 3
-    message = one_line_error(data[:at] + huge + data[at + len(conv1_params):])
+    message = one_line_error(data[:at] + huge + data[at + len(conv1_params) :])
     assert f"truncated: {1 << 62} float32 values declared" in message
 
 
@@ -207,11 +210,10 @@ def test_batch_channels_last_and_bf16(tiny: tuple[bytes, dict[str, np.ndarray]])
         features, descriptor = model.features_and_descriptor(x)
         assert features.shape == (3, TINY_WIDTHS[-1]) and descriptor.shape == (3, 4)
         assert torch.equal(model(x), descriptor)
-        single = torch.cat([model(x[i:i + 1]) for i in range(3)])
+        single = torch.cat([model(x[i : i + 1]) for i in range(3)])
         torch.testing.assert_close(single, descriptor, rtol=1e-5, atol=1e-5)
         model.to(memory_format=torch.channels_last)
-        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), descriptor,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), descriptor, rtol=1e-5, atol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x.contiguous(memory_format=torch.channels_last))
         assert low.dtype == torch.bfloat16
@@ -246,8 +248,9 @@ def _random_chips(n: int, seed: int) -> np.ndarray:
     chips[0] = 0
     chips[1] = 255
     ramp = np.linspace(0, 255, 150, dtype=np.float32)
-    chips[2] = np.stack([ramp[None, :].repeat(150, 0), ramp[:, None].repeat(150, 1), 255 - ramp[None, :]
-                         .repeat(150, 0)], axis=-1).astype(np.uint8)
+    chips[2] = np.stack(
+        [ramp[None, :].repeat(150, 0), ramp[:, None].repeat(150, 1), 255 - ramp[None, :].repeat(150, 0)], axis=-1
+    ).astype(np.uint8)
     return chips
 
 
@@ -305,7 +308,7 @@ def _compare_with_dlib(release: tuple[Path, DlibResNet], chips: np.ndarray, sing
         x = _normalize(chips)
         got = model(x).numpy()
         if singles:
-            one_by_one = np.concatenate([model(x[i:i + 1]).numpy() for i in range(len(x))])
+            one_by_one = np.concatenate([model(x[i : i + 1]).numpy() for i in range(len(x))])
             np.testing.assert_allclose(one_by_one, got, rtol=0, atol=1e-5)
     return float(np.abs(got - want).max())
 

@@ -31,8 +31,15 @@ TINY_DLIB = {"widths": (4, 6, 8, 10, 10), "descriptor_dim": 8, "hidden": (32, 32
 EXTRA = {"data": {"train": 120, "val": 30, "source": "synthetic"}, "metrics": {"gender_accuracy": 0.5, "age_mae": 9.0}}
 
 
-def make_run(root: Path, age_head: str = "dex", block_bn: bool = False, image_size: int = 64,
-             feature_bn: bool = False, backbone: str = "vgg-face", feature_layer: str = "") -> Path:
+def make_run(
+    root: Path,
+    age_head: str = "dex",
+    block_bn: bool = False,
+    image_size: int = 64,
+    feature_bn: bool = False,
+    backbone: str = "vgg-face",
+    feature_layer: str = "",
+) -> Path:
     """An untrained tiny model whose BatchNorms hold realistic, non-identity running statistics.
 
     dlib-resnet models take the backbone's own input size and preprocessing from the registry, tiny widths,
@@ -44,8 +51,14 @@ def make_run(root: Path, age_head: str = "dex", block_bn: bool = False, image_si
         preprocess = VGG_FACE_PREPROCESS.resized(image_size)
     else:
         spec = BACKBONES[backbone]
-        cfg = ModelConfig(**TINY_DLIB, backbone=backbone, feature_layer=feature_layer, image_size=spec.preprocess.size,
-                          age_head=age_head, feature_bn=feature_bn)
+        cfg = ModelConfig(
+            **TINY_DLIB,
+            backbone=backbone,
+            feature_layer=feature_layer,
+            image_size=spec.preprocess.size,
+            age_head=age_head,
+            feature_bn=feature_bn,
+        )
         preprocess = spec.preprocess
     meta = CheckpointMeta(cfg, preprocess, weights_sha256="ab" * 32, extra=EXTRA)
     net = AgeGenderNet(cfg)
@@ -157,8 +170,7 @@ def test_onnx_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], age_he
     assert any(o.version == ex.ONNX_OPSET for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     doc = json.loads(props["agegender"])
     assert doc["export"]["outputs"] == names and doc["extra"] == EXTRA
-    assert doc["export"]["age"] == (None if age_head == "none" else
-                                    {"head": age_head, "unit": "years", "min": 1, "max": 70})
+    assert doc["export"]["age"] == (None if age_head == "none" else {"head": age_head, "unit": "years", "min": 1, "max": 70})
     assert load_backend(out).meta == load_checkpoint(run / "model.safetensors")[1]  # the one ONNX metadata reader
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -215,8 +227,7 @@ def check_keras_export(run: Path, out: Path, result: dict, age_head: str) -> Non
     assert tuple(model.inputs[0].shape) == (None, 3, size, size)  # VGG at 64: 2x2 trunk maps, the flatten order matters
     for n in (1, 5):
         x = inputs(run, n)
-        reference = dict(zip(ex.output_names(load_checkpoint(run / "model.safetensors")[1].config),
-                             torch_reference(run, x)))
+        reference = dict(zip(ex.output_names(load_checkpoint(run / "model.safetensors")[1].config), torch_reference(run, x)))
         assert_parity([reference[n] for n in result["outputs"]], ex._keras_outputs(model, x.numpy()), 1e-4)
 
 
@@ -302,9 +313,18 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[Path, Path, str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["missing run", "run without checkpoint", "not a checkpoint",
-                                  "checkpoint file directly", "unwritable output", "wrong suffix",
-                                  "output is a directory"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing run",
+        "run without checkpoint",
+        "not a checkpoint",
+        "checkpoint file directly",
+        "unwritable output",
+        "wrong suffix",
+        "output is a directory",
+    ],
+)
 def test_cli_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
     (tmp_path / "dir.onnx").mkdir()
     run, out, message = _bad_cases(tmp_path)[case]
@@ -335,8 +355,9 @@ def test_report_predict_and_onnx_clamp_ages_alike(tmp_path: Path, bias: float) -
     exporters.export(run, "onnx", tmp_path / "m.onnx")
     photos = make_utkface_folder(tmp_path / "utk", n=6, seed=2)
     report = ReportDir(tmp_path / "eval")
-    evaluate_model(run / "model.safetensors", data=str(photos), subset="all", out=str(report.path), precision="fp32",
-                   progress=False)
+    evaluate_model(
+        run / "model.safetensors", data=str(photos), subset="all", out=str(report.path), precision="fp32", progress=False
+    )
     reported = Predictions.load_csv(report.predictions)
     end = meta.config.age_max if bias > 0 else meta.config.age_min
     assert reported.age_pred is not None and reported.age_pred.tolist() == [end] * 6

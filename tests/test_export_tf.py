@@ -35,8 +35,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 DLIB = "dlib-resnet"
 # Every feature layer, every age head: (backbone, feature layer, age head).
-SAVEDMODEL_CASES = [(DLIB, "both", "dex"), (DLIB, "pooled", "regression"), (DLIB, "descriptor", "none"),
-                    ("vgg-face", "", "dex")]
+SAVEDMODEL_CASES = [(DLIB, "both", "dex"), (DLIB, "pooled", "regression"), (DLIB, "descriptor", "none"), ("vgg-face", "", "dex")]
 
 
 def _run(root: Path, backbone: str, layer: str, age_head: str) -> Path:
@@ -53,6 +52,7 @@ def tf() -> Any:
 
 
 # -- Keras: dlib-resnet -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(("layer", "age_head"), [("pooled", "dex"), ("descriptor", "regression"), ("both", "none")])
 @pytest.mark.slow
@@ -94,9 +94,11 @@ def test_parity_catches_a_misplaced_residual_pad(tmp_path: Path, monkeypatch: py
         if importlib.util.find_spec("tensorflow") is None:
             pytest.skip("tensorflow is not installed")
         from agegender.infer import tf_graph
+
         monkeypatch.setattr(tf_graph, "_pad_end", _tf_pad_at_start)
     else:
         from agegender.infer import keras_dlib
+
         monkeypatch.setattr(keras_dlib, "_pad_end", _keras_pad_at_start)
     run = _run(tmp_path, DLIB, "both", "dex")
     with pytest.raises(AgeGenderError, match="differs from PyTorch"):
@@ -120,6 +122,7 @@ def test_keras_dlib_export_runs_in_tensorflow(tmp_path: Path) -> None:
 
 # -- SavedModel ---------------------------------------------------------------------------------
 
+
 def _images(run: Path, n: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
     meta = load_checkpoint(run / "model.safetensors")[1]
     rgb = ex.verification_images(meta, n, seed)
@@ -134,8 +137,10 @@ def _check_serving_format(tf: Any, out: Path, size: int, names: list[str]) -> No
     proto.ParseFromString((out / "saved_model.pb").read_bytes())
     [graph] = proto.meta_graphs
     assert list(graph.meta_info_def.tags) == ["serve"]
-    for signature, name, dtype, shape in [(sm.SERVING_SIGNATURE, "crops", tf.uint8, [-1, size, size, 3]),
-                                          (sm.NORMALIZED_SIGNATURE, "input", tf.float32, [-1, 3, size, size])]:
+    for signature, name, dtype, shape in [
+        (sm.SERVING_SIGNATURE, "crops", tf.uint8, [-1, size, size, 3]),
+        (sm.NORMALIZED_SIGNATURE, "input", tf.float32, [-1, 3, size, size]),
+    ]:
         sig = graph.signature_def[signature]
         assert sig.method_name == "tensorflow/serving/predict"
         assert list(sig.inputs) == [name] and sig.inputs[name].dtype == dtype.as_datatype_enum
@@ -158,8 +163,12 @@ def test_savedmodel_export(tmp_path: Path, tf: Any, backbone: str, layer: str, a
     assert result["percentile_diffs_years"] == ({"age_low": 0.0, "age_high": 0.0} if age_head == "dex" else {})
     assert files_in(out.parent) == {"1"}  # no temp directory left beside it
     assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == {
-        "saved_model.pb", "fingerprint.pb", "variables/variables.index",
-        "variables/variables.data-00000-of-00001", "assets/agegender.json"}
+        "saved_model.pb",
+        "fingerprint.pb",
+        "variables/variables.index",
+        "variables/variables.data-00000-of-00001",
+        "assets/agegender.json",
+    }
 
     assert sm.load_savedmodel_meta(out) == meta
     doc = json.loads((out / "assets" / "agegender.json").read_text())
@@ -172,8 +181,7 @@ def test_savedmodel_export(tmp_path: Path, tf: Any, backbone: str, layer: str, a
         rgb, x = _images(run, n, seed=3)
         expected = torch_reference(run, x)
         for signature, feed in [(sm.SERVING_SIGNATURE, {"crops": rgb}), (sm.NORMALIZED_SIGNATURE, {"input": x.numpy()})]:
-            got = {k: v.numpy() for k, v in loaded.signatures[signature](**{k: tf.constant(v)
-                                                                            for k, v in feed.items()}).items()}
+            got = {k: v.numpy() for k, v in loaded.signatures[signature](**{k: tf.constant(v) for k, v in feed.items()}).items()}
             assert set(got) == set(names)
             assert_parity(expected, [got[k] for k in ex.output_names(meta.config)], 1e-4)
             if age_head == "dex":
@@ -191,8 +199,9 @@ def test_savedmodel_export(tmp_path: Path, tf: Any, backbone: str, layer: str, a
 @pytest.mark.tf
 def test_age_percentiles(tf: Any) -> None:
     """The smallest age whose cumulative probability reaches q: reaching counts, in TF as in numpy."""
-    probs = np.array([[0.25, 0.25, 0.25, 0.25, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0], [0.125, 0.125, 0.0, 0.0, 0.75]],
-                     np.float32)  # sums exact in binary, so reaching q exactly is tested as such
+    probs = np.array(
+        [[0.25, 0.25, 0.25, 0.25, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0], [0.125, 0.125, 0.0, 0.0, 0.75]], np.float32
+    )  # sums exact in binary, so reaching q exactly is tested as such
     for q, want in [(0.1, [1, 3, 1]), (0.25, [1, 3, 2]), (0.5, [2, 3, 5]), (0.75, [3, 3, 5]), (0.9, [4, 3, 5])]:
         np.testing.assert_array_equal(age_percentile_numpy(probs, q, age_min=1), want)
         np.testing.assert_array_equal(age_percentile(tf, tf.constant(probs), q, 1).numpy(), want)
@@ -277,8 +286,9 @@ def test_savedmodel_predicts_like_pytorch_on_real_faces(tmp_path: Path, tf: Any,
     exporters.export(run, "savedmodel", out_dir, verify_inputs=torch.from_numpy(meta.preprocess.normalize_numpy(chips)))
 
     faces = predictor.classify(chips)
-    got = {k: v.numpy() for k, v in tf.saved_model.load(str(out_dir)).signatures["serving_default"](
-        crops=tf.constant(chips)).items()}
+    got = {
+        k: v.numpy() for k, v in tf.saved_model.load(str(out_dir)).signatures["serving_default"](crops=tf.constant(chips)).items()
+    }
     genders = [meta.genders[int(p >= 0.5)] for p in got["p_male"]]
     assert genders == [f.gender for f in faces] and len(set(genders)) == 2
     np.testing.assert_allclose(got["p_male"], [f.p_male for f in faces], rtol=0, atol=1e-4)
@@ -287,6 +297,7 @@ def test_savedmodel_predicts_like_pytorch_on_real_faces(tmp_path: Path, tf: Any,
 
 
 # -- real sizes ---------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.tf
@@ -306,8 +317,14 @@ def test_full_size_exports_match_pytorch(tmp_path: Path, tf: Any, backbone: str)
 
     spec = BACKBONES[backbone]
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone=backbone, widths=spec.widths, image_size=spec.preprocess.size, hidden=(256,),
-                      dropout=(0.0,), feature_layer="both" if backbone == DLIB else "")
+    cfg = ModelConfig(
+        backbone=backbone,
+        widths=spec.widths,
+        image_size=spec.preprocess.size,
+        hidden=(256,),
+        dropout=(0.0,),
+        feature_layer="both" if backbone == DLIB else "",
+    )
     net = AgeGenderNet(cfg)
     if backbone == DLIB:
         from agegender.weights.pretrained import load_pretrained

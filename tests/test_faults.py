@@ -65,40 +65,67 @@ def _no_temp_files(folder: Path) -> None:
 
 
 # -- no input is ever an output -----------------------------------------------------------------------
-def test_annotating_into_the_input_folder_is_refused(capsys: pytest.CaptureFixture[str], model: Path,
-                                                     photos: Path) -> None:
+def test_annotating_into_the_input_folder_is_refused(capsys: pytest.CaptureFixture[str], model: Path, photos: Path) -> None:
     before = _digest(photos)
-    _one_line(capsys, ["predict", str(photos), "--model", str(model), "--no-detect", "--annotate", str(photos)],
-              "holds the input", "choose another folder")
+    _one_line(
+        capsys,
+        ["predict", str(photos), "--model", str(model), "--no-detect", "--annotate", str(photos)],
+        "holds the input",
+        "choose another folder",
+    )
     link = photos.parent / "same"
     link.symlink_to(photos)
-    _one_line(capsys, ["predict", str(photos / "p1.jpg"), "--model", str(model), "--no-detect",
-                       "--annotate", str(link)], "holds the input")
+    _one_line(
+        capsys,
+        ["predict", str(photos / "p1.jpg"), "--model", str(model), "--no-detect", "--annotate", str(link)],
+        "holds the input",
+    )
     assert _digest(photos) == before
 
 
 def test_annotating_into_a_new_subfolder_works(capsys: pytest.CaptureFixture[str], model: Path, photos: Path) -> None:
     before = _digest(photos)
     out = photos / "annotated"
-    assert main(["predict", str(photos), "--model", str(model), "--no-detect", "--annotate", str(out),
-                 "-o", str(photos.parent / "out.jsonl")]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "predict",
+                str(photos),
+                "--model",
+                str(model),
+                "--no-detect",
+                "--annotate",
+                str(out),
+                "-o",
+                str(photos.parent / "out.jsonl"),
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["p0.jpg", "p1.jpg", "p2.jpg"]
     assert {k: v for k, v in _digest(photos).items() if k in before} == before
 
 
 @pytest.mark.parametrize("kind", ["same name", "symlink", "hard link", "the model"])
-def test_output_that_is_an_input_is_refused(capsys: pytest.CaptureFixture[str], model: Path, photos: Path,
-                                            kind: str) -> None:
+def test_output_that_is_an_input_is_refused(capsys: pytest.CaptureFixture[str], model: Path, photos: Path, kind: str) -> None:
     photo = photos / "p0.jpg"
-    target = {"same name": photo, "symlink": photos.parent / "link.jpg", "hard link": photos.parent / "hard.jpg",
-              "the model": model}[kind]
+    target = {
+        "same name": photo,
+        "symlink": photos.parent / "link.jpg",
+        "hard link": photos.parent / "hard.jpg",
+        "the model": model,
+    }[kind]
     if kind == "symlink":
         target.symlink_to(photo)
     elif kind == "hard link":
         os.link(photo, target)
     before = _digest(photos) | {"model": hashlib.sha256(model.read_bytes()).hexdigest()}
-    _one_line(capsys, ["predict", str(photo), "--model", str(model), "--no-detect", "-o", str(target)],
-              "is the input", "choose another output")
+    _one_line(
+        capsys,
+        ["predict", str(photo), "--model", str(model), "--no-detect", "-o", str(target)],
+        "is the input",
+        "choose another output",
+    )
     assert _digest(photos) | {"model": hashlib.sha256(model.read_bytes()).hexdigest()} == before
 
 
@@ -107,8 +134,7 @@ def test_directory_shaped_outputs_are_refused(capsys: pytest.CaptureFixture[str]
     torch.save({"x": torch.zeros(1)}, src)
     _one_line(capsys, ["convert", str(src), "-o", str(tmp_path / "newdir") + "/"], "is a directory")
     assert not (tmp_path / "newdir").exists()
-    _one_line(capsys, ["export", "--model", str(model), "--format", "onnx", "-o", str(tmp_path) + "/"],
-              "is a directory")
+    _one_line(capsys, ["export", "--model", str(model), "--format", "onnx", "-o", str(tmp_path) + "/"], "is a directory")
     _one_line(capsys, ["convert", str(src), "-o", str(src)], "is the input")
 
 
@@ -126,8 +152,14 @@ def test_check_outputs_on_its_own(tmp_path: Path) -> None:
 def _limited(script: str, limit: int, cwd: Path) -> subprocess.CompletedProcess[str]:
     """``script`` in a fresh interpreter whose files may not grow past ``limit`` bytes (RLIMIT_FSIZE)."""
     prologue = f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
-    return subprocess.run([sys.executable, "-c", prologue + textwrap.dedent(script)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    return subprocess.run(
+        [sys.executable, "-c", prologue + textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
 
 
 @pytest.mark.slow
@@ -136,11 +168,15 @@ def test_convert_past_the_file_size_limit(tmp_path: Path) -> None:
 
     src = tmp_path / "vgg.pt"
     torch.save(make_vgg_face_state((4, 8, 8, 16, 16), 32, 10, seed=0), src)
-    run = _limited(f"""
+    run = _limited(
+        f"""
         import sys
         from agegender.cli import main
         sys.exit(main(["convert", {str(src)!r}, "-o", {str(tmp_path / "out" / "vgg.safetensors")!r}]))
-    """, 20_000, tmp_path)
+    """,
+        20_000,
+        tmp_path,
+    )
     assert run.returncode == 2, run.stderr
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("agegender: error:") and "vgg.safetensors: cannot write (file too large" in last
@@ -150,12 +186,16 @@ def test_convert_past_the_file_size_limit(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_predict_output_past_the_file_size_limit(tmp_path: Path, model: Path, photos: Path) -> None:
-    run = _limited(f"""
+    run = _limited(
+        f"""
         import sys
         from agegender.cli import main
         sys.exit(main(["predict", {str(photos)!r}, "--model", {str(model)!r}, "--no-detect",
                        "-o", {str(tmp_path / "preds.jsonl")!r}, "--annotate", {str(tmp_path / "ann")!r}]))
-    """, 300, tmp_path)
+    """,
+        300,
+        tmp_path,
+    )
     assert run.returncode == 2, run.stderr
     assert "cannot write (file too large" in run.stderr.strip().splitlines()[-1], run.stderr
     assert "Traceback" not in run.stderr
@@ -163,8 +203,10 @@ def test_predict_output_past_the_file_size_limit(tmp_path: Path, model: Path, ph
     _no_temp_files(tmp_path)
 
 
-@pytest.mark.parametrize(("code", "reason"), [(errno.ENOSPC, "disk full"), (errno.EROFS, "read-only file system"),
-                                              (errno.EDQUOT, "disk quota exceeded")])
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [(errno.ENOSPC, "disk full"), (errno.EROFS, "read-only file system"), (errno.EDQUOT, "disk quota exceeded")],
+)
 def test_write_errors_become_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, reason: str) -> None:
     def full(self: Path, data: bytes) -> int:
         Path.write_text(self, "half")  # something was written before the disk filled
@@ -178,11 +220,14 @@ def test_write_errors_become_one_line(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_libraries_that_lose_the_errno_still_say_disk_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(AgeGenderError, match=r"cannot write \(disk full\)"), atomic_path(tmp_path / "m.safetensors"):
-        raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
-                           'left on device" })')
+        raise RuntimeError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
     monkeypatch.setattr(os, "statvfs", lambda _: type("S", (), {"f_bavail": 0})())
-    with pytest.raises(AgeGenderError, match=r"train_state.pt: cannot write \(disk full\)"), \
-            atomic_path(tmp_path / "train_state.pt"):
+    with (
+        pytest.raises(AgeGenderError, match=r"train_state.pt: cannot write \(disk full\)"),
+        atomic_path(tmp_path / "train_state.pt"),
+    ):
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
     with pytest.raises(ValueError, match="unrelated"), atomic_path(tmp_path / "x"):
         raise ValueError("unrelated")  # other errors stay what they are
@@ -190,28 +235,43 @@ def test_libraries_that_lose_the_errno_still_say_disk_full(tmp_path: Path, monke
 
 
 @pytest.mark.parametrize(("code", "reason"), [(errno.EACCES, "permission denied"), (errno.EROFS, "read-only")])
-def test_unwritable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-                              model: Path, photos: Path, code: int, reason: str) -> None:
+def test_unwritable_directory(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    model: Path,
+    photos: Path,
+    code: int,
+    reason: str,
+) -> None:
     import tempfile
 
     def refuse(*_: object, **__: object) -> None:  # chmod does not stop root, so the OS answer is simulated
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    _one_line(capsys, ["predict", str(photos), "--model", str(model), "--no-detect", "-o", str(tmp_path / "o.jsonl")],
-              "o.jsonl: cannot write here", reason)
+    _one_line(
+        capsys,
+        ["predict", str(photos), "--model", str(model), "--no-detect", "-o", str(tmp_path / "o.jsonl")],
+        "o.jsonl: cannot write here",
+        reason,
+    )
 
 
-def test_a_name_too_long_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, model: Path,
-                                     photos: Path) -> None:
+def test_a_name_too_long_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, model: Path, photos: Path) -> None:
     out = tmp_path / ("x" * 300 + ".jsonl")
-    _one_line(capsys, ["predict", str(photos), "--model", str(model), "--no-detect", "-o", str(out)],
-              "cannot write", "file name too long")
+    _one_line(
+        capsys,
+        ["predict", str(photos), "--model", str(model), "--no-detect", "-o", str(out)],
+        "cannot write",
+        "file name too long",
+    )
     _no_temp_files(tmp_path)
 
 
-def test_an_unreadable_model_says_permission_denied(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-                                                    model: Path, photos: Path) -> None:
+def test_an_unreadable_model_says_permission_denied(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, model: Path, photos: Path
+) -> None:
     import builtins
 
     import agegender.model.meta as meta_module
@@ -224,14 +284,16 @@ def test_an_unreadable_model_says_permission_denied(capsys: pytest.CaptureFixtur
         return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
 
     monkeypatch.setattr(meta_module, "open", guarded, raising=False)
-    _one_line(capsys, ["predict", str(photos), "--model", str(model), "--no-detect"],
-              "tiny.safetensors: cannot read (permission denied)")
+    _one_line(
+        capsys,
+        ["predict", str(photos), "--model", str(model), "--no-detect"],
+        "tiny.safetensors: cannot read (permission denied)",
+    )
 
 
 # -- names and kinds of files -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["two\nlines.jpg", "red\x1b[31mtext\x1b[0m.jpg", "bad\udcffbyte.jpg", "tab\there.jpg"])
-def test_names_print_on_one_safe_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, model: Path,
-                                      name: str) -> None:
+def test_names_print_on_one_safe_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, model: Path, name: str) -> None:
     shown = safe_name(name)
     assert shown.isprintable() and "\n" not in shown and "\x1b" not in shown
     shown.encode("utf-8")  # a surrogate would fail here
@@ -244,14 +306,14 @@ def test_an_undecodable_file_name_is_predicted(capsys: pytest.CaptureFixture[str
     folder.mkdir()
     Image.new("RGB", (40, 40), (200, 10, 10)).save(folder / os.fsdecode(b"caf\xe9.png"))
     out = tmp_path / "out.csv"
-    assert main(["predict", str(folder), "--model", str(model), "--no-detect", "-o", str(out),
-                 "--output-format", "csv"]) == 0, capsys.readouterr().err
+    assert main(["predict", str(folder), "--model", str(model), "--no-detect", "-o", str(out), "--output-format", "csv"]) == 0, (
+        capsys.readouterr().err
+    )
     assert b"caf\xe9.png" in out.read_bytes()  # the name's own bytes, as the file system has them
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
-def test_inputs_that_are_not_regular_files(capsys: pytest.CaptureFixture[str], tmp_path: Path, model: Path,
-                                           kind: str) -> None:
+def test_inputs_that_are_not_regular_files(capsys: pytest.CaptureFixture[str], tmp_path: Path, model: Path, kind: str) -> None:
     if kind == "fifo":
         path = tmp_path / "pipe.jpg"
         os.mkfifo(path)
@@ -272,12 +334,16 @@ def test_fetch_past_the_file_size_limit_leaves_no_part(tmp_path: Path) -> None:
     mirror, dest = tmp_path / "mirror", tmp_path / "cache"
     mirror.mkdir()
     (mirror / "vgg_face_torch.tar.gz").write_bytes(os.urandom(400_000))
-    run = _limited(f"""
+    run = _limited(
+        f"""
         import sys
         from agegender.cli import main
         sys.exit(main(["fetch", "weights", "--dest", {str(dest)!r}, "--url", {mirror.as_uri() + "/"!r},
                        "--no-extract", "--quiet"]))
-    """, 100_000, tmp_path)
+    """,
+        100_000,
+        tmp_path,
+    )
     last = run.stderr.strip().splitlines()[-1]
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert "cannot write (file too large" in last and "partial download was removed" in last, run.stderr

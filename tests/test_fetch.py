@@ -99,8 +99,9 @@ def tar_gz(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
     return buf.getvalue()
 
 
-def member(name: str, data: bytes | None = None, *, kind: bytes = tarfile.REGTYPE, link: str = "",
-           mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes | None]:
+def member(
+    name: str, data: bytes | None = None, *, kind: bytes = tarfile.REGTYPE, link: str = "", mode: int = 0o644
+) -> tuple[tarfile.TarInfo, bytes | None]:
     info = tarfile.TarInfo(name)
     info.type, info.linkname, info.mode = kind, link, mode
     return info, (data if kind == tarfile.REGTYPE else None)
@@ -113,8 +114,14 @@ def good_archive() -> bytes:
 def serve(srv: Server, data: bytes, *, name: str = "pkg.tar.gz", known: bool = True) -> Archive:
     """Publish ``data`` on the server and describe it, with or without published size and sha256."""
     srv.files[name] = data
-    return replace(VGG_FACE, filename=name, urls=(srv.base + name,), extracted="pkg/data.bin",
-                   size=len(data) if known else None, sha256=hashlib.sha256(data).hexdigest() if known else None)
+    return replace(
+        VGG_FACE,
+        filename=name,
+        urls=(srv.base + name,),
+        extracted="pkg/data.bin",
+        size=len(data) if known else None,
+        sha256=hashlib.sha256(data).hexdigest() if known else None,
+    )
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
@@ -239,9 +246,11 @@ MALICIOUS = {
     "symlink_up": lambda root: [member("a/up", kind=tarfile.SYMTYPE, link="../../evil")],
     "hardlink_outside": lambda root: [member("hl", kind=tarfile.LNKTYPE, link="../evil")],
     "device": lambda root: [member("null", kind=tarfile.CHRTYPE)],
-    "symlink_chain": lambda root: [member("y", kind=tarfile.SYMTYPE, link="."),
-                                   member("x", kind=tarfile.SYMTYPE, link="y/.."),
-                                   member("x/evil", b"x")],
+    "symlink_chain": lambda root: [
+        member("y", kind=tarfile.SYMTYPE, link="."),
+        member("x", kind=tarfile.SYMTYPE, link="y/.."),
+        member("x/evil", b"x"),
+    ],
 }
 
 
@@ -262,8 +271,16 @@ def test_safe_extract_refuses(case, tmp_path):
 
 def test_safe_extract_keeps_inner_links_and_drops_setuid(tmp_path):
     tar = tmp_path / "ok.tar.gz"
-    tar.write_bytes(tar_gz([member("a/f", b"data"), member("a/l", kind=tarfile.SYMTYPE, link="f"),
-                            member("a/h", kind=tarfile.LNKTYPE, link="a/f"), member("a/s", b"", mode=0o4755)]))
+    tar.write_bytes(
+        tar_gz(
+            [
+                member("a/f", b"data"),
+                member("a/l", kind=tarfile.SYMTYPE, link="f"),
+                member("a/h", kind=tarfile.LNKTYPE, link="a/f"),
+                member("a/s", b"", mode=0o4755),
+            ]
+        )
+    )
     safe_extract(tar, tmp_path / "out")
     a = tmp_path / "out" / "a"
     assert (a / "l").read_bytes() == (a / "h").read_bytes() == b"data"
@@ -323,8 +340,11 @@ def test_locate_names_the_command(server, monkeypatch, tmp_path):
     with pytest.raises(AgeGenderError, match=r"run `agegender fetch data` or pass --data PATH"):
         locate(AGEGENDER_CLEANED)
     other = tmp_path / "other"
-    with pytest.raises(AgeGenderError, match=rf"run `agegender fetch weights --dest {re.escape(str(other))}` "
-                                             r"or pass --weights PATH"):
+    with pytest.raises(
+        AgeGenderError,
+        match=rf"run `agegender fetch weights --dest {re.escape(str(other))}` "
+        r"or pass --weights PATH",
+    ):
         locate(VGG_FACE, other)
     archive = serve(server, good_archive())
     assert fetch(archive, other, progress=False) == locate(archive, other) == other / "pkg"
@@ -333,16 +353,13 @@ def test_locate_names_the_command(server, monkeypatch, tmp_path):
 def test_cli_fetch_data(server, monkeypatch, tmp_path, capsys):
     data = tar_gz([member("combined/aligned/01_F/a.jpg", b"jpeg")])
     server.files["agegender_cleaned.tar.gz"] = data
-    monkeypatch.setitem(archives.ARCHIVES, "data", replace(AGEGENDER_CLEANED, urls=(server.base + "unused/",),
-                                                          size=len(data)))
+    monkeypatch.setitem(archives.ARCHIVES, "data", replace(AGEGENDER_CLEANED, urls=(server.base + "unused/",), size=len(data)))
     dest = tmp_path / "d"
-    assert main(["fetch", "data", "--dest", str(dest), "--url", server.base + "agegender_cleaned.tar.gz",
-                 "--quiet"]) == 0
+    assert main(["fetch", "data", "--dest", str(dest), "--url", server.base + "agegender_cleaned.tar.gz", "--quiet"]) == 0
     assert capsys.readouterr().out.strip() == str(dest / "agegender_cleaned")
     assert (dest / "agegender_cleaned" / "combined" / "aligned" / "01_F" / "a.jpg").read_bytes() == b"jpeg"
 
-    assert main(["fetch", "data", "--dest", str(tmp_path / "e"), "--url", server.base, "--no-extract",
-                 "--quiet"]) == 0
+    assert main(["fetch", "data", "--dest", str(tmp_path / "e"), "--url", server.base, "--no-extract", "--quiet"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "e" / "agegender_cleaned.tar.gz")
 
     assert main(["fetch", "data", "--dest", str(tmp_path / "f"), "--url", server.base + "nope", "--quiet"]) == 2
@@ -358,8 +375,10 @@ def test_cli_fetch_data(server, monkeypatch, tmp_path, capsys):
 
 
 def test_vgg_face_has_both_mirrors_in_order():
-    assert VGG_FACE.urls == ("https://www.robots.ox.ac.uk/~vgg/software/vgg_face/src/vgg_face_torch.tar.gz",
-                             "https://m-training.s3-us-west-2.amazonaws.com/dlchallenge/vgg_face_torch.tar.gz")
+    assert VGG_FACE.urls == (
+        "https://www.robots.ox.ac.uk/~vgg/software/vgg_face/src/vgg_face_torch.tar.gz",
+        "https://m-training.s3-us-west-2.amazonaws.com/dlchallenge/vgg_face_torch.tar.gz",
+    )
     assert VGG_FACE.url == VGG_FACE.urls[0]
     assert all(a.urls and a.instead for a in archives.ARCHIVES.values())
 
@@ -368,9 +387,10 @@ def test_mirrors_are_tried_in_turn(server, tmp_path):
     data = good_archive()
     server.files["garbage/pkg.tar.gz"] = b"<html>not found</html>"
     server.files["good/pkg.tar.gz"] = data
-    archive = replace(serve(server, data, known=False),
-                      urls=(server.base + "gone/pkg.tar.gz", server.base + "garbage/pkg.tar.gz",
-                            server.base + "good/pkg.tar.gz"))
+    archive = replace(
+        serve(server, data, known=False),
+        urls=(server.base + "gone/pkg.tar.gz", server.base + "garbage/pkg.tar.gz", server.base + "good/pkg.tar.gz"),
+    )
     out = fetch(archive, tmp_path, progress=False)
     assert (out / "pkg" / "data.bin").read_bytes() == PAYLOAD
     assert server.requests == [None, None, None]
@@ -429,8 +449,9 @@ def test_a_sha256_recorded_by_an_older_version_is_kept_when_its_extraction_agree
 def test_a_manually_placed_file_is_checked_and_used_offline(tmp_path):
     data = good_archive()
     (tmp_path / "pkg.tar.gz").write_bytes(data)
-    archive = replace(VGG_FACE, filename="pkg.tar.gz", extracted="pkg/data.bin",
-                      urls=(f"http://127.0.0.1:{_closed_port()}/pkg.tar.gz",))
+    archive = replace(
+        VGG_FACE, filename="pkg.tar.gz", extracted="pkg/data.bin", urls=(f"http://127.0.0.1:{_closed_port()}/pkg.tar.gz",)
+    )
     out = fetch(archive, tmp_path, progress=False)
     assert (out / "pkg" / "data.bin").read_bytes() == PAYLOAD
     assert (tmp_path / "pkg.tar.gz.verified.sha256").is_file()

@@ -33,8 +33,15 @@ from agegender.images import ImageError
 from agegender.model.config import Preprocess
 
 
-def _face(x: float, y: float, w: float, h: float | None = None, score: float = 0.99,
-          framing_: Framing = RETINAFACE, landmarks: np.ndarray | None = None) -> Detection:
+def _face(
+    x: float,
+    y: float,
+    w: float,
+    h: float | None = None,
+    score: float = 0.99,
+    framing_: Framing = RETINAFACE,
+    landmarks: np.ndarray | None = None,
+) -> Detection:
     return Detection(x, y, w, w if h is None else h, score, framing_, landmarks)
 
 
@@ -54,8 +61,9 @@ def test_detection_is_a_frozen_record_of_floats() -> None:
     assert d.landmarks[0, 0] == 0
 
 
-@pytest.mark.parametrize("w, h, marks", [(0, 10, None), (10, -1, None), (float("nan"), 10, None),
-                                         (10, 10, np.zeros((68, 2))), (10, 10, np.zeros(10))])
+@pytest.mark.parametrize(
+    "w, h, marks", [(0, 10, None), (10, -1, None), (float("nan"), 10, None), (10, 10, np.zeros((68, 2))), (10, 10, np.zeros(10))]
+)
 def test_detection_refuses_impossible_faces(w: float, h: float, marks: np.ndarray | None) -> None:
     with pytest.raises(AgeGenderError):
         Detection(0, 0, w, h, 1.0, HAAR, marks)
@@ -64,8 +72,14 @@ def test_detection_refuses_impossible_faces(w: float, h: float, marks: np.ndarra
 def test_to_dict_writes_whole_pixels_and_tenths_of_landmarks() -> None:
     marks = np.array([[10.04, 20.06], [30, 20], [20, 30], [12, 40], [28, 40]], np.float32)
     d = Detection(9.6, 10.0, 30.4, 40.5, 0.875, RETINAFACE, marks)
-    assert d.to_dict() == {"x": 10, "y": 10, "w": 30, "h": 40, "score": 0.875,
-                           "landmarks": [[10.0, 20.1], [30.0, 20.0], [20.0, 30.0], [12.0, 40.0], [28.0, 40.0]]}
+    assert d.to_dict() == {
+        "x": 10,
+        "y": 10,
+        "w": 30,
+        "h": 40,
+        "score": 0.875,
+        "landmarks": [[10.0, 20.1], [30.0, 20.0], [20.0, 30.0], [12.0, 40.0], [28.0, 40.0]],
+    }
     assert "landmarks" not in _face(0, 0, 10, framing_=HAAR).to_dict()
 
 
@@ -123,12 +137,12 @@ def test_crop_face_matches_a_plain_crop_inside_the_image() -> None:
     face = _face(70, 60, 50, framing_=HAAR)
     left, top, side = crop_square(face)
     crop = crop_face(rgb, face, side)  # no resize: exactly the pixels
-    assert np.array_equal(crop, rgb[top:top + side, left:left + side])
+    assert np.array_equal(crop, rgb[top : top + side, left : left + side])
 
 
 def _blob(x: float, y: float, sigma: float, shape: tuple[int, int]) -> np.ndarray:
-    rows, cols = np.mgrid[:shape[0], :shape[1]]
-    grey = 255 * np.exp(-((cols - x) ** 2 + (rows - y) ** 2) / (2 * sigma ** 2))
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    grey = 255 * np.exp(-((cols - x) ** 2 + (rows - y) ** 2) / (2 * sigma**2))
     return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
 
 
@@ -230,7 +244,7 @@ def test_subject_is_large_confident_and_central() -> None:
     assert subject([_face(140, 140, 110, score=0.6), centred], 400, 400) is centred
     # A face centred on the image's corner needs e^2 = 7.4x the area of one centred on the image.
     for ratio, wins in ((7, False), (8, True)):
-        side = 100 * ratio ** 0.5
+        side = 100 * ratio**0.5
         far = _face(-side / 2, -side / 2, side)
         assert (subject([far, _face(150, 150, 100)], 400, 400) is far) == wins, ratio
 

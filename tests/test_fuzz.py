@@ -32,9 +32,16 @@ def _seed_images() -> list[bytes]:
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8))
     out = []
     for fmt, image, kw in [
-        ("PNG", rgb, {}), ("JPEG", rgb, {"quality": 80}), ("JPEG", rgb, {"progressive": True}),
-        ("GIF", rgb.convert("P"), {}), ("BMP", rgb, {}), ("TIFF", rgb, {}), ("WEBP", rgb, {}),
-        ("PPM", rgb, {}), ("PNG", rgb.convert("RGBA"), {}), ("PNG", rgb.convert("I;16"), {}),
+        ("PNG", rgb, {}),
+        ("JPEG", rgb, {"quality": 80}),
+        ("JPEG", rgb, {"progressive": True}),
+        ("GIF", rgb.convert("P"), {}),
+        ("BMP", rgb, {}),
+        ("TIFF", rgb, {}),
+        ("WEBP", rgb, {}),
+        ("PPM", rgb, {}),
+        ("PNG", rgb.convert("RGBA"), {}),
+        ("PNG", rgb.convert("I;16"), {}),
         ("TIFF", rgb.convert("CMYK"), {}),
     ]:
         buf = io.BytesIO()
@@ -64,8 +71,11 @@ def test_decoder_on_arbitrary_bytes(data: bytes) -> None:
 
 @quiet
 @FUZZ
-@given(st.sampled_from(SEEDS), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
-       st.integers(0, 10**6) | st.none())
+@given(
+    st.sampled_from(SEEDS),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+    st.integers(0, 10**6) | st.none(),
+)
 def test_decoder_on_mutated_images(seed: bytes, flips: list[tuple[int, int]], cut: int | None) -> None:
     data = bytearray(seed)
     for at, value in flips:
@@ -78,9 +88,35 @@ def test_decoder_on_mutated_images(seed: bytes, flips: list[tuple[int, int]], cu
 # ---------------------------------------------------------------------------------------------
 
 COLUMNS = ["path", "filename", "gender", "age", "identity", "race", "Path", " GENDER ", "", "extra"]
-CELLS = ["a.jpg", "b.png", "missing.jpg", "../a.jpg", "/etc/hostname", "sub/", "", "F", "m", "Male", "x",
-         "29", "20-29", "40-30", "1000-2000", "-5", "200", "70+", "1e3", "nan", "9" * 5000, "\x00", "a" * 300,
-         '"', "\r", "é", "٣"]
+CELLS = [
+    "a.jpg",
+    "b.png",
+    "missing.jpg",
+    "../a.jpg",
+    "/etc/hostname",
+    "sub/",
+    "",
+    "F",
+    "m",
+    "Male",
+    "x",
+    "29",
+    "20-29",
+    "40-30",
+    "1000-2000",
+    "-5",
+    "200",
+    "70+",
+    "1e3",
+    "nan",
+    "9" * 5000,
+    "\x00",
+    "a" * 300,
+    '"',
+    "\r",
+    "é",
+    "٣",
+]
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +140,14 @@ def _scan_refuses_only_as_designed(root: Path, data: bytes) -> None:
 
 
 @FUZZ
-@given(data=st.lists(st.sampled_from(COLUMNS), min_size=1, max_size=6).flatmap(
-    lambda header: st.tuples(st.just(header), st.lists(
-        st.lists(st.sampled_from(CELLS) | st.text(max_size=12), min_size=0, max_size=len(header) + 1),
-        max_size=6))))
+@given(
+    data=st.lists(st.sampled_from(COLUMNS), min_size=1, max_size=6).flatmap(
+        lambda header: st.tuples(
+            st.just(header),
+            st.lists(st.lists(st.sampled_from(CELLS) | st.text(max_size=12), min_size=0, max_size=len(header) + 1), max_size=6),
+        )
+    )
+)
 def test_labels_csv_structured(folder: Path, data: tuple[list[str], list[list[str]]]) -> None:
     import csv
 
@@ -171,15 +211,16 @@ def test_api_never_answers_5xx(api_schema: object) -> None:
                 case.body = {**case.body, "file": image[:cut]}  # type: ignore[attr-defined]
             response = case.call()  # type: ignore[attr-defined]
             calls.append((f"{case.method} {case.path}", response.status_code))  # type: ignore[attr-defined]
-            assert response.status_code < 500, (
-                f"{case.method} {case.path}: {response.status_code} {response.text[:300]}")  # type: ignore[attr-defined]
+            assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"  # type: ignore[attr-defined]
             if response.status_code >= 400:
                 detail = response.json()["detail"]
                 assert detail and (not isinstance(detail, str) or "\n" not in detail)
 
         run()
     statuses = sorted({s for _, s in calls})
-    print(f"\nschemathesis: {len(calls)} generated requests "
-          f"({', '.join(f'{op}: {sum(1 for o, _ in calls if o == op)}' for op in sorted({o for o, _ in calls}))}), "
-          f"statuses {statuses}")
+    print(
+        f"\nschemathesis: {len(calls)} generated requests "
+        f"({', '.join(f'{op}: {sum(1 for o, _ in calls if o == op)}' for op in sorted({o for o, _ in calls}))}), "
+        f"statuses {statuses}"
+    )
     assert sum(1 for op, _ in calls if op == "POST /predict") >= 40 and 200 in statuses

@@ -54,14 +54,18 @@ def _replace(path: Path, key: str, make: object) -> None:
 
 
 # -- HDF5: a weight file never reads another file ------------------------------------------------
-def test_h5_external_storage_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                        params: dict[str, np.ndarray]) -> None:
+def test_h5_external_storage_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray]
+) -> None:
     secret = tmp_path / "secret.bin"
     secret.write_bytes(SECRET)
     src = tmp_path / "vgg_face_weights.h5"
     write_deepface_h5(src, params)
-    _replace(src, KERNEL, lambda f, k: f.create_dataset(k, shape=(3, 3, 3, 4), dtype="<f4",
-                                                        external=[(str(secret), 0, 3 * 3 * 3 * 4 * 4)]))
+    _replace(
+        src,
+        KERNEL,
+        lambda f, k: f.create_dataset(k, shape=(3, 3, 3, 4), dtype="<f4", external=[(str(secret), 0, 3 * 3 * 3 * 4 * 4)]),
+    )
     err = _refused(capsys, src, tmp_path / "out.safetensors", "external files", "secret.bin")
     assert "TOP-SECRET" not in err
 
@@ -72,11 +76,19 @@ def test_h5_external_storage_on_a_fifo_does_not_hang(tmp_path: Path, params: dic
     os.mkfifo(fifo)
     src = tmp_path / "vgg_face_weights.h5"
     write_deepface_h5(src, params)
-    _replace(src, KERNEL, lambda f, k: f.create_dataset(k, shape=(3, 3, 3, 4), dtype="<f4",
-                                                        external=[(str(fifo), 0, 3 * 3 * 3 * 4 * 4)]))
+    _replace(
+        src,
+        KERNEL,
+        lambda f, k: f.create_dataset(k, shape=(3, 3, 3, 4), dtype="<f4", external=[(str(fifo), 0, 3 * 3 * 3 * 4 * 4)]),
+    )
     # A subprocess, so a regression hangs only it: reading the FIFO would block until a writer opens it.
-    run = subprocess.run([sys.executable, "-m", "agegender", "convert", str(src), "-o", str(tmp_path / "o.safetensors")],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    run = subprocess.run(
+        [sys.executable, "-m", "agegender", "convert", str(src), "-o", str(tmp_path / "o.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert run.returncode == 2, run.stderr
     assert "external files" in run.stderr and "Traceback" not in run.stderr
 
@@ -90,8 +102,7 @@ def _other_h5(tmp_path: Path, data: np.ndarray) -> Path:
     return other
 
 
-def test_h5_external_link_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                     params: dict[str, np.ndarray]) -> None:
+def test_h5_external_link_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray]) -> None:
     import h5py
 
     other = _other_h5(tmp_path, np.full((3, 3, 3, 4), 7, "<f4"))
@@ -101,8 +112,9 @@ def test_h5_external_link_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtu
     _refused(capsys, src, tmp_path / "out.safetensors", "external link", "other.h5")
 
 
-def test_h5_soft_link_through_an_external_link_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                          params: dict[str, np.ndarray]) -> None:
+def test_h5_soft_link_through_an_external_link_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray]
+) -> None:
     import h5py
 
     other = _other_h5(tmp_path, np.full((3, 3, 3, 4), 7, "<f4"))
@@ -114,8 +126,9 @@ def test_h5_soft_link_through_an_external_link_is_refused(tmp_path: Path, capsys
     _refused(capsys, src, tmp_path / "out.safetensors", "external link")
 
 
-def test_h5_soft_link_inside_the_file_still_converts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                     params: dict[str, np.ndarray]) -> None:
+def test_h5_soft_link_inside_the_file_still_converts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray]
+) -> None:
     import h5py
 
     src = tmp_path / "vgg_face_weights.h5"
@@ -129,8 +142,7 @@ def test_h5_soft_link_inside_the_file_still_converts(tmp_path: Path, capsys: pyt
     assert torch.equal(load_canonical(out)[0]["conv1_1.bias"], torch.from_numpy(params["conv1_1.bias"]))
 
 
-def test_h5_virtual_dataset_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                       params: dict[str, np.ndarray]) -> None:
+def test_h5_virtual_dataset_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray]) -> None:
     import h5py
 
     other = _other_h5(tmp_path, np.full((3, 3, 3, 4), 7, "<f4"))
@@ -146,12 +158,16 @@ def test_h5_virtual_dataset_is_refused(tmp_path: Path, capsys: pytest.CaptureFix
     _refused(capsys, src, tmp_path / "out.safetensors", "virtual dataset")
 
 
-def test_h5_filter_plugin_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                     params: dict[str, np.ndarray]) -> None:
+def test_h5_filter_plugin_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray]) -> None:
     src = tmp_path / "vgg_face_weights.h5"
     write_deepface_h5(src, params)
-    _replace(src, KERNEL, lambda f, k: f.create_dataset(k, shape=(3, 3, 3, 4), dtype="<f4", chunks=(3, 3, 3, 4),
-                                                        compression=32004, allow_unknown_filter=True))
+    _replace(
+        src,
+        KERNEL,
+        lambda f, k: f.create_dataset(
+            k, shape=(3, 3, 3, 4), dtype="<f4", chunks=(3, 3, 3, 4), compression=32004, allow_unknown_filter=True
+        ),
+    )
     _refused(capsys, src, tmp_path / "out.safetensors", "filter 32004", "plugin")
 
 
@@ -182,7 +198,7 @@ def test_caffe_blob_declaring_a_huge_shape_is_refused(tmp_path: Path, capsys: py
 
     net = messages()["NetParameter"](name="x")
     blob = net.layer.add(name="conv1_1", type="Convolution").blobs.add()
-    blob.shape.dim.extend([0, 2 ** 62, 2 ** 62])  # 0 values, so the counts agree: only the shape is absurd
+    blob.shape.dim.extend([0, 2**62, 2**62])  # 0 values, so the counts agree: only the shape is absurd
     src = tmp_path / "VGG_FACE.caffemodel"
     src.write_bytes(net.SerializeToString())
     _refused(capsys, src, tmp_path / "out.safetensors", "has shape", "not a valid Caffe model")
@@ -216,16 +232,16 @@ def _dat_with(value: float, key: str = "conv1.weight") -> bytes:
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-def test_dlib_dat_with_non_finite_weights_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                     value: float) -> None:
+def test_dlib_dat_with_non_finite_weights_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], value: float) -> None:
     src = tmp_path / "dlib_face_recognition_resnet_model_v1.dat"
     src.write_bytes(_dat_with(value))
     _refused(capsys, src, tmp_path / "out.safetensors", "conv1.weight", "non-finite")
 
 
 @pytest.mark.parametrize("fmt", ["pt", "h5"])
-def test_vgg_face_with_a_nan_weight_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                               params: dict[str, np.ndarray], fmt: str) -> None:
+def test_vgg_face_with_a_nan_weight_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray], fmt: str
+) -> None:
     bad = {k: v.copy() for k, v in params.items()}
     bad["fc7.weight"][3, 5] = np.nan
     src = tmp_path / f"vgg_face.{fmt}"

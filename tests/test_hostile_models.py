@@ -73,7 +73,7 @@ BROKEN = [
     ("config.image_size", "64", "config.image_size is str"),
     ("config.image_size", 64.5, "config.image_size is float"),
     ("config.image_size", 1 << 20, "config.image_size is 1048576, outside"),
-    ("config.age_max", 10 ** 9, "config.age_max is 1000000000, outside"),
+    ("config.age_max", 10**9, "config.age_max is 1000000000, outside"),
     ("config.head_bn", 1, "config.head_bn is int 1, expected true or false"),
     ("config.dropout", [float("nan")], "config.dropout is nan, expected a finite number"),
     ("config.backbone", ["vgg-face"], "config.backbone is list"),
@@ -91,8 +91,7 @@ BROKEN = [
 
 
 @pytest.mark.parametrize(("where", "value", "message"), BROKEN, ids=[f"{w}={v!r}"[:40] for w, v, _ in BROKEN])
-def test_broken_metadata_is_refused_in_one_line(tmp_path: Path, checkpoint: Path, where: str, value: Any,
-                                                message: str) -> None:
+def test_broken_metadata_is_refused_in_one_line(tmp_path: Path, checkpoint: Path, where: str, value: Any, message: str) -> None:
     bad = _with_metadata(checkpoint, tmp_path / "bad.safetensors", json.dumps(_set(_doc(checkpoint), where, value)))
     with pytest.raises(AgeGenderError) as e:
         load_checkpoint(bad)
@@ -106,8 +105,7 @@ def test_metadata_that_is_not_an_object_is_refused(tmp_path: Path, checkpoint: P
         load_checkpoint(bad)
 
 
-def test_cli_gives_one_line_for_broken_metadata(tmp_path: Path, checkpoint: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_gives_one_line_for_broken_metadata(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = _with_metadata(checkpoint, tmp_path / "bad.safetensors", json.dumps(_set(_doc(checkpoint), "config", [])))
     Image.new("RGB", (40, 40)).save(tmp_path / "x.png")
     assert main(["predict", str(tmp_path / "x.png"), "--model", str(bad), "--no-detect"]) == 2
@@ -115,8 +113,9 @@ def test_cli_gives_one_line_for_broken_metadata(tmp_path: Path, checkpoint: Path
     assert err.count("agegender: error:") == 1 and "Traceback" not in err and "config is list" in err
 
 
-def test_a_wide_head_is_refused_before_anything_is_allocated(tmp_path: Path, checkpoint: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_wide_head_is_refused_before_anything_is_allocated(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import agegender.model.checkpoint as ckpt_module
 
     # 16000 x 16000 floats: a 1 GB layer, declared by a 100 KB file.
@@ -130,8 +129,11 @@ def test_a_wide_head_is_refused_before_anything_is_allocated(tmp_path: Path, che
         return real(config)
 
     monkeypatch.setattr(ckpt_module, "AgeGenderNet", spy)
-    with pytest.raises(AgeGenderError, match=r"weights do not match the stored config \(fc.0.weight is \(16, 32\), "
-                                             r"the config needs \(16000, 32\)"):
+    with pytest.raises(
+        AgeGenderError,
+        match=r"weights do not match the stored config \(fc.0.weight is \(16, 32\), "
+        r"the config needs \(16000, 32\)",
+    ):
         load_checkpoint(bad)
     assert built == ["meta"]  # only the shape check's network, on the device that allocates nothing
 
@@ -149,8 +151,15 @@ def test_missing_and_extra_tensors_are_named(tmp_path: Path, checkpoint: Path) -
 
 
 # -- ONNX models that break the contract -----------------------------------------------------------
-def _onnx(path: Path, *, input_name: str = "input", size: int = SIZE, meta_doc: dict[str, Any] | None = None,
-          body: str = "sigmoid", p_shape: list[Any] | None = None) -> Path:
+def _onnx(
+    path: Path,
+    *,
+    input_name: str = "input",
+    size: int = SIZE,
+    meta_doc: dict[str, Any] | None = None,
+    body: str = "sigmoid",
+    p_shape: list[Any] | None = None,
+) -> Path:
     """A tiny ONNX graph: P(male) from the input's mean, through ``body``:
 
     ``sigmoid``: a probability; ``log``: sigmoid(log(mean)), NaN for dark images (a negative mean after the VGG
@@ -170,8 +179,11 @@ def _onnx(path: Path, *, input_name: str = "input", size: int = SIZE, meta_doc: 
     else:
         nodes.append(helper.make_node("Identity", [last], ["p_male"]))
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("p_male", TensorProto.FLOAT, p_shape or ["batch"])])
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("p_male", TensorProto.FLOAT, p_shape or ["batch"])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     doc = meta_doc if meta_doc is not None else json.loads(_meta().to_json())
@@ -194,12 +206,14 @@ def test_a_good_tiny_onnx_runs(tmp_path: Path) -> None:
     assert [r.error for r in results] == [None] * 3 and all(len(r.faces) == 1 for r in results)
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"input_name": "pixels"}, "inputs are ['pixels'], expected one named 'input'"),
-    ({"size": 32}, "has shape ['batch', 3, 32, 32], but its metadata says [batch, 3, 64, 64]"),
-    ({"p_shape": ["batch", 1, 1, 1]}, "output p_male is tensor(float) ['batch', 1, 1, 1], expected a float tensor of "
-                                      "rank 1"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"input_name": "pixels"}, "inputs are ['pixels'], expected one named 'input'"),
+        ({"size": 32}, "has shape ['batch', 3, 32, 32], but its metadata says [batch, 3, 64, 64]"),
+        ({"p_shape": ["batch", 1, 1, 1]}, "output p_male is tensor(float) ['batch', 1, 1, 1], expected a float tensor of rank 1"),
+    ],
+)
 def test_onnx_breaking_the_contract_is_refused_at_load(tmp_path: Path, options: dict[str, Any], message: str) -> None:
     with pytest.raises(AgeGenderError) as e:
         Predictor.from_path(_onnx(tmp_path / "bad.onnx", **options), no_detect=True)
@@ -212,8 +226,7 @@ def test_onnx_metadata_lying_about_the_image_size_allocates_nothing(tmp_path: Pa
     assert lying.stat().st_size < 4000
     with pytest.raises(AgeGenderError, match="config.image_size is 40000, outside the sane range"):
         Predictor.from_path(lying, no_detect=True)
-    plausible = _onnx(tmp_path / "plausible.onnx", meta_doc=_set(_set(doc, "config.image_size", 1024),
-                                                                   "preprocess.size", 1024))
+    plausible = _onnx(tmp_path / "plausible.onnx", meta_doc=_set(_set(doc, "config.image_size", 1024), "preprocess.size", 1024))
     with pytest.raises(AgeGenderError, match=r"but its metadata says \[batch, 3, 1024, 1024\]"):
         Predictor.from_path(plausible, no_detect=True)
 

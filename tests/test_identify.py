@@ -51,8 +51,18 @@ def test_top_k_matches_reference(files: dict[str, object], weights: str) -> None
 def test_cli(files: dict[str, object], capsys: pytest.CaptureFixture[str]) -> None:
     root, ref = files["root"], files["ref"]
     assert isinstance(root, Path) and isinstance(ref, np.ndarray)
-    rc = main(["identify", str(root / "face.png"), "--weights", str(root / "vgg_face.safetensors"),
-               "--names", str(root / "names.txt"), "--top", "3"])
+    rc = main(
+        [
+            "identify",
+            str(root / "face.png"),
+            "--weights",
+            str(root / "vgg_face.safetensors"),
+            "--names",
+            str(root / "names.txt"),
+            "--top",
+            "3",
+        ]
+    )
     lines = capsys.readouterr().out.splitlines()
     best = int(np.argmax(ref))
     assert rc == 0 and len(lines) == 3
@@ -64,8 +74,7 @@ def test_wrong_names_length(files: dict[str, object], tmp_path: Path, capsys: py
     assert isinstance(root, Path)
     names = tmp_path / "names.txt"
     names.write_text("".join(f"P{i}\n" for i in range(CLASSES + 1)))
-    rc = main(["identify", str(root / "face.png"), "--weights", str(root / "vgg_face.safetensors"),
-               "--names", str(names)])
+    rc = main(["identify", str(root / "face.png"), "--weights", str(root / "vgg_face.safetensors"), "--names", str(names)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1
     assert f"{names}: {CLASSES + 1} names, but the weights have {CLASSES} identities" in err

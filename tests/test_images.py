@@ -21,12 +21,17 @@ RAMP8 = np.rint(RAMP16 / 257.0).astype(np.uint8)
 
 def _png(width: int, height: int, depth: int, colour_type: int, rows: np.ndarray) -> bytes:
     """A PNG written byte by byte (Pillow cannot write 48- or 64-bit colour PNGs)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     raw = b"".join(b"\0" + row.tobytes() for row in rows)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _saved(image: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -45,8 +50,7 @@ def _assert_gray_ramp(rgb: np.ndarray, expected: np.ndarray = RAMP8, tol: int = 
 SIXTEEN_BIT_GRAY = {
     "png I;16 (Pillow)": lambda: _saved(Image.fromarray(RAMP16), "PNG"),
     "png 16-bit gray (by hand)": lambda: _png(64, 48, 16, 0, RAMP16.astype(">u2")),
-    "png 16-bit gray + alpha": lambda: _png(64, 48, 16, 4, np.stack([RAMP16, np.full_like(RAMP16, 65535)], -1)
-                                            .astype(">u2")),
+    "png 16-bit gray + alpha": lambda: _png(64, 48, 16, 4, np.stack([RAMP16, np.full_like(RAMP16, 65535)], -1).astype(">u2")),
     "tiff I;16": lambda: _saved(Image.fromarray(RAMP16), "TIFF"),
     "tiff I;16B": lambda: _saved(Image.frombytes("I;16B", (64, 48), RAMP16.astype(">u2").tobytes()), "TIFF"),
     "pgm 16-bit": lambda: b"P5\n64 48\n65535\n" + RAMP16.astype(">u2").tobytes(),
@@ -78,7 +82,7 @@ def test_48_and_64_bit_colour_png() -> None:
 
 
 def test_32_bit_and_float_images_use_their_own_range() -> None:
-    ints = (RAMP16.astype(np.int32) * 16)  # 0..1048560, beyond 16 bits
+    ints = RAMP16.astype(np.int32) * 16  # 0..1048560, beyond 16 bits
     out = load_image(_saved(Image.fromarray(ints), "TIFF"))
     assert out.max() == 255 and np.abs(out[..., 0].astype(int) - np.rint(ints * 255.0 / ints.max())).max() <= 1
     unit = (RAMP16 / 65535.0).astype(np.float32)  # floats in 0..1
@@ -156,8 +160,18 @@ def test_unconvertible_mode_is_an_image_error() -> None:
 
 
 def test_every_suffix_is_a_decodable_format(tmp_path: Path) -> None:
-    fmt_of = {".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM",
-              ".pnm": "PPM", ".bmp": "BMP", ".webp": "WEBP", ".png": "PNG"}
+    fmt_of = {
+        ".gif": "GIF",
+        ".tif": "TIFF",
+        ".tiff": "TIFF",
+        ".ppm": "PPM",
+        ".pgm": "PPM",
+        ".pbm": "PPM",
+        ".pnm": "PPM",
+        ".bmp": "BMP",
+        ".webp": "WEBP",
+        ".png": "PNG",
+    }
     for suffix in sorted(IMAGE_SUFFIXES):
         fmt = fmt_of.get(suffix, "JPEG")
         assert fmt in IMAGE_FORMATS

@@ -52,13 +52,16 @@ def test_zero_division_is_zero():
     assert r["per_class"]["female"]["f1"] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("y_true, y_pred", [
-    ([0, 1], [0, 1, 1]),  # length mismatch
-    ([0, 2], [0, 1]),  # label out of range
-    ([], []),
-    (["f", "m"], [0, 1]),
-    ([0.5, 1.0], [0, 1]),
-])
+@pytest.mark.parametrize(
+    "y_true, y_pred",
+    [
+        ([0, 1], [0, 1, 1]),  # length mismatch
+        ([0, 2], [0, 1]),  # label out of range
+        ([], []),
+        (["f", "m"], [0, 1]),
+        ([0.5, 1.0], [0, 1]),
+    ],
+)
 def test_bad_labels_raise(y_true, y_pred):
     with pytest.raises(AgeGenderError):
         m.classification_report(y_true, y_pred)
@@ -118,7 +121,7 @@ def test_ece_calibrated_vs_miscalibrated():
     # Says 0.9 but only 60% are positive.
     y_over = np.r_[np.ones(60), np.zeros(40)]
     assert m.expected_calibration_error(y_over, np.full(100, 0.9)) == pytest.approx(0.3)
-    assert m.expected_calibration_error(y, p ** 3) > 0.1
+    assert m.expected_calibration_error(y, p**3) > 0.1
 
 
 def test_mae_and_cumulative_score():
@@ -134,12 +137,49 @@ def test_mae_and_cumulative_score():
         m.mae(["ten"], [10])
 
 
-@pytest.mark.parametrize("age, group", [
-    (0, 0), (2, 0), (2.5, 0), (3, 0), (4, 1), (6, 1), (7, 1), (8, 2), (13, 2), (14, 2), (15, 3), (20, 3),
-    (21, 3), (22, 3), (23, 4), (24, 4), (25, 4), (32, 4), (33, 4), (34, 4), (35, 4), (36, 5), (37, 5),
-    (43, 5), (44, 5), (45, 5), (46, 6), (47, 6), (53, 6), (54, 6), (55, 6), (56, 6), (57, 7), (58, 7),
-    (59, 7), (60, 7), (90, 7), (-3, 0),
-])
+@pytest.mark.parametrize(
+    "age, group",
+    [
+        (0, 0),
+        (2, 0),
+        (2.5, 0),
+        (3, 0),
+        (4, 1),
+        (6, 1),
+        (7, 1),
+        (8, 2),
+        (13, 2),
+        (14, 2),
+        (15, 3),
+        (20, 3),
+        (21, 3),
+        (22, 3),
+        (23, 4),
+        (24, 4),
+        (25, 4),
+        (32, 4),
+        (33, 4),
+        (34, 4),
+        (35, 4),
+        (36, 5),
+        (37, 5),
+        (43, 5),
+        (44, 5),
+        (45, 5),
+        (46, 6),
+        (47, 6),
+        (53, 6),
+        (54, 6),
+        (55, 6),
+        (56, 6),
+        (57, 7),
+        (58, 7),
+        (59, 7),
+        (60, 7),
+        (90, 7),
+        (-3, 0),
+    ],
+)
 def test_age_group_edges(age, group):
     assert m.age_group(age) == group
     assert m.age_groups([age]).tolist() == [group]
@@ -167,8 +207,9 @@ def _sliced_example():
 def test_sliced_accuracy_and_worst_slice():
     y_true, y_pred, race = _sliced_example()
     s = m.sliced_accuracy(y_true, y_pred, {"race": race})
-    assert s == {"race": {"a": {"n": 12, "accuracy": 0.5}, "b": {"n": 15, "accuracy": 1.0},
-                          "c": {"n": 3, "accuracy": 0.0}}}  # "" (unlabelled) left out
+    assert s == {
+        "race": {"a": {"n": 12, "accuracy": 0.5}, "b": {"n": 15, "accuracy": 1.0}, "c": {"n": 3, "accuracy": 0.0}}
+    }  # "" (unlabelled) left out
     overall = 26 / 35
     w = m.worst_slice(s, overall, min_n=10)
     assert (w["slice"], w["value"], w["n"]) == ("race", "a", 12)

@@ -32,21 +32,33 @@ SIZE = 32
 SLOW_TRIPS = 5_000_000
 
 
-def _save(path: Path, nodes: list[Any], initializers: Sequence[Any] = (), functions: Sequence[Any] = (),
-          sparse: Sequence[Any] = ()) -> Path:
+def _save(
+    path: Path, nodes: list[Any], initializers: Sequence[Any] = (), functions: Sequence[Any] = (), sparse: Sequence[Any] = ()
+) -> Path:
     """A graph ending in p_male = sigmoid(mean of the input + ``z``), ``z`` made by ``nodes``, with the metadata and
     the input and output the contract asks for."""
-    nodes = [*nodes, helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1, 2, 3], keepdims=0),
-             helper.make_node("Add", ["mean", "z"], ["s"]), helper.make_node("Sigmoid", ["s"], ["p_male"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                         ["batch", 3, SIZE, SIZE])],
-                              [helper.make_tensor_value_info("p_male", TensorProto.FLOAT, ["batch"])],
-                              list(initializers), sparse_initializer=list(sparse))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("local", 1)],
-                              functions=list(functions))
+    nodes = [
+        *nodes,
+        helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Add", ["mean", "z"], ["s"]),
+        helper.make_node("Sigmoid", ["s"], ["p_male"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("p_male", TensorProto.FLOAT, ["batch"])],
+        list(initializers),
+        sparse_initializer=list(sparse),
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("local", 1)], functions=list(functions)
+    )
     model.ir_version = 8
-    meta = CheckpointMeta(ModelConfig(widths=(8, 8, 8, 8, 8), image_size=SIZE, hidden=(16,), dropout=(0.0,),
-                                      age_head="none"), VGG_FACE_PREPROCESS.resized(SIZE))
+    meta = CheckpointMeta(
+        ModelConfig(widths=(8, 8, 8, 8, 8), image_size=SIZE, hidden=(16,), dropout=(0.0,), age_head="none"),
+        VGG_FACE_PREPROCESS.resized(SIZE),
+    )
     helper.set_model_props(model, {"agegender": meta.to_json()})
     onnx.save(model, str(path))
     return path
@@ -71,17 +83,26 @@ def _loop(trips: int, body_tensor: Any) -> Any:
     """``z`` = 0 * (1 added ``trips`` times): a Loop whose body holds ``body_tensor`` as its constant one."""
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Add", ["x", "one"], ["x_out"])],
-        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-                 helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-                 helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [1])], [body_tensor])
-    return [helper.make_node("Constant", [], ["trips"], value=helper.make_tensor("t", TensorProto.INT64, [], [trips])),
-            helper.make_node("Constant", [], ["go"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
-            helper.make_node("Constant", [], ["x0"], value=_zero("x00")),
-            helper.make_node("Loop", ["trips", "go", "x0"], ["xf"], body=body),
-            helper.make_node("Constant", [], ["nought"], value=_zero("n")),
-            helper.make_node("Mul", ["xf", "nought"], ["z"])]
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [1]),
+        ],
+        [body_tensor],
+    )
+    return [
+        helper.make_node("Constant", [], ["trips"], value=helper.make_tensor("t", TensorProto.INT64, [], [trips])),
+        helper.make_node("Constant", [], ["go"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
+        helper.make_node("Constant", [], ["x0"], value=_zero("x00")),
+        helper.make_node("Loop", ["trips", "go", "x0"], ["xf"], body=body),
+        helper.make_node("Constant", [], ["nought"], value=_zero("n")),
+        helper.make_node("Mul", ["xf", "nought"], ["z"]),
+    ]
 
 
 def _images(tmp_path: Path, n: int = 3) -> list[str]:
@@ -104,10 +125,14 @@ def _model_with_external(tmp_path: Path, where: str, location: str) -> Path:
         return _save(path, _loop(1, ext))
     if where == "function":
         ext.name = "k"
-        fn = helper.make_function("local", "Zero", ["a"], ["b"],
-                                  [helper.make_node("Constant", [], ["k"], value=ext),
-                                   helper.make_node("Mul", ["a", "k"], ["b"])],
-                                  [helper.make_opsetid("", 13)])
+        fn = helper.make_function(
+            "local",
+            "Zero",
+            ["a"],
+            ["b"],
+            [helper.make_node("Constant", [], ["k"], value=ext), helper.make_node("Mul", ["a", "k"], ["b"])],
+            [helper.make_opsetid("", 13)],
+        )
         return _save(path, [helper.make_node("Zero", ["w"], ["z"], domain="local")], [_zero("w")], functions=[fn])
     if where == "sparse initializer":
         values = _external("z_values", location)
@@ -117,8 +142,7 @@ def _model_with_external(tmp_path: Path, where: str, location: str) -> Path:
 
 
 @pytest.mark.parametrize("where", ["initializer", "constant node", "loop body", "function", "sparse initializer"])
-def test_onnx_with_external_data_is_refused_before_a_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             where: str) -> None:
+def test_onnx_with_external_data_is_refused_before_a_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"\x00\x00\x80\x3f")  # 1.0f: a model that read it would run
     model = _model_with_external(tmp_path, where, str(secret))
@@ -135,9 +159,11 @@ def test_onnx_with_external_data_is_refused_before_a_session(tmp_path: Path, mon
 
 def test_the_external_data_check_reads_every_tensor_position(tmp_path: Path) -> None:
     """The same models without the external tensor pass the check and run: it refuses what it should only."""
-    inline = [_save(tmp_path / "a.onnx", [], [_zero()]),
-              _save(tmp_path / "b.onnx", [helper.make_node("Constant", [], ["z"], value=_zero())]),
-              _save(tmp_path / "c.onnx", _loop(3, _zero("one")))]
+    inline = [
+        _save(tmp_path / "a.onnx", [], [_zero()]),
+        _save(tmp_path / "b.onnx", [helper.make_node("Constant", [], ["z"], value=_zero())]),
+        _save(tmp_path / "c.onnx", _loop(3, _zero("one"))),
+    ]
     for model in inline:
         check_self_contained(model)
         results = list(Predictor.from_path(model, no_detect=True).predict_many(_images(tmp_path, 2)))
@@ -147,8 +173,10 @@ def test_the_external_data_check_reads_every_tensor_position(tmp_path: Path) -> 
         check_self_contained(model)
 
 
-@pytest.mark.parametrize(("data", "reason"), [(b"", "empty file"), (b"\x0a\xff\xff\xff\xff\x0f", "malformed protobuf"),
-                                              (b"\x0b\x00", "malformed protobuf")])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [(b"", "empty file"), (b"\x0a\xff\xff\xff\xff\x0f", "malformed protobuf"), (b"\x0b\x00", "malformed protobuf")],
+)
 def test_a_file_that_is_not_a_protobuf_is_one_line(tmp_path: Path, data: bytes, reason: str) -> None:
     path = tmp_path / "bad.onnx"
     path.write_bytes(data)
@@ -173,8 +201,9 @@ def test_a_call_past_its_time_limit_is_stopped_and_is_an_error_for_its_batch(tmp
         predictor.predict(_images(tmp_path, 1)[0])
 
 
-def test_predict_command_with_a_slow_model_gives_error_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               capfd: pytest.CaptureFixture[str]) -> None:
+def test_predict_command_with_a_slow_model_gives_error_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(runtime, "CALL_TIMEOUT_S", 0.2)
     slow = _save(tmp_path / "slow.onnx", _loop(SLOW_TRIPS, _zero("one")))
     rc = main(["predict", *_images(tmp_path), "--model", str(slow), "--no-detect", "-o", str(tmp_path / "o.jsonl")])

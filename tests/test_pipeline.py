@@ -16,9 +16,29 @@ def test_reproduce_converts_a_t7_trains_evaluates_and_exports(tmp_path: Path, ca
     make_agegender_tree(tmp_path / "data", per_folder=1, seed=2)
     write_vgg_face_t7(tmp_path / "VGG_FACE.t7", widths=(8, 16, 16, 32, 32), fc=16, classes=4)
     work = tmp_path / "work"
-    assert main(["reproduce", "--backbone", "vgg-face", "--out", str(work), "--data", str(tmp_path / "data"),
-                 "--weights", str(tmp_path / "VGG_FACE.t7"), "--epochs", "2", "--batch-size", "32",
-                 "--hidden", "16", "16"]) == 0
+    assert (
+        main(
+            [
+                "reproduce",
+                "--backbone",
+                "vgg-face",
+                "--out",
+                str(work),
+                "--data",
+                str(tmp_path / "data"),
+                "--weights",
+                str(tmp_path / "VGG_FACE.t7"),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "32",
+                "--hidden",
+                "16",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert f"report: {work / 'run' / 'report' / 'report.md'}" in capsys.readouterr().out
     assert (work / "vgg_face.safetensors").is_file()
     for name in ("model.onnx", "model.keras", "model.pt2"):

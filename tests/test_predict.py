@@ -85,6 +85,7 @@ def _predict(paths: list[str], model: Path, *options: str) -> int:
 
 # -- decoding -----------------------------------------------------------------------------------
 
+
 def test_load_image_sources_agree(tmp_path: Path) -> None:
     rgb = _noise(1)
     path = _save(rgb, tmp_path / "a.png")
@@ -102,11 +103,14 @@ def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
     assert load_image(tmp_path / "r.jpg").shape == (60, 40, 3)
 
 
-@pytest.mark.parametrize(("content", "kind", "message"), [
-    (b"", "unsupported", "empty file"),
-    (b"hello, not an image", "unsupported", "not an image"),
-    (b"\xff\xd8\xff\xe0" + b"\x00" * 64, "unsupported", "not an image"),
-])
+@pytest.mark.parametrize(
+    ("content", "kind", "message"),
+    [
+        (b"", "unsupported", "empty file"),
+        (b"hello, not an image", "unsupported", "not an image"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 64, "unsupported", "not an image"),
+    ],
+)
 def test_load_image_rejects_bad_bytes(content: bytes, kind: str, message: str) -> None:
     with pytest.raises(ImageError, match=message) as info:
         load_image(content, "x.jpg")
@@ -128,6 +132,7 @@ def test_load_image_rejects_truncated_and_huge(tmp_path: Path) -> None:
 
 
 # -- backends and batching ----------------------------------------------------------------------
+
 
 def test_backends_agree(models: dict[str, Path]) -> None:
     crops = np.stack([_noise(s, (SIZE, SIZE)) for s in range(6)])
@@ -196,8 +201,7 @@ def test_batching_across_images_matches_one_by_one(models: dict[str, Path], phot
             assert abs(fa.p_male - fb.p_male) < 1e-5 and abs(fa.p_male - fo.p_male) < 1e-5
 
 
-def test_pipeline_keeps_order_raises_classifier_errors_and_stops_cleanly(models: dict[str, Path],
-                                                                        tmp_path: Path) -> None:
+def test_pipeline_keeps_order_raises_classifier_errors_and_stops_cleanly(models: dict[str, Path], tmp_path: Path) -> None:
     import threading
 
     paths = [str(_save(_noise(s), tmp_path / f"{s}.png")) for s in range(12)]
@@ -222,6 +226,7 @@ def test_pipeline_keeps_order_raises_classifier_errors_and_stops_cleanly(models:
 
 # -- the predict command ------------------------------------------------------------------------
 
+
 def test_predict_folder_end_to_end(models: dict[str, Path], photo_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out" / "preds.jsonl"
     assert _predict([str(photo_folder)], models["onnx"], "-o", str(out), "--annotate", str(tmp_path / "ann")) == 0
@@ -244,8 +249,16 @@ def test_predict_folder_end_to_end(models: dict[str, Path], photo_folder: Path, 
 
 
 def test_predict_csv_and_globs(models: dict[str, Path], photo_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _predict([str(photo_folder / "*.png"), str(photo_folder / "blank.png")], models["checkpoint"],
-                    "--output-format", "csv", "--no-detect") == 0
+    assert (
+        _predict(
+            [str(photo_folder / "*.png"), str(photo_folder / "blank.png")],
+            models["checkpoint"],
+            "--output-format",
+            "csv",
+            "--no-detect",
+        )
+        == 0
+    )
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 1 and rows[0]["path"].endswith("blank.png")  # deduplicated
     assert rows[0]["face"] == "0" and rows[0]["x"] == "" and rows[0]["gender"] in ("female", "male")
@@ -262,26 +275,28 @@ def test_predict_command_errors(models: dict[str, Path], tmp_path: Path, capsys:
     img = _save(_noise(6), tmp_path / "a.png")
     model = str(models["checkpoint"])
     assert "nope.safetensors: no trained model here" in _cli_error(
-        ["predict", str(img), "--model", str(tmp_path / "nope.safetensors")], capsys)
+        ["predict", str(img), "--model", str(tmp_path / "nope.safetensors")], capsys
+    )
     (tmp_path / "model.txt").write_text("hi")
-    assert "model.txt: not a model file" in _cli_error(["predict", str(img), "--model", str(tmp_path / "model.txt")],
-                                                        capsys)
+    assert "model.txt: not a model file" in _cli_error(["predict", str(img), "--model", str(tmp_path / "model.txt")], capsys)
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 100)
     assert "bad.safetensors: not a safetensors checkpoint" in _cli_error(
-        ["predict", str(img), "--model", str(tmp_path / "bad.safetensors")], capsys)
+        ["predict", str(img), "--model", str(tmp_path / "bad.safetensors")], capsys
+    )
     (tmp_path / "bad.onnx").write_bytes(b"garbage")
     assert "bad.onnx: not a loadable ONNX model" in _cli_error(
-        ["predict", str(img), "--model", str(tmp_path / "bad.onnx")], capsys)
+        ["predict", str(img), "--model", str(tmp_path / "bad.onnx")], capsys
+    )
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "x.txt").write_text("")
     assert "empty: folder has no images" in _cli_error(["predict", str(tmp_path / "empty"), "--model", model], capsys)
     assert "no files match" in _cli_error(["predict", str(tmp_path / "*.gif"), "--model", model], capsys)
     assert "missing.jpg: no such file or folder" in _cli_error(
-        ["predict", str(tmp_path / "missing.jpg"), "--model", model], capsys)
+        ["predict", str(tmp_path / "missing.jpg"), "--model", model], capsys
+    )
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert "cannot write here" in _cli_error(["predict", str(img), "--model", model, "-o", str(blocker / "o.jsonl")],
-                                             capsys)
+    assert "cannot write here" in _cli_error(["predict", str(img), "--model", model, "-o", str(blocker / "o.jsonl")], capsys)
     assert not list(tmp_path.glob("**/*.part"))
 
 
@@ -327,10 +342,12 @@ def test_onnx_predict_never_imports_torch(models: dict[str, Path]) -> None:
     import subprocess
     import sys
 
-    script = ("import sys, numpy as np; from agegender.infer.predict import Predictor; "
-              f"faces = Predictor.from_path({str(models['onnx'])!r}, no_detect=True).predict("
-              "np.zeros((64, 64, 3), np.uint8)); "
-              f"Predictor.from_path({str(models['onnx'])!r}).predict(np.zeros((99, 99, 3), np.uint8)); "
-              "assert len(faces) == 1, faces; assert 'torch' not in sys.modules, 'torch was imported'")
+    script = (
+        "import sys, numpy as np; from agegender.infer.predict import Predictor; "
+        f"faces = Predictor.from_path({str(models['onnx'])!r}, no_detect=True).predict("
+        "np.zeros((64, 64, 3), np.uint8)); "
+        f"Predictor.from_path({str(models['onnx'])!r}).predict(np.zeros((99, 99, 3), np.uint8)); "
+        "assert len(faces) == 1, faces; assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -72,8 +72,9 @@ class _CountingCapture:
 
 
 # -- video: the pixel cap ------------------------------------------------------------------------------------
-def test_video_frames_past_the_pixel_cap_are_refused_before_any_is_decoded(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_video_frames_past_the_pixel_cap_are_refused_before_any_is_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     clip = _clip(tmp_path / "clip.avi")
     monkeypatch.setattr(cv2, "VideoCapture", _CountingCapture)
     assert len(list(frames(str(clip), progress=False))) == 6 and _CountingCapture.reads == 7  # as many as it has
@@ -101,14 +102,15 @@ def _bad_video(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> tu
 
 
 @pytest.mark.parametrize("kind", ["truncated", "not a video", "frames past the cap"])
-def test_a_bad_video_among_photos_keeps_their_results(tmp_path: Path, model: Path, photos: list[str],
-                                                      monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str], kind: str) -> None:
+def test_a_bad_video_among_photos_keeps_their_results(
+    tmp_path: Path, model: Path, photos: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
     bad, message = _bad_video(tmp_path, kind, monkeypatch)
     good = _clip(tmp_path / "good.avi", n=3, size=(40, 32))
     out = tmp_path / "out.jsonl"
-    rc = main(["predict", photos[0], str(bad), photos[1], str(good), photos[2], "--model", str(model), "--no-detect",
-               "-o", str(out)])
+    rc = main(
+        ["predict", photos[0], str(bad), photos[1], str(good), photos[2], "--model", str(model), "--no-detect", "-o", str(out)]
+    )
     err = capsys.readouterr().err
     assert rc == 0 and "Traceback" not in err, err
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -121,8 +123,9 @@ def test_a_bad_video_among_photos_keeps_their_results(tmp_path: Path, model: Pat
     assert failed["faces"] == [] and message in failed["error"], failed
 
 
-def test_a_bad_video_alone_is_the_commands_error(tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_video_alone_is_the_commands_error(
+    tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     bad, message = _bad_video(tmp_path, "frames past the cap", monkeypatch)
     assert main(["predict", str(bad), "--model", str(model), "--no-detect", "-o", str(tmp_path / "o.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -139,6 +142,7 @@ def _failing_annotations(monkeypatch: pytest.MonkeyPatch, fail_at: int) -> None:
         image = real(rgb, faces)
         count[0] += 1
         if count[0] == fail_at:
+
             def full(fp: Any, *_: Any, **__: Any) -> None:
                 Path(fp).write_bytes(b"half an image")
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -154,17 +158,33 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("existing", [False, True])
-def test_annotations_appear_all_together_or_not_at_all(tmp_path: Path, model: Path, photos: list[str],
-                                                       monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture[str], existing: bool) -> None:
+def test_annotations_appear_all_together_or_not_at_all(
+    tmp_path: Path,
+    model: Path,
+    photos: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    existing: bool,
+) -> None:
     ann = tmp_path / "ann"
     if existing:  # an earlier run's copies, written into again with --force
         ann.mkdir()
         (ann / "old.png").write_bytes(b"earlier")
     before = _tree(ann) if existing else None
     clip = _clip(tmp_path / "clip.avi", n=2)
-    argv = ["predict", *photos, str(clip), "--model", str(model), "--no-detect", "--annotate", str(ann),
-            "-o", str(tmp_path / "o.jsonl"), *(["--force"] if existing else [])]
+    argv = [
+        "predict",
+        *photos,
+        str(clip),
+        "--model",
+        str(model),
+        "--no-detect",
+        "--annotate",
+        str(ann),
+        "-o",
+        str(tmp_path / "o.jsonl"),
+        *(["--force"] if existing else []),
+    ]
     _failing_annotations(monkeypatch, fail_at=4)  # the video's first frame, after the three photos
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -176,5 +196,6 @@ def test_annotations_appear_all_together_or_not_at_all(tmp_path: Path, model: Pa
     monkeypatch.undo()
     assert main(argv) == 0, capsys.readouterr().err
     names = sorted(_tree(ann))
-    assert names == sorted(["clip/frame_000000.jpg", "clip/frame_000001.jpg", "p0.png", "p1.png", "p2.png",
-                            *(["old.png"] if existing else [])])
+    assert names == sorted(
+        ["clip/frame_000000.jpg", "clip/frame_000001.jpg", "p0.png", "p1.png", "p2.png", *(["old.png"] if existing else [])]
+    )

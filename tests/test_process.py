@@ -51,8 +51,9 @@ def test_threads_must_be_positive(known_pools: tuple[int, int]) -> None:
     assert _pools() == known_pools
 
 
-def test_batches_share_cores_inside_the_block_only(known_pools: tuple[int, int], tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batches_share_cores_inside_the_block_only(
+    known_pools: tuple[int, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from agegender.infer.predict import Predictor, share_cores_for_batches
     from test_predict import make_checkpoint
 
@@ -69,8 +70,7 @@ def test_batches_share_cores_inside_the_block_only(known_pools: tuple[int, int],
     assert _pools() == known_pools
 
 
-def test_the_predict_command_leaves_the_pools_as_it_found_them(known_pools: tuple[int, int],
-                                                                tmp_path: Path) -> None:
+def test_the_predict_command_leaves_the_pools_as_it_found_them(known_pools: tuple[int, int], tmp_path: Path) -> None:
     """An in-process `agegender predict` (as tests and notebooks run it) must not leave the caller single-threaded."""
     from test_predict import make_checkpoint
 
@@ -88,9 +88,34 @@ def test_training_restores_torch_threads(known_pools: tuple[int, int], tmp_path:
     from agegender.data.synthetic import make_agegender_tree
 
     data = make_agegender_tree(tmp_path / "data", per_folder=2, ages=range(20, 24), seed=0)
-    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--backbone", "vgg-face", "--init",
-            "scratch", "--widths", "4", "4", "4", "4", "4", "--image-size", "32", "--hidden", "8", "--epochs", "1",
-            "--batch-size", "4", "--workers", "1", "--no-cache"]
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--backbone",
+        "vgg-face",
+        "--init",
+        "scratch",
+        "--widths",
+        "4",
+        "4",
+        "4",
+        "4",
+        "4",
+        "--image-size",
+        "32",
+        "--hidden",
+        "8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--no-cache",
+    ]
     assert main(argv) == 0
     assert _pools() == known_pools
 
@@ -108,8 +133,10 @@ def test_configure_sets_only_what_the_user_left_unset(monkeypatch: pytest.Monkey
 
 def test_importing_agegender_changes_nothing() -> None:
     """configure() is a call, never an import side effect: a fresh interpreter imports the package untouched."""
-    code = ("import os, sys; before = dict(os.environ); import agegender, agegender.process; "
-            "assert dict(os.environ) == before; assert 'torch' not in sys.modules and 'cv2' not in sys.modules")
+    code = (
+        "import os, sys; before = dict(os.environ); import agegender, agegender.process; "
+        "assert dict(os.environ) == before; assert 'torch' not in sys.modules and 'cv2' not in sys.modules"
+    )
     env = {k: v for k, v in os.environ.items() if k not in TUNING}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
@@ -117,8 +144,10 @@ def test_importing_agegender_changes_nothing() -> None:
 
 # -- errors in the caller's vocabulary ------------------------------------------------------------
 
+
 def test_option_errors_name_the_parameter_in_python_and_the_flag_on_the_command_line(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from agegender.faces.detect import default_detector
     from test_predict import make_checkpoint
 
@@ -134,8 +163,7 @@ def test_option_errors_name_the_parameter_in_python_and_the_flag_on_the_command_
 
 
 def test_an_option_error_rewrites_only_its_own_backticked_names() -> None:
-    e = OptionError("/data/`batch_size`/x: `batch_size` 0 with `hidden` (16,); batch_size stays", "batch_size",
-                    "hidden")
+    e = OptionError("/data/`batch_size`/x: `batch_size` 0 with `hidden` (16,); batch_size stays", "batch_size", "hidden")
     assert str(e) == "/data/batch_size/x: batch_size 0 with hidden (16,); batch_size stays"
     assert e.for_cli() == "/data/--batch-size/x: --batch-size 0 with --hidden (16,); batch_size stays"
     assert e.for_cli({"hidden": "--hidden-layers"}).endswith("--hidden-layers (16,); batch_size stays")

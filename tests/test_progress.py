@@ -15,18 +15,21 @@ from agegender.cli import main
 from test_predict import make_checkpoint
 
 
-def test_progress_logs_a_line_when_not_on_a_terminal(monkeypatch: pytest.MonkeyPatch,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_progress_logs_a_line_when_not_on_a_terminal(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     with caplog.at_level(logging.INFO, logger="agegender.progress"), progress.Progress(3, "features", "img") as bar:
         for _ in range(3):
             bar.update(1)
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
-        "features: 1/3 img", "features: 2/3 img", "features: 3/3 img"]
+        "features: 1/3 img",
+        "features: 2/3 img",
+        "features: 3/3 img",
+    ]
 
 
-def test_progress_is_quiet_within_the_interval_and_when_disabled(monkeypatch: pytest.MonkeyPatch,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_progress_is_quiet_within_the_interval_and_when_disabled(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO, logger="agegender.progress"):
         with progress.Progress(1000, "x") as bar:  # the default 5 s interval: a fast loop says nothing
             bar.update(1000)
@@ -36,8 +39,7 @@ def test_progress_is_quiet_within_the_interval_and_when_disabled(monkeypatch: py
     assert caplog.records == []
 
 
-def test_progress_without_tqdm_falls_back_to_log_lines(monkeypatch: pytest.MonkeyPatch,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_progress_without_tqdm_falls_back_to_log_lines(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     monkeypatch.setitem(sys.modules, "tqdm", None)  # the light install
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
@@ -62,15 +64,26 @@ def _video(path: Path, frames: int = 12) -> Path:
     return path
 
 
-def test_predict_reports_progress_and_counts_frames(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_reports_progress_and_counts_frames(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     for i in range(3):
         Image.fromarray(np.full((64, 64, 3), 40 * i, np.uint8)).save(tmp_path / f"p{i}.png")
     video = _video(tmp_path / "clip.avi")
     out, ann = tmp_path / "out.jsonl", tmp_path / "ann"
-    args = ["predict", *(str(tmp_path / f"p{i}.png") for i in range(3)), str(video), "--model", str(model),
-            "--no-detect", "-o", str(out), "--annotate", str(ann)]
+    args = [
+        "predict",
+        *(str(tmp_path / f"p{i}.png") for i in range(3)),
+        str(video),
+        "--model",
+        str(model),
+        "--no-detect",
+        "-o",
+        str(out),
+        "--annotate",
+        str(ann),
+    ]
     assert main(args) == 0  # the command logs to stderr, as on a terminal or into a log file
     messages = [line.split(": ", 1)[1] for line in capsys.readouterr().err.splitlines() if ": " in line]
     assert any(m.startswith("predict: 3/3 img") for m in messages)

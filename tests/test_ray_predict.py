@@ -77,6 +77,7 @@ def _written(out: Path) -> list[dict[str, Any]]:
 
 # -- without Ray running ------------------------------------------------------------------------
 
+
 def test_inputs_from_lists_folders_and_globs(photos: Path, tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -102,9 +103,11 @@ def test_shard_names_depend_only_on_their_paths() -> None:
 
 # -- on a local Ray -----------------------------------------------------------------------------
 
+
 @pytest.mark.slow
-def test_ray_records_equal_plain_records_and_bad_images_are_errors(local_ray: None, onnx_model: Path,
-                                                                    photos: Path, tmp_path: Path) -> None:
+def test_ray_records_equal_plain_records_and_bad_images_are_errors(
+    local_ray: None, onnx_model: Path, photos: Path, tmp_path: Path
+) -> None:
     paths = expand_paths([str(photos)])
     summary = predict_on_ray([str(photos)], tmp_path / "out", onnx_model, shard_size=4, batch_size=3)
     got = _written(tmp_path / "out")
@@ -149,8 +152,9 @@ class CrashOnce:
 
 
 @pytest.mark.slow
-def test_a_killed_worker_leaves_complete_output_without_duplicates(local_ray: None, onnx_model: Path,
-                                                                    photos: Path, tmp_path: Path) -> None:
+def test_a_killed_worker_leaves_complete_output_without_duplicates(
+    local_ray: None, onnx_model: Path, photos: Path, tmp_path: Path
+) -> None:
     paths = expand_paths([str(photos)])
     marker = tmp_path / "crashed"
     crash = CrashOnce(PredictorRecipe(str(onnx_model)), str(marker))
@@ -165,8 +169,9 @@ def test_a_killed_worker_leaves_complete_output_without_duplicates(local_ray: No
 
 
 @pytest.mark.slow
-def test_resume_skips_what_is_written_and_parquet_gives_the_same_records(local_ray: None, onnx_model: Path,
-                                                                        photos: Path, tmp_path: Path) -> None:
+def test_resume_skips_what_is_written_and_parquet_gives_the_same_records(
+    local_ray: None, onnx_model: Path, photos: Path, tmp_path: Path
+) -> None:
     paths = expand_paths([str(photos)])
     out = tmp_path / "out"
     first = predict_on_ray(paths[:5], out, onnx_model, shard_size=2, output_format="parquet")
@@ -184,8 +189,7 @@ def test_resume_skips_what_is_written_and_parquet_gives_the_same_records(local_r
         predict_on_ray([str(photos)], out, onnx_model, output_format="jsonl", resume=True)
 
 
-def test_a_retried_shard_whose_file_landed_is_read_back_not_redone(onnx_model: Path, photos: Path,
-                                                                  tmp_path: Path) -> None:
+def test_a_retried_shard_whose_file_landed_is_read_back_not_redone(onnx_model: Path, photos: Path, tmp_path: Path) -> None:
     """The actor's own logic, in this process: Ray retries a call whose actor died after the rename."""
     import pyarrow as pa
 
@@ -217,8 +221,9 @@ def test_a_bad_model_is_one_clear_error_before_ray_starts(photos: Path, tmp_path
 
 
 @pytest.mark.slow
-def test_cli_predict_ray_writes_the_plain_commands_records(local_ray: None, onnx_model: Path, photos: Path,
-                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_predict_ray_writes_the_plain_commands_records(
+    local_ray: None, onnx_model: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     from agegender.cli import main

@@ -44,8 +44,7 @@ def _dlib_resnet(path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 
 
 # Each backbone's published weights in its own format, tiny, with the canonical state dict they read back as.
-WRITERS: dict[str, Callable[[Path], tuple[Path, dict[str, np.ndarray]]]] = {
-    "vgg-face": _vgg_face, "dlib-resnet": _dlib_resnet}
+WRITERS: dict[str, Callable[[Path], tuple[Path, dict[str, np.ndarray]]]] = {"vgg-face": _vgg_face, "dlib-resnet": _dlib_resnet}
 NAMES = sorted(BACKBONES)
 
 
@@ -61,8 +60,7 @@ def published(spec: BackboneSpec, tmp_path: Path) -> tuple[Path, dict[str, np.nd
 
 def _config(spec: BackboneSpec, shape: dict[str, Any], layer: str = "", **kw: Any) -> ModelConfig:
     image_size = 64 if "image_size" in spec.train_options else spec.preprocess.size
-    return ModelConfig(backbone=spec.name, image_size=image_size, feature_layer=layer, hidden=(8,), dropout=(0.0,),
-                       **shape, **kw)
+    return ModelConfig(backbone=spec.name, image_size=image_size, feature_layer=layer, hidden=(8,), dropout=(0.0,), **shape, **kw)
 
 
 def test_every_backbone_is_covered_and_described() -> None:
@@ -81,17 +79,20 @@ def test_every_backbone_is_covered_and_described() -> None:
 
 def test_specs_are_torch_free() -> None:
     """Reading a spec (what ONNX inference and `--help` do) imports neither torch nor any implementation."""
-    code = ("import sys; from agegender.backbones import BACKBONES; from agegender.model.config import ModelConfig; "
-            "[(s.check(ModelConfig(backbone=n, widths=s.widths, image_size=s.preprocess.size)), s.exports) "
-            "for n, s in BACKBONES.items()]; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'keras', 'tensorflow') or m.startswith(('agegender.model.vgg', 'agegender.model.dlib', "
-            "'agegender.infer', 'agegender.weights'))))")
+    code = (
+        "import sys; from agegender.backbones import BACKBONES; from agegender.model.config import ModelConfig; "
+        "[(s.check(ModelConfig(backbone=n, widths=s.widths, image_size=s.preprocess.size)), s.exports) "
+        "for n, s in BACKBONES.items()]; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'keras', 'tensorflow') or m.startswith(('agegender.model.vgg', 'agegender.model.dlib', "
+        "'agegender.infer', 'agegender.weights'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
-def test_builds_loads_normalises_and_sizes(spec: BackboneSpec, published: tuple[Path, dict[str, np.ndarray]],
-                                          tmp_path: Path) -> None:
+def test_builds_loads_normalises_and_sizes(
+    spec: BackboneSpec, published: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
     src, expected = published
     converted = tmp_path / "converted.safetensors"
     assert convert_weights(src, converted)["backbone"] == spec.name
@@ -158,8 +159,9 @@ def test_exports_to_onnx(spec: BackboneSpec, published: tuple[Path, dict[str, np
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["keras", "savedmodel"])
-def test_exports_to_its_graphs(spec: BackboneSpec, published: tuple[Path, dict[str, np.ndarray]], tmp_path: Path,
-                               fmt: str) -> None:
+def test_exports_to_its_graphs(
+    spec: BackboneSpec, published: tuple[Path, dict[str, np.ndarray]], tmp_path: Path, fmt: str
+) -> None:
     from agegender.infer.exporters import EXPORTERS
 
     if fmt not in spec.exports:
@@ -175,6 +177,7 @@ def test_exports_to_its_graphs(spec: BackboneSpec, published: tuple[Path, dict[s
 
 
 # -- files written before there was a choice of backbone keep their meaning -----------------------------------
+
 
 def test_an_old_checkpoint_without_a_backbone_is_still_vgg_face(tmp_path: Path) -> None:
     """A checkpoint written before dlib's ResNet: no backbone, feature layer, descriptor size or framing recorded."""

@@ -17,10 +17,18 @@ from agegender.train.report import (
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PROTOCOL = {"data_source": "toy", "kind": "agegender", "split": "identity", "counts": {"train": 500, "test": 160},
-            "leaked_identities": 0, "skipped_images": {"count": 2, "first": ["bad1.jpg", "bad2.jpg"]}}
-HISTORY = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_accuracy": 0.7 + 0.05 * e,
-            "val_age_mae": 10 - e} for e in (1, 2, 3)]
+PROTOCOL = {
+    "data_source": "toy",
+    "kind": "agegender",
+    "split": "identity",
+    "counts": {"train": 500, "test": 160},
+    "leaked_identities": 0,
+    "skipped_images": {"count": 2, "first": ["bad1.jpg", "bad2.jpg"]},
+}
+HISTORY = [
+    {"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_accuracy": 0.7 + 0.05 * e, "val_age_mae": 10 - e}
+    for e in (1, 2, 3)
+]
 
 
 def _predictions(n: int = 160, seed: int = 0, age: bool = True) -> Predictions:
@@ -31,10 +39,14 @@ def _predictions(n: int = 160, seed: int = 0, age: bool = True) -> Predictions:
     p[race == "black"] = 1 - p[race == "black"]  # one group the model gets mostly wrong
     age_true = rng.uniform(1, 80, n)
     age_true[:10] = np.nan
-    return Predictions(gender_true=y, p_male=p, paths=[f"f{i}.jpg" for i in range(n)],
-                       age_true=age_true if age else None,
-                       age_pred=np.nan_to_num(age_true, nan=30.0) + rng.normal(0, 6, n) if age else None,
-                       race=race)
+    return Predictions(
+        gender_true=y,
+        p_male=p,
+        paths=[f"f{i}.jpg" for i in range(n)],
+        age_true=age_true if age else None,
+        age_pred=np.nan_to_num(age_true, nan=30.0) + rng.normal(0, 6, n) if age else None,
+        race=race,
+    )
 
 
 def test_build_report_sections_and_values():
@@ -81,8 +93,16 @@ def test_write_report_files(tmp_path):
     md = write_report(r, pred, tmp_path / "eval", history=HISTORY)
     out = tmp_path / "eval"
     assert md == out / "report.md"
-    expected = {"report.json", "report.md", "predictions.csv", "confusion_matrix.png", "roc.png", "calibration.png",
-                "age_scatter.png", "training_curves.png"}
+    expected = {
+        "report.json",
+        "report.md",
+        "predictions.csv",
+        "confusion_matrix.png",
+        "roc.png",
+        "calibration.png",
+        "age_scatter.png",
+        "training_curves.png",
+    }
     assert {p.name for p in out.iterdir()} == expected  # no temp files left
     back = Predictions.load_csv(out / "predictions.csv")  # the faces the report was computed from
     assert back.paths == pred.paths
@@ -152,11 +172,17 @@ def test_predictions_csv_roundtrip_is_exact(tmp_path):
     assert again.age_pred is None and again.race is None and again.p_male.tolist() == [0.25, 1 / 3]
 
 
-@pytest.mark.parametrize(("text", "why"), [
-    ("", "not a predictions file"), ("path,p_male\nx,0.5\n", "not a predictions file"),
-    ("path,gender_true,p_male,colour\nx,1,0.5,red\n", "not a predictions file"),
-    ("path,gender_true,p_male\nx,1\n", "not a predictions file"), ("path,gender_true,p_male\nx,1,high\n", "could not convert"),
-    ("path,gender_true,p_male\nx,1,1.5\n", "p_male")])
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", "not a predictions file"),
+        ("path,p_male\nx,0.5\n", "not a predictions file"),
+        ("path,gender_true,p_male,colour\nx,1,0.5,red\n", "not a predictions file"),
+        ("path,gender_true,p_male\nx,1\n", "not a predictions file"),
+        ("path,gender_true,p_male\nx,1,high\n", "could not convert"),
+        ("path,gender_true,p_male\nx,1,1.5\n", "p_male"),
+    ],
+)
 def test_a_damaged_predictions_csv_is_one_line_naming_it(tmp_path, text, why):
     bad = tmp_path / "bad.csv"
     bad.write_text(text)
@@ -208,9 +234,15 @@ def _grouped(n: int = 90, seed: int = 1) -> Predictions:
     low = np.array([groups[i][0] for i in pick], dtype=float)
     high = np.array([groups[i][1] for i in pick], dtype=float)
     pred_age = np.clip(low + rng.normal(4, 6, n), 0, 100)
-    return Predictions(gender_true=rng.integers(0, 2, n), p_male=rng.uniform(0, 1, n),
-                       paths=[f"g{i}.jpg" for i in range(n)], age_true=np.full(n, np.nan), age_pred=pred_age,
-                       age_low=low, age_high=high)
+    return Predictions(
+        gender_true=rng.integers(0, 2, n),
+        p_male=rng.uniform(0, 1, n),
+        paths=[f"g{i}.jpg" for i in range(n)],
+        age_true=np.full(n, np.nan),
+        age_pred=pred_age,
+        age_low=low,
+        age_high=high,
+    )
 
 
 def test_age_groups_are_scored_as_groups_never_as_midpoints(tmp_path):
@@ -237,11 +269,15 @@ def test_age_groups_are_scored_as_groups_never_as_midpoints(tmp_path):
 def test_exact_ages_and_groups_in_one_report_are_scored_apart():
     exact, grouped = _predictions(n=60), _grouped(n=40)
     n = 100
-    both = Predictions(gender_true=np.r_[exact.gender_true, grouped.gender_true],
-                       p_male=np.r_[exact.p_male, grouped.p_male], paths=exact.paths + grouped.paths,
-                       age_true=np.r_[exact.age_true, grouped.age_true], age_pred=np.r_[exact.age_pred, grouped.age_pred],
-                       age_low=np.r_[np.full(60, np.nan), grouped.age_low],
-                       age_high=np.r_[np.full(60, np.nan), grouped.age_high])
+    both = Predictions(
+        gender_true=np.r_[exact.gender_true, grouped.gender_true],
+        p_male=np.r_[exact.p_male, grouped.p_male],
+        paths=exact.paths + grouped.paths,
+        age_true=np.r_[exact.age_true, grouped.age_true],
+        age_pred=np.r_[exact.age_pred, grouped.age_pred],
+        age_low=np.r_[np.full(60, np.nan), grouped.age_low],
+        age_high=np.r_[np.full(60, np.nan), grouped.age_high],
+    )
     r = build_report(both, {})
     assert r["age"]["n"] == np.isfinite(exact.age_true).sum() and r["age_groups"]["n"] == 40
     assert r["age"]["mae"] == pytest.approx(build_report(exact, {})["age"]["mae"])
@@ -271,8 +307,11 @@ def test_every_data_set_is_named_in_the_slices():
 
 def test_leakage_sentence_replaces_the_count_in_markdown(tmp_path):
     pred = _predictions()
-    protocol = {"kind": "utkface", "leaked_identities": None,
-                "leakage": "not measurable: the data has no person ids (160 in utkface)"}
+    protocol = {
+        "kind": "utkface",
+        "leaked_identities": None,
+        "leakage": "not measurable: the data has no person ids (160 in utkface)",
+    }
     text = write_report(build_report(pred, protocol), pred, tmp_path).read_text()
     assert "leakage**: not measurable" in text and "leaked_identities" not in text
 
@@ -280,9 +319,19 @@ def test_leakage_sentence_replaces_the_count_in_markdown(tmp_path):
 def test_training_curves_put_one_loss_in_each_panel():
     from agegender.train.report import _loss_panels
 
-    new = ["train_age_loss", "train_gender_loss", "train_loss", "val_accuracy", "val_age_loss", "val_age_mae",
-           "val_gender_loss", "val_loss"]
-    assert dict(_loss_panels(new)) == {"age loss": ["train_age_loss", "val_age_loss"],
-                                       "gender loss": ["train_gender_loss", "val_gender_loss"]}
+    new = [
+        "train_age_loss",
+        "train_gender_loss",
+        "train_loss",
+        "val_accuracy",
+        "val_age_loss",
+        "val_age_mae",
+        "val_gender_loss",
+        "val_loss",
+    ]
+    assert dict(_loss_panels(new)) == {
+        "age loss": ["train_age_loss", "val_age_loss"],
+        "gender loss": ["train_gender_loss", "val_gender_loss"],
+    }
     old = dict(_loss_panels(["train_loss", "val_accuracy", "val_loss"]))  # runs from before the split
     assert old == {"train loss (gender + age)": ["train_loss"], "validation loss (gender)": ["val_loss"]}

@@ -41,8 +41,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def config(world: dict[str, Path], out: Path, **kw: object) -> TrainConfig:
-    base = dict(data=str(world["data"]), out=str(out), backbone="vgg-face", weights=str(world["weights"]), epochs=1,
-                batch_size=32, hidden=(32, 32), progress=False, cache_dir=str(world["root"] / "cache"))
+    base = dict(
+        data=str(world["data"]),
+        out=str(out),
+        backbone="vgg-face",
+        weights=str(world["weights"]),
+        epochs=1,
+        batch_size=32,
+        hidden=(32, 32),
+        progress=False,
+        cache_dir=str(world["root"] / "cache"),
+    )
     return TrainConfig.from_preset("default", **{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -128,22 +137,29 @@ def _damage(out: Path, runs: dict[str, Path], how: str) -> None:
 
 
 DAMAGES = {
-    "truncated": "damaged or foreign", "empty": "damaged or foreign", "garbage": "damaged or foreign",
-    "pickle payload": "damaged or foreign", "zip pickle payload": "damaged or foreign",
-    "a list": "holds a list", "no optimizer": "lacks or has a wrong optimizer",
-    "epoch as text": "lacks or has a wrong epoch", "best of one": "not a training state's values",
-    "history not json": "not a training state's values", "rng of floats": "not a training state's values",
-    "foreign": "from a run with another model", "foreign, old format": "does not fit this run's model",
+    "truncated": "damaged or foreign",
+    "empty": "damaged or foreign",
+    "garbage": "damaged or foreign",
+    "pickle payload": "damaged or foreign",
+    "zip pickle payload": "damaged or foreign",
+    "a list": "holds a list",
+    "no optimizer": "lacks or has a wrong optimizer",
+    "epoch as text": "lacks or has a wrong epoch",
+    "best of one": "not a training state's values",
+    "history not json": "not a training state's values",
+    "rng of floats": "not a training state's values",
+    "foreign": "from a run with another model",
+    "foreign, old format": "does not fit this run's model",
     "other epoch": "last.safetensors is from epoch 1, train_state.pt from epoch 7",
-    "no last": "last.safetensors is missing", "damaged last": "last.safetensors is damaged",
+    "no last": "last.safetensors is missing",
+    "damaged last": "last.safetensors is damaged",
     "zip bomb": "compression bomb",
 }
 
 
 @pytest.mark.parametrize("how", list(DAMAGES))
 @pytest.mark.slow
-def test_a_damaged_state_gives_one_line(runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        how: str) -> None:
+def test_a_damaged_state_gives_one_line(runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     marker = tmp_path / "payload-ran"
     monkeypatch.setenv("RESUME_MARKER", str(marker))
     out = _copy(runs, tmp_path)
@@ -161,12 +177,18 @@ def test_an_intact_state_restores(runs: dict[str, Path], tmp_path: Path) -> None
     _resume(_copy(runs, tmp_path))
 
 
-@pytest.mark.parametrize(("how", "text"), [("truncated", "damaged or foreign"), ("config", "config.json is unreadable"),
-                                           ("config types", "config.json has batch_size = 'many'")])
+@pytest.mark.parametrize(
+    ("how", "text"),
+    [
+        ("truncated", "damaged or foreign"),
+        ("config", "config.json is unreadable"),
+        ("config types", "config.json has batch_size = 'many'"),
+    ],
+)
 @pytest.mark.slow
-def test_train_resume_command_gives_one_line_and_keeps_the_run(world: dict[str, Path], runs: dict[str, Path],
-                                                               tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                               how: str, text: str) -> None:
+def test_train_resume_command_gives_one_line_and_keeps_the_run(
+    world: dict[str, Path], runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str, text: str
+) -> None:
     out = _copy(runs, tmp_path)
     if how == "truncated":
         _damage(out, runs, how)
@@ -176,8 +198,22 @@ def test_train_resume_command_gives_one_line_and_keeps_the_run(world: dict[str, 
         stored = json.loads((out / "config.json").read_text())
         (out / "config.json").write_text(json.dumps({**stored, "batch_size": "many"}))
     before = sorted(p.name for p in out.iterdir())
-    rc = main(["train", "--data", str(world["data"]), "--out", str(out), "--resume", "--epochs", "2",
-               "--weights", str(world["weights"]), "--cache-dir", str(world["root"] / "cache")])
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(world["data"]),
+            "--out",
+            str(out),
+            "--resume",
+            "--epochs",
+            "2",
+            "--weights",
+            str(world["weights"]),
+            "--cache-dir",
+            str(world["root"] / "cache"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, err
     assert err.splitlines()[-1].startswith("agegender: error:") and text in err.splitlines()[-1], err
@@ -196,9 +232,16 @@ def test_a_second_writer_is_refused_with_the_holders_pid(world: dict[str, Path],
 def test_a_lock_held_by_a_killed_process_is_taken_over(tmp_path: Path) -> None:
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom agegender.files import folder_lock\n"
-                               f"with folder_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(120)\n"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom agegender.files import folder_lock\n"
+            f"with folder_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         with pytest.raises(AgeGenderError, match=rf"pid {holder.pid}\)"), folder_lock(out):
@@ -223,8 +266,9 @@ def test_training_that_diverges_says_so(world: dict[str, Path], tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_at_its_epoch(world: dict[str, Path], runs: dict[str, Path], tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_loss_stops_at_its_epoch(
+    world: dict[str, Path], runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = _copy(runs, tmp_path)
     real = loop.train_one_epoch
 
@@ -238,22 +282,37 @@ def test_nan_loss_stops_at_its_epoch(world: dict[str, Path], runs: dict[str, Pat
     assert _state(out)["epoch"] == 1  # the last good epoch stays resumable
 
 
-@pytest.mark.parametrize(("argv", "text"), [
-    (["--batch-size", "0"], "batch size and workers must be at least 1, got 0 and 2"),
-    (["--workers", "0"], "batch size and workers must be at least 1, got 64 and 0"),
-])
+@pytest.mark.parametrize(
+    ("argv", "text"),
+    [
+        (["--batch-size", "0"], "batch size and workers must be at least 1, got 0 and 2"),
+        (["--workers", "0"], "batch size and workers must be at least 1, got 64 and 0"),
+    ],
+)
 @pytest.mark.slow
-def test_evaluate_option_limits(runs: dict[str, Path], capsys: pytest.CaptureFixture[str], argv: list[str],
-                                text: str) -> None:
+def test_evaluate_option_limits(runs: dict[str, Path], capsys: pytest.CaptureFixture[str], argv: list[str], text: str) -> None:
     rc = main(["evaluate", "--model", str(runs["run"]), *argv, "--out", str(runs["run"].parent / "eval-limits")])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and text in err.splitlines()[-1], err
 
 
-def test_a_head_that_cannot_fit_memory_is_refused_up_front(world: dict[str, Path], tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["train", "--data", str(world["data"]), "--out", str(tmp_path / "huge"), "--weights",
-               str(world["weights"]), "--hidden", "2000000", "2000000"])
+def test_a_head_that_cannot_fit_memory_is_refused_up_front(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(world["data"]),
+            "--out",
+            str(tmp_path / "huge"),
+            "--weights",
+            str(world["weights"]),
+            "--hidden",
+            "2000000",
+            "2000000",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "needs at least" in err and "GiB to train, more than this machine's" in err, err
     assert not (tmp_path / "huge").exists()
@@ -262,14 +321,21 @@ def test_a_head_that_cannot_fit_memory_is_refused_up_front(world: dict[str, Path
 @pytest.mark.slow
 def test_train_past_the_file_size_limit_is_one_line_and_leaves_nothing(world: dict[str, Path], tmp_path: Path) -> None:
     out, cache = tmp_path / "run", tmp_path / "cache"
-    script = (f"import resource, sys\nresource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))\n"
-              f"from agegender.cli import main\n"
-              f"sys.exit(main(['train', '--backbone', 'vgg-face', '--data', {str(world['data'])!r}, "
-              f"'--out', {str(out)!r}, '--weights', "
-              f"{str(world['weights'])!r}, '--epochs', '1', '--batch-size', '32', '--hidden', '32', "
-              f"'--cache-dir', {str(cache)!r}]))\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    script = (
+        f"import resource, sys\nresource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))\n"
+        f"from agegender.cli import main\n"
+        f"sys.exit(main(['train', '--backbone', 'vgg-face', '--data', {str(world['data'])!r}, "
+        f"'--out', {str(out)!r}, '--weights', "
+        f"{str(world['weights'])!r}, '--epochs', '1', '--batch-size', '32', '--hidden', '32', "
+        f"'--cache-dir', {str(cache)!r}]))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     last = run.stderr.strip().splitlines()[-1]
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert last.startswith("agegender: error:") and "cannot write (file too large" in last, run.stderr

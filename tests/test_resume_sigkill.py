@@ -27,8 +27,21 @@ pytestmark = pytest.mark.slow
 
 # A run that improves, then stalls: with --patience 2 it stops early, so the early-stopping counter must survive
 # the kills too (a resume that forgot it trained on past the stop).
-TRAIN = ["--backbone", "vgg-face", "--epochs", "8", "--batch-size", "32", "--hidden", "32", "32", "--lr", "0.1",
-         "--patience", "2"]
+TRAIN = [
+    "--backbone",
+    "vgg-face",
+    "--epochs",
+    "8",
+    "--batch-size",
+    "32",
+    "--hidden",
+    "32",
+    "32",
+    "--lr",
+    "0.1",
+    "--patience",
+    "2",
+]
 
 # Where each process of the chain dies, in order; each resumes the run the previous one left. One more kill, after
 # an epoch that did not improve (chosen from the uninterrupted run's history), goes between the last two.
@@ -59,14 +72,30 @@ def _stale_epoch(history: list[dict[str, Any]]) -> int | None:
 
 
 def _train(world: dict[str, Path], out: Path, *extra: str, kill: str | None = None) -> subprocess.CompletedProcess[str]:
-    argv = ["train", "--data", str(world["data"]), "--out", str(out), "--weights", str(world["weights"]),
-            "--cache-dir", str(world["root"] / "cache"), *TRAIN, *extra]
+    argv = [
+        "train",
+        "--data",
+        str(world["data"]),
+        "--out",
+        str(out),
+        "--weights",
+        str(world["weights"]),
+        "--cache-dir",
+        str(world["root"] / "cache"),
+        *TRAIN,
+        *extra,
+    ]
     env = {k: v for k, v in os.environ.items() if k != ENV}
     if kill:
         env[ENV] = kill
     script = f"import sys\nfrom agegender.cli import main\nsys.exit(main({argv!r}))\n"
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**env, "PYTHONPATH": os.pathsep.join(sys.path)})
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
 
 
 def _history(out: Path) -> list[dict[str, Any]]:

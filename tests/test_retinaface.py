@@ -58,14 +58,16 @@ def _collage(files: list[Path], cols: int, sizes: list[int]) -> tuple[np.ndarray
     for k, (path, side) in enumerate(zip(files, sizes)):
         top = (k // cols) * cell + (cell - side) // 2
         left = (k % cols) * cell + (cell - side) // 2
-        canvas[top:top + side, left:left + side] = _rgb(path, side)
+        canvas[top : top + side, left : left + side] = _rgb(path, side)
         placed.append((left, top, side))
     return canvas, placed
 
 
 def _faces_per_photo(detections: list[Detection], placed: list[tuple[int, int, int]]) -> list[int]:
-    return [sum(left < d.centre[0] < left + side and top < d.centre[1] < top + side and d.w > 0.2 * side
-                for d in detections) for left, top, side in placed]
+    return [
+        sum(left < d.centre[0] < left + side and top < d.centre[1] < top + side and d.w > 0.2 * side for d in detections)
+        for left, top, side in placed
+    ]
 
 
 # --- weights -----------------------------------------------------------------------------------------------
@@ -78,9 +80,11 @@ def test_weights_bundled_and_pinned(weights: bytes) -> None:
 
 def test_lookup_loads_no_heavy_modules() -> None:
     # A fresh interpreter: this one may already hold cv2 and onnxruntime.
-    code = ("import sys; from agegender.faces.retinaface import find_retinaface_weights as f; "
-            "assert not {'cv2', 'onnxruntime', 'torch'} & set(sys.modules), 'heavy import at import time'; "
-            "assert f(); assert not {'cv2', 'onnxruntime', 'torch'} & set(sys.modules), sorted(sys.modules)")
+    code = (
+        "import sys; from agegender.faces.retinaface import find_retinaface_weights as f; "
+        "assert not {'cv2', 'onnxruntime', 'torch'} & set(sys.modules), 'heavy import at import time'; "
+        "assert f(); assert not {'cv2', 'onnxruntime', 'torch'} & set(sys.modules), sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -156,8 +160,8 @@ def test_parity_with_the_package(weights: bytes, shared_faces: Path) -> None:
         pytest.skip("a different `retinaface` package is installed")
     ours = RetinaFace(weights, min_face_px=1, max_side=None, mean_bgr=PACKAGE_MEAN_BGR)
     files = _sample(shared_faces / "lfw", 24) + _sample(shared_faces / "wiki", 12)
-    images = [_collage(files[k:k + 6], 3, [200, 170, 140, 120, 190, 150])[0] for k in range(0, 24, 6)]
-    images += [_rgb(f)[: 250 - 7 * i, 3 * i:] for i, f in enumerate(files[24:])]  # sizes off the 32 grid
+    images = [_collage(files[k : k + 6], 3, [200, 170, 140, 120, 190, 150])[0] for k in range(0, 24, 6)]
+    images += [_rgb(f)[: 250 - 7 * i, 3 * i :] for i, f in enumerate(files[24:])]  # sizes off the 32 grid
     box_err, mark_err = [], []
     for image in images:
         theirs = package.detect_faces(image, score_threshold=0.5)
@@ -185,8 +189,7 @@ def _inside(d: Detection, margin: float = 0.1) -> bool:
 
 @pytest.mark.slow
 def test_hit_rate_and_landmarks_on_real_photos(detector: RetinaFace, shared_faces: Path) -> None:
-    files = (_sample(shared_faces / "lfw", 100) + _sample(shared_faces / "wiki", 100)
-             + _sample(shared_faces / "fairface", 200))
+    files = _sample(shared_faces / "lfw", 100) + _sample(shared_faces / "wiki", 100) + _sample(shared_faces / "fairface", 200)
     found, sane, centred = [], [], []
     for f in files:
         rgb = _rgb(f)
@@ -217,17 +220,20 @@ def test_landmarks_are_named_by_image_side(detector: RetinaFace, shared_faces: P
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cols, sizes", [
-    # 600 px, seen as it is: the smallest faces are ~30 px wide.
-    (3, [200, 90, 150, 120, 180, 100]),
-    # 800 px, shrunk to 640: ~32 px. Measured on LFW faces alone at the network input, 99% are found at
-    # 23 px, 94% at 20 px, 71% at 16 px (the smallest prior).
-    (4, [200, 120, 160, 130, 190, 125, 170, 140, 120, 180, 135, 200, 150, 185, 125, 165]),
-])
+@pytest.mark.parametrize(
+    "cols, sizes",
+    [
+        # 600 px, seen as it is: the smallest faces are ~30 px wide.
+        (3, [200, 90, 150, 120, 180, 100]),
+        # 800 px, shrunk to 640: ~32 px. Measured on LFW faces alone at the network input, 99% are found at
+        # 23 px, 94% at 20 px, 71% at 16 px (the smallest prior).
+        (4, [200, 120, 160, 130, 190, 125, 170, 140, 120, 180, 135, 200, 150, 185, 125, 165]),
+    ],
+)
 def test_every_face_in_a_collage(detector: RetinaFace, shared_faces: Path, cols: int, sizes: list[int]) -> None:
     files = _sample(shared_faces / "lfw", 16) + _sample(shared_faces / "wiki", 16)
     for start in (0, 16):
-        picked = files[start:start + len(sizes)]
+        picked = files[start : start + len(sizes)]
         collage, placed = _collage(picked, cols, sizes)
         detections = detector.detect(collage)
         assert all(n >= 1 for n in _faces_per_photo(detections, placed)), collage.shape
@@ -252,8 +258,7 @@ def test_max_faces_min_face_and_order(weights: bytes, shared_faces: Path) -> Non
     every = RetinaFace(weights, min_face_px=1).detect(collage)
     assert len(every) >= 6
     assert [d.area for d in every] == sorted((d.area for d in every), reverse=True)  # the nearest faces first
-    assert [d.to_dict() for d in RetinaFace(weights, 1, max_faces=2).detect(collage)] == [
-        d.to_dict() for d in every[:2]]
+    assert [d.to_dict() for d in RetinaFace(weights, 1, max_faces=2).detect(collage)] == [d.to_dict() for d in every[:2]]
     big = RetinaFace(weights, min_face_px=80).detect(collage)
     assert big and all(max(d.w, d.h) >= 80 for d in big) and len(big) < len(every)
 
@@ -278,11 +283,19 @@ def test_shared_between_threads(detector: RetinaFace, shared_faces: Path) -> Non
 # --- inputs ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [
-    np.zeros((0, 0, 3), np.uint8), np.zeros((0, 10, 3), np.uint8), np.zeros((10, 10, 3), np.float32),
-    np.zeros((10, 10, 2), np.uint8), np.zeros((2, 10, 10, 3), np.uint8), np.zeros(10, np.uint8),
-    np.zeros((10, 10, 3), bool), [[0, 0, 0]],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((0, 0, 3), np.uint8),
+        np.zeros((0, 10, 3), np.uint8),
+        np.zeros((10, 10, 3), np.float32),
+        np.zeros((10, 10, 2), np.uint8),
+        np.zeros((2, 10, 10, 3), np.uint8),
+        np.zeros(10, np.uint8),
+        np.zeros((10, 10, 3), bool),
+        [[0, 0, 0]],
+    ],
+)
 def test_bad_inputs_raise_one_line_errors(detector: RetinaFace, bad: object) -> None:
     with pytest.raises(AgeGenderError) as caught:
         detector.detect(bad)  # type: ignore[arg-type]
@@ -311,7 +324,13 @@ def test_gray_rgba_and_views_like_rgb(detector: RetinaFace, shared_faces: Path) 
 
 
 def test_constructor_checks() -> None:
-    for kwargs in ({"score_threshold": 1.0}, {"score_threshold": 0}, {"nms_threshold": 0}, {"max_faces": 0},
-                   {"max_side": 16}, {"min_face_px": 0}):
+    for kwargs in (
+        {"score_threshold": 1.0},
+        {"score_threshold": 0},
+        {"nms_threshold": 0},
+        {"max_faces": 0},
+        {"max_side": 16},
+        {"min_face_px": 0},
+    ):
         with pytest.raises(AgeGenderError):
             RetinaFace(**kwargs)  # type: ignore[arg-type]

@@ -16,22 +16,32 @@ from benchmarks.roofline import flops_per_face, markdown, run  # noqa: E402
 def _conv_model(path: Path, quantised: bool) -> Path:
     """input (batch, 3, 10, 10) -> 3x3 conv to 8 channels, padded -> flatten -> Gemm to 2."""
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((2, 800)).astype(np.float32), "G"),
-             numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "shape")]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((2, 800)).astype(np.float32), "G"),
+        numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "shape"),
+    ]
     nodes = []
     if quantised:
-        inits += [numpy_helper.from_array(rng.integers(-127, 127, (8, 3, 3, 3), dtype=np.int8), "Wq"),
-                  numpy_helper.from_array(np.array(0.01, dtype=np.float32), "scale"),
-                  numpy_helper.from_array(np.array(0, dtype=np.int8), "zero")]
+        inits += [
+            numpy_helper.from_array(rng.integers(-127, 127, (8, 3, 3, 3), dtype=np.int8), "Wq"),
+            numpy_helper.from_array(np.array(0.01, dtype=np.float32), "scale"),
+            numpy_helper.from_array(np.array(0, dtype=np.int8), "zero"),
+        ]
         nodes.append(helper.make_node("DequantizeLinear", ["Wq", "scale", "zero"], ["W"]))
     else:
         inits.append(numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "W"))
-    nodes += [helper.make_node("Conv", ["input", "W"], ["c"], pads=[1, 1, 1, 1]),
-              helper.make_node("Reshape", ["c", "shape"], ["f"]),
-              helper.make_node("Gemm", ["f", "G"], ["y"], transB=1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                         ["batch", 3, 10, 10])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])], initializer=inits)
+    nodes += [
+        helper.make_node("Conv", ["input", "W"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["c", "shape"], ["f"]),
+        helper.make_node("Gemm", ["f", "G"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        initializer=inits,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     return path
 

@@ -16,15 +16,41 @@ from agegender.rundir import ReportDir, RunDir
 def test_every_file_of_a_run_has_one_name(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     assert RunDir(str(tmp_path / "run")) == run and isinstance(run.path, Path)
-    names = {p.name for p in (run.config, run.splits, run.checkpoint, run.last, run.train_state, run.history,
-                              run.curves, run.lock, run.report.path, run.evaluation("test").path)}
+    names = {
+        p.name
+        for p in (
+            run.config,
+            run.splits,
+            run.checkpoint,
+            run.last,
+            run.train_state,
+            run.history,
+            run.curves,
+            run.lock,
+            run.report.path,
+            run.evaluation("test").path,
+        )
+    }
     # the names older runs already hold: a run written before this type still reads
-    assert names == {"config.json", "splits.json", "model.safetensors", "last.safetensors", "train_state.pt",
-                     "history.jsonl", "training_curves.png", ".lock", "report", "eval-test"}
+    assert names == {
+        "config.json",
+        "splits.json",
+        "model.safetensors",
+        "last.safetensors",
+        "train_state.pt",
+        "history.jsonl",
+        "training_curves.png",
+        ".lock",
+        "report",
+        "eval-test",
+    }
     assert all(p.parent == run.path for p in (run.config, run.checkpoint, run.lock, run.report.path))
     assert run.report == ReportDir(run.path / "report")
     assert {run.report.json.name, run.report.md.name, run.report.predictions.name} == {
-        "report.json", "report.md", "predictions.csv"}
+        "report.json",
+        "report.md",
+        "predictions.csv",
+    }
     assert run.default_cache == tmp_path / "cache"  # beside the run, shared by its neighbours
     assert set(run.markers) <= names and set(run.report.markers) == {"report.json", "report.md"}
     with folder_lock(run.path):  # the lock the writers hold is the file the run names
@@ -46,8 +72,7 @@ def test_recorded_splits_read_back_or_are_refused(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
     assert run.read_splits() is None  # a run from before splits were recorded
     run.write_splits({"train": [tmp_path / "a.jpg"], "val": [], "test": [tmp_path / "caf\udce9.jpg"]})
-    assert run.read_splits() == {"train": [str(tmp_path / "a.jpg")], "val": [],
-                                 "test": [str(tmp_path / "caf\udce9.jpg")]}
+    assert run.read_splits() == {"train": [str(tmp_path / "a.jpg")], "val": [], "test": [str(tmp_path / "caf\udce9.jpg")]}
     for text in ("{oops", json.dumps(["a"]), json.dumps({"test": "a.jpg"}), json.dumps({"test": [1]})):
         run.splits.write_text(text)
         with pytest.raises(AgeGenderError, match=r"splits\.json: (unreadable|not a run's) splits"):

@@ -99,7 +99,7 @@ def test_size_cap_by_header_and_by_counting(client: TestClient) -> None:
     assert r.status_code == 413 and "larger than" in r.json()["detail"]
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: only counting can catch it
-        yield b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
         for _ in range(10):
             yield b"\x00" * (MAX_BYTES // 4)
 
@@ -107,11 +107,14 @@ def test_size_cap_by_header_and_by_counting(client: TestClient) -> None:
     assert r.status_code == 413 and "larger than" in r.json()["detail"]
 
 
-@pytest.mark.parametrize(("data", "name", "status", "message"), [
-    (b"just some text\n", "notes.txt", 415, "not an image"),
-    (b"", "empty.jpg", 415, "empty file"),
-    (_png(2)[:200], "cut.png", 422, "corrupt or truncated"),
-])
+@pytest.mark.parametrize(
+    ("data", "name", "status", "message"),
+    [
+        (b"just some text\n", "notes.txt", 415, "not an image"),
+        (b"", "empty.jpg", 415, "empty file"),
+        (_png(2)[:200], "cut.png", 422, "corrupt or truncated"),
+    ],
+)
 def test_bad_uploads_are_clear_4xx(client: TestClient, data: bytes, name: str, status: int, message: str) -> None:
     r = _post(client, data, name)
     assert r.status_code == status
@@ -149,8 +152,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_warns_off_loopback(checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
-                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_serve_warns_off_loopback(checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     calls = []
     monkeypatch.setattr(serve_module, "_run", lambda config, sock: calls.append(sock.getsockname()))
     port = _free_port()
@@ -162,8 +164,9 @@ def test_serve_warns_off_loopback(checkpoint: Path, monkeypatch: pytest.MonkeyPa
     assert calls == [("127.0.0.1", port), ("0.0.0.0", port)]
 
 
-def test_serve_command_prints_its_address(checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_command_prints_its_address(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from agegender.cli import main
 
     monkeypatch.setattr(serve_module, "_run", lambda config, sock: None)
@@ -172,5 +175,6 @@ def test_serve_command_prints_its_address(checkpoint: Path, monkeypatch: pytest.
     err = capsys.readouterr().err
     assert f"serving http://127.0.0.1:{port}/ (the page), http://127.0.0.1:{port}/docs (the API)" in err
     assert serve_module.service_url("::1", 8000) == "http://[::1]:8000/"
-    assert serve_module.service_url("0.0.0.0", 80).startswith("http://") and "0.0.0.0" not in \
-        serve_module.service_url("0.0.0.0", 80)
+    assert serve_module.service_url("0.0.0.0", 80).startswith("http://") and "0.0.0.0" not in serve_module.service_url(
+        "0.0.0.0", 80
+    )

@@ -57,27 +57,39 @@ def _png(size: tuple[int, int], colour: tuple[int, int, int] = (120, 80, 60)) ->
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("host", "port", "message"), [
-    ("127.0.0.1", 99999, "port must be between 1 and 65535, got 99999"),  # Python's names: port, not --port
-    ("127.0.0.1", 0, "port must be between 1 and 65535, got 0"),
-    ("127.0.0.1", -1, "port must be between 1 and 65535, got -1"),
-    ("not a host!", 8000, "host 'not a host!' is not an IP address or a host name"),
-    ("", 8000, "host '' is not an IP address or a host name"),
-    ("a..b", 8000, "is not an IP address or a host name"),
-    ("-x.example", 8000, "is not an IP address or a host name"),
-    ("x" * 64 + ".example", 8000, "is not an IP address or a host name"),
-    ("999.1.1.1", 8000, "cannot resolve"),
-    ("no-such-host.invalid", 8000, "cannot resolve"),
-])
-def test_bad_addresses_are_one_line_errors_before_loading(tmp_path: Path, host: str, port: int,
-                                                          message: str) -> None:
+@pytest.mark.parametrize(
+    ("host", "port", "message"),
+    [
+        ("127.0.0.1", 99999, "port must be between 1 and 65535, got 99999"),  # Python's names: port, not --port
+        ("127.0.0.1", 0, "port must be between 1 and 65535, got 0"),
+        ("127.0.0.1", -1, "port must be between 1 and 65535, got -1"),
+        ("not a host!", 8000, "host 'not a host!' is not an IP address or a host name"),
+        ("", 8000, "host '' is not an IP address or a host name"),
+        ("a..b", 8000, "is not an IP address or a host name"),
+        ("-x.example", 8000, "is not an IP address or a host name"),
+        ("x" * 64 + ".example", 8000, "is not an IP address or a host name"),
+        ("999.1.1.1", 8000, "cannot resolve"),
+        ("no-such-host.invalid", 8000, "cannot resolve"),
+    ],
+)
+def test_bad_addresses_are_one_line_errors_before_loading(tmp_path: Path, host: str, port: int, message: str) -> None:
     with pytest.raises(AgeGenderError) as e:
         serve_module.serve(tmp_path / "no-model.safetensors", host=host, port=port)  # the model is never opened
     assert message in str(e.value) and "\n" not in str(e.value) and "--" not in str(e.value)
 
 
-@pytest.mark.parametrize(("host", "port"), [("127.0.0.1", 1), ("127.0.0.1", 65535), ("::1", 80), ("[::1]", 80),
-                                            ("localhost", 8000), ("my-host.example.org.", 8000), ("0.0.0.0", 8000)])
+@pytest.mark.parametrize(
+    ("host", "port"),
+    [
+        ("127.0.0.1", 1),
+        ("127.0.0.1", 65535),
+        ("::1", 80),
+        ("[::1]", 80),
+        ("localhost", 8000),
+        ("my-host.example.org.", 8000),
+        ("0.0.0.0", 8000),
+    ],
+)
 def test_good_addresses_pass_the_check(host: str, port: int) -> None:
     check_address(host, port)
 
@@ -99,8 +111,13 @@ def test_cli_port_out_of_range_exits_2(checkpoint: Path, capsys: pytest.CaptureF
 
 
 def test_limits_are_checked(checkpoint: Path) -> None:
-    for bad in (ServiceLimits(slots=0), ServiceLimits(queue=-1), ServiceLimits(body_timeout=0),
-                ServiceLimits(read_timeout=float("nan")), ServiceLimits(decode_pixels=0)):
+    for bad in (
+        ServiceLimits(slots=0),
+        ServiceLimits(queue=-1),
+        ServiceLimits(body_timeout=0),
+        ServiceLimits(read_timeout=float("nan")),
+        ServiceLimits(decode_pixels=0),
+    ):
         with pytest.raises(AgeGenderError, match="must be"):
             serve_module.serve(checkpoint, port=_free_port(), limits=bad)
 
@@ -145,14 +162,14 @@ def live(checkpoint: Path) -> Iterator[LiveServer]:
     from agegender.infer.predict import Predictor
 
     limits = ServiceLimits(body_timeout=1.5, read_timeout=0.5, keep_alive=1)
-    with LiveServer(create_app(Predictor.from_path(checkpoint, no_detect=True), 200_000, limits=limits),
-                    limits) as srv:
+    with LiveServer(create_app(Predictor.from_path(checkpoint, no_detect=True), 200_000, limits=limits), limits) as srv:
         yield srv
 
 
 def _request_head(length: int) -> bytes:
-    return (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 def test_body_shorter_than_its_content_length_gets_408(live: LiveServer) -> None:
@@ -300,8 +317,9 @@ def test_fifty_concurrent_bombs_stay_under_2_gb(checkpoint: Path, tmp_path: Path
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     log = tmp_path / "server.log"  # a file, not a pipe: an unread pipe could fill and stall the server
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", SERVER, str(checkpoint), str(port)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER, str(checkpoint), str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     t0 = time.monotonic()
     try:
         base = f"http://127.0.0.1:{port}"
@@ -317,8 +335,7 @@ def test_fifty_concurrent_bombs_stay_under_2_gb(checkpoint: Path, tmp_path: Path
 
         def upload(i: int) -> int:
             try:
-                return httpx.post(base + "/predict", files={"file": (f"bomb{i}.png", bomb, "image/png")},
-                                  timeout=60).status_code
+                return httpx.post(base + "/predict", files={"file": (f"bomb{i}.png", bomb, "image/png")}, timeout=60).status_code
             except httpx.TransportError as e:
                 return -1 if "timed out" not in str(e) else -2
 
@@ -337,9 +354,11 @@ def test_fifty_concurrent_bombs_stay_under_2_gb(checkpoint: Path, tmp_path: Path
             proc.kill()
             proc.wait(5)
         stopped = time.monotonic() - t2
-    print(f"\n50 bombs: peak RSS {peak / 2**20:.0f} MiB (idle {idle / 2**20:.0f} MiB), {took:.1f} s "
-          f"(start {started:.1f} s, stop {stopped:.1f} s), "
-          f"statuses {sorted(set(statuses))}: " + ", ".join(f"{s}x{statuses.count(s)}" for s in sorted(set(statuses))))
+    print(
+        f"\n50 bombs: peak RSS {peak / 2**20:.0f} MiB (idle {idle / 2**20:.0f} MiB), {took:.1f} s "
+        f"(start {started:.1f} s, stop {stopped:.1f} s), "
+        f"statuses {sorted(set(statuses))}: " + ", ".join(f"{s}x{statuses.count(s)}" for s in sorted(set(statuses)))
+    )
     assert all(200 <= s < 500 or s == 503 for s in statuses), statuses
     assert statuses.count(200) >= 1
     assert peak < 2 * 2**30

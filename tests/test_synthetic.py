@@ -123,7 +123,7 @@ def _centre_brightness(path: Path) -> float:
     with Image.open(path) as im:
         arr = np.asarray(im.convert("L"), float)
     h, w = arr.shape
-    return float(arr[h // 2 - 4:h // 2 + 4, w // 2 - 4:w // 2 + 4].mean())
+    return float(arr[h // 2 - 4 : h // 2 + 4, w // 2 - 4 : w // 2 + 4].mean())
 
 
 def test_utkface_folder(tmp_path: Path) -> None:
@@ -153,8 +153,7 @@ def test_vgg_face_state_shapes_and_determinism() -> None:
     assert not torch.equal(state["conv1_1.weight"], other["conv1_1.weight"])
 
 
-@pytest.mark.parametrize(("widths", "size"), [
-    (TINY, 64), (TINY, 224), pytest.param(VGG16_WIDTHS, 224, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(("widths", "size"), [(TINY, 64), (TINY, 224), pytest.param(VGG16_WIDTHS, 224, marks=pytest.mark.slow)])
 def test_vgg_face_state_keeps_activations_finite(widths: tuple[int, ...], size: int) -> None:
     net = VGGFace(widths, fc=32, classes=10).eval()
     net.load_canonical(make_vgg_face_state(widths, fc=32, classes=10, seed=0))

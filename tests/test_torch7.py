@@ -21,21 +21,26 @@ def sample() -> Obj:
     storage = Storage(rng.standard_normal(20).astype(np.float32))
     shared = {"shared": True}
     matrix = rng.standard_normal((3, 4))  # float64 -> DoubleTensor
-    return Obj("nn.Custom", {
-        "transposed": Tensor(storage, (4, 3), (1, 4), offset=2),  # a view that starts at element 2
-        "row": Tensor(storage, (5,), (1,), offset=14),
-        "storage": storage,
-        "matrix": matrix, "matrix_again": matrix,
-        "longs": Storage(np.arange(5, dtype=np.int64)),
-        "bytes": Tensor.of(np.arange(6, dtype=np.uint8).reshape(2, 3)),
-        "empty": empty(),
-        "a": shared, "b": shared,
-        "list": [1, 2.5, "three", None, False, [], {}],
-        "sparse": {1: "one", 3: "three", 2.5: "half"},
-        "flags": {"yes": True, "no": False, "nothing": None},
-        "text": "héllo",
-        "inner": Obj("nn.Inner", {"x": -7, "y": 1e-3}),
-    })
+    return Obj(
+        "nn.Custom",
+        {
+            "transposed": Tensor(storage, (4, 3), (1, 4), offset=2),  # a view that starts at element 2
+            "row": Tensor(storage, (5,), (1,), offset=14),
+            "storage": storage,
+            "matrix": matrix,
+            "matrix_again": matrix,
+            "longs": Storage(np.arange(5, dtype=np.int64)),
+            "bytes": Tensor.of(np.arange(6, dtype=np.uint8).reshape(2, 3)),
+            "empty": empty(),
+            "a": shared,
+            "b": shared,
+            "list": [1, 2.5, "three", None, False, [], {}],
+            "sparse": {1: "one", 3: "three", 2.5: "half"},
+            "flags": {"yes": True, "no": False, "nothing": None},
+            "text": "héllo",
+            "inner": Obj("nn.Inner", {"x": -7, "y": 1e-3}),
+        },
+    )
 
 
 def same(ours: Any, theirs: Any, where: str = "") -> None:
@@ -100,9 +105,19 @@ def test_object_indices_are_one_preorder_counter(tmp_path: Path) -> None:
     def s(text: str) -> bytes:
         return i32(len(text)) + text.encode()
 
-    table = (i32(3) + i32(2) + i32(2)  # table, index 2, two pairs
-             + i32(2) + s("self") + i32(3) + i32(2)  # "self" = table 2 again
-             + i32(2) + s("n") + i32(1) + struct.pack("<d", 5))
+    table = (
+        i32(3)
+        + i32(2)
+        + i32(2)  # table, index 2, two pairs
+        + i32(2)
+        + s("self")
+        + i32(3)
+        + i32(2)  # "self" = table 2 again
+        + i32(2)
+        + s("n")
+        + i32(1)
+        + struct.pack("<d", 5)
+    )
     path = tmp_path / "hand.t7"
     path.write_bytes(i32(4) + i32(1) + s("V 1") + s("nn.X") + table)
     obj = read_t7(path)
@@ -157,23 +172,40 @@ def _header(class_name: str) -> bytes:
     return struct.pack("<ii", 4, 1) + s("V 1") + s(class_name)
 
 
-@pytest.mark.parametrize(("payload", "message"), [
-    (struct.pack("<i", 6) + b"\0" * 16, "unknown type tag 6 at byte 0"),
-    (_header("torch.CudaHalfTensor") + b"\0" * 16, "unsupported tensor class torch.CudaHalfTensor"),
-    (_header("torch.HalfStorage") + b"\0" * 16, "unsupported tensor class torch.HalfStorage"),
-    (_header("torch.FloatStorage") + struct.pack("<q", -5), "absurd size for storage data"),
-    (_header("torch.FloatStorage") + struct.pack("<q", 1 << 50), "absurd size for storage data"),
-    (_header("torch.FloatTensor") + struct.pack("<i", 1000), "absurd dimension count 1000"),
-    (struct.pack("<iii", 3, 1, 1 << 30), "truncated at byte 12"),
-    (struct.pack("<iii", 3, 1, -1), "absurd size for table"),
-    (_header("torch.FloatTensor") + struct.pack("<iqqqi", 1, 4, 1, 1, 0), "has size [4] but no storage"),
-    (_header("torch.FloatTensor") + struct.pack("<iqqq", 1, 4, 1, 3) + _header("torch.FloatStorage")[:4]
-     + struct.pack("<i", 2) + _header("torch.FloatStorage")[8:] + struct.pack("<q", 5) + b"\0" * 20,
-     "reaches element 5 of a storage of 5"),
-    (_header("torch.FloatTensor") + struct.pack("<iqqq", 1, 2, 1, 1) + _header("torch.DoubleStorage")[:4]
-     + struct.pack("<i", 2) + _header("torch.DoubleStorage")[8:] + struct.pack("<q", 2) + b"\0" * 16,
-     "does not point at a storage of its type"),
-])
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (struct.pack("<i", 6) + b"\0" * 16, "unknown type tag 6 at byte 0"),
+        (_header("torch.CudaHalfTensor") + b"\0" * 16, "unsupported tensor class torch.CudaHalfTensor"),
+        (_header("torch.HalfStorage") + b"\0" * 16, "unsupported tensor class torch.HalfStorage"),
+        (_header("torch.FloatStorage") + struct.pack("<q", -5), "absurd size for storage data"),
+        (_header("torch.FloatStorage") + struct.pack("<q", 1 << 50), "absurd size for storage data"),
+        (_header("torch.FloatTensor") + struct.pack("<i", 1000), "absurd dimension count 1000"),
+        (struct.pack("<iii", 3, 1, 1 << 30), "truncated at byte 12"),
+        (struct.pack("<iii", 3, 1, -1), "absurd size for table"),
+        (_header("torch.FloatTensor") + struct.pack("<iqqqi", 1, 4, 1, 1, 0), "has size [4] but no storage"),
+        (
+            _header("torch.FloatTensor")
+            + struct.pack("<iqqq", 1, 4, 1, 3)
+            + _header("torch.FloatStorage")[:4]
+            + struct.pack("<i", 2)
+            + _header("torch.FloatStorage")[8:]
+            + struct.pack("<q", 5)
+            + b"\0" * 20,
+            "reaches element 5 of a storage of 5",
+        ),
+        (
+            _header("torch.FloatTensor")
+            + struct.pack("<iqqq", 1, 2, 1, 1)
+            + _header("torch.DoubleStorage")[:4]
+            + struct.pack("<i", 2)
+            + _header("torch.DoubleStorage")[8:]
+            + struct.pack("<q", 2)
+            + b"\0" * 16,
+            "does not point at a storage of its type",
+        ),
+    ],
+)
 def test_malformed_files(tmp_path: Path, payload: bytes, message: str) -> None:
     path = tmp_path / "bad.t7"
     path.write_bytes(payload)
@@ -224,10 +256,12 @@ def test_ascii_truncation_and_garbage(tmp_path: Path) -> None:
         cut.write_bytes(data[:n])
         with pytest.raises(AgeGenderError, match="cut.t7: "):
             read_t7(cut)
-    for payload, message in [(b"4\n1\n3\nV 1\nx\n", "is b'x', not a number"),
-                             (b"4\n1\n3\nV 1\n18\ntorch.FloatStorage\n3\n1 zz 2\n", "malformed number"),
-                             (b"4\n1\n3\nV 1\n18\ntorch.FloatStorage\n1000000\n1 2\n", "truncated"),
-                             (b"3\n1\n99999999999\n", "out of range")]:
+    for payload, message in [
+        (b"4\n1\n3\nV 1\nx\n", "is b'x', not a number"),
+        (b"4\n1\n3\nV 1\n18\ntorch.FloatStorage\n3\n1 zz 2\n", "malformed number"),
+        (b"4\n1\n3\nV 1\n18\ntorch.FloatStorage\n1000000\n1 2\n", "truncated"),
+        (b"3\n1\n99999999999\n", "out of range"),
+    ]:
         cut.write_bytes(payload)
         with pytest.raises(AgeGenderError, match=re.escape(message)):
             read_t7(cut)
@@ -236,8 +270,11 @@ def test_ascii_truncation_and_garbage(tmp_path: Path) -> None:
 def test_cuda_classes_read_as_their_cpu_types(tmp_path: Path) -> None:
     torchfile = pytest.importorskip("torchfile")
     rng = np.random.default_rng(2)
-    obj = {"f": Tensor.of(rng.standard_normal((2, 3)).astype(np.float32), cuda=True),
-           "d": Tensor.of(rng.standard_normal(4), cuda=True), "s": Storage(np.arange(3, dtype=np.float32), cuda=True)}
+    obj = {
+        "f": Tensor.of(rng.standard_normal((2, 3)).astype(np.float32), cuda=True),
+        "d": Tensor.of(rng.standard_normal(4), cuda=True),
+        "s": Storage(np.arange(3, dtype=np.float32), cuda=True),
+    }
     path = tmp_path / "cuda.t7"
     write_t7(path, obj)
     assert b"torch.CudaTensor" in path.read_bytes() and b"torch.CudaDoubleTensor" in path.read_bytes()
@@ -249,9 +286,11 @@ def test_cuda_classes_read_as_their_cpu_types(tmp_path: Path) -> None:
 def test_views_beyond_their_storage_are_refused_before_any_view(tmp_path: Path) -> None:
     storage = Storage(np.zeros(10, np.float32))
     path = tmp_path / "view.t7"
-    for size, stride, message in [((1 << 16, 1 << 16), (0, 0), "zero or overlapping strides"),
-                                  ((5, 5), (1, 1), "zero or overlapping strides"),  # 25 elements over 10
-                                  ((4,), (4,), "reaches element 12 of a storage of 10")]:
+    for size, stride, message in [
+        ((1 << 16, 1 << 16), (0, 0), "zero or overlapping strides"),
+        ((5, 5), (1, 1), "zero or overlapping strides"),  # 25 elements over 10
+        ((4,), (4,), "reaches element 12 of a storage of 10"),
+    ]:
         write_t7(path, {"t": Tensor(storage, size, stride)})
         with pytest.raises(AgeGenderError, match=re.escape(message)):
             read_t7(path)

@@ -33,8 +33,17 @@ def _split(out: Path, name: str) -> list[str]:
 
 
 def config(world: dict[str, Path], out: Path, **kw: object) -> TrainConfig:
-    base = dict(data=str(world["data"]), out=str(out), backbone="vgg-face", weights=str(world["weights"]), epochs=3,
-                batch_size=32, hidden=(32, 32), progress=False, cache_dir=str(world["root"] / "cache"))
+    base = dict(
+        data=str(world["data"]),
+        out=str(out),
+        backbone="vgg-face",
+        weights=str(world["weights"]),
+        epochs=3,
+        batch_size=32,
+        hidden=(32, 32),
+        progress=False,
+        cache_dir=str(world["root"] / "cache"),
+    )
     return TrainConfig.from_preset(str(kw.pop("preset", "default")), **{**base, **kw})
 
 
@@ -46,9 +55,19 @@ def test_default_preset_learns_the_signal_and_writes_a_full_report(world, tmp_pa
     ages_test = [int(Path(p).parent.name[:2]) for p in _split(run.out, "test")]
     baseline = float(np.mean(np.abs(np.mean(ages_train) - np.array(ages_test))))
     assert run.report["age"]["mae"] < baseline  # better than always answering the training mean
-    for name in ("model.safetensors", "last.safetensors", "train_state.pt", "history.jsonl", "config.json",
-                 "splits.json", "training_curves.png", "report/report.md", "report/report.json",
-                 "report/confusion_matrix.png", "report/roc.png"):
+    for name in (
+        "model.safetensors",
+        "last.safetensors",
+        "train_state.pt",
+        "history.jsonl",
+        "config.json",
+        "splits.json",
+        "training_curves.png",
+        "report/report.md",
+        "report/report.json",
+        "report/confusion_matrix.png",
+        "report/roc.png",
+    ):
         assert (run.out / name).is_file(), name
     assert run.report["protocol"]["leaked_identities"] == 0
     assert len(run.history) == 5
@@ -93,8 +112,7 @@ def test_resume_equals_an_uninterrupted_run(world, tmp_path) -> None:  # type: i
     a, b = load_file(str(whole.out / "last.safetensors")), load_file(str(resumed.out / "last.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
-    np.testing.assert_allclose([h["train_loss"] for h in whole.history],
-                               [h["train_loss"] for h in resumed.history], rtol=1e-6)
+    np.testing.assert_allclose([h["train_loss"] for h in whole.history], [h["train_loss"] for h in resumed.history], rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -124,14 +142,38 @@ def test_unfreeze_fine_tunes_the_convs(world, tmp_path) -> None:  # type: ignore
 @pytest.mark.slow
 def test_cli_train_then_evaluate(world, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "cli"
-    assert main(["train", "--backbone", "vgg-face", "--data", str(world["data"]), "--weights", str(world["weights"]),
-                 "--out", str(out),
-                 "--epochs", "1", "--batch-size", "32", "--limit", "150", "--hidden", "16", "16"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--backbone",
+                "vgg-face",
+                "--data",
+                str(world["data"]),
+                "--weights",
+                str(world["weights"]),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--limit",
+                "150",
+                "--hidden",
+                "16",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert (out / "report" / "report.md").is_file()
     assert main(["evaluate", "--model", str(out)]) == 0
     assert (out / "eval-test" / "report.md").is_file()
-    assert main(["evaluate", "--model", str(out / "model.safetensors"), "--data", str(world["data"]),
-                 "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(["evaluate", "--model", str(out / "model.safetensors"), "--data", str(world["data"]), "--out", str(tmp_path / "ev")])
+        == 0
+    )
     assert "Comparison with the seed notebook" in (tmp_path / "ev" / "report.md").read_text()
 
 
@@ -141,17 +183,28 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys) -> None:  # type: igno
     assert "\n" not in err and "--weights" in err and "--init scratch" in err
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--init", "scratch"]) == 2
     assert "nowhere" in capsys.readouterr().err
-    assert main(["train", "--data", str(world["data"]), "--out", str(tmp_path / "y"), "--resume",
-                 "--init", "scratch"]) == 2
+    assert main(["train", "--data", str(world["data"]), "--out", str(tmp_path / "y"), "--resume", "--init", "scratch"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_scratch_training_on_real_photos_beats_chance(shared_faces: Path, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A small net trained from scratch on the shared WIKI photos beats chance on held-out people."""
-    run = fit(TrainConfig.from_preset("default", data=str(shared_faces / "wiki"), out=str(tmp_path / "wiki"),
-                                      backbone="vgg-face", init="scratch", widths=(8, 16, 16, 32, 32), hidden=(64, 64), epochs=6,
-                                      batch_size=32, lr=3e-3, progress=False))
+    run = fit(
+        TrainConfig.from_preset(
+            "default",
+            data=str(shared_faces / "wiki"),
+            out=str(tmp_path / "wiki"),
+            backbone="vgg-face",
+            init="scratch",
+            widths=(8, 16, 16, 32, 32),
+            hidden=(64, 64),
+            epochs=6,
+            batch_size=32,
+            lr=3e-3,
+            progress=False,
+        )
+    )
     test = run.report["protocol"]["splits"]["test"]["images"]
     assert test > 100
     assert run.report["gender"]["accuracy"] > 0.6  # WIKI here is 550 M / 558 F: chance is 0.5
@@ -225,8 +278,7 @@ def test_training_report_and_evaluate_agree_at_the_same_precision(world, tmp_pat
     old = json.loads((tmp_path / "old" / "report.json").read_text())
     assert old["gender"] == ev["gender"] and old["protocol"]["splits"] == ev["protocol"]["splits"]
     assert main(["evaluate", "--model", str(run.out), "--precision", "fp32", "--out", str(tmp_path / "fp32")]) == 0
-    assert json.loads((tmp_path / "fp32" / "report.json").read_text())["protocol"]["precision"].startswith(
-        "torch: trunk fp32")
+    assert json.loads((tmp_path / "fp32" / "report.json").read_text())["protocol"]["precision"].startswith("torch: trunk fp32")
 
 
 @pytest.mark.slow
@@ -274,9 +326,26 @@ def test_evaluations_go_to_a_folder_per_data_set_and_never_overwrite(world, tmp_
     assert set(r["slices"]["by"]["data set"]) == {"utk", "faces"}
     # A second train into the same folder is refused too.
     capsys.readouterr()
-    args = ["train", "--backbone", "vgg-face", "--data", str(world["data"]), "--weights", str(world["weights"]),
-            "--out", str(run.out),
-            "--epochs", "1", "--batch-size", "32", "--limit", "150", "--hidden", "16", "16"]
+    args = [
+        "train",
+        "--backbone",
+        "vgg-face",
+        "--data",
+        str(world["data"]),
+        "--weights",
+        str(world["weights"]),
+        "--out",
+        str(run.out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--limit",
+        "150",
+        "--hidden",
+        "16",
+        "16",
+    ]
     assert main(args) == 2
     assert "--force" in capsys.readouterr().err
     assert (run.out / "eval-utk").is_dir()
@@ -316,8 +385,9 @@ def test_two_data_folders_train_evaluate_and_match_predict_and_onnx(world, tmp_p
         faces = [predictor.predict(p)[0] for p in reported.paths]
         np.testing.assert_allclose([f.p_male for f in faces], reported.p_male, atol=1e-4, err_msg=str(model))
         np.testing.assert_allclose([f.age for f in faces], reported.age_pred, rtol=1e-4, err_msg=str(model))
-    assert main(["evaluate", "--model", str(tmp_path / "m.onnx"), "--data", str(second),
-                 "--out", str(tmp_path / "eval-onnx")]) == 0
+    assert (
+        main(["evaluate", "--model", str(tmp_path / "m.onnx"), "--data", str(second), "--out", str(tmp_path / "eval-onnx")]) == 0
+    )
     assert (tmp_path / "eval-onnx" / "report.md").is_file()
 
 
@@ -338,8 +408,7 @@ def test_fit_trains_on_the_features_handed_to_it(world, tmp_path) -> None:  # ty
     _, splits = fit_splits(cfg)
     records = splits.train + splits.val + splits.test
     model, pre, sha = build_model(cfg, age_range(splits.train))
-    fs = cached_features(model, records, pre, tmp_path / "cache-a", weights_sha256=sha, frame=photo_framer(pre),
-                         progress=False)
+    fs = cached_features(model, records, pre, tmp_path / "cache-a", weights_sha256=sha, frame=photo_framer(pre), progress=False)
     bank = FeatureBank()
     bank.add(records, fs)
     b = fit(replace(cfg, out=str(tmp_path / "b"), cache_dir=str(tmp_path / "cache-b")), features=bank)
@@ -351,8 +420,10 @@ def test_fit_trains_on_the_features_handed_to_it(world, tmp_path) -> None:  # ty
     c = fit(replace(cfg, out=str(tmp_path / "c"), cache_dir=str(tmp_path / "cache-c"), epochs=1), features=partial)
     assert c.features_cached is False and list((tmp_path / "cache-c").glob("features-*.safetensors"))
     with pytest.raises(AgeGenderError, match="the given features have shape"):
-        fit(replace(cfg, out=str(tmp_path / "d")),
-            features=lambda recs: FeatureSet(torch.zeros(len(recs), 3), torch.ones(len(recs), dtype=torch.bool)))
+        fit(
+            replace(cfg, out=str(tmp_path / "d")),
+            features=lambda recs: FeatureSet(torch.zeros(len(recs), 3), torch.ones(len(recs), dtype=torch.bool)),
+        )
     assert not (tmp_path / "d").exists()  # nothing half-written
 
 

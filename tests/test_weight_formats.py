@@ -48,8 +48,7 @@ from vgg_writers import (
 )
 
 WIDTHS, FC, CLASSES = (4, 8, 8, 16, 16), 32, 10
-CONV_KEYS = [f"conv{b}_{i}.{p}" for b, n in enumerate((2, 2, 3, 3, 3), 1) for i in range(1, n + 1)
-             for p in ("weight", "bias")]
+CONV_KEYS = [f"conv{b}_{i}.{p}" for b, n in enumerate((2, 2, 3, 3, 3), 1) for i in range(1, n + 1) for p in ("weight", "bias")]
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +84,11 @@ FIXTURES: dict[str, tuple[str, Callable[[Path, dict[str, np.ndarray]], None], st
     "mat-simplenn": ("vgg-face.mat", write_simplenn_mat, "mat"),
     "mat-dagnn": ("vgg-face-dag.mat", write_dagnn_mat, "mat"),
     "h5-deepface": ("vgg_face_weights.h5", lambda path, p: write_deepface_h5(path, p, "vggface"), "h5"),
-    "h5-deepface-autonames": ("vgg_face_weights_auto.h5",
-                              lambda path, p: write_deepface_h5(path, p, "auto", layer_order=False), "h5"),
+    "h5-deepface-autonames": (
+        "vgg_face_weights_auto.h5",
+        lambda path, p: write_deepface_h5(path, p, "auto", layer_order=False),
+        "h5",
+    ),
     "h5-deepface-autonames-ordered": ("deepface_ordered.h5", lambda path, p: write_deepface_h5(path, p, "auto"), "h5"),
     "h5-rcmalli": ("rcmalli_vggface_tf_vgg16.h5", write_rcmalli_h5, "h5"),
     "h5-keras3": ("vgg_face.weights.h5", write_keras3_h5, "h5"),
@@ -136,9 +138,9 @@ def one_line_error(rc: int, err: str, *contains: str) -> None:
 
 # -- every format, exactly, and the same identities ---------------------------------------------------
 @pytest.mark.parametrize("name", list(FIXTURES))
-def test_format_converts_exactly_and_identifies_the_same(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                          params: dict[str, np.ndarray], scene: dict[str, object],
-                                                          name: str) -> None:
+def test_format_converts_exactly_and_identifies_the_same(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray], scene: dict[str, object], name: str
+) -> None:
     filename, writer, fmt = FIXTURES[name]
     src, out = tmp_path / filename, tmp_path / "out" / "vgg_face.safetensors"
     writer(src, params)
@@ -178,8 +180,9 @@ def test_dagnn_layers_are_matched_by_type_and_order(tmp_path: Path, params: dict
     assert_equal(read_weights(src), params)
 
 
-def test_t7_without_geometry_fields_logs_the_padding(tmp_path: Path, params: dict[str, np.ndarray],
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_t7_without_geometry_fields_logs_the_padding(
+    tmp_path: Path, params: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
     src = tmp_path / "old.t7"
     write_t7(src, vgg_face_model(params, old_conv=True))
     conv = read_t7(src).fields["modules"][0]
@@ -196,8 +199,9 @@ def test_t7_without_geometry_fields_logs_the_padding(tmp_path: Path, params: dic
 
 
 # -- notop (trunk only) ----------------------------------------------------------------------------
-def test_notop_gives_a_trunk_only_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                       params: dict[str, np.ndarray], scene: dict[str, object]) -> None:
+def test_notop_gives_a_trunk_only_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray], scene: dict[str, object]
+) -> None:
     src, out = tmp_path / "rcmalli_vggface_tf_notop_vgg16.h5", tmp_path / "trunk.safetensors"
     write_rcmalli_h5(src, params, notop=True)
     rc, stdout, err = cli(capsys, "convert", src, "-o", out)
@@ -219,8 +223,7 @@ def test_notop_gives_a_trunk_only_file(tmp_path: Path, capsys: pytest.CaptureFix
     from agegender.train.config import TrainConfig
     from agegender.train.loop import build_model
 
-    cfg = TrainConfig.from_preset(data=str(tmp_path), backbone="vgg-face", weights=str(out), hidden=(8, 8),
-                                  image_size=64)
+    cfg = TrainConfig.from_preset(data=str(tmp_path), backbone="vgg-face", weights=str(out), hidden=(8, 8), image_size=64)
     model = build_model(cfg)[0]  # training needs only the convolutions
     assert torch.equal(model.trunk.conv5_3.weight.detach().cpu(), torch.from_numpy(params["conv5_3.weight"]))
 
@@ -286,22 +289,46 @@ def _tiny() -> dict[str, np.ndarray]:
 
 
 SNIFF = [
-    ("VGG_FACE.t7", lambda p: p.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 5\n"),
-     None, "a Git LFS pointer"),
-    ("VGG_FACE.t7", _torch_zip, None, "is a PyTorch zip archive (torch.save), though its name says a Torch7 file; "
-                                     "read it with --input-format pt"),
-    ("VGG_FACE.t7", _pickle, None, "is a Python pickle (legacy torch.save), though its name says a Torch7 file; "
-                                  "read it with --input-format pt"),
+    (
+        "VGG_FACE.t7",
+        lambda p: p.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 5\n"),
+        None,
+        "a Git LFS pointer",
+    ),
+    (
+        "VGG_FACE.t7",
+        _torch_zip,
+        None,
+        "is a PyTorch zip archive (torch.save), though its name says a Torch7 file; read it with --input-format pt",
+    ),
+    (
+        "VGG_FACE.t7",
+        _pickle,
+        None,
+        "is a Python pickle (legacy torch.save), though its name says a Torch7 file; read it with --input-format pt",
+    ),
     ("weights.mat", _h5, None, "is an HDF5 file (Keras .h5), though its name says a MATLAB file; read it with --input-format h5"),
     ("weights.h5", _mat, None, "is a MATLAB 5 MAT-file, though its name says an HDF5 file; read it with --input-format mat"),
     ("vgg.mat", lambda p: p.write_bytes(b"MATLAB 7.3 MAT-file, Platform: x" + b"\0" * 600), None, "v7.3"),
-    ("VGG_FACE.t7", lambda p: p.write_bytes(vgg_face_net(_tiny(), style="v1")), None,
-     "looks like a Caffe protobuf (.caffemodel), though its name says a Torch7 file; read it with --input-format caffe"),
-    ("VGG_FACE.caffemodel", lambda p: write_t7(p, {"x": 1}), None, "is a Torch7 file, though its name says a Caffe "
-                                                                   "model; read it with --input-format t7"),
+    (
+        "VGG_FACE.t7",
+        lambda p: p.write_bytes(vgg_face_net(_tiny(), style="v1")),
+        None,
+        "looks like a Caffe protobuf (.caffemodel), though its name says a Torch7 file; read it with --input-format caffe",
+    ),
+    (
+        "VGG_FACE.caffemodel",
+        lambda p: write_t7(p, {"x": 1}),
+        None,
+        "is a Torch7 file, though its name says a Caffe model; read it with --input-format t7",
+    ),
     ("model.pt", lambda p: p.write_bytes(write_dlib_resnet()[0]), None, "read it with --input-format dlib"),
-    ("w.pt", _torch_zip, "t7", "is a PyTorch zip archive (torch.save), though --input-format t7 was given; read it "
-                               "with --input-format pt"),
+    (
+        "w.pt",
+        _torch_zip,
+        "t7",
+        "is a PyTorch zip archive (torch.save), though --input-format t7 was given; read it with --input-format pt",
+    ),
     ("vgg_face_torch.tar.gz", lambda p: p.write_bytes(b"\x1f\x8b\x08\x00" + b"\0" * 40), None, "unpack it first"),
     ("VGG_FACE.t7", lambda p: p.write_bytes(b"<!DOCTYPE html><html>Not found</html>"), None, "an HTML or XML page"),
     ("w.bin", lambda p: p.write_bytes(b"\x07" * 64), None, "unrecognised weights format"),
@@ -309,8 +336,14 @@ SNIFF = [
 
 
 @pytest.mark.parametrize(("filename", "write", "fmt", "message"), SNIFF)
-def test_misnamed_files_say_what_they_are(tmp_path: Path, capsys: pytest.CaptureFixture[str], filename: str,
-                                          write: Callable[[Path], None], fmt: str | None, message: str) -> None:
+def test_misnamed_files_say_what_they_are(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    filename: str,
+    write: Callable[[Path], None],
+    fmt: str | None,
+    message: str,
+) -> None:
     src, out = tmp_path / filename, tmp_path / "o" / "w.safetensors"
     write(src)
     rc, _, err = cli(capsys, "convert", src, "-o", out, *(("--input-format", fmt) if fmt else ()))
@@ -318,8 +351,7 @@ def test_misnamed_files_say_what_they_are(tmp_path: Path, capsys: pytest.Capture
     assert not out.parent.exists()
 
 
-def test_the_suggested_format_works(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                    params: dict[str, np.ndarray]) -> None:
+def test_the_suggested_format_works(tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray]) -> None:
     src, out = tmp_path / "VGG_FACE.t7", tmp_path / "w.safetensors"
     _pt(src, params)
     assert cli(capsys, "convert", src, "-o", out)[0] == 2
@@ -328,8 +360,9 @@ def test_the_suggested_format_works(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert_equal(load_canonical(out)[0], params)
 
 
-def test_safetensors_input_is_refused_with_advice(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                  params: dict[str, np.ndarray]) -> None:
+def test_safetensors_input_is_refused_with_advice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray]
+) -> None:
     src, out = tmp_path / "VGG_FACE.t7", tmp_path / "w.safetensors"
     write_t7(src, vgg_face_model(params))
     assert cli(capsys, "convert", src, "-o", out)[0] == 0
@@ -338,8 +371,9 @@ def test_safetensors_input_is_refused_with_advice(tmp_path: Path, capsys: pytest
 
 
 # -- outputs ---------------------------------------------------------------------------------------
-def test_output_that_is_the_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                             params: dict[str, np.ndarray]) -> None:
+def test_output_that_is_the_input_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray]
+) -> None:
     src = tmp_path / "VGG_FACE.t7"
     write_t7(src, vgg_face_model(params))
     before, mtime = src.read_bytes(), src.stat().st_mtime_ns
@@ -400,8 +434,9 @@ def _zero_stride_t7(path: Path, params: dict[str, np.ndarray], side: int) -> Non
 
 
 @pytest.mark.parametrize("side", [32768, 262144])  # 4 GiB and 256 GiB of float32
-def test_zero_stride_view_is_refused_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                             params: dict[str, np.ndarray], side: int) -> None:
+def test_zero_stride_view_is_refused_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray], side: int
+) -> None:
     src, out = tmp_path / "bomb.t7", tmp_path / "w.safetensors"
     _zero_stride_t7(src, params, side)
     assert src.stat().st_size < 300_000
@@ -457,7 +492,7 @@ def test_mat_compression_bomb_and_oversized_cell_are_refused(tmp_path: Path) -> 
     savemat(cells, {"layers": cell(np.zeros(1), np.zeros(1), np.zeros(1))})
     data = bytearray(cells.read_bytes())
     dims = data.index(struct.pack("<ii", 1, 3), 128)
-    data[dims:dims + 8] = struct.pack("<ii", 20000, 20000)  # 400 M cells declared in a few hundred bytes
+    data[dims : dims + 8] = struct.pack("<ii", 20000, 20000)  # 400 M cells declared in a few hundred bytes
     cells.write_bytes(bytes(data))
     with pytest.raises(AgeGenderError, match="declares 400000000 members"):
         read_weights(cells)
@@ -478,8 +513,18 @@ def test_a_megabyte_of_small_objects_stays_small(tmp_path: Path) -> None:
 
 
 # -- truncated, corrupt and wrong-network input of every format -----------------------------------------
-TRUNCATED = ["t7", "t7-ascii", "pt", "pt-albanie", "mat-simplenn", "mat-dagnn", "h5-deepface", "h5-rcmalli",
-             "caffe-v1", "caffe-new"]
+TRUNCATED = [
+    "t7",
+    "t7-ascii",
+    "pt",
+    "pt-albanie",
+    "mat-simplenn",
+    "mat-dagnn",
+    "h5-deepface",
+    "h5-rcmalli",
+    "caffe-v1",
+    "caffe-new",
+]
 
 
 def _exact_or_clean(src: Path, out: Path, params: dict[str, np.ndarray]) -> str:
@@ -524,7 +569,7 @@ def test_corrupt_bytes(tmp_path: Path, params: dict[str, np.ndarray], name: str)
     for _ in range(12):
         corrupt = bytearray(data)
         at = int(rng.integers(0, min(len(data), 4096))) if rng.random() < 0.7 else int(rng.integers(0, len(data)))
-        corrupt[at:at + 8] = rng.bytes(8)
+        corrupt[at : at + 8] = rng.bytes(8)
         src.write_bytes(bytes(corrupt[: len(data)]))
         try:
             convert_weights(src, out)
@@ -535,10 +580,26 @@ def test_corrupt_bytes(tmp_path: Path, params: dict[str, np.ndarray], name: str)
         assert sorted(p.name for p in tmp_path.iterdir() if p.name != "full") == [filename]
 
 
-@pytest.mark.parametrize("name", ["t7", "t7-ascii", "pt", "pt-albanie", "mat-simplenn", "mat-dagnn", "h5-deepface",
-                                  "h5-deepface-autonames", "h5-rcmalli", "h5-keras3", "caffe-v1", "caffe-new"])
-def test_wrong_network_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray],
-                                  name: str) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        "t7",
+        "t7-ascii",
+        "pt",
+        "pt-albanie",
+        "mat-simplenn",
+        "mat-dagnn",
+        "h5-deepface",
+        "h5-deepface-autonames",
+        "h5-rcmalli",
+        "h5-keras3",
+        "caffe-v1",
+        "caffe-new",
+    ],
+)
+def test_wrong_network_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, np.ndarray], name: str
+) -> None:
     filename, writer, _ = FIXTURES[name]
     bad = dict(params)
     bad["conv2_1.weight"] = np.zeros((WIDTHS[1], WIDTHS[0] + 1, 3, 3), np.float32)  # takes 5 channels from 4
@@ -616,7 +677,7 @@ def _mutated(seed_index: int) -> st.SearchStrategy[bytes]:
         at, patch, cut = args
         seed = _seeds()[seed_index]
         at %= len(seed)
-        out = seed[:at] + patch + seed[at + len(patch):]
+        out = seed[:at] + patch + seed[at + len(patch) :]
         return out[: max(1, len(out) - cut)]
 
     return st.tuples(st.integers(0, 1 << 20), st.binary(min_size=1, max_size=16), st.integers(0, 64)).map(mutate)
@@ -626,8 +687,7 @@ FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCh
 
 
 @FUZZ
-@given(st.one_of(st.binary(max_size=512), st.binary(max_size=256).map(lambda b: b"4\n1\n3\nV 1\n" + b),
-                 _mutated(0)))
+@given(st.one_of(st.binary(max_size=512), st.binary(max_size=256).map(lambda b: b"4\n1\n3\nV 1\n" + b), _mutated(0)))
 def test_fuzz_t7_reader(data: bytes) -> None:
     _fuzz(read_t7, data)
 

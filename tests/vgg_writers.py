@@ -46,8 +46,9 @@ def _keras_layer(f: Any, name: str, weights: list[tuple[str, np.ndarray]]) -> No
         group.create_dataset(wname, data=a)
 
 
-def write_deepface_h5(path: str | os.PathLike[str], params: dict[str, np.ndarray], names: str = "vggface",
-                      layer_order: bool = True) -> None:
+def write_deepface_h5(
+    path: str | os.PathLike[str], params: dict[str, np.ndarray], names: str = "vggface", layer_order: bool = True
+) -> None:
     """deepface's ``vgg_face_weights.h5``: ZeroPadding2D + Conv2D pairs, fc6-fc8 as Conv2D, Flatten, softmax.
 
     ``names``: ``"vggface"`` (``conv1_1/conv1_1_2/kernel:0``, ``fc6/fc6_1/kernel:0``) or ``"auto"`` (Keras
@@ -66,8 +67,9 @@ def write_deepface_h5(path: str | os.PathLike[str], params: dict[str, np.ndarray
         lname = name if names == "vggface" else auto("conv2d")
         suffix = "_2" if name in CONV_NAMES else "_1"
         prefix = f"{lname}{suffix}" if names == "vggface" else lname
-        layers.append((lname, [(f"{prefix}/kernel:0", hwio(as_conv(params, name))),
-                               (f"{prefix}/bias:0", params[f"{name}.bias"])]))
+        layers.append(
+            (lname, [(f"{prefix}/kernel:0", hwio(as_conv(params, name))), (f"{prefix}/bias:0", params[f"{name}.bias"])])
+        )
 
     i = 0
     for n in BLOCK_CONVS:
@@ -104,8 +106,9 @@ def write_rcmalli_h5(path: str | os.PathLike[str], params: dict[str, np.ndarray]
         for b, n in enumerate(BLOCK_CONVS, 1):
             for _ in range(n):
                 name = CONV_NAMES[i]
-                _keras_layer(root, name, [(f"{name}/kernel:0", hwio(params[f"{name}.weight"])),
-                                          (f"{name}/bias:0", params[f"{name}.bias"])])
+                _keras_layer(
+                    root, name, [(f"{name}/kernel:0", hwio(params[f"{name}.weight"])), (f"{name}/bias:0", params[f"{name}.bias"])]
+                )
                 order.append(name)
                 i += 1
             root.create_group(f"pool{b}").attrs["weight_names"] = np.array([], dtype="S")
@@ -119,8 +122,9 @@ def write_rcmalli_h5(path: str | os.PathLike[str], params: dict[str, np.ndarray]
                     kernel = w.reshape(w.shape[0], -1, 7, 7).transpose(2, 3, 1, 0).reshape(-1, w.shape[0])
                 else:
                     kernel = w.T
-                _keras_layer(root, name, [(f"{name}/kernel:0", np.ascontiguousarray(kernel)),
-                                          (f"{name}/bias:0", params[f"{name}.bias"])])
+                _keras_layer(
+                    root, name, [(f"{name}/kernel:0", np.ascontiguousarray(kernel)), (f"{name}/bias:0", params[f"{name}.bias"])]
+                )
                 # The activation layers are named fc6/relu ...: in HDF5 a group inside the Dense layer's.
                 root[name].create_group(act).attrs["weight_names"] = np.array([], dtype="S")
                 order += [name, f"{name}/{act}"]
@@ -175,27 +179,66 @@ def write_dagnn_mat(path: str | os.PathLike[str], params: dict[str, np.ndarray],
     for i, name in enumerate((*CONV_NAMES, *FC_NAMES)):
         w = hwio(as_conv(p, name))
         pname = f"{prefix}{i}" if prefix else name
-        entries += [{"name": f"{pname}f", "value": w, "learningRate": 1.0, "weightDecay": 1.0},
-                    {"name": f"{pname}b", "value": p[f"{name}.bias"].reshape(-1, 1), "learningRate": 2.0,
-                     "weightDecay": 0.0}]
-        layers.append({"name": name, "type": "dagnn.Conv", "inputs": cell(prev), "outputs": cell(name),
-                       "params": cell(f"{pname}f", f"{pname}b"), "block": {"size": np.array(w.shape, float)}})
-        layers.append({"name": f"relu_{name}", "type": "dagnn.ReLU", "inputs": cell(name),
-                       "outputs": cell(f"{name}x"), "params": np.empty((0, 0), object), "block": {}})
+        entries += [
+            {"name": f"{pname}f", "value": w, "learningRate": 1.0, "weightDecay": 1.0},
+            {"name": f"{pname}b", "value": p[f"{name}.bias"].reshape(-1, 1), "learningRate": 2.0, "weightDecay": 0.0},
+        ]
+        layers.append(
+            {
+                "name": name,
+                "type": "dagnn.Conv",
+                "inputs": cell(prev),
+                "outputs": cell(name),
+                "params": cell(f"{pname}f", f"{pname}b"),
+                "block": {"size": np.array(w.shape, float)},
+            }
+        )
+        layers.append(
+            {
+                "name": f"relu_{name}",
+                "type": "dagnn.ReLU",
+                "inputs": cell(name),
+                "outputs": cell(f"{name}x"),
+                "params": np.empty((0, 0), object),
+                "block": {},
+            }
+        )
         prev = f"{name}x"
         if name in CONV_NAMES:
             left -= 1
             if left == 0:
-                layers.append({"name": f"pool{name[4]}", "type": "dagnn.Pooling", "inputs": cell(prev),
-                               "outputs": cell(f"pool{name[4]}"), "params": np.empty((0, 0), object), "block": {}})
+                layers.append(
+                    {
+                        "name": f"pool{name[4]}",
+                        "type": "dagnn.Pooling",
+                        "inputs": cell(prev),
+                        "outputs": cell(f"pool{name[4]}"),
+                        "params": np.empty((0, 0), object),
+                        "block": {},
+                    }
+                )
                 prev = f"pool{name[4]}"
                 left = next(blocks, 0)
-    layers.append({"name": "prob", "type": "dagnn.SoftMax", "inputs": cell(prev), "outputs": cell("prob"),
-                   "params": np.empty((0, 0), object), "block": {}})
-    savemat(path, {"vars": struct_array([{"name": "data", "precious": 0.0}]),
-                   "params": struct_array(entries), "layers": struct_array(layers),
-                   "meta": {"normalization": {"averageImage": np.array([129.1863, 104.7624, 93.5940])}}},
-            do_compression=True)
+    layers.append(
+        {
+            "name": "prob",
+            "type": "dagnn.SoftMax",
+            "inputs": cell(prev),
+            "outputs": cell("prob"),
+            "params": np.empty((0, 0), object),
+            "block": {},
+        }
+    )
+    savemat(
+        path,
+        {
+            "vars": struct_array([{"name": "data", "precious": 0.0}]),
+            "params": struct_array(entries),
+            "layers": struct_array(layers),
+            "meta": {"normalization": {"averageImage": np.array([129.1863, 104.7624, 93.5940])}},
+        },
+        do_compression=True,
+    )
 
 
 def write_simplenn_mat(path: str | os.PathLike[str], params: dict[str, np.ndarray]) -> None:
@@ -205,8 +248,15 @@ def write_simplenn_mat(path: str | os.PathLike[str], params: dict[str, np.ndarra
     p = rgb(params)
     layers = []
     for name in (*CONV_NAMES, *FC_NAMES):
-        layers.append({"name": name, "type": "conv", "weights": cell(hwio(as_conv(p, name)), p[f"{name}.bias"].reshape(-1, 1)),
-                       "pad": 1 if name in CONV_NAMES else 0, "stride": 1})
+        layers.append(
+            {
+                "name": name,
+                "type": "conv",
+                "weights": cell(hwio(as_conv(p, name)), p[f"{name}.bias"].reshape(-1, 1)),
+                "pad": 1 if name in CONV_NAMES else 0,
+                "stride": 1,
+            }
+        )
         layers.append({"name": f"relu_{name}", "type": "relu"})
     savemat(path, {"net": {"layers": cell(*layers), "meta": {"inputs": "data"}}})
 

@@ -24,8 +24,18 @@ _LAZY = {
 }
 
 __all__ = [  # noqa: RUF022 - the lazy names, in _LAZY's order
-    "AgeGenderError", "AgeGenderNet", "ModelConfig", "OptionError", "Predictor", "Preprocess", "VGGFace", "VGG_FACE",
-    "__version__", "configure", "convert_weights", "load_checkpoint",
+    "AgeGenderError",
+    "AgeGenderNet",
+    "ModelConfig",
+    "OptionError",
+    "Predictor",
+    "Preprocess",
+    "VGGFace",
+    "VGG_FACE",
+    "__version__",
+    "configure",
+    "convert_weights",
+    "load_checkpoint",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 ShardT = TypeVar("ShardT", np.ndarray, Sequence[Any])
 
+
 @dataclass(frozen=True)
 class World:
     rank: int = 0
@@ -31,7 +32,7 @@ class World:
 
     def shard(self, idx: ShardT) -> ShardT:
         """This rank's share of a global batch (or index list): every size-th element from rank."""
-        return idx[self.rank::self.size]
+        return idx[self.rank :: self.size]
 
     def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
         """Inverse of :meth:`shard` for row tensors: every rank gets all ``n`` rows back in order."""
@@ -41,13 +42,13 @@ class World:
 
         per = -(-n // self.size)
         padded = torch.zeros((per, *local.shape[1:]), dtype=local.dtype, device=local.device)
-        padded[:len(local)] = local
+        padded[: len(local)] = local
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(parts, padded)
         out = torch.empty((n, *local.shape[1:]), dtype=local.dtype, device=local.device)
         for r, part in enumerate(parts):
             count = len(range(r, n, self.size))
-            out[r::self.size] = part[:count]
+            out[r :: self.size] = part[:count]
         return out
 
     def sync_buffers(self, module: torch.nn.Module) -> None:

@@ -179,9 +179,14 @@ def remove_dead_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
 # errno values that only a write gives, so a failure inside an atomic_path block with one of them is the output's.
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 # The same reasons as libraries that lose the errno (safetensors, torch.save) spell them.
-_WRITE_TEXTS = {"no space left on device": "disk full", "os error 28": "disk full", "storagefull": "disk full",
-                "disk quota exceeded": "disk quota exceeded", "file too large": "file too large",
-                "read-only file system": "read-only file system"}
+_WRITE_TEXTS = {
+    "no space left on device": "disk full",
+    "os error 28": "disk full",
+    "storagefull": "disk full",
+    "disk quota exceeded": "disk quota exceeded",
+    "file too large": "file too large",
+    "read-only file system": "read-only file system",
+}
 
 
 def write_failure(e: BaseException, parent: Path) -> str | None:
@@ -222,8 +227,7 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def refuse_overwrite(folder: str | os.PathLike[str], markers: Sequence[str], force: bool = False,
-                     also: str = "") -> None:
+def refuse_overwrite(folder: str | os.PathLike[str], markers: Sequence[str], force: bool = False, also: str = "") -> None:
     """Refuse to write into ``folder`` when it already holds one of ``markers`` (an earlier result), unless
     ``force``: a second run with other inputs must never silently replace the first one's output. ``also`` adds to
     the advice; a parameter in it is written in backticks, as :class:`~agegender.errors.OptionError` wants."""
@@ -231,9 +235,12 @@ def refuse_overwrite(folder: str | os.PathLike[str], markers: Sequence[str], for
         return
     found = next((m for m in markers if (Path(folder) / m).exists()), None)
     if found is not None:
-        raise OptionError(f"{Path(folder) / found}: already there from an earlier run; "
-                          f"pass `force` to replace it{also}, or choose another output folder",
-                          "force", *re.findall(r"`(\w+)`", also))
+        raise OptionError(
+            f"{Path(folder) / found}: already there from an earlier run; "
+            f"pass `force` to replace it{also}, or choose another output folder",
+            "force",
+            *re.findall(r"`(\w+)`", also),
+        )
 
 
 def safe_name(text: object) -> str:
@@ -246,8 +253,13 @@ def safe_name(text: object) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
 
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
 
 
 def regular_file(path: str | os.PathLike[str], what: str = "file") -> Path:
@@ -270,11 +282,18 @@ def regular_file(path: str | os.PathLike[str], what: str = "file") -> Path:
     return path
 
 
-_REASONS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large",
-            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-            errno.EPERM: "permission denied", errno.ENAMETOOLONG: "file name too long",
-            errno.ENOENT: "no such file or directory", errno.ENOTDIR: "a parent is not a directory",
-            errno.EISDIR: "is a directory"}
+_REASONS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "a parent is not a directory",
+    errno.EISDIR: "is a directory",
+}
 
 
 def os_reason(path: str | os.PathLike[str], e: OSError, doing: str = "cannot write") -> str:
@@ -291,8 +310,12 @@ def _file_id(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def check_outputs(inputs: Iterable[str | os.PathLike[str]], *, file: str | os.PathLike[str] | None = None,
-                  folder: str | os.PathLike[str] | None = None) -> None:
+def check_outputs(
+    inputs: Iterable[str | os.PathLike[str]],
+    *,
+    file: str | os.PathLike[str] | None = None,
+    folder: str | os.PathLike[str] | None = None,
+) -> None:
     """Refuse outputs that would destroy an input: ``file`` may not be any of ``inputs`` (by any name: symlinks
     and hard links are the same file), and the folder that gets one output per input may not hold an input.
 
@@ -303,13 +326,16 @@ def check_outputs(inputs: Iterable[str | os.PathLike[str]], *, file: str | os.Pa
     if file is not None:
         text = os.fspath(file)
         if text.endswith(("/", os.sep)) or os.path.isdir(text):
-            raise AgeGenderError(f"{safe_name(text)}: is a directory; give the output file's name, "
-                                 f"e.g. {safe_name(os.path.join(text, 'out'))}")
+            raise AgeGenderError(
+                f"{safe_name(text)}: is a directory; give the output file's name, e.g. {safe_name(os.path.join(text, 'out'))}"
+            )
         target = _file_id(text)
         same = next((i for i in inputs if target is not None and _file_id(i) == target), None)
         if same is not None:
-            raise AgeGenderError(f"{safe_name(text)}: is the input file {safe_name(same)}; writing it would destroy "
-                                 f"the input: choose another output")
+            raise AgeGenderError(
+                f"{safe_name(text)}: is the input file {safe_name(same)}; writing it would destroy "
+                f"the input: choose another output"
+            )
     if folder is not None:
         target = _file_id(folder)
         if target is None:
@@ -322,8 +348,10 @@ def check_outputs(inputs: Iterable[str | os.PathLike[str]], *, file: str | os.Pa
             if parent not in parents:
                 parents[parent] = _file_id(parent)
             if target in (parents[parent], _file_id(i) if os.path.isdir(i) else None):
-                raise AgeGenderError(f"{safe_name(folder)}: holds the input {safe_name(i)}, which its annotated copy "
-                                     f"would replace: choose another folder")
+                raise AgeGenderError(
+                    f"{safe_name(folder)}: holds the input {safe_name(i)}, which its annotated copy "
+                    f"would replace: choose another folder"
+                )
 
 
 LOCK_NAME = ".lock"
@@ -350,8 +378,10 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "run directory") -> 
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise AgeGenderError(f"{safe_name(folder)}: {what} in use by another process (pid {holder}); wait for "
-                                 f"it to finish, or choose another directory") from None
+            raise AgeGenderError(
+                f"{safe_name(folder)}: {what} in use by another process (pid {holder}); wait for "
+                f"it to finish, or choose another directory"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

@@ -33,8 +33,9 @@ MAX_PIXELS = 50_000_000  # header size cap, checked before any pixel is decoded
 # Decoders allowed for untrusted files; "JPEG" also opens MPO, the format of many phone cameras' JPEGs.
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF", "PPM")
 # What folder scans pick up: every suffix of the formats above.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".bmp", ".webp", ".gif", ".tif",
-                            ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
 
 
 class ImageError(InputError):
@@ -89,9 +90,9 @@ def to_rgb(image: Image.Image) -> np.ndarray:
             band = image if h <= rows else image.crop((0, y, w, min(h, y + rows)))
             if top is not None:
                 a = np.asarray(band, dtype=np.float32)
-                out[y:y + rows] = np.clip(np.rint(a * np.float32(255.0 / top)), 0, 255).astype(np.uint8)[..., None]
+                out[y : y + rows] = np.clip(np.rint(a * np.float32(255.0 / top)), 0, 255).astype(np.uint8)[..., None]
             else:
-                out[y:y + rows] = np.asarray(band if band.mode == "RGB" else band.convert("RGB"), dtype=np.uint8)
+                out[y : y + rows] = np.asarray(band if band.mode == "RGB" else band.convert("RGB"), dtype=np.uint8)
     except ValueError as e:  # Pillow has no conversion for a few rare modes
         raise ImageError(f"cannot convert a {image.mode} image to RGB ({e})", "unsupported") from None
     return out
@@ -149,8 +150,7 @@ def load_image(source: ImageInput | Image.Image, name: str | None = None, draft:
     except IsADirectoryError:
         raise ImageError(f"{name}: is a folder, not an image", "unsupported") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})",
-                         "unsupported") from None
+        raise ImageError(f"{name}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})", "unsupported") from None
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: exceeds the {MAX_PIXELS:,} pixel limit (a decompression bomb?)", "too_large") from None
     except AgeGenderError:
@@ -190,8 +190,7 @@ def as_rgb(image: Any, name: str = "image", keep_gray: bool = False) -> np.ndarr
     if not isinstance(image, np.ndarray):
         raise ImageError(f"{name}: expected an image as a numpy array, got {type(image).__name__}", "unsupported")
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-        raise ImageError(f"{name}: expected uint8 (H, W), (H, W, 3) or (H, W, 4), got {image.dtype} {image.shape}",
-                         "unsupported")
+        raise ImageError(f"{name}: expected uint8 (H, W), (H, W, 3) or (H, W, 4), got {image.dtype} {image.shape}", "unsupported")
     if image.size == 0:
         raise ImageError(f"{name}: empty image of shape {image.shape}", "unsupported")
     if image.ndim == 3 and image.shape[2] == 1:
@@ -220,8 +219,9 @@ def fit_square(rgb: np.ndarray, size: int | None) -> np.ndarray:
 Framer = Callable[[np.ndarray], np.ndarray]  # a decoded RGB image -> the network's input pixels, or ImageError
 
 
-def load_rgb(path: str | os.PathLike[str], size: int | None, skipped: Skipped | None = None,
-             frame: Framer | None = None) -> np.ndarray | None:
+def load_rgb(
+    path: str | os.PathLike[str], size: int | None, skipped: Skipped | None = None, frame: Framer | None = None
+) -> np.ndarray | None:
     """``load_image`` then ``frame`` (default: ``fit_square`` to ``size``), or None for an unusable file (the reason
     logged and added to ``skipped``)."""
     try:

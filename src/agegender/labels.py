@@ -9,10 +9,8 @@ _GENDER_WORDS = {"f": 0, "female": 0, "woman": 0, "w": 0, "m": 1, "male": 1, "ma
 UTKFACE_RACES: tuple[str, ...] = ("White", "Black", "Asian", "Indian", "Others")
 
 # The Adience age brackets, (low, high) inclusive; None = open-ended.
-ADIENCE_GROUPS: tuple[tuple[int, int | None], ...] = (
-    (0, 2), (4, 6), (8, 13), (15, 20), (25, 32), (38, 43), (48, 53), (60, None))
-ADIENCE_GROUP_NAMES: tuple[str, ...] = tuple(
-    f"{lo}+" if hi is None else f"{lo}-{hi}" for lo, hi in ADIENCE_GROUPS)
+ADIENCE_GROUPS: tuple[tuple[int, int | None], ...] = ((0, 2), (4, 6), (8, 13), (15, 20), (25, 32), (38, 43), (48, 53), (60, None))
+ADIENCE_GROUP_NAMES: tuple[str, ...] = tuple(f"{lo}+" if hi is None else f"{lo}-{hi}" for lo, hi in ADIENCE_GROUPS)
 
 
 def age_group(age: int) -> int:
@@ -21,13 +19,13 @@ def age_group(age: int) -> int:
     Adience leaves gaps between brackets (3, 7, 14, 21-24, ...). An age in a gap goes to the nearest
     bracket by distance in years; a tie goes to the younger bracket (3 -> 0-2, 35 -> 25-32, 36 -> 38-43).
     """
+
     def distance(bracket: tuple[int, int | None]) -> int:
         lo, hi = bracket
         return max(lo - age, 0 if hi is None else age - hi, 0)
 
     # min() keeps the first of equal distances, and the brackets run young to old.
     return min(range(len(ADIENCE_GROUPS)), key=lambda i: distance(ADIENCE_GROUPS[i]))
-
 
 
 def parse_gender(value: str) -> int | None:

@@ -24,8 +24,24 @@ from .infer.predict import Face, ImageResult, Predictor
 if TYPE_CHECKING:
     from PIL import Image
 
-CSV_FIELDS = ("path", "face", "x", "y", "w", "h", "score", "gender", "p_male", "age", "age_group", "age_low", "age_high",
-              "error", "frame", "time")
+CSV_FIELDS = (
+    "path",
+    "face",
+    "x",
+    "y",
+    "w",
+    "h",
+    "score",
+    "gender",
+    "p_male",
+    "age",
+    "age_group",
+    "age_low",
+    "age_high",
+    "error",
+    "frame",
+    "time",
+)
 
 
 def _csv_rows(result: ImageResult) -> Iterator[dict[str, Any]]:
@@ -94,8 +110,16 @@ def _write_annotation(result: ImageResult, folder: Path, used: set[str]) -> None
         image.save(tmp, format="PNG" if dest.suffix == ".png" else "JPEG", quality=92)
 
 
-def _video_results(predictor: Predictor, path: str, every: int, batch_size: int, folder: Path | None,
-                   used: set[str], progress: bool, alone: bool = True) -> Iterator[ImageResult]:
+def _video_results(
+    predictor: Predictor,
+    path: str,
+    every: int,
+    batch_size: int,
+    folder: Path | None,
+    used: set[str],
+    progress: bool,
+    alone: bool = True,
+) -> Iterator[ImageResult]:
     """A video's frame results; with ``folder``, each sampled frame annotated into ``folder/<video name>/``.
 
     A video that cannot be read (or whose frames are past the pixel cap) raises when it is ``alone``, the only
@@ -127,9 +151,16 @@ def _video_results(predictor: Predictor, path: str, every: int, batch_size: int,
         yield ImageResult(path, [], str(failed[0]))
 
 
-def predict_files(predictor: Predictor, paths: list[str], output: str | None = None, output_format: str = "jsonl",
-                  batch_size: int = 32, annotate: str | None = None, every: int = 1,
-                  progress: bool = True) -> collections.Counter[str]:
+def predict_files(
+    predictor: Predictor,
+    paths: list[str],
+    output: str | None = None,
+    output_format: str = "jsonl",
+    batch_size: int = 32,
+    annotate: str | None = None,
+    every: int = 1,
+    progress: bool = True,
+) -> collections.Counter[str]:
     """``agegender predict``: JSON Lines or CSV to ``output`` (stdout when None), one record per image (CSV: one
     row per face); annotated copies into the folder ``annotate`` (a video's sampled frames into a subfolder named
     after it). Video files give one record per ``every``-th frame.
@@ -148,8 +179,9 @@ def predict_files(predictor: Predictor, paths: list[str], output: str | None = N
         writer = _Writer(stream, output_format)
         images = [p for p in paths if not is_video(p)]
         streams = [predictor.predict_many(images, batch_size)] if images else []
-        streams += [_video_results(predictor, p, every, batch_size, folder, used, progress, len(paths) == 1)
-                    for p in paths if is_video(p)]
+        streams += [
+            _video_results(predictor, p, every, batch_size, folder, used, progress, len(paths) == 1) for p in paths if is_video(p)
+        ]
         with Progress(len(images), "predict", "img", enabled=progress and bool(images)) as bar:
             for results in streams:
                 for result in results:
@@ -166,8 +198,7 @@ def predict_files(predictor: Predictor, paths: list[str], output: str | None = N
     # ``folder``: a temporary folder beside ``annotate``, whose files are moved there at the end.
     with staged_dir(annotate) if annotate else contextlib.nullcontext() as folder:
         if output:
-            with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8",
-                                                  errors="surrogateescape") as f:
+            with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
                 run(f, folder)
         else:
             run(sys.stdout, folder)

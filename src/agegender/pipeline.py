@@ -35,8 +35,11 @@ def _export_all(run: RunDir, dest: Path) -> dict[str, Any]:
     from .infer.exporters import export
 
     results: dict[str, Any] = {}
-    for fmt, name, needs in (("onnx", "model.onnx", "onnxruntime"), ("keras", "model.keras", "keras"),
-                             ("torch", "model.pt2", "torch")):
+    for fmt, name, needs in (
+        ("onnx", "model.onnx", "onnxruntime"),
+        ("keras", "model.keras", "keras"),
+        ("torch", "model.pt2", "torch"),
+    ):
         if importlib.util.find_spec(needs) is None:
             log.warning("skipping the %s export: %s is not installed (pip install 'agegender[export]')", fmt, needs)
             continue
@@ -102,8 +105,17 @@ def demo(work: Path, seed: int = 0, force: bool = False) -> Path:
         make_agegender_tree(data, per_folder=3, seed=seed)
     weights = work / "vgg_face_synthetic.safetensors"
     save_vgg_face(weights, make_vgg_face_state(seed=seed))
-    cfg = TrainConfig.from_preset("default", data=str(data), out=str(run.path), backbone=VGG_FACE.name,
-                                  weights=str(weights), seed=seed, epochs=8, batch_size=64, hidden=(512, 512))
+    cfg = TrainConfig.from_preset(
+        "default",
+        data=str(data),
+        out=str(run.path),
+        backbone=VGG_FACE.name,
+        weights=str(weights),
+        seed=seed,
+        epochs=8,
+        batch_size=64,
+        hidden=(512, 512),
+    )
     fit(cfg, force=force)
     exports = _export_all(run, work / "export")
     if "onnx" in exports:

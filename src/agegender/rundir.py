@@ -161,7 +161,8 @@ class RunDir:
         except (OSError, ValueError, RecursionError) as e:
             raise AgeGenderError(f"{self.splits}: unreadable splits ({type(e).__name__})") from None
         if not isinstance(recorded, dict) or not all(
-                isinstance(v, list) and all(isinstance(p, str) for p in v) for v in recorded.values()):
+            isinstance(v, list) and all(isinstance(p, str) for p in v) for v in recorded.values()
+        ):
             raise AgeGenderError(f"{self.splits}: not a run's splits (split name -> list of image paths)")
         return recorded
 

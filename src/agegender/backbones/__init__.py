@@ -22,6 +22,19 @@ from .registry import (
     register,
 )
 
-__all__ = ["ALIGNMENTS", "BACKBONES", "BACKBONE_OPTIONS", "DEFAULT_BACKBONE", "LEGACY_BACKBONE", "OWN_PIXELS",
-           "BackboneSpec", "Preprocess", "TrunkShape", "backbone", "backbone_for_format", "dlib_resnet",
-           "register", "vgg_face"]
+__all__ = [
+    "ALIGNMENTS",
+    "BACKBONES",
+    "BACKBONE_OPTIONS",
+    "DEFAULT_BACKBONE",
+    "LEGACY_BACKBONE",
+    "OWN_PIXELS",
+    "BackboneSpec",
+    "Preprocess",
+    "TrunkShape",
+    "backbone",
+    "backbone_for_format",
+    "dlib_resnet",
+    "register",
+    "vgg_face",
+]

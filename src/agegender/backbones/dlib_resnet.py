@@ -20,8 +20,9 @@ INPUT_SIZE = 150
 INPUT_MEAN_RGB = (122.782, 117.001, 104.298)
 INPUT_SCALE = 1 / 256  # dlib divides by 256, not by a standard deviation
 # (RGB - mean) / 256 on a 150 px chip from its 5-point shape predictor, padding 0.25.
-DLIB_PREPROCESS = Preprocess(size=INPUT_SIZE, mean_rgb=INPUT_MEAN_RGB, scale=INPUT_SCALE, channel_order="RGB",
-                             alignment="chip5", chip_padding=0.25)
+DLIB_PREPROCESS = Preprocess(
+    size=INPUT_SIZE, mean_rgb=INPUT_MEAN_RGB, scale=INPUT_SCALE, channel_order="RGB", alignment="chip5", chip_padding=0.25
+)
 
 DLIB_WIDTHS = (32, 64, 128, 256, 256)  # channels of the five residual levels (the stem has the first)
 LEVEL_BLOCKS = (3, 4, 3, 3, 1)  # blocks per residual level, input to output
@@ -43,27 +44,30 @@ class DlibResNetSpec(BackboneSpec):
     def feature_dim(self, config: TrunkShape) -> int:
         pooled = config.widths[-1]
         return {"pooled": pooled, "descriptor": config.descriptor_dim, "both": pooled + config.descriptor_dim}[
-            config.feature_layer]
+            config.feature_layer
+        ]
 
     def shape_of(self, state: Mapping[str, Any]) -> dict[str, Any]:
         widths, descriptor_dim = dlib_shape_of(state)
         return {"widths": widths, "descriptor_dim": descriptor_dim}
 
 
-DLIB_RESNET = register(DlibResNetSpec(
-    name="dlib-resnet",
-    preprocess=DLIB_PREPROCESS,
-    widths=DLIB_WIDTHS,
-    # pooled: the 256-d global average pool before dlib's fc; descriptor: dlib's own 128-d face descriptor.
-    feature_layers=("pooled", "descriptor", "both"),
-    pretrained="dlib-face-recognition-resnet",
-    formats=("dlib",),
-    trunk="agegender.model.dlib_resnet:DlibTrunk",
-    graphs={"keras": "agegender.infer.keras_dlib:dlib_trunk", "savedmodel": "agegender.infer.tf_graph:dlib_trunk"},
-    train_options=frozenset({"alignment"}),
-    # Measured on UTKFace (4,899 faces, ages 1-116, its own held-out split): the DEX age head reached MAE 4.57 years
-    # where regression gave 6.49-6.87 with the same features, and the pooled 256-d layer beat the 128-d descriptor
-    # (4.84) and both together (4.62).
-    train_defaults={"age_head": "dex", "hidden": (512, 512), "feature_layer": "pooled"},
-    alignments=("chip5", "landmarks5"),
-))
+DLIB_RESNET = register(
+    DlibResNetSpec(
+        name="dlib-resnet",
+        preprocess=DLIB_PREPROCESS,
+        widths=DLIB_WIDTHS,
+        # pooled: the 256-d global average pool before dlib's fc; descriptor: dlib's own 128-d face descriptor.
+        feature_layers=("pooled", "descriptor", "both"),
+        pretrained="dlib-face-recognition-resnet",
+        formats=("dlib",),
+        trunk="agegender.model.dlib_resnet:DlibTrunk",
+        graphs={"keras": "agegender.infer.keras_dlib:dlib_trunk", "savedmodel": "agegender.infer.tf_graph:dlib_trunk"},
+        train_options=frozenset({"alignment"}),
+        # Measured on UTKFace (4,899 faces, ages 1-116, its own held-out split): the DEX age head reached MAE 4.57 years
+        # where regression gave 6.49-6.87 with the same features, and the pooled 256-d layer beat the 128-d descriptor
+        # (4.84) and both together (4.62).
+        train_defaults={"age_head": "dex", "hidden": (512, 512), "feature_layer": "pooled"},
+        alignments=("chip5", "landmarks5"),
+    )
+)

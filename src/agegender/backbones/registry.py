@@ -60,15 +60,15 @@ class BackboneSpec:
         """``layer``, or the default for ""; an error for a layer this backbone does not have."""
         layer = layer or self.feature_layers[0]
         if layer not in self.feature_layers:
-            raise AgeGenderError(f"backbone {self.name} has no feature layer {layer!r}; "
-                                 f"choose from {', '.join(self.feature_layers)}")
+            raise AgeGenderError(
+                f"backbone {self.name} has no feature layer {layer!r}; choose from {', '.join(self.feature_layers)}"
+            )
         return layer
 
     def check(self, config: TrunkShape) -> None:
         """Refuse a config this backbone cannot be built with (widths, image size), in one line."""
         if len(config.widths) != len(self.widths) or min(config.widths, default=0) < 1:
-            raise AgeGenderError(f"widths needs {len(self.widths)} positive stage widths for {self.name}, "
-                                 f"got {config.widths}")
+            raise AgeGenderError(f"widths needs {len(self.widths)} positive stage widths for {self.name}, got {config.widths}")
         self.check_image_size(config.image_size)
 
     def check_image_size(self, size: int) -> None:
@@ -99,8 +99,7 @@ class BackboneSpec:
     def graph(self, fmt: str) -> Callable[..., Any]:
         """The function that writes this trunk in ``fmt``'s graph (a format of :attr:`graphs`)."""
         if fmt not in self.graphs:
-            raise AgeGenderError(f"the {self.name} backbone has no {fmt} graph; it exports to "
-                                 f"{', '.join(self.exports)}")
+            raise AgeGenderError(f"the {self.name} backbone has no {fmt} graph; it exports to {', '.join(self.exports)}")
         return resolve(self.graphs[fmt])
 
     # -- training ---------------------------------------------------------------------------------
@@ -108,12 +107,13 @@ class BackboneSpec:
         """``widths``, ``image_size`` and ``block_bn`` for a run: from its options where this backbone reads
         them (empty widths: its own), else its own."""
         reads = self.train_options
-        return {"widths": tuple(options["widths"] or self.widths) if "widths" in reads else self.widths,
-                "image_size": int(options["image_size"]) if "image_size" in reads else self.preprocess.size,
-                "block_bn": bool(options.get("block_bn")) and "block_bn" in reads}
+        return {
+            "widths": tuple(options["widths"] or self.widths) if "widths" in reads else self.widths,
+            "image_size": int(options["image_size"]) if "image_size" in reads else self.preprocess.size,
+            "block_bn": bool(options.get("block_bn")) and "block_bn" in reads,
+        }
 
-    def input_contract(self, stored: Preprocess | None = None, alignment: str = "",
-                       pixels: str = OWN_PIXELS) -> Preprocess:
+    def input_contract(self, stored: Preprocess | None = None, alignment: str = "", pixels: str = OWN_PIXELS) -> Preprocess:
         """A run's input contract: a pixel recipe it chose, else the one its weights file recorded, else the
         backbone's; then the framing it chose."""
         pre = self.pixels.get(pixels) or stored or self.preprocess

@@ -44,15 +44,17 @@ class VGGFaceSpec(BackboneSpec):
         return {"widths": tuple(int(state[f"conv{b + 1}_1.weight"].shape[0]) for b in range(len(VGG16_BLOCKS)))}
 
 
-VGG_FACE = register(VGGFaceSpec(
-    name="vgg-face",
-    preprocess=VGG_FACE_PREPROCESS,
-    widths=VGG16_WIDTHS,
-    feature_layers=("pool5",),  # the conv5_3 block's pooled maps, flattened (C, H, W)
-    pretrained="weights",  # the archive `agegender fetch weights` downloads; convert its VGG_FACE.t7
-    formats=("t7", "pt", "mat", "h5", "caffe"),
-    trunk="agegender.model.vgg:VGGTrunk",
-    graphs={"keras": "agegender.infer.keras_vgg:vgg_trunk", "savedmodel": "agegender.infer.tf_graph:vgg_trunk"},
-    train_options=frozenset({"image_size", "pixels", "widths", "block_bn"}),
-    pixels={"seed": SEED_PREPROCESS},
-))
+VGG_FACE = register(
+    VGGFaceSpec(
+        name="vgg-face",
+        preprocess=VGG_FACE_PREPROCESS,
+        widths=VGG16_WIDTHS,
+        feature_layers=("pool5",),  # the conv5_3 block's pooled maps, flattened (C, H, W)
+        pretrained="weights",  # the archive `agegender fetch weights` downloads; convert its VGG_FACE.t7
+        formats=("t7", "pt", "mat", "h5", "caffe"),
+        trunk="agegender.model.vgg:VGGTrunk",
+        graphs={"keras": "agegender.infer.keras_vgg:vgg_trunk", "savedmodel": "agegender.infer.tf_graph:vgg_trunk"},
+        train_options=frozenset({"image_size", "pixels", "widths", "block_bn"}),
+        pixels={"seed": SEED_PREPROCESS},
+    )
+)

@@ -20,8 +20,13 @@ from ..model.config import Preprocess
 from .records import FaceRecord
 
 
-def decode_batch(paths: Sequence[str | os.PathLike[str]], size: int, workers: int = 2, frame: Framer | None = None,
-                 skipped: Skipped | None = None) -> tuple[np.ndarray, np.ndarray]:
+def decode_batch(
+    paths: Sequence[str | os.PathLike[str]],
+    size: int,
+    workers: int = 2,
+    frame: Framer | None = None,
+    skipped: Skipped | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``paths`` in order on ``workers`` threads -> (uint8 ``(N, size, size, 3)``, bool ok mask).
 
     Failed images are left as zeros with ``ok[i] = False``.
@@ -43,9 +48,15 @@ def decode_batch(paths: Sequence[str | os.PathLike[str]], size: int, workers: in
     return out, ok
 
 
-def iter_batches(records: Sequence[FaceRecord] | Sequence[str | os.PathLike[str]], size: int,
-                 batch_size: int, workers: int = 2, prefetch: int = 2, skipped: Skipped | None = None,
-                 frame: Framer | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+def iter_batches(
+    records: Sequence[FaceRecord] | Sequence[str | os.PathLike[str]],
+    size: int,
+    batch_size: int,
+    workers: int = 2,
+    prefetch: int = 2,
+    skipped: Skipped | None = None,
+    frame: Framer | None = None,
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(indices, uint8 tensor (n, size, size, 3))`` batches in order, decoding ``prefetch`` batches ahead.
 
     ``indices`` are positions in ``records``. Undecodable images are left out (so a batch may be short,
@@ -59,8 +70,7 @@ def iter_batches(records: Sequence[FaceRecord] | Sequence[str | os.PathLike[str]
     pending: collections.deque[tuple[int, list[Future[np.ndarray | None]]]] = collections.deque()
     try:
         for start in starts:
-            pending.append((start, [pool.submit(load_rgb, p, size, skipped, frame)
-                                    for p in paths[start:start + batch_size]]))
+            pending.append((start, [pool.submit(load_rgb, p, size, skipped, frame) for p in paths[start : start + batch_size]]))
             if len(pending) > prefetch:
                 yield from _collect(*pending.popleft(), torch)
         while pending:
@@ -69,8 +79,7 @@ def iter_batches(records: Sequence[FaceRecord] | Sequence[str | os.PathLike[str]
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _collect(start: int, futures: list[Future[np.ndarray | None]],
-             torch: Any) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+def _collect(start: int, futures: list[Future[np.ndarray | None]], torch: Any) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     images = [f.result() for f in futures]
     keep = [i for i, img in enumerate(images) if img is not None]
     if keep:
@@ -117,8 +126,10 @@ class Labels:
 
     @classmethod
     def of(cls, records: Sequence[FaceRecord]) -> Labels:
-        return cls(torch.tensor([r.gender for r in records], dtype=torch.float32),
-                   torch.tensor([math.nan if r.age is None else r.age for r in records], dtype=torch.float32))
+        return cls(
+            torch.tensor([r.gender for r in records], dtype=torch.float32),
+            torch.tensor([math.nan if r.age is None else r.age for r in records], dtype=torch.float32),
+        )
 
 
 # Decoded uint8 images are kept in memory up to this size, so end-to-end epochs decode nothing.
@@ -128,12 +139,21 @@ IMAGE_MEMORY_BYTES = 2 << 30
 class Batches:
     """Mini-batches of either cached trunk features or images (decoded once when they fit in memory)."""
 
-    def __init__(self, records: Sequence[FaceRecord], preprocess: Preprocess, batch_size: int, workers: int = 2,
-                 features: FeatureSet | None = None, world: World = World(), keep_images: bool = False,
-                 frame: Framer | None = None) -> None:
+    def __init__(
+        self,
+        records: Sequence[FaceRecord],
+        preprocess: Preprocess,
+        batch_size: int,
+        workers: int = 2,
+        features: FeatureSet | None = None,
+        world: World = World(),
+        keep_images: bool = False,
+        frame: Framer | None = None,
+    ) -> None:
         if batch_size < 1 or workers < 1:  # options reach here from several commands: one line, not a range() error
-            raise OptionError(f"`batch_size` and `workers` must be at least 1, got {batch_size} and {workers}",
-                              "batch_size", "workers")
+            raise OptionError(
+                f"`batch_size` and `workers` must be at least 1, got {batch_size} and {workers}", "batch_size", "workers"
+            )
         self.frame = frame
         self.records, self.pre, self.features, self.world = records, preprocess, features, world
         self.batch_size, self.workers, size = batch_size, workers, preprocess.size
@@ -142,7 +162,7 @@ class Batches:
         self.ok: np.ndarray | None = None
         if features is not None:
             self.ok = features.ok.numpy()
-        elif keep_images and len(records) * size ** 2 * 3 <= IMAGE_MEMORY_BYTES:
+        elif keep_images and len(records) * size**2 * 3 <= IMAGE_MEMORY_BYTES:
             images, self.ok = decode_batch([r.path for r in records], size, workers, frame)
             self.images = torch.from_numpy(images)
 
@@ -155,12 +175,13 @@ class Batches:
     def cached(self) -> bool:
         return self.features is not None
 
-    def __call__(self, idx: np.ndarray, augment: torch.Generator | None = None, shard: bool = False,
-                 batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
+    def __call__(
+        self, idx: np.ndarray, augment: torch.Generator | None = None, shard: bool = False, batch_size: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
         """Yield (input, record indices, global batch size); ``shard`` gives each rank its share of a batch."""
         bs, device = batch_size or self.batch_size, self.world.device
         for start in range(0, len(idx), bs):
-            full = idx[start:start + bs]
+            full = idx[start : start + bs]
             chunk = self.world.shard(full) if shard else full
             if self.ok is not None:
                 chunk = chunk[self.ok[chunk]]

@@ -49,13 +49,26 @@ class FeatureBank:
         return FeatureSet(torch.stack([f for f, _ in known]), torch.tensor([ok for _, ok in known]), cached=True)
 
 
-def _trunk_key(model: AgeGenderNet, preprocess: Preprocess, weights_sha256: str | None, bf16: bool,
-               frame: Framer | None) -> hashlib._Hash:
+def _trunk_key(
+    model: AgeGenderNet, preprocess: Preprocess, weights_sha256: str | None, bf16: bool, frame: Framer | None
+) -> hashlib._Hash:
     h = hashlib.sha256()
     cfg = model.config
-    h.update(json.dumps({"backbone": cfg.backbone, "layer": cfg.feature_layer, "widths": cfg.widths,
-                         "block_bn": cfg.block_bn, "size": cfg.image_size, "pre": preprocess.to_dict(), "bf16": bf16,
-                         "weights": weights_sha256, "frame": getattr(frame, "key", None)}).encode())
+    h.update(
+        json.dumps(
+            {
+                "backbone": cfg.backbone,
+                "layer": cfg.feature_layer,
+                "widths": cfg.widths,
+                "block_bn": cfg.block_bn,
+                "size": cfg.image_size,
+                "pre": preprocess.to_dict(),
+                "bf16": bf16,
+                "weights": weights_sha256,
+                "frame": getattr(frame, "key", None),
+            }
+        ).encode()
+    )
     # The trunk's own bytes, so --init scratch or a different seed never reuses another trunk's cache.
     for name, t in sorted(model.trunk.state_dict().items()):
         h.update(name.encode())
@@ -72,8 +85,14 @@ def _file_id(record: FaceRecord) -> str:
         return f"{record.path}\0missing"
 
 
-def cache_key(model: AgeGenderNet, preprocess: Preprocess, records: Sequence[FaceRecord],
-              weights_sha256: str | None, bf16: bool, frame: Framer | None = None) -> str:
+def cache_key(
+    model: AgeGenderNet,
+    preprocess: Preprocess,
+    records: Sequence[FaceRecord],
+    weights_sha256: str | None,
+    bf16: bool,
+    frame: Framer | None = None,
+) -> str:
     """Hash of the trunk weights, its config, the preprocessing, the dtype and the file list (with sizes/mtimes)."""
     h = _trunk_key(model, preprocess, weights_sha256, bf16, frame)
     for r in records:
@@ -82,10 +101,19 @@ def cache_key(model: AgeGenderNet, preprocess: Preprocess, records: Sequence[Fac
 
 
 @torch.no_grad()
-def extract_features(model: AgeGenderNet, records: Sequence[FaceRecord], preprocess: Preprocess, *,
-                     batch_size: int = 128, workers: int = 2, prefetch: int = 2, bf16: bool = False,
-                     frame: Framer | None = None,
-                     device: str | torch.device = "cpu", progress: bool = True) -> FeatureSet:
+def extract_features(
+    model: AgeGenderNet,
+    records: Sequence[FaceRecord],
+    preprocess: Preprocess,
+    *,
+    batch_size: int = 128,
+    workers: int = 2,
+    prefetch: int = 2,
+    bf16: bool = False,
+    frame: Framer | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> FeatureSet:
     """Run the trunk once over every record; decoding of later batches overlaps the trunk's compute."""
     from ..progress import Progress
 
@@ -96,8 +124,7 @@ def extract_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproc
     start = time.perf_counter()
     # A bar on a terminal; a line every few seconds in a log file, which stays readable.
     bar = Progress(n, "features", "img", enabled=progress)
-    for idx, images in iter_batches(records, model.config.image_size, batch_size, workers, prefetch=prefetch,
-                                    frame=frame):
+    for idx, images in iter_batches(records, model.config.image_size, batch_size, workers, prefetch=prefetch, frame=frame):
         f = features(preprocess.normalize(images, torch.channels_last))
         index = torch.as_tensor(idx, dtype=torch.long)
         out[index] = f.float().cpu()
@@ -107,9 +134,17 @@ def extract_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproc
     return FeatureSet(out, ok, time.perf_counter() - start)
 
 
-def cached_features(model: AgeGenderNet, records: Sequence[FaceRecord], preprocess: Preprocess,
-                    cache_dir: str | os.PathLike[str], *, weights_sha256: str | None = None,
-                    bf16: bool = False, world: World = World(), **kwargs: object) -> FeatureSet:
+def cached_features(
+    model: AgeGenderNet,
+    records: Sequence[FaceRecord],
+    preprocess: Preprocess,
+    cache_dir: str | os.PathLike[str],
+    *,
+    weights_sha256: str | None = None,
+    bf16: bool = False,
+    world: World = World(),
+    **kwargs: object,
+) -> FeatureSet:
     """Load features from ``cache_dir`` or compute and store them (atomically) under their key.
 
     Under torchrun each rank extracts every ``world.size``-th record and all ranks gather the result.
@@ -131,25 +166,37 @@ def cached_features(model: AgeGenderNet, records: Sequence[FaceRecord], preproce
     missing = [i for i, file in enumerate(ids) if file not in known]
     if missing:
         if known:
-            log.info("feature cache: %d of %d images known from earlier runs; extracting the other %d",
-                     len(records) - len(missing), len(records), len(missing))
+            log.info(
+                "feature cache: %d of %d images known from earlier runs; extracting the other %d",
+                len(records) - len(missing),
+                len(records),
+                len(missing),
+            )
         todo = [records[i] for i in missing]
         fs = extract_features(model, world.shard(todo), preprocess, bf16=bf16, **kwargs)  # type: ignore[arg-type]
         log.info("extracted %d features in %.1fs (%.1f img/s)", int(fs.ok.sum()), fs.seconds, fs.images_per_second)
         if world.active:
-            fs = FeatureSet(world.gather_rows(fs.features, len(todo)),
-                            world.gather_rows(fs.ok.to(torch.uint8), len(todo)).bool(), fs.seconds)
+            fs = FeatureSet(
+                world.gather_rows(fs.features, len(todo)), world.gather_rows(fs.ok.to(torch.uint8), len(todo)).bool(), fs.seconds
+            )
         known.update({ids[i]: (fs.features[j], bool(fs.ok[j])) for j, i in enumerate(missing)})
         seconds, cached = fs.seconds, False
     else:
         log.info("feature cache: every image known from earlier runs")
         seconds, cached = 0.0, True
-    out = FeatureSet(torch.stack([known[f][0] for f in ids]) if ids else torch.zeros(0, model.config.feature_dim),
-                     torch.tensor([known[f][1] for f in ids], dtype=torch.bool), seconds, cached)
+    out = FeatureSet(
+        torch.stack([known[f][0] for f in ids]) if ids else torch.zeros(0, model.config.feature_dim),
+        torch.tensor([known[f][1] for f in ids], dtype=torch.bool),
+        seconds,
+        cached,
+    )
     if world.is_main:
         with atomic_path(path) as tmp:
-            save_file({"features": out.features, "ok": out.ok.to(torch.uint8)}, str(tmp),
-                      metadata={"trunk": trunk, "files": json.dumps(ids)})
+            save_file(
+                {"features": out.features, "ok": out.ok.to(torch.uint8)},
+                str(tmp),
+                metadata={"trunk": trunk, "files": json.dumps(ids)},
+            )
     return out
 
 

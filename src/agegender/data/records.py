@@ -19,6 +19,7 @@ from ..labels import _GENDER_WORDS, UTKFACE_RACES, parse_age, parse_age_interval
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class FaceRecord:
     """One labelled face image. ``gender`` indexes ``weights.GENDERS`` (0 female, 1 male)."""
@@ -82,9 +83,11 @@ class Dataset:
         return len(self.records)
 
 
-_EXPECTED = ("an agegender_cleaned tree ([combined/]{aligned,valid}/NN_G/*.jpg), UTKFace names "
-             "(<age>_<gender>_<race>_*.jpg), labels.csv (path or filename, gender[, age, identity, race]) "
-             "or ground_truth.json")
+_EXPECTED = (
+    "an agegender_cleaned tree ([combined/]{aligned,valid}/NN_G/*.jpg), UTKFace names "
+    "(<age>_<gender>_<race>_*.jpg), labels.csv (path or filename, gender[, age, identity, race]) "
+    "or ground_truth.json"
+)
 _AGEGENDER_FOLDER = re.compile(r"^(\d{2})_([FM])$")
 _UTKFACE_NAME = re.compile(r"^(\d{1,3})_([01])_(?:([0-4])_)?\d")
 
@@ -115,8 +118,7 @@ def _scan(root: Path) -> Dataset:
         return _finish(_scan_manifest(root), root)
     if not root.is_dir():
         raise AgeGenderError(f"{root}: no such file or directory")
-    base = next((b for b in (root / "combined", root)
-                 if (b / "aligned").is_dir() or (b / "valid").is_dir()), None)
+    base = next((b for b in (root / "combined", root) if (b / "aligned").is_dir() or (b / "valid").is_dir()), None)
     if base is not None:
         skipped = Skipped()
         return _finish(Dataset(_scan_agegender(base, skipped), "agegender", root, skipped), root)
@@ -140,13 +142,17 @@ def scan_all(roots: Sequence[str | os.PathLike[str]], exclude: str | os.PathLike
     parts = [_excluded(_named(_scan(Path(r)), dataset_name(r)), excluded) for r in roots]
     plain = [dataset_name(r) for r in roots]
     # Two folders of one name (a/train, b/train) stay two data sets.
-    names = [f"{n} ({plain[:i + 1].count(n)})" if plain.count(n) > 1 else n for i, n in enumerate(plain)]
+    names = [f"{n} ({plain[: i + 1].count(n)})" if plain.count(n) > 1 else n for i, n in enumerate(plain)]
     global_ids = {source for source, _ in _IDENTITY_PATTERNS}
-    records = [replace(r, dataset=names[i], identity=r.identity if r.source in global_ids else f"{i}/{r.identity}")
-               for i, ds in enumerate(parts) for r in ds.records]
+    records = [
+        replace(r, dataset=names[i], identity=r.identity if r.source in global_ids else f"{i}/{r.identity}")
+        for i, ds in enumerate(parts)
+        for r in ds.records
+    ]
     skipped = Skipped([item for ds in parts for item in ds.skipped.items])
-    return drop_duplicate_files(Dataset(records, "+".join(ds.kind for ds in parts), parts[0].root, skipped,
-                                        tuple(ds.root for ds in parts)))
+    return drop_duplicate_files(
+        Dataset(records, "+".join(ds.kind for ds in parts), parts[0].root, skipped, tuple(ds.root for ds in parts))
+    )
 
 
 def drop_duplicate_files(ds: Dataset) -> Dataset:
@@ -174,13 +180,15 @@ def drop_duplicate_files(ds: Dataset) -> Dataset:
             dropped.add(i)
             other = ds.records[group[1] if i == group[0] else group[0]].path
             ds.skipped.add(ds.records[i].path, f"the same image as {safe_name(other)}, with other labels")
-    log.warning("%s: %d images are copies of others (identical bytes): counted once%s", ds.root,
-                sum(len(g) - 1 for g in groups),
-                f"; {conflicts} with contradicting labels, left out" if conflicts else "")
+    log.warning(
+        "%s: %d images are copies of others (identical bytes): counted once%s",
+        ds.root,
+        sum(len(g) - 1 for g in groups),
+        f"; {conflicts} with contradicting labels, left out" if conflicts else "",
+    )
     ds.records = [r for i, r in enumerate(ds.records) if i not in dropped]
     if not ds.records:
-        raise AgeGenderError(f"{ds.root}: no labelled face images left once copies with contradicting labels are "
-                             f"left out")
+        raise AgeGenderError(f"{ds.root}: no labelled face images left once copies with contradicting labels are left out")
     return ds
 
 
@@ -257,15 +265,26 @@ def _excluded(ds: Dataset, names: frozenset[str] | None) -> Dataset:
 def _finish(ds: Dataset, root: Path) -> Dataset:
     if ds.skipped:
         reasons = collections.Counter(why for _, why in ds.skipped.items)
-        log.warning("%s: %d files skipped (%s); first: %s", root, len(ds.skipped),
-                    ", ".join(f"{n} {why}" for why, n in reasons.most_common()),
-                    ", ".join(p.name for p, _ in ds.skipped.items[:3]))
+        log.warning(
+            "%s: %d files skipped (%s); first: %s",
+            root,
+            len(ds.skipped),
+            ", ".join(f"{n} {why}" for why, n in reasons.most_common()),
+            ", ".join(p.name for p, _ in ds.skipped.items[:3]),
+        )
     if not ds.records:
         raise AgeGenderError(f"{root}: no labelled face images found; expected {_EXPECTED}")
     counts = collections.Counter(r.gender for r in ds.records)
     ids = {r.identity for r in ds.records if r.person_id}
-    log.info("%s: detected %s layout, %d images (%d female, %d male), %s", root, ds.kind, len(ds.records),
-             counts[0], counts[1], f"{len(ids)} identities" if ids else "no person ids")
+    log.info(
+        "%s: detected %s layout, %d images (%d female, %d male), %s",
+        root,
+        ds.kind,
+        len(ds.records),
+        counts[0],
+        counts[1],
+        f"{len(ids)} identities" if ids else "no person ids",
+    )
     return ds
 
 
@@ -301,8 +320,7 @@ def _scan_agegender(base: Path, skipped: Skipped) -> list[FaceRecord]:
             age, gender = int(m.group(1)), _GENDER_WORDS[m.group(2).lower()]
             for path in _images(folder, False, skipped):
                 source, identity = _identity(path, base)
-                records.append(FaceRecord(path, gender, age, identity, group, None, source,
-                                          person_id=source != "unknown"))
+                records.append(FaceRecord(path, gender, age, identity, group, None, source, person_id=source != "unknown"))
     return records
 
 
@@ -315,9 +333,18 @@ def _scan_utkface(root: Path, skipped: Skipped) -> list[FaceRecord]:
             continue
         race = UTKFACE_RACES[int(m.group(3))] if m.group(3) else None
         # UTKFace codes gender 0 = male, 1 = female: the reverse of ours.
-        records.append(FaceRecord(path, 1 - int(m.group(2)), int(m.group(1)),
-                                  f"utkface:{path.relative_to(root).as_posix()}", "", race, "utkface",
-                                  person_id=False))
+        records.append(
+            FaceRecord(
+                path,
+                1 - int(m.group(2)),
+                int(m.group(1)),
+                f"utkface:{path.relative_to(root).as_posix()}",
+                "",
+                race,
+                "utkface",
+                person_id=False,
+            )
+        )
     if records:  # in a folder of plain photos, nothing was meant to be labelled: _finish says what was expected
         for path in unlabelled:
             skipped.add(path, "no UTKFace labels (<age>_<gender>_...) in the name")
@@ -348,8 +375,9 @@ def _scan_manifest(path: Path) -> Dataset:
         row = {str(k).strip().lower(): ("" if v is None else str(v)) for k, v in raw.items()}
         name = row.get("path") or row.get("filename")
         if name is None or "gender" not in row:
-            raise AgeGenderError(f"{path}: needs a 'path' or 'filename' column and a 'gender' column "
-                                 f"(has {', '.join(row) or 'none'})")
+            raise AgeGenderError(
+                f"{path}: needs a 'path' or 'filename' column and a 'gender' column (has {', '.join(row) or 'none'})"
+            )
         gender = parse_gender(row["gender"])
         if gender is None:
             raise AgeGenderError(f"{path}:{line}: gender {row['gender']!r} is not M/F/male/female")
@@ -360,8 +388,9 @@ def _scan_manifest(path: Path) -> Dataset:
         image = root / name.strip()
         folder = os.path.abspath(root)  # by the names as written: links the user put in the folder are theirs
         if os.path.commonpath([folder, os.path.abspath(image)]) != folder:
-            raise AgeGenderError(safe_name(f"{path}:{line}: {name.strip()} is outside {root}; a manifest may only "
-                                           f"list files in its own folder"))
+            raise AgeGenderError(
+                safe_name(f"{path}:{line}: {name.strip()} is outside {root}; a manifest may only list files in its own folder")
+            )
         if not _is_file(image):  # a listed file of any suffix is tried: the decoder goes by content
             skipped.add(image, f"listed on line {line} of {path.name} but missing")
             continue
@@ -381,9 +410,19 @@ def _scan_manifest(path: Path) -> Dataset:
         if listed:
             # Namespaced like parsed ids, so a listed id and a parsed one for the same person agree.
             identity = f"{source if source != 'unknown' else 'csv'}:{row['identity'].strip()}"
-        records.append(FaceRecord(image, gender, age, identity, "", row.get("race", "").strip() or None,
-                                  source if source != "unknown" else "csv", person_id=listed or source != "unknown",
-                                  age_interval=interval))
+        records.append(
+            FaceRecord(
+                image,
+                gender,
+                age,
+                identity,
+                "",
+                row.get("race", "").strip() or None,
+                source if source != "unknown" else "csv",
+                person_id=listed or source != "unknown",
+                age_interval=interval,
+            )
+        )
     if conflicts:  # neither label can be trusted: the face is left out, and the warning counts it
         log.warning("%s: %d files listed more than once with different labels; left out", path, len(conflicts))
         records = [r for i, r in enumerate(records) if i not in conflicts]

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
 PROTOCOLS: tuple[str, ...] = ("identity", "folders", "seed")
 
+
 @dataclass(eq=False)
 class Splits(Mapping[str, list[FaceRecord]]):
     """train/val/test record lists; a read-only mapping keyed by split name."""
@@ -60,9 +61,11 @@ class Splits(Mapping[str, list[FaceRecord]]):
         unchecked = sum(missing.values())
         named = ", ".join(f"{n} in {name}" for name, n in missing.most_common())
         if unchecked == len(records):
-            return {"leaked_identities": None,
-                    "leakage": f"not measurable: the data has no person ids ({named}), so one person may "
-                               "appear in more than one split"}
+            return {
+                "leaked_identities": None,
+                "leakage": f"not measurable: the data has no person ids ({named}), so one person may "
+                "appear in more than one split",
+            }
         ids = len({r.identity for r in records if r.person_id})
         leaked = self.leaked_identities()
         sentence = f"{leaked} of {ids} identities in more than one split"
@@ -77,8 +80,7 @@ def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     return (float(fractions[0]), float(fractions[1]), float(fractions[2]))
 
 
-def identity_split(records: Sequence[FaceRecord], fractions: Sequence[float] = (0.7, 0.15, 0.15),
-                   seed: int = 0) -> Splits:
+def identity_split(records: Sequence[FaceRecord], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> Splits:
     """Split whole identities into train/val/test, stratified by gender and Adience age group.
 
     Each identity's stratum is its majority gender and majority age group (ties: the lower value;
@@ -125,8 +127,10 @@ def folder_split(records: Sequence[FaceRecord], val_fraction: float = 0.15, seed
     aligned = [r for r in records if r.group == "aligned"]
     test = [r for r in records if r.group == "valid"]
     if not test or not aligned:
-        raise AgeGenderError("the 'folders' split needs an agegender tree with both aligned/ and valid/ "
-                             "folders; use the 'identity' split for other datasets")
+        raise AgeGenderError(
+            "the 'folders' split needs an agegender tree with both aligned/ and valid/ "
+            "folders; use the 'identity' split for other datasets"
+        )
     inner = identity_split(aligned, (1 - val_fraction, val_fraction, 0.0), seed)
     return Splits(inner.train, inner.val, test, "folders")
 
@@ -171,8 +175,11 @@ def make_splits(dataset: Dataset, protocol: str = "identity", seed: int = 0, lim
         splits = seed_split(records, seed=seed)
     else:
         raise AgeGenderError(f"unknown split protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    log.info("%s split (seed %d): %s; leakage: %s", protocol, seed,
-             ", ".join(f"{k} {v['images']} images/{v.get('identities', 'no')} ids"
-                       for k, v in splits.summary().items()),
-             splits.leakage()["leakage"])
+    log.info(
+        "%s split (seed %d): %s; leakage: %s",
+        protocol,
+        seed,
+        ", ".join(f"{k} {v['images']} images/{v.get('identities', 'no')} ids" for k, v in splits.summary().items()),
+        splits.leakage()["leakage"],
+    )
     return splits

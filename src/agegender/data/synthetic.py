@@ -36,8 +36,9 @@ class _Person:
     centre: tuple[float, float]
 
 
-def render_face(rng: np.random.Generator, size: int, gender: int, age: int,
-                tone: float = 0.0, centre: tuple[float, float] = (0.5, 0.55)) -> np.ndarray:
+def render_face(
+    rng: np.random.Generator, size: int, gender: int, age: int, tone: float = 0.0, centre: tuple[float, float] = (0.5, 0.55)
+) -> np.ndarray:
     """A face-like uint8 RGB picture whose gender and age a small conv net can learn.
 
     Gender sets skin colour and stripe direction (female: lighter, horizontal; male: darker, vertical);
@@ -86,9 +87,16 @@ def _new_dir(dest: Path) -> Iterator[Path]:
         raise
 
 
-def make_agegender_tree(root: str | os.PathLike[str], *, per_folder: int = 2, ages: Iterable[int] = range(1, 71),
-                        size: int = 128, seed: int = 0, valid_fraction: float = 0.12,
-                        identities_per_folder: int | None = None) -> Path:
+def make_agegender_tree(
+    root: str | os.PathLike[str],
+    *,
+    per_folder: int = 2,
+    ages: Iterable[int] = range(1, 71),
+    size: int = 128,
+    seed: int = 0,
+    valid_fraction: float = 0.12,
+    identities_per_folder: int | None = None,
+) -> Path:
     """Write ``root/combined/{aligned,valid}/NN_G/*.jpg`` like agegender_cleaned and return ``root``.
 
     Each label folder gets ``per_folder`` aligned images from ``identities_per_folder`` people (default
@@ -106,17 +114,22 @@ def make_agegender_tree(root: str | os.PathLike[str], *, per_folder: int = 2, ag
         sources = ("adience", "imdb", "wiki") if age in ADIENCE_FOLDER_AGES else ("imdb", "wiki")
         weights = (0.5, 0.35, 0.15) if len(sources) == 3 else (0.75, 0.25)
         birth_year = int(rng.integers(1995, 2016)) - age
-        return _Person(str(rng.choice(sources, p=weights)), next(ids),
-                       (birth_year, int(rng.integers(1, 13)), int(rng.integers(1, 29))),
-                       float(rng.normal(0, 8)), (0.5 + rng.normal(0, 0.03), 0.55 + rng.normal(0, 0.03)))
+        return _Person(
+            str(rng.choice(sources, p=weights)),
+            next(ids),
+            (birth_year, int(rng.integers(1, 13)), int(rng.integers(1, 29))),
+            float(rng.normal(0, 8)),
+            (0.5 + rng.normal(0, 0.03), 0.55 + rng.normal(0, 0.03)),
+        )
 
     def name(p: _Person, age: int) -> str:
         y, m, d = p.birth
         year = y + age + int(rng.integers(0, 2))  # the folder age is photo year - birth year, or one less
-        stem = {"imdb": f"nm{p.id:07d}_rm{rng.integers(10**8, 4 * 10**9)}_{y}-{m}-{d}_{year}",
-                "wiki": f"{p.id + 10**6}_{y:04d}-{m:02d}-{d:02d}_{year}",
-                "adience": f"landmark_aligned_face.{p.id}.{rng.integers(10**9, 2 * 10**10)}_"
-                           f"{rng.integers(16**9, 16**10):010x}_o"}[p.source]
+        stem = {
+            "imdb": f"nm{p.id:07d}_rm{rng.integers(10**8, 4 * 10**9)}_{y}-{m}-{d}_{year}",
+            "wiki": f"{p.id + 10**6}_{y:04d}-{m:02d}-{d:02d}_{year}",
+            "adience": f"landmark_aligned_face.{p.id}.{rng.integers(10**9, 2 * 10**10)}_{rng.integers(16**9, 16**10):010x}_o",
+        }[p.source]
         candidate, n = f"{stem}.jpg", 0
         while candidate in used:
             n += 1
@@ -132,8 +145,10 @@ def make_agegender_tree(root: str | os.PathLike[str], *, per_folder: int = 2, ag
                 expected_valid = per_folder * valid_fraction
                 n_valid = int(expected_valid) + int(rng.random() < expected_valid % 1)
                 plan = [("aligned", people[j % len(people)]) for j in range(per_folder)]
-                plan += [("valid", people[int(rng.integers(len(people)))] if rng.random() < 0.7 else person(age))
-                         for _ in range(n_valid)]
+                plan += [
+                    ("valid", people[int(rng.integers(len(people)))] if rng.random() < 0.7 else person(age))
+                    for _ in range(n_valid)
+                ]
                 for group, p in plan:
                     out = tmp / group / folder
                     out.mkdir(parents=True, exist_ok=True)
@@ -168,8 +183,15 @@ def make_csv_folder(root: str | os.PathLike[str], n: int = 40, seed: int = 0, si
                 gender, age, tone = int(rng.integers(0, 2)), int(rng.integers(15, 71)), float(rng.normal(0, 12))
                 race = str(rng.choice(["White", "Black", "Asian", "Indian", "Others"]))
             _jpeg(tmp / "images" / f"face_{i:04d}.jpg", render_face(rng, size, gender, age, tone))
-            rows.append({"path": f"images/face_{i:04d}.jpg", "identity": f"person{i // 2:04d}",
-                         "gender": "FM"[gender], "age": age, "race": race})
+            rows.append(
+                {
+                    "path": f"images/face_{i:04d}.jpg",
+                    "identity": f"person{i // 2:04d}",
+                    "gender": "FM"[gender],
+                    "age": age,
+                    "race": race,
+                }
+            )
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["path", "gender"])
         writer.writeheader()
@@ -178,8 +200,9 @@ def make_csv_folder(root: str | os.PathLike[str], n: int = 40, seed: int = 0, si
     return root
 
 
-def make_vgg_face_state(widths: tuple[int, ...] = VGG16_WIDTHS, fc: int = VGG_FACE_FC,
-                        classes: int = VGG_FACE_IDENTITIES, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_vgg_face_state(
+    widths: tuple[int, ...] = VGG16_WIDTHS, fc: int = VGG_FACE_FC, classes: int = VGG_FACE_IDENTITIES, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Random canonical VGG-Face weights (``conv1_1.weight`` ... ``fc8.bias``) of the right shapes.
 
     He-normal weights keep the activation scale steady through the 13 ReLU convs, so outputs stay finite
@@ -207,8 +230,12 @@ def save_vgg_face(path: str | os.PathLike[str], state: dict[str, torch.Tensor]) 
     from ..weights.convert import infer_widths
 
     widths = list(infer_widths(state))
-    metadata = {"source_sha256": digest.hexdigest(), "source_format": "synthetic",
-                "preprocess": VGG_FACE_PREPROCESS.to_json(), "widths": json.dumps(widths)}
+    metadata = {
+        "source_sha256": digest.hexdigest(),
+        "source_format": "synthetic",
+        "preprocess": VGG_FACE_PREPROCESS.to_json(),
+        "widths": json.dumps(widths),
+    }
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)

@@ -32,13 +32,15 @@ from ..weights.dlib_shape import ShapePredictorModel, read_shape_predictor
 MODEL_FILE = "shape_predictor_5_face_landmarks.dat"
 
 # dlib's 5-point chip template (unit chip coordinates, landmark order as above); data, needed for parity.
-FACE_CHIP_TEMPLATE = np.array([
-    [0.8595674595992, 0.2134981538014],
-    [0.6460604764104, 0.2289674387677],
-    [0.1205750620789, 0.2137274526848],
-    [0.3340850613712, 0.2290642403242],
-    [0.4901123135679, 0.6277975316475],
-])
+FACE_CHIP_TEMPLATE = np.array(
+    [
+        [0.8595674595992, 0.2134981538014],
+        [0.6460604764104, 0.2289674387677],
+        [0.1205750620789, 0.2137274526848],
+        [0.3340850613712, 0.2290642403242],
+        [0.4901123135679, 0.6277975316475],
+    ]
+)
 FACE_CHIP_TEMPLATE.flags.writeable = False
 
 Rect = Sequence[float]  # a dlib rectangle: left, top, right, bottom (inclusive); see the module doc
@@ -113,10 +115,20 @@ class ShapePredictor:
             if n_splits <= _MAX_TABLE_SPLITS and n_splits not in tables:
                 tables[n_splits] = _leaf_table(n_splits)
             n_leaves = n_splits + 1
-            self._levels.append(_Level(
-                c.split_idx1.reshape(-1), c.split_idx2.reshape(-1), c.thresholds.reshape(-1),
-                c.leaf_values.reshape(n_trees * n_leaves, 2 * model.num_parts), np.arange(n_trees) * n_leaves,
-                n_trees, n_splits, tables.get(n_splits), c.anchor_idx, np.ascontiguousarray(c.deltas.T)))
+            self._levels.append(
+                _Level(
+                    c.split_idx1.reshape(-1),
+                    c.split_idx2.reshape(-1),
+                    c.thresholds.reshape(-1),
+                    c.leaf_values.reshape(n_trees * n_leaves, 2 * model.num_parts),
+                    np.arange(n_trees) * n_leaves,
+                    n_trees,
+                    n_splits,
+                    tables.get(n_splits),
+                    c.anchor_idx,
+                    np.ascontiguousarray(c.deltas.T),
+                )
+            )
 
     @property
     def num_parts(self) -> int:
@@ -168,7 +180,7 @@ class ShapePredictor:
         if lv.leaf_of is not None:
             # Pack each tree's outcomes into an integer: a float32 mat-vec is exact here (sums < 2**24) and
             # several times faster than np.packbits or an integer dot.
-            code = bits.astype(np.float32) @ _POWERS_OF_TWO[:lv.n_splits]
+            code = bits.astype(np.float32) @ _POWERS_OF_TWO[: lv.n_splits]
             return lv.leaf_of[code.astype(np.intp)]
         node = np.zeros(lv.n_trees, np.intp)
         rows = np.arange(lv.n_trees)
@@ -210,7 +222,7 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         raise InputError(f"similarity_transform needs two matching sets of >= 2 points, got {len(src)}, {len(dst)}")
     src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
     src_c = src - src_mean
-    linear = _similarity_linear(src_c, dst - dst_mean, float((src_c ** 2).sum() / len(src)))
+    linear = _similarity_linear(src_c, dst - dst_mean, float((src_c**2).sum() / len(src)))
     return np.hstack([linear, (dst_mean - linear @ src_mean)[:, None]])
 
 
@@ -287,8 +299,7 @@ def warp_chip(image: np.ndarray, transform: np.ndarray, size: int) -> np.ndarray
     (a, b), (c, d) = to_image[:, :2]
     k = math.sqrt(a * a + c * c)
     if not k or abs(a - d) > 1e-6 * k or abs(b + c) > 1e-6 * k:
-        raise InputError("warp_chip needs a similarity transform (rotation, uniform scale, shift), "
-                         "without shear or reflection")
+        raise InputError("warp_chip needs a similarity transform (rotation, uniform scale, shift), without shear or reflection")
     centre = to_image[:, :2] @ np.full(2, (size - 1) / 2) + to_image[:, 2]
     half = (size - 1) * k / 2
     chip = _Chip(centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half, math.atan2(c, a), size)
@@ -355,12 +366,16 @@ def _extract(image: np.ndarray, chip: _Chip) -> np.ndarray:
         grow = grow * 2 + 2
     corners = _rotated_corners(rect, chip.angle)
     height, width = image.shape[:2]
-    near = (max(corners[:, 0].min() - grow, 0.0), max(corners[:, 1].min() - grow, 0.0),
-            min(corners[:, 0].max() + grow, width - 1.0), min(corners[:, 1].max() + grow, height - 1.0))
+    near = (
+        max(corners[:, 0].min() - grow, 0.0),
+        max(corners[:, 1].min() - grow, 0.0),
+        min(corners[:, 0].max() + grow, width - 1.0),
+        min(corners[:, 1].max() + grow, height - 1.0),
+    )
     crop_l, crop_t, crop_r, crop_b = (_lround(v) for v in near)
     if crop_t > crop_b or crop_l > crop_r:  # the face is entirely off the image
         crop_l, crop_t, crop_r, crop_b = 0, 0, -1, -1
-    source = image[crop_t:crop_b + 1, crop_l:crop_r + 1]
+    source = image[crop_t : crop_b + 1, crop_l : crop_r + 1]
 
     level_rect = (rect[0] - crop_l, rect[1] - crop_t, rect[2] - crop_l, rect[3] - crop_t)
     level = -1
@@ -414,7 +429,7 @@ def _pyramid_down(image: np.ndarray) -> np.ndarray:
         return image[:0, :0]
     rows, cols = (height - 3) // 2, (width - 3) // 2
     sums = cv2.sepFilter2D(image, cv2.CV_32F, _BINOMIAL_5, _BINOMIAL_5, borderType=cv2.BORDER_REPLICATE)
-    return (sums[2:2 * rows + 2:2, 2:2 * cols + 2:2] * np.float32(1 / 256)).astype(np.uint8)
+    return (sums[2 : 2 * rows + 2 : 2, 2 : 2 * cols + 2 : 2] * np.float32(1 / 256)).astype(np.uint8)
 
 
 def _copy_rect(image: np.ndarray, rect: _Rect) -> np.ndarray:
@@ -426,7 +441,7 @@ def _copy_rect(image: np.ndarray, rect: _Rect) -> np.ndarray:
     r0, c0 = max(top, 0), max(left, 0)
     r1, c1 = min(bottom + 1, height), min(right + 1, width)
     if r1 > r0 and c1 > c0:
-        out[r0 - top:r1 - top, c0 - left:c1 - left] = image[r0:r1, c0:c1]
+        out[r0 - top : r1 - top, c0 - left : c1 - left] = image[r0:r1, c0:c1]
     return out
 
 

@@ -21,8 +21,16 @@ from .framing import HAAR, RETINAFACE, PhotoFramer
 if TYPE_CHECKING:
     from ..model.config import Preprocess
 
-__all__ = ["DETECTORS", "MIN_FACE_PX", "FaceDetector", "HaarDetector", "RetinaFace", "default_detector", "photo_framer",
-           "subject_detector"]
+__all__ = [
+    "DETECTORS",
+    "MIN_FACE_PX",
+    "FaceDetector",
+    "HaarDetector",
+    "RetinaFace",
+    "default_detector",
+    "photo_framer",
+    "subject_detector",
+]
 
 MIN_FACE_PX = 40  # faces smaller than this are ignored by default (see HaarDetector)
 SUBJECT_MIN_FACE_PX = 20  # the floor when finding a labelled photo's subject: training crops are small
@@ -47,8 +55,14 @@ class HaarDetector:
     framing = HAAR
     window = 24  # the default cascade's training window, in pixels
 
-    def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 2, min_face: float = 0.08,
-                 min_face_px: int = MIN_FACE_PX, fallback: bool = True) -> None:
+    def __init__(
+        self,
+        scale_factor: float = 1.1,
+        min_neighbors: int = 2,
+        min_face: float = 0.08,
+        min_face_px: int = MIN_FACE_PX,
+        fallback: bool = True,
+    ) -> None:
         if min_face_px < 8:
             raise AgeGenderError(f"the smallest face must be at least 8 px, got {min_face_px}")
         self.scale_factor = scale_factor
@@ -84,15 +98,19 @@ class HaarDetector:
         # Scaled so the smallest face wanted fills the window: shrunk, or enlarged for a floor under 24 px.
         scale = self.window / max(self.min_face_px, self.min_face * min(h, w))
         if scale != 1.0:
-            gray = cv2.resize(gray, (round(w * scale), round(h * scale)),
-                              interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+            gray = cv2.resize(
+                gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+            )
         gray = cv2.equalizeHist(gray)
         for classifier in self._classifiers():
             boxes, neighbours = classifier.detectMultiScale2(
-                gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(self.window, self.window))
+                gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(self.window, self.window)
+            )
             if len(boxes):
-                found = [Detection(round(x / scale), round(y / scale), round(bw / scale), round(bh / scale), float(n),
-                                   self.framing) for (x, y, bw, bh), n in zip(boxes, neighbours)]
+                found = [
+                    Detection(round(x / scale), round(y / scale), round(bw / scale), round(bh / scale), float(n), self.framing)
+                    for (x, y, bw, bh), n in zip(boxes, neighbours)
+                ]
                 return sorted(found, key=lambda f: (f.score, f.area), reverse=True)
         return []
 
@@ -118,11 +136,19 @@ class RetinaFace:
     name = "retinaface"
     framing = RETINAFACE
 
-    def __init__(self, weights: bytes | str | os.PathLike[str] | None = None, min_face_px: int = MIN_FACE_PX,
-                 score_threshold: float = SCORE_THRESHOLD, max_faces: int | None = None, threads: int | None = None, *,
-                 nms_threshold: float = 0.4, max_side: int | None = rf.MAX_SIDE,
-                 providers: Sequence[str] = ("CPUExecutionProvider",),
-                 mean_bgr: tuple[float, float, float] = rf.MEAN_BGR) -> None:
+    def __init__(
+        self,
+        weights: bytes | str | os.PathLike[str] | None = None,
+        min_face_px: int = MIN_FACE_PX,
+        score_threshold: float = SCORE_THRESHOLD,
+        max_faces: int | None = None,
+        threads: int | None = None,
+        *,
+        nms_threshold: float = 0.4,
+        max_side: int | None = rf.MAX_SIDE,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        mean_bgr: tuple[float, float, float] = rf.MEAN_BGR,
+    ) -> None:
         if min_face_px < 1:
             raise AgeGenderError(f"the smallest face must be at least 1 px, got {min_face_px}")
         if not 0 < score_threshold < 1:
@@ -163,22 +189,28 @@ class RetinaFace:
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         """Faces in an ``(H, W, 3)`` uint8 RGB image (gray and RGBA accepted), largest first."""
         rgb = as_rgb(rgb)
-        boxes, scores, marks = rf.run(self.session(), rgb, self.max_side, self.mean_bgr, self.score_threshold,
-                                      self.nms_threshold)
+        boxes, scores, marks = rf.run(self.session(), rgb, self.max_side, self.mean_bgr, self.score_threshold, self.nms_threshold)
         found = []
         for (x1, y1, x2, y2), score, points in zip(boxes.tolist(), scores.tolist(), marks):
             if max(x2 - x1, y2 - y1) >= self.min_face_px:
                 found.append((x1, y1, x2 - x1, y2 - y1, score, points))
         found.sort(key=lambda f: f[2] * f[3], reverse=True)
-        return [Detection(round(x), round(y), round(w), round(h), score, self.framing, points)
-                for x, y, w, h, score, points in found[: self.max_faces]]
+        return [
+            Detection(round(x), round(y), round(w), round(h), score, self.framing, points)
+            for x, y, w, h, score, points in found[: self.max_faces]
+        ]
 
 
 DETECTORS = ("auto", "retinaface", "haar")
 
 
-def default_detector(min_face_px: int = MIN_FACE_PX, score_threshold: float = SCORE_THRESHOLD, max_faces: int | None = None,
-                     threads: int | None = None, kind: str = "auto") -> FaceDetector:
+def default_detector(
+    min_face_px: int = MIN_FACE_PX,
+    score_threshold: float = SCORE_THRESHOLD,
+    max_faces: int | None = None,
+    threads: int | None = None,
+    kind: str = "auto",
+) -> FaceDetector:
     """RetinaFace with the bundled weights ("auto" and "retinaface"), or OpenCV's Haar cascade ("haar")."""
     if kind not in DETECTORS:
         raise AgeGenderError(f"unknown detector {kind!r}; choose from {', '.join(DETECTORS)}")

@@ -82,8 +82,7 @@ class Detection:
 
     def to_dict(self) -> dict[str, Any]:
         """The box as ``predict`` and ``serve`` write it: whole pixels, the score, landmarks to 0.1 px."""
-        d: dict[str, Any] = {"x": round(self.x), "y": round(self.y), "w": round(self.w), "h": round(self.h),
-                             "score": self.score}
+        d: dict[str, Any] = {"x": round(self.x), "y": round(self.y), "w": round(self.w), "h": round(self.h), "score": self.score}
         if self.landmarks is not None:
             d["landmarks"] = [[round(float(x), 1), round(float(y), 1)] for x, y in self.landmarks]
         return d

@@ -94,14 +94,19 @@ class ChipAligner:
 def fast_warp(rgb: np.ndarray, to_chip: np.ndarray, size: int) -> np.ndarray:
     import cv2
 
-    return cv2.warpAffine(np.ascontiguousarray(rgb), to_chip, (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+    return cv2.warpAffine(
+        np.ascontiguousarray(rgb),
+        to_chip,
+        (size, size),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(0, 0, 0),
+    )
 
 
 # RetinaFace's 5 landmarks in dlib's 150 px, padding-0.25 chip (unit coordinates): the median over 400 LFW,
 # WIKI and FairFace photos of RetinaFace's points mapped through the chip transform of the shape predictor's.
-RETINA_CHIP_TEMPLATE = np.array([[0.311, 0.3005], [0.675, 0.3003], [0.4875, 0.5201], [0.3372, 0.6771],
-                                 [0.6466, 0.6755]])
+RETINA_CHIP_TEMPLATE = np.array([[0.311, 0.3005], [0.675, 0.3003], [0.4875, 0.5201], [0.3372, 0.6771], [0.6466, 0.6755]])
 
 
 def landmark_chip(rgb: np.ndarray, landmarks: np.ndarray, size: int = 150) -> np.ndarray:
@@ -139,8 +144,7 @@ class PhotoFramer:
     finds nothing is taken as a tight face crop and aligned from the whole picture.
     """
 
-    def __init__(self, preprocess: Preprocess, detector: FaceDetector | None = None,
-                 faces: FaceFramer | None = None) -> None:
+    def __init__(self, preprocess: Preprocess, detector: FaceDetector | None = None, faces: FaceFramer | None = None) -> None:
         self.pre = preprocess
         self.detector = detector
         self.faces = faces or FaceFramer(preprocess)  # shared, so the shape predictor loads once

@@ -137,13 +137,18 @@ def load_session(model: bytes | str | os.PathLike[str] | None, threads: int, pro
         raise AgeGenderError(f"{source}: onnxruntime cannot load the RetinaFace model ({first})") from None
     names = {o.name for o in session.get_outputs()}
     if not {"loc", "conf", "landmarks"} <= names:
-        raise AgeGenderError(f"{source}: not a RetinaFace model (outputs {sorted(names)}, "
-                             "expected loc, conf, landmarks)")
+        raise AgeGenderError(f"{source}: not a RetinaFace model (outputs {sorted(names)}, expected loc, conf, landmarks)")
     return session
 
 
-def run(session: Any, rgb: np.ndarray, max_side: int | None, mean_bgr: tuple[float, float, float],
-        score_threshold: float, nms_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def run(
+    session: Any,
+    rgb: np.ndarray,
+    max_side: int | None,
+    mean_bgr: tuple[float, float, float],
+    score_threshold: float,
+    nms_threshold: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Faces in an ``(H, W, 3)`` uint8 RGB image, best score first: boxes ``(N, 4)`` as ``x1, y1, x2, y2``,
     scores ``(N,)`` and landmarks ``(N, 5, 2)``, all in the image's own pixels."""
     import cv2
@@ -159,8 +164,10 @@ def run(session: Any, rgb: np.ndarray, max_side: int | None, mean_bgr: tuple[flo
     loc, conf, marks = session.run(["loc", "conf", "landmarks"], {session.get_inputs()[0].name: blob})
     anchors = priors(in_h, in_w)
     if loc.shape[1] != len(anchors):
-        raise AgeGenderError(f"RetinaFace model gave {loc.shape[1]} priors for a {in_w}x{in_h} input, "
-                             f"expected {len(anchors)}: not the MobileNet-0.25 layout")
+        raise AgeGenderError(
+            f"RetinaFace model gave {loc.shape[1]} priors for a {in_w}x{in_h} input, "
+            f"expected {len(anchors)}: not the MobileNet-0.25 layout"
+        )
     scores = conf[0, :, 1]
     # Threshold before decoding: a portrait has a handful of candidates among thousands of priors.
     hit = np.flatnonzero(scores > score_threshold)

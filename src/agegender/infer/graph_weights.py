@@ -65,8 +65,12 @@ def age_values(config: ModelConfig) -> np.ndarray:
 
 def conv_geometry(conv: nn.Conv2d) -> tuple[int, int, int]:
     """(kernel, stride, zero padding on each side) of a square convolution with numeric padding."""
-    if isinstance(conv.padding, str) or len(set(conv.kernel_size)) != 1 or len(set(conv.stride)) != 1 \
-            or len(set(conv.padding)) != 1:
+    if (
+        isinstance(conv.padding, str)
+        or len(set(conv.kernel_size)) != 1
+        or len(set(conv.stride)) != 1
+        or len(set(conv.padding)) != 1
+    ):
         raise TypeError(f"expected a square convolution with numeric padding, got {conv}")
     return conv.kernel_size[0], conv.stride[0], conv.padding[0]
 

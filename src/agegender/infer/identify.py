@@ -14,8 +14,9 @@ from ..images import load_image
 from ..model.vgg import VGGFace
 
 
-def identify(image: str | os.PathLike[str], weights: str | os.PathLike[str], names: str | os.PathLike[str],
-             top: int = 5) -> list[tuple[int, str, float]]:
+def identify(
+    image: str | os.PathLike[str], weights: str | os.PathLike[str], names: str | os.PathLike[str], top: int = 5
+) -> list[tuple[int, str, float]]:
     """Top-``top`` identities as ``(0-based class index, name, probability)``, most likely first.
 
     ``weights`` is converted safetensors, or any format ``agegender convert`` reads (converted in memory).

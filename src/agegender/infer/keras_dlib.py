@@ -53,8 +53,9 @@ def _conv(layers: Any, x: Any, name: str, conv: nn.Conv2d, affine: nn.Module, we
     same = pad > 0 and stride == 1 and 2 * pad == k - 1
     if pad and not same:
         x = layers.ZeroPadding2D(pad, name=f"{name}_zero_pad")(x)
-    x = layers.Conv2D(conv.out_channels, k, strides=stride, padding="same" if same else "valid",
-                      activation="relu" if relu else None, name=name)(x)
+    x = layers.Conv2D(
+        conv.out_channels, k, strides=stride, padding="same" if same else "valid", activation="relu" if relu else None, name=name
+    )(x)
     weights[name] = conv_arrays(conv, affine)
     return x
 

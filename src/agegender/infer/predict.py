@@ -49,17 +49,20 @@ class Face:
     age_high: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"box": self.box.to_dict() if self.box else None, "gender": self.gender,
-             "p_male": round(self.p_male, 6), "age": None if self.age is None else round(self.age, 2),
-             "age_group": self.age_group}
+        d = {
+            "box": self.box.to_dict() if self.box else None,
+            "gender": self.gender,
+            "p_male": round(self.p_male, 6),
+            "age": None if self.age is None else round(self.age, 2),
+            "age_group": self.age_group,
+        }
         if self.age_low is not None and self.age_high is not None:
             d.update(age_low=round(self.age_low), age_high=round(self.age_high))
         return d
 
     def label(self) -> str:
         """Short caption such as ``M 34``."""
-        return ("?" if self.gender == UNKNOWN else self.gender[:1].upper()) + (
-            "" if self.age is None else f" {round(self.age)}")
+        return ("?" if self.gender == UNKNOWN else self.gender[:1].upper()) + ("" if self.age is None else f" {round(self.age)}")
 
 
 @dataclass
@@ -96,8 +99,14 @@ class _Pending:
 class Predictor:
     """Faces -> gender and age. Thread-safe: detectors keep per-thread state, and backends only read their weights."""
 
-    def __init__(self, backend: Backend, detector: FaceDetector | None = None, no_detect: bool = False,
-                 workers: int | None = None, min_confidence: float = 0.5) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        detector: FaceDetector | None = None,
+        no_detect: bool = False,
+        workers: int | None = None,
+        min_confidence: float = 0.5,
+    ) -> None:
         if not 0.5 <= min_confidence < 1:
             raise AgeGenderError(f"min_confidence must be in [0.5, 1), got {min_confidence}")
         self.backend = backend
@@ -116,9 +125,15 @@ class Predictor:
         self.workers = max(1, workers or usable_cores())
 
     @classmethod
-    def from_path(cls, model: str | os.PathLike[str] | None = None, detector: FaceDetector | None = None,
-                  device: str = "cpu", no_detect: bool = False, precision: str = "auto",
-                  min_confidence: float = 0.5) -> Predictor:
+    def from_path(
+        cls,
+        model: str | os.PathLike[str] | None = None,
+        detector: FaceDetector | None = None,
+        device: str = "cpu",
+        no_detect: bool = False,
+        precision: str = "auto",
+        min_confidence: float = 0.5,
+    ) -> Predictor:
         """A predictor over ``model`` (a run directory, checkpoint or ONNX export); None: the bundled model."""
         from ..weights.zoo import bundled_model
 
@@ -133,13 +148,19 @@ class Predictor:
     def info(self) -> dict[str, Any]:
         cfg = self.meta.config
         path = getattr(self.backend, "path", None)
-        return {"model": self.meta.extra.get("name") or (None if path is None else os.path.basename(path)),
-                "backend": self.backend.name,
-                "precision": self.backend.precision, "image_size": self.size,
-                "age_head": cfg.age_head, "genders": list(self.meta.genders),
-                "backbone": cfg.backbone, "alignment": self.meta.preprocess.alignment,
-                "detector": "none" if self.detector is None else getattr(self.detector, "name", "custom"),
-                "min_face_px": getattr(self.detector, "min_face_px", None), "min_confidence": self.min_confidence}
+        return {
+            "model": self.meta.extra.get("name") or (None if path is None else os.path.basename(path)),
+            "backend": self.backend.name,
+            "precision": self.backend.precision,
+            "image_size": self.size,
+            "age_head": cfg.age_head,
+            "genders": list(self.meta.genders),
+            "backbone": cfg.backbone,
+            "alignment": self.meta.preprocess.alignment,
+            "detector": "none" if self.detector is None else getattr(self.detector, "name", "custom"),
+            "min_face_px": getattr(self.detector, "min_face_px", None),
+            "min_confidence": self.min_confidence,
+        }
 
     def crops(self, rgb: np.ndarray) -> tuple[list[Detection | None], list[np.ndarray]]:
         """The detected faces and their crops at the model's input size (the whole image with ``no_detect``)."""
@@ -181,8 +202,7 @@ class Predictor:
         # A queued path costs nothing until a worker decodes it: queue a batch's worth.
         return self._pipeline(jobs, batch_size, ahead=max(2 * self.workers, batch_size))
 
-    def predict_frames(self, items: Iterable[tuple[str, np.ndarray, int, float]], batch_size: int = 32
-                       ) -> Iterator[ImageResult]:
+    def predict_frames(self, items: Iterable[tuple[str, np.ndarray, int, float]], batch_size: int = 32) -> Iterator[ImageResult]:
         """Results for decoded frames ``(name, rgb, frame index, seconds)``, in order, faces batched across frames."""
         jobs = ((name, partial(self.crops, rgb), index, seconds) for name, rgb, index, seconds in items)
         # A queued frame is already decoded (a 4K frame is 25 MB): queue only enough to keep the workers busy.
@@ -246,23 +266,31 @@ class Predictor:
             log.exception("%s: unexpected failure", path)
             return AgeGenderError(f"{path}: {type(e).__name__}: {e}")
 
-    def _classify_pending(self, pending: list[_Pending], buffer: list[np.ndarray], batch_size: int
-                          ) -> list[ImageResult]:
+    def _classify_pending(self, pending: list[_Pending], buffer: list[np.ndarray], batch_size: int) -> list[ImageResult]:
         boxes = [box for item in pending for box in item.boxes]
         faces: list[Face] = []
         try:
             for start in range(0, len(buffer), batch_size):  # the last image may have overfilled the batch
-                faces.extend(self.classify(buffer[start:start + batch_size], boxes[start:start + batch_size]))
+                faces.extend(self.classify(buffer[start : start + batch_size], boxes[start : start + batch_size]))
         except ModelCallTimeout as e:  # the call was stopped: an error for each image in it, none retried alone
-            return [ImageResult(item.path, [], item.error or (f"{item.path}: {e}" if item.boxes else None), item.frame,
-                                item.time) for item in pending]
+            return [
+                ImageResult(item.path, [], item.error or (f"{item.path}: {e}" if item.boxes else None), item.frame, item.time)
+                for item in pending
+            ]
         except AgeGenderError as e:  # a NaN face: an error for its own image, the others classified alone
             if len(pending) == 1:
                 return [ImageResult(pending[0].path, [], f"{pending[0].path}: {e}", pending[0].frame, pending[0].time)]
-            return [r for item in pending for r in self._classify_pending(
-                [replace(item, first=0)], buffer[item.first:item.first + len(item.boxes)], batch_size)]
-        return [ImageResult(item.path, faces[item.first:item.first + len(item.boxes)], item.error, item.frame,
-                            item.time) for item in pending]
+            return [
+                r
+                for item in pending
+                for r in self._classify_pending(
+                    [replace(item, first=0)], buffer[item.first : item.first + len(item.boxes)], batch_size
+                )
+            ]
+        return [
+            ImageResult(item.path, faces[item.first : item.first + len(item.boxes)], item.error, item.frame, item.time)
+            for item in pending
+        ]
 
 
 def share_cores_for_batches(predictor: Predictor) -> ThreadScope:

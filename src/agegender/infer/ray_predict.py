@@ -62,8 +62,9 @@ class PredictorRecipe:
         self._detector()
 
     def build(self) -> Predictor:
-        return Predictor.from_path(self.model, self._detector(), no_detect=self.no_detect, precision=self.precision,
-                                   min_confidence=self.min_confidence)
+        return Predictor.from_path(
+            self.model, self._detector(), no_detect=self.no_detect, precision=self.precision, min_confidence=self.min_confidence
+        )
 
     def _detector(self) -> FaceDetector | None:
         from ..faces.detect import default_detector
@@ -93,12 +94,15 @@ class RaySummary:
         return {**asdict(self), "images_per_s": round(self.images_per_s, 2)}
 
     def line(self) -> str:
-        return (f"{self.images} images ({self.skipped} already done): {self.faces} faces, {self.no_face} without a "
-                f"face, {self.errors} errors; {self.images_per_s:.1f} images/s on {self.workers} workers "
-                f"in {self.seconds:.1f} s -> {self.output_dir}")
+        return (
+            f"{self.images} images ({self.skipped} already done): {self.faces} faces, {self.no_face} without a "
+            f"face, {self.errors} errors; {self.images_per_s:.1f} images/s on {self.workers} workers "
+            f"in {self.seconds:.1f} s -> {self.output_dir}"
+        )
 
 
 # -- inputs and shards --------------------------------------------------------------------------
+
 
 def list_inputs(specs: Iterable[str]) -> list[str]:
     """Paths from files, folders, globs, and lists of paths (a ``.txt`` with one per line, or a ``.parquet``
@@ -145,7 +149,7 @@ def shard_name(paths: Sequence[str], fmt: str) -> str:
 def make_shards(paths: Sequence[str], shard_size: int, fmt: str) -> list[dict[str, Any]]:
     if shard_size < 1:
         raise AgeGenderError(f"shard size must be at least 1, got {shard_size}")
-    chunks = [list(paths[i:i + shard_size]) for i in range(0, len(paths), shard_size)]
+    chunks = [list(paths[i : i + shard_size]) for i in range(0, len(paths), shard_size)]
     return [{"shard": shard_name(chunk, fmt), "paths": chunk} for chunk in chunks]
 
 
@@ -173,13 +177,31 @@ def _read_shard(path: Path) -> list[dict[str, Any]]:
 
 # -- Parquet: the JSON record's fields, typed ---------------------------------------------------
 
+
 def _parquet_schema() -> pa.Schema:
     import pyarrow as pa
 
-    box = pa.struct([("x", pa.int64()), ("y", pa.int64()), ("w", pa.int64()), ("h", pa.int64()),
-                     ("score", pa.float64()), ("landmarks", pa.list_(pa.list_(pa.float64())))])
-    face = pa.struct([("box", box), ("gender", pa.string()), ("p_male", pa.float64()), ("age", pa.float64()),
-                      ("age_group", pa.string()), ("age_low", pa.int64()), ("age_high", pa.int64())])
+    box = pa.struct(
+        [
+            ("x", pa.int64()),
+            ("y", pa.int64()),
+            ("w", pa.int64()),
+            ("h", pa.int64()),
+            ("score", pa.float64()),
+            ("landmarks", pa.list_(pa.list_(pa.float64()))),
+        ]
+    )
+    face = pa.struct(
+        [
+            ("box", box),
+            ("gender", pa.string()),
+            ("p_male", pa.float64()),
+            ("age", pa.float64()),
+            ("age_group", pa.string()),
+            ("age_low", pa.int64()),
+            ("age_high", pa.int64()),
+        ]
+    )
     return pa.schema([("path", pa.string()), ("faces", pa.list_(face)), ("error", pa.string())])
 
 
@@ -207,6 +229,7 @@ def _write_shard(path: Path, records: list[dict[str, Any]]) -> None:
 
 # -- the actor ----------------------------------------------------------------------------------
 
+
 def _one_thread_each(predictor: Predictor) -> None:
     """An actor holds one core: OpenCV's, the detector's and the classifier's own pools only oversubscribe it."""
     from ..process import set_process_threads
@@ -222,8 +245,7 @@ def _one_thread_each(predictor: Predictor) -> None:
 class ShardPredictor:
     """A Ray actor: builds the predictor once, then predicts and writes one shard per call."""
 
-    def __init__(self, make_predictor: Callable[[], Predictor], output_dir: str, batch_size: int,
-                 cwd: str) -> None:
+    def __init__(self, make_predictor: Callable[[], Predictor], output_dir: str, batch_size: int, cwd: str) -> None:
         self.predictor = make_predictor()
         _one_thread_each(self.predictor)
         self.output_dir = Path(output_dir)
@@ -238,10 +260,15 @@ class ShardPredictor:
             dest = self.output_dir / name
             # A retry of a shard whose file landed before its actor died: the file is whole (renamed into place).
             records = _read_shard(dest) if dest.is_file() else self._predict(dest, paths)
-            rows.append({"shard": name, "images": len(records),
-                         "faces": sum(len(r["faces"]) for r in records),
-                         "errors": sum(r["error"] is not None for r in records),
-                         "no_face": sum(r["error"] is None and not r["faces"] for r in records)})
+            rows.append(
+                {
+                    "shard": name,
+                    "images": len(records),
+                    "faces": sum(len(r["faces"]) for r in records),
+                    "errors": sum(r["error"] is not None for r in records),
+                    "no_face": sum(r["error"] is None and not r["faces"] for r in records),
+                }
+            )
         return pa.Table.from_pylist(rows)
 
     def _predict(self, dest: Path, paths: list[str]) -> list[dict[str, Any]]:
@@ -255,6 +282,7 @@ class ShardPredictor:
 
 
 # -- the driver ---------------------------------------------------------------------------------
+
 
 def require_ray() -> None:
     try:
@@ -290,8 +318,7 @@ def _check_output(output_dir: Path, fmt: str, resume: bool) -> set[str]:
     if not existing:
         return set()
     if not resume:
-        raise AgeGenderError(f"{output_dir}: has {len(existing)} shards of an earlier run; resume it, or choose "
-                             "an empty folder")
+        raise AgeGenderError(f"{output_dir}: has {len(existing)} shards of an earlier run; resume it, or choose an empty folder")
     other = [f for f in existing if f.suffix != FORMATS[fmt]]
     if other:
         raise AgeGenderError(f"{other[0]}: shards of another format in the output folder; resume with that format")
@@ -304,11 +331,22 @@ def _check_output(output_dir: Path, fmt: str, resume: bool) -> set[str]:
     return done
 
 
-def predict_on_ray(inputs: Sequence[str], output_dir: str | os.PathLike[str], model: str | os.PathLike[str] | None = None,
-                   address: str | None = None, *, recipe: PredictorRecipe | None = None,
-                   output_format: str = "jsonl", shard_size: int = 500, batch_size: int = 32,
-                   workers: int | None = None, num_cpus: int | None = None, resume: bool = False, retries: int = 3,
-                   make_predictor: Callable[[], Predictor] | None = None) -> RaySummary:
+def predict_on_ray(
+    inputs: Sequence[str],
+    output_dir: str | os.PathLike[str],
+    model: str | os.PathLike[str] | None = None,
+    address: str | None = None,
+    *,
+    recipe: PredictorRecipe | None = None,
+    output_format: str = "jsonl",
+    shard_size: int = 500,
+    batch_size: int = 32,
+    workers: int | None = None,
+    num_cpus: int | None = None,
+    resume: bool = False,
+    retries: int = 3,
+    make_predictor: Callable[[], Predictor] | None = None,
+) -> RaySummary:
     """Predict every image of ``inputs`` on Ray into shards in ``output_dir``; the summary, also logged.
 
     ``address``: a Ray cluster to connect to (every node must have agegender installed and see the input
@@ -341,8 +379,9 @@ def predict_on_ray(inputs: Sequence[str], output_dir: str | os.PathLike[str], mo
         raise AgeGenderError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     started = start_ray(address, num_cpus)
     try:
-        summary = _run(todo, out, output_format, make_predictor, shard_size, batch_size, workers, retries,
-                       skipped=len(paths) - len(todo))
+        summary = _run(
+            todo, out, output_format, make_predictor, shard_size, batch_size, workers, retries, skipped=len(paths) - len(todo)
+        )
     finally:
         if started:
             import ray
@@ -355,8 +394,17 @@ def predict_on_ray(inputs: Sequence[str], output_dir: str | os.PathLike[str], mo
     return summary
 
 
-def _run(todo: list[str], out: Path, fmt: str, make_predictor: Callable[[], Predictor], shard_size: int,
-         batch_size: int, workers: int | None, retries: int, skipped: int) -> RaySummary:
+def _run(
+    todo: list[str],
+    out: Path,
+    fmt: str,
+    make_predictor: Callable[[], Predictor],
+    shard_size: int,
+    batch_size: int,
+    workers: int | None,
+    retries: int,
+    skipped: int,
+) -> RaySummary:
     import ray
     import ray.data
 
@@ -377,15 +425,33 @@ def _run(todo: list[str], out: Path, fmt: str, make_predictor: Callable[[], Pred
             # Ray 2.60 has no named parameter for these yet and warns; without them it retries forever, and
             # an image that kills its decoder would kill every restart.
             warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
-            ds = ds.map_batches(ShardPredictor, batch_size=1, batch_format="pyarrow", num_cpus=1,
-                                compute=ray.data.ActorPoolStrategy(size=n),
-                                fn_constructor_kwargs={"make_predictor": make_predictor,
-                                                       "output_dir": str(out.resolve()), "batch_size": batch_size,
-                                                       "cwd": os.getcwd()},
-                                max_restarts=retries, max_task_retries=retries)
+            ds = ds.map_batches(
+                ShardPredictor,
+                batch_size=1,
+                batch_format="pyarrow",
+                num_cpus=1,
+                compute=ray.data.ActorPoolStrategy(size=n),
+                fn_constructor_kwargs={
+                    "make_predictor": make_predictor,
+                    "output_dir": str(out.resolve()),
+                    "batch_size": batch_size,
+                    "cwd": os.getcwd(),
+                },
+                max_restarts=retries,
+                max_task_retries=retries,
+            )
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for key in counts:
                 counts[key] += sum(batch.column(key).to_pylist())
     seconds = time.perf_counter() - begin
-    return RaySummary(counts["images"], counts["faces"], counts["errors"], counts["no_face"], skipped, len(shards), n,
-                      round(seconds, 3), str(out))
+    return RaySummary(
+        counts["images"],
+        counts["faces"],
+        counts["errors"],
+        counts["no_face"],
+        skipped,
+        len(shards),
+        n,
+        round(seconds, 3),
+        str(out),
+    )

@@ -106,17 +106,28 @@ def _quiet_logger(logger: logging.Logger) -> Iterator[None]:
 def _signature_doc(config: ModelConfig, names: list[str]) -> dict[str, Any]:
     s = config.image_size
     return {
-        SERVING_SIGNATURE: {"inputs": {CROPS_NAME: {"dtype": "uint8", "layout": "NHWC", "shape": ["batch", s, s, 3],
-                                                    "channels": "RGB", "normalised_by": "the graph (preprocess)"}},
-                            "outputs": names},
-        NORMALIZED_SIGNATURE: {"inputs": {INPUT_NAME: {"dtype": "float32", "layout": "NCHW",
-                                                       "shape": ["batch", 3, s, s], "normalised_by": "preprocess"}},
-                               "outputs": names},
+        SERVING_SIGNATURE: {
+            "inputs": {
+                CROPS_NAME: {
+                    "dtype": "uint8",
+                    "layout": "NHWC",
+                    "shape": ["batch", s, s, 3],
+                    "channels": "RGB",
+                    "normalised_by": "the graph (preprocess)",
+                }
+            },
+            "outputs": names,
+        },
+        NORMALIZED_SIGNATURE: {
+            "inputs": {
+                INPUT_NAME: {"dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, s, s], "normalised_by": "preprocess"}
+            },
+            "outputs": names,
+        },
     }
 
 
-def _check_percentiles(probs: np.ndarray, got: dict[str, np.ndarray], age_min: int, where: Path,
-                       what: str) -> dict[str, float]:
+def _check_percentiles(probs: np.ndarray, got: dict[str, np.ndarray], age_min: int, where: Path, what: str) -> dict[str, float]:
     """Each served percentile must be the reference's, or its neighbour where the reference's cumulative
     probability passes q within the tolerance (float sums in another order may cross q one age apart)."""
     diffs = {}
@@ -124,14 +135,16 @@ def _check_percentiles(probs: np.ndarray, got: dict[str, np.ndarray], age_min: i
         lo, hi = (age_percentile_numpy(probs, q + d, age_min) for d in (-SAVEDMODEL_TOLERANCE, SAVEDMODEL_TOLERANCE))
         served = np.asarray(got[name])
         if served.shape != lo.shape or not np.all((served >= lo) & (served <= hi)):
-            raise AgeGenderError(f"{where}: {what} output {name} differs from the PyTorch age distribution's "
-                                 f"{q:.0%} percentile; nothing written")
+            raise AgeGenderError(
+                f"{where}: {what} output {name} differs from the PyTorch age distribution's {q:.0%} percentile; nothing written"
+            )
         diffs[name] = float(np.abs(served - age_percentile_numpy(probs, q, age_min)).max())
     return diffs
 
 
-def _verify(loaded: Any, signature: str, feed: dict[str, np.ndarray], expected: list[np.ndarray],
-            config: ModelConfig, where: Path) -> tuple[dict[str, float], dict[str, float]]:
+def _verify(
+    loaded: Any, signature: str, feed: dict[str, np.ndarray], expected: list[np.ndarray], config: ModelConfig, where: Path
+) -> tuple[dict[str, float], dict[str, float]]:
     tf = import_tf()
     got = {k: v.numpy() for k, v in loaded.signatures[signature](**{k: tf.constant(v) for k, v in feed.items()}).items()}
     names = output_names(config)
@@ -140,15 +153,25 @@ def _verify(loaded: Any, signature: str, feed: dict[str, np.ndarray], expected: 
     what = f"SavedModel signature {signature} (reloaded)"
     # The percentiles are whole ages: checked apart, where float sums in another order may cross q one age apart.
     smooth = [i for i, n in enumerate(names) if n not in AGE_QUANTILES]
-    diffs = _parity([expected[i] for i in smooth], [got[names[i]] for i in smooth], [names[i] for i in smooth],
-                    SAVEDMODEL_TOLERANCE, where, what)
-    years = (_check_percentiles(expected[names.index("age_probs")], got, config.age_min, where, what)
-             if config.age_head == "dex" else {})
+    diffs = _parity(
+        [expected[i] for i in smooth],
+        [got[names[i]] for i in smooth],
+        [names[i] for i in smooth],
+        SAVEDMODEL_TOLERANCE,
+        where,
+        what,
+    )
+    years = (
+        _check_percentiles(expected[names.index("age_probs")], got, config.age_min, where, what)
+        if config.age_head == "dex"
+        else {}
+    )
     return diffs, years
 
 
-def export_savedmodel(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str],
-                      verify_inputs: torch.Tensor | None = None) -> dict[str, Any]:
+def export_savedmodel(
+    net: AgeGenderNet, meta: CheckpointMeta, output: str | os.PathLike[str], verify_inputs: torch.Tensor | None = None
+) -> dict[str, Any]:
     """Write the SavedModel directory ``output`` (a new path); both signatures are checked on the reload.
 
     ``serving_default`` runs on random uint8 images against PyTorch on the same images normalised by the
@@ -162,17 +185,24 @@ def export_savedmodel(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.
     tf = import_tf()
     names = savedmodel_output_names(cfg)
     signatures = _signature_doc(cfg, names)
-    meta_json = export_metadata(meta, "savedmodel", tensorflow=tf.__version__, outputs=names,
-                                input={"name": CROPS_NAME, **signatures[SERVING_SIGNATURE]["inputs"][CROPS_NAME]},
-                                signatures=signatures, tag="serve",
-                                age_quantiles=AGE_QUANTILES if cfg.age_head == "dex" else None)
+    meta_json = export_metadata(
+        meta,
+        "savedmodel",
+        tensorflow=tf.__version__,
+        outputs=names,
+        input={"name": CROPS_NAME, **signatures[SERVING_SIGNATURE]["inputs"][CROPS_NAME]},
+        signatures=signatures,
+        tag="serve",
+        age_quantiles=AGE_QUANTILES if cfg.age_head == "dex" else None,
+    )
     with atomic_dir(output) as tmp, tempfile.TemporaryDirectory(prefix="agegender-savedmodel-") as scratch:
         source = Path(scratch) / METADATA_ASSET
         source.write_text(meta_json, encoding="utf-8")
         root = build_serving_module(tf, net, meta.preprocess, source)
         with _quiet_logger(tf.get_logger()):  # its "Assets written to <temp dir>" would only mislead
-            tf.saved_model.save(root, str(tmp), signatures={SERVING_SIGNATURE: root.serve_crops,
-                                                            NORMALIZED_SIGNATURE: root.serve_normalized})
+            tf.saved_model.save(
+                root, str(tmp), signatures={SERVING_SIGNATURE: root.serve_crops, NORMALIZED_SIGNATURE: root.serve_normalized}
+            )
         if read_metadata_text(tmp) != meta_json:
             raise AgeGenderError(f"{output}: the SavedModel's {METADATA_ASSET} asset was not written; nothing kept")
         loaded = tf.saved_model.load(str(tmp), tags=["serve"])
@@ -180,9 +210,18 @@ def export_savedmodel(net: AgeGenderNet, meta: CheckpointMeta, output: str | os.
         served, served_years = _verify(loaded, SERVING_SIGNATURE, {CROPS_NAME: images}, expected_images, cfg, output)
     diffs = {k: max(v, served[k]) for k, v in diffs.items()}
     years = {k: max(v, served_years[k]) for k, v in years.items()}
-    return _result("savedmodel", output, cfg, diffs, started, outputs=names, tensorflow=tf.__version__,
-                   signatures=list(signatures), percentile_diffs_years=years,
-                   metadata=str(output / "assets" / METADATA_ASSET))
+    return _result(
+        "savedmodel",
+        output,
+        cfg,
+        diffs,
+        started,
+        outputs=names,
+        tensorflow=tf.__version__,
+        signatures=list(signatures),
+        percentile_diffs_years=years,
+        metadata=str(output / "assets" / METADATA_ASSET),
+    )
 
 
 def read_metadata_text(path: Path) -> str | None:

@@ -78,8 +78,7 @@ class ServiceLimits:
         if self.decode_pixels < 1:
             raise AgeGenderError(f"decode_pixels must be positive, got {self.decode_pixels}")
         if self.connections < 1 or self.per_client < 1:
-            raise AgeGenderError(f"connections and per_client must be at least 1, got {self.connections} and "
-                                 f"{self.per_client}")
+            raise AgeGenderError(f"connections and per_client must be at least 1, got {self.connections} and {self.per_client}")
         for name in ("queue_wait", "body_timeout", "read_timeout", "keep_alive", "header_timeout"):
             value = getattr(self, name)
             if not value > 0:  # also refuses NaN
@@ -157,9 +156,17 @@ class BodyGuard:
     @staticmethod
     async def _reject(send: Any, status: int, detail: str) -> None:
         body = json.dumps({"detail": detail}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -183,8 +190,10 @@ class DecodeLimiter:
         self._condition: tuple[asyncio.AbstractEventLoop, asyncio.Condition] | None = None
 
     def busy(self) -> str:
-        return (f"busy: {self.admitted} uploads in progress ({self.limits.slots} decoded at a time, "
-                f"{self.limits.waiting} waiting); retry in a few seconds")
+        return (
+            f"busy: {self.admitted} uploads in progress ({self.limits.slots} decoded at a time, "
+            f"{self.limits.waiting} waiting); retry in a few seconds"
+        )
 
     @contextlib.contextmanager
     def admission(self) -> Any:
@@ -210,16 +219,14 @@ class DecodeLimiter:
         cond = self._cond()
 
         def free() -> bool:
-            return self.running < self.limits.slots and (self.running == 0 or
-                                                          self.pixels + cost <= self.limits.decode_pixels)
+            return self.running < self.limits.slots and (self.running == 0 or self.pixels + cost <= self.limits.decode_pixels)
 
         async with cond:
             self.queued += 1
             try:
                 await asyncio.wait_for(cond.wait_for(free), self.limits.queue_wait)
             except TimeoutError:
-                raise _Busy(f"busy: no decode slot free within {self.limits.queue_wait:g} s; "
-                            f"retry in a few seconds") from None
+                raise _Busy(f"busy: no decode slot free within {self.limits.queue_wait:g} s; retry in a few seconds") from None
             finally:
                 self.queued -= 1
             self.running += 1
@@ -233,8 +240,11 @@ class DecodeLimiter:
                 cond.notify_all()
 
 
-_ERROR_BODY = {"content": {"application/json": {"schema": {
-    "type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}}}}
+_ERROR_BODY = {
+    "content": {
+        "application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}}
+    }
+}
 # Every status /predict answers besides 200, with the one-line reason in ``detail``: documented so clients
 # (and schemathesis) can rely on the schema.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -243,8 +253,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"description": "The request body or the image is too large", **_ERROR_BODY},
     415: {"description": "Not an image format the service reads", **_ERROR_BODY},
     422: {"description": "A corrupt image, or no file field"},
-    503: {"description": "Busy: every decode slot and queue place is taken; retry after Retry-After seconds",
-          **_ERROR_BODY},
+    503: {"description": "Busy: every decode slot and queue place is taken; retry after Retry-After seconds", **_ERROR_BODY},
 }
 
 
@@ -260,8 +269,9 @@ def _declared_pixels(data: bytes) -> int:
         return 0
 
 
-def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_name: str | None = None,
-               limits: ServiceLimits | None = None) -> "FastAPI":
+def create_app(
+    predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_name: str | None = None, limits: ServiceLimits | None = None
+) -> "FastAPI":
     """The API over one loaded ``predictor``: ``GET /`` (the page), ``GET /health``, ``POST /predict`` (multipart
     ``file``) and ``GET /docs`` (the OpenAPI page)."""
     from fastapi import FastAPI, File, UploadFile
@@ -274,14 +284,18 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_n
     page = resources.files("agegender.infer").joinpath("static/index.html").read_text(encoding="utf-8")
     app = FastAPI(title="agegender", docs_url="/docs", redoc_url=None)
     app.state.limiter = limiter  # its counters, for monitoring and for tests that wait on them
-    app.add_middleware(BodyGuard, max_bytes=max_bytes, body_timeout=limits.body_timeout,
-                       read_timeout=limits.read_timeout)
+    app.add_middleware(BodyGuard, max_bytes=max_bytes, body_timeout=limits.body_timeout, read_timeout=limits.read_timeout)
 
     def predict_upload(data: bytes, name: str) -> dict[str, Any]:
         rgb = load_image(data, name)
         faces = predictor.predict(rgb)
-        return {"path": name, "width": int(rgb.shape[1]), "height": int(rgb.shape[0]),
-                "faces": [f.to_dict() for f in faces], "error": None}
+        return {
+            "path": name,
+            "width": int(rgb.shape[1]),
+            "height": int(rgb.shape[0]),
+            "faces": [f.to_dict() for f in faces],
+            "error": None,
+        }
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
@@ -294,8 +308,14 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, model_n
     @app.get("/health")
     async def health() -> dict[str, Any]:  # on the event loop: never waits for a thread busy decoding
         info = predictor.info()
-        return {"status": "ok", **info, "model": model_name or info.get("model"), "max_bytes": max_bytes,
-                "slots": limits.slots, "queue": limits.waiting}
+        return {
+            "status": "ok",
+            **info,
+            "model": model_name or info.get("model"),
+            "max_bytes": max_bytes,
+            "slots": limits.slots,
+            "queue": limits.waiting,
+        }
 
     @app.post("/predict", responses=ERROR_RESPONSES)
     async def predict(file: UploadFile = File(...)) -> Any:
@@ -356,9 +376,11 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         why = f"cannot listen on {host}:{port} ({e.strerror or e})"
-        hint = {errno.EADDRINUSE: ("another program uses this port", "port"),
-                errno.EACCES: ("ports below 1024 need privileges", "port"),
-                errno.EADDRNOTAVAIL: ("this machine has no such address", "host")}.get(e.errno or 0)
+        hint = {
+            errno.EADDRINUSE: ("another program uses this port", "port"),
+            errno.EACCES: ("ports below 1024 need privileges", "port"),
+            errno.EADDRNOTAVAIL: ("this machine has no such address", "host"),
+        }.get(e.errno or 0)
         if hint is None:
             raise AgeGenderError(why) from None
         raise OptionError(f"{why}; {hint[0]}: choose another `{hint[1]}`", hint[1]) from None
@@ -377,9 +399,16 @@ def uvicorn_config(app: Any, limits: ServiceLimits | None = None, log_level: str
 
     limits = limits or ServiceLimits()
     return uvicorn.Config(
-        app, log_level=log_level, ws="none", lifespan="on", server_header=False, http=guarded_protocol(limits),
-        timeout_keep_alive=limits.keep_alive, h11_max_incomplete_event_size=16 * 1024,  # headers of 16 KB at most
-        timeout_graceful_shutdown=10)
+        app,
+        log_level=log_level,
+        ws="none",
+        lifespan="on",
+        server_header=False,
+        http=guarded_protocol(limits),
+        timeout_keep_alive=limits.keep_alive,
+        h11_max_incomplete_event_size=16 * 1024,  # headers of 16 KB at most
+        timeout_graceful_shutdown=10,
+    )
 
 
 def service_url(host: str, port: int) -> str:
@@ -411,8 +440,12 @@ def guarded_protocol(limits: ServiceLimits) -> type:
             super().connection_made(transport)
             host = self.client[0] if self.client else "?"
             if len(self.connections) > limits.connections or per_client.get(host, 0) >= limits.per_client:
-                log.warning("closing a connection from %s: too many open (%d from it, %d in all)", host,
-                            per_client.get(host, 0), len(self.connections))
+                log.warning(
+                    "closing a connection from %s: too many open (%d from it, %d in all)",
+                    host,
+                    per_client.get(host, 0),
+                    len(self.connections),
+                )
                 transport.abort()
                 return
             self._counted = host
@@ -461,10 +494,17 @@ def _run(config: Any, sock: socket.socket) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def serve(model: str | os.PathLike[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
-          max_bytes: int = DEFAULT_MAX_BYTES, precision: str = "auto", device: str = "cpu",
-          detector: FaceDetector | None = None, limits: ServiceLimits | None = None,
-          min_confidence: float = 0.5) -> None:
+def serve(
+    model: str | os.PathLike[str] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    precision: str = "auto",
+    device: str = "cpu",
+    detector: FaceDetector | None = None,
+    limits: ServiceLimits | None = None,
+    min_confidence: float = 0.5,
+) -> None:
     """Load ``model`` once (None: the bundled model) and serve the API and page with uvicorn until interrupted.
 
     ``detector`` finds the faces (None: :func:`~agegender.faces.detect.default_detector`'s).
@@ -482,8 +522,9 @@ def serve(model: str | os.PathLike[str] | None = None, host: str = "127.0.0.1", 
     limits.check()
     sock = listen(host, port)
     try:
-        predictor = Predictor.from_path(model, detector or default_detector(), device=device,
-                                        precision=precision, min_confidence=min_confidence)
+        predictor = Predictor.from_path(
+            model, detector or default_detector(), device=device, precision=precision, min_confidence=min_confidence
+        )
         if not _is_loopback(host):
             log.warning("binding %s: the API is reachable from other machines and has no authentication", host)
         name = None if model is None else os.path.basename(os.fspath(model))

@@ -78,6 +78,7 @@ def age_percentile_numpy(probs: np.ndarray, q: float, age_min: int) -> np.ndarra
 
 # -- layers -------------------------------------------------------------------------------------
 
+
 def _conv(tf: Any, var: Variables, name: str, conv: nn.Conv2d, affine: nn.Module | None = None) -> Layer:
     kernel_array, bias_array = conv_arrays(conv, affine)
     kernel, bias = var(f"{name}.kernel", kernel_array), var(f"{name}.bias", bias_array)
@@ -91,8 +92,9 @@ def _conv(tf: Any, var: Variables, name: str, conv: nn.Conv2d, affine: nn.Module
 
 
 def _batch_norm(tf: Any, var: Variables, name: str, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> Layer:
-    gamma, beta, mean, variance = (var(f"{name}.{part}", a) for part, a in
-                                   zip(("gamma", "beta", "mean", "variance"), bn_arrays(bn)))
+    gamma, beta, mean, variance = (
+        var(f"{name}.{part}", a) for part, a in zip(("gamma", "beta", "mean", "variance"), bn_arrays(bn))
+    )
     return lambda x: tf.nn.batch_normalization(x, mean, variance, beta, gamma, bn.eps)
 
 
@@ -106,6 +108,7 @@ def _dense(tf: Any, var: Variables, name: str, linear: nn.Linear, scale: float =
 
 
 # -- trunks -------------------------------------------------------------------------------------
+
 
 def vgg_trunk(tf: Any, trunk: VGGTrunk, var: Variables) -> Layer:
     """VGG's conv blocks on NHWC input, flattened in PyTorch's C, H, W order."""
@@ -141,8 +144,13 @@ def dlib_trunk(tf: Any, trunk: DlibTrunk, var: Variables) -> Layer:
     stem = _conv(tf, var, "conv1", net.conv1, net.conv1_affine)
     blocks = []
     for name, block in dlib_blocks(net):
-        blocks.append((block, _conv(tf, var, f"{name}_conv1", block.conv1, block.affine1),
-                       _conv(tf, var, f"{name}_conv2", block.conv2, block.affine2)))
+        blocks.append(
+            (
+                block,
+                _conv(tf, var, f"{name}_conv1", block.conv1, block.affine1),
+                _conv(tf, var, f"{name}_conv2", block.conv2, block.affine2),
+            )
+        )
     descriptor = var("descriptor.kernel", np32(net.fc.weight.T))
 
     def apply(x: Tensor) -> Tensor:
@@ -162,6 +170,7 @@ def dlib_trunk(tf: Any, trunk: DlibTrunk, var: Variables) -> Layer:
 
 
 # -- head ---------------------------------------------------------------------------------------
+
 
 def _head(tf: Any, net: AgeGenderNet, var: Variables) -> Callable[[Tensor], dict[str, Tensor]]:
     cfg = net.config

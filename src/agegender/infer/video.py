@@ -56,8 +56,9 @@ def frames(source: str | int, every: int = 1, progress: bool = True) -> Iterator
             read += 1
             bar.update(1)
             if bgr is not None and bgr.shape[0] * bgr.shape[1] > images.MAX_PIXELS:  # a header that lied
-                raise AgeGenderError(f"{name}: frame {index} is {bgr.shape[1]}x{bgr.shape[0]}, past the "
-                                     f"{images.MAX_PIXELS:,} pixel limit")
+                raise AgeGenderError(
+                    f"{name}: frame {index} is {bgr.shape[1]}x{bgr.shape[0]}, past the {images.MAX_PIXELS:,} pixel limit"
+                )
             if index % every == 0:
                 if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.size == 0:
                     log.warning("%s: frame %d is not a colour image; skipped", name, index)
@@ -71,8 +72,9 @@ def frames(source: str | int, every: int = 1, progress: bool = True) -> Iterator
         raise AgeGenderError(f"{name}: no readable frames (empty, truncated or not a video)")
 
 
-def predict_video(predictor: Predictor, source: str | int, every: int = 1, batch_size: int = 32,
-                  progress: bool = True) -> Iterator[ImageResult]:
+def predict_video(
+    predictor: Predictor, source: str | int, every: int = 1, batch_size: int = 32, progress: bool = True
+) -> Iterator[ImageResult]:
     """One :class:`ImageResult` per sampled frame, with ``frame`` and ``time`` set; faces batched across frames."""
     label = f"camera:{source}" if isinstance(source, int) else source
     items = ((f"{label}#{i}", rgb, i, t) for i, t, rgb in frames(source, every, progress))

@@ -61,16 +61,17 @@ def check_stored_shapes(path: str | os.PathLike[str], meta: CheckpointMeta) -> N
         raise AgeGenderError(f"{path}: {e}") from None
     except Exception as e:  # safetensors raises several types for a damaged header
         raise AgeGenderError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    problems = ([f"{k} is {stored[k]}, the config needs {s}" for k, s in expected.items() if stored.get(k, s) != s]
-                + [f"{k} is missing" for k in expected if k not in stored]
-                + [f"unexpected tensor {k}" for k in stored if k not in expected])
+    problems = (
+        [f"{k} is {stored[k]}, the config needs {s}" for k, s in expected.items() if stored.get(k, s) != s]
+        + [f"{k} is missing" for k in expected if k not in stored]
+        + [f"unexpected tensor {k}" for k in stored if k not in expected]
+    )
     if problems:
         more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
         raise AgeGenderError(safe_name(f"{path}: weights do not match the stored config ({problems[0]}{more})"))
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu"
-                    ) -> tuple[AgeGenderNet, CheckpointMeta]:
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[AgeGenderNet, CheckpointMeta]:
     """Rebuild the model from one file; returns it in eval mode."""
     from safetensors.torch import load_file
 

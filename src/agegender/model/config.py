@@ -49,8 +49,9 @@ class ModelConfig:
         if not self.hidden or min(self.hidden) < 1:
             raise AgeGenderError(f"hidden needs at least one positive layer width, got {self.hidden}")
         if len(self.dropout) != len(self.hidden) or not all(0 <= p < 1 for p in self.dropout):
-            raise AgeGenderError(f"dropout needs one probability in [0, 1) per hidden layer: hidden {self.hidden}, "
-                                 f"dropout {self.dropout}")
+            raise AgeGenderError(
+                f"dropout needs one probability in [0, 1) per hidden layer: hidden {self.hidden}, dropout {self.dropout}"
+            )
         if self.age_head not in AGE_HEADS:
             raise AgeGenderError(f"age head must be one of {', '.join(AGE_HEADS)}, got {self.age_head!r}")
         if not (isinstance(self.temperature, int | float) and 0.05 <= self.temperature <= 20):

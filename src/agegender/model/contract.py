@@ -32,13 +32,14 @@ def check_onnx_contract(session: Any, meta: CheckpointMeta, path: str | os.PathL
     cfg = meta.config
     inputs = session.get_inputs()
     if [i.name for i in inputs] != [INPUT]:
-        raise AgeGenderError(f"{path}: ONNX model inputs are {[i.name for i in inputs][:4]}, expected one named "
-                             f"{INPUT!r} (not an agegender export?)")
+        raise AgeGenderError(
+            f"{path}: ONNX model inputs are {[i.name for i in inputs][:4]}, expected one named "
+            f"{INPUT!r} (not an agegender export?)"
+        )
     dims, size = _dims(inputs[0]), cfg.image_size
     fixed = dims[1:] if len(dims) == 4 else []
     if len(dims) != 4 or any(isinstance(d, int) and d != want for d, want in zip(fixed, (3, size, size))):
-        raise AgeGenderError(f"{path}: ONNX input {INPUT!r} has shape {dims}, but its metadata says "
-                             f"[batch, 3, {size}, {size}]")
+        raise AgeGenderError(f"{path}: ONNX input {INPUT!r} has shape {dims}, but its metadata says [batch, 3, {size}, {size}]")
     if inputs[0].type != "tensor(float)":
         raise AgeGenderError(f"{path}: ONNX input {INPUT!r} is {inputs[0].type}, expected tensor(float)")
     outputs = {o.name: o for o in session.get_outputs()}
@@ -51,12 +52,14 @@ def check_onnx_contract(session: Any, meta: CheckpointMeta, path: str | os.PathL
         out_dims = _dims(outputs[name])
         known = bool(out_dims)  # an output of unknown shape is checked on every run instead
         if (known and len(out_dims) != rank) or outputs[name].type not in ("tensor(float)", "tensor(double)"):
-            raise AgeGenderError(f"{path}: ONNX output {name} is {outputs[name].type} {out_dims}, expected a float "
-                                 f"tensor of rank {rank}")
+            raise AgeGenderError(
+                f"{path}: ONNX output {name} is {outputs[name].type} {out_dims}, expected a float tensor of rank {rank}"
+            )
     probs = _dims(outputs["age_probs"]) if "age_probs" in wanted else []
     if len(probs) == 2 and isinstance(probs[1], int) and probs[1] != cfg.ages:
-        raise AgeGenderError(f"{path}: ONNX output age_probs has {probs[1]} ages, but its metadata says "
-                             f"{cfg.age_min}-{cfg.age_max} ({cfg.ages})")
+        raise AgeGenderError(
+            f"{path}: ONNX output age_probs has {probs[1]} ages, but its metadata says {cfg.age_min}-{cfg.age_max} ({cfg.ages})"
+        )
 
 
 def check_finite_outputs(n: int, p_male: np.ndarray, age: np.ndarray | None) -> None:
@@ -72,5 +75,7 @@ def check_finite_outputs(n: int, p_male: np.ndarray, age: np.ndarray | None) -> 
     if age is not None:
         bad |= ~np.isfinite(age)
     if bad.any():
-        raise AgeGenderError(f"the model's output is not a finite probability or age for {int(bad.sum())} of {n} "
-                             f"faces (NaN or Inf: a broken model file?)")
+        raise AgeGenderError(
+            f"the model's output is not a finite probability or age for {int(bad.sum())} of {n} "
+            f"faces (NaN or Inf: a broken model file?)"
+        )

@@ -25,8 +25,7 @@ def output_names(config: ModelConfig) -> list[str]:
     return ["p_male", *(head.outputs if head is not None else ())]
 
 
-def decode(config: ModelConfig, gender_logit: torch.Tensor, age_logits: torch.Tensor | None
-           ) -> tuple[torch.Tensor, ...]:
+def decode(config: ModelConfig, gender_logit: torch.Tensor, age_logits: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """``(N,)`` gender logits and the age head's ``(N, ages)`` or ``(N, 1)`` outputs -> :func:`output_names`' tensors.
 
     P(male) is the sigmoid of the logit divided by the temperature fitted on validation data. Ages are clamped

@@ -131,14 +131,14 @@ class DlibResNet(nn.Module):
         own = self.state_dict()
         missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
         if missing or unexpected:
-            raise AgeGenderError(
-                f"dlib ResNet state dict: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+            raise AgeGenderError(f"dlib ResNet state dict: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
         tensors = {}
         for key, value in state.items():
             t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
             if tuple(t.shape) != tuple(own[key].shape):
-                raise AgeGenderError(f"dlib ResNet state dict: {key} has shape {tuple(t.shape)}, "
-                                     f"expected {tuple(own[key].shape)}")
+                raise AgeGenderError(
+                    f"dlib ResNet state dict: {key} has shape {tuple(t.shape)}, expected {tuple(own[key].shape)}"
+                )
             tensors[key] = t.to(torch.float32)
         self.load_state_dict(tensors)
 

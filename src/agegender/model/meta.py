@@ -26,14 +26,17 @@ class CheckpointMeta:
     extra: dict[str, Any] = field(default_factory=dict)  # data summary, headline metrics, epoch ...
 
     def to_json(self) -> str:
-        return json.dumps({
-            "format": FORMAT,
-            "config": self.config.to_dict(),
-            "preprocess": self.preprocess.to_dict(),
-            "genders": list(self.genders),
-            "weights_sha256": self.weights_sha256,
-            "extra": self.extra,
-        }, sort_keys=True)
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "config": self.config.to_dict(),
+                "preprocess": self.preprocess.to_dict(),
+                "genders": list(self.genders),
+                "weights_sha256": self.weights_sha256,
+                "extra": self.extra,
+            },
+            sort_keys=True,
+        )
 
     @classmethod
     def from_json(cls, text: str) -> CheckpointMeta:
@@ -48,8 +51,13 @@ class CheckpointMeta:
             raise InputError(f"not an agegender checkpoint (format {str(fmt)[:40]!r})")
         check_meta_document(d)  # types and ranges, before anything is built from them
         try:
-            return cls(ModelConfig.from_dict(d["config"]), Preprocess.from_dict(d["preprocess"]),
-                       tuple(d["genders"]), d.get("weights_sha256"), d.get("extra", {}))
+            return cls(
+                ModelConfig.from_dict(d["config"]),
+                Preprocess.from_dict(d["preprocess"]),
+                tuple(d["genders"]),
+                d.get("weights_sha256"),
+                d.get("extra", {}),
+            )
         except AgeGenderError as e:  # the config's own checks; the caller names the file
             raise InputError(f"metadata: {e}") from None
 

@@ -152,8 +152,9 @@ def inference_layout(model: AgeGenderNet, bf16: bool, device: str | torch.device
     return "onednn" if bf16 and cpu and blocked and native_bf16("cpu") else "channels_last"
 
 
-def feature_extractor(model: AgeGenderNet, bf16: bool, device: str | torch.device = "cpu", *, in_place: bool = False
-                      ) -> Callable[[torch.Tensor], torch.Tensor]:
+def feature_extractor(
+    model: AgeGenderNet, bf16: bool, device: str | torch.device = "cpu", *, in_place: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``forward_features`` for inference with a fixed trunk, in its fastest form here: normalised input in,
     flattened features out (bf16 when ``bf16``). The head is untouched.
 
@@ -177,8 +178,10 @@ def feature_extractor(model: AgeGenderNet, bf16: bool, device: str | torch.devic
 
         return blocked
     if in_place:  # an inference-only model: bf16 weights, no casts per call
-        trunk = model.trunk.to(dtype=torch.bfloat16 if bf16 else torch.float32,  # type: ignore[call-overload]
-                               memory_format=torch.channels_last)
+        trunk = model.trunk.to(
+            dtype=torch.bfloat16 if bf16 else torch.float32,  # type: ignore[call-overload]
+            memory_format=torch.channels_last,
+        )
         dtype, cast = (torch.bfloat16 if bf16 else torch.float32), False
     else:  # fp32 weights under autocast, as the uncached training path runs them
         trunk = copy.deepcopy(model.trunk).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]

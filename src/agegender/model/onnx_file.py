@@ -84,16 +84,19 @@ def external_tensors(buf: memoryview | mmap.mmap) -> int:
             raise _Malformed
         fields = _fields(buf, start, end)
         if kind == _TENSOR:
-            found += any((number == _TENSOR_DATA_LOCATION and wire == 0 and a == _EXTERNAL)
-                         or (number == _TENSOR_EXTERNAL_DATA and wire == 2) for number, wire, a, _ in fields)
+            found += any(
+                (number == _TENSOR_DATA_LOCATION and wire == 0 and a == _EXTERNAL)
+                or (number == _TENSOR_EXTERNAL_DATA and wire == 2)
+                for number, wire, a, _ in fields
+            )
             continue
-        stack.extend((_CHILDREN[kind][number], a, b, depth + 1) for number, wire, a, b in fields
-                     if wire == 2 and number in _CHILDREN[kind])
+        stack.extend(
+            (_CHILDREN[kind][number], a, b, depth + 1) for number, wire, a, b in fields if wire == 2 and number in _CHILDREN[kind]
+        )
     return found
 
 
-def check_self_contained(model: str | os.PathLike[str] | bytes, name: str | None = None,
-                         malformed: bool = True) -> None:
+def check_self_contained(model: str | os.PathLike[str] | bytes, name: str | None = None, malformed: bool = True) -> None:
     """Refuse the ONNX model ``model`` (a file, or its bytes called ``name``) if any tensor in it points at data in
     another file, or, with ``malformed``, if it is not a well-formed protobuf at all (onnxruntime would refuse it
     anyway, in its own words: without ``malformed`` the caller leaves that to it)."""
@@ -121,5 +124,7 @@ def _check(buf: memoryview | mmap.mmap, name: str, malformed: bool) -> None:
             raise AgeGenderError(f"{name}: not a loadable ONNX model (malformed protobuf)") from None
         return
     if external:
-        raise AgeGenderError(f"{name}: ONNX model keeps {external} tensor(s) in external data files; refused, a "
-                             f"model file must hold all its weights (re-export it as one file)")
+        raise AgeGenderError(
+            f"{name}: ONNX model keeps {external} tensor(s) in external data files; refused, a "
+            f"model file must hold all its weights (re-export it as one file)"
+        )

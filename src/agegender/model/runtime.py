@@ -47,7 +47,6 @@ class Decoded:
         got = {n: np.asarray(a, dtype=np.float64) for n, a in zip(names, arrays)}
         return cls(got["p_male"], got.get("age"), got.get("age_low"), got.get("age_high"))
 
-
     @classmethod
     def concat(cls, parts: list[Decoded]) -> Decoded:
         if not parts:
@@ -89,8 +88,10 @@ class TorchBackend:
             from ..model.checkpoint import load_checkpoint
             from ..model.net import feature_extractor
         except ImportError as e:
-            raise AgeGenderError(f"{path}: a .safetensors checkpoint runs in PyTorch ({e.name} is missing): "
-                                 f"{TORCH_EXTRA}, or predict with an .onnx export") from None
+            raise AgeGenderError(
+                f"{path}: a .safetensors checkpoint runs in PyTorch ({e.name} is missing): "
+                f"{TORCH_EXTRA}, or predict with an .onnx export"
+            ) from None
 
         if precision not in PRECISIONS:
             raise AgeGenderError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -200,8 +201,10 @@ class OnnxBackend:
             return self.session.run(self.outputs, feeds, options)
         except Exception:
             if options.terminate:
-                raise ModelCallTimeout(f"{self.path}: the model took longer than {self.call_timeout:g} s on one "
-                                       f"batch of {len(next(iter(feeds.values())))} and was stopped") from None
+                raise ModelCallTimeout(
+                    f"{self.path}: the model took longer than {self.call_timeout:g} s on one "
+                    f"batch of {len(next(iter(feeds.values())))} and was stopped"
+                ) from None
             raise
         finally:
             watchdog.cancel()
@@ -228,6 +231,8 @@ def load_backend(model: str | os.PathLike[str], device: str = "cpu", precision: 
         return OnnxBackend(path)
     if path.suffix == ".safetensors":
         return TorchBackend(path, device, precision)
-    raise AgeGenderError(f"{path}: not a model file that predict, evaluate and serve run (a run directory, a "
-                         "checkpoint .safetensors or an .onnx export; .keras, .pt2 and SavedModel exports are for "
-                         "Keras, PyTorch and TF Serving)")
+    raise AgeGenderError(
+        f"{path}: not a model file that predict, evaluate and serve run (a run directory, a "
+        "checkpoint .safetensors or an .onnx export; .keras, .pt2 and SavedModel exports are for "
+        "Keras, PyTorch and TF Serving)"
+    )

@@ -17,9 +17,18 @@ from .config import ModelConfig
 # Far above every real model (VGG-Face: widths 512, hidden 4096, 224 px; UTKFace ages reach 116), far below
 # what a lying file could ask a machine to allocate.
 LIMITS: dict[str, tuple[float, float]] = {
-    "widths": (1, 4096), "hidden": (1, 16384), "dropout": (0, 1), "image_size": (1, 1024),
-    "descriptor_dim": (1, 4096), "age_min": (0, 200), "age_max": (1, 200), "temperature": (1e-3, 1e3),
-    "size": (1, 1024), "mean_rgb": (-1e4, 1e4), "scale": (-1e4, 1e4), "chip_padding": (0, 10),
+    "widths": (1, 4096),
+    "hidden": (1, 16384),
+    "dropout": (0, 1),
+    "image_size": (1, 1024),
+    "descriptor_dim": (1, 4096),
+    "age_min": (0, 200),
+    "age_max": (1, 200),
+    "temperature": (1e-3, 1e3),
+    "size": (1, 1024),
+    "mean_rgb": (-1e4, 1e4),
+    "scale": (-1e4, 1e4),
+    "chip_padding": (0, 10),
 }
 MAX_LIST = {"widths": 16, "hidden": 16, "dropout": 16, "mean_rgb": 3}
 MAX_TEXT = 256
@@ -59,8 +68,9 @@ def _field(value: Any, default: Any, name: str, section: str) -> None:
             raise InputError(f"{_where(name, section)} is {_shown(value)}, expected a short string")
     elif isinstance(default, tuple):
         if not isinstance(value, list) or len(value) > MAX_LIST.get(name, 16):
-            raise InputError(f"{_where(name, section)} is {_shown(value)}, expected a list of at most "
-                             f"{MAX_LIST.get(name, 16)} numbers")
+            raise InputError(
+                f"{_where(name, section)} is {_shown(value)}, expected a list of at most {MAX_LIST.get(name, 16)} numbers"
+            )
         integer = bool(default) and isinstance(default[0], int)
         for v in value:
             _number(v, name, section, integer)
@@ -75,8 +85,9 @@ def _section(d: Any, cls: type, section: str, required: tuple[str, ...] = (), ex
             if f.name in required:
                 raise InputError(f"metadata {section}.{f.name} is missing")
             continue
-        default = (getattr(example, f.name) if example is not None else
-                   f.default if f.default is not MISSING else f.default_factory())  # type: ignore[operator]
+        default = (
+            getattr(example, f.name) if example is not None else f.default if f.default is not MISSING else f.default_factory()  # type: ignore[operator]
+        )
         _field(d[f.name], default, f.name, section)
 
 
@@ -87,13 +98,17 @@ def check_meta_document(d: Any) -> None:
     if not isinstance(d, dict):
         raise InputError(f"metadata is {_shown(d)}, expected a JSON object")
     _section(d.get("config"), ModelConfig, "config")
-    _section(d.get("preprocess"), Preprocess, "preprocess", required=("size", "mean_rgb"),
-             example=Preprocess(size=1, mean_rgb=(0.0, 0.0, 0.0)))
+    _section(
+        d.get("preprocess"),
+        Preprocess,
+        "preprocess",
+        required=("size", "mean_rgb"),
+        example=Preprocess(size=1, mean_rgb=(0.0, 0.0, 0.0)),
+    )
     if len(d["preprocess"]["mean_rgb"]) != 3:
         raise InputError("metadata preprocess.mean_rgb needs 3 numbers (R, G, B)")
     genders = d.get("genders")
-    if not (isinstance(genders, list) and len(genders) == 2 and all(isinstance(g, str) and 0 < len(g) <= 32
-                                                                   for g in genders)):
+    if not (isinstance(genders, list) and len(genders) == 2 and all(isinstance(g, str) and 0 < len(g) <= 32 for g in genders)):
         raise InputError(f"metadata genders is {_shown(genders)}, expected a list of 2 short names")
     if not isinstance(d.get("weights_sha256"), str | None):
         raise InputError(f"metadata weights_sha256 is {_shown(d['weights_sha256'])}, expected a string or null")

@@ -19,9 +19,7 @@ from .trunk import Trunk
 if TYPE_CHECKING:
     from .config import ModelConfig
 
-CONV_NAMES: tuple[str, ...] = tuple(
-    f"conv{b + 1}_{i + 1}" for b, (_, n) in enumerate(VGG16_BLOCKS) for i in range(n)
-)
+CONV_NAMES: tuple[str, ...] = tuple(f"conv{b + 1}_{i + 1}" for b, (_, n) in enumerate(VGG16_BLOCKS) for i in range(n))
 FC_NAMES: tuple[str, ...] = ("fc6", "fc7", "fc8")
 
 
@@ -35,8 +33,9 @@ def conv_shapes(widths: tuple[int, ...] = VGG16_WIDTHS, in_ch: int = 3) -> dict[
     return shapes
 
 
-def vgg_face_shapes(widths: tuple[int, ...] = VGG16_WIDTHS, fc: int = VGG_FACE_FC,
-                    classes: int = VGG_FACE_IDENTITIES) -> dict[str, tuple[int, ...]]:
+def vgg_face_shapes(
+    widths: tuple[int, ...] = VGG16_WIDTHS, fc: int = VGG_FACE_FC, classes: int = VGG_FACE_IDENTITIES
+) -> dict[str, tuple[int, ...]]:
     """Every parameter of the canonical VGG-Face state dict and its PyTorch shape."""
     out: dict[str, tuple[int, ...]] = {}
     for name, (cin, cout) in conv_shapes(widths).items():
@@ -86,8 +85,9 @@ class VGGTrunk(Trunk):
                 if key not in state:
                     raise KeyError(f"weights lack {key}")
                 if tuple(state[key].shape) != tuple(own[key].shape):
-                    raise ValueError(f"{key}: weights have shape {tuple(state[key].shape)}, "
-                                     f"model expects {tuple(own[key].shape)}")
+                    raise ValueError(
+                        f"{key}: weights have shape {tuple(state[key].shape)}, model expects {tuple(own[key].shape)}"
+                    )
         with torch.no_grad():
             for name in CONV_NAMES:
                 conv = getattr(self, name)
@@ -107,8 +107,7 @@ class VGGTrunk(Trunk):
 class VGGFace(nn.Module):
     """The full VGG-Face network: 224x224 BGR-mean-subtracted input -> 2622 identity logits."""
 
-    def __init__(self, widths: tuple[int, ...] = VGG16_WIDTHS, fc: int = VGG_FACE_FC,
-                 classes: int = VGG_FACE_IDENTITIES) -> None:
+    def __init__(self, widths: tuple[int, ...] = VGG16_WIDTHS, fc: int = VGG_FACE_FC, classes: int = VGG_FACE_IDENTITIES) -> None:
         super().__init__()
         self.trunk = VGGTrunk(widths)
         self.fc6 = nn.Linear(widths[-1] * 7 * 7, fc)

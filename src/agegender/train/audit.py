@@ -31,7 +31,16 @@ log = logging.getLogger(__name__)
 
 # FairFace's age groups: the coarsest age labels among the shared sets, so every labelled face has one.
 AGE_GROUPS: tuple[tuple[int, int | None], ...] = (
-    (0, 2), (3, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, 69), (70, None))
+    (0, 2),
+    (3, 9),
+    (10, 19),
+    (20, 29),
+    (30, 39),
+    (40, 49),
+    (50, 59),
+    (60, 69),
+    (70, None),
+)
 AGE_GROUP_NAMES: tuple[str, ...] = tuple(interval_name(lo, hi) for lo, hi in AGE_GROUPS)
 GENDER_NAMES: tuple[str, str] = ("F", "M")
 OUTPUTS = ("label_issues.csv", "label_issues.jpg", "age_issues.jpg", "summary.json", "exclude_candidates.txt")
@@ -72,9 +81,12 @@ class AuditConfig:
             (self.sheet >= 0, f"`sheet` must be 0 (none) or positive, got {self.sheet}", "sheet"),
             (self.age_gap >= 1, f"`age_gap` must be at least 1, got {self.age_gap}", "age_gap"),
             (self.workers >= 1, f"`workers` must be at least 1, got {self.workers}", "workers"),
-            (not self.alignment or self.alignment in spec.alignments,
-             f"`alignment` {self.alignment}: {spec.name} takes "
-             f"{' or '.join(spec.alignments) if spec.alignments else 'no other alignment than its own'}", "alignment"),
+            (
+                not self.alignment or self.alignment in spec.alignments,
+                f"`alignment` {self.alignment}: {spec.name} takes "
+                f"{' or '.join(spec.alignments) if spec.alignments else 'no other alignment than its own'}",
+                "alignment",
+            ),
         ]
         for ok, message, parameter in checks:
             if not ok:
@@ -110,8 +122,16 @@ class AuditResult:
 
 
 # -- the core: out-of-sample probabilities, then cleanlab ----------------------------------------
-def out_of_sample_probs(x: np.ndarray, y: np.ndarray, groups: Sequence[str] | None = None, *, folds: int = 5,
-                        seed: int = 0, classes: int | None = None, c: float = 0.01) -> np.ndarray:
+def out_of_sample_probs(
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: Sequence[str] | None = None,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    classes: int | None = None,
+    c: float = 0.01,
+) -> np.ndarray:
     """``(N, classes)`` probabilities of each label, each row from a logistic regression fitted without that row.
 
     Folds are stratified by label and, when ``groups`` repeat (photos of one person), keep each group in one fold,
@@ -129,12 +149,16 @@ def out_of_sample_probs(x: np.ndarray, y: np.ndarray, groups: Sequence[str] | No
     counts = np.bincount(y, minlength=k)
     present = counts[counts > 0]
     if len(present) < 2 or present.min() < 2:
-        raise AgeGenderError(f"cross-validation needs two labels with at least two faces each (faces per label: "
-                             f"{', '.join(map(str, counts))})")
+        raise AgeGenderError(
+            f"cross-validation needs two labels with at least two faces each (faces per label: {', '.join(map(str, counts))})"
+        )
     repeated = groups is not None and len(set(groups)) < len(groups)
     folds = max(2, min(folds, len(set(groups)) if groups is not None and repeated else len(y)))
-    splitter = (StratifiedGroupKFold(folds, shuffle=True, random_state=seed) if repeated
-                else StratifiedKFold(folds, shuffle=True, random_state=seed))
+    splitter = (
+        StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+        if repeated
+        else StratifiedKFold(folds, shuffle=True, random_state=seed)
+    )
     probs = np.zeros((len(y), k))
     for train, test in splitter.split(x, y, groups if repeated else None):
         model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
@@ -155,8 +179,10 @@ def find_issues(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
     index[present] = np.arange(len(present))
     p = probs[:, present]
     p = p / np.clip(p.sum(axis=1, keepdims=True), 1e-12, None)
-    return np.asarray(find_label_issues(index[y], p, filter_by="prune_by_noise_rate",
-                                        return_indices_ranked_by="self_confidence", n_jobs=1), dtype=np.int64)
+    return np.asarray(
+        find_label_issues(index[y], p, filter_by="prune_by_noise_rate", return_indices_ranked_by="self_confidence", n_jobs=1),
+        dtype=np.int64,
+    )
 
 
 def age_group_of(record: FaceRecord) -> int | None:
@@ -196,8 +222,12 @@ def audit(cfg: AuditConfig, force: bool = False) -> AuditResult:
     p = out_of_sample_probs(x, y, groups, folds=cfg.folds, seed=cfg.seed, classes=2)
     found = find_issues(y, p)
     issues += [_issue(records[i], files[i], "gender", GENDER_NAMES, y[i], p[i]) for i in found]
-    summary: dict[str, Any] = {"images": len(records), "unreadable": len(unread), "folds": cfg.folds,
-                               "gender": _scores(records, y, p, found)}
+    summary: dict[str, Any] = {
+        "images": len(records),
+        "unreadable": len(unread),
+        "folds": cfg.folds,
+        "gender": _scores(records, y, p, found),
+    }
     log.info("gender: out-of-sample accuracy %.3f, %d label issues", summary["gender"]["cv_accuracy"], len(found))
     if cfg.ages:
         age_issues, age_summary = _audit_ages(cfg, records, files, x, groups)
@@ -209,31 +239,42 @@ def audit(cfg: AuditConfig, force: bool = False) -> AuditResult:
     return AuditResult(out, issues, summary)
 
 
-def _audit_ages(cfg: AuditConfig, records: Sequence[FaceRecord], files: Sequence[str], x: np.ndarray,
-                groups: Sequence[str]) -> tuple[list[Issue], dict[str, Any]]:
+def _audit_ages(
+    cfg: AuditConfig, records: Sequence[FaceRecord], files: Sequence[str], x: np.ndarray, groups: Sequence[str]
+) -> tuple[list[Issue], dict[str, Any]]:
     """Age-group issues at least ``cfg.age_gap`` groups from the given label, and their summary (empty when fewer
     than two groups have a face for every fold)."""
     aged = [i for i, r in enumerate(records) if age_group_of(r) is not None]
     per_group = collections.Counter(int(age_group_of(records[i]) or 0) for i in aged)
     rare = {g for g, n in per_group.items() if n < cfg.folds}  # too few faces to stand in every fold
     if rare:
-        log.info("age groups with fewer than %d faces are not audited: %s", cfg.folds,
-                 ", ".join(AGE_GROUP_NAMES[g] for g in sorted(rare)))
+        log.info(
+            "age groups with fewer than %d faces are not audited: %s",
+            cfg.folds,
+            ", ".join(AGE_GROUP_NAMES[g] for g in sorted(rare)),
+        )
         aged = [i for i in aged if age_group_of(records[i]) not in rare]
     if len(per_group) - len(rare) < 2:
         return [], {}
     a = np.array([age_group_of(records[i]) for i in aged])
-    pa = out_of_sample_probs(x[aged], a, [groups[i] for i in aged], folds=cfg.folds, seed=cfg.seed,
-                             classes=len(AGE_GROUPS))
+    pa = out_of_sample_probs(x[aged], a, [groups[i] for i in aged], folds=cfg.folds, seed=cfg.seed, classes=len(AGE_GROUPS))
     found = find_issues(a, pa)
     every = [_issue(records[aged[j]], files[aged[j]], "age", AGE_GROUP_NAMES, a[j], pa[j]) for j in found]
     apart = [abs(AGE_GROUP_NAMES.index(i.suggested) - AGE_GROUP_NAMES.index(i.given)) for i in every]
     listed = np.array([j for j, gap in zip(found, apart) if gap >= cfg.age_gap], dtype=np.int64)
-    summary = {**_scores([records[i] for i in aged], a, pa, listed), "cleanlab_issues": len(found),
-               "age_gap": cfg.age_gap,
-               "cleanlab_issues_by_groups_apart": {str(k): v for k, v in sorted(collections.Counter(apart).items())}}
-    log.info("age groups: out-of-sample accuracy %.3f, %d label issues, %d of them %d or more groups away",
-             summary["cv_accuracy"], len(found), len(listed), cfg.age_gap)
+    summary = {
+        **_scores([records[i] for i in aged], a, pa, listed),
+        "cleanlab_issues": len(found),
+        "age_gap": cfg.age_gap,
+        "cleanlab_issues_by_groups_apart": {str(k): v for k, v in sorted(collections.Counter(apart).items())},
+    }
+    log.info(
+        "age groups: out-of-sample accuracy %.3f, %d label issues, %d of them %d or more groups away",
+        summary["cv_accuracy"],
+        len(found),
+        len(listed),
+        cfg.age_gap,
+    )
     return [i for i, gap in zip(every, apart) if gap >= cfg.age_gap], summary
 
 
@@ -245,8 +286,7 @@ def _check_installed() -> None:
         raise AgeGenderError(f"the audit needs {' and '.join(missing)}: pip install 'agegender[audit]'")
 
 
-def _features(cfg: AuditConfig, records: Sequence[FaceRecord], out: Path
-              ) -> tuple[np.ndarray, np.ndarray, Any, int]:
+def _features(cfg: AuditConfig, records: Sequence[FaceRecord], out: Path) -> tuple[np.ndarray, np.ndarray, Any, int]:
     """Frozen trunk features through `train`'s own model building and feature cache, so a cache that training
     filled (the same backbone, weights, alignment and precision) serves the audit without a trunk pass."""
     from ..data.features import cached_features
@@ -254,15 +294,35 @@ def _features(cfg: AuditConfig, records: Sequence[FaceRecord], out: Path
     from .config import TrainConfig
     from .loop import build_model
 
-    tc = TrainConfig.from_preset("default", data=tuple(cfg.data), out=str(out), backbone=cfg.backbone,
-                                 alignment=cfg.alignment, feature_layer=cfg.feature_layer, weights=cfg.weights,
-                                 precision=cfg.precision, device=cfg.device, workers=cfg.workers,
-                                 cache_dir=cfg.cache_dir)
+    tc = TrainConfig.from_preset(
+        "default",
+        data=tuple(cfg.data),
+        out=str(out),
+        backbone=cfg.backbone,
+        alignment=cfg.alignment,
+        feature_layer=cfg.feature_layer,
+        weights=cfg.weights,
+        precision=cfg.precision,
+        device=cfg.device,
+        workers=cfg.workers,
+        cache_dir=cfg.cache_dir,
+    )
     model, pre, sha = build_model(tc)
     frame = photo_framer(pre)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / "cache"
-    fs = cached_features(model, records, pre, cache_dir, weights_sha256=sha, bf16=tc.bf16, frame=frame,
-                         batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device, progress=cfg.progress)
+    fs = cached_features(
+        model,
+        records,
+        pre,
+        cache_dir,
+        weights_sha256=sha,
+        bf16=tc.bf16,
+        frame=frame,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        device=cfg.device,
+        progress=cfg.progress,
+    )
     return fs.features.numpy(), fs.ok.numpy().astype(bool), frame, pre.size
 
 
@@ -289,14 +349,15 @@ def _scores(records: Sequence[FaceRecord], y: np.ndarray, p: np.ndarray, found: 
     sets: dict[str, Any] = {}
     for name in dict.fromkeys(r.dataset for r in records):
         mask = np.array([r.dataset == name for r in records])
-        sets[name] = {"images": int(mask.sum()), "cv_accuracy": round(float(right[mask].mean()), 4),
-                      "issues": int(flagged[mask].sum())}
-    return {"images": len(y), "cv_accuracy": round(float(right.mean()), 4), "issues": int(flagged.sum()),
-            "datasets": sets}
+        sets[name] = {
+            "images": int(mask.sum()),
+            "cv_accuracy": round(float(right[mask].mean()), 4),
+            "issues": int(flagged[mask].sum()),
+        }
+    return {"images": len(y), "cv_accuracy": round(float(right.mean()), 4), "issues": int(flagged.sum()), "datasets": sets}
 
 
-def _write(out: Path, issues: Sequence[Issue], summary: dict[str, Any], cfg: AuditConfig, frame: Any,
-           size: int) -> None:
+def _write(out: Path, issues: Sequence[Issue], summary: dict[str, Any], cfg: AuditConfig, frame: Any, size: int) -> None:
     from ..images import load_rgb
     from .contact_sheet import Tile, write_contact_sheet
 
@@ -307,28 +368,45 @@ def _write(out: Path, issues: Sequence[Issue], summary: dict[str, Any], cfg: Aud
     ranks: collections.Counter[str] = collections.Counter()
     for issue in issues:
         ranks[issue.label] += 1
-        writer.writerow([ranks[issue.label], issue.label, issue.record.dataset, issue.file, issue.given,
-                         issue.suggested, f"{issue.p_suggested:.4f}", f"{issue.p_given:.4f}", str(issue.record.path)])
+        writer.writerow(
+            [
+                ranks[issue.label],
+                issue.label,
+                issue.record.dataset,
+                issue.file,
+                issue.given,
+                issue.suggested,
+                f"{issue.p_suggested:.4f}",
+                f"{issue.p_given:.4f}",
+                str(issue.record.path),
+            ]
+        )
     write_text_atomic(out / "label_issues.csv", buf.getvalue())
     listed = dict.fromkeys(f"{i.record.dataset}/{i.file}" for i in issues if i.label == "gender")
-    write_text_atomic(out / "exclude_candidates.txt",
-                      "# Faces whose gender label an out-of-sample model contradicts (agegender audit), most certain\n"
-                      "# first. Look at each before you use this with `agegender train --exclude`: many are the\n"
-                      "# model's errors (babies, unusual photos), not the label's.\n" + "".join(f"{f}\n" for f in listed))
+    write_text_atomic(
+        out / "exclude_candidates.txt",
+        "# Faces whose gender label an out-of-sample model contradicts (agegender audit), most certain\n"
+        "# first. Look at each before you use this with `agegender train --exclude`: many are the\n"
+        "# model's errors (babies, unusual photos), not the label's.\n" + "".join(f"{f}\n" for f in listed),
+    )
 
     def load(path: Path) -> np.ndarray | None:
         return load_rgb(path, size, None, frame)
 
     for label, name in (("gender", "label_issues.jpg"), ("age", "age_issues.jpg")):
-        chosen = [i for i in issues if i.label == label][:cfg.sheet]
+        chosen = [i for i in issues if i.label == label][: cfg.sheet]
         if not chosen:
             (out / name).unlink(missing_ok=True)  # an earlier run's sheet must not stand for this one (--force)
             continue
         # ASCII arrows: Pillow's built-in font has no "→".
-        tiles = [Tile(i.record.path, (f"{n}. {i.given} -> {i.suggested}  p={i.p_suggested:.2f}", i.record.dataset,
-                                      i.file)) for n, i in enumerate(chosen, 1)]
-        title = (f"{label} label issues, most certain first: given -> suggested, p = out-of-sample probability of "
-                 f"the suggestion ({len(chosen)} of {sum(i.label == label for i in issues)})")
+        tiles = [
+            Tile(i.record.path, (f"{n}. {i.given} -> {i.suggested}  p={i.p_suggested:.2f}", i.record.dataset, i.file))
+            for n, i in enumerate(chosen, 1)
+        ]
+        title = (
+            f"{label} label issues, most certain first: given -> suggested, p = out-of-sample probability of "
+            f"the suggestion ({len(chosen)} of {sum(i.label == label for i in issues)})"
+        )
         write_contact_sheet(tiles, out / name, load=load, title=title)
     summary["outputs"] = sorted(p.name for p in out.iterdir() if p.name in OUTPUTS and p.name != "summary.json")
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))

@@ -55,10 +55,15 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, iterations: int = 60) -> 
 def calibration_summary(logits: np.ndarray, y: np.ndarray, temperature: float) -> dict[str, Any]:
     """The fitted temperature with the ECE and NLL before and after it, on the data it was fitted on."""
     before, after = (1 / (1 + np.exp(-logits / t)) for t in (1.0, temperature))
-    return {"temperature": round(temperature, 4), "fitted_on": "val", "faces": len(y),
-            "ece_before": round(metrics.expected_calibration_error(y, before), 4),
-            "ece_after": round(metrics.expected_calibration_error(y, after), 4),
-            "nll_before": round(_nll(logits, y, 1.0), 4), "nll_after": round(_nll(logits, y, 1 / temperature), 4)}
+    return {
+        "temperature": round(temperature, 4),
+        "fitted_on": "val",
+        "faces": len(y),
+        "ece_before": round(metrics.expected_calibration_error(y, before), 4),
+        "ece_after": round(metrics.expected_calibration_error(y, after), 4),
+        "nll_before": round(_nll(logits, y, 1.0), 4),
+        "nll_after": round(_nll(logits, y, 1 / temperature), 4),
+    }
 
 
 def calibrate_checkpoint(path: Path, logits: np.ndarray, y: np.ndarray) -> CheckpointMeta:
@@ -71,6 +76,11 @@ def calibrate_checkpoint(path: Path, logits: np.ndarray, y: np.ndarray) -> Check
     meta.config.temperature = model.config.temperature = temperature
     meta.extra["calibration"] = calibration_summary(logits, y, temperature)
     save_checkpoint(path, model, meta)
-    log.info("P(male) calibrated on %d validation faces: temperature %.3f, ECE %.4f -> %.4f", len(y), temperature,
-             meta.extra["calibration"]["ece_before"], meta.extra["calibration"]["ece_after"])
+    log.info(
+        "P(male) calibrated on %d validation faces: temperature %.3f, ECE %.4f -> %.4f",
+        len(y),
+        temperature,
+        meta.extra["calibration"]["ece_before"],
+        meta.extra["calibration"]["ece_after"],
+    )
     return meta

@@ -17,11 +17,32 @@ PRESETS: dict[str, dict[str, Any]] = {
     # shifts the activations each conv was trained on and forbids the feature cache); BN lives in the head.
     # Batch 512 at lr 2e-3: the fastest cached head step, as accurate as batch 128 (DECISIONS.md: the default
     # training preset).
-    "default": dict(epochs=25, batch_size=512, lr=2e-3, weight_decay=1e-4, head_bn=True, feature_bn=True, block_bn=False,
-                    dropout=(0.5, 0.5), age_head="regression", age_weight=1.0, pixels=OWN_PIXELS),
+    "default": dict(
+        epochs=25,
+        batch_size=512,
+        lr=2e-3,
+        weight_decay=1e-4,
+        head_bn=True,
+        feature_bn=True,
+        block_bn=False,
+        dropout=(0.5, 0.5),
+        age_head="regression",
+        age_weight=1.0,
+        pixels=OWN_PIXELS,
+    ),
     # The seed notebook: /255 RGB pixels, BN after each conv block, dropout after fc1 only, one sigmoid, no age.
-    "seed": dict(epochs=25, batch_size=128, lr=1e-3, weight_decay=0.0, head_bn=False, feature_bn=False, block_bn=True,
-                 dropout=(0.5, 0.0), age_head="none", pixels="seed"),
+    "seed": dict(
+        epochs=25,
+        batch_size=128,
+        lr=1e-3,
+        weight_decay=0.0,
+        head_bn=False,
+        feature_bn=False,
+        block_bn=True,
+        dropout=(0.5, 0.0),
+        age_head="none",
+        pixels="seed",
+    ),
 }
 
 # What the default preset changes for a backbone is the backbone's own (BackboneSpec.train_defaults).
@@ -93,8 +114,11 @@ class TrainConfig:
         spec = backbone(self.backbone)
         checks = [  # (fine, the problem with the parameter in backticks, the parameter)
             (self.epochs >= 1, f"`epochs` must be at least 1, got {self.epochs}", "epochs"),
-            (self.batch_size >= 2, f"`batch_size` must be at least 2 (BatchNorm needs two faces), got {self.batch_size}",
-             "batch_size"),
+            (
+                self.batch_size >= 2,
+                f"`batch_size` must be at least 2 (BatchNorm needs two faces), got {self.batch_size}",
+                "batch_size",
+            ),
             (self.lr > 0, f"`lr` must be positive, got {self.lr}", "lr"),
             (self.workers >= 1, f"`workers` must be at least 1, got {self.workers}", "workers"),
             (self.limit >= 0, f"`limit` must be 0 (all) or positive, got {self.limit}", "limit"),
@@ -102,11 +126,17 @@ class TrainConfig:
             (self.split in PROTOCOLS, f"`split` must be one of {', '.join(PROTOCOLS)}, got {self.split!r}", "split"),
             (self.precision in PRECISIONS, f"`precision` must be one of {', '.join(PRECISIONS)}", "precision"),
             (self.init in ("pretrained", "scratch"), f"`init` must be pretrained or scratch, got {self.init!r}", "init"),
-            (not self.alignment or self.alignment in spec.alignments,
-             f"`alignment` {self.alignment}: {spec.name} takes "
-             f"{' or '.join(spec.alignments) if spec.alignments else 'no other alignment than its own'}", "alignment"),
-            (self.pixels == OWN_PIXELS or self.pixels in spec.pixels,
-             f"`preset` {self.preset}: its {self.pixels!r} pixels are not a recipe of {spec.name}", "preset"),
+            (
+                not self.alignment or self.alignment in spec.alignments,
+                f"`alignment` {self.alignment}: {spec.name} takes "
+                f"{' or '.join(spec.alignments) if spec.alignments else 'no other alignment than its own'}",
+                "alignment",
+            ),
+            (
+                self.pixels == OWN_PIXELS or self.pixels in spec.pixels,
+                f"`preset` {self.preset}: its {self.pixels!r} pixels are not a recipe of {spec.name}",
+                "preset",
+            ),
         ]
         for ok, message, parameter in checks:
             if not ok:
@@ -114,7 +144,7 @@ class TrainConfig:
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise OptionError(f"{out}: `out` names a run directory, but this is a file", "out")
-        for data in ([self.data] if isinstance(self.data, str) else list(self.data)):
+        for data in [self.data] if isinstance(self.data, str) else list(self.data):
             if not Path(data).exists():
                 raise OptionError(f"{data}: no such file or directory (`data`)", "data")
         if self.exclude is not None and not Path(self.exclude).is_file():
@@ -125,9 +155,15 @@ class TrainConfig:
         # The model config checks sizes, widths and head shapes in one place; the backbone says which of them
         # come from the options.
         shape = spec.training_shape({"widths": self.widths, "image_size": self.image_size})
-        model = ModelConfig(backbone=spec.name, widths=shape["widths"], image_size=shape["image_size"],
-                            hidden=self.hidden, dropout=self.dropout, age_head=self.age_head,
-                            feature_layer=self.feature_layer)
+        model = ModelConfig(
+            backbone=spec.name,
+            widths=shape["widths"],
+            image_size=shape["image_size"],
+            hidden=self.hidden,
+            dropout=self.dropout,
+            age_head=self.age_head,
+            feature_layer=self.feature_layer,
+        )
         _check_fits_memory(model, self.batch_size)
         return self
 
@@ -174,6 +210,9 @@ def _check_fits_memory(model: ModelConfig, batch_size: int) -> None:
     activations = batch_size * (sum(widths) + model.ages) * 4 * 3
     need = 16 * weights + activations
     if need > memory:
-        raise OptionError(f"`hidden` {' '.join(map(str, model.hidden))} with `batch_size` {batch_size} needs at "
-                          f"least {need / 2**30:.1f} GiB to train, more than this machine's {memory / 2**30:.1f} GiB",
-                          "hidden", "batch_size")
+        raise OptionError(
+            f"`hidden` {' '.join(map(str, model.hidden))} with `batch_size` {batch_size} needs at "
+            f"least {need / 2**30:.1f} GiB to train, more than this machine's {memory / 2**30:.1f} GiB",
+            "hidden",
+            "batch_size",
+        )

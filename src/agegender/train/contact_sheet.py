@@ -23,8 +23,15 @@ class Tile:
     caption: tuple[str, ...]  # one short line each, under the thumbnail
 
 
-def write_contact_sheet(tiles: Sequence[Tile], dest: str | os.PathLike[str], *, load: Callable[[Path], np.ndarray | None],
-                        thumb: int = 128, columns: int = 8, title: str = "") -> Path:
+def write_contact_sheet(
+    tiles: Sequence[Tile],
+    dest: str | os.PathLike[str],
+    *,
+    load: Callable[[Path], np.ndarray | None],
+    thumb: int = 128,
+    columns: int = 8,
+    title: str = "",
+) -> Path:
     """Draw ``tiles`` ``columns`` to a row, each ``thumb`` pixels square over its caption, and write ``dest``.
 
     ``load`` gives a tile's uint8 RGB pixels (the face as the model read it), or None for an unreadable file,

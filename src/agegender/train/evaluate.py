@@ -38,8 +38,9 @@ def _predictions(rec: list[FaceRecord], out: Decoded) -> tuple[list[FaceRecord],
         race=np.array([r.race or "" for r in rec], dtype=object),
         paths=[str(r.path) for r in rec],
         age_low=np.array([r.age_interval[0] if r.age_interval else nan for r in rec], dtype=float),
-        age_high=np.array([(inf if r.age_interval[1] is None else r.age_interval[1]) if r.age_interval else nan
-                           for r in rec], dtype=float),
+        age_high=np.array(
+            [(inf if r.age_interval[1] is None else r.age_interval[1]) if r.age_interval else nan for r in rec], dtype=float
+        ),
     )
 
 
@@ -62,42 +63,74 @@ def precision_note(backend: Backend, requested: str, device: str) -> str:
     return f"{backend.name}: trunk {backend.precision}, heads fp32, on {device} (--precision {requested})"
 
 
-def evaluate_records(backend: Backend, records: Sequence[FaceRecord], protocol: dict[str, Any],
-                     out_dir: ReportDir | str | Path, history: list[dict[str, float]] | None = None, *, batch_size: int = 64,
-                     workers: int = 2, requested: str = "auto", device: str = "cpu", progress: bool = True
-                     ) -> tuple[dict[str, Any], Path]:
+def evaluate_records(
+    backend: Backend,
+    records: Sequence[FaceRecord],
+    protocol: dict[str, Any],
+    out_dir: ReportDir | str | Path,
+    history: list[dict[str, float]] | None = None,
+    *,
+    batch_size: int = 64,
+    workers: int = 2,
+    requested: str = "auto",
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[dict[str, Any], Path]:
     """The report on ``records`` through ``backend``, with the per-face predictions it was computed from: the one
     path of ``evaluate`` and of training's own report, so the two give the same numbers for the same faces and
     precision."""
     done, decoded, unread = predict_records(backend, records, batch_size, workers, progress)
     _, pred = _predictions(done, decoded)
     protocol = {**protocol, "precision": precision_note(backend, requested, device)}
-    return _report(pred, done, unread, protocol, str(getattr(backend, "path", "")),
-                   backend.meta.extra.get("best_epoch"), out_dir, history)
+    return _report(
+        pred, done, unread, protocol, str(getattr(backend, "path", "")), backend.meta.extra.get("best_epoch"), out_dir, history
+    )
 
 
-def _report(pred: Predictions, done: list[FaceRecord], unread: list[FaceRecord], protocol: dict[str, Any],
-            model: str, best_epoch: Any, out_dir: ReportDir | str | Path, history: list[dict[str, float]] | None = None
-            ) -> tuple[dict[str, Any], Path]:
+def _report(
+    pred: Predictions,
+    done: list[FaceRecord],
+    unread: list[FaceRecord],
+    protocol: dict[str, Any],
+    model: str,
+    best_epoch: Any,
+    out_dir: ReportDir | str | Path,
+    history: list[dict[str, float]] | None = None,
+) -> tuple[dict[str, Any], Path]:
     if not done:
         raise AgeGenderError(f"{protocol.get('data')}: no readable images in the evaluation split")
     skipped = protocol.get("skipped", {"count": 0, "first": []})
-    protocol = {**protocol, "skipped": {"count": int(skipped["count"]) + len(unread),
-                                        "first": (list(skipped["first"]) + [f"{r.path}: could not decode"
-                                                                            for r in unread])[:10]}}
-    report = build_report(pred, {**protocol, "model": model, "best_epoch": best_epoch},
-                          sources=np.array([_source(r) for r in done], dtype=object),
-                          datasets=np.array([r.dataset for r in done], dtype=object))
+    protocol = {
+        **protocol,
+        "skipped": {
+            "count": int(skipped["count"]) + len(unread),
+            "first": (list(skipped["first"]) + [f"{r.path}: could not decode" for r in unread])[:10],
+        },
+    }
+    report = build_report(
+        pred,
+        {**protocol, "model": model, "best_epoch": best_epoch},
+        sources=np.array([_source(r) for r in done], dtype=object),
+        datasets=np.array([r.dataset for r in done], dtype=object),
+    )
     return report, write_report(report, pred, out_dir, history=history)
 
 
 SUBSETS = ("train", "val", "test", "all")
 
 
-def evaluate_model(model: RunDir | str | os.PathLike[str] | None, data: str | Sequence[str] | None = None,
-                   subset: str | None = None, out: str | None = None, batch_size: int = 64, workers: int = 2,
-                   precision: str | None = None, device: str = "cpu", force: bool = False,
-                   progress: bool = True) -> Path:
+def evaluate_model(
+    model: RunDir | str | os.PathLike[str] | None,
+    data: str | Sequence[str] | None = None,
+    subset: str | None = None,
+    out: str | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    precision: str | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
     """`agegender evaluate`: a run's own test split by default, or any dataset with ``data`` (one folder or several).
 
     ``model`` is a run directory, a checkpoint or an ONNX export (None: the bundled model); only a run directory
@@ -140,22 +173,39 @@ def evaluate_model(model: RunDir | str | os.PathLike[str] | None, data: str | Se
         leakage: dict[str, Any] = {
             "leaked_identities": None,
             "leakage": "not measured: the whole data set is evaluated, not a held-out split, so faces or people "
-                       "the model was trained on may be among them"}
+            "the model was trained on may be among them",
+        }
     else:
         # A run's own split is the one it recorded; runs from before splits.json are split again, as trained.
-        splits = (_recorded_splits(run, dataset.records, protocol_name) if not given else None) or \
-            make_splits(dataset, protocol_name, int(own.get("seed", 0)), limit=int(own.get("limit", 0)))
+        splits = (_recorded_splits(run, dataset.records, protocol_name) if not given else None) or make_splits(
+            dataset, protocol_name, int(own.get("seed", 0)), limit=int(own.get("limit", 0))
+        )
         summary, leakage = splits.summary(), splits.leakage()
         chosen = splits[subset]
-    protocol = {**data_protocol(dataset), "split": f"{protocol_name}:{subset}", "splits": summary, **leakage,
-                "skipped": dataset.skipped.to_dict()}
-    _, md = evaluate_records(backend, chosen, protocol, out_dir, batch_size=batch_size, workers=workers,
-                             requested=precision, device=device, progress=progress)
+    protocol = {
+        **data_protocol(dataset),
+        "split": f"{protocol_name}:{subset}",
+        "splits": summary,
+        **leakage,
+        "skipped": dataset.skipped.to_dict(),
+    }
+    _, md = evaluate_records(
+        backend,
+        chosen,
+        protocol,
+        out_dir,
+        batch_size=batch_size,
+        workers=workers,
+        requested=precision,
+        device=device,
+        progress=progress,
+    )
     return md
 
 
-def predict_records(backend: Backend, records: Sequence[FaceRecord], batch_size: int = 64, workers: int = 2,
-                    progress: bool = True) -> tuple[list[FaceRecord], Decoded, list[FaceRecord]]:
+def predict_records(
+    backend: Backend, records: Sequence[FaceRecord], batch_size: int = 64, workers: int = 2, progress: bool = True
+) -> tuple[list[FaceRecord], Decoded, list[FaceRecord]]:
     """The records whose image decoded, their decoded outputs, and the records that could not be read.
 
     Each photo is framed as training framed it (the subject's 5-point chip, or the centre square), then run
@@ -169,7 +219,7 @@ def predict_records(backend: Backend, records: Sequence[FaceRecord], batch_size:
     parts: list[Decoded] = []
     with ThreadPoolExecutor(workers) as pool, Progress(len(records), "evaluate", "img", enabled=progress) as bar:
         for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
+            chunk = records[start : start + batch_size]
             images = list(pool.map(lambda r: load_rgb(r.path, size, skipped, frame), chunk))
             ok = [(r, im) for r, im in zip(chunk, images) if im is not None]
             unread += [r for r, im in zip(chunk, images) if im is None]
@@ -193,7 +243,6 @@ def _recorded_splits(run: RunDir | None, records: Sequence[FaceRecord], protocol
             raise AgeGenderError(f"{run.splits}: no {name} split recorded")
         missing = [p for p in paths if p not in by_path]
         if missing:
-            raise AgeGenderError(f"{run.splits}: {len(missing)} {name} images are no longer in the data "
-                                 f"(first: {missing[0]})")
+            raise AgeGenderError(f"{run.splits}: {len(missing)} {name} images are no longer in the data (first: {missing[0]})")
         chosen[name] = [by_path[p] for p in paths]
     return Splits(**chosen, protocol=protocol)

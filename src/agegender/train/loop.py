@@ -76,9 +76,19 @@ def build_model(cfg: TrainConfig, age_range: tuple[int, int] = (1, 70)) -> tuple
     if pretrained is not None:
         shape.update(pretrained.shape)
     pre = spec.input_contract(pretrained.preprocess if pretrained else None, cfg.alignment, cfg.pixels)
-    mc = ModelConfig(backbone=spec.name, feature_layer=cfg.feature_layer, hidden=cfg.hidden, dropout=cfg.dropout,
-                     head_bn=cfg.head_bn, feature_bn=cfg.feature_bn, age_head=cfg.age_head,
-                     freeze_trunk=not cfg.unfreeze, age_min=age_range[0], age_max=age_range[1], **shape)
+    mc = ModelConfig(
+        backbone=spec.name,
+        feature_layer=cfg.feature_layer,
+        hidden=cfg.hidden,
+        dropout=cfg.dropout,
+        head_bn=cfg.head_bn,
+        feature_bn=cfg.feature_bn,
+        age_head=cfg.age_head,
+        freeze_trunk=not cfg.unfreeze,
+        age_min=age_range[0],
+        age_max=age_range[1],
+        **shape,
+    )
     model = AgeGenderNet(mc)
     if pretrained is not None:
         model.load_trunk(pretrained.state)
@@ -96,8 +106,11 @@ def check_splits(splits: Splits, data: str) -> None:
     sizes = {name: len(splits[name]) for name in MIN_SPLIT}
     for name, least in MIN_SPLIT.items():
         if sizes[name] < least:
-            raise OptionError(f"{data}: the {name} split has {sizes[name]} images, at least {least} are needed "
-                              f"(splits {sizes}); add images or use another `split`", "split")
+            raise OptionError(
+                f"{data}: the {name} split has {sizes[name]} images, at least {least} are needed "
+                f"(splits {sizes}); add images or use another `split`",
+                "split",
+            )
     genders = collections.Counter(r.gender for r in splits.train)
     if len(genders) < 2:
         log.warning("%s: every training face has the same gender; the gender head cannot learn", data)
@@ -152,8 +165,7 @@ class Step(nn.Module):
         return out.gender_logit.float(), age
 
 
-def loss_parts(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def loss_parts(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(gender loss, age loss or None where the batch has no age or the model no age head); the age head sets its
     own targets (:mod:`agegender.model.age_head`), as it decodes its outputs."""
     i = torch.as_tensor(idx)
@@ -173,9 +185,17 @@ def loss_fn(out: Outputs, labels: Labels, idx: np.ndarray, model: AgeGenderNet, 
 
 
 # -- one epoch, evaluation --------------------------------------------------------------------
-def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx: np.ndarray, labels: Labels,
-                    optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int, threads: int | None = None
-                    ) -> dict[str, float]:
+def train_one_epoch(
+    model: AgeGenderNet,
+    step: nn.Module,
+    batches: Batches,
+    idx: np.ndarray,
+    labels: Labels,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    epoch: int,
+    threads: int | None = None,
+) -> dict[str, float]:
     """One pass over ``idx`` in a seeded order; under torchrun each rank takes its share of every batch.
 
     Returns the epoch's mean losses: ``train_loss`` (what the optimizer minimised) and its parts,
@@ -224,8 +244,7 @@ def train_one_epoch(model: AgeGenderNet, step: nn.Module, batches: Batches, idx:
 
 
 @torch.no_grad()
-def validate(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labels: Labels, cfg: TrainConfig
-             ) -> dict[str, float]:
+def validate(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labels: Labels, cfg: TrainConfig) -> dict[str, float]:
     """Accuracy, age MAE and the same two losses that training reports, so each pair can share a panel.
 
     ``val_loss`` (the gender loss) breaks ties between equally accurate epochs.
@@ -269,8 +288,7 @@ def epoch_score(row: dict[str, float]) -> float:
 
 
 # -- the run ----------------------------------------------------------------------------------
-def fit(cfg: TrainConfig, resume: bool = False, force: bool = False, *,
-        features: FeatureSource | None = None) -> RunResult:
+def fit(cfg: TrainConfig, resume: bool = False, force: bool = False, *, features: FeatureSource | None = None) -> RunResult:
     """Train, keep the best checkpoint by both heads' validation errors (:func:`epoch_score`), then evaluate it on
     the test split.
 
@@ -330,20 +348,36 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
     features = None if source is None else _given_features(source, records, model)
     if features is None and cfg.cache and not cfg.trunk_trains:
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run.default_cache
-        features = cached_features(model, records, pre, cache_dir, weights_sha256=weights_sha, bf16=cfg.bf16, frame=frame,
-                                   world=world, batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
-                                   device=world.device, progress=cfg.progress and world.is_main)
+        features = cached_features(
+            model,
+            records,
+            pre,
+            cache_dir,
+            weights_sha256=weights_sha,
+            bf16=cfg.bf16,
+            frame=frame,
+            world=world,
+            batch_size=max(cfg.batch_size, 64),
+            workers=cfg.workers,
+            device=world.device,
+            progress=cfg.progress and world.is_main,
+        )
     # The naive --no-cache path stays naive (decode every epoch); a trainable trunk keeps decoded images.
-    batches = Batches(records, pre, cfg.batch_size, cfg.workers, features, world, keep_images=cfg.trunk_trains,
-                      frame=frame)
+    batches = Batches(records, pre, cfg.batch_size, cfg.workers, features, world, keep_images=cfg.trunk_trains, frame=frame)
     train_idx = np.intersect1d(np.arange(n_train), batches.valid)
     step: nn.Module = Step(model, batches.cached, cfg.bf16)
     if world.active:
         step = nn.parallel.DistributedDataParallel(step)
     optimizer = make_optimizer(model, cfg)
-    meta = CheckpointMeta(model.config, pre, weights_sha256=weights_sha,
-                          extra={"data": {"root": str(dataset.root), "kind": dataset.kind, "split": cfg.split,
-                                          "summary": splits.summary()}, "train": cfg.applicable_dict()})
+    meta = CheckpointMeta(
+        model.config,
+        pre,
+        weights_sha256=weights_sha,
+        extra={
+            "data": {"root": str(dataset.root), "kind": dataset.kind, "split": cfg.split, "summary": splits.summary()},
+            "train": cfg.applicable_dict(),
+        },
+    )
 
     standing = RunState()
     if resume and run.train_state.is_file():
@@ -362,12 +396,15 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
         train_losses = train_one_epoch(model, step, batches, train_idx, labels, optimizer, cfg, epoch)
         train_loss = train_losses["train_loss"]
         if not math.isfinite(train_loss) or train_loss > DIVERGED_LOSS:
-            raise OptionError(f"training diverged at epoch {epoch} (loss {train_loss:.4g}), lower `lr` "
-                              f"(now {cfg.lr:g})", "lr")
+            raise OptionError(f"training diverged at epoch {epoch} (loss {train_loss:.4g}), lower `lr` (now {cfg.lr:g})", "lr")
         world.sync_buffers(model)
         # Every rank validates on the whole val split, so early-stopping decisions agree without messages.
-        row = {"epoch": epoch, **train_losses, **validate(model, batches, idx_val, labels, cfg),
-               "seconds": time.perf_counter() - t0}
+        row = {
+            "epoch": epoch,
+            **train_losses,
+            **validate(model, batches, idx_val, labels, cfg),
+            "seconds": time.perf_counter() - t0,
+        }
         history.append(row)
         log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
         score, vloss = epoch_score(row), row["val_loss"]
@@ -378,8 +415,7 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
         else:
             stale += 1
         if world.is_main:
-            _save_state(run, model, meta, optimizer,
-                        RunState(epoch, best, meta.extra.get("best_epoch", 0), stale, history))
+            _save_state(run, model, meta, optimizer, RunState(epoch, best, meta.extra.get("best_epoch", 0), stale, history))
         if cfg.patience and stale >= cfg.patience:
             log.info("early stop: no validation improvement in %d epochs", cfg.patience)
             break
@@ -391,8 +427,9 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
         world.barrier()
         return RunResult(run, history, features_cached=None if features is None else features.cached)
     try:
-        return _calibrate_and_report(run, cfg, world, dataset, splits, features, records, batches, labels, idx_val,
-                                     idx_test, history)
+        return _calibrate_and_report(
+            run, cfg, world, dataset, splits, features, records, batches, labels, idx_val, idx_test, history
+        )
     finally:
         world.barrier()
 
@@ -405,14 +442,27 @@ def _given_features(source: FeatureSource, records: list[FaceRecord], model: Age
         return None
     want = (len(records), model.config.feature_dim)
     if tuple(given.features.shape) != want or tuple(given.ok.shape) != want[:1]:
-        raise AgeGenderError(f"the given features have shape {tuple(given.features.shape)}, this run needs {want} "
-                             f"(one row per image, the trunk's {want[1]} features)")
+        raise AgeGenderError(
+            f"the given features have shape {tuple(given.features.shape)}, this run needs {want} "
+            f"(one row per image, the trunk's {want[1]} features)"
+        )
     return FeatureSet(given.features.float(), given.ok.bool(), given.seconds, cached=True)
 
 
-def _calibrate_and_report(run: RunDir, cfg: TrainConfig, world: World, dataset: Any, splits: Splits,
-                          features: FeatureSet | None, records: list[FaceRecord], batches: Batches, labels: Labels,
-                          idx_val: np.ndarray, idx_test: np.ndarray, history: list[dict[str, float]]) -> RunResult:
+def _calibrate_and_report(
+    run: RunDir,
+    cfg: TrainConfig,
+    world: World,
+    dataset: Any,
+    splits: Splits,
+    features: FeatureSet | None,
+    records: list[FaceRecord],
+    batches: Batches,
+    labels: Labels,
+    idx_val: np.ndarray,
+    idx_test: np.ndarray,
+    history: list[dict[str, float]],
+) -> RunResult:
     """Rank 0, after the last epoch: the temperature on the validation split, the curves, the test report."""
     from ..model.runtime import load_backend
     from .calibrate import calibrate_checkpoint
@@ -426,10 +476,18 @@ def _calibrate_and_report(run: RunDir, cfg: TrainConfig, world: World, dataset: 
     # `agegender evaluate` does: the cached training features are rounded differently (autocast, draft decodes),
     # which moved accuracy in the third decimal between the two reports. One more trunk pass, test split only.
     backend = load_backend(run.checkpoint, world.device, cfg.precision)
-    report, _ = evaluate_records(backend, [records[i] for i in idx_test],
-                                 _protocol(dataset, splits, cfg, features, records), run.report,
-                                 history, batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
-                                 requested=cfg.precision, device=world.device, progress=cfg.progress)
+    report, _ = evaluate_records(
+        backend,
+        [records[i] for i in idx_test],
+        _protocol(dataset, splits, cfg, features, records),
+        run.report,
+        history,
+        batch_size=max(cfg.batch_size, 64),
+        workers=cfg.workers,
+        requested=cfg.precision,
+        device=world.device,
+        progress=cfg.progress,
+    )
     return RunResult(run, history, report, None if features is None else features.cached)
 
 
@@ -446,18 +504,29 @@ def _gender_logits(checkpoint: Path, batches: Batches, idx: np.ndarray, labels: 
     return (np.concatenate(logits) if logits else np.zeros(0)), labels.gender.numpy()[chosen]
 
 
-def _protocol(dataset: Any, splits: Any, cfg: TrainConfig, features: FeatureSet | None,
-              records: Sequence[FaceRecord]) -> dict[str, Any]:
+def _protocol(
+    dataset: Any, splits: Any, cfg: TrainConfig, features: FeatureSet | None, records: Sequence[FaceRecord]
+) -> dict[str, Any]:
     skipped = [(str(p), why) for p, why in dataset.skipped.items]
     if features is not None:  # the test split's unreadable images are counted by its evaluation
-        skipped += [(str(records[int(i)].path), "could not decode") for i in np.flatnonzero(~features.ok.numpy())
-                    if i < len(splits.train) + len(splits.val)]
+        skipped += [
+            (str(records[int(i)].path), "could not decode")
+            for i in np.flatnonzero(~features.ok.numpy())
+            if i < len(splits.train) + len(splits.val)
+        ]
     from .evaluate import data_protocol
 
-    return {**data_protocol(dataset), "split": cfg.split, "seed": cfg.seed,
-            "preset": cfg.preset, "init": cfg.init, "backbone": cfg.backbone, "splits": splits.summary(),
-            **splits.leakage(),
-            "skipped": {"count": len(skipped), "first": [f"{p}: {why}" for p, why in skipped[:10]]}}
+    return {
+        **data_protocol(dataset),
+        "split": cfg.split,
+        "seed": cfg.seed,
+        "preset": cfg.preset,
+        "init": cfg.init,
+        "backbone": cfg.backbone,
+        "splits": splits.summary(),
+        **splits.leakage(),
+        "skipped": {"count": len(skipped), "first": [f"{p}: {why}" for p, why in skipped[:10]]},
+    }
 
 
 def _stored_config(run: RunDir, cfg: TrainConfig) -> dict[str, Any]:
@@ -472,14 +541,22 @@ def _stored_config(run: RunDir, cfg: TrainConfig) -> dict[str, Any]:
         raise _cannot_resume(out, f"{run.config.name} is not a run's config")
     stored.setdefault("backbone", LEGACY_BACKBONE)  # a run from before there was a choice: VGG-Face's
     names = {f.name for f in fields(TrainConfig)}
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items()
-              if k in names and k not in ("epochs", "progress", "workers", "device")}
+    values = {
+        k: (tuple(v) if isinstance(v, list) else v)
+        for k, v in stored.items()
+        if k in names and k not in ("epochs", "progress", "workers", "device")
+    }
     for k, v in values.items():  # the types this run's own config has, so validate() compares like with like
         now = getattr(cfg, k)
-        ok = (v is None or isinstance(v, str | tuple) if now is None or k == "data" else
-              isinstance(v, bool) if isinstance(now, bool) else
-              isinstance(v, int | float) and not isinstance(v, bool) if isinstance(now, int | float) else
-              isinstance(v, type(now)))
+        ok = (
+            v is None or isinstance(v, str | tuple)
+            if now is None or k == "data"
+            else isinstance(v, bool)
+            if isinstance(now, bool)
+            else isinstance(v, int | float) and not isinstance(v, bool)
+            if isinstance(now, int | float)
+            else isinstance(v, type(now))
+        )
         if isinstance(now, int) and not isinstance(now, bool) and isinstance(v, float):
             ok = False
         if not ok:
@@ -488,8 +565,9 @@ def _stored_config(run: RunDir, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _cannot_resume(out: Path, why: str) -> AgeGenderError:
-    return OptionError(safe_name(f"{out}: cannot resume: {why}; start again with another `out`, or delete {out} "
-                                 f"and train anew"), "out")
+    return OptionError(
+        safe_name(f"{out}: cannot resume: {why}; start again with another `out`, or delete {out} and train anew"), "out"
+    )
 
 
 # The resume state of a run directory. train_state.pt is the commit point: an epoch is done once it is written.
@@ -525,8 +603,13 @@ def _rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, mt, py_gauss = random.getstate()
     state: dict[str, Any] = {
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": py_gauss},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -557,17 +640,25 @@ def _seed_other_generators(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _save_state(run: RunDir, model: AgeGenderNet, meta: CheckpointMeta, optimizer: torch.optim.Optimizer,
-                progress: RunState) -> None:
+def _save_state(
+    run: RunDir, model: AgeGenderNet, meta: CheckpointMeta, optimizer: torch.optim.Optimizer, progress: RunState
+) -> None:
     """Commit ``progress.epoch``: the steps of the comment above, in that order."""
     meta.extra["epoch"] = progress.epoch  # the state below is for these weights: resume checks they belong together
     save_checkpoint(run.pending, model, meta)
     kill_point("state:weights")
-    state = {"epoch": progress.epoch, "best": list(progress.best), "criterion": CRITERION,
-             "best_epoch": progress.best_epoch,
-             "stale": progress.stale, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-             "torch_rng": torch.get_rng_state(), "history": json.dumps(progress.history),
-             "model_config": json.dumps({**model.config.to_dict(), "temperature": 1.0}, sort_keys=True)}
+    state = {
+        "epoch": progress.epoch,
+        "best": list(progress.best),
+        "criterion": CRITERION,
+        "best_epoch": progress.best_epoch,
+        "stale": progress.stale,
+        "optimizer": optimizer.state_dict(),
+        "rng": _rng_state(),
+        "torch_rng": torch.get_rng_state(),
+        "history": json.dumps(progress.history),
+        "model_config": json.dumps({**model.config.to_dict(), "temperature": 1.0}, sort_keys=True),
+    }
     with atomic_path(run.train_state) as tmp:
         torch.save(state, tmp)
     kill_point("state:committed")
@@ -632,9 +723,15 @@ def _rescored_best(history: list[dict[str, Any]], epoch: int) -> tuple[float, fl
     """A state from before :func:`epoch_score` kept the epoch of best validation accuracy: that epoch's
     ``best``, scored the way later epochs will be compared with it."""
     number = (int, float)
-    rows = [r for r in history if isinstance(r.get("epoch"), int) and r["epoch"] <= epoch
-            and isinstance(r.get("val_accuracy"), number) and isinstance(r.get("val_loss"), number)
-            and isinstance(r.get("val_age_mae", 0.0), number)]
+    rows = [
+        r
+        for r in history
+        if isinstance(r.get("epoch"), int)
+        and r["epoch"] <= epoch
+        and isinstance(r.get("val_accuracy"), number)
+        and isinstance(r.get("val_loss"), number)
+        and isinstance(r.get("val_age_mae", 0.0), number)
+    ]
     kept = max(rows, key=lambda r: (r["val_accuracy"], -r["val_loss"]), default=None)
     return (-math.inf, math.inf) if kept is None else (epoch_score(kept), float(kept["val_loss"]))
 
@@ -656,8 +753,9 @@ def _restore(run: RunDir, model: AgeGenderNet, optimizer: torch.optim.Optimizer)
     except AgeGenderError as e:
         raise _cannot_resume(out, f"last.safetensors is damaged ({e})") from None
     if meta.extra.get("epoch", state["epoch"]) != state["epoch"]:
-        raise _cannot_resume(out, f"last.safetensors is from epoch {meta.extra.get('epoch')}, train_state.pt from "
-                                  f"epoch {state['epoch']}")
+        raise _cannot_resume(
+            out, f"last.safetensors is from epoch {meta.extra.get('epoch')}, train_state.pt from epoch {state['epoch']}"
+        )
     from safetensors.torch import load_file
 
     try:
@@ -670,8 +768,7 @@ def _restore(run: RunDir, model: AgeGenderNet, optimizer: torch.optim.Optimizer)
                     raise ValueError("optimizer moments of another shape than the weights")
         _set_rng_state(state["torch_rng"], state.get("rng", {}))
     except Exception as e:  # a state that does not fit this model: name it, never a traceback
-        raise _cannot_resume(out, f"the saved state does not fit this run's model ("
-                                  f"{one_line(e, 120, with_type=True)})") from None
+        raise _cannot_resume(out, f"the saved state does not fit this run's model ({one_line(e, 120, with_type=True)})") from None
     return progress
 
 
@@ -699,10 +796,16 @@ def _read_state(path: Path, out: Path) -> dict[str, Any]:
         history = None
     best = state["best"]
     counters = [state.get(k, 0) for k in ("best_epoch", "stale")]
-    if (not isinstance(history, list) or not all(isinstance(r, dict) for r in history) or state["epoch"] < 1
-            or len(best) != 2 or not all(isinstance(b, int | float) for b in best)
-            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= state["epoch"] for c in counters)
-            or state["torch_rng"].dtype != torch.uint8 or not _rng_fields_ok(state.get("rng", {}))):
+    if (
+        not isinstance(history, list)
+        or not all(isinstance(r, dict) for r in history)
+        or state["epoch"] < 1
+        or len(best) != 2
+        or not all(isinstance(b, int | float) for b in best)
+        or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= state["epoch"] for c in counters)
+        or state["torch_rng"].dtype != torch.uint8
+        or not _rng_fields_ok(state.get("rng", {}))
+    ):
         raise _cannot_resume(out, "train_state.pt has fields of the right names but not a training state's values")
     return {**state, "history": history}
 
@@ -713,9 +816,15 @@ def _rng_fields_ok(rng: Any) -> bool:
     if not isinstance(rng, dict):
         return False
     n, p = rng.get("numpy"), rng.get("python")
-    numpy_ok = n is None or (isinstance(n, dict) and isinstance(n.get("keys"), torch.Tensor)
-                             and all(isinstance(n.get(k), t) for k, t in (("kind", str), ("pos", int),
-                                                                          ("has_gauss", int), ("gauss", float))))
-    python_ok = p is None or (isinstance(p, dict) and isinstance(p.get("mt"), torch.Tensor)
-                              and isinstance(p.get("version"), int) and isinstance(p.get("gauss"), float | None))
+    numpy_ok = n is None or (
+        isinstance(n, dict)
+        and isinstance(n.get("keys"), torch.Tensor)
+        and all(isinstance(n.get(k), t) for k, t in (("kind", str), ("pos", int), ("has_gauss", int), ("gauss", float)))
+    )
+    python_ok = p is None or (
+        isinstance(p, dict)
+        and isinstance(p.get("mt"), torch.Tensor)
+        and isinstance(p.get("version"), int)
+        and isinstance(p.get("gauss"), float | None)
+    )
     return numpy_ok and python_ok

@@ -24,8 +24,11 @@ def _labels(name: str, y: ArrayLike, n_classes: int) -> np.ndarray:
     a = np.asarray(y)
     if a.ndim != 1 or a.size == 0:
         raise AgeGenderError(f"metrics: {name} must be a non-empty 1-D array (got shape {a.shape})")
-    if a.dtype != bool and not np.issubdtype(a.dtype, np.integer) and not (
-            np.issubdtype(a.dtype, np.floating) and np.all(np.isfinite(a)) and np.all(a == np.round(a))):
+    if (
+        a.dtype != bool
+        and not np.issubdtype(a.dtype, np.integer)
+        and not (np.issubdtype(a.dtype, np.floating) and np.all(np.isfinite(a)) and np.all(a == np.round(a)))
+    ):
         raise AgeGenderError(f"metrics: {name} must hold integer class labels")
     a = a.astype(np.int64)
     if a.min() < 0 or a.max() >= n_classes:
@@ -62,8 +65,7 @@ def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int = 2) -
     return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
-def classification_report(y_true: ArrayLike, y_pred: ArrayLike,
-                          labels: Sequence[str] = ("female", "male")) -> dict[str, Any]:
+def classification_report(y_true: ArrayLike, y_pred: ArrayLike, labels: Sequence[str] = ("female", "male")) -> dict[str, Any]:
     """Per-class precision/recall/F1/support, accuracy, macro and support-weighted averages, confusion matrix.
 
     A ratio with a zero denominator (a class never predicted, or absent from ``y_true``) is reported as 0.0,
@@ -75,8 +77,12 @@ def classification_report(y_true: ArrayLike, y_pred: ArrayLike,
     per_class: dict[str, dict[str, float | int]] = {}
     for i, name in enumerate(labels):
         precision, recall = _div(tp[i], predicted[i]), _div(tp[i], support[i])
-        per_class[name] = {"precision": precision, "recall": recall,
-                           "f1": _div(2 * precision * recall, precision + recall), "support": int(support[i])}
+        per_class[name] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": _div(2 * precision * recall, precision + recall),
+            "support": int(support[i]),
+        }
     total = int(cm.sum())
     keys = ("precision", "recall", "f1")
     return {
@@ -84,8 +90,7 @@ def classification_report(y_true: ArrayLike, y_pred: ArrayLike,
         "per_class": per_class,
         "accuracy": _div(tp.sum(), total),
         "macro_avg": {k: float(np.mean([c[k] for c in per_class.values()])) for k in keys} | {"support": total},
-        "weighted_avg": {k: _div(sum(c[k] * c["support"] for c in per_class.values()), total) for k in keys}
-        | {"support": total},
+        "weighted_avg": {k: _div(sum(c[k] * c["support"] for c in per_class.values()), total) for k in keys} | {"support": total},
         "confusion_matrix": cm.tolist(),
     }
 
@@ -138,8 +143,7 @@ def calibration_bins(y_true: ArrayLike, p: ArrayLike, n_bins: int = 15) -> dict[
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_p = np.bincount(idx, weights=q, minlength=n_bins) / count
         frac = np.bincount(idx, weights=t, minlength=n_bins) / count
-    return {"lower": edges[:-1], "upper": edges[1:], "count": count,
-            "mean_predicted": mean_p, "fraction_positive": frac}
+    return {"lower": edges[:-1], "upper": edges[1:], "count": count, "mean_predicted": mean_p, "fraction_positive": frac}
 
 
 def expected_calibration_error(y_true: ArrayLike, p: ArrayLike, n_bins: int = 15) -> float:
@@ -195,8 +199,9 @@ def _numeric_first(value: str) -> tuple[int, float, str]:
     return (0, float(m.group()), value) if m else (1, 0.0, value)
 
 
-def sliced_accuracy(y_true: ArrayLike, y_pred: ArrayLike,
-                    slices: Mapping[str, ArrayLike]) -> dict[str, dict[str, dict[str, float | int]]]:
+def sliced_accuracy(
+    y_true: ArrayLike, y_pred: ArrayLike, slices: Mapping[str, ArrayLike]
+) -> dict[str, dict[str, dict[str, float | int]]]:
     """Accuracy within each value of each slice: ``{slice: {value: {"n", "accuracy"}}}``.
 
     Values are compared as strings; the empty string means "unlabelled" and is left out. Values that start with
@@ -217,22 +222,23 @@ def sliced_accuracy(y_true: ArrayLike, y_pred: ArrayLike,
     return out
 
 
-def worst_slice(sliced: Mapping[str, Mapping[str, Mapping[str, float | int]]], overall: float,
-                min_n: int = 10) -> dict[str, Any] | None:
+def worst_slice(
+    sliced: Mapping[str, Mapping[str, Mapping[str, float | int]]], overall: float, min_n: int = 10
+) -> dict[str, Any] | None:
     """The group with the lowest accuracy among those with at least ``min_n`` faces, and its gap to ``overall``.
 
     ``gap`` is overall minus group accuracy (positive = the group does worse). None if no group qualifies.
     """
-    candidates = [(g["accuracy"], name, value, g["n"]) for name, groups in sliced.items()
-                  for value, g in groups.items() if g["n"] >= min_n]
+    candidates = [
+        (g["accuracy"], name, value, g["n"]) for name, groups in sliced.items() for value, g in groups.items() if g["n"] >= min_n
+    ]
     if not candidates:
         return None
     acc, name, value, n = min(candidates)
     return {"slice": name, "value": value, "n": n, "accuracy": acc, "gap": float(overall - acc)}
 
 
-def bootstrap_ci(y_true: ArrayLike, y_pred: ArrayLike, n: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(y_true: ArrayLike, y_pred: ArrayLike, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval for accuracy, resampling faces with replacement."""
     t, p = np.asarray(y_true), np.asarray(y_pred)
     _same_length(y_true=t, y_pred=p)
@@ -242,8 +248,9 @@ def bootstrap_ci(y_true: ArrayLike, y_pred: ArrayLike, n: int = 1000, seed: int 
     rng = np.random.default_rng(seed)
     # Chunked so that n resamples of a large test set never materialise at once.
     chunk = max(1, 2_000_000 // correct.size)
-    accs = np.concatenate([correct[rng.integers(0, correct.size, (min(chunk, n - i), correct.size))].mean(axis=1)
-                           for i in range(0, n, chunk)])
+    accs = np.concatenate(
+        [correct[rng.integers(0, correct.size, (min(chunk, n - i), correct.size))].mean(axis=1) for i in range(0, n, chunk)]
+    )
     lo, hi = np.quantile(accs, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
@@ -276,7 +283,11 @@ def interval_scores(low: ArrayLike, high: ArrayLike, age_pred: ArrayLike) -> dic
     for i, (a, b) in enumerate(groups):
         mine = labelled == i
         name = f"{int(a)}+" if b == np.inf else f"{int(a)}-{int(b) - 1}"
-        per_group[name] = {"n": int(mine.sum()), "exact": float(np.mean(inside[mine])),
-                           "mean_predicted": float(np.mean(p[mine]))}
-    return {"n": int(p.size), "exact": float(np.mean(inside)), "one_off": float(np.mean(gap <= 1)),
-            "years_outside": float(np.mean(outside)), "per_group": per_group}
+        per_group[name] = {"n": int(mine.sum()), "exact": float(np.mean(inside[mine])), "mean_predicted": float(np.mean(p[mine]))}
+    return {
+        "n": int(p.size),
+        "exact": float(np.mean(inside)),
+        "one_off": float(np.mean(gap <= 1)),
+        "years_outside": float(np.mean(outside)),
+        "per_group": per_group,
+    }

@@ -107,8 +107,9 @@ class Predictions:
             raise AgeGenderError(f"{path}: not a predictions file (columns {header[:10]})")
         columns = dict(zip(header, zip(*rows[1:]))) if len(rows) > 1 else {c: () for c in header}
         try:
-            fields: dict[str, Any] = {c: np.array([float(v) for v in vs]) for c, vs in columns.items()
-                                      if c not in ("path", "race", "gender_true")}
+            fields: dict[str, Any] = {
+                c: np.array([float(v) for v in vs]) for c, vs in columns.items() if c not in ("path", "race", "gender_true")
+            }
             fields["gender_true"] = np.array([int(v) for v in columns["gender_true"]], dtype=np.int64)
             if "race" in columns:
                 fields["race"] = np.array(columns["race"], dtype=object)
@@ -157,10 +158,14 @@ def _age_slice(pred: Predictions) -> np.ndarray:
     return labels.astype(str)
 
 
-def build_report(pred: Predictions, protocol: dict[str, Any], threshold: float = 0.5,
-                 sources: Sequence[str] | np.ndarray | None = None,
-                 datasets: Sequence[str] | np.ndarray | None = None,
-                 seed_comparison: bool | None = None) -> dict[str, Any]:
+def build_report(
+    pred: Predictions,
+    protocol: dict[str, Any],
+    threshold: float = 0.5,
+    sources: Sequence[str] | np.ndarray | None = None,
+    datasets: Sequence[str] | np.ndarray | None = None,
+    seed_comparison: bool | None = None,
+) -> dict[str, Any]:
     """All metrics as a JSON-ready dict: protocol, gender, age (when labelled), slices, seed comparison.
 
     ``sources`` (one per face, e.g. adience / imdb / wiki, "" unknown) adds a per-source slice, and ``datasets``
@@ -177,14 +182,23 @@ def build_report(pred: Predictions, protocol: dict[str, Any], threshold: float =
     lo, hi = metrics.bootstrap_ci(y, y_hat)
     bins = metrics.calibration_bins(y, p)
     gender = {
-        "n": int(y.size), "threshold": threshold, "positive_class": GENDERS[1], **cls,
+        "n": int(y.size),
+        "threshold": threshold,
+        "positive_class": GENDERS[1],
+        **cls,
         "accuracy_ci95": [lo, hi],
         "auc": metrics.roc_auc(y, p) if both else None,
         "ece": metrics.expected_calibration_error(y, p),
-        "calibration": [{"lower": float(bins["lower"][i]), "upper": float(bins["upper"][i]),
-                         "count": int(bins["count"][i]), "mean_predicted": float(bins["mean_predicted"][i]),
-                         "fraction_male": float(bins["fraction_positive"][i])}
-                        for i in np.flatnonzero(bins["count"])],
+        "calibration": [
+            {
+                "lower": float(bins["lower"][i]),
+                "upper": float(bins["upper"][i]),
+                "count": int(bins["count"][i]),
+                "mean_predicted": float(bins["mean_predicted"][i]),
+                "fraction_male": float(bins["fraction_positive"][i]),
+            }
+            for i in np.flatnonzero(bins["count"])
+        ],
     }
     report: dict[str, Any] = {"protocol": dict(protocol), "gender": gender}
 
@@ -192,11 +206,19 @@ def build_report(pred: Predictions, protocol: dict[str, Any], threshold: float =
     if pred.age_pred is not None and known.any():
         t, a = pred.age_true[known], pred.age_pred[known]  # type: ignore[index]
         groups = metrics.group_accuracy(t, a)
-        report["age"] = {"n": int(known.sum()), "mae": metrics.mae(t, a), "cs5": metrics.cumulative_score(t, a, 5),
-                         "group_exact": groups["exact"], "group_one_off": groups["one_off"]}
+        report["age"] = {
+            "n": int(known.sum()),
+            "mae": metrics.mae(t, a),
+            "cs5": metrics.cumulative_score(t, a, 5),
+            "group_exact": groups["exact"],
+            "group_one_off": groups["one_off"],
+        }
     if pred.age_pred is not None and grouped.any():
-        report["age_groups"] = metrics.interval_scores(pred.age_low[grouped], pred.age_high[grouped],  # type: ignore[index]
-                                                       pred.age_pred[grouped])
+        report["age_groups"] = metrics.interval_scores(
+            pred.age_low[grouped],  # type: ignore[index]
+            pred.age_high[grouped],  # type: ignore[index]
+            pred.age_pred[grouped],
+        )
 
     slices = {"age_group": _age_slice(pred)}
     if pred.race is not None:
@@ -210,22 +232,26 @@ def build_report(pred: Predictions, protocol: dict[str, Any], threshold: float =
         if "data set" not in slices or not np.array_equal(source, slices["data set"]):
             slices["source"] = source
     by = metrics.sliced_accuracy(y, y_hat, slices)
-    report["slices"] = {"by": {k: v for k, v in by.items() if v}, "min_n": MIN_SLICE_N,
-                        "worst": metrics.worst_slice(by, cls["accuracy"], MIN_SLICE_N)}
+    report["slices"] = {
+        "by": {k: v for k, v in by.items() if v},
+        "min_n": MIN_SLICE_N,
+        "worst": metrics.worst_slice(by, cls["accuracy"], MIN_SLICE_N),
+    }
 
     if seed_comparison is None:
         seed_comparison = protocol.get("kind") == "agegender"
     if not seed_comparison:
         return report
-    ours = {"accuracy": cls["accuracy"], **{k: cls["per_class"][SEED_POSITIVE_CLASS][k]
-                                            for k in ("precision", "recall", "f1")}}
+    ours = {"accuracy": cls["accuracy"], **{k: cls["per_class"][SEED_POSITIVE_CLASS][k] for k in ("precision", "recall", "f1")}}
     report["seed_comparison"] = {
         "positive_class": SEED_POSITIVE_CLASS,
         "note": "The seed notebook's precision/recall/F1 take male as the positive class (a sigmoid over the F/M "
-                "folders), so they sit beside our male-class figures. The seed measured on its own split; "
-                "read both against the protocol above.",
-        "rows": [{"metric": k, "seed": SEED_REPORTED[k], "ours": ours[k], "difference": ours[k] - SEED_REPORTED[k]}
-                 for k in SEED_REPORTED],
+        "folders), so they sit beside our male-class figures. The seed measured on its own split; "
+        "read both against the protocol above.",
+        "rows": [
+            {"metric": k, "seed": SEED_REPORTED[k], "ours": ours[k], "difference": ours[k] - SEED_REPORTED[k]}
+            for k in SEED_REPORTED
+        ],
     }
     return report
 
@@ -259,8 +285,12 @@ def _value(v: Any, limit: int = 10) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(str(c) for c in r) + " |" for r in rows), ""]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(c) for c in r) + " |" for r in rows),
+        "",
+    ]
 
 
 def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
@@ -273,54 +303,94 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
     lines += [f"- **{k}**: {_value(v)}" for k, v in protocol.items()] or ["- (not given)"]
 
     lo, hi = g["accuracy_ci95"]
-    lines += ["", "## Headline", "",
-              f"- Gender accuracy **{_f(g['accuracy'])}** (95% bootstrap CI {_f(lo)}-{_f(hi)}) on {g['n']} faces "
-              f"at threshold {g['threshold']}; AUC {_f(g['auc'])}; ECE {_f(g['ece'])}."]
+    lines += [
+        "",
+        "## Headline",
+        "",
+        f"- Gender accuracy **{_f(g['accuracy'])}** (95% bootstrap CI {_f(lo)}-{_f(hi)}) on {g['n']} faces "
+        f"at threshold {g['threshold']}; AUC {_f(g['auc'])}; ECE {_f(g['ece'])}.",
+    ]
     if "age" in report:
         a = report["age"]
-        lines.append(f"- Age MAE **{a['mae']:.2f}** years, CS@5 {_f(a['cs5'])}, Adience group exact "
-                     f"{_f(a['group_exact'])} / one-off {_f(a['group_one_off'])} ({a['n']} faces with age).")
+        lines.append(
+            f"- Age MAE **{a['mae']:.2f}** years, CS@5 {_f(a['cs5'])}, Adience group exact "
+            f"{_f(a['group_exact'])} / one-off {_f(a['group_one_off'])} ({a['n']} faces with age)."
+        )
     if "age_groups" in report:
         a = report["age_groups"]
-        lines.append(f"- Age group (labels are groups, so no MAE): predicted age inside the labelled group "
-                     f"**{_f(a['exact'])}**, within one group {_f(a['one_off'])}, {a['years_outside']:.2f} years "
-                     f"outside it on average ({a['n']} faces).")
+        lines.append(
+            f"- Age group (labels are groups, so no MAE): predicted age inside the labelled group "
+            f"**{_f(a['exact'])}**, within one group {_f(a['one_off'])}, {a['years_outside']:.2f} years "
+            f"outside it on average ({a['n']} faces)."
+        )
 
     rows = [[c, _f(m["precision"]), _f(m["recall"]), _f(m["f1"]), m["support"]] for c, m in g["per_class"].items()]
-    rows += [[name, _f(g[key]["precision"]), _f(g[key]["recall"]), _f(g[key]["f1"]), g[key]["support"]]
-             for name, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg"))]
+    rows += [
+        [name, _f(g[key]["precision"]), _f(g[key]["recall"]), _f(g[key]["f1"]), g[key]["support"]]
+        for name, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg"))
+    ]
     lines += ["", "## Gender", "", *markdown_table(["class", "precision", "recall", "F1", "support"], rows)]
-    lines += ["Confusion matrix (rows true, columns predicted):", "",
-              *markdown_table(["true \\ predicted", *labels], [[c, *r] for c, r in zip(labels, g["confusion_matrix"])])]
+    lines += [
+        "Confusion matrix (rows true, columns predicted):",
+        "",
+        *markdown_table(["true \\ predicted", *labels], [[c, *r] for c, r in zip(labels, g["confusion_matrix"])]),
+    ]
 
     if "age" in report:
         a = report["age"]
-        lines += ["## Age", "", *markdown_table(["metric", "value"], [
-            ["faces with age", a["n"]], ["MAE (years)", f"{a['mae']:.2f}"], ["CS@5", _f(a["cs5"])],
-            ["Adience group exact", _f(a["group_exact"])], ["Adience group one-off", _f(a["group_one_off"])]])]
+        lines += [
+            "## Age",
+            "",
+            *markdown_table(
+                ["metric", "value"],
+                [
+                    ["faces with age", a["n"]],
+                    ["MAE (years)", f"{a['mae']:.2f}"],
+                    ["CS@5", _f(a["cs5"])],
+                    ["Adience group exact", _f(a["group_exact"])],
+                    ["Adience group one-off", _f(a["group_one_off"])],
+                ],
+            ),
+        ]
 
     if "age_groups" in report:
         a = report["age_groups"]
-        lines += ["## Age groups", "",
-                  "These faces are labelled with an age group, not an age: a prediction counts when it lies in the "
-                  "group (\"20-29\" holds 20.0 to 29.99). A group's midpoint is not the person's age, so no MAE "
-                  "is given for them.", "",
-                  *markdown_table(["metric", "value"], [
-                      ["faces with an age group", a["n"]], ["inside the labelled group", _f(a["exact"])],
-                      ["within one group", _f(a["one_off"])], ["years outside the group (mean)",
-                                                                f"{a['years_outside']:.2f}"]]),
-                  *markdown_table(["labelled group", "n", "inside", "mean predicted age"],
-                                  [[k, v["n"], _f(v["exact"]), f"{v['mean_predicted']:.1f}"]
-                                   for k, v in a["per_group"].items()])]
+        lines += [
+            "## Age groups",
+            "",
+            "These faces are labelled with an age group, not an age: a prediction counts when it lies in the "
+            "group (\"20-29\" holds 20.0 to 29.99). A group's midpoint is not the person's age, so no MAE "
+            "is given for them.",
+            "",
+            *markdown_table(
+                ["metric", "value"],
+                [
+                    ["faces with an age group", a["n"]],
+                    ["inside the labelled group", _f(a["exact"])],
+                    ["within one group", _f(a["one_off"])],
+                    ["years outside the group (mean)", f"{a['years_outside']:.2f}"],
+                ],
+            ),
+            *markdown_table(
+                ["labelled group", "n", "inside", "mean predicted age"],
+                [[k, v["n"], _f(v["exact"]), f"{v['mean_predicted']:.1f}"] for k, v in a["per_group"].items()],
+            ),
+        ]
 
     s = report["slices"]
     lines += ["## Slices", "", f"Gender accuracy per group (overall {_f(g['accuracy'])}).", ""]
     for name, groups in s["by"].items():
-        lines += [f"### {name}", "", *markdown_table([name, "n", "accuracy"],
-                                              [[v, d["n"], _f(d["accuracy"])] for v, d in groups.items()])]
+        lines += [
+            f"### {name}",
+            "",
+            *markdown_table([name, "n", "accuracy"], [[v, d["n"], _f(d["accuracy"])] for v, d in groups.items()]),
+        ]
     w = s["worst"]
-    lines.append(f"Worst group: **{w['slice']} = {w['value']}** (n={w['n']}), accuracy {_f(w['accuracy'])}, "
-                 f"{_f(w['gap'])} below overall." if w else f"Worst group: none has at least {s['min_n']} faces.")
+    lines.append(
+        f"Worst group: **{w['slice']} = {w['value']}** (n={w['n']}), accuracy {_f(w['accuracy'])}, {_f(w['gap'])} below overall."
+        if w
+        else f"Worst group: none has at least {s['min_n']} faces."
+    )
 
     if figures:
         lines += ["", "## Figures", "", *(f"![{Path(f).stem}]({f})" for f in figures)]
@@ -328,10 +398,25 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
     if "seed_comparison" not in report:
         return "\n".join(lines)
     c = report["seed_comparison"]
-    lines += ["", "## Comparison with the seed notebook", "", c["note"], "",
-              *markdown_table(["metric", "seed", "ours", "ours - seed"],
-                      [[r["metric"] + (f" ({c['positive_class']})" if r["metric"] != "accuracy" else ""),
-                        _f(r["seed"]), _f(r["ours"]), f"{r['difference']:+.4f}"] for r in c["rows"]])]
+    lines += [
+        "",
+        "## Comparison with the seed notebook",
+        "",
+        c["note"],
+        "",
+        *markdown_table(
+            ["metric", "seed", "ours", "ours - seed"],
+            [
+                [
+                    r["metric"] + (f" ({c['positive_class']})" if r["metric"] != "accuracy" else ""),
+                    _f(r["seed"]),
+                    _f(r["ours"]),
+                    f"{r['difference']:+.4f}",
+                ]
+                for r in c["rows"]
+            ],
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -356,8 +441,15 @@ def _plot_confusion(cm: np.ndarray, labels: Sequence[str], path: Path) -> None:
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
-           xlabel="predicted", ylabel="true", title="Gender confusion matrix")
+    ax.set(
+        xticks=range(len(labels)),
+        yticks=range(len(labels)),
+        xticklabels=labels,
+        yticklabels=labels,
+        xlabel="predicted",
+        ylabel="true",
+        title="Gender confusion matrix",
+    )
     _save(fig, path)
 
 
@@ -377,12 +469,24 @@ def _plot_calibration(y: np.ndarray, p: np.ndarray, ece: float, path: Path) -> N
     used = b["count"] > 0
     fig = _figure(width=4.5)
     ax = fig.add_subplot()
-    ax.bar(b["lower"][used], b["fraction_positive"][used], width=b["upper"][0] - b["lower"][0], align="edge",
-           edgecolor="black", alpha=0.7, label="fraction male")
+    ax.bar(
+        b["lower"][used],
+        b["fraction_positive"][used],
+        width=b["upper"][0] - b["lower"][0],
+        align="edge",
+        edgecolor="black",
+        alpha=0.7,
+        label="fraction male",
+    )
     ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
     ax.plot(b["mean_predicted"][used], b["fraction_positive"][used], "o", color="black", ms=3)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(male)", ylabel="observed fraction male",
-           title=f"Reliability (ECE {ece:.4f})")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="predicted P(male)",
+        ylabel="observed fraction male",
+        title=f"Reliability (ECE {ece:.4f})",
+    )
     ax.legend(loc="upper left")
     _save(fig, path)
 
@@ -409,9 +513,14 @@ def _plot_age_groups(low: np.ndarray, high: np.ndarray, a: np.ndarray, path: Pat
         mine = (low == lo) & (high == hi)
         ax.add_patch(_rectangle(i - 0.4, lo, 0.8, (top if hi == np.inf else hi + 1) - lo))
         ax.scatter(i + rng.uniform(-0.3, 0.3, int(mine.sum())), a[mine], s=4, alpha=0.4, color="C0")
-    ax.set(xticks=range(len(groups)), xticklabels=[interval_name(lo, hi) for lo, hi in groups],
-           xlabel="labelled age group", ylabel="predicted age", xlim=(-0.6, len(groups) - 0.4),
-           title="Predicted age per labelled group (shaded: the group)")
+    ax.set(
+        xticks=range(len(groups)),
+        xticklabels=[interval_name(lo, hi) for lo, hi in groups],
+        xlabel="labelled age group",
+        ylabel="predicted age",
+        xlim=(-0.6, len(groups) - 0.4),
+        title="Predicted age per labelled group (shaded: the group)",
+    )
     _save(fig, path)
 
 
@@ -446,8 +555,10 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
         raise AgeGenderError(f"{path}: training history must be a non-empty list of per-epoch dicts")
     epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
     keys = sorted({k for h in history for k, v in h.items() if k != "epoch" and isinstance(v, (int, float))})
-    panels = _loss_panels(keys) + [(title, [k for k in keys if test(k)]) for title, test in (
-        ("gender accuracy", lambda k: "acc" in k), ("age MAE (years)", lambda k: "mae" in k))]
+    panels = _loss_panels(keys) + [
+        (title, [k for k in keys if test(k)])
+        for title, test in (("gender accuracy", lambda k: "acc" in k), ("age MAE (years)", lambda k: "mae" in k))
+    ]
     panels = [(t, ks) for t, ks in panels if ks]
     if not panels:
         raise AgeGenderError(f"{path}: training history has no loss, accuracy or MAE values")
@@ -462,8 +573,12 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     return Path(path)
 
 
-def write_report(report: dict[str, Any], pred: Predictions, out_dir: ReportDir | str | os.PathLike[str],
-                 history: list[dict[str, Any]] | None = None) -> Path:
+def write_report(
+    report: dict[str, Any],
+    pred: Predictions,
+    out_dir: ReportDir | str | os.PathLike[str],
+    history: list[dict[str, Any]] | None = None,
+) -> Path:
     """Write the per-face predictions, report.json, the figures and report.md (which links them) into
     ``out_dir`` (its files: :class:`~agegender.rundir.ReportDir`); return report.md's path."""
     folder = out_dir if isinstance(out_dir, ReportDir) else ReportDir(Path(out_dir))
@@ -483,8 +598,12 @@ def write_report(report: dict[str, Any], pred: Predictions, out_dir: ReportDir |
         figures.append("age_scatter.png")
     if "age_groups" in report and pred.age_pred is not None:
         grouped = _intervals(pred)
-        _plot_age_groups(pred.age_low[grouped], pred.age_high[grouped], pred.age_pred[grouped],  # type: ignore[index]
-                         out / "age_groups.png")
+        _plot_age_groups(
+            pred.age_low[grouped],  # type: ignore[index]
+            pred.age_high[grouped],  # type: ignore[index]
+            pred.age_pred[grouped],
+            out / "age_groups.png",
+        )
         figures.append("age_groups.png")
     if history:
         plot_training_curves(history, out / "training_curves.png")

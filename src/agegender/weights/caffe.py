@@ -224,15 +224,18 @@ def read_caffe(path: Path, trust_pickle: bool = False) -> Params:
     for i, layer in enumerate(weighted):
         label = f"{layer.name or '?'} ({layer.type or 'no type'})"
         if layer.type not in _CONV_TYPES | _FC_TYPES:
-            raise AgeGenderError(f"{path}: layer {label} has weights, but VGG-Face's only weighted layers are "
-                                 f"convolutions and inner products")
+            raise AgeGenderError(
+                f"{path}: layer {label} has weights, but VGG-Face's only weighted layers are convolutions and inner products"
+            )
         if len(layer.blobs) != 2:
             raise AgeGenderError(f"{path}: layer {label} has {len(layer.blobs)} blobs, expected a weight and a bias")
         weight, bias = layer.blobs
         if layer.type in _FC_TYPES:
             if i < len(CONV_NAMES):
-                raise AgeGenderError(f"{path}: layer {label} is an inner product at position {i + 1}; the first "
-                                     f"{len(CONV_NAMES)} of VGG-Face's weighted layers are convolutions")
+                raise AgeGenderError(
+                    f"{path}: layer {label} is an inner product at position {i + 1}; the first "
+                    f"{len(CONV_NAMES)} of VGG-Face's weighted layers are convolutions"
+                )
             # V1 blobs are 4-D (1, 1, out, in) for an inner product; newer ones (out, in).
             if weight.ndim == 4 and weight.shape[:2] == (1, 1):
                 weight = weight.reshape(weight.shape[2:])

@@ -46,8 +46,9 @@ def linear_from_conv(weight: Any, name: str, path: Path) -> Any:
         return weight
     k = FC_KERNELS[name]
     if weight.ndim != 4 or tuple(weight.shape[2:]) != (k, k):
-        raise fail(path, f"{name} is {tuple(weight.shape)}, expected a Linear (out, in) or a {k}x{k} "
-                         f"convolution (out, in, {k}, {k})")
+        raise fail(
+            path, f"{name} is {tuple(weight.shape)}, expected a Linear (out, in) or a {k}x{k} convolution (out, in, {k}, {k})"
+        )
     return weight.reshape(weight.shape[0], -1)
 
 
@@ -58,15 +59,20 @@ def assign_layers(path: Path, layers: list[tuple[str, Any, Any]]) -> Params:
     fc6-fc8 (Linear ``(out, in)`` or convolutions). Names in the file are only for messages.
     """
     if len(layers) not in (len(CONV_NAMES), len(LAYERS)):
-        raise fail(path, f"{len(layers)} layers with weights; VGG-Face has {len(LAYERS)} ({len(CONV_NAMES)} "
-                         f"convolutions, then {len(FC_NAMES)} fully connected) or {len(CONV_NAMES)} without the top")
+        raise fail(
+            path,
+            f"{len(layers)} layers with weights; VGG-Face has {len(LAYERS)} ({len(CONV_NAMES)} "
+            f"convolutions, then {len(FC_NAMES)} fully connected) or {len(CONV_NAMES)} without the top",
+        )
     params: Params = {}
     for (source, weight, bias), name in zip(layers, LAYERS):
         if name in FC_NAMES:
             weight = linear_from_conv(weight, name, path)
         elif weight.ndim != 4:
-            raise fail(path, f"layer {source} (VGG-Face's {name}) has a {weight.ndim}-D weight {tuple(weight.shape)}, "
-                             f"expected a convolution")
+            raise fail(
+                path,
+                f"layer {source} (VGG-Face's {name}) has a {weight.ndim}-D weight {tuple(weight.shape)}, expected a convolution",
+            )
         if bias.size != weight.shape[0]:
             raise fail(path, f"layer {source} (VGG-Face's {name}) has {bias.size} biases for {weight.shape[0]} outputs")
         params[f"{name}.weight"], params[f"{name}.bias"] = weight, bias.reshape(-1)
@@ -115,8 +121,11 @@ def check(state: dict[str, Any], path: str | os.PathLike[str], *, full: bool = F
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise fail(path, f"VGG-Face parameters missing: {', '.join(missing[:3])}{more}")
     if trunk_only and full:
-        raise fail(path, "trunk-only VGG-Face weights (conv1_1 ... conv5_3, like keras-vggface's notop file): "
-                         "fc6, fc7 and fc8 are missing, and identifying faces needs them (training needs only the convs)")
+        raise fail(
+            path,
+            "trunk-only VGG-Face weights (conv1_1 ... conv5_3, like keras-vggface's notop file): "
+            "fc6, fc7 and fc8 are missing, and identifying faces needs them (training needs only the convs)",
+        )
     if any(state[k].ndim == 0 for k in wanted):
         raise fail(path, "a scalar where a VGG-Face weight or bias belongs")
     widths = infer_widths(state)

@@ -30,17 +30,31 @@ log = logging.getLogger(__name__)
 
 # The single list of input formats (the CLI's --input-format choices are read from it).
 FORMATS = ("t7", "pt", "mat", "h5", "caffe", "dlib")
-FORMAT_NAMES = {"t7": "a Torch7 file", "pt": "a PyTorch file", "mat": "a MATLAB file", "h5": "an HDF5 file",
-                "caffe": "a Caffe model", "dlib": "a dlib network"}
-_SUFFIXES = {".t7": "t7", ".pt": "pt", ".pth": "pt", ".mat": "mat", ".h5": "h5", ".hdf5": "h5",
-             ".caffemodel": "caffe", ".dat": "dlib"}
+FORMAT_NAMES = {
+    "t7": "a Torch7 file",
+    "pt": "a PyTorch file",
+    "mat": "a MATLAB file",
+    "h5": "an HDF5 file",
+    "caffe": "a Caffe model",
+    "dlib": "a dlib network",
+}
+_SUFFIXES = {
+    ".t7": "t7",
+    ".pt": "pt",
+    ".pth": "pt",
+    ".mat": "mat",
+    ".h5": "h5",
+    ".hdf5": "h5",
+    ".caffemodel": "caffe",
+    ".dat": "dlib",
+}
 
-__all__ = ["FORMATS", "canonical_key", "convert_weights", "infer_widths", "load_canonical", "read_canonical",
-           "read_weights"]
+__all__ = ["FORMATS", "canonical_key", "convert_weights", "infer_widths", "load_canonical", "read_canonical", "read_weights"]
 
 
-def read_weights(src: str | os.PathLike[str], *, trust_pickle: bool = False, fmt: str = "auto",
-                 full: bool = False) -> dict[str, torch.Tensor]:
+def read_weights(
+    src: str | os.PathLike[str], *, trust_pickle: bool = False, fmt: str = "auto", full: bool = False
+) -> dict[str, torch.Tensor]:
     """Read any supported encoding of VGG-Face into the canonical state dict, every shape checked.
 
     A trunk-only file (keras-vggface notop) gives the conv keys only, unless ``full`` asks for fc6-fc8 too.
@@ -49,13 +63,15 @@ def read_weights(src: str | os.PathLike[str], *, trust_pickle: bool = False, fmt
     fmt = _format(path, fmt)
     if fmt not in _readers():
         other = backbone_for_format(fmt).name
-        raise OptionError(f"{path}: {FORMAT_NAMES[fmt]} of {other} weights, not VGG-Face (use it with "
-                          f"`backbone` {other})", "backbone")
+        raise OptionError(
+            f"{path}: {FORMAT_NAMES[fmt]} of {other} weights, not VGG-Face (use it with `backbone` {other})", "backbone"
+        )
     return _read(path, fmt, trust_pickle, full)[0]
 
 
-def read_canonical(src: str | os.PathLike[str], *, trust_pickle: bool = False, fmt: str = "auto", full: bool = False,
-                   backbone: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_canonical(
+    src: str | os.PathLike[str], *, trust_pickle: bool = False, fmt: str = "auto", full: bool = False, backbone: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Any published encoding of a backbone's weights -> its canonical state dict and the metadata
     :func:`convert_weights` stores with it (``backbone``, ``source_sha256``, ``widths``, ...).
 
@@ -69,14 +85,20 @@ def read_canonical(src: str | os.PathLike[str], *, trust_pickle: bool = False, f
     if fmt == "dlib":
         return _read_dlib(path)
     state, widths = _read(path, fmt, trust_pickle, full)
-    meta = {"backbone": spec.name, "source_sha256": sha256_file(path), "source_format": fmt,
-            "preprocess": spec.preprocess.to_json(), "widths": json.dumps(list(widths)),
-            "layers": "full" if has_fc(state) else "trunk"}
+    meta = {
+        "backbone": spec.name,
+        "source_sha256": sha256_file(path),
+        "source_format": fmt,
+        "preprocess": spec.preprocess.to_json(),
+        "widths": json.dumps(list(widths)),
+        "layers": "full" if has_fc(state) else "trunk",
+    }
     return state, meta
 
 
-def convert_weights(src: str | os.PathLike[str], out: str | os.PathLike[str], *, trust_pickle: bool = False,
-                    fmt: str = "auto", full: bool = False) -> dict[str, Any]:
+def convert_weights(
+    src: str | os.PathLike[str], out: str | os.PathLike[str], *, trust_pickle: bool = False, fmt: str = "auto", full: bool = False
+) -> dict[str, Any]:
     """Convert ``src`` to canonical safetensors at ``out``; returns a summary of what was written.
 
     Everything is checked before anything is written: the output may not be the input (by any path) or a
@@ -98,19 +120,28 @@ def convert_weights(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
     except OSError as e:  # reading errors are AgeGenderErrors already, so this is the output side
         raise AgeGenderError(f"{out}: cannot write ({e.strerror or e})") from None
     fmt = meta["source_format"]
-    summary = {"source": str(path), "output": str(out), "format": fmt, "backbone": meta["backbone"],
-               "source_sha256": meta["source_sha256"], "parameters": sum(t.numel() for t in state.values()),
-               "widths": list(widths), "layers": meta.get("layers", "full"),
-               "seconds": round(time.perf_counter() - start, 2)}
+    summary = {
+        "source": str(path),
+        "output": str(out),
+        "format": fmt,
+        "backbone": meta["backbone"],
+        "source_sha256": meta["source_sha256"],
+        "parameters": sum(t.numel() for t in state.values()),
+        "widths": list(widths),
+        "layers": meta.get("layers", "full"),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
     if meta.get("layers") == "trunk":
-        log.warning("%s: no fc6-fc8 (a notop file): %s holds the convolutions only, enough for training, "
-                    "not for identify", path, out)
+        log.warning(
+            "%s: no fc6-fc8 (a notop file): %s holds the convolutions only, enough for training, not for identify", path, out
+        )
     log.info("converted %s (%s, %d parameters) in %.1fs", path, fmt, summary["parameters"], summary["seconds"])
     return summary
 
 
-def load_canonical(path: str | os.PathLike[str], *, full: bool = False,
-                   backbone: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_canonical(
+    path: str | os.PathLike[str], *, full: bool = False, backbone: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load a file written by :func:`convert_weights`: the state dict and its metadata, shapes checked.
 
     ``backbone`` (a name in :data:`agegender.backbones.BACKBONES`) refuses a file of another; ``full`` refuses
@@ -181,8 +212,9 @@ def _format(path: Path, fmt: str) -> str:
         return wanted
     if found is not None and found.fmt:
         return found.fmt
-    raise OptionError(f"{path}: unrecognised weights format (expected .t7, .pt/.pth, .mat, .h5, .caffemodel "
-                      f"or .dat; or pass `fmt`)", "fmt")
+    raise OptionError(
+        f"{path}: unrecognised weights format (expected .t7, .pt/.pth, .mat, .h5, .caffemodel or .dat; or pass `fmt`)", "fmt"
+    )
 
 
 def _readers() -> dict[str, Callable[[Path, bool], Params]]:
@@ -219,10 +251,16 @@ def _read_dlib(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     net = load_dlib_resnet(path)
     state = {k: torch.from_numpy(v.astype("float32", copy=False)).contiguous() for k, v in net.state.items()}
     check_finite(state, path)
-    meta = {"backbone": backbone_for_format("dlib").name, "source_sha256": sha256_file(path), "source_format": "dlib",
-            "widths": json.dumps(list(net.widths)), "descriptor_dim": str(net.descriptor_dim),
-            "input_mean_rgb": json.dumps(list(net.input_mean_rgb)), "input_size": str(net.input_size),
-            "layer_versions": json.dumps(list(net.layer_versions))}
+    meta = {
+        "backbone": backbone_for_format("dlib").name,
+        "source_sha256": sha256_file(path),
+        "source_format": "dlib",
+        "widths": json.dumps(list(net.widths)),
+        "descriptor_dim": str(net.descriptor_dim),
+        "input_mean_rgb": json.dumps(list(net.input_mean_rgb)),
+        "input_size": str(net.input_size),
+        "layer_versions": json.dumps(list(net.layer_versions)),
+    }
     return state, meta
 
 

@@ -137,8 +137,12 @@ class _Reader:
         params = self.s.tensor()
         filters, kh, kw, sy, sx, py, px = self.ints(7)
         pad = 0 if layer.stride != 1 else layer.kernel // 2  # dlib's default padding rule
-        self.expect(layer, "kernel, stride, padding", (kh, kw, sy, sx, py, px),
-                    (layer.kernel, layer.kernel, layer.stride, layer.stride, pad, pad))
+        self.expect(
+            layer,
+            "kernel, stride, padding",
+            (kh, kw, sy, sx, py, px),
+            (layer.kernel, layer.kernel, layer.stride, layer.stride, pad, pad),
+        )
         if layer.level >= len(self.widths):
             if filters <= 0:
                 raise self.fail(layer, f"{filters} filters")
@@ -216,8 +220,7 @@ class _Reader:
         self.expect(layer, "input count", inputs, self.channels * self.size * self.size)
         if outputs <= 0:
             raise self.fail(layer, f"{outputs} outputs")
-        self.expect(layer, "weight and bias shapes", (weight_shape, bias_shape),
-                    ((inputs, outputs, 1, 1), (0, 0, 0, 0)))
+        self.expect(layer, "weight and bias shapes", (weight_shape, bias_shape), ((inputs, outputs, 1, 1), (0, 0, 0, 0)))
         self.expect(layer, "parameter tensor shape", params.shape, (inputs, outputs, 1, 1))
         self.state["fc.weight"] = np.ascontiguousarray(params.reshape(inputs, outputs).T)  # dlib stores (in, out)
         self.channels = outputs
@@ -264,8 +267,10 @@ def _parse(s: DlibStream) -> DlibResNetFile:
         if v not in allowed:
             s.pos = start
             wrapper = "add_layer" if layer.has_body else f"add_{layer.kind}_layer"
-            raise s.error(f"{layer.name}: {wrapper} version {v}, expected {' or '.join(map(str, allowed))} "
-                          "(not dlib's face-recognition ResNet?)")
+            raise s.error(
+                f"{layer.name}: {wrapper} version {v}, expected {' or '.join(map(str, allowed))} "
+                "(not dlib's face-recognition ResNet?)"
+            )
         wrapper_versions.append(v)
 
     s.expect_str("input_rgb_image_sized")
@@ -282,8 +287,9 @@ def _parse(s: DlibStream) -> DlibResNetFile:
     # A NaN or Inf weight would convert and load, and surface only after training, blamed on a metric.
     for key, value in reader.state.items():
         if not np.isfinite(value).all():
-            raise AgeGenderError(f"{s.name}: {key} holds {int((~np.isfinite(value)).sum())} non-finite values "
-                                 f"(NaN or Inf): corrupt weights")
+            raise AgeGenderError(
+                f"{s.name}: {key} holds {int((~np.isfinite(value)).sum())} non-finite values (NaN or Inf): corrupt weights"
+            )
     if not all(np.isfinite(mean)):
         raise AgeGenderError(f"{s.name}: the input mean {mean} is not finite: corrupt file")
     return DlibResNetFile(
@@ -296,4 +302,3 @@ def _parse(s: DlibStream) -> DlibResNetFile:
         loss_distance_threshold=threshold,
         layer_versions=tuple(sorted(reader.versions)),
     )
-

@@ -47,7 +47,7 @@ class DlibStream:
     def take(self, n: int) -> memoryview:
         if n < 0 or n > self.remaining:
             raise self.error(f"truncated: {n} bytes declared, {self.remaining} remain")
-        out = self.data[self.pos:self.pos + n]
+        out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
 

@@ -83,8 +83,7 @@ def read_shape_predictor(path: str | os.PathLike[str]) -> ShapePredictorModel:
     for c, ((idx1, idx2, thresh, leaves), anchor, delta) in enumerate(zip(forests, anchors, deltas)):
         worst = max(int(idx1.max(initial=0)), int(idx2.max(initial=0)))
         if idx1.size and worst >= len(anchor):
-            raise AgeGenderError(
-                f"{ints.name}: cascade {c} splits on feature pixel {worst}, but it has only {len(anchor)}")
+            raise AgeGenderError(f"{ints.name}: cascade {c} splits on feature pixel {worst}, but it has only {len(anchor)}")
         cascades.append(Cascade(*(_frozen(a) for a in (idx1, idx2, thresh, leaves, anchor, delta))))
     return ShapePredictorModel(_frozen(initial.reshape(parts, 2)), tuple(cascades))
 
@@ -132,7 +131,7 @@ def _token_starts(buf: np.ndarray) -> np.ndarray:
     ctrl = buf[starts]
     size = (ctrl & 0x0F).astype(np.int64)
     bad = ((ctrl & 0x70) != 0) | (size == 0) | (size > 8) | (starts + 1 + size > n)
-    return starts[:int(np.argmax(bad)) + 1] if bad.any() else starts
+    return starts[: int(np.argmax(bad)) + 1] if bad.any() else starts
 
 
 class _Ints:
@@ -158,7 +157,7 @@ class _Ints:
                 starts, ctrl, sizes = starts[:-1], ctrl[:-1], sizes[:-1]
         # Read 8 little-endian bytes after each control byte through an overlapping-window view, then mask.
         padded = np.zeros(self.nbytes + 9, np.uint8)
-        padded[:self.nbytes] = buf
+        padded[: self.nbytes] = buf
         windows = np.ndarray((self.nbytes + 1,), "<u8", padded, strides=(1,))
         mag = windows[starts + 1] & _LOW_BYTES[sizes]
         self.starts, self.sizes, self.neg = starts, sizes, (ctrl & 0x80) != 0
@@ -259,8 +258,9 @@ class _Ints:
         self.i = first + 1 + 4 * n_splits
         n_leaves = self.unsigned(f"{what} leaf count")
         if n_leaves != n_splits + 1 or n_leaves & (n_leaves - 1):
-            raise self.error(f"{what} tree 0 has {n_splits} splits and {n_leaves} leaves, "
-                             "expected a complete binary tree", self.i - 1)
+            raise self.error(
+                f"{what} tree 0 has {n_splits} splits and {n_leaves} leaves, expected a complete binary tree", self.i - 1
+            )
         self.i = first
         rows = 2 * parts
         per_leaf = 2 + 2 * rows
@@ -277,7 +277,7 @@ class _Ints:
         idx2 = self.value[split[..., 1]].astype(np.intp)
         thresh = self.floats(split[..., 2], f"{what} split threshold")
 
-        leaf = tok[:, leaf_count_col + 1:].reshape(n_trees, n_leaves, per_leaf)
+        leaf = tok[:, leaf_count_col + 1 :].reshape(n_trees, n_leaves, per_leaf)
         self._check(leaf[..., :2], f"{what} leaf size", 8, True)
         nr, nc = self.value[leaf[..., 0]], self.value[leaf[..., 1]]
         flip = (nr < 0) | (nc < 0)
@@ -285,8 +285,7 @@ class _Ints:
         bad = (nr != rows) | (nc != 1)
         if bad.any():
             t = np.argwhere(bad)[0]
-            raise self.error(f"{what} leaf is {nr[tuple(t)]}x{nc[tuple(t)]}, expected {rows}x1",
-                             int(leaf[t[0], t[1], 0]))
+            raise self.error(f"{what} leaf is {nr[tuple(t)]}x{nc[tuple(t)]}, expected {rows}x1", int(leaf[t[0], t[1], 0]))
         values = self.floats(leaf[..., 2::2], f"{what} leaf value")
         self.i = first + n_trees * per_tree
         return idx1, idx2, thresh, values.reshape(n_trees, n_leaves, parts, 2)

@@ -60,8 +60,15 @@ class _Rejected(_MirrorFailed):
     """What the mirror sent failed a check (size, sha256, not an archive, contents); it was deleted."""
 
 
-def fetch(archive: ZooFile, dest: str | os.PathLike[str], *, url: str | None = None, extract: bool = True,
-          progress: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Path:
+def fetch(
+    archive: ZooFile,
+    dest: str | os.PathLike[str],
+    *,
+    url: str | None = None,
+    extract: bool = True,
+    progress: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Path:
     """Download, verify and (optionally) unpack ``archive`` into ``dest``; return the directory or the archive.
 
     The mirrors in ``archive.urls`` are tried in turn, after ``url`` when given (a URL ending in ``/`` gets the
@@ -78,8 +85,7 @@ def fetch(archive: ZooFile, dest: str | os.PathLike[str], *, url: str | None = N
     if extract and (target / _MARKER).is_file():
         return target
     if extract and target.exists():  # checked before anything is downloaded
-        raise AgeGenderError(f"{target}: exists but is not a complete extraction of {path.name}; "
-                             f"move or delete it and rerun")
+        raise AgeGenderError(f"{target}: exists but is not a complete extraction of {path.name}; move or delete it and rerun")
     created = not dest.exists()
     try:
         dest.mkdir(parents=True, exist_ok=True)
@@ -118,8 +124,7 @@ def _advice(archive: ZooFile, path: Path, failures: list[tuple[str, _MirrorFaile
     if len(failures) == 1:
         what = one_line(failures[0][1], LONG)
     else:
-        what = f"no mirror gave a good copy of {archive.filename} (" + "; ".join(
-            one_line(e, LONG) for _, e in failures) + ")"
+        what = f"no mirror gave a good copy of {archive.filename} (" + "; ".join(one_line(e, LONG) for _, e in failures) + ")"
     steps = []
     if part.is_file():
         steps.append(f"the partial download is kept in {part}: rerun the same command to resume")
@@ -144,8 +149,7 @@ def locate(archive: ZooFile, dest: str | os.PathLike[str] | None = None) -> Path
     command = f"agegender fetch {archive.key}"
     if dest is not None and root.expanduser().resolve() != default_cache_dir().resolve():
         command += f" --dest {shlex.quote(str(dest))}"
-    raise AgeGenderError(f"{archive.filename} is not unpacked in {root}: run `{command}` "
-                         f"or pass --{archive.key} PATH")
+    raise AgeGenderError(f"{archive.filename} is not unpacked in {root}: run `{command}` or pass --{archive.key} PATH")
 
 
 def safe_extract(tar_path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
@@ -338,8 +342,7 @@ def _stream(url: str, part: Path, size: int | None, *, progress: bool, timeout: 
             offset, total = 0, length
         if size is not None and total is not None and total != size:
             part.unlink(missing_ok=True)
-            raise _Rejected(f"{url}: the server has {total:,} bytes but {part.name.removesuffix('.part')} "
-                            f"should be {size:,}")
+            raise _Rejected(f"{url}: the server has {total:,} bytes but {part.name.removesuffix('.part')} should be {size:,}")
         expected = size if size is not None else total
 
         sha = hashlib.sha256()
@@ -351,9 +354,18 @@ def _stream(url: str, part: Path, size: int | None, *, progress: bool, timeout: 
         # read1 hands over what has arrived, so a timeout or reset loses nothing already received.
         read = getattr(response, "read1", response.read)
         try:
-            with open(part, "ab" if offset else "wb") as f, tqdm(
-                    total=expected, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=part.name.removesuffix(".part"), disable=None if progress else True) as bar:
+            with (
+                open(part, "ab" if offset else "wb") as f,
+                tqdm(
+                    total=expected,
+                    initial=offset,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=part.name.removesuffix(".part"),
+                    disable=None if progress else True,
+                ) as bar,
+            ):
                 while True:
                     try:
                         chunk = read(_CHUNK)
@@ -386,8 +398,9 @@ def _check_content_range(url: str, part: Path, header: str, offset: int, length:
     match = _CONTENT_RANGE.fullmatch(header.strip())
     if match is None or int(match[1]) != offset or (length is not None and int(match[2]) + 1 - offset != length):
         part.unlink()
-        raise _Rejected(f"{url}: asked for bytes {offset:,}- but the server answered Content-Range "
-                        f"{header!r} (Content-Length {length})")
+        raise _Rejected(
+            f"{url}: asked for bytes {offset:,}- but the server answered Content-Range {header!r} (Content-Length {length})"
+        )
     return None if match[3] == "*" else int(match[3])
 
 
@@ -400,8 +413,7 @@ def _extract(archive: ZooFile, path: Path, digest: str) -> Path:
     if (target / _MARKER).is_file():
         return target
     if target.exists():
-        raise AgeGenderError(f"{target}: exists but is not a complete extraction of {path.name}; "
-                             f"move or delete it and rerun")
+        raise AgeGenderError(f"{target}: exists but is not a complete extraction of {path.name}; move or delete it and rerun")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=path.parent))
     try:
         log.info("unpacking %s", path)

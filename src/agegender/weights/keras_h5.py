@@ -91,8 +91,9 @@ def refuse_foreign_data(path: Path, f: Any, h5py: Any) -> None:
             at = f"{where}/{name}"
             link = group.get(name, getlink=True)
             if isinstance(link, h5py.ExternalLink):
-                raise fail(path, f"{at} is an external link to {link.filename}:{link.path}; a weight file may "
-                                 f"not read another file")
+                raise fail(
+                    path, f"{at} is an external link to {link.filename}:{link.path}; a weight file may not read another file"
+                )
             if isinstance(link, h5py.SoftLink):
                 continue  # a path inside this file, to an object the walk reaches by its hard link
             if not isinstance(link, h5py.HardLink):
@@ -112,8 +113,10 @@ def refuse_foreign_data(path: Path, f: Any, h5py: Any) -> None:
 def _refuse_foreign_dataset(path: Path, at: str, d: Any) -> None:
     plist = d.id.get_create_plist()
     if plist.get_layout() == _VIRTUAL_LAYOUT:
-        raise fail(path, f"{at} is a virtual dataset (its data lives in other datasets or files); a weight file "
-                         f"may not read another file")
+        raise fail(
+            path,
+            f"{at} is a virtual dataset (its data lives in other datasets or files); a weight file may not read another file",
+        )
     if plist.get_external_count():
         names = ", ".join(printable(str(plist.get_external(i)[0])) for i in range(min(plist.get_external_count(), 3)))
         raise fail(path, f"{at} stores its data in external files ({names}); a weight file may not read another file")
@@ -179,8 +182,9 @@ def _to_canonical(path: Path, layers: list[tuple[str, np.ndarray, np.ndarray]]) 
         elif kernel.ndim == 2 and i == len(CONV_NAMES):  # a Dense fc6 over the channels-last flatten
             cin = int(out[-1][1].shape[0]) if out else 0
             if cin < 1 or kernel.shape[0] != 49 * cin:
-                raise AgeGenderError(f"{path}: layer {name} (fc6) kernel {kernel.shape} does not take the 7x7x{cin} "
-                                     f"map of the last convolution")
+                raise AgeGenderError(
+                    f"{path}: layer {name} (fc6) kernel {kernel.shape} does not take the 7x7x{cin} map of the last convolution"
+                )
             # Keras flattened the map (H, W, C); canonical order is (C, H, W).
             kernel = kernel.reshape(7, 7, cin, kernel.shape[1]).transpose(3, 2, 0, 1).reshape(kernel.shape[1], -1)
         elif kernel.ndim == 2:

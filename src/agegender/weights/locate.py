@@ -43,5 +43,4 @@ def find(entry: ZooFile, given: str | os.PathLike[str] | None = None) -> Path:
 
 def finds_itself(entry: ZooFile) -> bool:
     """Whether :func:`find` can find ``entry`` with nothing named (bundled, or its package is installed)."""
-    return entry.bundled or bool(entry.package and entry.package_path
-                                 and package_file(entry.package, entry.package_path))
+    return entry.bundled or bool(entry.package and entry.package_path and package_file(entry.package, entry.package_path))

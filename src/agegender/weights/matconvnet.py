@@ -186,8 +186,9 @@ def _dagnn(path: Path, dag_params: Any, layers: Any) -> list[tuple[str, Any, Any
             continue
         names = [str(n) for n in np.atleast_1d(getattr(layer, "params", []))]
         if len(names) != 2 or not all(n in values for n in names):
-            raise AgeGenderError(f"{path}: DagNN layer {getattr(layer, 'name', '?')} names params {names}, "
-                                 f"expected a filter and a bias in params")
+            raise AgeGenderError(
+                f"{path}: DagNN layer {getattr(layer, 'name', '?')} names params {names}, expected a filter and a bias in params"
+            )
         found.append((str(getattr(layer, "name", names[0])), values[names[0]], values[names[1]]))
     if not found:  # params without a usable layer list: MatConvNet's names, conv1_1f / conv1_1b
         found = [(n, values[f"{n}f"], values.get(f"{n}b")) for n in LAYERS if f"{n}f" in values]
@@ -205,7 +206,8 @@ def _simplenn(path: Path, layers: Any) -> list[tuple[str, Any, Any]]:
         if wb is None or len(wb) == 0:
             continue
         if len(wb) != 2:
-            raise AgeGenderError(f"{path}: conv layer {getattr(layer, 'name', '?')} has {len(wb)} weight arrays, "
-                                 f"expected a filter and a bias")
+            raise AgeGenderError(
+                f"{path}: conv layer {getattr(layer, 'name', '?')} has {len(wb)} weight arrays, expected a filter and a bias"
+            )
         found.append((str(getattr(layer, "name", "?")), wb[0], wb[1]))
     return found

@@ -33,8 +33,9 @@ def pretrained_entry(spec: BackboneSpec) -> ZooFile:
     return ZOO[spec.pretrained]
 
 
-def load_pretrained(spec: BackboneSpec, path: str | os.PathLike[str] | None = None, *, full: bool = False,
-                    trust_pickle: bool = False) -> Pretrained:
+def load_pretrained(
+    spec: BackboneSpec, path: str | os.PathLike[str] | None = None, *, full: bool = False, trust_pickle: bool = False
+) -> Pretrained:
     """``spec``'s weights from ``path`` (a published encoding, converted in memory, or converted safetensors), or
     from where the zoo finds them when None. A file of another backbone is refused before it is read; ``full``
     refuses a trunk-only file (VGG-Face without fc6-fc8)."""

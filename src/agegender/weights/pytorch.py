@@ -79,8 +79,11 @@ def check_zip_inflation(path: Path, slack: int = SLACK_BYTES) -> None:
         return  # torch reports an unreadable archive in its own words
     limit = 2 * path.stat().st_size + slack
     if declared > limit:
-        raise fail(path, f"a zip archive whose entries inflate to {declared} bytes, more than {limit} for a "
-                         f"{path.stat().st_size}-byte file (a compression bomb?)")
+        raise fail(
+            path,
+            f"a zip archive whose entries inflate to {declared} bytes, more than {limit} for a "
+            f"{path.stat().st_size}-byte file (a compression bomb?)",
+        )
 
 
 def _load(path: Path, trust_pickle: bool) -> Any:
@@ -91,9 +94,14 @@ def _load(path: Path, trust_pickle: bool) -> Any:
         safe_error = e
     if not trust_pickle:
         if isinstance(safe_error, pickle.UnpicklingError) and "Unsupported global" in str(safe_error):
-            raise OptionError(printable(f"{path}: holds a pickled Python object (e.g. a whole nn.Module), and loading "
-                                        "it runs code from the file; pass `trust_pickle` only if you trust its "
-                                        "source"), "trust_pickle") from None
+            raise OptionError(
+                printable(
+                    f"{path}: holds a pickled Python object (e.g. a whole nn.Module), and loading "
+                    "it runs code from the file; pass `trust_pickle` only if you trust its "
+                    "source"
+                ),
+                "trust_pickle",
+            ) from None
         raise fail(path, f"not a readable PyTorch file ({_torch_reason(safe_error)})") from None
     log.warning("%s: unpickling it, as trust_pickle asks", path)
     try:
@@ -127,8 +135,11 @@ def read_pt(path: Path, trust_pickle: bool = False) -> Params:
                 params[f"{name}.weight"] = linear_from_conv(params[f"{name}.weight"], name, path)
         if "conv1_1.weight" in params:
             flip_to_bgr(params)
-            log.info("%s: fc6-fc8 are convolutions (Albanie's vgg_face_dag layout, from MatConvNet): "
-                     "conv1_1 flipped from RGB to BGR input", path)
+            log.info(
+                "%s: fc6-fc8 are convolutions (Albanie's vgg_face_dag layout, from MatConvNet): "
+                "conv1_1 flipped from RGB to BGR input",
+                path,
+            )
     return params
 
 
@@ -138,5 +149,8 @@ def _check_extent(path: Path, key: str, t: torch.Tensor) -> None:
         raise fail(path, f"{key} is a {t.layout} tensor, not a dense weight")
     held = t.untyped_storage().nbytes() // max(t.element_size(), 1) - t.storage_offset()
     if t.numel() > max(held, 0):
-        raise fail(path, f"{key} has size {tuple(t.shape)} with strides {t.stride()}: {t.numel()} elements over "
-                         f"a storage of {held} (zero or overlapping strides), not a weight tensor")
+        raise fail(
+            path,
+            f"{key} has size {tuple(t.shape)} with strides {t.stride()}: {t.numel()} elements over "
+            f"a storage of {held} (zero or overlapping strides), not a weight tensor",
+        )

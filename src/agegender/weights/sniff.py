@@ -36,8 +36,11 @@ def read_head(path: Path) -> tuple[bytes, int]:
 def sniff(head: bytes, size: int) -> Sniffed | None:
     """The kind of file ``head`` (its first bytes) starts, or None when nothing is recognised."""
     if head.startswith(b"version https://git-lfs"):
-        return Sniffed(f"a Git LFS pointer ({size} bytes), not the weights: run `git lfs pull` in its repository, "
-                       "or download the file itself", usable=False)
+        return Sniffed(
+            f"a Git LFS pointer ({size} bytes), not the weights: run `git lfs pull` in its repository, "
+            "or download the file itself",
+            usable=False,
+        )
     if head[:64].lstrip().lower().startswith((b"<!doctype html", b"<html", b"<?xml")):
         return Sniffed("an HTML or XML page (a failed download?), not weights", usable=False)
     if head.startswith(b"\x1f\x8b"):
@@ -46,23 +49,24 @@ def sniff(head: bytes, size: int) -> Sniffed | None:
         return Sniffed("a tar archive: unpack it first (tar xf FILE)", usable=False)
     if head.startswith(b"PK\x03\x04"):
         (name_len,) = struct.unpack_from("<H", head, 26) if len(head) >= 30 else (0,)
-        first = head[30:30 + name_len]
+        first = head[30 : 30 + name_len]
         if first.endswith((b"data.pkl", b"/version", b".format_version", b"byteorder")):
             return Sniffed("a PyTorch zip archive (torch.save)", "pt")
-        return Sniffed(f"a ZIP archive (first entry {first.decode('utf-8', 'replace')!r}): unpack it first",
-                       usable=False)
+        return Sniffed(f"a ZIP archive (first entry {first.decode('utf-8', 'replace')!r}): unpack it first", usable=False)
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return Sniffed("a Python pickle (legacy torch.save)", "pt")
     if head.startswith(b"MATLAB 7.3 MAT-file"):
-        return Sniffed("a MATLAB v7.3 MAT-file (HDF5 inside), which scipy cannot read: re-save it in MATLAB with "
-                       "save(FILE, '-struct', 'net', '-v7')", usable=False)
+        return Sniffed(
+            "a MATLAB v7.3 MAT-file (HDF5 inside), which scipy cannot read: re-save it in MATLAB with "
+            "save(FILE, '-struct', 'net', '-v7')",
+            usable=False,
+        )
     if head.startswith(b"MATLAB 5.0 MAT-file"):
         return Sniffed("a MATLAB 5 MAT-file", "mat")
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return Sniffed("an HDF5 file (Keras .h5)", "h5")
     if len(head) >= 10 and head[8:10] == b'{"' and struct.unpack_from("<Q", head)[0] < size:
-        return Sniffed("a safetensors file (converted weights are used as they are: pass it to --weights)",
-                       usable=False)
+        return Sniffed("a safetensors file (converted weights are used as they are: pass it to --weights)", usable=False)
     if b"loss_metric" in head[:32]:
         return Sniffed("a dlib network (.dat)", "dlib")
     if is_ascii_t7(head):
@@ -88,7 +92,7 @@ def _looks_like_caffe(head: bytes, size: int) -> bool:
     if length is None or length > size - pos:
         return False
     if field in (1, 3):  # a net or input name: short printable text
-        text = head[pos:pos + length]
+        text = head[pos : pos + length]
         return 0 < length <= 256 and len(text) == length and all(32 <= c < 127 for c in text)
     return True
 

@@ -38,8 +38,11 @@ def read_t7_vgg(path: Path, trust_pickle: bool = False) -> Params:
     linears = [m for m in modules if m.class_name == "nn.Linear"]
     pools = [m for m in modules if m.class_name == T7_POOL]
     if (len(convs), len(linears), len(pools)) != (len(CONV_NAMES), len(FC_NAMES), len(VGG16_BLOCKS)):
-        raise fail(path, f"{len(convs)} convolutions, {len(linears)} linear layers and {len(pools)} "
-                         f"max-pools; VGG-Face has {len(CONV_NAMES)}, {len(FC_NAMES)} and {len(VGG16_BLOCKS)}")
+        raise fail(
+            path,
+            f"{len(convs)} convolutions, {len(linears)} linear layers and {len(pools)} "
+            f"max-pools; VGG-Face has {len(CONV_NAMES)}, {len(FC_NAMES)} and {len(VGG16_BLOCKS)}",
+        )
     _check_geometry(path, modules, convs, linears)
     params: Params = {}
     for name, conv in zip(CONV_NAMES, convs):
@@ -81,12 +84,17 @@ def _check_geometry(path: Path, modules: list[T7Object], convs: list[T7Object], 
                 inferred.append(name)
                 pad = (1, 1)  # Torch's default is 0, which the 40-module layout rules out (checked below)
             if kernel != (3, 3) or stride != (1, 1) or pad != (1, 1):
-                raise fail(path, f"{name} has kernel {kernel}, stride {stride}, padding {pad}; VGG-Face's are "
-                                 f"3x3, 1 and 1")
+                raise fail(path, f"{name} has kernel {kernel}, stride {stride}, padding {pad}; VGG-Face's are 3x3, 1 and 1")
             size = size + 2 - 3 + 1
         elif m.class_name == T7_POOL:
-            geometry = (f.get("kW"), f.get("kH"), f.get("dW"), f.get("dH"), _field(f, "padW", default=0),
-                        _field(f, "padH", default=0))
+            geometry = (
+                f.get("kW"),
+                f.get("kH"),
+                f.get("dW"),
+                f.get("dH"),
+                _field(f, "padW", default=0),
+                _field(f, "padH", default=0),
+            )
             if geometry != (2, 2, 2, 2, 0, 0):
                 raise fail(path, f"a max-pool has kernel, stride and padding {geometry}; VGG-Face's are 2x2, 2 and 0")
             size = size // 2
@@ -96,11 +104,20 @@ def _check_geometry(path: Path, modules: list[T7Object], convs: list[T7Object], 
         cin = convs[-1].fields.get("nOutputPlane")
         want = cin * FC6_MAP * FC6_MAP if isinstance(cin, int) else None
         if size != FC6_MAP or not isinstance(fc6, np.ndarray) or fc6.ndim != 2 or fc6.shape[1] != want:
-            raise fail(path, f"{', '.join(inferred)} carry no padding fields, and fc6 does not take the "
-                             f"{FC6_MAP}x{FC6_MAP}x{cin} map that padding 1 gives")
-        log.info("%s: %d convolutions carry no dW/dH/padW/padH/padding fields (2013-14 SpatialConvolutionMM); "
-                 "using stride 1 and padding 1, the only padding that gives fc6 its %dx%d map from %d px",
-                 path, len(inferred), FC6_MAP, FC6_MAP, VGG_FACE_PREPROCESS.size)
+            raise fail(
+                path,
+                f"{', '.join(inferred)} carry no padding fields, and fc6 does not take the "
+                f"{FC6_MAP}x{FC6_MAP}x{cin} map that padding 1 gives",
+            )
+        log.info(
+            "%s: %d convolutions carry no dW/dH/padW/padH/padding fields (2013-14 SpatialConvolutionMM); "
+            "using stride 1 and padding 1, the only padding that gives fc6 its %dx%d map from %d px",
+            path,
+            len(inferred),
+            FC6_MAP,
+            FC6_MAP,
+            VGG_FACE_PREPROCESS.size,
+        )
 
 
 def _array(fields: dict[str, Any], key: str, layer: str, path: Path) -> np.ndarray:

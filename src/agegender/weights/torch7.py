@@ -28,13 +28,21 @@ MAX_DIMS = 64
 MAX_BYTES = 1 << 40  # no storage or string in a model file comes near 1 TiB; larger means corrupt
 _ELEMENTS = {"Byte": "u1", "Char": "i1", "Short": "<i2", "Int": "<i4", "Float": "<f4", "Double": "<f8"}
 # cutorch's classes serialize their data exactly like the CPU ones (copied to the host first).
-_CUDA = {"Cuda": "Float", "CudaDouble": "Double", "CudaByte": "Byte", "CudaChar": "Char", "CudaShort": "Short",
-         "CudaInt": "Int", "CudaLong": "Long"}
+_CUDA = {
+    "Cuda": "Float",
+    "CudaDouble": "Double",
+    "CudaByte": "Byte",
+    "CudaChar": "Char",
+    "CudaShort": "Short",
+    "CudaInt": "Int",
+    "CudaLong": "Long",
+}
 _ASCII_HEAD = re.compile(rb"[0-5][ \t\r\n]")  # an ASCII file starts with its first type tag as text
 _ASCII_CHUNK = 1 << 20
 _INT_TOKEN = re.compile(rb"[+-]?[0-9]{1,20}")
-_FLOAT_TOKEN = re.compile(rb"[+-]?(?:[0-9]+\.?[0-9]*(?:[eE][+-]?[0-9]+)?|\.[0-9]+(?:[eE][+-]?[0-9]+)?|inf|nan|infinity)",
-                          re.IGNORECASE)
+_FLOAT_TOKEN = re.compile(
+    rb"[+-]?(?:[0-9]+\.?[0-9]*(?:[eE][+-]?[0-9]+)?|\.[0-9]+(?:[eE][+-]?[0-9]+)?|inf|nan|infinity)", re.IGNORECASE
+)
 
 
 @dataclass
@@ -70,7 +78,7 @@ def read_t7(path: str | os.PathLike[str], *, long_size: int = 8) -> Any:
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                     ascii_reader = _AsciiReader(mm, path, size)
                     obj = ascii_reader.read()
-                    rest = len(mm[ascii_reader.pos:ascii_reader.pos + 4096].strip())  # trailing newlines are fine
+                    rest = len(mm[ascii_reader.pos : ascii_reader.pos + 4096].strip())  # trailing newlines are fine
             else:
                 reader = _BinaryReader(f, path, size, long_size)
                 obj = reader.read()
@@ -231,10 +239,11 @@ class _Reader:
         if last >= storage.size:
             self.fail(f"{class_name} at byte {at} reaches element {last} of a storage of {storage.size}")
         if elements > storage.size - offset:
-            self.fail(f"{class_name} at byte {at} has size {size} with strides {stride}: {elements} elements "
-                      f"over a storage of {storage.size} (zero or overlapping strides), not a weight tensor")
-        return np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
-                                               strides=[s * dtype.itemsize for s in stride])
+            self.fail(
+                f"{class_name} at byte {at} has size {size} with strides {stride}: {elements} elements "
+                f"over a storage of {storage.size} (zero or overlapping strides), not a weight tensor"
+            )
+        return np.lib.stride_tricks.as_strided(storage[offset:], shape=size, strides=[s * dtype.itemsize for s in stride])
 
 
 class _BinaryReader(_Reader):
@@ -329,7 +338,7 @@ class _AsciiReader(_Reader):
 
     def chars(self, n: int, what: str, at: int) -> bytes:
         self.need(n, what, at)
-        data = self.mm[self.pos:self.pos + n]
+        data = self.mm[self.pos : self.pos + n]
         self.pos += n
         if n:
             self._newline()
@@ -360,7 +369,7 @@ class _AsciiReader(_Reader):
                     self.fail(f"truncated at byte {self.size} (storage data at byte {at} needs {want} more numbers)")
                 self.pos = start + consumed
                 continue
-            data[done:done + len(parts)] = self._parse(parts, dtype, start)
+            data[done : done + len(parts)] = self._parse(parts, dtype, start)
             done += len(parts)
             self.pos = start + consumed
         self._newline()

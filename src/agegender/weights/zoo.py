@@ -74,11 +74,11 @@ def _verified(entry: ZooFile) -> Path:
                 raise AgeGenderError(f"{path}: {entry.what} has {size} bytes, expected {entry.size}; {REINSTALL}")
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError as e:
-            raise AgeGenderError(f"{path}: cannot read the bundled {entry.what} ({e.strerror or e}); "
-                                 f"{REINSTALL}") from None
+            raise AgeGenderError(f"{path}: cannot read the bundled {entry.what} ({e.strerror or e}); {REINSTALL}") from None
     if digest != entry.sha256:
-        raise AgeGenderError(f"{path}: bundled {entry.what} has sha256 {digest[:16]}..., expected "
-                             f"{(entry.sha256 or '')[:16]}...; {REINSTALL}")
+        raise AgeGenderError(
+            f"{path}: bundled {entry.what} has sha256 {digest[:16]}..., expected {(entry.sha256 or '')[:16]}...; {REINSTALL}"
+        )
     return path
 
 
@@ -89,7 +89,7 @@ MODEL = ZooFile(
     sha256="67e1e0ce4c0fe3ae4ed5e2453fa84f6184a2e9745b0c436d2ca9c1145be79b6a",
     size=7_541_327,
     licence="dlib ResNet trunk: CC0 1.0; heads trained on UTKFace, IMDB-WIKI, LFW (non-commercial research) and "
-            "FairFace (CC BY 4.0): non-commercial research use (MODEL_CARD.md)",
+    "FairFace (CC BY 4.0): non-commercial research use (MODEL_CARD.md)",
     what="age/gender model",
     key="model",
     install=REINSTALL,
@@ -135,8 +135,7 @@ DLIB_FACE_RESNET = ZooFile(
     licence="dlib face recognition ResNet: CC0 1.0 (Davis King)",
     what="dlib's face ResNet",
     key="dlib-face-recognition-resnet",
-    install="install it with `pip install 'agegender[train]'` (the face-recognition-models package), or name "
-            "its .dat file",
+    install="install it with `pip install 'agegender[train]'` (the face-recognition-models package), or name its .dat file",
     package="face_recognition_models",
     package_path="models/dlib_face_recognition_resnet_model_v1.dat",
 )
@@ -151,9 +150,11 @@ VGG_FACE = ZooFile(
     what="VGG-Face's weights",
     key="weights",
     install="download them with `agegender fetch weights`, convert their VGG_FACE.t7 with `agegender convert`, "
-            "and name the converted file",
-    urls=("https://www.robots.ox.ac.uk/~vgg/software/vgg_face/src/vgg_face_torch.tar.gz",
-          "https://m-training.s3-us-west-2.amazonaws.com/dlchallenge/vgg_face_torch.tar.gz"),
+    "and name the converted file",
+    urls=(
+        "https://www.robots.ox.ac.uk/~vgg/software/vgg_face/src/vgg_face_torch.tar.gz",
+        "https://m-training.s3-us-west-2.amazonaws.com/dlchallenge/vgg_face_torch.tar.gz",
+    ),
     extracted="vgg_face_torch/VGG_FACE.t7",
     instead="--weights FILE (VGG_FACE.t7 or a converted .safetensors)",
 )
@@ -170,8 +171,9 @@ AGEGENDER_CLEANED = ZooFile(
     instead="--data DIR (a labelled folder you already have)",
 )
 
-ZOO: dict[str, ZooFile] = {e.key: e for e in (MODEL, HEADS, RETINAFACE, SHAPE_PREDICTOR_5, DLIB_FACE_RESNET, VGG_FACE,
-                                             AGEGENDER_CLEANED)}
+ZOO: dict[str, ZooFile] = {
+    e.key: e for e in (MODEL, HEADS, RETINAFACE, SHAPE_PREDICTOR_5, DLIB_FACE_RESNET, VGG_FACE, AGEGENDER_CLEANED)
+}
 BUNDLED: tuple[ZooFile, ...] = tuple(e for e in ZOO.values() if e.bundled)
 ARCHIVES: dict[str, ZooFile] = {e.key: e for e in ZOO.values() if e.urls}  # what `agegender fetch` downloads
 
