@@ -167,9 +167,12 @@ def measures(model: Path, seconds: float) -> tuple[dict[str, Callable[[], float]
 
 
 def run(model: Path, reps: int, seconds: float) -> dict[str, Any]:
+    from agegender.process import ThreadScope
+
     counted = flops_per_face(model)
-    fns, notes = measures(model, seconds)
-    spreads = interleave(fns, reps, label="roofline")
+    with ThreadScope():  # torch's pool goes to one thread for the bf16 matmul, and back afterwards
+        fns, notes = measures(model, seconds)
+        spreads = interleave(fns, reps, label="roofline")
     faces = spreads.pop("model")
     achieved = faces["median"] * counted["total_flops"]
     result: dict[str, Any] = {

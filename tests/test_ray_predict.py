@@ -194,11 +194,13 @@ def test_a_retried_shard_whose_file_landed_is_read_back_not_redone(onnx_model: P
     import pyarrow as pa
 
     from agegender.infer.ray_predict import ShardPredictor
+    from agegender.process import ThreadScope
 
     paths = expand_paths([str(photos)])[:4]
     (shard,) = make_shards(paths, 4, "jsonl")
     batch = pa.Table.from_pylist([shard])
-    actor = ShardPredictor(PredictorRecipe(str(onnx_model)).build, str(tmp_path), 2, os.getcwd())
+    with ThreadScope():  # an actor sizes its process's pools for its life; here that process is the test's
+        actor = ShardPredictor(PredictorRecipe(str(onnx_model)).build, str(tmp_path), 2, os.getcwd())
     first = actor(batch).to_pylist()
     written = (tmp_path / shard["shard"]).read_bytes()
 
