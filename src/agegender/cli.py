@@ -630,7 +630,8 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
     _add_device_options(p)
     # The run's own precision unless asked: its training report's numbers then come back exactly.
     p.set_defaults(precision=None)
-    _action(p, "precision").help = (
+    precision = _action(p, "precision")
+    precision.help = (
         "trunk precision (default: the run's own, as its training report used; else auto: bf16 where the hardware has bf16 units)"
     )
     p.set_defaults(func=_cmd_evaluate)
