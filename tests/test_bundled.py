@@ -178,3 +178,33 @@ def test_the_bundled_model_exports_and_its_savedmodel_predicts_as_predict_does(s
     assert [meta.genders[int(p >= 0.5)] for p in got["p_male"].numpy()] == [f.gender for f in faces]
     np.testing.assert_allclose(got["age"].numpy(), [f.age for f in faces], atol=1e-3)
     np.testing.assert_array_equal(got["age_low"].numpy(), [f.age_low for f in faces])
+
+
+def test_the_bundled_files_name_no_folder_of_the_machine_that_built_them() -> None:
+    """The shipped model's and heads' metadata say where their data came from by data-set name, never by a path of
+    the machine that trained them (the recipe writes them through ``portable``)."""
+    from recipes.bundled_model import portable
+    from safetensors import safe_open
+
+    from agegender.model.runtime import read_onnx_meta
+
+    def strings(value: object) -> list[str]:
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    import onnxruntime as ort
+
+    with safe_open(str(zoo.HEADS.verified()), "np") as f:
+        heads = json.loads(f.metadata()["agegender"])
+    model = zoo.bundled_model()
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    onnx_meta = json.loads(read_onnx_meta(session, model).to_json())
+    absolute = [s for s in strings(heads) + strings(onnx_meta) if re.match(r"^(/|[A-Za-z]:\\)\w", s)]
+    assert absolute == []
+    assert portable({"data": ["/x/faces/lfw", "/y"], "out": "/w/run"}, {Path("/x/faces"): "faces", Path("/w"): "WORK"}) == {
+        "data": ["faces/lfw", "/y"],
+        "out": "WORK/run",
+    }

@@ -86,8 +86,8 @@ def _verified(entry: ZooFile) -> Path:
 
 MODEL = ZooFile(
     "agegender-dlib-v1.onnx",
-    sha256="67e1e0ce4c0fe3ae4ed5e2453fa84f6184a2e9745b0c436d2ca9c1145be79b6a",
-    size=7_541_327,
+    sha256="0a8836d25e69bddd7d707027955cfb2307f7b29ca7963e40bf67c6453d07c8c3",
+    size=7_541_227,
     licence="dlib ResNet trunk: CC0 1.0; heads trained on UTKFace, IMDB-WIKI, LFW (non-commercial research) and "
     "FairFace (CC BY 4.0): non-commercial research use (MODEL_CARD.md)",
     what="age/gender model",
@@ -97,8 +97,8 @@ MODEL = ZooFile(
 )
 HEADS = ZooFile(
     "agegender-dlib-v1.heads.safetensors",
-    sha256="b2bfab8d7b6a1aedcf587e88798671fce73bab2e4aabfe474b709d90dc9f4403",
-    size=1_837_244,
+    sha256="192bf33d7e89f9cc78c6de33bb329335f7ba548cc13c31fdc45a58f6dfa812b4",
+    size=1_837_140,
     licence="as the bundled model: non-commercial research use (MODEL_CARD.md)",
     what="bundled model's heads (float32, for export)",
     key="heads",
