@@ -208,3 +208,39 @@ def test_the_bundled_files_name_no_folder_of_the_machine_that_built_them() -> No
         "data": ["faces/lfw", "/y"],
         "out": "WORK/run",
     }
+
+
+def test_flip_averages_each_face_with_its_mirror_image() -> None:
+    """One batch holds the faces and their mirror images; P(male) is averaged as logits, years as years."""
+    from agegender.model.runtime import FlipAveraged
+
+    class Halves:
+        meta, name, precision = None, "fake", "fp32"
+        seen: list[np.ndarray] = []
+
+        def run(self, crops: np.ndarray) -> Decoded:
+            self.seen.append(crops)
+            n = len(crops) // 2
+            p = np.array([0.9, 0.2] * 1)[:n]
+            return Decoded(np.concatenate([p, [0.5, 0.8][:n]]), np.array([30.0, 10.0, 40.0, 20.0]), None, None)
+
+        def set_threads(self, threads: int) -> None: ...
+
+    crops = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    out = FlipAveraged(Halves()).run(crops)  # type: ignore[arg-type]
+    sent = Halves.seen[-1]
+    assert len(sent) == 4 and np.array_equal(sent[:2], crops) and np.array_equal(sent[2:], crops[:, :, ::-1])
+    logit = lambda p: np.log(p / (1 - p))
+    expected = 1 / (1 + np.exp(-(logit(np.array([0.9, 0.2])) + logit(np.array([0.5, 0.8]))) / 2))
+    np.testing.assert_allclose(out.p_male, expected)
+    np.testing.assert_allclose(out.age, [35.0, 15.0])
+    assert out.age_low is None and out.age_high is None
+
+
+def test_predict_with_flip_on_a_real_photo(shared_faces: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    photo = next(iter(sorted((shared_faces / "lfw").glob("*.jpg"))))
+    plain, flipped = Predictor.from_path(None).predict(photo), Predictor.from_path(None, flip=True).predict(photo)
+    assert len(plain) == len(flipped) >= 1
+    assert plain[0].p_male != flipped[0].p_male and abs(plain[0].age - flipped[0].age) < 10  # type: ignore[operator]
+    assert cli.main(["predict", str(photo), "--flip"]) == 0
+    assert json.loads(capsys.readouterr().out)["faces"][0]["p_male"] == pytest.approx(flipped[0].p_male, abs=1e-6)

@@ -80,6 +80,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         precision=a.precision,
         device=a.device,
         force=a.force,
+        flip=a.flip,
     )
     print(f"report: {report_md}")
     return 0
@@ -176,6 +177,7 @@ def _cmd_predict_ray(a: argparse.Namespace) -> int:
         no_detect=a.no_detect,
         precision=a.precision,
         min_confidence=a.min_confidence,
+        flip=a.flip,
     )
     summary = predict_on_ray(
         a.paths,
@@ -208,7 +210,13 @@ def _cmd_predict(a: argparse.Namespace) -> int:
             f"{a.annotate}: --annotate folder is not empty; pass --force to write into it, or choose another folder"
         )
     predictor = Predictor.from_path(
-        a.model, _detector(a), device=a.device, no_detect=a.no_detect, precision=a.precision, min_confidence=a.min_confidence
+        a.model,
+        _detector(a),
+        device=a.device,
+        no_detect=a.no_detect,
+        precision=a.precision,
+        min_confidence=a.min_confidence,
+        flip=a.flip,
     )
     with share_cores_for_batches(predictor):  # the pools come back afterwards: a caller's process stays its own
         return _predict_outputs(a, predictor, paths)
@@ -251,6 +259,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         device=a.device,
         detector=_detector(a),
         min_confidence=a.min_confidence,
+        flip=a.flip,
     )
     return 0
 
@@ -452,7 +461,17 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
         help="gender 'unknown' where max(P(male), P(female)) is below P (0.5: always decide; "
         "MODEL_CARD.md gives accuracy against coverage)",
     )
+    _add_flip_option(p)
     _add_device_options(p)
+
+
+def _add_flip_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--flip",
+        action="store_true",
+        help="average each face with its mirror image: twice the model's work, a little more accurate "
+        "(DECISIONS.md: test-time flip)",
+    )
 
 
 def _add_model_option(p: argparse.ArgumentParser, help: str) -> None:
@@ -627,6 +646,7 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace a report already in the output folder")
     p.add_argument("--batch-size", type=int, default=64, help="faces per forward pass")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    _add_flip_option(p)
     _add_device_options(p)
     # The run's own precision unless asked: its training report's numbers then come back exactly.
     p.set_defaults(precision=None)

@@ -133,12 +133,14 @@ class Predictor:
         no_detect: bool = False,
         precision: str = "auto",
         min_confidence: float = 0.5,
+        flip: bool = False,
     ) -> Predictor:
-        """A predictor over ``model`` (a run directory, checkpoint or ONNX export); None: the bundled model."""
+        """A predictor over ``model`` (a run directory, checkpoint or ONNX export); None: the bundled model.
+        ``flip`` averages each face with its mirror image (twice the model's work per face)."""
         from ..weights.zoo import bundled_model
 
         path = bundled_model() if model is None else model
-        return cls(load_backend(path, device, precision), detector, no_detect, min_confidence=min_confidence)
+        return cls(load_backend(path, device, precision, flip), detector, no_detect, min_confidence=min_confidence)
 
     @classmethod
     def default(cls, **options: Any) -> Predictor:

@@ -49,6 +49,7 @@ class PredictorRecipe:
     no_detect: bool = False
     precision: str = "auto"
     min_confidence: float = 0.5
+    flip: bool = False
 
     def check(self) -> None:
         """Load the model and the detector once, for their errors: a model that fails to load in an actor
@@ -63,7 +64,12 @@ class PredictorRecipe:
 
     def build(self) -> Predictor:
         return Predictor.from_path(
-            self.model, self._detector(), no_detect=self.no_detect, precision=self.precision, min_confidence=self.min_confidence
+            self.model,
+            self._detector(),
+            no_detect=self.no_detect,
+            precision=self.precision,
+            min_confidence=self.min_confidence,
+            flip=self.flip,
         )
 
     def _detector(self) -> FaceDetector | None:

@@ -504,6 +504,7 @@ def serve(
     detector: FaceDetector | None = None,
     limits: ServiceLimits | None = None,
     min_confidence: float = 0.5,
+    flip: bool = False,
 ) -> None:
     """Load ``model`` once (None: the bundled model) and serve the API and page with uvicorn until interrupted.
 
@@ -523,7 +524,12 @@ def serve(
     sock = listen(host, port)
     try:
         predictor = Predictor.from_path(
-            model, detector or default_detector(), device=device, precision=precision, min_confidence=min_confidence
+            model,
+            detector or default_detector(),
+            device=device,
+            precision=precision,
+            min_confidence=min_confidence,
+            flip=flip,
         )
         if not _is_loopback(host):
             log.warning("binding %s: the API is reachable from other machines and has no authentication", host)

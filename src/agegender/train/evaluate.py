@@ -130,6 +130,7 @@ def evaluate_model(
     device: str = "cpu",
     force: bool = False,
     progress: bool = True,
+    flip: bool = False,
 ) -> Path:
     """`agegender evaluate`: a run's own test split by default, or any dataset with ``data`` (one folder or several).
 
@@ -164,7 +165,7 @@ def evaluate_model(
     out_dir = ReportDir(Path(out)) if out else RunDir(ckpt.parent).evaluation(name)
     refuse_overwrite(out_dir.path, out_dir.markers, force)  # before the slow part
     precision = precision or str(stored.get("precision", "auto"))
-    backend = load_backend(ckpt, device, precision)
+    backend = load_backend(ckpt, device, precision, flip)  # flip: each face averaged with its mirror, as predict's
     dataset = scan_all(roots)
     own = {} if given else stored  # a run's own data is split as it was in training
     protocol_name = str(own.get("split", "identity"))
