@@ -12,28 +12,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from agegender import images, output
-from agegender.backbones.vgg_face import VGG_FACE_PREPROCESS
 from agegender.cli import main
 from agegender.errors import AgeGenderError
 from agegender.infer.video import frames
-from agegender.model.checkpoint import CheckpointMeta, save_checkpoint
-from agegender.model.config import ModelConfig
-from agegender.model.net import AgeGenderNet
 
 cv2 = pytest.importorskip("cv2")
 
+import test_faults  # noqa: E402
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    torch.manual_seed(0)
-    config = ModelConfig(widths=(8, 8, 8, 8, 8), image_size=64, hidden=(16,), dropout=(0.0,))
-    save_checkpoint(path, AgeGenderNet(config).eval(), CheckpointMeta(config, VGG_FACE_PREPROCESS.resized(64)))
-    return path
+model = test_faults.model  # the same tiny checkpoint fixture
 
 
 @pytest.fixture
