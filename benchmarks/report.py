@@ -522,209 +522,148 @@ def _status(met: bool | None) -> str:
     return "not measured" if met is None else "met" if met else "missed"
 
 
-def _acc_cell(x: dict[str, Any], key: str) -> str:
-    if key not in x:
-        return "n/a"
-    lo, hi = x.get(f"{key}_ci95") or (None, None)
-    return fmt_num(x[key], ".3f") + (f" ({lo:.3f}-{hi:.3f})" if lo is not None else "")
+def _figure_rows(part: dict[str, Any], keys: Sequence[str]) -> list[list[str]]:
+    """One row per figure: ours and the peer's, mean ± sd over the seeds, and each seed's."""
+    from .accuracy import FIGURES, fmt_spread
 
-
-def _tool_rows(first: list[str], x: dict[str, Any]) -> list[list[str]]:
     rows = []
-    for tool, y in (("agegender dlib-resnet", x.get("ours", {})), (PEER, x.get("peer", {}))):
-        if "accuracy" not in y:
-            rows.append([*first, tool, "-", y.get("error") or "not measured", "-", "-", "-"])
+    for key, label, fmt in FIGURES:
+        ours, peer = part.get("ours", {}).get(key), part.get("peer", {}).get(key)
+        if key not in keys or ours is None:
             continue
+        seeds = " / ".join(format(v, fmt) for v in ours["runs"])
+        peer_seeds = " / ".join(format(v, fmt) for v in peer["runs"]) if peer else "-"
         rows.append(
-            [
-                *first,
-                tool,
-                f"{y['no_face']}" + (f" (+{y['unscored']} unread or failed)" if y.get("unscored") else ""),
-                _acc_cell(y, "accuracy"),
-                fmt_num(y["accuracy_no_face_wrong"], ".3f"),
-                fmt_num(y.get("mae"), ".2f"),
-                fmt_num(y.get("age_group_hit"), ".3f"),
-            ]
+            [label, fmt_spread(ours, fmt), fmt_spread(peer, fmt) if peer else part.get("peer_error") or "n/a", seeds, peer_seeds]
         )
     return rows
 
 
-def _accuracy_rows(a: dict[str, Any]) -> list[list[str]]:
-    rows, sets = [], a["sets"]
-    dom = a.get("in_domain", {})
-    if "ours" in dom:
-        rows += _tool_rows(
-            [
-                f"{dom['set']}, its identity-split test ({dom['test_images']:,})",
-                f"{dom['set']} train split ({dom['train_images']:,})",
-            ],
-            dom,
-        )
-    for held, x in a.get("cross", {}).items():
-        rows += _tool_rows(
-            [f"{held}, every photo ({sets[held]['images']:,})", f"{' + '.join(x['trained_on'])} ({x['train_images']:,})"], x
-        )
-    return rows
-
-
-def _slice_tables(a: dict[str, Any]) -> list[str]:
-    out = [
-        "Slices (gender accuracy by the rule above; MAE where ages are exact). Age groups: FairFace's own labels; "
-        "elsewhere the Adience brackets of the exact age, as report.json slices them.",
-        "",
-    ]
-    pairs = [(f"{a['in_domain']['set']} in-domain test", a["in_domain"])] if "ours" in a.get("in_domain", {}) else []
-    for label, x in pairs + [(f"{k} held out", v) for k, v in a.get("cross", {}).items()]:
-        ours, peer = x.get("ours", {}).get("slices", {}), x.get("peer", {}).get("slices", {})
-        rows = [
-            [
-                {"group": "age group", "race": "race"}[key],
-                v,
-                d["n"],
-                fmt_num(d["accuracy"], ".3f"),
-                fmt_num(peer.get(key, {}).get(v, {}).get("accuracy"), ".3f"),
-                fmt_num(d["mae"], ".2f"),
-                fmt_num(peer.get(key, {}).get(v, {}).get("mae"), ".2f"),
-            ]
-            for key, groups in ours.items()
-            for v, d in groups.items()
-        ]
-        if rows:
-            out += [f"{label}:", ""] + markdown_table(
-                ["slice", "value", "photos", "gender acc. ours", f"gender acc. {PEER}", "MAE ours", f"MAE {PEER}"], rows
+def _run_rows(a: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for name, part in (("all sets, test split", a["mixed"]), (f"{a['held_out']['set']} held out", a["held_out"])):
+        for x in part["runs"]:
+            peer = x.get("peer", {})
+            rows.append(
+                [
+                    name,
+                    x["seed"],
+                    f"{x['train_images']:,}",
+                    f"{x['test_images']:,} ({x['ours']['utkface_images']:,} UTKFace)",
+                    f"{x['ours']['no_face']} / {peer.get('no_face', '-')}",
+                    f"{x['ours']['unscored']} / {peer.get('unscored', '-')}",
+                    f"{x['fit_seconds']:.0f}" + (f" + {x['eval_seconds']:.0f} evaluating" if "eval_seconds" in x else ""),
+                    x["features"],
+                ]
             )
-    return out
-
-
-def _runs(values: Sequence[float]) -> str:
-    return " / ".join(f"{v:.1f}" for v in values)
+    return rows
 
 
 def _speed_rows(sp: dict[str, Any]) -> list[list[str]]:
-    d, rows = sp.get("descriptor", {}), []
-    if "ratio" in d:
-        rows.append(
-            [
-                f"descriptor: PyTorch port as deployed ({d['torch_dtype']}, {d['torch_threads']} threads) vs "
-                "dlib-bin compute_face_descriptor (1 thread), same LFW chips",
-                d["images"],
-                fmt_num(d["torch_images_per_s"]),
-                fmt_num(d["dlib_images_per_s"]),
-                fmt_num(d["ratio"], ".1f"),
-                "-",
-            ]
-        )
-        rows += [
-            [
-                f"descriptor: PyTorch port, {k.split('_')[1]}, 1 thread (like for like)",
-                d["images"],
-                fmt_num(d[f"{k}_images_per_s"]),
-                fmt_num(d["dlib_images_per_s"]),
-                fmt_num(d[f"{k}_ratio"], ".1f"),
-                "-",
-            ]
-            for k in ("torch_bf16_1t", "torch_fp32_1t")
-            if f"{k}_ratio" in d
+    d = sp.get("descriptor", {})
+    if "ratio" not in d:
+        return [["descriptor vs dlib-bin", "-", "n/a", "n/a", d.get("error", "not measured")]]
+    rows = [
+        [
+            f"descriptor: PyTorch port as deployed ({d['torch_dtype']}, {d['torch_threads']} threads) vs "
+            "dlib-bin compute_face_descriptor (1 thread), same LFW chips",
+            d["images"],
+            fmt_num(d["torch_images_per_s"]),
+            fmt_num(d["dlib_images_per_s"]),
+            fmt_num(d["ratio"], ".1f"),
         ]
-    else:
-        rows.append(["descriptor vs dlib-bin", "-", "n/a", "n/a", d.get("error", "not measured"), "-"])
-    pr = sp.get("predict", {})
-    for name, x in pr.items():
-        if not isinstance(x, dict) or "ours_runs" not in x:
-            continue
-        rows.append(
-            [
-                f"predict on {name}: Predictor.predict_many vs {PEER} (runs: {_runs(x['ours_runs'])} vs "
-                f"{_runs(x['peer_runs']) or 'none'})",
-                x["images"],
-                fmt_num(x["ours_images_per_second"]),
-                fmt_num(x.get("peer_images_per_second")),
-                fmt_num(x.get("ratio"), ".2f") if "ratio" in x else x.get("error", "n/a"),
-                f"{x['ours_faces']} / {x.get('peer_faces', 'n/a')}",
-            ]
-        )
-    if "error" in pr:
-        rows.append(["predict vs the peer", "-", "n/a", "n/a", pr["error"], "-"])
-    return rows
+    ]
+    return rows + [
+        [
+            f"descriptor: PyTorch port, {k.split('_')[1]}, 1 thread (like for like)",
+            d["images"],
+            fmt_num(d[f"{k}_images_per_s"]),
+            fmt_num(d["dlib_images_per_s"]),
+            fmt_num(d[f"{k}_ratio"], ".1f"),
+        ]
+        for k in ("torch_bf16_1t", "torch_fp32_1t")
+        if f"{k}_ratio" in d
+    ]
 
 
 def _accuracy_intro(a: dict[str, Any]) -> list[str]:
-    sets = a["sets"]
-    photos = ", ".join(f"{n} {x['images']:,}" + (f" of {x['of']:,}" if x["images"] != x["of"] else "") for n, x in sets.items())
+    photos = ", ".join(f"{n} {k:,}" for n, k in a["sets"].items())
     sub = (
-        f"**Subsampled** ({a['subsample']} photos per set at most, evenly spaced through each sorted folder; "
-        "models trained on so few photos say little, so read the targets as a check of the machinery): "
+        f"**Subsampled** (each run trains and tests on a seeded sample of {a['subsample']:,} photos of its sets "
+        "together, FairFace held out is scored whole; models trained on so few photos say little, so read the "
+        "targets as a check of the machinery). The sets: "
         if a.get("subsample")
         else "Every photo of each folder: "
     )
-    hits = [x.get("features") for x in [a.get("in_domain", {}), *a.get("cross", {}).values()] if "features" in x]
     bank = a.get("feature_extraction", {}).values()
     extraction = sum(x["seconds"] for x in bank)
     how = (
-        "loaded from the feature cache an earlier run left in --work (keyed by the weights, the framing and the "
-        f"files; {extraction / 60:.1f} min)"
+        "loaded from the feature cache an earlier run left in --work"
         if bank and all(x["from_cache"] for x in bank)
-        else f"extracted once ({extraction / 60:.1f} min in all)"
+        else "extracted"
     )
+    seeds = ", ".join(map(str, a["seeds"]))
     return [
-        f"{sub}{photos}. Model: `agegender train --backbone dlib-resnet` with the default preset (RetinaFace detection, "
-        "dlib 5-point chips, the frozen ResNet's features, gender and DEX age heads). In-domain: UTKFace on its own "
-        "identity split. Cross-dataset: each set held out in turn, the model trained on the others together "
-        "(`--data A --data B ...`) and evaluated on every photo of the held-out set "
-        '(`evaluate_model(..., subset="all")`). The peer, '
-        f"{PEER} {a.get('peer_version') or ''} (dlib HOG detector without upsampling, 5 landmarks, ONNX nets), "
-        "predicted the same photos in the same run, photo by photo; where it found several faces, its subject is "
-        "the face agegender's own rule would pick (area x centrality).",
+        f"{sub}{photos}. Model: the bundled model's own recipe (`recipes.bundled_model.recipe_config`: "
+        "`agegender train --backbone dlib-resnet --alignment landmarks5`, default preset, split by identity), "
+        f"trained once per split seed ({seeds}) twice over: on every set together, scored on that seed's test split "
+        "(people it never saw; UTKFace has no person ids, so each photo counts as a person), and on every set but "
+        f"{a['held_out']['set']}, scored on all of {a['held_out']['set']}. Each figure is the mean ± sd over the seeds "
+        "(per seed after it); the targets are judged on the mean. UTKFace is both its folders; adults 18+, minors "
+        "under 18; the 60+ bias is the mean of predicted minus true age over the photos aged 60 and over.",
         "",
-        f"Scoring, the same for both tools: {a['no_face_rule']} 'no face' counts photos in which the tool's own "
-        "detector found none (ours: RetinaFace as evaluation runs it, 20 px floor). FairFace labels age groups only: "
-        "'age group hit' is the share of predicted ages (rounded) inside the labelled group; its age MAE is not "
-        "given. LFW has no ages.",
+        f"The peer, {PEER} {a.get('peer_version') or ''} (dlib HOG detector without upsampling, 5 landmarks, ONNX "
+        f"nets), predicted every scored photo once ({a['scored_photos']:,} photos, the union of the test splits and "
+        f"{a['held_out']['set']}, whose peer figures are thus the same for every seed), photo by photo, beside our "
+        "training; where it found several faces, its subject is "
+        "the face agegender's own rule would pick (area x centrality). Scoring, the same for both tools: "
+        f"{a['no_face_rule']} 'no face' counts photos in which the tool's own detector found none (ours: RetinaFace "
+        "as evaluation runs it, 20 px floor). FairFace labels age groups only: its 'age-group hit' is the share of "
+        "predicted ages inside the labelled group.",
         "",
-        f"Features: each set's were {how} and handed to each training run as its feature source "
-        f"({sum(h == 'per-set extraction (cache hit)' for h in hits)} of {len(hits)} runs "
-        f"found every image there). The accuracy part took {a['accuracy_minutes']:.1f} min, the whole phase "
-        f"{a['wall_minutes']:.1f} min (1-minute load average at its start: "
-        f"{fmt_load((a.get('load_average_start') or [])[:1])}). The phase's interpreter ran with "
-        f"OMP_WAIT_POLICY={a['omp_wait_policy']} (benchmarks.phases.PHASE_ENV sets PASSIVE before torch loads, "
-        "as the `agegender` CLI does, unless the caller set it).",
+        f"Features: each set's were {how} ({extraction / 60:.1f} min) into one bank every run trained from. "
+        f"The accuracy part took {a['accuracy_minutes']:.1f} min, the whole phase {a['wall_minutes']:.1f} min "
+        f"(1-minute load average at its start: {fmt_load((a.get('load_average_start') or [])[:1])}), with "
+        f"OMP_WAIT_POLICY={a['omp_wait_policy']} (benchmarks.phases.PHASE_ENV). predict against the peer is "
+        "measured in section 8, on the shipped model.",
         "",
     ]
 
 
 def _accuracy(a: dict[str, Any]) -> list[str]:
-    out = ["## 7. Real labelled photos: the dlib-resnet product beside the peer (accuracy and speed)", ""]
+    out = ["## 7. Real labelled photos: issue 20's figures for the bundled recipe, beside the peer", ""]
     if "targets" not in a:
         return out + [f"Not measured: {why(a)}", ""]
+    from .accuracy import FIGURES
+
     out += _accuracy_intro(a)
-    out += markdown_table(["target", "measured", "status"], [[t["target"], t["value"], _status(t["met"])] for t in a["targets"]])
+    out += markdown_table(
+        ["target", "measured: ours (peer), mean ± sd", "status"],
+        [[t["target"], t["value"], _status(t["met"])] for t in a["targets"]],
+    )
     out += accuracy_findings(a)
+    head = ["figure", "ours", PEER, "ours by seed", f"{PEER} by seed"]
+    mixed, held = a["mixed"], a["held_out"]
+    out += [f"Trained on {' + '.join(mixed['trained_on'])}, scored on each seed's test split:", ""]
+    out += markdown_table(head, _figure_rows(mixed, [k for k, _, _ in FIGURES]))
+    out += [f"Trained on {' + '.join(held['trained_on'])}, scored on every {held['set']} photo:", ""]
+    out += markdown_table(head, _figure_rows(held, ("gender", "gender_no_face_wrong", "fairface_group_hit")))
     out += markdown_table(
         [
-            "evaluated on",
-            "trained on",
-            "tool",
-            "no face",
-            "gender accuracy (95% CI)",
-            "no face = wrong",
-            "age MAE (years)",
-            "FairFace age group hit",
+            "run",
+            "seed",
+            "train photos",
+            "scored photos",
+            "no face (ours / peer)",
+            "unscored (ours / peer)",
+            "seconds",
+            "features",
         ],
-        _accuracy_rows(a),
+        _run_rows(a),
     )
-    out += _slice_tables(a)
-    p = a["speed"].get("predict", {}).get("predictor", {})
-    out += [
-        f"Speed, after the accuracy work, each ratio from interleaved runs (medians). predict: "
-        f"`Predictor.predict_many`, batch 32, as `agegender predict --model` runs it ({p.get('detector', '?')} "
-        f"detector, {p.get('min_face_px', '?')} px floor, {p.get('precision', '?')} trunk), each side after a "
-        f"4-image warm-up, alternating which runs first; the peer one image per call in its own venv. "
-        f"The descriptor rows include turning uint8 chips into the network's input.",
-        "",
-    ]
+    out += ["Speed: the descriptor, interleaved runs (medians), including turning uint8 chips into the network's input.", ""]
     return out + markdown_table(
-        ["comparison", "photos", "agegender (images/s)", "other (images/s)", "ratio", "faces found (ours / peer)"],
-        _speed_rows(a["speed"]),
+        ["comparison", "photos", "agegender (images/s)", "dlib-bin (images/s)", "ratio"], _speed_rows(a["speed"])
     )
 
 

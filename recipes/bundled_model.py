@@ -27,11 +27,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agegender.rundir import RunDir
+
+if TYPE_CHECKING:
+    from agegender.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SETS = ("utkface", "utkface_rest", "lfw", "wiki", "fairface")
@@ -44,8 +47,24 @@ AGE_BANDS = ((0, 2), (3, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (
 log = logging.getLogger("recipe")
 
 
-def train(faces: Path, work: Path, alignment: str = "landmarks5") -> Path:
+def recipe_config(data: tuple[str, ...], out: Path, cache_dir: Path, seed: int = 0, alignment: str = "landmarks5") -> TrainConfig:
+    """The bundled model's training run on ``data``: the default preset, dlib-resnet, ``alignment`` chips, split by
+    identity with ``seed`` (benchmarks train through this, so they measure this recipe)."""
     from agegender.train.config import TrainConfig
+
+    return TrainConfig.from_preset(
+        "default",
+        data=data,
+        out=str(out),
+        backbone="dlib-resnet",
+        cache_dir=str(cache_dir),
+        seed=seed,
+        split="identity",
+        alignment=alignment,
+    )
+
+
+def train(faces: Path, work: Path, alignment: str = "landmarks5") -> Path:
     from agegender.train.loop import fit
 
     run = work / "run"
@@ -53,17 +72,7 @@ def train(faces: Path, work: Path, alignment: str = "landmarks5") -> Path:
         log.info("reusing the trained run in %s", run)
         return run
     shutil.rmtree(run, ignore_errors=True)
-    cfg = TrainConfig.from_preset(
-        "default",
-        data=tuple(str(faces / s) for s in SETS),
-        out=str(run),
-        backbone="dlib-resnet",
-        cache_dir=str(work / "cache"),
-        seed=0,
-        split="identity",
-        alignment=alignment,
-    )
-    fit(cfg)
+    fit(recipe_config(tuple(str(faces / s) for s in SETS), run, work / "cache", alignment=alignment))
     return run
 
 

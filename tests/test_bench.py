@@ -130,75 +130,99 @@ def test_tiny_run_writes_both_reports(tmp_path: Path, monkeypatch: pytest.Monkey
     assert doc["raw"]["train"]["measured"]["command"] in (out / "BENCHMARKS.md").read_text()
 
 
-# -- figure 7 (real-photo accuracy beside the peer): its pure arithmetic, judging and section ----------------------
+# -- figure 7 (issue 20's figures beside the peer): its pure arithmetic, judging and section ----------------------
 def _truth() -> list[dict[str, object]]:
-    # Four photos: two 20-29 (one exact age each), two 60-69; the last two Asian.
-    return [
-        {"path": f"p{i}", "male": m, "age": a, "group": g, "race": r}
-        for i, (m, a, g, r) in enumerate(
-            ((1, 25, "20-29", "white"), (0, 27, "20-29", "white"), (1, 61, "60-69", "asian"), (0, 65, "60-69", "asian"))
-        )
-    ]
+    # UTKFace: an adult, a minor, two aged 60+; FairFace: two with age groups; LFW: one without an age.
+    rows = (
+        ("utkface", 1, 30, None),
+        ("utkface_rest", 0, 10, None),
+        ("utkface", 1, 61, None),
+        ("utkface_rest", 0, 70, None),
+        ("fairface", 1, None, (20, 29)),
+        ("fairface", 0, None, (70, None)),
+        ("lfw", 1, None, None),
+    )
+    return [{"path": f"p{i}", "set": s, "male": m, "age": a, "group": g} for i, (s, m, a, g) in enumerate(rows)]
 
 
-def test_accuracy_score_applies_one_no_face_rule() -> None:
-    from benchmarks.accuracy import score
+def test_accuracy_figures_apply_one_no_face_rule() -> None:
+    from benchmarks.accuracy import figures
 
     preds = {
-        "p0": {"male": 1, "age": 30.0, "found": True},  # right, 5 years off
-        "p1": {"male": 0, "age": 27.0, "found": False},  # right, from the whole frame
-        "p2": {"male": 0, "age": 51.0, "found": True},
-    }  # wrong; p3 missing: unscored, wrong
-    s = score(_truth(), preds, exact_ages=True)
-    assert (s["images"], s["no_face"], s["unscored"]) == (4, 1, 1)
-    assert s["accuracy"] == pytest.approx(0.5) and s["accuracy_no_face_wrong"] == pytest.approx(0.25)
-    lo, hi = s["accuracy_ci95"]
-    assert 0 <= lo <= 0.5 <= hi <= 1
-    assert s["mae"] == pytest.approx((5 + 0 + 10) / 3) and s["age_n"] == 3
-    assert list(s["slices"]["group"]) == ["20-29", "60-69"]
-    assert s["slices"]["group"]["20-29"] == {"n": 2, "accuracy": 1.0, "mae": 2.5}
-    assert s["slices"]["race"]["asian"] == {"n": 2, "accuracy": 0.0, "mae": 10.0}
-
-    # Age groups only (FairFace): no MAE, the share of predicted ages inside the labelled group instead.
-    grouped = [{**t, "age": None} for t in _truth()]
-    g = score(grouped, preds, exact_ages=False)
-    assert "mae" not in g and g["age_group_hit"] == pytest.approx(1 / 3)  # 27 in 20-29; 30 and 51 outside
-    assert g["slices"]["group"]["60-69"]["mae"] is None
+        "p0": {"male": 1, "age": 34.0, "found": True},  # right, 4 years old
+        "p1": {"male": 1, "age": 12.0, "found": True},  # wrong (a minor)
+        "p2": {"male": 1, "age": 55.0, "found": False},  # right, from the whole frame; 6 years young
+        "p4": {"male": 1, "age": 29.9, "found": True},  # right, inside 20-29
+        "p5": {"male": 0, "age": 50.0, "found": True},  # right, outside 70+
+        "p6": {"male": 0, "age": None, "found": True},  # wrong
+    }  # p3 missing: a wrong answer, no age
+    f = figures(_truth(), preds)
+    assert (f["images"], f["no_face"], f["unscored"], f["utkface_images"]) == (7, 1, 1, 4)
+    assert f["utkface_gender"] == pytest.approx(0.5) and f["utkface_adults"] == pytest.approx(2 / 3)
+    assert f["utkface_minors"] == 0.0
+    assert f["utkface_mae"] == pytest.approx((4 + 2 + 6) / 3) and f["utkface_bias60"] == pytest.approx(-6.0)
+    assert f["gender"] == pytest.approx(4 / 7) and f["gender_no_face_wrong"] == pytest.approx(3 / 7)
+    assert f["fairface_group_hit"] == pytest.approx(0.5)
+    lfw = figures(_truth()[6:], preds)  # no UTKFace, no groups: those figures are None
+    assert lfw["utkface_gender"] is None and lfw["utkface_mae"] is None and lfw["fairface_group_hit"] is None
 
 
-def test_accuracy_group_range_and_speed_medians() -> None:
-    from benchmarks.accuracy import group_range
+def test_accuracy_spread_over_seeds_and_speed_medians() -> None:
+    from benchmarks.accuracy import fmt_spread, spread_over_seeds
     from benchmarks.peer import speed_row
 
-    assert group_range("20-29") == (20, 29) and group_range("70+") == (70, math.inf) and group_range("unknown") is None
+    s = spread_over_seeds([{"gender": 0.9, "utkface_mae": 4.0}, {"gender": 0.92, "utkface_mae": None}])
+    assert s["gender"]["mean"] == pytest.approx(0.91) and s["gender"]["runs"] == [0.9, 0.92]
+    assert "utkface_mae" not in s  # a figure missing from one seed has no mean
+    assert fmt_spread(s["gender"], ".3f") == "0.910 ± 0.014" and fmt_spread(None, ".3f") == "n/a"
+    assert spread_over_seeds([{"gender": 0.9}])["gender"]["sd"] is None
     ours = [{"images_per_second": v, "faces": 10, "no_face": 0} for v in (30.0, 10.0, 20.0)]
     peer = [{"images_per_second": v, "faces": 9} for v in (4.0, 6.0)] + [{"error": "boom"}]
     row = speed_row(ours, peer, 10)
     assert row["ours_images_per_second"] == 20.0 and row["peer_images_per_second"] == 5.0 and row["ratio"] == 4.0
     assert row["peer_runs"] == [4.0, 6.0] and row["peer_faces"] == 9
-    assert "ratio" not in speed_row(ours, [{"error": "no venv"}], 10)
     assert speed_row(ours, [{"error": "no venv"}], 10)["error"] == "no venv"
 
 
-def _scored(acc: float, wrong: float, mae: float | None = None) -> dict[str, object]:
-    out: dict[str, object] = {
+def _figs(gender: float, mae: float, bias: float, minors: float = 0.85) -> dict[str, object]:
+    return {
         "images": 100,
         "no_face": 3,
         "unscored": 0,
-        "accuracy": acc,
-        "accuracy_ci95": [acc - 0.02, acc + 0.02],
-        "accuracy_no_face_wrong": wrong,
-        "slices": {"group": {"20-29": {"n": 100, "accuracy": acc, "mae": mae}}},
+        "utkface_images": 80,
+        "utkface_gender": gender,
+        "utkface_adults": 0.985,
+        "utkface_minors": minors,
+        "utkface_mae": mae,
+        "utkface_bias60": bias,
+        "gender": gender + 0.01,
+        "gender_no_face_wrong": gender,
+        "fairface_group_hit": 0.5,
     }
-    if mae is not None:
-        out["mae"] = mae
-    return out
 
 
 def _accuracy_result() -> dict[str, object]:
-    run = {"train_images": 900, "features": "per-set extraction (cache hit)", "fit_seconds": 10.0}
+    from benchmarks.accuracy import spread_over_seeds
+
+    def part(ours: list[dict[str, object]], peer: list[dict[str, object]] | None) -> dict[str, object]:
+        runs = [
+            {"seed": i, "train_images": 900, "test_images": 100, "fit_seconds": 10.0, "features": "bank", "ours": o}
+            | ({"peer": peer[i]} if peer else {})
+            for i, o in enumerate(ours)
+        ]
+        out: dict[str, object] = {"runs": runs, "ours": spread_over_seeds(ours)}
+        return out | ({"peer": spread_over_seeds(peer)} if peer else {"peer_error": "the peer failed on the photos: boom"})
+
+    mixed = part([_figs(0.93, 4.0, -3.5), _figs(0.92, 4.1, -2.9)], [_figs(0.85, 6.0, -9.0), _figs(0.86, 6.1, -8.0)])
+    held = part([_figs(0.86, 4.0, 0.0), _figs(0.87, 4.0, 0.0)], None)  # gender: 0.87, 0.88
+    for x in held["runs"]:  # type: ignore[attr-defined]
+        x["eval_seconds"] = 2.0
     return {
-        "sets": {n: {"images": 100, "of": 1000, "data": n} for n in ("lfw", "fairface", "utkface")},
+        "seeds": [0, 1],
+        "mixed": {"trained_on": ["utkface", "lfw", "fairface"], **mixed},
+        "held_out": {"set": "fairface", "trained_on": ["utkface", "lfw"], **held},
+        "scored_photos": 150,
+        "sets": {"utkface": 1000, "lfw": 1000, "fairface": 540},
         "subsample": 100,
         "peer_version": "2.0.0",
         "no_face_rule": "one rule.",
@@ -207,24 +231,6 @@ def _accuracy_result() -> dict[str, object]:
         "accuracy_minutes": 3.0,
         "wall_minutes": 4.0,
         "load_average_start": [1.0, 1.0, 1.0],
-        "in_domain": {
-            "set": "utkface",
-            **run,
-            "test_images": 100,
-            "ours": _scored(0.93, 0.92, 4.8),
-            "peer": _scored(0.85, 0.80, 6.0),
-        },
-        "cross": {
-            "lfw": {"trained_on": ["fairface", "utkface"], **run, "ours": _scored(0.97, 0.96), "peer": _scored(0.95, 0.96)},
-            # Ahead with whole-frame predictions, behind once no face counts as wrong: missed.
-            "fairface": {"trained_on": ["lfw", "utkface"], **run, "ours": _scored(0.91, 0.80), "peer": _scored(0.90, 0.85)},
-            "utkface": {
-                "trained_on": ["lfw", "fairface"],
-                **run,
-                "ours": _scored(0.88, 0.88, 9.0),
-                "peer": {"error": "the peer failed on the photos: boom"},
-            },
-        },
         "speed": {
             "descriptor": {
                 "images": 64,
@@ -233,40 +239,23 @@ def _accuracy_result() -> dict[str, object]:
                 "torch_images_per_s": 80.0,
                 "dlib_images_per_s": 10.0,
                 "ratio": 8.0,
-            },
-            "predict": {
-                "predictor": {"detector": "retinaface", "min_face_px": 40, "precision": "bf16"},
-                "lfw": {
-                    "images": 10,
-                    "ours_runs": [40.0],
-                    "peer_runs": [10.0],
-                    "ours_faces": 10,
-                    "ours_no_face": 0,
-                    "ours_images_per_second": 40.0,
-                    "peer_images_per_second": 10.0,
-                    "peer_faces": 10,
-                    "ratio": 4.0,
-                },
-            },
+            }
         },
     }
 
 
-def test_accuracy_targets_are_judged_from_the_given_numbers() -> None:
+def test_accuracy_targets_are_judged_on_the_mean_over_seeds() -> None:
     from benchmarks.accuracy import judge
 
-    rows = judge(_accuracy_result())
-    find = lambda text: next(r for r in rows if text in r["target"])
-    assert find("lfw (held out)")["met"] is True
-    assert find("fairface (held out)")["met"] is False  # both scorings must be at least the peer's
-    assert "-0.050" in find("fairface (held out)")["value"]
-    assert find("utkface (held out)")["met"] is None and "boom" in find("utkface (held out)")["value"]
-    assert find("utkface (in-domain test)")["met"] is True
-    assert find("0.90 on FairFace")["met"] is True
-    assert find("UTKFace age MAE")["met"] is True and find("UTKFace age MAE")["value"] == "4.80"
-    assert find("descriptor")["met"] is False and find("descriptor")["value"] == "8.0"
-    assert find("images/s on lfw")["met"] is True
-    assert find("images/s on fairface")["met"] is None
+    rows = {r["key"]: r for r in judge(_accuracy_result())}
+    assert rows["utkface_gender"]["met"] is True and rows["utkface_gender"]["value"] == "0.925 ± 0.007 (peer: 0.855 ± 0.007)"
+    assert rows["utkface_adults"]["met"] is True and rows["utkface_minors"]["met"] is True
+    assert rows["utkface_mae"]["met"] is True  # 4.05 <= 4.2
+    assert rows["utkface_bias60"]["met"] is False and rows["utkface_bias60"]["value"].startswith("-3.20 ± 0.42")
+    assert rows["fairface_gender"]["met"] is False  # 0.875 < 0.88
+    assert "boom" in rows["fairface_gender"]["value"]
+    assert rows["descriptor"]["met"] is False and rows["descriptor"]["value"] == "8.0"
+    assert judge({"skipped": "no photos"})[0]["met"] is None
 
 
 def test_accuracy_section_renders_measured_numbers_only() -> None:
@@ -276,11 +265,12 @@ def test_accuracy_section_renders_measured_numbers_only() -> None:
     result = _accuracy_result()
     result["targets"] = judge(result)
     md = "\n".join(_accuracy(result))
-    assert md.startswith("## 7.") and "**Subsampled** (100 photos per set" in md and "OMP_WAIT_POLICY=PASSIVE" in md
+    assert md.startswith("## 7.") and "seeded sample of 100 photos" in md and "OMP_WAIT_POLICY=PASSIVE" in md
     rows = [line for line in md.splitlines() if line.startswith("|")]
     assert rows and not any(re.search(r"\|\s*\|", line) for line in rows)  # no blank cells
-    assert "| 0.970 (0.950-0.990) | 0.960 |" in md and "the peer failed on the photos: boom" in md
-    assert md.count("| missed |") == 2 and md.count("| met |") == 5 and md.count("| not measured |") == 2
+    assert "| UTKFace age MAE (years) | 4.05 ± 0.07 | 6.05 ± 0.07 | 4.00 / 4.10 | 6.00 / 6.10 |" in md
+    assert "Seed by seed (0, 1): 0.870, 0.880." in md and "the peer failed on the photos: boom" in md
+    assert md.count("| missed |") == 3 and md.count("| met |") == 4
     assert "\n".join(_accuracy({"skipped": "no real photos"})).endswith("Not measured: no real photos\n")
 
 
