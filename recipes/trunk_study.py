@@ -20,7 +20,8 @@ Variants, each the bundled recipe's head (BN, FC 512 ×2, gender logit, DEX over
 * ``rwa``: DEX loss weighted by 1/sqrt of the age band's count (10-year bands); ``ft_rwa``: ``ft`` with it.
 
 Each is scored on the seed's test split (``--holdout SET``: trained without that set, scored on all of it), without
-and with test-time flip. Prints one JSON line per (seed, variant) and a mean ± sd table.
+and with test-time flip; ages are decoded as the DEX distribution's mean, as the product does, and as its median
+(``mae_median``, ``bias60_median``). Prints one JSON line per (seed, variant) and a mean ± sd table.
 """
 
 from __future__ import annotations
@@ -233,6 +234,11 @@ class Study:
                 mirrored_logit, mirrored_ages = run(1, idx)
                 logit, probs = (logit + mirrored_logit) / 2, (probs + F.softmax(mirrored_ages, -1)) / 2
         age = (probs * self.ages).sum(-1).numpy()
+        # The distribution's median (the L1 optimum), each year's mass spread evenly over [year - 0.5, year + 0.5).
+        cdf = probs.cumsum(-1)
+        k = (cdf < 0.5).sum(-1).clamp(max=len(self.ages) - 1)
+        below = torch.where(k > 0, cdf.gather(-1, (k - 1).clamp(min=0)[:, None])[:, 0], torch.zeros(len(k)))
+        median = (self.ages[k] - 0.5 + (0.5 - below) / probs.gather(-1, k[:, None])[:, 0].clamp(min=1e-9)).numpy()
         rs = [self.records[i] for i in idx.tolist()]
         hit = (logit.numpy() >= 0) == np.array([r.gender == 1 for r in rs])
         true = np.array([np.nan if r.age is None else r.age for r in rs], dtype=float)
@@ -249,6 +255,8 @@ class Study:
                 "minors": hit[utk & (true < 18)].mean(),
                 "mae": np.abs(age - true)[utk].mean(),
                 "bias60": (age - true)[utk & (true >= 60)].mean(),
+                "mae_median": np.abs(median - true)[utk].mean(),
+                "bias60_median": (median - true)[utk & (true >= 60)].mean(),
             }
         return {k: float(v) for k, v in out.items()}
 
