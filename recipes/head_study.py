@@ -234,7 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows[name].append(got)
             print(json.dumps({"seed": seed, "variant": name, **{k: round(x, 4) for k, x in got.items()}}), flush=True)
-    keys = ("gender", "adults", "minors", "mae", "bias60", "group")
+    print_table(rows, ("gender", "adults", "minors", "mae", "bias60", "group"))
+    return 0
+
+
+def print_table(rows: dict[str, list[dict[str, float]]], keys: tuple[str, ...]) -> None:
+    """One markdown row per variant: each figure's mean ± sd over the seeds."""
     print("| variant | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for name, runs in rows.items():
         cells = [
@@ -243,7 +248,6 @@ def main(argv: list[str] | None = None) -> int:
             for k in keys
         ]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    return 0
 
 
 if __name__ == "__main__":

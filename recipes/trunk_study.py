@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import math
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from .bundled_model import SETS
+from .head_study import Variant, print_table, targets
 
 log = logging.getLogger("trunk_study")
 
@@ -177,27 +177,8 @@ class Study:
 
     def targets(self, reweight: bool) -> tuple[Any, Any, Any]:
         """The DEX target distribution (an age group spread over its years), whether a record has an age, and its
-        age-loss weight."""
-        import torch
-
-        n, lo, hi = len(self.records), int(self.ages[0]), int(self.ages[-1])
-        dist, known, weight = torch.zeros(n, len(self.ages)), torch.zeros(n, dtype=torch.bool), torch.ones(n)
-        for i, r in enumerate(self.records):
-            if r.age is None:
-                continue
-            known[i] = True
-            if r.age_interval is not None:
-                a, b = r.age_interval
-                inside = (self.ages >= a) & (self.ages <= (b if b is not None else hi))
-                dist[i, inside] = 1.0 / inside.sum()
-            else:
-                dist[i, int(min(max(round(r.age), lo), hi) - lo)] = 1.0
-        if reweight:
-            band = torch.tensor([min(9, (r.age or 30) // 10) for r in self.records])
-            counts = torch.bincount(band[known], minlength=10).float().clamp(min=1)
-            weight = 1 / counts[band].sqrt()
-            weight = weight / weight[known].mean()
-        return dist, known, weight
+        age-loss weight (:func:`recipes.head_study.targets`)."""
+        return targets(self.records, self.ages, Variant(interval=True, reweight=reweight))
 
     def loss(self, gender_logit: Any, age_logits: Any, idx: Any, targets: tuple[Any, Any, Any]) -> Any:
         import torch.nn.functional as F
@@ -406,15 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 got = st.scores(run, split["test"], flip)
                 rows.setdefault(name, []).append(got)
                 print(json.dumps({"seed": seed, "variant": name, **{k: round(v, 4) for k, v in got.items()}}), flush=True)
-    keys = list(next(iter(rows.values()))[0])
-    print("| variant | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
-    for name, runs in rows.items():
-        cells = [
-            f"{statistics.mean(r[k] for r in runs):.4f}"
-            + (f" ± {statistics.stdev(r[k] for r in runs):.4f}" if len(runs) > 1 else "")
-            for k in keys
-        ]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    print_table(rows, tuple(next(iter(rows.values()))[0]))
     return 0
 
 
