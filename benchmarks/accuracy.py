@@ -1,7 +1,8 @@
 """Figure 7: issue 20's done-when figures for the bundled model's recipe, beside the peer on the same photos.
 
-The recipe is ``recipes.bundled_model.recipe_config`` (dlib-resnet, landmarks5 chips, identity split), so this
-measures the bundled model's own training run. For each split seed (0, 1, 2 in full mode):
+The recipe is ``recipes.bundled_model.recipe_configs`` (dlib-resnet, landmarks5 chips, identity split: a frozen head,
+then dlib's last two levels fine-tuned with it), so this measures the bundled model's own training runs. For each
+split seed (0, 1, 2 in full mode):
 
 - **mixed**: trained on every shared set there is (UTKFace in two folders, LFW, WIKI, FairFace), scored on the
   seed's held-out people (its test split, through ``predict``'s path as ``fit``'s report does): UTKFace gender
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from recipes.bundled_model import SETS, recipe_config
+from recipes.bundled_model import SETS, fit_recipe, recipe_configs
 
 from .peer import peer_labels
 from .sizes import ACCURACY_TARGETS
@@ -227,10 +228,8 @@ def features_bank(records: dict[str, list[Any]], cfg: Any) -> tuple[Any, dict[st
     return bank, timing
 
 
-def train_one(cfg: Any, bank: Any) -> tuple[Any, dict[str, Any]]:
-    """``fit`` on the bank's features: its RunResult and how it went."""
-    from agegender.train.loop import fit
-
+def train_one(cfgs: tuple[Any, Any], bank: Any) -> tuple[Any, dict[str, Any]]:
+    """The recipe's two runs, the frozen one on the bank's features: the fine-tuned RunResult and how it went."""
     covered: list[bool] = []
 
     def source(records: Any) -> Any:
@@ -239,7 +238,7 @@ def train_one(cfg: Any, bank: Any) -> tuple[Any, dict[str, Any]]:
         return fs
 
     start = time.perf_counter()
-    run = fit(cfg, features=source)
+    run = fit_recipe(cfgs, features=source)
     return run, {
         "fit_seconds": time.perf_counter() - start,
         "train_images": run.report["protocol"]["splits"]["train"]["images"],
@@ -247,25 +246,25 @@ def train_one(cfg: Any, bank: Any) -> tuple[Any, dict[str, Any]]:
     }
 
 
-def run_mixed(cfg: Any, bank: Any) -> tuple[dict[str, Any], Any]:
+def run_mixed(cfgs: tuple[Any, Any], bank: Any) -> tuple[dict[str, Any], Any]:
     """Trained on every set; its test split's Predictions (the report's predictions.csv)."""
     from agegender.train.report import Predictions
 
-    run, info = train_one(cfg, bank)
-    return {"seed": cfg.seed, **info}, Predictions.load_csv(run.run.report.predictions)
+    run, info = train_one(cfgs, bank)
+    return {"seed": cfgs[0].seed, **info}, Predictions.load_csv(run.run.report.predictions)
 
 
-def run_held_out(cfg: Any, held: Path, bank: Any) -> tuple[dict[str, Any], Any]:
+def run_held_out(cfgs: tuple[Any, Any], held: Path, bank: Any) -> tuple[dict[str, Any], Any]:
     """Trained on every set but the folder ``held``, evaluated on every photo of it."""
     from agegender.train.evaluate import evaluate_model
     from agegender.train.report import Predictions
 
-    run, info = train_one(cfg, bank)
+    run, info = train_one(cfgs, bank)
     start = time.perf_counter()
     evaluation = run.run.evaluation(held.name)
     evaluate_model(run.run, data=str(held), subset="all", out=str(evaluation.path), progress=False)
     info["eval_seconds"] = time.perf_counter() - start
-    return {"seed": cfg.seed, **info}, Predictions.load_csv(evaluation.predictions)
+    return {"seed": cfgs[0].seed, **info}, Predictions.load_csv(evaluation.predictions)
 
 
 def face_found(paths: Sequence[str], workers: int = 1) -> dict[str, bool]:
@@ -335,16 +334,17 @@ def phase_accuracy(ctx: dict[str, Any]) -> dict[str, Any]:
         return {"skipped": f"needs utkface, fairface and one more of {', '.join(SETS)} under {faces} (found: {have})"}
     seeds = list(range(s["accuracy_seeds"]))
     data = {"mixed": present, "held_out": [n for n in present if n != HELD]}
-    configs = {
-        (part, seed): replace(
-            recipe_config(tuple(str(faces / n) for n in sets), work / "runs" / f"{part}-seed{seed}", work / "cache", seed=seed),
-            limit=s["accuracy_images"],
-            progress=False,
-            device=ctx.get("device", "cpu"),
+    both = {
+        (part, seed): tuple(
+            replace(cfg, limit=s["accuracy_images"], progress=False, device=ctx.get("device", "cpu"))
+            for cfg in recipe_configs(
+                tuple(str(faces / n) for n in sets), work / "runs" / f"{part}-seed{seed}", work / "cache", seed=seed
+            )
         )
         for part, sets in data.items()
         for seed in seeds
     }
+    configs = {key: cfgs[0] for key, cfgs in both.items()}  # the frozen runs' data and splits are the fine-tune's
     # Each run's splits as fit draws them (fit_splits: the data scanned, then split by the seed), from one scan.
     scans = {part: scan_all(list(configs[part, 0].data)) for part in data}
     splits = {
@@ -364,8 +364,8 @@ def phase_accuracy(ctx: dict[str, Any]) -> dict[str, Any]:
         peer = pool.submit(peer_labels, venv, paths) if venv else _done({"error": "skipped (--no-peer)"})
         census = pool.submit(face_found, paths, 1)
         bank, timing = features_bank(by_set, configs["mixed", 0])
-        mixed = [run_mixed(configs["mixed", seed], bank) for seed in seeds]
-        held = [run_held_out(configs["held_out", seed], faces / HELD, bank) for seed in seeds]
+        mixed = [run_mixed(both["mixed", seed], bank) for seed in seeds]
+        held = [run_held_out(both["held_out", seed], faces / HELD, bank) for seed in seeds]
         found, peer_doc = census.result(), peer.result()
     result: dict[str, Any] = {
         "seeds": seeds,

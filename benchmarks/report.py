@@ -604,8 +604,9 @@ def _accuracy_intro(a: dict[str, Any]) -> list[str]:
     )
     seeds = ", ".join(map(str, a["seeds"]))
     return [
-        f"{sub}{photos}. Model: the bundled model's own recipe (`recipes.bundled_model.recipe_config`: "
-        "`agegender train --backbone dlib-resnet --alignment landmarks5`, default preset, split by identity), "
+        f"{sub}{photos}. Model: the bundled model's own recipe (`recipes.bundled_model.recipe_configs`: "
+        "`agegender train --backbone dlib-resnet --alignment landmarks5`, default preset, split by identity, then "
+        "`--tune-levels 2 --start-from` that run: dlib's last two levels fine-tuned with the head), "
         f"trained once per split seed ({seeds}) twice over: on every set together, scored on that seed's test split "
         "(people it never saw; UTKFace has no person ids, so each photo counts as a person), and on every set but "
         f"{a['held_out']['set']}, scored on all of {a['held_out']['set']}. Each figure is the mean ± sd over the seeds "

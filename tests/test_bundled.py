@@ -180,6 +180,15 @@ def test_the_bundled_model_exports_and_its_savedmodel_predicts_as_predict_does(s
     np.testing.assert_array_equal(got["age_low"].numpy(), [f.age_low for f in faces])
 
 
+def test_the_card_figures_are_the_shipped_file_s() -> None:
+    """recipes/model_card.json (the figures the next card shows as the previous version's) describes the file that
+    ships, and MODEL_CARD.md names the same file."""
+    root = Path(__file__).resolve().parent.parent
+    card = json.loads((root / "recipes" / "model_card.json").read_text())
+    assert (card["sha256"], card["bytes"]) == (zoo.MODEL.sha256, zoo.MODEL.size)
+    assert zoo.MODEL.sha256 in (root / "MODEL_CARD.md").read_text()
+
+
 def test_the_bundled_files_name_no_folder_of_the_machine_that_built_them() -> None:
     """The shipped model's and heads' metadata say where their data came from by data-set name, never by a path of
     the machine that trained them (the recipe writes them through ``portable``)."""

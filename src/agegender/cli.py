@@ -303,6 +303,8 @@ def _train_config(a: argparse.Namespace, data: str | tuple[str, ...], out: str) 
         hidden=tuple(a.hidden) if a.hidden else None,
         widths=tuple(a.widths) if a.widths else None,
         unfreeze=a.unfreeze or None,
+        tune_levels=a.tune_levels,
+        start_from=a.start_from,
         cache=not a.no_cache,
         cache_dir=a.cache_dir,
         precision=a.precision,
@@ -413,6 +415,16 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help=f"vgg-face --init scratch only: conv block widths (default: VGG16's {' '.join(map(str, next(own_widths)))})",
     )
     p.add_argument("--unfreeze", action="store_true", help="fine-tune the conv layers at a lower learning rate")
+    p.add_argument(
+        "--tune-levels",
+        type=int,
+        metavar="N",
+        help="dlib-resnet only: fine-tune the trunk's last N levels with the head, from --start-from "
+        "(defaults then: 5 epochs, --lr 2e-4, the trunk at 3e-6; 2 is the bundled model's recipe)",
+    )
+    p.add_argument(
+        "--start-from", metavar="MODEL", help="start from this trained run's model.safetensors (same data and options)"
+    )
     p.add_argument("--no-cache", action="store_true", help="recompute the trunk every epoch (for comparison)")
     p.add_argument("--cache-dir", help="feature cache directory (default: cache/ beside the --out folder)")
     p.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")

@@ -63,7 +63,7 @@ DLIB_RESNET = register(
         formats=("dlib",),
         trunk="agegender.model.dlib_resnet:DlibTrunk",
         graphs={"keras": "agegender.infer.keras_dlib:dlib_trunk", "savedmodel": "agegender.infer.tf_graph:dlib_trunk"},
-        train_options=frozenset({"alignment"}),
+        train_options=frozenset({"alignment", "tune_levels"}),
         # Measured on UTKFace (4,899 faces, ages 1-116, its own held-out split): the DEX age head reached MAE 4.57 years
         # where regression gave 6.49-6.87 with the same features, and the pooled 256-d layer beat the 128-d descriptor
         # (4.84) and both together (4.62).

@@ -19,7 +19,7 @@ DEFAULT_BACKBONE = "dlib-resnet"  # its weights install with pip (CC0); VGG-Face
 LEGACY_BACKBONE = "vgg-face"  # what a stored model config without a backbone means: the only one there was
 OWN_PIXELS = "vgg-face"  # the stored spelling of "the backbone's own pixels" in a run's config (``pixels``)
 # The training options whose meaning depends on the backbone; each spec says which of them it reads.
-BACKBONE_OPTIONS = frozenset({"image_size", "pixels", "widths", "block_bn", "alignment"})
+BACKBONE_OPTIONS = frozenset({"image_size", "pixels", "widths", "block_bn", "alignment", "tune_levels"})
 # Every backbone exports to these: both are traced from the PyTorch network itself.
 TRACED_EXPORTS = ("onnx", "torch")
 

@@ -113,6 +113,9 @@ class FeatureSet:
     ok: torch.Tensor  # (N,) bool, False where the image could not be decoded
     seconds: float = 0.0
     cached: bool = False
+    # Rows of (image, mirror image) activations in front of the trunk's tuned levels, (N, 2, C, H, W) float16: a
+    # convolution is not mirror-symmetric, so a flipped face's activations are computed, not flipped.
+    mirrored: bool = False
 
     @property
     def images_per_second(self) -> float:
@@ -175,6 +178,18 @@ class Batches:
     def cached(self) -> bool:
         return self.features is not None
 
+    def _cached(self, chunk: np.ndarray, augment: torch.Generator | None) -> torch.Tensor:
+        """Cached rows of ``chunk``; of mirrored rows the image's, or with ``augment`` the mirror image's half of
+        the time."""
+        assert self.features is not None
+        x = self.features.features[torch.as_tensor(chunk)]
+        if not self.features.mirrored:
+            return x
+        side = torch.zeros(len(chunk), dtype=torch.long)
+        if augment is not None:
+            side = torch.randint(0, 2, (len(chunk),), generator=augment)
+        return x[torch.arange(len(chunk)), side].float()
+
     def __call__(
         self, idx: np.ndarray, augment: torch.Generator | None = None, shard: bool = False, batch_size: int | None = None
     ) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
@@ -187,7 +202,7 @@ class Batches:
                 chunk = chunk[self.ok[chunk]]
             if self.features is not None:
                 if len(chunk):
-                    yield self.features.features[torch.as_tensor(chunk)].to(device), chunk, len(full)
+                    yield self._cached(chunk, augment).to(device), chunk, len(full)
                 continue
             if self.images is not None:
                 x = self.images[torch.as_tensor(chunk)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -50,25 +51,22 @@ class FeatureBank:
 
 
 def _trunk_key(
-    model: AgeGenderNet, preprocess: Preprocess, weights_sha256: str | None, bf16: bool, frame: Framer | None
+    model: AgeGenderNet, preprocess: Preprocess, weights_sha256: str | None, bf16: bool, frame: Framer | None, tuned: int = 0
 ) -> hashlib._Hash:
     h = hashlib.sha256()
     cfg = model.config
-    h.update(
-        json.dumps(
-            {
-                "backbone": cfg.backbone,
-                "layer": cfg.feature_layer,
-                "widths": cfg.widths,
-                "block_bn": cfg.block_bn,
-                "size": cfg.image_size,
-                "pre": preprocess.to_dict(),
-                "bf16": bf16,
-                "weights": weights_sha256,
-                "frame": getattr(frame, "key", None),
-            }
-        ).encode()
-    )
+    what = {
+        "backbone": cfg.backbone,
+        "layer": cfg.feature_layer,
+        "widths": cfg.widths,
+        "block_bn": cfg.block_bn,
+        "size": cfg.image_size,
+        "pre": preprocess.to_dict(),
+        "bf16": bf16,
+        "weights": weights_sha256,
+        "frame": getattr(frame, "key", None),
+    }
+    h.update(json.dumps({**what, "tuned": tuned} if tuned else what).encode())
     # The trunk's own bytes, so --init scratch or a different seed never reuses another trunk's cache.
     for name, t in sorted(model.trunk.state_dict().items()):
         h.update(name.encode())
@@ -92,9 +90,11 @@ def cache_key(
     weights_sha256: str | None,
     bf16: bool,
     frame: Framer | None = None,
+    tuned: int = 0,
 ) -> str:
-    """Hash of the trunk weights, its config, the preprocessing, the dtype and the file list (with sizes/mtimes)."""
-    h = _trunk_key(model, preprocess, weights_sha256, bf16, frame)
+    """Hash of the trunk weights, its config, the preprocessing, the dtype, the tuned levels and the file list (with
+    sizes/mtimes)."""
+    h = _trunk_key(model, preprocess, weights_sha256, bf16, frame, tuned)
     for r in records:
         h.update(f"{_file_id(r)}\n".encode())
     return h.hexdigest()[:32]
@@ -113,13 +113,19 @@ def extract_features(
     frame: Framer | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    tuned: int = 0,
 ) -> FeatureSet:
-    """Run the trunk once over every record; decoding of later batches overlaps the trunk's compute."""
+    """Run the trunk once over every record; decoding of later batches overlaps the trunk's compute.
+
+    With ``tuned`` levels, the rows are the activations in front of them, of the image and of its mirror image
+    (:attr:`FeatureSet.mirrored`).
+    """
     from ..progress import Progress
 
-    features = feature_extractor(model, bf16, device)  # a copy of the trunk, in its fastest inference form
-    n, dim = len(records), model.config.feature_dim
-    out = torch.zeros(n, dim, dtype=torch.float32)
+    # a copy of the trunk, in its fastest inference form
+    features = feature_extractor(model, bf16, device) if not tuned else _lower_extractor(model, tuned, bf16, device)
+    n = len(records)
+    out = torch.zeros(n, *row_shape(model, tuned), dtype=torch.float16 if tuned else torch.float32)
     ok = torch.zeros(n, dtype=torch.bool)
     start = time.perf_counter()
     # A bar on a terminal; a line every few seconds in a log file, which stays readable.
@@ -127,11 +133,37 @@ def extract_features(
     for idx, images in iter_batches(records, model.config.image_size, batch_size, workers, prefetch=prefetch, frame=frame):
         f = features(preprocess.normalize(images, torch.channels_last))
         index = torch.as_tensor(idx, dtype=torch.long)
-        out[index] = f.float().cpu()
+        out[index] = f.to(out.dtype).cpu()
         ok[index] = True
         bar.update(len(idx))
     bar.close()
-    return FeatureSet(out, ok, time.perf_counter() - start)
+    return FeatureSet(out, ok, time.perf_counter() - start, mirrored=bool(tuned))
+
+
+def row_shape(model: AgeGenderNet, tuned: int = 0) -> tuple[int, ...]:
+    """The shape of one cached row: the trunk's features, or (2, C, H, W) activations in front of ``tuned`` levels."""
+    if not tuned:
+        return (model.config.feature_dim,)
+    size = model.config.image_size
+    with torch.device("meta"):  # shapes only: nothing is computed or allocated
+        lower = copy.deepcopy(model.trunk).to("meta").lower(torch.zeros(1, 3, size, size), tuned)
+    return (2, *lower.shape[1:])
+
+
+def _lower_extractor(
+    model: AgeGenderNet, tuned: int, bf16: bool, device: str | torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The trunk up to its last ``tuned`` levels, on a batch and on its mirror image: ``(N, 2, C, H, W)``."""
+    device = torch.device(device)
+    trunk = copy.deepcopy(model.trunk).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    @torch.no_grad()
+    def both_sides(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device, torch.float32, memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            return torch.stack([trunk.lower(x, tuned).float(), trunk.lower(x.flip(3), tuned).float()], 1)
+
+    return both_sides
 
 
 def cached_features(
@@ -143,23 +175,26 @@ def cached_features(
     weights_sha256: str | None = None,
     bf16: bool = False,
     world: World = World(),
+    tuned: int = 0,
     **kwargs: object,
 ) -> FeatureSet:
     """Load features from ``cache_dir`` or compute and store them (atomically) under their key.
 
-    Under torchrun each rank extracts every ``world.size``-th record and all ranks gather the result.
+    Under torchrun each rank extracts every ``world.size``-th record and all ranks gather the result. With
+    ``tuned`` levels the rows are the mirrored activations in front of them (:func:`extract_features`).
     """
     from safetensors.torch import load_file, save_file
 
     frame = kwargs.get("frame")
-    key = cache_key(model, preprocess, records, weights_sha256, bf16, frame)  # type: ignore[arg-type]
-    trunk = _trunk_key(model, preprocess, weights_sha256, bf16, frame).hexdigest()[:32]  # type: ignore[arg-type]
+    key = cache_key(model, preprocess, records, weights_sha256, bf16, frame, tuned)  # type: ignore[arg-type]
+    trunk = _trunk_key(model, preprocess, weights_sha256, bf16, frame, tuned).hexdigest()[:32]  # type: ignore[arg-type]
     path = Path(cache_dir) / f"features-{key}.safetensors"
+    shape = row_shape(model, tuned)
     if path.is_file():
         t = load_file(str(path))
-        if t["features"].shape == (len(records), model.config.feature_dim):
+        if t["features"].shape == (len(records), *shape):
             log.info("feature cache hit: %s", path)
-            return FeatureSet(t["features"], t["ok"].bool(), cached=True)
+            return FeatureSet(t["features"], t["ok"].bool(), cached=True, mirrored=bool(tuned))
         log.warning("ignoring feature cache with unexpected shape: %s", path)
     ids = [_file_id(r) for r in records]
     known = _cached_rows(Path(cache_dir), trunk, set(ids))
@@ -173,7 +208,7 @@ def cached_features(
                 len(missing),
             )
         todo = [records[i] for i in missing]
-        fs = extract_features(model, world.shard(todo), preprocess, bf16=bf16, **kwargs)  # type: ignore[arg-type]
+        fs = extract_features(model, world.shard(todo), preprocess, bf16=bf16, tuned=tuned, **kwargs)  # type: ignore[arg-type]
         log.info("extracted %d features in %.1fs (%.1f img/s)", int(fs.ok.sum()), fs.seconds, fs.images_per_second)
         if world.active:
             fs = FeatureSet(
@@ -185,10 +220,11 @@ def cached_features(
         log.info("feature cache: every image known from earlier runs")
         seconds, cached = 0.0, True
     out = FeatureSet(
-        torch.stack([known[f][0] for f in ids]) if ids else torch.zeros(0, model.config.feature_dim),
+        torch.stack([known[f][0] for f in ids]) if ids else torch.zeros(0, *shape),
         torch.tensor([known[f][1] for f in ids], dtype=torch.bool),
         seconds,
         cached,
+        mirrored=bool(tuned),
     )
     if world.is_main:
         with atomic_path(path) as tmp:

@@ -142,16 +142,26 @@ class DlibResNet(nn.Module):
             tensors[key] = t.to(torch.float32)
         self.load_state_dict(tensors)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The (N, feature_dim) globally average-pooled activations that feed the descriptor."""
+    @property
+    def levels(self) -> tuple[nn.Sequential, ...]:
+        return (self.level1, self.level2, self.level3, self.level4, self.level5)
+
+    def lower(self, x: torch.Tensor, upper_levels: int = 0) -> torch.Tensor:
+        """The activations in front of the last ``upper_levels`` residual levels."""
         x = F.max_pool2d(F.relu(self.conv1_affine(self.conv1(x))), 3, 2)
-        x = self.level5(self.level4(self.level3(self.level2(self.level1(x)))))
+        for level in self.levels[: len(self.levels) - upper_levels]:
+            x = level(x)
+        return x
+
+    def upper(self, x: torch.Tensor, upper_levels: int = 0) -> torch.Tensor:
+        """The last ``upper_levels`` levels on :meth:`lower`'s activations, then the global average pool."""
+        for level in self.levels[len(self.levels) - upper_levels :]:
+            x = level(x)
         return x.mean(dim=(2, 3))
 
-    def features_and_descriptor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both candidate inputs for a head: the pooled features and the descriptor, in one pass."""
-        features = self.forward_features(x)
-        return features, self.fc(features)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The (N, feature_dim) globally average-pooled activations that feed the descriptor."""
+        return self.upper(self.lower(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The (N, descriptor_dim) face descriptor, dlib's ``compute_face_descriptor``."""
@@ -160,6 +170,8 @@ class DlibResNet(nn.Module):
 
 class DlibTrunk(Trunk):
     """dlib's face ResNet as a trunk: the pooled 256-d activations, its 128-d descriptor, or both."""
+
+    levels = len(LEVEL_BLOCKS)
 
     def __init__(self, widths: tuple[int, ...], layer: str, descriptor_dim: int = DESCRIPTOR_DIM) -> None:
         super().__init__()
@@ -175,9 +187,19 @@ class DlibTrunk(Trunk):
         self.net.load_canonical(state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled, descriptor = self.net.features_and_descriptor(x)
+        return self.upper(self.net.lower(x), 0)
+
+    def lower(self, x: torch.Tensor, tuned: int) -> torch.Tensor:
+        return self.net.lower(x, tuned)
+
+    def upper(self, activations: torch.Tensor, tuned: int) -> torch.Tensor:
+        pooled = self.net.upper(activations, tuned)
         if self.layer == "pooled":
             return pooled
-        if self.layer == "descriptor":
-            return descriptor
-        return torch.cat([pooled, descriptor], 1)
+        descriptor = self.net.fc(pooled)
+        return descriptor if self.layer == "descriptor" else torch.cat([pooled, descriptor], 1)
+
+    def tune(self, tuned: int) -> None:
+        trained = [*self.net.levels[len(self.net.levels) - tuned :], *([self.net.fc] if self.layer != "pooled" else [])]
+        for module in trained if tuned else ():
+            module.requires_grad_(True)

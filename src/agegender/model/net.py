@@ -96,6 +96,13 @@ class AgeGenderNet(nn.Module):
         self.config.freeze_trunk = False
         self.trunk.requires_grad_(True)
 
+    def tune_trunk(self, levels: int) -> None:
+        """Train the trunk's last ``levels`` levels (the rest stays frozen), from activations cached in front of
+        them (:meth:`forward_from`). The model's config does not change: at inference it is a whole fixed trunk."""
+        if not 0 < levels <= self.trunk.levels:
+            raise InputError(f"the {self.config.backbone} trunk can tune 1 to {self.trunk.levels} levels, not {levels}")
+        self.trunk.tune(levels)
+
     @property
     def trunk_is_fixed(self) -> bool:
         """True when nothing in the trunk trains, so its outputs can be cached."""
@@ -122,6 +129,13 @@ class AgeGenderNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Outputs:
         return self.forward_head(self.forward_features(x))
+
+    def forward_from(self, cached: torch.Tensor, tuned: int = 0) -> Outputs:
+        """The forward pass from what a feature cache holds: the trunk's features, or with ``tuned`` levels the
+        activations in front of them (:meth:`Trunk.lower`)."""
+        if tuned:
+            cached = torch.flatten(self.trunk.upper(cached, tuned), 1)
+        return self.forward_head(cached)
 
     # -- decoding ---------------------------------------------------------------------------
     def expected_age(self, age_logits: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # What the default preset changes for a backbone is the backbone's own (BackboneSpec.train_defaults).
 
+# A fine-tune of the trunk's last levels (``tune_levels``) starts from a trained frozen run and moves little: Adam at
+# 1e-4 on dlib's levels undid the descriptor in one epoch, 1e-5 pulled the old towards the middle, 3e-6 for the
+# trunk and 2e-4 for the head for five epochs helped on every split seed (DECISIONS.md: a fine-tune of dlib's last
+# two levels helps).
+TUNE_DEFAULTS: dict[str, Any] = dict(epochs=5, lr=2e-4, trunk_lr_mult=0.015)
+
 
 @dataclass
 class TrainConfig:
@@ -77,6 +83,8 @@ class TrainConfig:
     widths: tuple[int, ...] = ()  # with --init scratch (() = the backbone's own); pretrained: from the file
     pixels: str = OWN_PIXELS  # or a recipe of the backbone's ("seed": /255 RGB)
     unfreeze: bool = False
+    tune_levels: int = 0  # train the trunk's last N levels, from activations cached in front of them
+    start_from: str | None = None  # a trained model file whose weights the run starts from (with tune_levels)
     trunk_lr_mult: float = 0.1
     cache: bool = True
     cache_dir: str | None = None
@@ -100,6 +108,8 @@ class TrainConfig:
         spec = BACKBONES.get(str(given.get("backbone", DEFAULT_BACKBONE)))  # an unknown one: validate() says so
         backbone_defaults = dict(spec.train_defaults) if spec is not None and preset == "default" else {}
         values = {**PRESETS[preset], **backbone_defaults, **given}
+        if values.get("tune_levels"):
+            values = {**values, **{k: v for k, v in TUNE_DEFAULTS.items() if k not in given}}
         if values.get("init") == "scratch":
             # From scratch the whole trunk learns at the full rate, and a 13-conv stack trains far better
             # with BatchNorm after each block.
@@ -141,6 +151,8 @@ class TrainConfig:
         for ok, message, parameter in checks:
             if not ok:
                 raise OptionError(message, parameter)
+        if self.tune_levels:
+            self._check_tuning(spec)
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise OptionError(f"{out}: `out` names a run directory, but this is a file", "out")
@@ -151,6 +163,8 @@ class TrainConfig:
             raise OptionError(f"{self.exclude}: no such file (`exclude`)", "exclude")
         if self.weights is not None and not Path(self.weights).is_file():
             raise OptionError(f"{self.weights}: no such weights file (`weights`)", "weights")
+        if self.start_from is not None and not Path(self.start_from).is_file():
+            raise OptionError(f"{self.start_from}: no such model file (`start_from`)", "start_from")
 
         # The model config checks sizes, widths and head shapes in one place; the backbone says which of them
         # come from the options.
@@ -166,6 +180,24 @@ class TrainConfig:
         )
         _check_fits_memory(model, self.batch_size)
         return self
+
+    def _check_tuning(self, spec: Any) -> None:
+        levels = spec.trunk_class().levels
+        problem = (
+            f"{spec.name} has no levels to tune; `unfreeze` trains its whole trunk"
+            if "tune_levels" not in spec.train_options or not levels
+            else f"must be 0 to {levels} for {spec.name}, got {self.tune_levels}"
+            if not 0 < self.tune_levels <= levels
+            else "and `unfreeze` both train the trunk: choose one"
+            if self.unfreeze or self.init == "scratch"
+            else "trains from activations cached in front of the tuned levels: it needs the feature cache"
+            if not self.cache
+            else "needs `start_from`: the model file of a trained frozen run, whose head it fine-tunes"
+            if self.start_from is None
+            else ""
+        )
+        if problem:
+            raise OptionError(f"`tune_levels` {problem}", "tune_levels", "start_from", "unfreeze")
 
     @property
     def bf16(self) -> bool:

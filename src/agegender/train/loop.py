@@ -153,14 +153,14 @@ def train_threads() -> int:
 class Step(nn.Module):
     """The trained part of one forward pass, as a module so DistributedDataParallel can wrap it."""
 
-    def __init__(self, model: AgeGenderNet, cached: bool, bf16: bool = False) -> None:
+    def __init__(self, model: AgeGenderNet, cached: bool, bf16: bool = False, tuned: int = 0) -> None:
         super().__init__()
-        self.model, self.cached, self.bf16 = model, cached, bf16
+        self.model, self.cached, self.bf16, self.tuned = model, cached, bf16, tuned
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         # bf16 autocast where the hardware has it: the matmuls run in bf16, the weights Adam updates stay fp32.
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model.forward_head(x) if self.cached else self.model(x)
+            out = self.model.forward_from(x, self.tuned) if self.cached else self.model(x)
         age = None if out.age_logits is None else out.age_logits.float()
         return out.gender_logit.float(), age
 
@@ -210,7 +210,9 @@ def train_one_epoch(
     model.train()
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     order = idx[torch.randperm(len(idx), generator=g).numpy()]
-    augment = g if (cfg.trunk_trains and batches.features is None) else None
+    # Images are flipped and shifted when the trunk trains on them; mirrored activations are drawn half the time.
+    mirrored = batches.features is not None and batches.features.mirrored
+    augment = g if (cfg.trunk_trains and batches.features is None) or mirrored else None
     # The loss is summed on the device and read once per epoch: a .item() per step waits for every step.
     device = batches.world.device
     total, count = torch.zeros((), device=device), 0
@@ -253,7 +255,7 @@ def validate(model: AgeGenderNet, batches: Batches, idx: np.ndarray, labels: Lab
     done, p_male, ages = [], [], []
     gender_sum, age_sum, age_count = 0.0, 0.0, 0
     for x, chunk, _ in batches(idx, batch_size=4096 if batches.cached else None):
-        out = model.forward_head(x) if batches.cached else model(x)
+        out = model.forward_from(x, cfg.tune_levels) if batches.cached else model(x)
         out = Outputs(out.gender_logit.float(), None if out.age_logits is None else out.age_logits.float())
         gender_loss, age_loss = loss_parts(out, labels, chunk, model)
         gender_sum += float(gender_loss) * len(chunk)
@@ -306,7 +308,7 @@ def fit(cfg: TrainConfig, resume: bool = False, force: bool = False, *, features
     elif run.path.is_dir():
         refuse_overwrite(run.path, run.markers, force, also=" (`resume` to continue it)")
     cfg.validate()
-    if features is not None and cfg.trunk_trains:
+    if features is not None and (cfg.trunk_trains or cfg.tune_levels):
         raise AgeGenderError("features were given, but this run trains its trunk: they would be stale after one step")
     created = not run.path.exists()
     world = init_world(cfg.device)
@@ -338,6 +340,9 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
     check_splits(splits, str(dataset.root))
     log.info("data: %s (%s), split %s: %s", dataset.root, dataset.kind, cfg.split, splits.summary())
     model, pre, weights_sha = build_model(replace(cfg, device=world.device), age_range(splits.train))
+    started = _start_from(model, pre, cfg.start_from) if cfg.start_from and not resume else None
+    if cfg.tune_levels:
+        model.tune_trunk(cfg.tune_levels)
     _seed_other_generators(cfg.seed)
     if world.is_main:  # only now that data, splits and weights all check out
         run.path.mkdir(parents=True, exist_ok=True)
@@ -361,11 +366,12 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
             workers=cfg.workers,
             device=world.device,
             progress=cfg.progress and world.is_main,
+            tuned=cfg.tune_levels,
         )
     # The naive --no-cache path stays naive (decode every epoch); a trainable trunk keeps decoded images.
     batches = Batches(records, pre, cfg.batch_size, cfg.workers, features, world, keep_images=cfg.trunk_trains, frame=frame)
     train_idx = np.intersect1d(np.arange(n_train), batches.valid)
-    step: nn.Module = Step(model, batches.cached, cfg.bf16)
+    step: nn.Module = Step(model, batches.cached, cfg.bf16, cfg.tune_levels)
     if world.active:
         step = nn.parallel.DistributedDataParallel(step)
     optimizer = make_optimizer(model, cfg)
@@ -376,6 +382,7 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
         extra={
             "data": {"root": str(dataset.root), "kind": dataset.kind, "split": cfg.split, "summary": splits.summary()},
             "train": cfg.applicable_dict(),
+            **({"start_from_sha256": started} if started else {}),
         },
     )
 
@@ -434,6 +441,35 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
         world.barrier()
 
 
+def _start_from(model: AgeGenderNet, pre: Preprocess, path: str) -> str:
+    """Load a trained model file's weights into ``model`` (the run's own, the same network on the same input);
+    returns the file's sha256, which the run's checkpoint records."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from ..model.checkpoint import check_stored_shapes, read_meta
+
+    try:
+        meta = read_meta(path)
+        check_stored_shapes(path, meta)
+    except AgeGenderError as e:
+        raise OptionError(f"`start_from` {e}", "start_from") from None
+    ours, theirs = model.config.to_dict(), meta.config.to_dict()
+    differ = [k for k in ours if k not in ("freeze_trunk", "temperature") and ours[k] != theirs.get(k)]
+    if differ:
+        k = differ[0]
+        raise OptionError(
+            f"{path}: `start_from` is a model of another {k} ({theirs.get(k)!r}, this run's is {ours[k]!r}); "
+            "start from a run on the same data and options",
+            "start_from",
+        )
+    if meta.preprocess.to_dict() != pre.to_dict():
+        raise OptionError(f"{path}: `start_from` reads its faces differently from this run (its input contract)", "start_from")
+    model.load_state_dict(load_file(path, device=str(next(model.parameters()).device)))
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _given_features(source: FeatureSource, records: list[FaceRecord], model: AgeGenderNet) -> FeatureSet | None:
     """The caller's features for ``records``, checked against the run's trunk; None where it lacks some."""
     given = source(records)
@@ -469,7 +505,7 @@ def _calibrate_and_report(
     from .evaluate import evaluate_records
     from .report import plot_training_curves
 
-    calibrate_checkpoint(run.checkpoint, *_gender_logits(run.checkpoint, batches, idx_val, labels))
+    calibrate_checkpoint(run.checkpoint, *_gender_logits(run.checkpoint, batches, idx_val, labels, cfg.tune_levels))
     kill_point("train:calibrated")
     plot_training_curves(history, run.curves)
     # The test split goes through predict's own path (framing, full decode, trunk at cfg.precision), as
@@ -491,13 +527,15 @@ def _calibrate_and_report(
     return RunResult(run, history, report, None if features is None else features.cached)
 
 
-def _gender_logits(checkpoint: Path, batches: Batches, idx: np.ndarray, labels: Labels) -> tuple[np.ndarray, np.ndarray]:
+def _gender_logits(
+    checkpoint: Path, batches: Batches, idx: np.ndarray, labels: Labels, tuned: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """The checkpoint's fp32 gender logits on ``idx`` (the readable ones) and their 0/1 labels."""
     best, _ = load_checkpoint(checkpoint, device=batches.world.device)
     logits, done = [], []
     with torch.no_grad():
         for x, chunk, _ in batches(idx, batch_size=4096 if batches.cached else None):
-            out = best.forward_head(x.float()) if batches.cached else best(x)
+            out = best.forward_from(x.float(), tuned) if batches.cached else best(x)
             logits.append(out.gender_logit.float().cpu().numpy())
             done.append(chunk)
     chosen = np.concatenate(done) if done else np.zeros(0, dtype=int)

@@ -86,8 +86,8 @@ def _verified(entry: ZooFile) -> Path:
 
 MODEL = ZooFile(
     "agegender-dlib-v1.onnx",
-    sha256="0a8836d25e69bddd7d707027955cfb2307f7b29ca7963e40bf67c6453d07c8c3",
-    size=7_541_227,
+    sha256="326f899055389752311b1df8ea1bee651aba5b01b7c31b48616d5f4a8171c4d7",
+    size=7_541_405,
     licence="dlib ResNet trunk: CC0 1.0; heads trained on UTKFace, IMDB-WIKI, LFW (non-commercial research) and "
     "FairFace (CC BY 4.0): non-commercial research use (MODEL_CARD.md)",
     what="age/gender model",
@@ -97,10 +97,10 @@ MODEL = ZooFile(
 )
 HEADS = ZooFile(
     "agegender-dlib-v1.heads.safetensors",
-    sha256="192bf33d7e89f9cc78c6de33bb329335f7ba548cc13c31fdc45a58f6dfa812b4",
-    size=1_837_140,
+    sha256="654b3ed1fa0c8d1ba0bba870f6bcd3093a0ee29d455f5768c423295223488ead",
+    size=10_700_148,
     licence="as the bundled model: non-commercial research use (MODEL_CARD.md)",
-    what="bundled model's heads (float32, for export)",
+    what="bundled model's heads (float32) and fine-tuned trunk levels (float16), for export",
     key="heads",
     install=REINSTALL,
     bundled=True,
