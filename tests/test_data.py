@@ -770,6 +770,7 @@ def test_scan_all_names_each_data_set_after_its_folder(tmp_path: Path) -> None:
     assert [r.dataset for r in ds.records] == ["fairface"] * 2 + ["lfw (1)"] * 2 + ["lfw (2)"] * 2
     assert len({r.identity for r in ds.records}) == 6  # listed ids stay per folder
     assert ds.roots == (tmp_path / "fairface", tmp_path / "lfw", tmp_path / "other" / "lfw")
+    assert ds.kind == "fairface: csv, lfw (1): csv, lfw (2): csv"  # what a report of several sets shows
 
 
 # -- manifests that escape their folder or list a file twice -----------------------------------------

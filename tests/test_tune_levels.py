@@ -122,3 +122,24 @@ def test_the_command_line_names_the_option(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tune-levels" in err[0] and "--start-from" in err[0], err
     assert not out.exists()
+
+
+def test_a_tuned_run_resumes(frozen: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A resumed fine-tune reads its weights and optimizer from its own state, not from `start_from` again."""
+    data, weights, run = frozen
+    common = dict(
+        data=str(data),
+        out=str(tmp_path / "tuned"),
+        weights=str(weights),
+        tune_levels=2,
+        start_from=str(run / "model.safetensors"),
+        cache_dir=str(tmp_path / "cache"),
+        **TINY,
+    )
+    fit(TrainConfig.from_preset("default", **{**common, "epochs": 1}))
+    one = load_file(str(tmp_path / "tuned" / "last.safetensors"))
+    result = fit(TrainConfig.from_preset("default", **{**common, "epochs": 2}), resume=True)
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    two = load_file(str(tmp_path / "tuned" / "last.safetensors"))
+    assert not torch.equal(one["trunk.net.level5.0.conv1.weight"], two["trunk.net.level5.0.conv1.weight"])
+    assert torch.equal(one["trunk.net.level1.0.conv1.weight"], two["trunk.net.level1.0.conv1.weight"])

@@ -151,7 +151,14 @@ def scan_all(roots: Sequence[str | os.PathLike[str]], exclude: str | os.PathLike
     ]
     skipped = Skipped([item for ds in parts for item in ds.skipped.items])
     return drop_duplicate_files(
-        Dataset(records, "+".join(ds.kind for ds in parts), parts[0].root, skipped, tuple(ds.root for ds in parts))
+        # Each set named with its layout ("utkface: csv, fairface: json"): a report of several sets says which is which.
+        Dataset(
+            records,
+            ", ".join(f"{name}: {ds.kind}" for name, ds in zip(names, parts, strict=True)),
+            parts[0].root,
+            skipped,
+            tuple(ds.root for ds in parts),
+        )
     )
 
 
