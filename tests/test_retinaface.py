@@ -145,6 +145,18 @@ def test_decode_zero_offsets_is_the_prior() -> None:
     np.testing.assert_allclose(points[1], np.tile([100, 50], (5, 1)))
 
 
+@pytest.mark.parametrize("view", ["whole", "crop", "mirrored"])
+def test_the_input_blob_is_bgr_minus_the_mean(view: str) -> None:
+    """The one-pass-per-plane input equals the plain numpy recipe, bit for bit, on any view of an image."""
+    rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    rgb = {"whole": rgb, "crop": rgb[3:30, 5:40], "mirrored": rgb[:, ::-1]}[view]
+    mean_bgr = (104.0, 117.0, 123.0)
+    expected = (rgb[..., ::-1].astype(np.float32) - np.float32(mean_bgr)).transpose(2, 0, 1)[None]
+    got = rf._blob(rgb, mean_bgr)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_nms() -> None:
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10.5]], np.float32)
     scores = np.array([0.8, 0.9, 0.7, 0.6], np.float32)
