@@ -142,14 +142,15 @@ def load_session(model: bytes | str | os.PathLike[str] | None, threads: int, pro
 
 
 def _blob(rgb: np.ndarray, mean_bgr: tuple[float, float, float]) -> np.ndarray:
-    """The network's ``(1, 3, H, W)`` float32 input: BGR planes minus the mean, one OpenCV pass per plane. numpy's
-    cast, subtract and strided transpose took 2.5 ms on a 448 px photo, a fifth of the detector's time; this
-    takes 0.35 ms, with the same values (DECISIONS.md: the detector's and the model's inputs in contiguous passes)."""
+    """The network's ``(1, 3, H, W)`` float32 input: BGR planes minus the mean, one pass per contiguous plane.
+    numpy's cast, subtract and strided transpose of the whole image took 2.5 ms on a 448 px photo, a fifth of the
+    detector's time; this takes 0.35 ms, with the same values (DECISIONS.md: the detector's and the model's inputs in
+    contiguous passes)."""
     import cv2
 
     out = np.empty((1, 3, *rgb.shape[:2]), np.float32)
     for plane, channel, mean in zip(out[0], reversed(cv2.split(np.ascontiguousarray(rgb))), mean_bgr, strict=True):
-        cv2.subtract(channel, mean, dst=plane, dtype=cv2.CV_32F)
+        np.subtract(channel, np.float32(mean), out=plane, dtype=np.float32)
     return out
 
 
