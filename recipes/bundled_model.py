@@ -648,9 +648,10 @@ def render_card(card: dict[str, Any]) -> str:
         "| WIKI (IMDB-WIKI) | 1,108 | gender, age (photo year − birth year) | non-commercial research |",
         "| FairFace (padding 1.25) | 540 | gender, age group (trained as its midpoint) | CC BY 4.0 |",
         "",
-        "**Licence of the weights.** The trunk is CC0, but the heads learned from UTKFace, IMDB-WIKI and LFW, "
-        "whose terms allow non-commercial research use only: the bundled model inherits them. Use it for research, "
-        "not in a product.",
+        "**Licence of the weights.** dlib's trunk is CC0, but the heads"
+        + (" and the fine-tuned levels" if card.get("tune_levels") else "")
+        + " learned from UTKFace, IMDB-WIKI and LFW, whose terms allow non-commercial research use only: the bundled "
+        "model inherits them. Use it for research, not in a product.",
         "",
         "UTKFace and FairFace have no person ids, so a person photographed twice may sit on both sides of the split; "
         "LFW holds one photo per person and WIKI's ids keep each person in one split.",

@@ -88,7 +88,8 @@ MODEL = ZooFile(
     "agegender-dlib-v1.onnx",
     sha256="326f899055389752311b1df8ea1bee651aba5b01b7c31b48616d5f4a8171c4d7",
     size=7_541_405,
-    licence="dlib ResNet trunk: CC0 1.0; heads trained on UTKFace, IMDB-WIKI, LFW (non-commercial research) and "
+    licence="dlib ResNet trunk: CC0 1.0; heads and its last two levels trained on UTKFace, IMDB-WIKI, LFW "
+    "(non-commercial research) and "
     "FairFace (CC BY 4.0): non-commercial research use (MODEL_CARD.md)",
     what="age/gender model",
     key="model",
