@@ -143,3 +143,26 @@ def test_a_tuned_run_resumes(frozen: tuple[Path, Path, Path], tmp_path: Path) ->
     two = load_file(str(tmp_path / "tuned" / "last.safetensors"))
     assert not torch.equal(one["trunk.net.level5.0.conv1.weight"], two["trunk.net.level5.0.conv1.weight"])
     assert torch.equal(one["trunk.net.level1.0.conv1.weight"], two["trunk.net.level1.0.conv1.weight"])
+
+
+def test_mirror_caches_both_sides_and_trains_on_them(frozen: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """`mirror`: the cache holds each face's features and its mirror image's, and training draws from both."""
+    data, weights, _ = frozen
+    cfg = TrainConfig.from_preset(
+        "default",
+        data=str(data),
+        out=str(tmp_path / "m"),
+        weights=str(weights),
+        mirror=True,
+        cache_dir=str(tmp_path / "cache"),
+        epochs=1,
+        **TINY,
+    )
+    result = fit(cfg)
+    (cache,) = (tmp_path / "cache").glob("features-*.safetensors")
+    rows = load_file(str(cache))["features"]
+    assert rows.dtype == torch.float32 and rows.shape[1:] == (2, 5)  # image and mirror image, the tiny trunk's 5
+    assert not torch.equal(rows[:, 0], rows[:, 1])
+    assert read_meta(result.checkpoint).extra["train"]["mirror"] is True
+    with pytest.raises(OptionError, match="needs the cache"):
+        TrainConfig.from_preset("default", data=str(data), out=str(tmp_path / "x"), mirror=True, cache=False, **TINY).validate()

@@ -303,6 +303,7 @@ def _train_config(a: argparse.Namespace, data: str | tuple[str, ...], out: str) 
         hidden=tuple(a.hidden) if a.hidden else None,
         widths=tuple(a.widths) if a.widths else None,
         unfreeze=a.unfreeze or None,
+        mirror=a.mirror or None,
         tune_levels=a.tune_levels,
         start_from=a.start_from,
         cache=not a.no_cache,
@@ -415,6 +416,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help=f"vgg-face --init scratch only: conv block widths (default: VGG16's {' '.join(map(str, next(own_widths)))})",
     )
     p.add_argument("--unfreeze", action="store_true", help="fine-tune the conv layers at a lower learning rate")
+    p.add_argument(
+        "--mirror",
+        action="store_true",
+        help="train on each face's mirror image half the time (the feature cache holds both: twice the extraction)",
+    )
     p.add_argument(
         "--tune-levels",
         type=int,

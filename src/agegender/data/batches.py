@@ -113,8 +113,8 @@ class FeatureSet:
     ok: torch.Tensor  # (N,) bool, False where the image could not be decoded
     seconds: float = 0.0
     cached: bool = False
-    # Rows of (image, mirror image) activations in front of the trunk's tuned levels, (N, 2, C, H, W) float16: a
-    # convolution is not mirror-symmetric, so a flipped face's activations are computed, not flipped.
+    # Rows of (image, mirror image): their features (N, 2, D), or their activations in front of the trunk's tuned
+    # levels (N, 2, C, H, W) float16. A convolution is not mirror-symmetric, so a flipped face's are computed.
     mirrored: bool = False
 
     @property

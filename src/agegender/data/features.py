@@ -51,7 +51,13 @@ class FeatureBank:
 
 
 def _trunk_key(
-    model: AgeGenderNet, preprocess: Preprocess, weights_sha256: str | None, bf16: bool, frame: Framer | None, tuned: int = 0
+    model: AgeGenderNet,
+    preprocess: Preprocess,
+    weights_sha256: str | None,
+    bf16: bool,
+    frame: Framer | None,
+    tuned: int = 0,
+    mirror: bool = False,
 ) -> hashlib._Hash:
     h = hashlib.sha256()
     cfg = model.config
@@ -66,7 +72,9 @@ def _trunk_key(
         "weights": weights_sha256,
         "frame": getattr(frame, "key", None),
     }
-    h.update(json.dumps({**what, "tuned": tuned} if tuned else what).encode())
+    # Keys of older caches stay as they were: the new fields only where they are set.
+    what |= {"tuned": tuned} if tuned else {"mirror": True} if mirror else {}
+    h.update(json.dumps(what).encode())
     # The trunk's own bytes, so --init scratch or a different seed never reuses another trunk's cache.
     for name, t in sorted(model.trunk.state_dict().items()):
         h.update(name.encode())
@@ -91,10 +99,11 @@ def cache_key(
     bf16: bool,
     frame: Framer | None = None,
     tuned: int = 0,
+    mirror: bool = False,
 ) -> str:
     """Hash of the trunk weights, its config, the preprocessing, the dtype, the tuned levels and the file list (with
     sizes/mtimes)."""
-    h = _trunk_key(model, preprocess, weights_sha256, bf16, frame, tuned)
+    h = _trunk_key(model, preprocess, weights_sha256, bf16, frame, tuned, mirror)
     for r in records:
         h.update(f"{_file_id(r)}\n".encode())
     return h.hexdigest()[:32]
@@ -114,18 +123,23 @@ def extract_features(
     device: str | torch.device = "cpu",
     progress: bool = True,
     tuned: int = 0,
+    mirror: bool = False,
 ) -> FeatureSet:
     """Run the trunk once over every record; decoding of later batches overlaps the trunk's compute.
 
     With ``tuned`` levels, the rows are the activations in front of them, of the image and of its mirror image
-    (:attr:`FeatureSet.mirrored`).
+    (:attr:`FeatureSet.mirrored`); with ``mirror``, the features of both.
     """
     from ..progress import Progress
 
-    # a copy of the trunk, in its fastest inference form
-    features = feature_extractor(model, bf16, device) if not tuned else _lower_extractor(model, tuned, bf16, device)
+    if tuned:
+        features = _lower_extractor(model, tuned, bf16, device)
+    else:
+        features = feature_extractor(model, bf16, device)  # a copy of the trunk, in its fastest inference form
+        if mirror:
+            features = _both_sides(features)
     n = len(records)
-    out = torch.zeros(n, *row_shape(model, tuned), dtype=torch.float16 if tuned else torch.float32)
+    out = torch.zeros(n, *row_shape(model, tuned, mirror), dtype=torch.float16 if tuned else torch.float32)
     ok = torch.zeros(n, dtype=torch.bool)
     start = time.perf_counter()
     # A bar on a terminal; a line every few seconds in a log file, which stays readable.
@@ -137,17 +151,27 @@ def extract_features(
         ok[index] = True
         bar.update(len(idx))
     bar.close()
-    return FeatureSet(out, ok, time.perf_counter() - start, mirrored=bool(tuned))
+    return FeatureSet(out, ok, time.perf_counter() - start, mirrored=bool(tuned) or mirror)
 
 
-def row_shape(model: AgeGenderNet, tuned: int = 0) -> tuple[int, ...]:
-    """The shape of one cached row: the trunk's features, or (2, C, H, W) activations in front of ``tuned`` levels."""
+def row_shape(model: AgeGenderNet, tuned: int = 0, mirror: bool = False) -> tuple[int, ...]:
+    """The shape of one cached row: the trunk's features (of the image and its mirror image with ``mirror``), or
+    (2, C, H, W) activations in front of ``tuned`` levels."""
     if not tuned:
-        return (model.config.feature_dim,)
+        return (2, model.config.feature_dim) if mirror else (model.config.feature_dim,)
     size = model.config.image_size
     with torch.device("meta"):  # shapes only: nothing is computed or allocated
         lower = copy.deepcopy(model.trunk).to("meta").lower(torch.zeros(1, 3, size, size), tuned)
     return (2, *lower.shape[1:])
+
+
+def _both_sides(features: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``features`` of a batch and of its mirror image: ``(N, 2, D)``."""
+
+    def both(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([features(x).float(), features(x.flip(3)).float()], 1)
+
+    return both
 
 
 def _lower_extractor(
@@ -176,6 +200,7 @@ def cached_features(
     bf16: bool = False,
     world: World = World(),
     tuned: int = 0,
+    mirror: bool = False,
     **kwargs: object,
 ) -> FeatureSet:
     """Load features from ``cache_dir`` or compute and store them (atomically) under their key.
@@ -186,15 +211,16 @@ def cached_features(
     from safetensors.torch import load_file, save_file
 
     frame = kwargs.get("frame")
-    key = cache_key(model, preprocess, records, weights_sha256, bf16, frame, tuned)  # type: ignore[arg-type]
-    trunk = _trunk_key(model, preprocess, weights_sha256, bf16, frame, tuned).hexdigest()[:32]  # type: ignore[arg-type]
+    key = cache_key(model, preprocess, records, weights_sha256, bf16, frame, tuned, mirror)  # type: ignore[arg-type]
+    trunk = _trunk_key(model, preprocess, weights_sha256, bf16, frame, tuned, mirror).hexdigest()[:32]  # type: ignore[arg-type]
     path = Path(cache_dir) / f"features-{key}.safetensors"
-    shape = row_shape(model, tuned)
+    shape = row_shape(model, tuned, mirror)
+    mirrored = bool(tuned) or mirror
     if path.is_file():
         t = load_file(str(path))
         if t["features"].shape == (len(records), *shape):
             log.info("feature cache hit: %s", path)
-            return FeatureSet(t["features"], t["ok"].bool(), cached=True, mirrored=bool(tuned))
+            return FeatureSet(t["features"], t["ok"].bool(), cached=True, mirrored=mirrored)
         log.warning("ignoring feature cache with unexpected shape: %s", path)
     ids = [_file_id(r) for r in records]
     known = _cached_rows(Path(cache_dir), trunk, set(ids))
@@ -208,7 +234,7 @@ def cached_features(
                 len(missing),
             )
         todo = [records[i] for i in missing]
-        fs = extract_features(model, world.shard(todo), preprocess, bf16=bf16, tuned=tuned, **kwargs)  # type: ignore[arg-type]
+        fs = extract_features(model, world.shard(todo), preprocess, bf16=bf16, tuned=tuned, mirror=mirror, **kwargs)  # type: ignore[arg-type]
         log.info("extracted %d features in %.1fs (%.1f img/s)", int(fs.ok.sum()), fs.seconds, fs.images_per_second)
         if world.active:
             fs = FeatureSet(
@@ -224,7 +250,7 @@ def cached_features(
         torch.tensor([known[f][1] for f in ids], dtype=torch.bool),
         seconds,
         cached,
-        mirrored=bool(tuned),
+        mirrored=mirrored,
     )
     if world.is_main:
         with atomic_path(path) as tmp:

@@ -83,7 +83,8 @@ class TrainConfig:
     widths: tuple[int, ...] = ()  # with --init scratch (() = the backbone's own); pretrained: from the file
     pixels: str = OWN_PIXELS  # or a recipe of the backbone's ("seed": /255 RGB)
     unfreeze: bool = False
-    tune_levels: int = 0  # train the trunk's last N levels, from activations cached in front of them
+    mirror: bool = False  # a face's mirror image half of the time (the cache holds the features of both)
+    tune_levels: int = 0  # train the trunk's last N levels, from activations cached in front of them (mirrored)
     start_from: str | None = None  # a trained model file whose weights the run starts from (with tune_levels)
     trunk_lr_mult: float = 0.1
     cache: bool = True
@@ -153,6 +154,10 @@ class TrainConfig:
                 raise OptionError(message, parameter)
         if self.tune_levels:
             self._check_tuning(spec)
+        if self.mirror and not self.cache:
+            raise OptionError(
+                "`mirror` draws from cached features of each face and its mirror image: it needs the cache", "mirror"
+            )
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise OptionError(f"{out}: `out` names a run directory, but this is a file", "out")

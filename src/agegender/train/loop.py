@@ -350,7 +350,11 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
         run.write_splits({k: [r.path for r in v] for k, v in splits.items()})
     labels = Labels.of(records)
     frame = photo_framer(pre)
-    features = None if source is None else _given_features(source, records, model)
+    features = None
+    if source is not None and cfg.mirror:
+        log.info("`mirror`: the given features have no mirror images; using the feature cache")
+    elif source is not None:
+        features = _given_features(source, records, model)
     if features is None and cfg.cache and not cfg.trunk_trains:
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run.default_cache
         features = cached_features(
@@ -367,6 +371,7 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
             device=world.device,
             progress=cfg.progress and world.is_main,
             tuned=cfg.tune_levels,
+            mirror=cfg.mirror,
         )
     # The naive --no-cache path stays naive (decode every epoch); a trainable trunk keeps decoded images.
     batches = Batches(records, pre, cfg.batch_size, cfg.workers, features, world, keep_images=cfg.trunk_trains, frame=frame)
