@@ -369,7 +369,8 @@ def compare(fp32: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]]) -
 def heads(run: Path, work: Path, faces: Path) -> Path:
     """The trained weights beyond dlib's own file, with the checkpoint's metadata: what, on dlib's ResNet, rebuilds
     the network for the Keras, SavedModel and torch.export formats. The heads are float32; the fine-tuned trunk
-    levels float16, which halves them (8.8 MB) and moves no decision of the float32 network measurably."""
+    levels float16, which halves them (8.8 MB): against the float32 run on 3,000 of the shared chips, no gender
+    decision moved and ages by 0.007 years on average (0.15 at most)."""
     import torch
     from safetensors.torch import load_file, save_file
 
