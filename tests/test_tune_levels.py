@@ -32,6 +32,13 @@ def frozen(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return data, weights, fit(cfg).out
 
 
+def tuned_config(frozen: tuple[Path, Path, Path], out: Path, **given: object) -> TrainConfig:
+    """A two-level fine-tune of the frozen run into ``out`` (``given`` overrides)."""
+    data, weights, run = frozen
+    options = {**TINY, "tune_levels": 2, "start_from": str(run / "model.safetensors"), **given}
+    return TrainConfig.from_preset("default", data=str(data), out=str(out), weights=str(weights), **options)
+
+
 @pytest.mark.parametrize("tuned", range(1, 6))
 def test_lower_then_upper_is_the_trunk(tuned: int) -> None:
     torch.manual_seed(0)
@@ -45,18 +52,8 @@ def test_lower_then_upper_is_the_trunk(tuned: int) -> None:
 
 
 def test_a_tuned_run_trains_the_last_levels_only(frozen: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    data, weights, run = frozen
-    start = run / "model.safetensors"
-    cfg = TrainConfig.from_preset(
-        "default",
-        data=str(data),
-        out=str(tmp_path / "tuned"),
-        weights=str(weights),
-        tune_levels=2,
-        start_from=str(start),
-        cache_dir=str(tmp_path / "cache"),
-        **{**TINY, "epochs": 2},
-    )
+    start = frozen[2] / "model.safetensors"
+    cfg = tuned_config(frozen, tmp_path / "tuned", cache_dir=str(tmp_path / "cache"), epochs=2)
     assert (cfg.epochs, cfg.lr, cfg.trunk_lr_mult) == (2, 2e-4, 0.015)  # the fine-tune's defaults, but what was given
     result = fit(cfg)
     before, after = load_file(str(start)), load_file(str(result.checkpoint))
@@ -85,9 +82,7 @@ def test_a_tuned_run_trains_the_last_levels_only(frozen: tuple[Path, Path, Path]
     ],
 )
 def test_bad_tuning_options_are_refused(frozen: tuple[Path, Path, Path], tmp_path: Path, given: dict, message: str) -> None:
-    data, _, run = frozen
-    options = {**TINY, "tune_levels": 2, "start_from": str(run / "model.safetensors"), **given}
-    cfg = TrainConfig.from_preset("default", data=str(data), out=str(tmp_path / "x"), **options)
+    cfg = tuned_config(frozen, tmp_path / "x", **given)
     if given.get("start_from", "") is None:
         cfg.start_from = None
     with pytest.raises(OptionError, match=message):
@@ -96,16 +91,7 @@ def test_bad_tuning_options_are_refused(frozen: tuple[Path, Path, Path], tmp_pat
 
 
 def test_start_from_another_model_is_refused(frozen: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    data, weights, run = frozen
-    cfg = TrainConfig.from_preset(
-        "default",
-        data=str(data),
-        out=str(tmp_path / "x"),
-        weights=str(weights),
-        tune_levels=2,
-        start_from=str(run / "model.safetensors"),
-        **{**TINY, "hidden": (8,)},
-    )
+    cfg = tuned_config(frozen, tmp_path / "x", hidden=(8,))
     with pytest.raises(OptionError, match="another hidden"):
         fit(cfg)
     assert not (tmp_path / "x").exists()
@@ -126,19 +112,10 @@ def test_the_command_line_names_the_option(
 
 def test_a_tuned_run_resumes(frozen: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """A resumed fine-tune reads its weights and optimizer from its own state, not from `start_from` again."""
-    data, weights, run = frozen
-    common = dict(
-        data=str(data),
-        out=str(tmp_path / "tuned"),
-        weights=str(weights),
-        tune_levels=2,
-        start_from=str(run / "model.safetensors"),
-        cache_dir=str(tmp_path / "cache"),
-        **TINY,
-    )
-    fit(TrainConfig.from_preset("default", **{**common, "epochs": 1}))
+    cache = str(tmp_path / "cache")
+    fit(tuned_config(frozen, tmp_path / "tuned", cache_dir=cache, epochs=1))
     one = load_file(str(tmp_path / "tuned" / "last.safetensors"))
-    result = fit(TrainConfig.from_preset("default", **{**common, "epochs": 2}), resume=True)
+    result = fit(tuned_config(frozen, tmp_path / "tuned", cache_dir=cache, epochs=2), resume=True)
     assert [row["epoch"] for row in result.history] == [1, 2]
     two = load_file(str(tmp_path / "tuned" / "last.safetensors"))
     assert not torch.equal(one["trunk.net.level5.0.conv1.weight"], two["trunk.net.level5.0.conv1.weight"])

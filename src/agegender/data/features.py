@@ -132,12 +132,10 @@ def extract_features(
     """
     from ..progress import Progress
 
-    if tuned:
-        features = _lower_extractor(model, tuned, bf16, device)
-    else:
-        features = feature_extractor(model, bf16, device)  # a copy of the trunk, in its fastest inference form
-        if mirror:
-            features = _both_sides(features)
+    # a copy of the trunk, in its fastest inference form
+    features = _lower_extractor(model, tuned, bf16, device) if tuned else feature_extractor(model, bf16, device)
+    if tuned or mirror:
+        features = _both_sides(features)
     n = len(records)
     out = torch.zeros(n, *row_shape(model, tuned, mirror), dtype=torch.float16 if tuned else torch.float32)
     ok = torch.zeros(n, dtype=torch.bool)
@@ -166,7 +164,7 @@ def row_shape(model: AgeGenderNet, tuned: int = 0, mirror: bool = False) -> tupl
 
 
 def _both_sides(features: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``features`` of a batch and of its mirror image: ``(N, 2, D)``."""
+    """``features`` of a batch and of its mirror image, stacked on a new second axis."""
 
     def both(x: torch.Tensor) -> torch.Tensor:
         return torch.stack([features(x).float(), features(x.flip(3)).float()], 1)
@@ -177,17 +175,17 @@ def _both_sides(features: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[t
 def _lower_extractor(
     model: AgeGenderNet, tuned: int, bf16: bool, device: str | torch.device
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The trunk up to its last ``tuned`` levels, on a batch and on its mirror image: ``(N, 2, C, H, W)``."""
+    """A copy of the trunk up to its last ``tuned`` levels: ``(N, C, H, W)`` activations of a normalised batch."""
     device = torch.device(device)
     trunk = copy.deepcopy(model.trunk).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @torch.no_grad()
-    def both_sides(x: torch.Tensor) -> torch.Tensor:
+    def lower(x: torch.Tensor) -> torch.Tensor:
         x = x.to(device, torch.float32, memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            return torch.stack([trunk.lower(x, tuned).float(), trunk.lower(x.flip(3), tuned).float()], 1)
+            return trunk.lower(x, tuned)
 
-    return both_sides
+    return lower
 
 
 def cached_features(

@@ -200,6 +200,5 @@ class DlibTrunk(Trunk):
         return descriptor if self.layer == "descriptor" else torch.cat([pooled, descriptor], 1)
 
     def tune(self, tuned: int) -> None:
-        trained = [*self.net.levels[len(self.net.levels) - tuned :], *([self.net.fc] if self.layer != "pooled" else [])]
-        for module in trained if tuned else ():
+        for module in [*self.net.levels[len(self.net.levels) - tuned :], *([self.net.fc] if self.layer != "pooled" else [])]:
             module.requires_grad_(True)

@@ -449,10 +449,9 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
 def _start_from(model: AgeGenderNet, pre: Preprocess, path: str) -> str:
     """Load a trained model file's weights into ``model`` (the run's own, the same network on the same input);
     returns the file's sha256, which the run's checkpoint records."""
-    import hashlib
-
     from safetensors.torch import load_file
 
+    from ..files import sha256_file
     from ..model.checkpoint import check_stored_shapes, read_meta
 
     try:
@@ -472,7 +471,7 @@ def _start_from(model: AgeGenderNet, pre: Preprocess, path: str) -> str:
     if meta.preprocess.to_dict() != pre.to_dict():
         raise OptionError(f"{path}: `start_from` reads its faces differently from this run (its input contract)", "start_from")
     model.load_state_dict(load_file(path, device=str(next(model.parameters()).device)))
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def _given_features(source: FeatureSource, records: list[FaceRecord], model: AgeGenderNet) -> FeatureSet | None:
