@@ -1,5 +1,5 @@
-"""One decode for every consumer: temperature, clamping, the age interval; the calibration that fits the
-temperature; the feature cache that reuses rows across runs."""
+"""One decode for every consumer: temperature, the age stretch, clamping, the age interval; the calibration that
+fits the temperature and the stretch; the feature cache that reuses rows across runs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from agegender.model.config import ModelConfig
-from agegender.model.decode import AGE_INTERVAL, decode, output_names
-from agegender.train.calibrate import calibration_summary, fit_temperature
+from agegender.model.decode import AGE_INTERVAL, decode, output_names, stretched_years
+from agegender.train.calibrate import (
+    age_stretch_summary,
+    balanced_mae,
+    calibration_summary,
+    fit_age_stretch,
+    fit_temperature,
+)
 
 TINY = {"widths": (4, 8, 8, 16, 16), "hidden": (8,), "dropout": (0.0,)}
 
@@ -87,6 +93,51 @@ def test_fit_temperature_recovers_a_known_one() -> None:
     assert summary["ece_after"] < summary["ece_before"] and summary["nll_after"] < summary["nll_before"]
     with pytest.raises(ValueError):
         fit_temperature(np.array([np.nan]), np.array([1.0]))
+
+
+@pytest.mark.parametrize("kind", ["dex", "regression"])
+def test_the_age_stretch_moves_the_age_alone(kind: str) -> None:
+    """The age above the pivot is stretched, then clamped to the trained range; the interval's ends (the
+    distribution's percentiles), the distribution and P(male) are untouched."""
+    plain = ModelConfig(**TINY, age_head=kind, age_min=1, age_max=90)
+    cfg = ModelConfig(**TINY, age_head=kind, age_min=1, age_max=90, age_pivot=40, age_stretch=0.25)
+    torch.manual_seed(0)
+    logits = torch.randn(64, 90 if kind == "dex" else 1) * (3 if kind == "dex" else 1)
+    before, after = decode(plain, torch.zeros(64), logits), decode(cfg, torch.zeros(64), logits)
+    np.testing.assert_allclose(after[1].numpy(), stretched_years(before[1].numpy(), 40, 0.25, (1, 90)), rtol=0, atol=1e-4)
+    for a, b in zip(before[:1] + before[2:], after[:1] + after[2:], strict=True):  # all but the age
+        torch.testing.assert_close(a, b)
+    assert (after[1] >= before[1]).all() and (after[1] > before[1]).any() and after[1].max() <= 90
+    from agegender.model.net import decode_age
+
+    torch.testing.assert_close(decode_age(cfg, logits), after[1])
+
+
+@pytest.mark.parametrize("field,bad", [("age_stretch", -0.1), ("age_stretch", 1.5), ("age_pivot", -1), ("age_pivot", "40")])
+def test_the_age_stretch_is_checked(field: str, bad: object) -> None:
+    from agegender.errors import AgeGenderError
+
+    with pytest.raises(AgeGenderError, match=field):
+        ModelConfig(**TINY, **{field: bad})  # type: ignore[arg-type]
+
+
+def test_fit_age_stretch_undoes_a_pull_towards_the_middle_and_leaves_honest_ages_alone() -> None:
+    rng = np.random.default_rng(0)
+    true = rng.uniform(1, 90, 5000).round()
+    honest = true + rng.normal(0, 3, len(true))
+    # A head that pulls ages above 35 a third of the way back towards 35 (the old under-aged, as DEX does).
+    pulled = np.where(honest > 35, 35 + (honest - 35) / 1.5, honest)
+    pivot, stretch = fit_age_stretch(pulled, true, (1, 90))
+    assert 30 <= pivot <= 40 and 0.3 <= stretch <= 0.5
+    summary = age_stretch_summary(pulled, true, pivot, stretch, (1, 90))
+    assert summary["balanced_mae_after"] < summary["balanced_mae_before"] - 1
+    assert abs(summary["bias_60_plus_after"]) < 1 < -summary["bias_60_plus_before"]
+    assert fit_age_stretch(honest, true, (1, 90))[1] <= 0.05  # noise, against 0.3-0.5 for the pulled ages
+    # Too few faces in every band: nothing to weigh, so no stretch.
+    assert fit_age_stretch(pulled[:5], true[:5], (1, 90)) == (0.0, 0.0)
+    assert np.isnan(balanced_mae(pulled[:5], true[:5]))
+    with pytest.raises(ValueError):
+        fit_age_stretch(np.array([np.nan]), np.array([30.0]), (1, 90))
 
 
 def test_feature_cache_reuses_rows_across_record_sets(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -20,6 +20,7 @@ from agegender.infer import exporters
 from agegender.infer import savedmodel as sm
 from agegender.infer.tf_graph import age_percentile, age_percentile_numpy
 from agegender.model.checkpoint import load_checkpoint
+from agegender.model.decode import stretched_years
 from test_export import (
     assert_parity,
     assert_result_parity,
@@ -353,22 +354,29 @@ def test_full_size_exports_match_pytorch(tmp_path: Path, tf: Any, backbone: str)
 @pytest.mark.parametrize("fmt", ["onnx", "keras", pytest.param("savedmodel", marks=pytest.mark.tf)])
 @pytest.mark.parametrize("age_head", ["dex", "regression"])
 @pytest.mark.slow
-def test_exports_apply_the_calibration_temperature(tmp_path: Path, fmt: str, age_head: str) -> None:
-    """A calibrated checkpoint exports with P(male) = sigmoid(logit / T) and clamped ages in every format: each
-    export's own parity check compares it with the decode that predict uses, and refuses a mismatch."""
+def test_exports_apply_the_calibration(tmp_path: Path, fmt: str, age_head: str) -> None:
+    """A calibrated checkpoint exports with P(male) = sigmoid(logit / T) and stretched, clamped ages in every
+    format: each export's own parity check compares it with the decode that predict uses, and refuses a mismatch."""
     from agegender.model.checkpoint import save_checkpoint
 
     if fmt == "savedmodel" and importlib.util.find_spec("tensorflow") is None:
         pytest.skip("tensorflow is not installed")
     run = _run(tmp_path, DLIB, "pooled", age_head)
+    x = inputs(run, 4)
+    unstretched = torch_reference(run, x)[1]
     net, meta = load_checkpoint(run / "model.safetensors")
-    meta.config.temperature = net.config.temperature = 2.5
+    for cfg in (meta.config, net.config):
+        cfg.temperature, cfg.age_pivot, cfg.age_stretch = 2.5, float(cfg.age_min), 0.5
     save_checkpoint(run / "model.safetensors", net, meta)
     out = tmp_path / ("m" if fmt == "savedmodel" else f"m{ex.SUFFIXES[fmt]}")
     result = exporters.export(run, fmt, out)
-    assert result["diffs"]["p_male"] <= 1e-4
-    x = inputs(run, 4)
+    assert result["diffs"]["p_male"] <= 1e-4 and result["diffs"]["age"] <= 1e-3
     with torch.no_grad():
         out_t = net(x)
     reference = torch.sigmoid(out_t.gender_logit / 2.5).numpy()
-    np.testing.assert_allclose(torch_reference(run, x)[0], reference, atol=1e-6)
+    got = torch_reference(run, x)
+    np.testing.assert_allclose(got[0], reference, atol=1e-6)
+    stretched_ages = stretched_years(unstretched, meta.config.age_min, 0.5, (meta.config.age_min, meta.config.age_max))
+    np.testing.assert_allclose(got[1], stretched_ages, atol=1e-4)
+    movable = unstretched < meta.config.age_max - 1  # the random regression head sits at its clamp
+    assert (got[1][movable] > unstretched[movable] + 1e-3).all() and (age_head == "regression" or movable.any())

@@ -437,6 +437,12 @@ def test_fit_calibrates_p_male_on_validation(world, tmp_path) -> None:  # type: 
     assert cal["temperature"] == pytest.approx(meta.config.temperature, abs=1e-4)
     assert 0.05 <= meta.config.temperature <= 20 and cal["fitted_on"] == "val" and cal["faces"] > 0
     assert cal["nll_after"] <= cal["nll_before"] + 1e-9
+    # The age stretch, fitted on the same split's exact ages: never worse there than none, and in the config.
+    ages = meta.extra["age_calibration"]
+    assert (ages["age_pivot"], ages["age_stretch"]) == (meta.config.age_pivot, meta.config.age_stretch)
+    assert ages["fitted_on"] == "val" and ages["faces"] > 0 and 0 <= meta.config.age_stretch <= 0.5
+    if ages["balanced_mae_before"] == ages["balanced_mae_before"]:  # not NaN: some band had enough faces
+        assert ages["balanced_mae_after"] <= ages["balanced_mae_before"]
 
 
 def test_the_best_epoch_covers_both_heads() -> None:

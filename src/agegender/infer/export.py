@@ -431,19 +431,33 @@ def build_keras_model(net: AgeGenderNet) -> keras.Model:
         # DEX age is the expectation of the age distribution: one fixed dot product with the ages.
         years = layers.Dense(1, use_bias=False, name="age_expectation")(probs)
         weights["age_expectation"] = [age_values(cfg)[:, None]]
-        outputs += [layers.Reshape((), name="age")(years), probs]
+        outputs += [layers.Reshape((), name="age")(_keras_stretch(layers, cfg, years)), probs]
     elif cfg.age_head == "regression":
         scale, offset = regression_affine(cfg)
         years = layers.Dense(1, name="age_years")(features)  # minus age_min, so a ReLU clamps the range
         weights["age_years"] = dense_arrays(net.age, scale, offset - cfg.age_min)  # type: ignore[arg-type]
         years = layers.ReLU(max_value=float(cfg.age_max - cfg.age_min), name="age_clamp")(years)
         years = layers.Rescaling(1.0, offset=float(cfg.age_min), name="age_offset")(years)
-        outputs.append(layers.Reshape((), name="age")(years))
+        outputs.append(layers.Reshape((), name="age")(_keras_stretch(layers, cfg, years)))
 
     model = keras.Model(inputs, outputs, name=f"agegender_{cfg.age_head}")
     for name, arrays in weights.items():
         model.get_layer(name).set_weights(arrays)
     return model
+
+
+def _keras_stretch(layers: Any, cfg: ModelConfig, years: Any) -> Any:
+    """``decode.stretch_years`` in Keras layers: years + stretch * relu(years - pivot), clamped to the range."""
+    if not cfg.age_stretch:
+        return years
+    over = layers.Rescaling(1.0, offset=-cfg.age_pivot, name="age_over_pivot")(years)
+    over = layers.ReLU(name="age_over_relu")(over)
+    over = layers.Rescaling(cfg.age_stretch, name="age_stretch")(over)
+    years = layers.Add(name="age_stretched")([years, over])
+    # The clamp as in the regression path: shift to age_min, a ReLU capped at the range's width, shift back.
+    years = layers.Rescaling(1.0, offset=-float(cfg.age_min), name="age_stretched_from_min")(years)
+    years = layers.ReLU(max_value=float(cfg.age_max - cfg.age_min), name="age_stretched_clamp")(years)
+    return layers.Rescaling(1.0, offset=float(cfg.age_min), name="age_stretched_offset")(years)
 
 
 def _keras_outputs(model: Any, x: np.ndarray) -> list[np.ndarray]:

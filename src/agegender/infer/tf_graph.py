@@ -197,12 +197,18 @@ def _head(tf: Any, net: AgeGenderNet, var: Variables) -> Callable[[Tensor], dict
         if age is None:
             return out
         if cfg.age_head == "regression":
-            out["age"] = tf.clip_by_value(age(x)[:, 0], float(cfg.age_min), float(cfg.age_max))
+            out["age"] = stretch(tf.clip_by_value(age(x)[:, 0], float(cfg.age_min), float(cfg.age_max)))
             return out
         probs = tf.nn.softmax(age(x), axis=-1)
-        out.update(age=tf.matmul(probs, ages)[:, 0], age_probs=probs)
+        out.update(age=stretch(tf.matmul(probs, ages)[:, 0]), age_probs=probs)
         for name, q in AGE_QUANTILES.items():
             out[name] = age_percentile(tf, probs, q, cfg.age_min)
         return out
+
+    def stretch(years: Tensor) -> Tensor:  # decode.stretch_years
+        if not cfg.age_stretch:
+            return years
+        over = tf.nn.relu(years - cfg.age_pivot)
+        return tf.clip_by_value(years + cfg.age_stretch * over, float(cfg.age_min), float(cfg.age_max))
 
     return apply

@@ -13,9 +13,11 @@ from ..backbones import LEGACY_BACKBONE, Preprocess
 from ..backbones import backbone as spec_of
 from ..errors import AgeGenderError
 
-__all__ = ["AGE_HEADS", "ModelConfig", "Preprocess"]
+__all__ = ["AGE_HEADS", "FITTED_AFTER_TRAINING", "ModelConfig", "Preprocess"]
 
 AGE_HEADS = ("dex", "regression", "none")
+# Fitted on the validation split after the last epoch: they never tell two training runs apart.
+FITTED_AFTER_TRAINING = ("temperature", "age_pivot", "age_stretch")
 
 
 @dataclass
@@ -38,6 +40,10 @@ class ModelConfig:
     age_max: int = 70
     freeze_trunk: bool = True
     temperature: float = 1.0  # P(male) = sigmoid(logit / temperature), fitted on validation data after training
+    # Ages above the pivot are stretched, age + age_stretch * max(age - age_pivot, 0), then clamped to the trained
+    # range: the head's pull towards the middle under-ages the old (DECISIONS.md: the old are aged by a stretch).
+    age_pivot: float = 0.0
+    age_stretch: float = 0.0
 
     def __post_init__(self) -> None:
         self.widths = tuple(int(w) for w in self.widths)
@@ -57,6 +63,11 @@ class ModelConfig:
         if not (isinstance(self.temperature, int | float) and 0.05 <= self.temperature <= 20):
             raise AgeGenderError(f"temperature must be a number in [0.05, 20], got {self.temperature!r}")
         self.temperature = float(self.temperature)
+        for name, high in (("age_pivot", 200), ("age_stretch", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, int | float) and 0 <= value <= high):
+                raise AgeGenderError(f"{name} must be a number in [0, {high}], got {value!r}")
+            setattr(self, name, float(value))
         if not 0 <= self.age_min < self.age_max:
             raise AgeGenderError(f"age range must satisfy 0 <= min < max, got {self.age_min}-{self.age_max}")
 
@@ -70,6 +81,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def trained_part(self) -> dict[str, Any]:
+        """:meth:`to_dict` without :data:`FITTED_AFTER_TRAINING`: what two runs of the same training share."""
+        return {k: v for k, v in self.to_dict().items() if k not in FITTED_AFTER_TRAINING}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

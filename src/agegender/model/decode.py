@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .age_head import AGE_INTERVAL, age_head
 from .config import ModelConfig
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["AGE_INTERVAL", "decode", "output_names"]
+__all__ = ["AGE_INTERVAL", "decode", "output_names", "stretch_years", "stretched_years"]
 
 
 def output_names(config: ModelConfig) -> list[str]:
@@ -28,8 +30,9 @@ def output_names(config: ModelConfig) -> list[str]:
 def decode(config: ModelConfig, gender_logit: torch.Tensor, age_logits: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """``(N,)`` gender logits and the age head's ``(N, ages)`` or ``(N, 1)`` outputs -> :func:`output_names`' tensors.
 
-    P(male) is the sigmoid of the logit divided by the temperature fitted on validation data. Ages are clamped
-    to the range the head was trained on (regression extrapolates; -2.6 years was seen).
+    P(male) is the sigmoid of the logit divided by the temperature fitted on validation data; the age goes through
+    the stretch fitted there (:func:`stretch_years`). Ages are clamped to the range the head was trained on
+    (regression extrapolates; -2.6 years was seen).
     """
     import torch
 
@@ -37,4 +40,26 @@ def decode(config: ModelConfig, gender_logit: torch.Tensor, age_logits: torch.Te
     head = age_head(config)
     if age_logits is None or head is None:
         return (p_male,)
-    return (p_male, *head.decode(age_logits))
+    age, *rest = head.decode(age_logits)
+    # The stretch corrects the age, the point estimate; the interval stays the distribution's own percentiles,
+    # whose coverage is what MODEL_CARD.md measures (DECISIONS.md: the old are aged by a stretch).
+    return (p_male, stretch_years(config, age), *rest)
+
+
+def stretch_years(config: ModelConfig, years: torch.Tensor) -> torch.Tensor:
+    """The age calibration fitted on validation data: ``years + age_stretch * max(years - age_pivot, 0)``, clamped
+    to the trained range (``ModelConfig.age_stretch``; none before it is fitted)."""
+    import torch
+
+    if not config.age_stretch:
+        return years
+    over = torch.relu(years - config.age_pivot)
+    return (years + config.age_stretch * over).clamp(config.age_min, config.age_max)
+
+
+def stretched_years(years: np.ndarray, pivot: float, stretch: float, age_range: tuple[int, int]) -> np.ndarray:
+    """:func:`stretch_years` in numpy (float64), for the fit and the exports' checks."""
+    years = np.asarray(years, np.float64)
+    if not stretch:
+        return years
+    return np.clip(years + stretch * np.maximum(years - pivot, 0.0), *age_range)

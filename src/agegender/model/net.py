@@ -18,6 +18,7 @@ from ..backbones import backbone
 from ..errors import InputError
 from .age_head import age_head
 from .config import ModelConfig
+from .decode import stretch_years
 from .trunk import Trunk
 
 
@@ -152,7 +153,7 @@ def decode_age(config: ModelConfig, age_logits: torch.Tensor) -> torch.Tensor:
     head = age_head(config)
     if head is None:
         raise InputError("this model has no age head")
-    return head.decode(age_logits)[0]
+    return stretch_years(config, head.decode(age_logits)[0])
 
 
 def inference_layout(model: AgeGenderNet, bf16: bool, device: str | torch.device = "cpu") -> str:

@@ -25,6 +25,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "age_min": (0, 200),
     "age_max": (1, 200),
     "temperature": (1e-3, 1e3),
+    "age_pivot": (0, 200),
+    "age_stretch": (0, 1),
     "size": (1, 1024),
     "mean_rgb": (-1e4, 1e4),
     "scale": (-1e4, 1e4),

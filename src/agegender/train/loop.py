@@ -33,7 +33,7 @@ from ..files import atomic_path, folder_lock, safe_name
 from ..killpoints import kill_point
 from ..model.age_head import age_head
 from ..model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from ..model.config import ModelConfig, Preprocess
+from ..model.config import FITTED_AFTER_TRAINING, ModelConfig, Preprocess
 from ..model.decode import decode
 from ..model.net import AgeGenderNet, Outputs
 from ..process import set_process_threads
@@ -439,9 +439,7 @@ def _fit(cfg: TrainConfig, resume: bool, run: RunDir, world: World, source: Feat
         world.barrier()
         return RunResult(run, history, features_cached=None if features is None else features.cached)
     try:
-        return _calibrate_and_report(
-            run, cfg, world, dataset, splits, features, records, batches, labels, idx_val, idx_test, history
-        )
+        return _calibrate_and_report(run, cfg, world, dataset, splits, features, records, batches, idx_val, idx_test, history)
     finally:
         world.barrier()
 
@@ -459,8 +457,8 @@ def _start_from(model: AgeGenderNet, pre: Preprocess, path: str) -> str:
         check_stored_shapes(path, meta)
     except AgeGenderError as e:
         raise OptionError(f"`start_from` {e}", "start_from") from None
-    ours, theirs = model.config.to_dict(), meta.config.to_dict()
-    differ = [k for k in ours if k not in ("freeze_trunk", "temperature") and ours[k] != theirs.get(k)]
+    ours, theirs = model.config.trained_part(), meta.config.to_dict()
+    differ = [k for k in ours if k != "freeze_trunk" and ours[k] != theirs.get(k)]
     if differ:
         k = differ[0]
         raise OptionError(
@@ -498,18 +496,18 @@ def _calibrate_and_report(
     features: FeatureSet | None,
     records: list[FaceRecord],
     batches: Batches,
-    labels: Labels,
     idx_val: np.ndarray,
     idx_test: np.ndarray,
     history: list[dict[str, float]],
 ) -> RunResult:
-    """Rank 0, after the last epoch: the temperature on the validation split, the curves, the test report."""
+    """Rank 0, after the last epoch: the temperature and the age stretch on the validation split, the curves, the
+    test report."""
     from ..model.runtime import load_backend
     from .calibrate import calibrate_checkpoint
     from .evaluate import evaluate_records
     from .report import plot_training_curves
 
-    calibrate_checkpoint(run.checkpoint, *_gender_logits(run.checkpoint, batches, idx_val, labels, cfg.tune_levels))
+    calibrate_checkpoint(run.checkpoint, *_validation_outputs(run.checkpoint, batches, idx_val, records, cfg.tune_levels))
     kill_point("train:calibrated")
     plot_training_curves(history, run.curves)
     # The test split goes through predict's own path (framing, full decode, trunk at cfg.precision), as
@@ -531,19 +529,28 @@ def _calibrate_and_report(
     return RunResult(run, history, report, None if features is None else features.cached)
 
 
-def _gender_logits(
-    checkpoint: Path, batches: Batches, idx: np.ndarray, labels: Labels, tuned: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """The checkpoint's fp32 gender logits on ``idx`` (the readable ones) and their 0/1 labels."""
+def _validation_outputs(
+    checkpoint: Path, batches: Batches, idx: np.ndarray, records: Sequence[FaceRecord], tuned: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The checkpoint's fp32 gender logits on ``idx`` (the readable ones) and their 0/1 labels; and, with an age
+    head, its unstretched ages of the faces with an exact labelled age (not an age group) and those ages."""
     best, _ = load_checkpoint(checkpoint, device=batches.world.device)
-    logits, done = [], []
+    head = age_head(best.config)
+    logits, ages, done = [], [], []
     with torch.no_grad():
         for x, chunk, _ in batches(idx, batch_size=4096 if batches.cached else None):
             out = best.forward_from(x.float(), tuned) if batches.cached else best(x)
             logits.append(out.gender_logit.float().cpu().numpy())
+            if head is not None and out.age_logits is not None:
+                ages.append(head.decode(out.age_logits.float())[0].cpu().numpy())
             done.append(chunk)
     chosen = np.concatenate(done) if done else np.zeros(0, dtype=int)
-    return (np.concatenate(logits) if logits else np.zeros(0)), labels.gender.numpy()[chosen]
+    gender = np.array([records[i].gender for i in chosen], dtype=np.float64)
+    if not ages:
+        return (np.concatenate(logits) if logits else np.zeros(0)), gender, None, None
+    exact = np.array([records[i].age is not None and records[i].age_interval is None for i in chosen], dtype=bool)
+    true_ages = np.array([records[i].age for i in chosen[exact]], dtype=np.float64)
+    return np.concatenate(logits), gender, np.concatenate(ages)[exact], true_ages
 
 
 def _protocol(
@@ -699,7 +706,7 @@ def _save_state(
         "rng": _rng_state(),
         "torch_rng": torch.get_rng_state(),
         "history": json.dumps(progress.history),
-        "model_config": json.dumps({**model.config.to_dict(), "temperature": 1.0}, sort_keys=True),
+        "model_config": json.dumps(model.config.trained_part(), sort_keys=True),
     }
     with atomic_path(run.train_state) as tmp:
         torch.save(state, tmp)
@@ -751,9 +758,11 @@ def _committed(run: RunDir, model: AgeGenderNet) -> tuple[dict[str, Any], RunSta
     """The committed state of ``run`` (checked: one of this run's model) and where it says the run stands."""
     out = run.path
     state = _read_state(run.train_state, out)
-    # The calibration temperature is fitted after the last epoch, so it never tells two training runs apart.
-    this_model = json.dumps({**model.config.to_dict(), "temperature": 1.0}, sort_keys=True)
-    if state.get("model_config", this_model) != this_model:
+    # What calibration fits after the last epoch never tells two training runs apart; states written before a
+    # field was fitted still hold its default.
+    this_model = model.config.trained_part()
+    stored = json.loads(state.get("model_config", "{}")) or this_model
+    if {k: v for k, v in stored.items() if k not in FITTED_AFTER_TRAINING} != this_model:
         raise _cannot_resume(out, "train_state.pt is from a run with another model")
     best = (float(state["best"][0]), float(state["best"][1]))
     if state.get("criterion") != CRITERION:
