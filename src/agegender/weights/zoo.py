@@ -86,8 +86,8 @@ def _verified(entry: ZooFile) -> Path:
 
 MODEL = ZooFile(
     "agegender-dlib-v1.onnx",
-    sha256="326f899055389752311b1df8ea1bee651aba5b01b7c31b48616d5f4a8171c4d7",
-    size=7_541_405,
+    sha256="1923ed1648383f7df40982ae1b14f7c4edc0efed54f712450da23ff484cc69ee",
+    size=7_542_198,
     licence="dlib ResNet trunk: CC0 1.0; heads and its last two levels trained on UTKFace, IMDB-WIKI, LFW "
     "(non-commercial research) and "
     "FairFace (CC BY 4.0): non-commercial research use (MODEL_CARD.md)",
@@ -98,8 +98,8 @@ MODEL = ZooFile(
 )
 HEADS = ZooFile(
     "agegender-dlib-v1.heads.safetensors",
-    sha256="654b3ed1fa0c8d1ba0bba870f6bcd3093a0ee29d455f5768c423295223488ead",
-    size=10_700_148,
+    sha256="a90f01fe260adc7c337e761ef562cd8311be1aa593fb1bd840a8ad5cfc3b8a77",
+    size=10_700_540,
     licence="as the bundled model: non-commercial research use (MODEL_CARD.md)",
     what="bundled model's heads (float32) and fine-tuned trunk levels (float16), for export",
     key="heads",
