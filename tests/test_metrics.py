@@ -254,3 +254,14 @@ def test_interval_scores_by_hand():
     assert s["per_group"]["20-29"] == {"n": 3, "exact": pytest.approx(1 / 3), "mean_predicted": pytest.approx(25.1333, abs=1e-3)}
     with pytest.raises(AgeGenderError):
         interval_scores([30], [20], [25])
+
+
+def test_age_error_by_band_by_hand() -> None:
+    """Bands of the true age; the mean error keeps its sign, so a pull towards the middle shows."""
+    from agegender.train.metrics import age_error_by_band
+
+    bands = age_error_by_band([5, 8, 72, 79, 80], [9, 10, 66, 75, 80], width=10)
+    assert list(bands) == ["0-9", "70-79", "80-89"]
+    assert bands["0-9"] == {"n": 2, "mae": 3.0, "mean_error": 3.0}
+    assert bands["70-79"] == {"n": 2, "mae": 5.0, "mean_error": -5.0}
+    assert bands["80-89"] == {"n": 1, "mae": 0.0, "mean_error": 0.0}

@@ -13,6 +13,7 @@ from agegender.train.report import (
     Predictions,
     build_report,
     plot_training_curves,
+    render_markdown,
     write_report,
 )
 
@@ -67,6 +68,13 @@ def test_build_report_sections_and_values():
     known = np.isfinite(pred.age_true)
     assert r["age"]["n"] == known.sum() == 150
     assert r["age"]["mae"] == pytest.approx(np.mean(np.abs(pred.age_true - pred.age_pred)[known]))
+    bands = r["age"]["by_band"]
+    assert sum(b["n"] for b in bands.values()) == 150 and next(iter(bands)) == "0-9"
+    t, a = pred.age_true[known], pred.age_pred[known]
+    old = (t >= 70) & (t < 80)
+    assert bands["70-79"]["mean_error"] == pytest.approx(np.mean(a[old] - t[old]))
+    assert bands["70-79"]["mae"] == pytest.approx(np.mean(np.abs(a[old] - t[old])))
+    assert "| 70-79 |" in render_markdown(r)
 
     s = r["slices"]
     assert set(s["by"]) == {"age_group", "race", "source"}

@@ -175,6 +175,23 @@ def cumulative_score(age_true: ArrayLike, age_pred: ArrayLike, k: float = 5) -> 
     return float(np.mean(np.abs(t - p) <= k))
 
 
+def age_error_by_band(age_true: ArrayLike, age_pred: ArrayLike, width: int = 10) -> dict[str, dict[str, float]]:
+    """Per band of ``width`` years of the true age ("0-9", "10-19", ...): faces, MAE and the mean signed error
+    (negative: too young). A head's pull towards the middle shows as a positive error for the young and a
+    negative one for the old."""
+    t, p = _ages(age_true, age_pred)
+    band = np.floor(t / width).astype(int)
+    return {
+        f"{b * width}-{b * width + width - 1}": {
+            "n": int(m.sum()),
+            "mae": float(np.abs(p[m] - t[m]).mean()),
+            "mean_error": float((p[m] - t[m]).mean()),
+        }
+        for b in np.unique(band)
+        for m in [band == b]
+    }
+
+
 def age_groups(ages: ArrayLike) -> np.ndarray:
     """``data.age_group`` for an array: nearest bracket, ties to the younger, 60+ open-ended.
 

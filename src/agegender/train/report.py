@@ -212,6 +212,7 @@ def build_report(
             "cs5": metrics.cumulative_score(t, a, 5),
             "group_exact": groups["exact"],
             "group_one_off": groups["one_off"],
+            "by_band": metrics.age_error_by_band(t, a),
         }
     if pred.age_pred is not None and grouped.any():
         report["age_groups"] = metrics.interval_scores(
@@ -352,6 +353,15 @@ def render_markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
                 ],
             ),
         ]
+        if a.get("by_band"):  # reports written before the bands lack them
+            lines += [
+                "By true age (mean error: negative is too young):",
+                "",
+                *markdown_table(
+                    ["true age", "faces", "MAE", "mean error"],
+                    [[k, v["n"], f"{v['mae']:.2f}", f"{v['mean_error']:+.2f}"] for k, v in a["by_band"].items()],
+                ),
+            ]
 
     if "age_groups" in report:
         a = report["age_groups"]
