@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from agegender.model.config import ModelConfig
-from agegender.model.decode import AGE_INTERVAL, decode, output_names, stretched_years
+from agegender.model.decode import AGE_INTERVAL, decode, output_names, stretch_years_numpy
 from agegender.train.calibrate import (
     age_stretch_summary,
     balanced_mae,
@@ -104,7 +104,7 @@ def test_the_age_stretch_moves_the_age_alone(kind: str) -> None:
     torch.manual_seed(0)
     logits = torch.randn(64, 90 if kind == "dex" else 1) * (3 if kind == "dex" else 1)
     before, after = decode(plain, torch.zeros(64), logits), decode(cfg, torch.zeros(64), logits)
-    np.testing.assert_allclose(after[1].numpy(), stretched_years(before[1].numpy(), 40, 0.25, (1, 90)), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(after[1].numpy(), stretch_years_numpy(before[1].numpy(), 40, 0.25, (1, 90)), rtol=0, atol=1e-4)
     for a, b in zip(before[:1] + before[2:], after[:1] + after[2:], strict=True):  # all but the age
         torch.testing.assert_close(a, b)
     assert (after[1] >= before[1]).all() and (after[1] > before[1]).any() and after[1].max() <= 90

@@ -20,7 +20,7 @@ from agegender.infer import exporters
 from agegender.infer import savedmodel as sm
 from agegender.infer.tf_graph import age_percentile, age_percentile_numpy
 from agegender.model.checkpoint import load_checkpoint
-from agegender.model.decode import stretched_years
+from agegender.model.decode import stretch_years_numpy
 from test_export import (
     assert_parity,
     assert_result_parity,
@@ -376,7 +376,7 @@ def test_exports_apply_the_calibration(tmp_path: Path, fmt: str, age_head: str) 
     reference = torch.sigmoid(out_t.gender_logit / 2.5).numpy()
     got = torch_reference(run, x)
     np.testing.assert_allclose(got[0], reference, atol=1e-6)
-    stretched_ages = stretched_years(unstretched, meta.config.age_min, 0.5, (meta.config.age_min, meta.config.age_max))
+    stretched_ages = stretch_years_numpy(unstretched, meta.config.age_min, 0.5, (meta.config.age_min, meta.config.age_max))
     np.testing.assert_allclose(got[1], stretched_ages, atol=1e-4)
     movable = unstretched < meta.config.age_max - 1  # the random regression head sits at its clamp
     assert (got[1][movable] > unstretched[movable] + 1e-3).all() and (age_head == "regression" or movable.any())

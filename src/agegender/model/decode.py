@@ -17,7 +17,7 @@ from .config import ModelConfig
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["AGE_INTERVAL", "decode", "output_names", "stretch_years", "stretched_years"]
+__all__ = ["AGE_INTERVAL", "decode", "output_names", "stretch_years", "stretch_years_numpy"]
 
 
 def output_names(config: ModelConfig) -> list[str]:
@@ -57,7 +57,7 @@ def stretch_years(config: ModelConfig, years: torch.Tensor) -> torch.Tensor:
     return (years + config.age_stretch * over).clamp(config.age_min, config.age_max)
 
 
-def stretched_years(years: np.ndarray, pivot: float, stretch: float, age_range: tuple[int, int]) -> np.ndarray:
+def stretch_years_numpy(years: np.ndarray, pivot: float, stretch: float, age_range: tuple[int, int]) -> np.ndarray:
     """:func:`stretch_years` in numpy (float64), for the fit and the exports' checks."""
     years = np.asarray(years, np.float64)
     if not stretch:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..model.decode import stretched_years
+from ..model.decode import stretch_years_numpy
 from ..model.meta import CheckpointMeta
 from . import metrics
 
@@ -78,9 +78,8 @@ def calibration_summary(logits: np.ndarray, y: np.ndarray, temperature: float) -
 
 def balanced_mae(pred: np.ndarray, true: np.ndarray) -> float:
     """The mean over 10-year age bands of each band's MAE, bands with at least :data:`BAND_MIN_FACES` faces."""
-    bands = np.floor(np.asarray(true) / BAND_YEARS)
-    errors = np.abs(np.asarray(pred, np.float64) - true)
-    per_band = [errors[bands == b].mean() for b in np.unique(bands) if (bands == b).sum() >= BAND_MIN_FACES]
+    bands = metrics.age_error_by_band(true, pred, BAND_YEARS).values()
+    per_band = [b["mae"] for b in bands if b["n"] >= BAND_MIN_FACES]
     return float(np.mean(per_band)) if per_band else math.nan
 
 
@@ -95,7 +94,7 @@ def fit_age_stretch(pred: np.ndarray, true: np.ndarray, age_range: tuple[int, in
         return 0.0, 0.0
     for pivot in STRETCH_PIVOTS:
         for stretch in STRETCHES[1:]:
-            score = balanced_mae(stretched_years(pred, pivot, float(stretch), age_range), true)
+            score = balanced_mae(stretch_years_numpy(pred, pivot, float(stretch), age_range), true)
             if score < best[0] - 1e-9:
                 best = (score, pivot, float(stretch))
     return best[1], best[2]
@@ -106,7 +105,7 @@ def age_stretch_summary(
 ) -> dict[str, Any]:
     """The fitted stretch with the MAE, the band-balanced MAE and the 60+ bias before and after it, on the faces
     it was fitted on."""
-    after = stretched_years(pred, pivot, stretch, age_range)
+    after = stretch_years_numpy(pred, pivot, stretch, age_range)
     old = true >= 60
 
     def bias60(p: np.ndarray) -> float | None:
